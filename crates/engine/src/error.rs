@@ -1,0 +1,64 @@
+//! One error type for the engine. Every variant renders as one line that names the problem and,
+//! where there is one, what to do about it.
+
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("model file not found: {0} (check the path, or run `make models` to fetch the known models)")]
+    MissingFile(PathBuf),
+    #[error("model '{name}' is not in {dir} (run `scripts/fetch-models.sh {dir}` or `make models`, or pass --models-dir)")]
+    UnknownShortName { name: String, dir: PathBuf },
+    #[error("'{0}' is neither a file, a model directory, a known model name ({1}) nor a hub id (org/name)")]
+    UnresolvableModel(String, String),
+    #[error("hub model '{id}' could not be loaded: not in the Hugging Face cache ({cache}) and the download failed: {reason}")]
+    HubUnavailable { id: String, cache: String, reason: String },
+    #[error("invalid GGUF file {path}: {reason} (the file may be truncated or corrupt; re-run `make models`)")]
+    BadGguf { path: PathBuf, reason: String },
+    #[error("unsupported architecture '{0}' (supported: gemma3, llama)")]
+    UnsupportedArchitecture(String),
+    #[error("{file}: missing field '{field}' needed to build the model")]
+    MissingField { file: String, field: String },
+    #[error("{file}: field '{field}' has an invalid value: {reason}")]
+    BadField { file: String, field: String, reason: String },
+    #[error("weight '{0}' not found in the checkpoint (incomplete or mismatched checkpoint?)")]
+    MissingWeight(String),
+    #[error("safetensors: {0}")]
+    Safetensors(String),
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+    #[error("chat template: {0}")]
+    ChatTemplate(String),
+    #[error("unknown hook '{0}' (names look like blocks.3.hook_resid_post, blocks.*.attn.hook_z, hook_embed, ln_final.hook_normalized; `persona-lens inspect` lists them)")]
+    UnknownHook(String),
+    #[error("hook '{name}': layer {layer} is out of range (model has {n_layers} layers: 0..={max})", max = n_layers - 1)]
+    LayerOutOfRange { name: String, layer: usize, n_layers: usize },
+    #[error("prompt is empty: give at least one token of text")]
+    EmptyPrompt,
+    #[error("prompt of {len} tokens is longer than the context window of {max} tokens")]
+    PromptTooLong { len: usize, max: usize },
+    #[error("token id {id} is outside the vocabulary (size {vocab})")]
+    TokenOutOfRange { id: u32, vocab: usize },
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+    #[error("{0}")]
+    Candle(#[from] candle_core::Error),
+    #[error("io error on {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("json: {0}")]
+    Json(#[from] serde_json::Error),
+}
+
+pub type Result<T> = std::result::Result<T, EngineError>;
+
+impl EngineError {
+    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        EngineError::Io {
+            path: path.into(),
+            source,
+        }
+    }
+}

@@ -1,0 +1,397 @@
+//! Where tensors come from: a GGUF file or (sharded) safetensors. Architectures ask for tensors by
+//! name; this module dequantizes (default, f32), casts (`--dtype`) or keeps GGUF blocks
+//! (`--quantized`) and wraps matrices as [`Linear`].
+
+use crate::error::{EngineError, Result};
+use candle_core::quantized::{gguf_file, GgmlDType, QMatMul, QTensor};
+use candle_core::{DType, Device, Module, Tensor};
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+/// Precision the weights are held in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Precision {
+    /// Dense weights in this dtype (F32 is the default and what the golden set uses).
+    Dense(DType),
+    /// GGUF blocks kept as they are; matmuls through candle's quantized kernels.
+    Quantized,
+}
+
+impl Precision {
+    pub fn describe(&self) -> String {
+        match self {
+            Precision::Dense(d) => format!("{d:?}").to_lowercase(),
+            Precision::Quantized => "quantized (GGUF blocks)".into(),
+        }
+    }
+}
+
+pub enum Source {
+    Gguf {
+        path: PathBuf,
+        content: gguf_file::Content,
+        file: Mutex<File>,
+    },
+    Safetensors {
+        dir: PathBuf,
+        st: candle_core::safetensors::MmapedSafetensors,
+        /// Prefix found in front of `model.` (e.g. `language_model.` in Gemma3ForConditionalGeneration).
+        prefix: String,
+    },
+}
+
+pub struct Weights {
+    pub source: Source,
+    pub precision: Precision,
+    pub device: Device,
+    /// Bytes held by the weights loaded so far (reported by `inspect`).
+    loaded_bytes: Mutex<usize>,
+}
+
+/// A matrix applied as `x @ W^T` (W stored `[out, in]` as in PyTorch).
+#[derive(Clone)]
+pub enum Linear {
+    Dense(Tensor),
+    Quantized(Arc<QMatMul>, Arc<QTensor>),
+}
+
+impl Linear {
+    /// x: [..., in] (f32) -> [..., out] (f32).
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dims = x.dims().to_vec();
+        let last = *dims.last().unwrap_or(&0);
+        let rows: usize = dims[..dims.len().saturating_sub(1)].iter().product();
+        let x2 = x.reshape((rows, last))?;
+        let y = match self {
+            Linear::Dense(w) => {
+                if w.dtype() == x2.dtype() {
+                    x2.matmul(&w.t()?)?
+                } else {
+                    x2.to_dtype(w.dtype())?
+                        .matmul(&w.t()?)?
+                        .to_dtype(x.dtype())?
+                }
+            }
+            Linear::Quantized(q, _) => q.forward(&x2.contiguous()?)?,
+        };
+        let out = y.dim(1)?;
+        let mut od = dims[..dims.len() - 1].to_vec();
+        od.push(out);
+        Ok(y.reshape(od)?)
+    }
+
+    /// The weight as a dense f32 tensor `[out, in]` (dequantizing if needed: only for hooks that
+    /// need per-head weights, such as `attn.hook_result`).
+    pub fn dense_f32(&self) -> Result<Tensor> {
+        Ok(match self {
+            Linear::Dense(w) => w.to_dtype(DType::F32)?,
+            Linear::Quantized(_, q) => q.dequantize(&q.device())?,
+        })
+    }
+
+    pub fn out_dim(&self) -> usize {
+        match self {
+            Linear::Dense(w) => w.dims()[0],
+            Linear::Quantized(_, q) => q.shape().dims()[0],
+        }
+    }
+}
+
+/// Embedding table, dense or quantized (quantized rows are dequantized per lookup).
+#[derive(Clone)]
+pub enum Embedding {
+    Dense(Tensor),
+    Quantized(Arc<QTensor>),
+}
+
+impl Embedding {
+    pub fn lookup(&self, ids: &Tensor) -> Result<Tensor> {
+        Ok(match self {
+            Embedding::Dense(w) => {
+                let (b, t) = ids.dims2()?;
+                let flat = ids.flatten_all()?;
+                w.index_select(&flat, 0)?
+                    .to_dtype(DType::F32)?
+                    .reshape((b, t, w.dim(1)?))?
+            }
+            Embedding::Quantized(q) => q.embedding(ids)?,
+        })
+    }
+    /// The same table used as the unembedding (tied weights): no copy for dense weights.
+    pub fn as_linear(&self) -> Result<Linear> {
+        Ok(match self {
+            Embedding::Dense(w) => Linear::Dense(w.clone()),
+            Embedding::Quantized(q) => Linear::Quantized(Arc::new(QMatMul::from_arc(q.clone())?), q.clone()),
+        })
+    }
+}
+
+fn gguf_err(path: &Path, e: impl std::fmt::Display) -> EngineError {
+    EngineError::BadGguf {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    }
+}
+
+/// Reads the header and metadata of a GGUF file (no tensor data).
+pub fn read_gguf_header(path: &Path) -> Result<(gguf_file::Content, File)> {
+    if !path.exists() {
+        return Err(EngineError::MissingFile(path.to_path_buf()));
+    }
+    let mut file = File::open(path).map_err(|e| EngineError::io(path, e))?;
+    let content = gguf_file::Content::read(&mut file).map_err(|e| gguf_err(path, e))?;
+    // A truncated file can have a complete header: check that every tensor's data fits.
+    let len = file.metadata().map_err(|e| EngineError::io(path, e))?.len();
+    for (name, info) in content.tensor_infos.iter() {
+        let bytes = info.shape.elem_count() / info.ggml_dtype.block_size() * info.ggml_dtype.type_size();
+        let end = content.tensor_data_offset + info.offset + bytes as u64;
+        if end > len {
+            return Err(gguf_err(
+                path,
+                format!("tensor '{name}' ends at byte {end} but the file has only {len} bytes"),
+            ));
+        }
+    }
+    Ok((content, file))
+}
+
+impl Weights {
+    pub fn from_gguf(path: &Path, content: gguf_file::Content, file: File, precision: Precision, device: &Device) -> Self {
+        Weights {
+            source: Source::Gguf {
+                path: path.to_path_buf(),
+                content,
+                file: Mutex::new(file),
+            },
+            precision,
+            device: device.clone(),
+            loaded_bytes: Mutex::new(0),
+        }
+    }
+
+    /// Memory-maps `model.safetensors` or every shard listed in `model.safetensors.index.json`.
+    pub fn from_safetensors_dir(dir: &Path, precision: Precision, device: &Device) -> Result<Self> {
+        if precision == Precision::Quantized {
+            return Err(EngineError::InvalidArgument(
+                "--quantized needs a GGUF file; for a safetensors checkpoint use --dtype bf16|f16".into(),
+            ));
+        }
+        let index = dir.join("model.safetensors.index.json");
+        let files: Vec<PathBuf> = if index.exists() {
+            let text = std::fs::read_to_string(&index).map_err(|e| EngineError::io(&index, e))?;
+            let v: serde_json::Value = serde_json::from_str(&text)?;
+            let map = v.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| {
+                EngineError::MissingField {
+                    file: index.display().to_string(),
+                    field: "weight_map".into(),
+                }
+            })?;
+            let mut shards: Vec<String> = map.values().filter_map(|s| s.as_str().map(String::from)).collect();
+            shards.sort();
+            shards.dedup();
+            shards.into_iter().map(|s| dir.join(s)).collect()
+        } else {
+            let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
+                .map_err(|e| EngineError::io(dir, e))?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+                .collect();
+            v.sort();
+            v
+        };
+        if files.is_empty() {
+            return Err(EngineError::MissingFile(dir.join("model.safetensors")));
+        }
+        for f in &files {
+            if !f.exists() {
+                return Err(EngineError::Safetensors(format!(
+                    "shard {} listed in the index is missing (re-download the checkpoint)",
+                    f.display()
+                )));
+            }
+        }
+        // SAFETY: the files are memory-mapped read-only; we never write to them while mapped.
+        let st = unsafe { candle_core::safetensors::MmapedSafetensors::multi(&files) }
+            .map_err(|e| EngineError::Safetensors(format!("{}: {e}", dir.display())))?;
+        let names: Vec<String> = st.tensors().into_iter().map(|(n, _)| n).collect();
+        let prefix = ["", "language_model.", "model.language_model."]
+            .iter()
+            .find(|p| names.iter().any(|n| n.starts_with(&format!("{p}model.embed_tokens")) || (p.starts_with("model.") && n.starts_with(&format!("{p}embed_tokens")))))
+            .map(|s| s.to_string())
+            .unwrap_or_default();
+        Ok(Weights {
+            source: Source::Safetensors {
+                dir: dir.to_path_buf(),
+                st,
+                prefix,
+            },
+            precision,
+            device: device.clone(),
+            loaded_bytes: Mutex::new(0),
+        })
+    }
+
+    pub fn is_gguf(&self) -> bool {
+        matches!(self.source, Source::Gguf { .. })
+    }
+
+    pub fn loaded_bytes(&self) -> usize {
+        *self.loaded_bytes.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn count(&self, t: &Tensor) {
+        let bytes = t.elem_count() * t.dtype().size_in_bytes();
+        *self.loaded_bytes.lock().unwrap_or_else(|p| p.into_inner()) += bytes;
+    }
+
+    fn st_name(prefix: &str, hf: &str) -> String {
+        if prefix == "model.language_model." {
+            // transformers >= 4.52 layout: model.language_model.layers.* / lm_head.*
+            match hf.strip_prefix("model.") {
+                Some(rest) => format!("{prefix}{rest}"),
+                None => hf.to_string(),
+            }
+        } else {
+            format!("{prefix}{hf}")
+        }
+    }
+
+    pub fn has(&self, hf_name: &str, gguf_name: &str) -> bool {
+        match &self.source {
+            Source::Gguf { content, .. } => content.tensor_infos.contains_key(gguf_name),
+            Source::Safetensors { st, prefix, .. } => st.get(&Self::st_name(prefix, hf_name)).is_ok(),
+        }
+    }
+
+    fn qtensor(&self, gguf_name: &str) -> Result<QTensor> {
+        match &self.source {
+            Source::Gguf { path, content, file } => {
+                if !content.tensor_infos.contains_key(gguf_name) {
+                    return Err(EngineError::MissingWeight(gguf_name.into()));
+                }
+                let mut f = file.lock().unwrap_or_else(|p| p.into_inner());
+                content
+                    .tensor(&mut *f, gguf_name, &self.device)
+                    .map_err(|e| gguf_err(path, e))
+            }
+            Source::Safetensors { .. } => Err(EngineError::InvalidArgument("not a GGUF source".into())),
+        }
+    }
+
+    /// A tensor as f32, dequantized (norm weights, biases, and everything in the default mode).
+    pub fn f32(&self, hf_name: &str, gguf_name: &str) -> Result<Tensor> {
+        let t = match &self.source {
+            Source::Gguf { .. } => self.qtensor(gguf_name)?.dequantize(&self.device)?,
+            Source::Safetensors { st, prefix, .. } => {
+                let name = Self::st_name(prefix, hf_name);
+                let t = st.load(&name, &self.device).map_err(|_| EngineError::MissingWeight(name.clone()))?;
+                match t.dtype() {
+                    DType::F32 | DType::F16 | DType::BF16 => t.to_dtype(DType::F32)?,
+                    other => {
+                        return Err(EngineError::Safetensors(format!(
+                            "tensor '{name}' has dtype {other:?}; supported: f32, f16, bf16"
+                        )))
+                    }
+                }
+            }
+        };
+        Ok(t)
+    }
+
+    /// A weight held in the working precision (dense dtype), after `transform` on the f32 value.
+    fn dense(&self, t: Tensor) -> Result<Tensor> {
+        let t = match self.precision {
+            Precision::Dense(dt) if dt != DType::F32 => t.to_dtype(dt)?,
+            _ => t,
+        };
+        self.count(&t);
+        Ok(t)
+    }
+
+    /// A projection matrix `[out, in]`. `row_perm`, if given, reorders output rows (llama.cpp's q/k
+    /// rotary permutation undone); for quantized weights rows are moved block-wise, losslessly.
+    pub fn linear(&self, hf_name: &str, gguf_name: &str, row_perm: Option<&[usize]>) -> Result<Linear> {
+        if self.precision == Precision::Quantized && self.is_gguf() {
+            let q = self.qtensor(gguf_name)?;
+            let q = match row_perm {
+                Some(p) => permute_qtensor_rows(&q, p)?,
+                None => q,
+            };
+            *self.loaded_bytes.lock().unwrap_or_else(|p| p.into_inner()) += q.storage_size_in_bytes();
+            let q = Arc::new(q);
+            return Ok(Linear::Quantized(Arc::new(QMatMul::from_arc(q.clone())?), q));
+        }
+        let mut t = self.f32(hf_name, gguf_name)?;
+        if let Some(p) = row_perm {
+            let idx = Tensor::from_vec(p.iter().map(|&i| i as u32).collect::<Vec<_>>(), p.len(), &self.device)?;
+            t = t.index_select(&idx, 0)?;
+        }
+        Ok(Linear::Dense(self.dense(t)?))
+    }
+
+    /// The token embedding table `[vocab, d_model]`.
+    pub fn embedding(&self, hf_name: &str, gguf_name: &str) -> Result<Embedding> {
+        if self.precision == Precision::Quantized && self.is_gguf() {
+            let q = self.qtensor(gguf_name)?;
+            *self.loaded_bytes.lock().unwrap_or_else(|p| p.into_inner()) += q.storage_size_in_bytes();
+            return Ok(Embedding::Quantized(Arc::new(q)));
+        }
+        let t = self.f32(hf_name, gguf_name)?;
+        Ok(Embedding::Dense(self.dense(t)?))
+    }
+
+    /// A small f32 vector (norm weights), counted in the memory total.
+    pub fn vector(&self, hf_name: &str, gguf_name: &str) -> Result<Tensor> {
+        let t = self.f32(hf_name, gguf_name)?;
+        self.count(&t);
+        Ok(t)
+    }
+
+    /// GGUF quantization types by count (for `inspect`).
+    pub fn quant_types(&self) -> HashMap<String, usize> {
+        let mut m = HashMap::new();
+        match &self.source {
+            Source::Gguf { content, .. } => {
+                for info in content.tensor_infos.values() {
+                    *m.entry(format!("{:?}", info.ggml_dtype)).or_insert(0) += 1;
+                }
+            }
+            Source::Safetensors { st, .. } => {
+                for (_, v) in st.tensors() {
+                    *m.entry(format!("{:?}", v.dtype())).or_insert(0) += 1;
+                }
+            }
+        }
+        m
+    }
+
+    pub fn location(&self) -> PathBuf {
+        match &self.source {
+            Source::Gguf { path, .. } => path.clone(),
+            Source::Safetensors { dir, .. } => dir.clone(),
+        }
+    }
+}
+
+/// Reorders the rows of a quantized matrix. Blocks run along the input dimension, so a row is a
+/// whole number of blocks and rows can move as byte ranges without requantizing.
+fn permute_qtensor_rows(q: &QTensor, perm: &[usize]) -> Result<QTensor> {
+    let (rows, cols) = q.shape().dims2()?;
+    if perm.len() != rows {
+        return Err(EngineError::InvalidArgument(format!(
+            "row permutation of length {} for a matrix with {rows} rows",
+            perm.len()
+        )));
+    }
+    let dt: GgmlDType = q.dtype();
+    let row_bytes = cols / dt.block_size() * dt.type_size();
+    let data = q.data()?;
+    let mut out = vec![0u8; data.len()];
+    for (dst, &src) in perm.iter().enumerate() {
+        out[dst * row_bytes..(dst + 1) * row_bytes].copy_from_slice(&data[src * row_bytes..(src + 1) * row_bytes]);
+    }
+    let storage = candle_core::quantized::QStorage::from_data(std::borrow::Cow::Owned(out), &q.device(), dt)?;
+    Ok(QTensor::new(storage, (rows, cols))?)
+}
