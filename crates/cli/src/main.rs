@@ -1,1 +1,93 @@
-fn main() {}
+//! `persona-lens`: a thin command line over the library crates. Each subcommand parses its
+//! arguments, calls the library and prints (`--json` for machine-readable output).
+
+mod engine_cmds;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(
+    name = "persona-lens",
+    version,
+    about = "Mechanistic interpretability of how chat models model their user"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Token ids and token strings of a text.
+    Tokenize(engine_cmds::TokenizeArgs),
+    /// Generate a continuation (greedy or sampled, KV cache).
+    Generate(engine_cmds::GenerateArgs),
+    /// Run prompts and save activations at the chosen hooks (safetensors, named by hook).
+    Cache(engine_cmds::CacheArgs),
+    /// Architecture, sizes, quantization types, tokenizer facts, hook names.
+    Inspect(engine_cmds::InspectArgs),
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum DtypeArg {
+    F32,
+    Bf16,
+    F16,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum QuantArg {
+    /// Quantized weights in memory, f32 activations (dequantized chunk by chunk): exact.
+    Exact,
+    /// candle's quantized kernels (8-bit activations, llama.cpp numerics): fastest.
+    Native,
+}
+
+/// Options every model-using command takes.
+#[derive(Args, Clone, Debug)]
+pub struct ModelArgs {
+    /// A .gguf file, a Hugging Face model directory, a known short name
+    /// (gemma-3-270m, smollm2-135m-instruct) or a hub id (org/name).
+    #[arg(long, default_value = persona_lens_engine::DEFAULT_MODEL)]
+    pub model: String,
+    /// Where short names are looked up [env: PERSONA_LENS_MODELS; default: ./models].
+    #[arg(long)]
+    pub models_dir: Option<PathBuf>,
+    /// Dense weight precision (default f32, what the golden references use).
+    #[arg(long, value_enum, default_value = "f32")]
+    pub dtype: DtypeArg,
+    /// Keep GGUF blocks in memory (`exact`: f32 activations; `native`: candle's quantized kernels).
+    #[arg(long, value_enum, num_args = 0..=1, default_missing_value = "exact")]
+    pub quantized: Option<QuantArg>,
+    /// Threads for the math kernels (default: all cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Machine-readable JSON on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let res = match cli.cmd {
+        Cmd::Tokenize(a) => engine_cmds::tokenize(a),
+        Cmd::Generate(a) => engine_cmds::generate(a),
+        Cmd::Cache(a) => engine_cmds::cache(a),
+        Cmd::Inspect(a) => engine_cmds::inspect(a),
+    };
+    match res {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // One line: the innermost cause carries the useful message.
+            let msg = e
+                .chain()
+                .map(|c| c.to_string())
+                .collect::<Vec<_>>()
+                .join(": ");
+            eprintln!("error: {}", msg.replace('\n', " "));
+            ExitCode::from(2)
+        }
+    }
+}

@@ -103,7 +103,9 @@ impl<'a> GgufMeta<'a> {
             gguf_file::Value::U64(x) => *x,
             gguf_file::Value::I32(x) if *x >= 0 => *x as u64,
             gguf_file::Value::I64(x) if *x >= 0 => *x as u64,
-            other => return Err(self.bad(key, format!("expected an unsigned integer, got {other:?}"))),
+            other => {
+                return Err(self.bad(key, format!("expected an unsigned integer, got {other:?}")))
+            }
         };
         Ok(n as usize)
     }
@@ -164,11 +166,13 @@ impl<'a> HfJson<'a> {
     }
     pub fn usize(&self, key: &str) -> Result<usize> {
         let x = self.opt(key).ok_or_else(|| self.missing(key))?;
-        x.as_u64().map(|n| n as usize).ok_or_else(|| EngineError::BadField {
-            file: self.file.clone(),
-            field: key.into(),
-            reason: format!("expected an unsigned integer, got {x}"),
-        })
+        x.as_u64()
+            .map(|n| n as usize)
+            .ok_or_else(|| EngineError::BadField {
+                file: self.file.clone(),
+                field: key.into(),
+                reason: format!("expected an unsigned integer, got {x}"),
+            })
     }
     pub fn usize_or(&self, key: &str, default: usize) -> Result<usize> {
         if self.opt(key).is_some() {
@@ -215,7 +219,10 @@ impl<'a> HfJson<'a> {
             v: rs,
             file: format!("{}:{key}", self.file),
         };
-        let kind = sub.str("rope_type").or_else(|| sub.str("type")).unwrap_or("default");
+        let kind = sub
+            .str("rope_type")
+            .or_else(|| sub.str("type"))
+            .unwrap_or("default");
         match kind {
             "default" => Ok(None),
             "linear" => Ok(Some(RopeScaling::Linear {
@@ -230,7 +237,9 @@ impl<'a> HfJson<'a> {
             other => Err(EngineError::BadField {
                 file: self.file.clone(),
                 field: key.into(),
-                reason: format!("rope_type '{other}' is not supported (supported: default, linear, llama3)"),
+                reason: format!(
+                    "rope_type '{other}' is not supported (supported: default, linear, llama3)"
+                ),
             }),
         }
     }
@@ -240,7 +249,12 @@ impl<'a> HfJson<'a> {
     /// Rope base and scaling for a layer type (`full_attention` / `sliding_attention`), from
     /// transformers 5's `rope_parameters` (flat or per layer type) or the older `rope_theta` /
     /// `rope_local_base_freq` / `rope_scaling` fields.
-    pub fn rope(&self, layer_type: &str, legacy_theta_key: &str, default_theta: f64) -> Result<(f64, Option<RopeScaling>)> {
+    pub fn rope(
+        &self,
+        layer_type: &str,
+        legacy_theta_key: &str,
+        default_theta: f64,
+    ) -> Result<(f64, Option<RopeScaling>)> {
         if let Some(rp) = self.opt("rope_parameters") {
             let sub_v = rp.get(layer_type).filter(|v| v.is_object()).unwrap_or(rp);
             let sub = HfJson {

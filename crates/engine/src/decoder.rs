@@ -5,7 +5,10 @@
 use crate::config::ModelConfig;
 use crate::error::Result;
 use crate::hooks::{HookCtx, HookName, HookPoint, Hooks};
-use crate::layers::{attention, build_mask, check_ids, fire, positions, rms_norm, softcap, AttnParams, AttnWeights, GatedMlp, KvCache, LogitsAt, Rope};
+use crate::layers::{
+    attention, build_mask, check_ids, fire, positions, rms_norm, softcap, AttnParams, AttnWeights,
+    GatedMlp, KvCache, LogitsAt, Rope,
+};
 use crate::weights::{Embedding, Linear};
 use candle_core::{DType, Device, Tensor};
 
@@ -71,7 +74,9 @@ impl Decoder {
         };
         let mask_global = build_mask(pad, start, t, None, &self.device)?;
         let mask_local = match cfg.sliding_window {
-            Some(w) if any_sliding && w < start + t => Some(build_mask(pad, start, t, Some(w), &self.device)?),
+            Some(w) if any_sliding && w < start + t => {
+                Some(build_mask(pad, start, t, Some(w), &self.device)?)
+            }
             _ => None,
         };
         let params = AttnParams {
@@ -88,12 +93,26 @@ impl Decoder {
             x = fire(hooks, hn(HookPoint::ResidPre), x, &mut ctx)?;
             let h = rms_norm(&x, &blk.attn_norm, cfg.rms_norm_eps)?;
             let (cs, mask) = if blk.sliding {
-                (cs_local.as_ref().unwrap_or(&cs_global), mask_local.as_ref().unwrap_or(&mask_global))
+                (
+                    cs_local.as_ref().unwrap_or(&cs_global),
+                    mask_local.as_ref().unwrap_or(&mask_global),
+                )
             } else {
                 (&cs_global, &mask_global)
             };
             let layer_kv = kv.as_deref_mut().map(|c| &mut c.layers[l]);
-            let a = attention(l, &h, &blk.attn, &params, cs, mask, layer_kv, blk.post_attn_norm.as_ref(), hooks, &mut ctx)?;
+            let a = attention(
+                l,
+                &h,
+                &blk.attn,
+                &params,
+                cs,
+                mask,
+                layer_kv,
+                blk.post_attn_norm.as_ref(),
+                hooks,
+                &mut ctx,
+            )?;
             let a = fire(hooks, hn(HookPoint::AttnOut), a, &mut ctx)?;
             x = (x + a)?;
             x = fire(hooks, hn(HookPoint::ResidMid), x, &mut ctx)?;
@@ -110,13 +129,23 @@ impl Decoder {
             c.len += t;
         }
         let normed = rms_norm(&x, &self.final_norm, cfg.rms_norm_eps)?;
-        let normed = fire(hooks, HookName::global(HookPoint::LnFinal), normed, &mut ctx)?;
+        let normed = fire(
+            hooks,
+            HookName::global(HookPoint::LnFinal),
+            normed,
+            &mut ctx,
+        )?;
         let logits = match logits_at {
             LogitsAt::None => return Ok(None),
-            LogitsAt::Last => self.lm_head.forward(&normed.narrow(1, t - 1, 1)?.squeeze(1)?)?,
+            LogitsAt::Last => self
+                .lm_head
+                .forward(&normed.narrow(1, t - 1, 1)?.squeeze(1)?)?,
             LogitsAt::All => self.lm_head.forward(&normed)?,
         };
-        Ok(Some(softcap(logits.to_dtype(DType::F32)?, cfg.final_logit_softcap)?))
+        Ok(Some(softcap(
+            logits.to_dtype(DType::F32)?,
+            cfg.final_logit_softcap,
+        )?))
     }
 
     /// `final_norm` then the unembedding (and soft-cap): the logit lens of a residual `[.., d]`.

@@ -12,7 +12,11 @@ pub enum EngineError {
     #[error("'{0}' is neither a file, a model directory, a known model name ({1}) nor a hub id (org/name)")]
     UnresolvableModel(String, String),
     #[error("hub model '{id}' could not be loaded: not in the Hugging Face cache ({cache}) and the download failed: {reason}")]
-    HubUnavailable { id: String, cache: String, reason: String },
+    HubUnavailable {
+        id: String,
+        cache: String,
+        reason: String,
+    },
     #[error("invalid GGUF file {path}: {reason} (the file may be truncated or corrupt; re-run `make models`)")]
     BadGguf { path: PathBuf, reason: String },
     #[error("unsupported architecture '{0}' (supported: gemma3, llama)")]
@@ -20,7 +24,11 @@ pub enum EngineError {
     #[error("{file}: missing field '{field}' needed to build the model")]
     MissingField { file: String, field: String },
     #[error("{file}: field '{field}' has an invalid value: {reason}")]
-    BadField { file: String, field: String, reason: String },
+    BadField {
+        file: String,
+        field: String,
+        reason: String,
+    },
     #[error("weight '{0}' not found in the checkpoint (incomplete or mismatched checkpoint?)")]
     MissingWeight(String),
     #[error("safetensors: {0}")]
@@ -32,7 +40,11 @@ pub enum EngineError {
     #[error("unknown hook '{0}' (names look like blocks.3.hook_resid_post, blocks.*.attn.hook_z, hook_embed, ln_final.hook_normalized; `persona-lens inspect` lists them)")]
     UnknownHook(String),
     #[error("hook '{name}': layer {layer} is out of range (model has {n_layers} layers: 0..={max})", max = n_layers - 1)]
-    LayerOutOfRange { name: String, layer: usize, n_layers: usize },
+    LayerOutOfRange {
+        name: String,
+        layer: usize,
+        n_layers: usize,
+    },
     #[error("prompt is empty: give at least one token of text")]
     EmptyPrompt,
     #[error("prompt of {len} tokens is longer than the context window of {max} tokens")]
@@ -42,7 +54,7 @@ pub enum EngineError {
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
     #[error("{0}")]
-    Candle(#[from] candle_core::Error),
+    Candle(String),
     #[error("io error on {path}: {source}")]
     Io {
         path: PathBuf,
@@ -60,5 +72,27 @@ impl EngineError {
             path: path.into(),
             source,
         }
+    }
+}
+
+/// candle errors, without the backtrace candle attaches when RUST_BACKTRACE is set.
+pub fn candle_message(e: &candle_core::Error) -> String {
+    match e {
+        candle_core::Error::WithBacktrace { inner, .. } => candle_message(inner),
+        candle_core::Error::Context { inner, context } => {
+            format!("{context}: {}", candle_message(inner))
+        }
+        other => other
+            .to_string()
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .to_string(),
+    }
+}
+
+impl From<candle_core::Error> for EngineError {
+    fn from(e: candle_core::Error) -> Self {
+        EngineError::Candle(candle_message(&e))
     }
 }

@@ -77,7 +77,10 @@ fn pick(row: &[f32], sampling: &Sampling, rng: &mut rand::rngs::StdRng) -> Resul
                 idx.truncate((*k).max(1));
             }
             let maxv = row[idx[0]] as f64;
-            let mut probs: Vec<f64> = idx.iter().map(|&i| ((row[i] as f64 - maxv) / temperature).exp()).collect();
+            let mut probs: Vec<f64> = idx
+                .iter()
+                .map(|&i| ((row[i] as f64 - maxv) / temperature).exp())
+                .collect();
             let total: f64 = probs.iter().sum();
             probs.iter_mut().for_each(|p| *p /= total);
             if let Some(pp) = top_p {
@@ -103,7 +106,10 @@ fn pick(row: &[f32], sampling: &Sampling, rng: &mut rand::rngs::StdRng) -> Resul
                     return Ok(idx[j] as u32);
                 }
             }
-            Ok(*idx.last().ok_or_else(|| EngineError::InvalidArgument("empty distribution".into()))? as u32)
+            Ok(*idx
+                .last()
+                .ok_or_else(|| EngineError::InvalidArgument("empty distribution".into()))?
+                as u32)
         }
     }
 }
@@ -123,7 +129,12 @@ fn margin(row: &[f32]) -> f32 {
 
 /// Generates continuations of each prompt (one batch, left padded). Hooks fire at every forward
 /// call (prompt, then each new token), so steering hooks apply to each position exactly once.
-pub fn generate(model: &Model, prompts: &[Vec<u32>], opts: &GenerateOptions, hooks: &mut Hooks) -> Result<Vec<Generation>> {
+pub fn generate(
+    model: &Model,
+    prompts: &[Vec<u32>],
+    opts: &GenerateOptions,
+    hooks: &mut Hooks,
+) -> Result<Vec<Generation>> {
     let b = prompts.len();
     let seed = match &opts.sampling {
         Sampling::Sample { seed, .. } => *seed,
@@ -153,7 +164,9 @@ pub fn generate(model: &Model, prompts: &[Vec<u32>], opts: &GenerateOptions, hoo
         });
     }
     let mut done = vec![false; b];
-    let mut kv = opts.use_kv_cache.then(|| KvCache::new(model.config().n_layers, batch.pad.clone()));
+    let mut kv = opts
+        .use_kv_cache
+        .then(|| KvCache::new(model.config().n_layers, batch.pad.clone()));
     let mut logits = model
         .forward(&batch, kv.as_mut(), hooks, LogitsAt::Last)?
         .ok_or_else(|| EngineError::InvalidArgument("no logits".into()))?;
@@ -173,7 +186,11 @@ pub fn generate(model: &Model, prompts: &[Vec<u32>], opts: &GenerateOptions, hoo
                 out[r].stopped_on = Some(tok);
             }
         }
-        if done.iter().all(|d| *d) || out.iter().all(|g| g.generated_ids.len() >= opts.max_new_tokens) {
+        if done.iter().all(|d| *d)
+            || out
+                .iter()
+                .all(|g| g.generated_ids.len() >= opts.max_new_tokens)
+        {
             break;
         }
         logits = match kv.as_mut() {
@@ -186,27 +203,23 @@ pub fn generate(model: &Model, prompts: &[Vec<u32>], opts: &GenerateOptions, hoo
                 model.forward(&step, Some(cache), hooks, LogitsAt::Last)?
             }
             None => {
-                // Full recompute: the whole sequence again (what HF does with use_cache=False).
-                let seqs: Vec<Vec<u32>> = out
-                    .iter()
-                    .map(|g| {
-                        let mut s = g.prompt_ids.clone();
-                        s.extend(&g.generated_ids);
-                        s
-                    })
-                    .collect();
-                // Stopped rows grow with padding ids (never read) so all rows keep their left padding.
-                let t = seqs.iter().map(Vec::len).max().unwrap_or(0);
-                let seqs: Vec<Vec<u32>> = seqs
-                    .into_iter()
-                    .map(|mut s| {
-                        while s.len() < t {
-                            s.push(pad_id);
-                        }
-                        s
-                    })
-                    .collect();
-                let full = Batch::left_padded(&seqs, pad_id, model.device())?;
+                // Full recompute: the whole sequence again (what HF does with use_cache=False),
+                // with each row's original left padding. Stopped rows grow with padding ids at
+                // the end (never read) so all rows stay the same length.
+                let steps = out.iter().map(|g| g.generated_ids.len()).max().unwrap_or(0);
+                let mut flat = Vec::new();
+                for (r, g) in out.iter().enumerate() {
+                    flat.extend(std::iter::repeat_n(pad_id, batch.pad[r]));
+                    flat.extend(&g.prompt_ids);
+                    flat.extend(&g.generated_ids);
+                    flat.extend(std::iter::repeat_n(pad_id, steps - g.generated_ids.len()));
+                }
+                let t = flat.len() / b;
+                let full = Batch {
+                    ids: Tensor::from_vec(flat, (b, t), model.device())?,
+                    pad: batch.pad.clone(),
+                    lens: vec![],
+                };
                 // Interventions apply to every position again; the capture cache keeps the
                 // last full forward only (it covers the whole sequence).
                 hooks.cache.clear();

@@ -101,7 +101,11 @@ impl HookPoint {
     pub fn head_axis(&self) -> Option<usize> {
         match self {
             HookPoint::AttnScores | HookPoint::AttnPattern => Some(1),
-            HookPoint::AttnQ | HookPoint::AttnK | HookPoint::AttnV | HookPoint::AttnZ | HookPoint::AttnResult => Some(2),
+            HookPoint::AttnQ
+            | HookPoint::AttnK
+            | HookPoint::AttnV
+            | HookPoint::AttnZ
+            | HookPoint::AttnResult => Some(2),
             _ => None,
         }
     }
@@ -120,7 +124,10 @@ pub struct HookName {
 
 impl HookName {
     pub fn block(layer: usize, point: HookPoint) -> Self {
-        HookName { layer: Some(layer), point }
+        HookName {
+            layer: Some(layer),
+            point,
+        }
     }
     pub fn global(point: HookPoint) -> Self {
         HookName { layer: None, point }
@@ -292,10 +299,9 @@ impl ActivationCache {
     }
     /// The activation in the padded layout of the forward call(s), chunks joined along positions.
     pub fn get(&self, name: &HookName) -> Result<Tensor> {
-        let chunks = self
-            .chunks
-            .get(name)
-            .ok_or_else(|| EngineError::InvalidArgument(format!("hook '{name}' was not captured")))?;
+        let chunks = self.chunks.get(name).ok_or_else(|| {
+            EngineError::InvalidArgument(format!("hook '{name}' was not captured"))
+        })?;
         if chunks.len() == 1 {
             return Ok(chunks[0].clone());
         }
@@ -312,7 +318,9 @@ impl ActivationCache {
             .chunks
             .keys()
             .find(|k| k.to_string() == name)
-            .ok_or_else(|| EngineError::InvalidArgument(format!("hook '{name}' was not captured")))?;
+            .ok_or_else(|| {
+                EngineError::InvalidArgument(format!("hook '{name}' was not captured"))
+            })?;
         self.get(key)
     }
     /// Row `r` of an activation with padding removed: `[t_real, ...]`, index = prompt position.
@@ -328,6 +336,33 @@ impl ActivationCache {
         }
         Ok(t)
     }
+    /// The activation with every row position-aligned: index p = prompt position p, zeros after
+    /// the row's last token (right padding). For patterns/scores both position axes are aligned.
+    pub fn aligned(&self, name: &HookName) -> Result<Tensor> {
+        let full = self.get(name)?;
+        let b = full.dim(0)?;
+        let rows: Vec<Tensor> = (0..b).map(|r| self.row(name, r)).collect::<Result<_>>()?;
+        let axis = name.point.pos_axis() - 1;
+        let t = rows
+            .iter()
+            .map(|x| x.dim(axis))
+            .collect::<candle_core::Result<Vec<_>>>()?
+            .into_iter()
+            .max()
+            .unwrap_or(0);
+        let padded: Vec<Tensor> = rows
+            .into_iter()
+            .map(|x| {
+                let mut x = x.pad_with_zeros(axis, 0, t - x.dim(axis)?)?;
+                if matches!(name.point, HookPoint::AttnScores | HookPoint::AttnPattern) {
+                    x = x.pad_with_zeros(2, 0, t - x.dim(2)?)?;
+                }
+                Ok(x)
+            })
+            .collect::<candle_core::Result<_>>()?;
+        Ok(Tensor::stack(&padded, 0)?)
+    }
+
     pub fn insert(&mut self, name: HookName, t: Tensor) {
         self.chunks.entry(name).or_default().push(t);
     }
@@ -412,7 +447,10 @@ impl Hooks {
 
 fn apply(x: &Tensor, iv: &Intervention, ctx: &HookCtx) -> Result<Tensor> {
     let new = match &iv.op {
-        Op::Replace(v) => v.to_dtype(x.dtype())?.broadcast_as(x.shape())?.contiguous()?,
+        Op::Replace(v) => v
+            .to_dtype(x.dtype())?
+            .broadcast_as(x.shape())?
+            .contiguous()?,
         Op::Add(v) => x.broadcast_add(&v.to_dtype(x.dtype())?)?,
         Op::Zero => x.zeros_like()?,
         Op::Scale(s) => (x * *s)?,
@@ -466,7 +504,10 @@ fn selector_mask(x: &Tensor, iv: &Intervention, ctx: &HookCtx) -> Result<Tensor>
     let mut m = Tensor::from_vec(rp, (b, t), dev)?.reshape(shape.clone())?;
     if let Some(heads) = &iv.sel.heads {
         let ha = iv.hook.point.head_axis().ok_or_else(|| {
-            EngineError::InvalidArgument(format!("hook '{}' has no head axis; drop the head selector", iv.hook))
+            EngineError::InvalidArgument(format!(
+                "hook '{}' has no head axis; drop the head selector",
+                iv.hook
+            ))
         })?;
         let nh = dims[ha];
         if let Some(bad) = heads.iter().find(|&&h| h >= nh) {
@@ -493,12 +534,20 @@ mod tests {
         let hs = resolve_hooks("blocks.*.hook_resid_post", 3).unwrap();
         assert_eq!(hs.len(), 3);
         assert_eq!(hs[2].to_string(), "blocks.2.hook_resid_post");
-        assert_eq!(resolve_hooks("hook_embed,ln_final.hook_normalized", 3).unwrap().len(), 2);
+        assert_eq!(
+            resolve_hooks("hook_embed,ln_final.hook_normalized", 3)
+                .unwrap()
+                .len(),
+            2
+        );
         assert!(matches!(
             resolve_hooks("blocks.7.hook_resid_pre", 3),
             Err(EngineError::LayerOutOfRange { layer: 7, .. })
         ));
-        assert!(matches!(resolve_hooks("blocks.0.hook_nope", 3), Err(EngineError::UnknownHook(_))));
+        assert!(matches!(
+            resolve_hooks("blocks.0.hook_nope", 3),
+            Err(EngineError::UnknownHook(_))
+        ));
         assert_eq!(all_hooks(2).len(), 2 + 2 * HookPoint::BLOCK.len());
     }
 }

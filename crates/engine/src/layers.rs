@@ -49,8 +49,8 @@ impl Rope {
                     } else if wl < high_wl {
                         v
                     } else {
-                        let smooth =
-                            (original_max_position_embeddings / wl - low_freq_factor) / (high_freq_factor - low_freq_factor);
+                        let smooth = (original_max_position_embeddings / wl - low_freq_factor)
+                            / (high_freq_factor - low_freq_factor);
                         (1.0 - smooth) * v / factor + smooth * v
                     };
                     *f = scaled as f32;
@@ -101,7 +101,13 @@ pub fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
 /// Additive attention mask `[b, 1, t, start + t]`: 0 where allowed, -inf elsewhere.
 /// Keys before a row's left padding are masked; a padding query attends to itself only (so its
 /// softmax stays finite; its output is never read).
-pub fn build_mask(pad: &[usize], start: usize, t: usize, window: Option<usize>, device: &Device) -> Result<Tensor> {
+pub fn build_mask(
+    pad: &[usize],
+    start: usize,
+    t: usize,
+    window: Option<usize>,
+    device: &Device,
+) -> Result<Tensor> {
     let total = start + t;
     let b = pad.len();
     let mut m = vec![f32::NEG_INFINITY; b * t * total];
@@ -226,17 +232,38 @@ pub fn attention(
 
     // Hooks see [b, t, heads, d_head] (TransformerLens layout).
     let q = if hooks.wants(name(HookPoint::AttnQ)) {
-        fire(hooks, HookPoint::AttnQ, q.transpose(1, 2)?.contiguous()?, ctx)?.transpose(1, 2)?.contiguous()?
+        fire(
+            hooks,
+            HookPoint::AttnQ,
+            q.transpose(1, 2)?.contiguous()?,
+            ctx,
+        )?
+        .transpose(1, 2)?
+        .contiguous()?
     } else {
         q
     };
     let k = if hooks.wants(name(HookPoint::AttnK)) {
-        fire(hooks, HookPoint::AttnK, k.transpose(1, 2)?.contiguous()?, ctx)?.transpose(1, 2)?.contiguous()?
+        fire(
+            hooks,
+            HookPoint::AttnK,
+            k.transpose(1, 2)?.contiguous()?,
+            ctx,
+        )?
+        .transpose(1, 2)?
+        .contiguous()?
     } else {
         k
     };
     let v = if hooks.wants(name(HookPoint::AttnV)) {
-        fire(hooks, HookPoint::AttnV, v.transpose(1, 2)?.contiguous()?, ctx)?.transpose(1, 2)?.contiguous()?
+        fire(
+            hooks,
+            HookPoint::AttnV,
+            v.transpose(1, 2)?.contiguous()?,
+            ctx,
+        )?
+        .transpose(1, 2)?
+        .contiguous()?
     } else {
         v
     };
@@ -283,12 +310,21 @@ pub fn attention(
     let wo = w.o.dense_f32()?; // [d, h*hd]
     let d = wo.dim(0)?;
     let wo_h = wo.reshape((d, h, hd))?.permute((1, 2, 0))?.contiguous()?; // [h, hd, d]
-    let zh = z.permute((2, 0, 1, 3))?.reshape((h, b * t, hd))?.contiguous()?;
-    let mut result = zh.matmul(&wo_h)?.reshape((h, b, t, d))?.permute((1, 2, 0, 3))?.contiguous()?;
+    let zh = z
+        .permute((2, 0, 1, 3))?
+        .reshape((h, b * t, hd))?
+        .contiguous()?;
+    let mut result = zh
+        .matmul(&wo_h)?
+        .reshape((h, b, t, d))?
+        .permute((1, 2, 0, 3))?
+        .contiguous()?;
     if let Some(m) = post_norm {
         // Freeze the post-norm's per-position scale at its value for the sum over heads.
         let sum = result.sum(2)?;
-        let inv = (sum.sqr()?.mean_keepdim(D::Minus1)? + p.eps)?.sqrt()?.recip()?; // [b,t,1]
+        let inv = (sum.sqr()?.mean_keepdim(D::Minus1)? + p.eps)?
+            .sqrt()?
+            .recip()?; // [b,t,1]
         result = result.broadcast_mul(&inv.unsqueeze(2)?)?.broadcast_mul(m)?;
     }
     let intervened = hooks.has_intervention(result_name);
@@ -318,7 +354,13 @@ pub struct GatedMlp {
 }
 
 impl GatedMlp {
-    pub fn forward(&self, layer: usize, x: &Tensor, hooks: &mut Hooks, ctx: &mut HookCtx) -> Result<Tensor> {
+    pub fn forward(
+        &self,
+        layer: usize,
+        x: &Tensor,
+        hooks: &mut Hooks,
+        ctx: &mut HookCtx,
+    ) -> Result<Tensor> {
         let mut fire = |hooks: &mut Hooks, pt: HookPoint, x: Tensor| -> Result<Tensor> {
             let n = HookName::block(layer, pt);
             if hooks.wants(n) {
@@ -361,11 +403,21 @@ pub fn fire(hooks: &mut Hooks, n: HookName, x: Tensor, ctx: &mut HookCtx) -> Res
 /// Common checks and per-row rope positions for a forward call of `t` new tokens.
 pub fn positions(pad: &[usize], start: usize, t: usize) -> Vec<Vec<u32>> {
     pad.iter()
-        .map(|&p| (0..t).map(|i| (start + i).saturating_sub(p) as u32).collect())
+        .map(|&p| {
+            (0..t)
+                .map(|i| (start + i).saturating_sub(p) as u32)
+                .collect()
+        })
         .collect()
 }
 
-pub fn check_ids(ids: &Tensor, vocab: usize, start: usize, max_position: usize, pad: &[usize]) -> Result<()> {
+pub fn check_ids(
+    ids: &Tensor,
+    vocab: usize,
+    start: usize,
+    max_position: usize,
+    pad: &[usize],
+) -> Result<()> {
     let (b, t) = ids.dims2()?;
     if t == 0 {
         return Err(EngineError::EmptyPrompt);

@@ -20,6 +20,7 @@ pub mod decoder;
 pub mod error;
 pub mod generate;
 pub mod hooks;
+pub mod io;
 pub mod layers;
 pub mod model;
 pub mod tokenizer;
@@ -28,11 +29,15 @@ pub mod weights;
 pub use config::{Architecture, ModelConfig};
 pub use error::{EngineError, Result};
 pub use generate::{generate, GenerateOptions, Generation, Sampling};
-pub use hooks::{all_hooks, resolve_hooks, ActivationCache, HookCtx, HookName, HookPoint, Hooks, Op, Selector};
+pub use hooks::{
+    all_hooks, resolve_hooks, ActivationCache, HookCtx, HookName, HookPoint, Hooks, Op, Selector,
+};
 pub use layers::{KvCache, LogitsAt};
-pub use model::{models_dir, resolve, LoadOptions, Model, ModelInfo, ModelSource, DEFAULT_MODEL, KNOWN_MODELS};
+pub use model::{
+    models_dir, resolve, LoadOptions, Model, ModelInfo, ModelSource, DEFAULT_MODEL, KNOWN_MODELS,
+};
 pub use tokenizer::{ChatMessage, Tokenizer};
-pub use weights::Precision;
+pub use weights::{Precision, QuantKernel};
 
 use candle_core::{Device, Tensor};
 

@@ -44,6 +44,14 @@ pub fn models_dir(explicit: Option<&Path>) -> PathBuf {
 pub fn resolve(spec: &str, models_dir: &Path) -> Result<ModelSource> {
     let p = Path::new(spec);
     if p.is_file() {
+        // A weights file of a HF checkpoint stands for its directory.
+        if p.extension()
+            .is_some_and(|x| x == "safetensors" || x == "json")
+        {
+            if let Some(dir) = p.parent().filter(|d| d.join("config.json").exists()) {
+                return Ok(ModelSource::HfDir(dir.to_path_buf()));
+            }
+        }
         return Ok(ModelSource::Gguf(p.to_path_buf()));
     }
     if p.is_dir() {
@@ -84,7 +92,11 @@ pub fn resolve(spec: &str, models_dir: &Path) -> Result<ModelSource> {
     }
     Err(EngineError::UnresolvableModel(
         spec.into(),
-        KNOWN_MODELS.iter().map(|(n, _)| *n).collect::<Vec<_>>().join(", "),
+        KNOWN_MODELS
+            .iter()
+            .map(|(n, _)| *n)
+            .collect::<Vec<_>>()
+            .join(", "),
     ))
 }
 
@@ -101,7 +113,9 @@ fn resolve_hub(id: &str) -> Result<ModelSource> {
         return Ok(ModelSource::HfDir(dir));
     }
     let cache_path = cache.path().display().to_string();
-    let offline = std::env::var("HF_HUB_OFFLINE").map(|v| v == "1" || v.eq_ignore_ascii_case("true")).unwrap_or(false);
+    let offline = std::env::var("HF_HUB_OFFLINE")
+        .map(|v| v == "1" || v.eq_ignore_ascii_case("true"))
+        .unwrap_or(false);
     if offline {
         return Err(EngineError::HubUnavailable {
             id: id.into(),
@@ -118,10 +132,12 @@ fn resolve_hub(id: &str) -> Result<ModelSource> {
             reason: e.to_string(),
         })?;
     let r = api.model(id.to_string());
-    let fail = |e: hf_hub::api::sync::ApiError| EngineError::HubUnavailable {
+    let fail = |e: hf_hub::api::sync::ApiError| {
+        EngineError::HubUnavailable {
         id: id.into(),
         cache: cache_path.clone(),
         reason: format!("{e} (download it where the hub is reachable, e.g. `huggingface-cli download {id}`, and copy the cache)"),
+    }
     };
     let cfg = r.get("config.json").map_err(fail)?;
     for f in ["tokenizer.json", "tokenizer_config.json"] {
@@ -129,10 +145,16 @@ fn resolve_hub(id: &str) -> Result<ModelSource> {
     }
     match r.get("model.safetensors.index.json") {
         Ok(idx) => {
-            let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&idx).map_err(|e| EngineError::io(&idx, e))?)?;
+            let v: serde_json::Value = serde_json::from_str(
+                &std::fs::read_to_string(&idx).map_err(|e| EngineError::io(&idx, e))?,
+            )?;
             let mut shards: Vec<String> = v["weight_map"]
                 .as_object()
-                .map(|m| m.values().filter_map(|s| s.as_str().map(String::from)).collect())
+                .map(|m| {
+                    m.values()
+                        .filter_map(|s| s.as_str().map(String::from))
+                        .collect()
+                })
                 .unwrap_or_default();
             shards.sort();
             shards.dedup();
@@ -144,7 +166,9 @@ fn resolve_hub(id: &str) -> Result<ModelSource> {
             r.get("model.safetensors").map_err(fail)?;
         }
     }
-    Ok(ModelSource::HfDir(cfg.parent().map(Path::to_path_buf).unwrap_or_default()))
+    Ok(ModelSource::HfDir(
+        cfg.parent().map(Path::to_path_buf).unwrap_or_default(),
+    ))
 }
 
 #[derive(Debug, Clone)]
@@ -233,14 +257,19 @@ impl Model {
         let archs: Vec<String> = v
             .get("architectures")
             .and_then(|a| a.as_array())
-            .map(|a| a.iter().filter_map(|x| x.as_str().map(String::from)).collect())
+            .map(|a| {
+                a.iter()
+                    .filter_map(|x| x.as_str().map(String::from))
+                    .collect()
+            })
             .unwrap_or_default();
         let model_type = v.get("model_type").and_then(|x| x.as_str()).unwrap_or("");
         let cfg = match (archs.first().map(String::as_str), model_type) {
-            (Some("Gemma3ForCausalLM" | "Gemma3ForConditionalGeneration"), _) | (None, "gemma3" | "gemma3_text") => {
-                arch::gemma3::config_from_hf(&v, &file)?
+            (Some("Gemma3ForCausalLM" | "Gemma3ForConditionalGeneration"), _)
+            | (None, "gemma3" | "gemma3_text") => arch::gemma3::config_from_hf(&v, &file)?,
+            (Some("LlamaForCausalLM"), _) | (None, "llama") => {
+                arch::llama::config_from_hf(&v, &file)?
             }
-            (Some("LlamaForCausalLM"), _) | (None, "llama") => arch::llama::config_from_hf(&v, &file)?,
             (Some(a), _) => return Err(EngineError::UnsupportedArchitecture(a.into())),
             (None, "") => {
                 return Err(EngineError::MissingField {
@@ -260,7 +289,13 @@ impl Model {
         Self::build(cfg, weights, tokenizer, "safetensors", None)
     }
 
-    fn build(cfg: ModelConfig, weights: Weights, tokenizer: Tokenizer, format: &str, general_name: Option<String>) -> Result<Self> {
+    fn build(
+        cfg: ModelConfig,
+        weights: Weights,
+        tokenizer: Tokenizer,
+        format: &str,
+        general_name: Option<String>,
+    ) -> Result<Self> {
         let decoder = match cfg.arch {
             Architecture::Gemma3 => arch::gemma3::load(cfg, &weights)?,
             Architecture::Llama => arch::llama::load(cfg, &weights)?,
@@ -274,7 +309,11 @@ impl Model {
             tensor_types: weights.quant_types().into_iter().collect(),
             general_name,
         };
-        Ok(Model { decoder, tokenizer, info })
+        Ok(Model {
+            decoder,
+            tokenizer,
+            info,
+        })
     }
 
     pub fn config(&self) -> &ModelConfig {
@@ -286,14 +325,24 @@ impl Model {
     }
 
     /// One forward call (see [`Decoder::forward`]).
-    pub fn forward(&self, batch: &Batch, kv: Option<&mut KvCache>, hooks: &mut Hooks, logits: LogitsAt) -> Result<Option<Tensor>> {
-        self.decoder.forward(&batch.ids, &batch.pad, kv, hooks, logits)
+    pub fn forward(
+        &self,
+        batch: &Batch,
+        kv: Option<&mut KvCache>,
+        hooks: &mut Hooks,
+        logits: LogitsAt,
+    ) -> Result<Option<Tensor>> {
+        self.decoder
+            .forward(&batch.ids, &batch.pad, kv, hooks, logits)
     }
 
     /// Token ids of a prompt: raw text with BOS per the model's metadata, or (chat) the chat
     /// template rendered as one user turn with the generation prompt, tokenized without adding
     /// BOS (the template writes its own special tokens).
     pub fn encode_prompt(&self, text: &str, chat: bool) -> Result<Vec<u32>> {
+        if text.trim().is_empty() {
+            return Err(EngineError::EmptyPrompt);
+        }
         let ids = if chat {
             let rendered = self
                 .tokenizer
@@ -310,15 +359,19 @@ impl Model {
 
     /// A padding id for batches (its value never matters: padding is masked).
     pub fn pad_id(&self) -> u32 {
-        self.tokenizer.pad_id.or(self.tokenizer.eos_ids.first().copied()).unwrap_or(0)
+        self.tokenizer
+            .pad_id
+            .or(self.tokenizer.eos_ids.first().copied())
+            .unwrap_or(0)
     }
 }
 
 impl Tokenizer {
     /// A tokenizer-less model (tiny test checkpoints): every id decodes as `<id N>`.
     pub fn ids_only(vocab: usize) -> Result<Self> {
-        let vocab_json: serde_json::Map<String, serde_json::Value> =
-            (0..vocab).map(|i| (format!("<id {i}>"), serde_json::json!(i))).collect();
+        let vocab_json: serde_json::Map<String, serde_json::Value> = (0..vocab)
+            .map(|i| (format!("<id {i}>"), serde_json::json!(i)))
+            .collect();
         let j = serde_json::json!({"version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
             "normalizer": null, "pre_tokenizer": null, "post_processor": null, "decoder": null,
             "model": {"type": "WordLevel", "vocab": vocab_json, "unk_token": "<id 0>"}});

@@ -47,7 +47,9 @@ fn gguf_strings(md: &HashMap<String, gguf_file::Value>, key: &str) -> Result<Vec
 }
 
 fn gguf_numbers(md: &HashMap<String, gguf_file::Value>, key: &str) -> Result<Option<Vec<f64>>> {
-    let Some(v) = md.get(key) else { return Ok(None) };
+    let Some(v) = md.get(key) else {
+        return Ok(None);
+    };
     let arr = v.to_vec().map_err(tok_err)?;
     Ok(Some(
         arr.iter()
@@ -113,19 +115,29 @@ impl Tokenizer {
                         *t = t.replace(' ', "\u{2581}");
                     }
                 }
-                let vocab: HashMap<&str, usize> = tokens.iter().enumerate().map(|(i, t)| (t.as_str(), i)).collect();
+                let vocab: HashMap<&str, usize> = tokens
+                    .iter()
+                    .enumerate()
+                    .map(|(i, t)| (t.as_str(), i))
+                    .collect();
                 let merges = spm_merges(&tokens, &vocab);
                 let orig = gguf_strings(md, "tokenizer.ggml.tokens")?;
                 for (i, t) in tokens.iter().enumerate() {
                     match ttype(i) {
                         TOKEN_TYPE_CONTROL => added.push(added_token(i, t, true)),
-                        TOKEN_TYPE_USER_DEFINED if !orig[i].contains(' ') => added.push(added_token(i, t, false)),
+                        TOKEN_TYPE_USER_DEFINED if !orig[i].contains(' ') => {
+                            added.push(added_token(i, t, false))
+                        }
                         _ => {}
                     }
                 }
-                let vocab_json: serde_json::Map<String, Value> =
-                    tokens.iter().enumerate().map(|(i, t)| (t.clone(), json!(i))).collect();
-                let merges_json: Vec<Value> = merges.into_iter().map(|(a, b)| json!([a, b])).collect();
+                let vocab_json: serde_json::Map<String, Value> = tokens
+                    .iter()
+                    .enumerate()
+                    .map(|(i, t)| (t.clone(), json!(i)))
+                    .collect();
+                let merges_json: Vec<Value> =
+                    merges.into_iter().map(|(a, b)| json!([a, b])).collect();
                 let unk = unk_id.and_then(|i| tokens.get(i as usize).cloned());
                 let normalizer = if add_space_prefix {
                     json!({"type": "Sequence", "normalizers": [
@@ -134,8 +146,11 @@ impl Tokenizer {
                 } else {
                     json!({"type": "Replace", "pattern": {"String": " "}, "content": "\u{2581}"})
                 };
-                let mut decoders = vec![json!({"type": "Replace", "pattern": {"String": "\u{2581}"}, "content": " "}),
-                                        json!({"type": "ByteFallback"}), json!({"type": "Fuse"})];
+                let mut decoders = vec![
+                    json!({"type": "Replace", "pattern": {"String": "\u{2581}"}, "content": " "}),
+                    json!({"type": "ByteFallback"}),
+                    json!({"type": "Fuse"}),
+                ];
                 if add_space_prefix {
                     decoders.push(json!({"type": "Strip", "content": " ", "start": 1, "stop": 0}));
                 }
@@ -160,8 +175,11 @@ impl Tokenizer {
                         _ => {}
                     }
                 }
-                let vocab_json: serde_json::Map<String, Value> =
-                    tokens.iter().enumerate().map(|(i, t)| (t.clone(), json!(i))).collect();
+                let vocab_json: serde_json::Map<String, Value> = tokens
+                    .iter()
+                    .enumerate()
+                    .map(|(i, t)| (t.clone(), json!(i)))
+                    .collect();
                 let merges_json: Vec<Value> = merges
                     .iter()
                     .map(|s| {
@@ -171,11 +189,15 @@ impl Tokenizer {
                     .collect();
                 let pre = m.string("tokenizer.ggml.pre").unwrap_or_default();
                 let pre_tokenizer = match pre.as_str() {
-                    "llama-bpe" | "llama3" | "falcon3" => json!({"type": "Sequence", "pretokenizers": [
+                    "llama-bpe" | "llama3" | "falcon3" => {
+                        json!({"type": "Sequence", "pretokenizers": [
                         {"type": "Split", "pattern": {"Regex": "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+"},
                          "behavior": "Isolated", "invert": false},
-                        {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": false}]}),
-                    _ => json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true}),
+                        {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": false}]})
+                    }
+                    _ => {
+                        json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true})
+                    }
                 };
                 json!({
                     "version": "1.0", "truncation": null, "padding": null,
@@ -195,7 +217,8 @@ impl Tokenizer {
                 )))
             }
         };
-        let inner = tokenizers::Tokenizer::from_bytes(serde_json::to_vec(&tok_json)?).map_err(tok_err)?;
+        let inner =
+            tokenizers::Tokenizer::from_bytes(serde_json::to_vec(&tok_json)?).map_err(tok_err)?;
         let name_of = |id: Option<u32>| id.and_then(|i| tokens.get(i as usize).cloned());
         Ok(Tokenizer {
             bos_token: name_of(bos_id),
@@ -216,17 +239,22 @@ impl Tokenizer {
         if !path.exists() {
             return Err(EngineError::MissingFile(path));
         }
-        let inner = tokenizers::Tokenizer::from_file(&path).map_err(|e| tok_err(format!("{}: {e}", path.display())))?;
+        let inner = tokenizers::Tokenizer::from_file(&path)
+            .map_err(|e| tok_err(format!("{}: {e}", path.display())))?;
         let tc_path = dir.join("tokenizer_config.json");
         let tc: Value = if tc_path.exists() {
-            serde_json::from_str(&std::fs::read_to_string(&tc_path).map_err(|e| EngineError::io(&tc_path, e))?)?
+            serde_json::from_str(
+                &std::fs::read_to_string(&tc_path).map_err(|e| EngineError::io(&tc_path, e))?,
+            )?
         } else {
             json!({})
         };
         let tok_str = |k: &str| -> Option<String> {
             match tc.get(k) {
                 Some(Value::String(s)) => Some(s.clone()),
-                Some(Value::Object(o)) => o.get("content").and_then(|c| c.as_str()).map(String::from),
+                Some(Value::Object(o)) => {
+                    o.get("content").and_then(|c| c.as_str()).map(String::from)
+                }
                 _ => None,
             }
         };
@@ -235,12 +263,23 @@ impl Tokenizer {
         let bos_id = bos_token
             .as_deref()
             .and_then(|t| inner.token_to_id(t))
-            .or_else(|| config.and_then(|c| c.get("bos_token_id")).and_then(|x| x.as_u64()).map(|x| x as u32));
-        let mut eos_ids: Vec<u32> = eos_token.as_deref().and_then(|t| inner.token_to_id(t)).into_iter().collect();
+            .or_else(|| {
+                config
+                    .and_then(|c| c.get("bos_token_id"))
+                    .and_then(|x| x.as_u64())
+                    .map(|x| x as u32)
+            });
+        let mut eos_ids: Vec<u32> = eos_token
+            .as_deref()
+            .and_then(|t| inner.token_to_id(t))
+            .into_iter()
+            .collect();
         if let Some(c) = config {
             match c.get("eos_token_id") {
                 Some(Value::Number(n)) => eos_ids.extend(n.as_u64().map(|x| x as u32)),
-                Some(Value::Array(a)) => eos_ids.extend(a.iter().filter_map(|x| x.as_u64()).map(|x| x as u32)),
+                Some(Value::Array(a)) => {
+                    eos_ids.extend(a.iter().filter_map(|x| x.as_u64()).map(|x| x as u32))
+                }
                 _ => {}
             }
         }
@@ -288,7 +327,12 @@ impl Tokenizer {
                 ids.insert(0, b);
             }
         } else if add_special_tokens && self.inner.get_post_processor().is_some() {
-            ids = self.inner.encode(text, true).map_err(tok_err)?.get_ids().to_vec();
+            ids = self
+                .inner
+                .encode(text, true)
+                .map_err(tok_err)?
+                .get_ids()
+                .to_vec();
         }
         Ok(ids)
     }
@@ -298,7 +342,9 @@ impl Tokenizer {
     }
 
     pub fn id_to_token(&self, id: u32) -> String {
-        self.inner.id_to_token(id).unwrap_or_else(|| format!("<id {id}>"))
+        self.inner
+            .id_to_token(id)
+            .unwrap_or_else(|| format!("<id {id}>"))
     }
 
     pub fn token_to_id(&self, t: &str) -> Option<u32> {
@@ -310,13 +356,23 @@ impl Tokenizer {
     }
 
     /// Renders the model's chat template for `messages` (`[{role, content}]`).
-    pub fn apply_chat_template(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String> {
+    pub fn apply_chat_template(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+    ) -> Result<String> {
         let tpl = self.chat_template.as_deref().ok_or_else(|| {
             EngineError::ChatTemplate(
                 "this model has no chat template (a base model?): drop --chat and give the plain prompt".into(),
             )
         })?;
-        render_chat_template(tpl, messages, add_generation_prompt, self.bos_token.as_deref(), self.eos_token.as_deref())
+        render_chat_template(
+            tpl,
+            messages,
+            add_generation_prompt,
+            self.bos_token.as_deref(),
+            self.eos_token.as_deref(),
+        )
     }
 }
 
@@ -345,9 +401,15 @@ pub fn render_chat_template(
     let mut env = minijinja::Environment::new();
     minijinja_contrib::add_to_environment(&mut env);
     env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-    env.add_function("raise_exception", |msg: String| -> std::result::Result<String, minijinja::Error> {
-        Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
-    });
+    env.add_function(
+        "raise_exception",
+        |msg: String| -> std::result::Result<String, minijinja::Error> {
+            Err(minijinja::Error::new(
+                minijinja::ErrorKind::InvalidOperation,
+                msg,
+            ))
+        },
+    );
     env.add_function("strftime_now", |_fmt: String| -> String { String::new() });
     let t = env
         .template_from_str(tpl)

@@ -15,15 +15,31 @@ use std::sync::{Arc, Mutex};
 pub enum Precision {
     /// Dense weights in this dtype (F32 is the default and what the golden set uses).
     Dense(DType),
-    /// GGUF blocks kept as they are; matmuls through candle's quantized kernels.
-    Quantized,
+    /// GGUF blocks kept as they are in memory.
+    Quantized(QuantKernel),
+}
+
+/// How a quantized matrix is multiplied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QuantKernel {
+    /// Blocks are dequantized chunk by chunk into f32 and multiplied with f32 activations:
+    /// weight memory stays quantized, activations are as exact as the f32 model's.
+    Exact,
+    /// candle's quantized kernels (llama.cpp numerics: activations are quantized to 8 bits for
+    /// the dot products). Fastest for token-by-token generation, slightly less exact.
+    Native,
 }
 
 impl Precision {
     pub fn describe(&self) -> String {
         match self {
             Precision::Dense(d) => format!("{d:?}").to_lowercase(),
-            Precision::Quantized => "quantized (GGUF blocks)".into(),
+            Precision::Quantized(QuantKernel::Exact) => {
+                "quantized (GGUF blocks, exact f32 activations)".into()
+            }
+            Precision::Quantized(QuantKernel::Native) => {
+                "quantized (GGUF blocks, candle quantized kernels)".into()
+            }
         }
     }
 }
@@ -50,11 +66,101 @@ pub struct Weights {
     loaded_bytes: Mutex<usize>,
 }
 
+/// A quantized matrix `[rows, cols]` split into row chunks, so that it can be dequantized a
+/// chunk at a time (bounded scratch memory) and so that rows can be read without a full copy.
+pub struct QMatrix {
+    pub chunks: Vec<(Arc<QTensor>, QMatMul)>,
+    pub rows_per_chunk: usize,
+    pub rows: usize,
+    pub cols: usize,
+    pub kernel: QuantKernel,
+}
+
+/// Elements dequantized at once (16 MiB of f32).
+const CHUNK_ELEMS: usize = 4 << 20;
+
+impl QMatrix {
+    pub fn new(q: QTensor, kernel: QuantKernel) -> Result<Self> {
+        let (rows, cols) = q.shape().dims2()?;
+        let dt = q.dtype();
+        let row_bytes = cols / dt.block_size() * dt.type_size();
+        let rows_per_chunk = (CHUNK_ELEMS / cols.max(1)).clamp(1, rows.max(1));
+        let data = q.data()?;
+        let dev = q.device();
+        let mut chunks = Vec::new();
+        let mut r0 = 0;
+        while r0 < rows {
+            let n = rows_per_chunk.min(rows - r0);
+            let bytes = data[r0 * row_bytes..(r0 + n) * row_bytes].to_vec();
+            let st = candle_core::quantized::QStorage::from_data(
+                std::borrow::Cow::Owned(bytes),
+                &dev,
+                dt,
+            )?;
+            let qt = Arc::new(QTensor::new(st, (n, cols))?);
+            let mm = QMatMul::from_arc(qt.clone())?;
+            chunks.push((qt, mm));
+            r0 += n;
+        }
+        Ok(QMatrix {
+            chunks,
+            rows_per_chunk,
+            rows,
+            cols,
+            kernel,
+        })
+    }
+
+    pub fn storage_bytes(&self) -> usize {
+        self.chunks
+            .iter()
+            .map(|(q, _)| q.storage_size_in_bytes())
+            .sum()
+    }
+
+    /// x: [n, cols] f32 -> [n, rows].
+    fn matmul(&self, x: &Tensor) -> Result<Tensor> {
+        let mut outs = Vec::with_capacity(self.chunks.len());
+        for (q, mm) in &self.chunks {
+            outs.push(match self.kernel {
+                QuantKernel::Exact => x.matmul(&q.dequantize(&q.device())?.t()?)?,
+                QuantKernel::Native => mm.forward(x)?,
+            });
+        }
+        Ok(if outs.len() == 1 {
+            outs.pop().unwrap_or_else(|| unreachable!())
+        } else {
+            Tensor::cat(&outs, 1)?
+        })
+    }
+
+    pub fn dequantize(&self) -> Result<Tensor> {
+        let parts = self
+            .chunks
+            .iter()
+            .map(|(q, _)| q.dequantize(&q.device()))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Ok(Tensor::cat(&parts, 0)?)
+    }
+
+    /// Rows `ids` dequantized: [ids.len(), cols].
+    pub fn rows(&self, ids: &[u32]) -> Result<Tensor> {
+        let mut out = Vec::with_capacity(ids.len());
+        for &id in ids {
+            let id = id as usize;
+            let (q, _) = &self.chunks[id / self.rows_per_chunk];
+            let idx = Tensor::new(&[(id % self.rows_per_chunk) as u32], &q.device())?;
+            out.push(q.embedding(&idx)?);
+        }
+        Ok(Tensor::cat(&out, 0)?)
+    }
+}
+
 /// A matrix applied as `x @ W^T` (W stored `[out, in]` as in PyTorch).
 #[derive(Clone)]
 pub enum Linear {
     Dense(Tensor),
-    Quantized(Arc<QMatMul>, Arc<QTensor>),
+    Quantized(Arc<QMatrix>),
 }
 
 impl Linear {
@@ -74,7 +180,7 @@ impl Linear {
                         .to_dtype(x.dtype())?
                 }
             }
-            Linear::Quantized(q, _) => q.forward(&x2.contiguous()?)?,
+            Linear::Quantized(q) => q.matmul(&x2.contiguous()?)?,
         };
         let out = y.dim(1)?;
         let mut od = dims[..dims.len() - 1].to_vec();
@@ -87,14 +193,14 @@ impl Linear {
     pub fn dense_f32(&self) -> Result<Tensor> {
         Ok(match self {
             Linear::Dense(w) => w.to_dtype(DType::F32)?,
-            Linear::Quantized(_, q) => q.dequantize(&q.device())?,
+            Linear::Quantized(q) => q.dequantize()?,
         })
     }
 
     pub fn out_dim(&self) -> usize {
         match self {
             Linear::Dense(w) => w.dims()[0],
-            Linear::Quantized(_, q) => q.shape().dims()[0],
+            Linear::Quantized(q) => q.rows,
         }
     }
 }
@@ -103,27 +209,35 @@ impl Linear {
 #[derive(Clone)]
 pub enum Embedding {
     Dense(Tensor),
-    Quantized(Arc<QTensor>),
+    Quantized(Arc<QMatrix>),
 }
 
 impl Embedding {
     pub fn lookup(&self, ids: &Tensor) -> Result<Tensor> {
+        let (b, t) = ids.dims2()?;
         Ok(match self {
             Embedding::Dense(w) => {
-                let (b, t) = ids.dims2()?;
                 let flat = ids.flatten_all()?;
                 w.index_select(&flat, 0)?
                     .to_dtype(DType::F32)?
                     .reshape((b, t, w.dim(1)?))?
             }
-            Embedding::Quantized(q) => q.embedding(ids)?,
+            Embedding::Quantized(q) => q
+                .rows(&ids.flatten_all()?.to_vec1::<u32>()?)?
+                .reshape((b, t, q.cols))?,
         })
     }
-    /// The same table used as the unembedding (tied weights): no copy for dense weights.
+    /// The same table used as the unembedding (tied weights): shared, not copied.
     pub fn as_linear(&self) -> Result<Linear> {
         Ok(match self {
             Embedding::Dense(w) => Linear::Dense(w.clone()),
-            Embedding::Quantized(q) => Linear::Quantized(Arc::new(QMatMul::from_arc(q.clone())?), q.clone()),
+            Embedding::Quantized(q) => Linear::Quantized(q.clone()),
+        })
+    }
+    pub fn vocab_size(&self) -> Result<usize> {
+        Ok(match self {
+            Embedding::Dense(w) => w.dim(0)?,
+            Embedding::Quantized(q) => q.rows,
         })
     }
 }
@@ -131,7 +245,13 @@ impl Embedding {
 fn gguf_err(path: &Path, e: impl std::fmt::Display) -> EngineError {
     EngineError::BadGguf {
         path: path.to_path_buf(),
-        reason: e.to_string(),
+        reason: e
+            .to_string()
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .trim()
+            .to_string(),
     }
 }
 
@@ -141,11 +261,13 @@ pub fn read_gguf_header(path: &Path) -> Result<(gguf_file::Content, File)> {
         return Err(EngineError::MissingFile(path.to_path_buf()));
     }
     let mut file = File::open(path).map_err(|e| EngineError::io(path, e))?;
-    let content = gguf_file::Content::read(&mut file).map_err(|e| gguf_err(path, e))?;
+    let content = gguf_file::Content::read(&mut file)
+        .map_err(|e| gguf_err(path, crate::error::candle_message(&e)))?;
     // A truncated file can have a complete header: check that every tensor's data fits.
     let len = file.metadata().map_err(|e| EngineError::io(path, e))?.len();
     for (name, info) in content.tensor_infos.iter() {
-        let bytes = info.shape.elem_count() / info.ggml_dtype.block_size() * info.ggml_dtype.type_size();
+        let bytes =
+            info.shape.elem_count() / info.ggml_dtype.block_size() * info.ggml_dtype.type_size();
         let end = content.tensor_data_offset + info.offset + bytes as u64;
         if end > len {
             return Err(gguf_err(
@@ -158,7 +280,13 @@ pub fn read_gguf_header(path: &Path) -> Result<(gguf_file::Content, File)> {
 }
 
 impl Weights {
-    pub fn from_gguf(path: &Path, content: gguf_file::Content, file: File, precision: Precision, device: &Device) -> Self {
+    pub fn from_gguf(
+        path: &Path,
+        content: gguf_file::Content,
+        file: File,
+        precision: Precision,
+        device: &Device,
+    ) -> Self {
         Weights {
             source: Source::Gguf {
                 path: path.to_path_buf(),
@@ -173,22 +301,27 @@ impl Weights {
 
     /// Memory-maps `model.safetensors` or every shard listed in `model.safetensors.index.json`.
     pub fn from_safetensors_dir(dir: &Path, precision: Precision, device: &Device) -> Result<Self> {
-        if precision == Precision::Quantized {
+        if matches!(precision, Precision::Quantized(_)) {
             return Err(EngineError::InvalidArgument(
-                "--quantized needs a GGUF file; for a safetensors checkpoint use --dtype bf16|f16".into(),
+                "--quantized needs a GGUF file; for a safetensors checkpoint use --dtype bf16|f16"
+                    .into(),
             ));
         }
         let index = dir.join("model.safetensors.index.json");
         let files: Vec<PathBuf> = if index.exists() {
             let text = std::fs::read_to_string(&index).map_err(|e| EngineError::io(&index, e))?;
             let v: serde_json::Value = serde_json::from_str(&text)?;
-            let map = v.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| {
-                EngineError::MissingField {
+            let map = v
+                .get("weight_map")
+                .and_then(|m| m.as_object())
+                .ok_or_else(|| EngineError::MissingField {
                     file: index.display().to_string(),
                     field: "weight_map".into(),
-                }
-            })?;
-            let mut shards: Vec<String> = map.values().filter_map(|s| s.as_str().map(String::from)).collect();
+                })?;
+            let mut shards: Vec<String> = map
+                .values()
+                .filter_map(|s| s.as_str().map(String::from))
+                .collect();
             shards.sort();
             shards.dedup();
             shards.into_iter().map(|s| dir.join(s)).collect()
@@ -218,7 +351,12 @@ impl Weights {
         let names: Vec<String> = st.tensors().into_iter().map(|(n, _)| n).collect();
         let prefix = ["", "language_model.", "model.language_model."]
             .iter()
-            .find(|p| names.iter().any(|n| n.starts_with(&format!("{p}model.embed_tokens")) || (p.starts_with("model.") && n.starts_with(&format!("{p}embed_tokens")))))
+            .find(|p| {
+                names.iter().any(|n| {
+                    n.starts_with(&format!("{p}model.embed_tokens"))
+                        || (p.starts_with("model.") && n.starts_with(&format!("{p}embed_tokens")))
+                })
+            })
             .map(|s| s.to_string())
             .unwrap_or_default();
         Ok(Weights {
@@ -261,22 +399,30 @@ impl Weights {
     pub fn has(&self, hf_name: &str, gguf_name: &str) -> bool {
         match &self.source {
             Source::Gguf { content, .. } => content.tensor_infos.contains_key(gguf_name),
-            Source::Safetensors { st, prefix, .. } => st.get(&Self::st_name(prefix, hf_name)).is_ok(),
+            Source::Safetensors { st, prefix, .. } => {
+                st.get(&Self::st_name(prefix, hf_name)).is_ok()
+            }
         }
     }
 
     fn qtensor(&self, gguf_name: &str) -> Result<QTensor> {
         match &self.source {
-            Source::Gguf { path, content, file } => {
+            Source::Gguf {
+                path,
+                content,
+                file,
+            } => {
                 if !content.tensor_infos.contains_key(gguf_name) {
                     return Err(EngineError::MissingWeight(gguf_name.into()));
                 }
                 let mut f = file.lock().unwrap_or_else(|p| p.into_inner());
                 content
                     .tensor(&mut *f, gguf_name, &self.device)
-                    .map_err(|e| gguf_err(path, e))
+                    .map_err(|e| gguf_err(path, crate::error::candle_message(&e)))
             }
-            Source::Safetensors { .. } => Err(EngineError::InvalidArgument("not a GGUF source".into())),
+            Source::Safetensors { .. } => {
+                Err(EngineError::InvalidArgument("not a GGUF source".into()))
+            }
         }
     }
 
@@ -286,7 +432,9 @@ impl Weights {
             Source::Gguf { .. } => self.qtensor(gguf_name)?.dequantize(&self.device)?,
             Source::Safetensors { st, prefix, .. } => {
                 let name = Self::st_name(prefix, hf_name);
-                let t = st.load(&name, &self.device).map_err(|_| EngineError::MissingWeight(name.clone()))?;
+                let t = st
+                    .load(&name, &self.device)
+                    .map_err(|_| EngineError::MissingWeight(name.clone()))?;
                 match t.dtype() {
                     DType::F32 | DType::F16 | DType::BF16 => t.to_dtype(DType::F32)?,
                     other => {
@@ -312,20 +460,29 @@ impl Weights {
 
     /// A projection matrix `[out, in]`. `row_perm`, if given, reorders output rows (llama.cpp's q/k
     /// rotary permutation undone); for quantized weights rows are moved block-wise, losslessly.
-    pub fn linear(&self, hf_name: &str, gguf_name: &str, row_perm: Option<&[usize]>) -> Result<Linear> {
-        if self.precision == Precision::Quantized && self.is_gguf() {
+    pub fn linear(
+        &self,
+        hf_name: &str,
+        gguf_name: &str,
+        row_perm: Option<&[usize]>,
+    ) -> Result<Linear> {
+        if let (Precision::Quantized(kernel), true) = (self.precision, self.is_gguf()) {
             let q = self.qtensor(gguf_name)?;
             let q = match row_perm {
                 Some(p) => permute_qtensor_rows(&q, p)?,
                 None => q,
             };
-            *self.loaded_bytes.lock().unwrap_or_else(|p| p.into_inner()) += q.storage_size_in_bytes();
-            let q = Arc::new(q);
-            return Ok(Linear::Quantized(Arc::new(QMatMul::from_arc(q.clone())?), q));
+            let m = QMatrix::new(q, kernel)?;
+            *self.loaded_bytes.lock().unwrap_or_else(|p| p.into_inner()) += m.storage_bytes();
+            return Ok(Linear::Quantized(Arc::new(m)));
         }
         let mut t = self.f32(hf_name, gguf_name)?;
         if let Some(p) = row_perm {
-            let idx = Tensor::from_vec(p.iter().map(|&i| i as u32).collect::<Vec<_>>(), p.len(), &self.device)?;
+            let idx = Tensor::from_vec(
+                p.iter().map(|&i| i as u32).collect::<Vec<_>>(),
+                p.len(),
+                &self.device,
+            )?;
             t = t.index_select(&idx, 0)?;
         }
         Ok(Linear::Dense(self.dense(t)?))
@@ -333,10 +490,10 @@ impl Weights {
 
     /// The token embedding table `[vocab, d_model]`.
     pub fn embedding(&self, hf_name: &str, gguf_name: &str) -> Result<Embedding> {
-        if self.precision == Precision::Quantized && self.is_gguf() {
-            let q = self.qtensor(gguf_name)?;
-            *self.loaded_bytes.lock().unwrap_or_else(|p| p.into_inner()) += q.storage_size_in_bytes();
-            return Ok(Embedding::Quantized(Arc::new(q)));
+        if let (Precision::Quantized(kernel), true) = (self.precision, self.is_gguf()) {
+            let m = QMatrix::new(self.qtensor(gguf_name)?, kernel)?;
+            *self.loaded_bytes.lock().unwrap_or_else(|p| p.into_inner()) += m.storage_bytes();
+            return Ok(Embedding::Quantized(Arc::new(m)));
         }
         let t = self.f32(hf_name, gguf_name)?;
         Ok(Embedding::Dense(self.dense(t)?))
@@ -390,8 +547,10 @@ fn permute_qtensor_rows(q: &QTensor, perm: &[usize]) -> Result<QTensor> {
     let data = q.data()?;
     let mut out = vec![0u8; data.len()];
     for (dst, &src) in perm.iter().enumerate() {
-        out[dst * row_bytes..(dst + 1) * row_bytes].copy_from_slice(&data[src * row_bytes..(src + 1) * row_bytes]);
+        out[dst * row_bytes..(dst + 1) * row_bytes]
+            .copy_from_slice(&data[src * row_bytes..(src + 1) * row_bytes]);
     }
-    let storage = candle_core::quantized::QStorage::from_data(std::borrow::Cow::Owned(out), &q.device(), dt)?;
+    let storage =
+        candle_core::quantized::QStorage::from_data(std::borrow::Cow::Owned(out), &q.device(), dt)?;
     Ok(QTensor::new(storage, (rows, cols))?)
 }

@@ -6,7 +6,9 @@ mod common;
 
 use candle_core::{DType, Tensor, D};
 use common::*;
-use persona_lens_engine::{generate, Batch, GenerateOptions, HookName, HookPoint, Hooks, LogitsAt, Model};
+use persona_lens_engine::{
+    generate, Batch, GenerateOptions, HookName, HookPoint, Hooks, LogitsAt, Model,
+};
 
 const GEMMA: &str = "gemma-3-270m";
 const SMOL: &str = "smollm2-135m-instruct";
@@ -27,7 +29,12 @@ fn prompts(name: &str) -> Vec<Prompt> {
         .map(|p| Prompt {
             text: p["text"].as_str().unwrap().to_string(),
             chat: p["source"] == "chat_template",
-            ids: p["input_ids"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect(),
+            ids: p["input_ids"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_u64().unwrap() as u32)
+                .collect(),
             v: p.clone(),
         })
         .collect()
@@ -45,17 +52,37 @@ fn tokenization(name: &str) {
     for e in entries.as_array().unwrap() {
         let text = e["text"].as_str().unwrap();
         let add = e["add_special_tokens"].as_bool().unwrap();
-        let want: Vec<u32> = e["ids"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect();
+        let want: Vec<u32> = e["ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap() as u32)
+            .collect();
         let got = m.tokenizer.encode(text, add).unwrap();
-        assert_eq!(got, want, "{name}: ids of {text:?} (add_special_tokens={add})");
+        assert_eq!(
+            got, want,
+            "{name}: ids of {text:?} (add_special_tokens={add})"
+        );
         let toks: Vec<String> = got.iter().map(|&i| m.tokenizer.id_to_token(i)).collect();
-        let want_toks: Vec<String> = e["tokens"].as_array().unwrap().iter().map(|x| x.as_str().unwrap().to_string()).collect();
+        let want_toks: Vec<String> = e["tokens"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_str().unwrap().to_string())
+            .collect();
         assert_eq!(toks, want_toks, "{name}: token strings of {text:?}");
         let decoded = m.tokenizer.decode(&got, false).unwrap();
-        assert_eq!(decoded, e["decoded"].as_str().unwrap(), "{name}: decode of {text:?}");
+        assert_eq!(
+            decoded,
+            e["decoded"].as_str().unwrap(),
+            "{name}: decode of {text:?}"
+        );
         n += 1;
     }
-    assert!(n >= 40, "expected the golden tokenization set, got {n} entries");
+    assert!(
+        n >= 40,
+        "expected the golden tokenization set, got {n} entries"
+    );
     for p in prompts(name) {
         assert_eq!(encode(&m, &p), p.ids, "{name}: prompt ids of {:?}", p.text);
     }
@@ -70,10 +97,24 @@ fn residual_rows(m: &Model, ids: &[u32]) -> (Vec<Vec<f32>>, Tensor) {
     for l in 0..n {
         hooks.capture(HookName::block(l, HookPoint::ResidPost));
     }
-    let logits = m.forward(&batch, None, &mut hooks, LogitsAt::Last).unwrap().unwrap();
+    let logits = m
+        .forward(&batch, None, &mut hooks, LogitsAt::Last)
+        .unwrap()
+        .unwrap();
     let t = ids.len();
     let mut rows = vec![];
-    let last = |h: HookName| hooks.cache.get(&h).unwrap().get(0).unwrap().get(t - 1).unwrap().to_vec1::<f32>().unwrap();
+    let last = |h: HookName| {
+        hooks
+            .cache
+            .get(&h)
+            .unwrap()
+            .get(0)
+            .unwrap()
+            .get(t - 1)
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+    };
     rows.push(last(HookName::block(0, HookPoint::ResidPre)));
     for l in 0..n {
         rows.push(last(HookName::block(l, HookPoint::ResidPost)));
@@ -93,7 +134,10 @@ fn residuals_and_logits(name: &str) {
             let g = gold.get(l).unwrap().to_vec1::<f32>().unwrap();
             let e = rel_l2(row, &g);
             worst = worst.max(e);
-            assert!(e < 1e-4, "{name} p{i:02} residual row {l}: relative L2 error {e:.3e} >= 1e-4");
+            assert!(
+                e < 1e-4,
+                "{name} p{i:02} residual row {l}: relative L2 error {e:.3e} >= 1e-4"
+            );
         }
         // top-20 logits: same ids (in order), values within 1e-3
         let lv = logits.to_vec1::<f32>().unwrap();
@@ -102,32 +146,66 @@ fn residuals_and_logits(name: &str) {
         for (k, pair) in p.v["last_top20"].as_array().unwrap().iter().enumerate() {
             let gid = pair[0].as_u64().unwrap() as usize;
             let gval = pair[1].as_f64().unwrap();
-            assert!((lv[gid] as f64 - gval).abs() < 1e-3, "{name} p{i:02} logit of id {gid}: {} vs {gval}", lv[gid]);
+            assert!(
+                (lv[gid] as f64 - gval).abs() < 1e-3,
+                "{name} p{i:02} logit of id {gid}: {} vs {gval}",
+                lv[gid]
+            );
             if idx[k] != gid {
                 // A swap is only acceptable between logits equal within float noise.
-                assert!((lv[idx[k]] - lv[gid]).abs() < 1e-5, "{name} p{i:02} top-20 rank {k}: id {} vs golden {gid}", idx[k]);
+                assert!(
+                    (lv[idx[k]] - lv[gid]).abs() < 1e-5,
+                    "{name} p{i:02} top-20 rank {k}: id {} vs golden {gid}",
+                    idx[k]
+                );
             }
         }
         let max = lv.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
         let lse = max + lv.iter().map(|&x| (x as f64 - max).exp()).sum::<f64>().ln();
         let gl = p.v["last_logsumexp"].as_f64().unwrap();
-        assert!((lse - gl).abs() < 1e-3, "{name} p{i:02} logsumexp {lse} vs {gl}");
+        assert!(
+            (lse - gl).abs() < 1e-3,
+            "{name} p{i:02} logsumexp {lse} vs {gl}"
+        );
     }
     // prompt 0's full logits vector
     let (_, logits) = residual_rows(&m, &prompts(name)[0].ids);
     let gold = npy(&dir.join("logits_last_p00.npy"));
-    let diff = (logits - gold).unwrap().abs().unwrap().max(D::Minus1).unwrap().to_scalar::<f32>().unwrap();
+    let diff = (logits - gold)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max(D::Minus1)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
     assert!(diff < 1e-3, "{name} p00 full logits max abs diff {diff}");
-    eprintln!("{name}: worst residual relative L2 error {worst:.2e}; p00 logits max abs diff {diff:.2e}");
+    eprintln!(
+        "{name}: worst residual relative L2 error {worst:.2e}; p00 logits max abs diff {diff:.2e}"
+    );
 }
 
 fn greedy(name: &str) {
     let m = model(name);
     for (i, p) in prompts(name).iter().enumerate() {
-        let want: Vec<u32> = p.v["greedy_ids"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect();
-        let margins: Vec<f64> = p.v["greedy_top1_minus_top2_logit"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect();
+        let want: Vec<u32> = p.v["greedy_ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap() as u32)
+            .collect();
+        let margins: Vec<f64> = p.v["greedy_top1_minus_top2_logit"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap())
+            .collect();
         for use_kv_cache in [false, true] {
-            let opts = GenerateOptions { max_new_tokens: 16, use_kv_cache, ..Default::default() };
+            let opts = GenerateOptions {
+                max_new_tokens: 16,
+                use_kv_cache,
+                ..Default::default()
+            };
             let g = generate(&m, &[p.ids.clone()], &opts, &mut Hooks::new()).unwrap();
             let got = &g[0].generated_ids;
             if got != &want {
@@ -138,7 +216,10 @@ fn greedy(name: &str) {
                     "{name} p{i:02} (kv={use_kv_cache}) greedy step {k}: {} vs golden {} with golden margin {}",
                     got[k], want[k], margins[k]
                 );
-                eprintln!("{name} p{i:02}: near-tie at step {k} (margin {:.2e}) broken differently", margins[k]);
+                eprintln!(
+                    "{name} p{i:02}: near-tie at step {k} (margin {:.2e}) broken differently",
+                    margins[k]
+                );
             }
         }
     }
@@ -155,7 +236,16 @@ fn attention_pattern(name: &str) {
     let got = hooks.cache.get(&h).unwrap().get(0).unwrap(); // [head, q, k]
     let gold = npy(&golden_dir(name).join("attn_layer0_p00.npy"));
     assert_eq!(got.dims(), gold.dims());
-    let diff = (got - gold).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+    let diff = (got - gold)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
     assert!(diff < 1e-5, "{name} layer-0 attention max abs diff {diff}");
 }
 
@@ -163,7 +253,9 @@ fn batched_equals_single(name: &str) {
     let m = model(name);
     let ps = prompts(name);
     // 16 prompts of different lengths, left padded in one batch.
-    let seqs: Vec<Vec<u32>> = (0..16).map(|i| ps[i % ps.len()].ids[..ps[i % ps.len()].ids.len() - (i / ps.len())].to_vec()).collect();
+    let seqs: Vec<Vec<u32>> = (0..16)
+        .map(|i| ps[i % ps.len()].ids[..ps[i % ps.len()].ids.len() - (i / ps.len())].to_vec())
+        .collect();
     let n = m.config().n_layers;
     let hooks_for = || {
         let mut h = Hooks::new();
@@ -174,22 +266,51 @@ fn batched_equals_single(name: &str) {
     };
     let batch = Batch::left_padded(&seqs, m.pad_id(), m.device()).unwrap();
     let mut hb = hooks_for();
-    let lb = m.forward(&batch, None, &mut hb, LogitsAt::Last).unwrap().unwrap();
+    let lb = m
+        .forward(&batch, None, &mut hb, LogitsAt::Last)
+        .unwrap()
+        .unwrap();
     let mut worst = 0f64;
     for (r, s) in seqs.iter().enumerate() {
         let single = Batch::left_padded(std::slice::from_ref(s), m.pad_id(), m.device()).unwrap();
         let mut hs = hooks_for();
-        let ls = m.forward(&single, None, &mut hs, LogitsAt::Last).unwrap().unwrap();
-        let e = rel_l2(&lb.get(r).unwrap().to_vec1().unwrap(), &ls.get(0).unwrap().to_vec1().unwrap());
+        let ls = m
+            .forward(&single, None, &mut hs, LogitsAt::Last)
+            .unwrap()
+            .unwrap();
+        let e = rel_l2(
+            &lb.get(r).unwrap().to_vec1().unwrap(),
+            &ls.get(0).unwrap().to_vec1().unwrap(),
+        );
         worst = worst.max(e);
-        assert!(e < 1e-5, "{name} row {r}: batched logits relative error {e:.2e}");
+        assert!(
+            e < 1e-5,
+            "{name} row {r}: batched logits relative error {e:.2e}"
+        );
         for l in [0, n / 2, n - 1] {
             let h = HookName::block(l, HookPoint::ResidPost);
-            let a = hb.cache.row(&h, r).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
-            let b = hs.cache.row(&h, 0).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let a = hb
+                .cache
+                .row(&h, r)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            let b = hs
+                .cache
+                .row(&h, 0)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
             let e = rel_l2(&a, &b);
             worst = worst.max(e);
-            assert!(e < 1e-5, "{name} row {r} layer {l}: batched residual relative error {e:.2e}");
+            assert!(
+                e < 1e-5,
+                "{name} row {r} layer {l}: batched residual relative error {e:.2e}"
+            );
         }
     }
     eprintln!("{name}: batched vs single worst relative error {worst:.2e}");
@@ -200,12 +321,19 @@ fn kv_cache_generation(name: &str) {
     let ps = prompts(name);
     let seqs: Vec<Vec<u32>> = ps.iter().take(6).map(|p| p.ids.clone()).collect();
     let run = |kv: bool| {
-        let opts = GenerateOptions { max_new_tokens: 12, use_kv_cache: kv, ..Default::default() };
+        let opts = GenerateOptions {
+            max_new_tokens: 12,
+            use_kv_cache: kv,
+            ..Default::default()
+        };
         generate(&m, &seqs, &opts, &mut Hooks::new()).unwrap()
     };
     let (a, b) = (run(true), run(false));
     for (x, y) in a.iter().zip(&b) {
-        assert_eq!(x.generated_ids, y.generated_ids, "{name}: batched KV-cache generation differs from full recompute");
+        assert_eq!(
+            x.generated_ids, y.generated_ids,
+            "{name}: batched KV-cache generation differs from full recompute"
+        );
     }
 }
 
@@ -217,7 +345,11 @@ fn quantized_agrees(name: &str) {
         let (rows_f, lf) = residual_rows(&m, &p.ids);
         let (rows_q, lq) = residual_rows(&q, &p.ids);
         let top = |t: &Tensor| t.argmax(0).unwrap().to_scalar::<u32>().unwrap();
-        assert_eq!(top(&lf), top(&lq), "{name} p{i:02}: quantized top-1 differs from f32");
+        assert_eq!(
+            top(&lf),
+            top(&lq),
+            "{name} p{i:02}: quantized top-1 differs from f32"
+        );
         let c = cosine(&rows_f[n], &rows_q[n]);
         assert!(c >= 0.99, "{name} p{i:02}: last-layer cosine {c}");
     }
@@ -237,4 +369,12 @@ macro_rules! per_model {
     };
 }
 
-per_model!(tokenization, residuals_and_logits, greedy, attention_pattern, batched_equals_single, kv_cache_generation, quantized_agrees);
+per_model!(
+    tokenization,
+    residuals_and_logits,
+    greedy,
+    attention_pattern,
+    batched_equals_single,
+    kv_cache_generation,
+    quantized_agrees
+);

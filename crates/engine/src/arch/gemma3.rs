@@ -23,14 +23,21 @@ pub fn config_from_gguf(m: &GgufMeta) -> Result<ModelConfig> {
     let n_heads = m.usize(&format!("{a}.attention.head_count"))?;
     let n_kv_heads = m.usize_or(&format!("{a}.attention.head_count_kv"), n_heads)?;
     let head_dim = m.usize_or(&format!("{a}.attention.key_length"), d_model / n_heads)?;
-    let pattern = m.usize_or(&format!("{a}.attention.sliding_window_pattern"), GGUF_DEFAULT_SLIDING_PATTERN)?;
+    let pattern = m.usize_or(
+        &format!("{a}.attention.sliding_window_pattern"),
+        GGUF_DEFAULT_SLIDING_PATTERN,
+    )?;
     let sliding_window = m.usize(&format!("{a}.attention.sliding_window"))?;
     let rope_scaling = match m.f64_or(&format!("{a}.rope.scaling.factor"), 1.0)? {
         f if f != 1.0 => Some(crate::config::RopeScaling::Linear { factor: f }),
         _ => None,
     };
     // llama.cpp: the 27B model scales queries by (d_model / n_heads), every other size by head_dim.
-    let default_scalar = if n_layers == 62 { (d_model / n_heads) as f64 } else { head_dim as f64 };
+    let default_scalar = if n_layers == 62 {
+        (d_model / n_heads) as f64
+    } else {
+        head_dim as f64
+    };
     Ok(ModelConfig {
         arch: Architecture::Gemma3,
         n_layers,
@@ -47,25 +54,44 @@ pub fn config_from_gguf(m: &GgufMeta) -> Result<ModelConfig> {
         rope_scaling,
         sliding_window: Some(sliding_window),
         layer_is_sliding: (0..n_layers).map(|i| (i + 1) % pattern != 0).collect(),
-        query_pre_attn_scalar: m.f64_or(&format!("{a}.attention.query_pre_attn_scalar"), default_scalar)?,
-        attn_logit_softcap: m.f64_or(&format!("{a}.attn_logit_softcapping"), 0.0).map(|x| (x > 0.0).then_some(x))?,
-        final_logit_softcap: m.f64_or(&format!("{a}.final_logit_softcapping"), 0.0).map(|x| (x > 0.0).then_some(x))?,
+        query_pre_attn_scalar: m.f64_or(
+            &format!("{a}.attention.query_pre_attn_scalar"),
+            default_scalar,
+        )?,
+        attn_logit_softcap: m
+            .f64_or(&format!("{a}.attn_logit_softcapping"), 0.0)
+            .map(|x| (x > 0.0).then_some(x))?,
+        final_logit_softcap: m
+            .f64_or(&format!("{a}.final_logit_softcapping"), 0.0)
+            .map(|x| (x > 0.0).then_some(x))?,
         tie_word_embeddings: true,
     })
 }
 
 pub fn config_from_hf(root: &serde_json::Value, file: &str) -> Result<ModelConfig> {
     // Gemma3ForConditionalGeneration nests the text model's config.
-    let v = root.get("text_config").filter(|x| x.is_object()).unwrap_or(root);
-    let j = HfJson { v, file: file.into() };
+    let v = root
+        .get("text_config")
+        .filter(|x| x.is_object())
+        .unwrap_or(root);
+    let j = HfJson {
+        v,
+        file: file.into(),
+    };
     let n_layers = j.usize("num_hidden_layers")?;
     let d_model = j.usize("hidden_size")?;
     let n_heads = j.usize("num_attention_heads")?;
     let head_dim = j.usize_or("head_dim", d_model / n_heads)?;
     let layer_is_sliding: Vec<bool> = match j.opt("layer_types").and_then(|x| x.as_array()) {
-        Some(types) => types.iter().map(|t| t.as_str() == Some("sliding_attention")).collect(),
+        Some(types) => types
+            .iter()
+            .map(|t| t.as_str() == Some("sliding_attention"))
+            .collect(),
         None => {
-            let p = j.usize_or("sliding_window_pattern", j.usize_or("_sliding_window_pattern", GGUF_DEFAULT_SLIDING_PATTERN)?)?;
+            let p = j.usize_or(
+                "sliding_window_pattern",
+                j.usize_or("_sliding_window_pattern", GGUF_DEFAULT_SLIDING_PATTERN)?,
+            )?;
             (0..n_layers).map(|i| (i + 1) % p != 0).collect()
         }
     };
@@ -77,7 +103,11 @@ pub fn config_from_hf(root: &serde_json::Value, file: &str) -> Result<ModelConfi
         });
     }
     let (rope_theta, rope_scaling) = j.rope("full_attention", "rope_theta", 1_000_000.0)?;
-    let (rope_local_theta, _) = j.rope("sliding_attention", "rope_local_base_freq", DEFAULT_LOCAL_ROPE_BASE)?;
+    let (rope_local_theta, _) = j.rope(
+        "sliding_attention",
+        "rope_local_base_freq",
+        DEFAULT_LOCAL_ROPE_BASE,
+    )?;
     Ok(ModelConfig {
         arch: Architecture::Gemma3,
         n_layers,
@@ -110,10 +140,7 @@ fn norm(w: &Weights, hf: &str, gguf: &str) -> Result<Tensor> {
 
 pub fn load(mut cfg: ModelConfig, w: &Weights) -> Result<Decoder> {
     let embed = w.embedding("model.embed_tokens.weight", "token_embd.weight")?;
-    cfg.vocab_size = match &embed {
-        crate::weights::Embedding::Dense(t) => t.dim(0)?,
-        crate::weights::Embedding::Quantized(q) => q.shape().dims()[0],
-    };
+    cfg.vocab_size = embed.vocab_size()?;
     let mut blocks = Vec::with_capacity(cfg.n_layers);
     for i in 0..cfg.n_layers {
         let hf = |s: &str| format!("model.layers.{i}.{s}");
@@ -124,19 +151,43 @@ pub fn load(mut cfg: ModelConfig, w: &Weights) -> Result<Decoder> {
                 q: w.linear(&hf("self_attn.q_proj.weight"), &gg("attn_q.weight"), None)?,
                 k: w.linear(&hf("self_attn.k_proj.weight"), &gg("attn_k.weight"), None)?,
                 v: w.linear(&hf("self_attn.v_proj.weight"), &gg("attn_v.weight"), None)?,
-                o: w.linear(&hf("self_attn.o_proj.weight"), &gg("attn_output.weight"), None)?,
-                q_norm: Some(norm(w, &hf("self_attn.q_norm.weight"), &gg("attn_q_norm.weight"))?),
-                k_norm: Some(norm(w, &hf("self_attn.k_norm.weight"), &gg("attn_k_norm.weight"))?),
+                o: w.linear(
+                    &hf("self_attn.o_proj.weight"),
+                    &gg("attn_output.weight"),
+                    None,
+                )?,
+                q_norm: Some(norm(
+                    w,
+                    &hf("self_attn.q_norm.weight"),
+                    &gg("attn_q_norm.weight"),
+                )?),
+                k_norm: Some(norm(
+                    w,
+                    &hf("self_attn.k_norm.weight"),
+                    &gg("attn_k_norm.weight"),
+                )?),
             },
-            post_attn_norm: Some(norm(w, &hf("post_attention_layernorm.weight"), &gg("post_attention_norm.weight"))?),
-            mlp_norm: norm(w, &hf("pre_feedforward_layernorm.weight"), &gg("ffn_norm.weight"))?,
+            post_attn_norm: Some(norm(
+                w,
+                &hf("post_attention_layernorm.weight"),
+                &gg("post_attention_norm.weight"),
+            )?),
+            mlp_norm: norm(
+                w,
+                &hf("pre_feedforward_layernorm.weight"),
+                &gg("ffn_norm.weight"),
+            )?,
             mlp: GatedMlp {
                 gate: w.linear(&hf("mlp.gate_proj.weight"), &gg("ffn_gate.weight"), None)?,
                 up: w.linear(&hf("mlp.up_proj.weight"), &gg("ffn_up.weight"), None)?,
                 down: w.linear(&hf("mlp.down_proj.weight"), &gg("ffn_down.weight"), None)?,
                 act: Activation::GeluTanh,
             },
-            post_mlp_norm: Some(norm(w, &hf("post_feedforward_layernorm.weight"), &gg("post_ffw_norm.weight"))?),
+            post_mlp_norm: Some(norm(
+                w,
+                &hf("post_feedforward_layernorm.weight"),
+                &gg("post_ffw_norm.weight"),
+            )?),
             sliding: cfg.layer_is_sliding[i],
         });
     }

@@ -8,7 +8,7 @@ use crate::config::{Architecture, GgufMeta, HfJson, ModelConfig, RopeScaling};
 use crate::decoder::{Block, Decoder};
 use crate::error::Result;
 use crate::layers::{Activation, AttnWeights, GatedMlp, Rope};
-use crate::weights::{Embedding, Weights};
+use crate::weights::Weights;
 
 pub fn config_from_gguf(m: &GgufMeta) -> Result<ModelConfig> {
     let a = "llama";
@@ -45,7 +45,10 @@ pub fn config_from_gguf(m: &GgufMeta) -> Result<ModelConfig> {
 }
 
 pub fn config_from_hf(v: &serde_json::Value, file: &str) -> Result<ModelConfig> {
-    let j = HfJson { v, file: file.into() };
+    let j = HfJson {
+        v,
+        file: file.into(),
+    };
     let n_layers = j.usize("num_hidden_layers")?;
     let d_model = j.usize("hidden_size")?;
     let n_heads = j.usize("num_attention_heads")?;
@@ -92,10 +95,7 @@ pub fn unpermute_rows(n_head: usize, head_dim: usize) -> Vec<usize> {
 
 pub fn load(mut cfg: ModelConfig, w: &Weights) -> Result<Decoder> {
     let embed = w.embedding("model.embed_tokens.weight", "token_embd.weight")?;
-    cfg.vocab_size = match &embed {
-        Embedding::Dense(t) => t.dim(0)?,
-        Embedding::Quantized(q) => q.shape().dims()[0],
-    };
+    cfg.vocab_size = embed.vocab_size()?;
     let gguf = w.is_gguf();
     let q_perm = gguf.then(|| unpermute_rows(cfg.n_heads, cfg.head_dim));
     let k_perm = gguf.then(|| unpermute_rows(cfg.n_kv_heads, cfg.head_dim));
@@ -106,15 +106,30 @@ pub fn load(mut cfg: ModelConfig, w: &Weights) -> Result<Decoder> {
         blocks.push(Block {
             attn_norm: w.vector(&hf("input_layernorm.weight"), &gg("attn_norm.weight"))?,
             attn: AttnWeights {
-                q: w.linear(&hf("self_attn.q_proj.weight"), &gg("attn_q.weight"), q_perm.as_deref())?,
-                k: w.linear(&hf("self_attn.k_proj.weight"), &gg("attn_k.weight"), k_perm.as_deref())?,
+                q: w.linear(
+                    &hf("self_attn.q_proj.weight"),
+                    &gg("attn_q.weight"),
+                    q_perm.as_deref(),
+                )?,
+                k: w.linear(
+                    &hf("self_attn.k_proj.weight"),
+                    &gg("attn_k.weight"),
+                    k_perm.as_deref(),
+                )?,
                 v: w.linear(&hf("self_attn.v_proj.weight"), &gg("attn_v.weight"), None)?,
-                o: w.linear(&hf("self_attn.o_proj.weight"), &gg("attn_output.weight"), None)?,
+                o: w.linear(
+                    &hf("self_attn.o_proj.weight"),
+                    &gg("attn_output.weight"),
+                    None,
+                )?,
                 q_norm: None,
                 k_norm: None,
             },
             post_attn_norm: None,
-            mlp_norm: w.vector(&hf("post_attention_layernorm.weight"), &gg("ffn_norm.weight"))?,
+            mlp_norm: w.vector(
+                &hf("post_attention_layernorm.weight"),
+                &gg("ffn_norm.weight"),
+            )?,
             mlp: GatedMlp {
                 gate: w.linear(&hf("mlp.gate_proj.weight"), &gg("ffn_gate.weight"), None)?,
                 up: w.linear(&hf("mlp.up_proj.weight"), &gg("ffn_up.weight"), None)?,
@@ -126,7 +141,11 @@ pub fn load(mut cfg: ModelConfig, w: &Weights) -> Result<Decoder> {
         });
     }
     let final_norm = w.vector("model.norm.weight", "output_norm.weight")?;
-    let untied = if gguf { w.has("", "output.weight") } else { !cfg.tie_word_embeddings && w.has("lm_head.weight", "") };
+    let untied = if gguf {
+        w.has("", "output.weight")
+    } else {
+        !cfg.tie_word_embeddings && w.has("lm_head.weight", "")
+    };
     cfg.tie_word_embeddings = !untied;
     let lm_head = if untied {
         w.linear("lm_head.weight", "output.weight", None)?

@@ -6,7 +6,10 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, OnceLock};
 
 pub fn repo_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().unwrap()
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .unwrap()
 }
 
 pub fn fixtures() -> PathBuf {
@@ -25,11 +28,17 @@ pub fn models_dir() -> PathBuf {
 }
 
 pub fn read_json(p: &std::path::Path) -> serde_json::Value {
-    serde_json::from_str(&std::fs::read_to_string(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))).unwrap()
+    serde_json::from_str(
+        &std::fs::read_to_string(p).unwrap_or_else(|e| panic!("{}: {e}", p.display())),
+    )
+    .unwrap()
 }
 
 fn load(name: &str, precision: Precision) -> Arc<Model> {
-    let opts = LoadOptions { precision, ..Default::default() };
+    let opts = LoadOptions {
+        precision,
+        ..Default::default()
+    };
     match Model::load(name, &models_dir(), &opts) {
         Ok(m) => Arc::new(m),
         Err(e) => panic!("cannot load real model {name}: {e}\n(run `make models` first; tests need the real weights)"),
@@ -58,7 +67,11 @@ pub fn model_with(name: &str, quantized: bool) -> Arc<Model> {
     let m = slot.get_or_init(|| Mutex::new(None));
     let mut g = m.lock().unwrap_or_else(|p| p.into_inner());
     if g.is_none() {
-        let p = if quantized { Precision::Quantized } else { Precision::Dense(candle_core::DType::F32) };
+        let p = if quantized {
+            Precision::Quantized(persona_lens_engine::QuantKernel::Exact)
+        } else {
+            Precision::Dense(candle_core::DType::F32)
+        };
         *g = Some(load(name, p));
     }
     g.as_ref().unwrap().clone()
@@ -66,7 +79,11 @@ pub fn model_with(name: &str, quantized: bool) -> Arc<Model> {
 
 pub fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
     assert_eq!(a.len(), b.len());
-    let num: f64 = a.iter().zip(b).map(|(x, y)| ((*x as f64) - (*y as f64)).powi(2)).sum();
+    let num: f64 = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| ((*x as f64) - (*y as f64)).powi(2))
+        .sum();
     let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
     (num / den.max(1e-30)).sqrt()
 }

@@ -1,0 +1,381 @@
+//! The engine's primitives: tokenize, generate, cache, inspect.
+
+use crate::{DtypeArg, ModelArgs, QuantArg};
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Tensor};
+use clap::Args;
+use persona_lens_engine::{
+    generate as gen, io, models_dir, resolve_hooks, Batch, GenerateOptions, HookName, Hooks,
+    LoadOptions, LogitsAt, Model, Precision, QuantKernel, Sampling,
+};
+use serde_json::json;
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::time::Instant;
+
+pub fn load_model(a: &ModelArgs) -> Result<Model> {
+    if let Some(t) = a.threads {
+        // candle's CPU kernels read this once, on first use.
+        std::env::set_var("RAYON_NUM_THREADS", t.to_string());
+    }
+    let precision = match (a.quantized, a.dtype) {
+        (Some(QuantArg::Exact), _) => Precision::Quantized(QuantKernel::Exact),
+        (Some(QuantArg::Native), _) => Precision::Quantized(QuantKernel::Native),
+        (None, DtypeArg::F32) => Precision::Dense(DType::F32),
+        (None, DtypeArg::Bf16) => Precision::Dense(DType::BF16),
+        (None, DtypeArg::F16) => Precision::Dense(DType::F16),
+    };
+    let opts = LoadOptions {
+        precision,
+        ..Default::default()
+    };
+    Ok(Model::load(
+        &a.model,
+        &models_dir(a.models_dir.as_deref()),
+        &opts,
+    )?)
+}
+
+#[derive(Args)]
+pub struct TokenizeArgs {
+    #[command(flatten)]
+    pub m: ModelArgs,
+    /// Do not add BOS (special tokens written in the text are still parsed as special ids).
+    #[arg(long)]
+    pub no_special: bool,
+    /// Render the model's chat template around the text (one user turn + generation prompt).
+    #[arg(long)]
+    pub chat: bool,
+    pub text: String,
+}
+
+pub fn tokenize(a: TokenizeArgs) -> Result<()> {
+    let m = load_model(&a.m)?;
+    let ids = if a.chat {
+        m.encode_prompt(&a.text, true)?
+    } else {
+        m.tokenizer.encode(&a.text, !a.no_special)?
+    };
+    let tokens: Vec<String> = ids.iter().map(|&i| m.tokenizer.id_to_token(i)).collect();
+    if a.m.json {
+        println!("{}", json!({"ids": ids, "tokens": tokens}));
+    } else {
+        for (p, (i, t)) in ids.iter().zip(&tokens).enumerate() {
+            println!("{p:>5}  {i:>7}  {t:?}");
+        }
+    }
+    Ok(())
+}
+
+#[derive(Args)]
+pub struct GenerateArgs {
+    #[command(flatten)]
+    pub m: ModelArgs,
+    #[arg(long)]
+    pub prompt: String,
+    /// Wrap the prompt in the model's chat template.
+    #[arg(long)]
+    pub chat: bool,
+    #[arg(long, default_value_t = 32)]
+    pub max_new_tokens: usize,
+    /// Greedy decoding (the default unless --temperature is given).
+    #[arg(long)]
+    pub greedy: bool,
+    #[arg(long)]
+    pub temperature: Option<f64>,
+    #[arg(long)]
+    pub top_k: Option<usize>,
+    #[arg(long)]
+    pub top_p: Option<f64>,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Do not stop at the model's end-of-sequence tokens.
+    #[arg(long)]
+    pub no_stop: bool,
+    /// Recompute the whole sequence at every step instead of using the KV cache.
+    #[arg(long)]
+    pub no_kv_cache: bool,
+}
+
+pub fn generate(a: GenerateArgs) -> Result<()> {
+    let m = load_model(&a.m)?;
+    let ids = m.encode_prompt(&a.prompt, a.chat)?;
+    let sampling = match (a.greedy, a.temperature) {
+        (false, Some(t)) => Sampling::Sample {
+            temperature: t,
+            top_k: a.top_k,
+            top_p: a.top_p,
+            seed: a.seed,
+        },
+        _ => Sampling::Greedy,
+    };
+    let opts = GenerateOptions {
+        max_new_tokens: a.max_new_tokens,
+        sampling,
+        stop_tokens: if a.no_stop {
+            vec![]
+        } else {
+            m.tokenizer.eos_ids.clone()
+        },
+        use_kv_cache: !a.no_kv_cache,
+    };
+    let t0 = Instant::now();
+    let g = gen(&m, &[ids.clone()], &opts, &mut Hooks::new())?;
+    let g = &g[0];
+    let text = m.tokenizer.decode(&g.generated_ids, false)?;
+    if a.m.json {
+        println!(
+            "{}",
+            json!({"prompt_ids": ids, "generated_ids": g.generated_ids, "text": text})
+        );
+    } else {
+        println!("{text}");
+        eprintln!(
+            "[{} prompt + {} generated tokens in {:.2} s, model {}]",
+            ids.len(),
+            g.generated_ids.len(),
+            t0.elapsed().as_secs_f64(),
+            m.info.name
+        );
+    }
+    Ok(())
+}
+
+#[derive(Args)]
+pub struct CacheArgs {
+    #[command(flatten)]
+    pub m: ModelArgs,
+    /// A prompt (repeat for a batch).
+    #[arg(long, required = true)]
+    pub prompt: Vec<String>,
+    #[arg(long)]
+    pub chat: bool,
+    /// Hook names or globs, comma separated (e.g. 'blocks.*.hook_resid_post,hook_embed').
+    #[arg(long)]
+    pub hooks: String,
+    /// Output .safetensors file.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Save logits at every position ([batch, pos, vocab]) instead of the last real one.
+    #[arg(long)]
+    pub all_logits: bool,
+    /// Prompts per forward call.
+    #[arg(long, default_value_t = 16)]
+    pub batch_size: usize,
+}
+
+pub fn cache(a: CacheArgs) -> Result<()> {
+    if a.out.extension().is_none_or(|e| e != "safetensors") {
+        bail!(
+            "--out must name a .safetensors file, got {}",
+            a.out.display()
+        );
+    }
+    let m = load_model(&a.m)?;
+    let n_layers = m.config().n_layers;
+    let names: Vec<HookName> = resolve_hooks(&a.hooks, n_layers)?;
+    let seqs: Vec<Vec<u32>> = a
+        .prompt
+        .iter()
+        .map(|p| m.encode_prompt(p, a.chat))
+        .collect::<persona_lens_engine::Result<_>>()?;
+    let lens: Vec<usize> = seqs.iter().map(Vec::len).collect();
+    let max_len = *lens.iter().max().unwrap_or(&0);
+    let mut per_hook: HashMap<HookName, Vec<Tensor>> = HashMap::new();
+    let mut logits_parts = vec![];
+    let pb = progress(seqs.len() as u64, a.m.json, "prompts");
+    for chunk in seqs.chunks(a.batch_size.max(1)) {
+        let batch = Batch::left_padded(chunk, m.pad_id(), m.device())?;
+        let mut hooks = Hooks::new();
+        hooks.capture_all(&names);
+        let which = if a.all_logits {
+            LogitsAt::All
+        } else {
+            LogitsAt::Last
+        };
+        let logits = m
+            .forward(&batch, None, &mut hooks, which)?
+            .context("no logits")?;
+        for h in &names {
+            // Position-aligned and padded to the longest prompt of the whole run.
+            let t = hooks.cache.aligned(h)?;
+            let axis = h.point.pos_axis();
+            let mut t = t.pad_with_zeros(axis, 0, max_len - t.dim(axis)?)?;
+            if matches!(
+                h.point,
+                persona_lens_engine::HookPoint::AttnScores
+                    | persona_lens_engine::HookPoint::AttnPattern
+            ) {
+                t = t.pad_with_zeros(3, 0, max_len - t.dim(3)?)?;
+            }
+            per_hook.entry(*h).or_default().push(t);
+        }
+        if a.all_logits {
+            let rows: Vec<Tensor> = (0..chunk.len())
+                .map(|r| {
+                    let l = logits.get(r)?;
+                    let l = l.narrow(0, batch.pad[r], chunk[r].len())?;
+                    l.pad_with_zeros(0, 0, max_len - chunk[r].len())
+                })
+                .collect::<candle_core::Result<_>>()?;
+            logits_parts.push(Tensor::stack(&rows, 0)?);
+        } else {
+            logits_parts.push(logits);
+        }
+        pb.inc(chunk.len() as u64);
+    }
+    pb.finish_and_clear();
+    let mut tensors: Vec<(String, Tensor)> = vec![];
+    for h in &names {
+        tensors.push((
+            h.to_string(),
+            Tensor::cat(&per_hook[h], 0)?
+                .to_dtype(DType::F32)?
+                .contiguous()?,
+        ));
+    }
+    tensors.push((
+        "logits".into(),
+        Tensor::cat(&logits_parts, 0)?.contiguous()?,
+    ));
+    let mut meta = HashMap::new();
+    meta.insert("model".into(), m.info.name.clone());
+    meta.insert("model_path".into(), m.info.path.clone());
+    meta.insert("precision".into(), m.info.precision.clone());
+    meta.insert("prompt_lengths".into(), serde_json::to_string(&lens)?);
+    meta.insert("prompt_ids".into(), serde_json::to_string(&seqs)?);
+    meta.insert(
+        "layout".into(),
+        "[batch, pos, ...]: index p is prompt position p (BOS included), right padded with zeros past each prompt_lengths[b]; logits: last real position [batch, vocab] (or [batch, pos, vocab] with --all-logits)".into(),
+    );
+    meta.insert(
+        "persona_lens_version".into(),
+        env!("CARGO_PKG_VERSION").into(),
+    );
+    io::save_safetensors(&tensors, meta, &a.out)?;
+    if a.m.json {
+        let shapes: serde_json::Map<String, serde_json::Value> = tensors
+            .iter()
+            .map(|(n, t)| (n.clone(), json!(t.dims())))
+            .collect();
+        println!(
+            "{}",
+            json!({"out": a.out, "tensors": shapes, "prompt_lengths": lens})
+        );
+    } else {
+        for (n, t) in &tensors {
+            println!("{n:<40} {:?}", t.dims());
+        }
+        println!("wrote {} tensors to {}", tensors.len(), a.out.display());
+    }
+    Ok(())
+}
+
+#[derive(Args)]
+pub struct InspectArgs {
+    #[command(flatten)]
+    pub m: ModelArgs,
+}
+
+fn peak_rss_kib() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    s.lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+}
+
+pub fn inspect(a: InspectArgs) -> Result<()> {
+    let t0 = Instant::now();
+    let m = load_model(&a.m)?;
+    let load_s = t0.elapsed().as_secs_f64();
+    let c = m.config();
+    let tk = &m.tokenizer;
+    let v = json!({
+        "model": m.info.name,
+        "path": m.info.path,
+        "format": m.info.format,
+        "general_name": m.info.general_name,
+        "architecture": c.arch.name(),
+        "config": c,
+        "precision": m.info.precision,
+        "weight_memory_bytes": m.info.weight_bytes,
+        "tensor_types": m.info.tensor_types,
+        "load_seconds": load_s,
+        "peak_rss_bytes": peak_rss_kib().map(|k| k * 1024),
+        "tokenizer": {
+            "kind": tk.kind,
+            "vocab_size": tk.vocab_size(),
+            "bos": tk.bos_token, "bos_id": tk.bos_id, "adds_bos": tk.add_bos,
+            "eos": tk.eos_token, "eos_ids": tk.eos_ids, "pad_id": tk.pad_id,
+            "has_chat_template": tk.chat_template.is_some(),
+        },
+        "hooks_per_block": persona_lens_engine::HookPoint::BLOCK.iter().map(|p| p.suffix()).collect::<Vec<_>>(),
+        "global_hooks": ["hook_embed", "ln_final.hook_normalized"],
+    });
+    if a.m.json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        println!("model        {} ({})", m.info.name, m.info.path);
+        println!("architecture {} [{}]", c.arch.name(), m.info.format);
+        println!(
+            "sizes        {} layers, d_model {}, {} heads ({} kv), d_head {}, d_mlp {}, vocab {}, context {}",
+            c.n_layers, c.d_model, c.n_heads, c.n_kv_heads, c.head_dim, c.d_mlp, c.vocab_size, c.max_position
+        );
+        if let Some(w) = c.sliding_window {
+            let n_sliding = c.layer_is_sliding.iter().filter(|s| **s).count();
+            println!("attention    {n_sliding} sliding-window layers (window {w}, rope base {}) + {} global (rope base {})", c.rope_local_theta, c.n_layers - n_sliding, c.rope_theta);
+        } else {
+            println!("attention    all global, rope base {}", c.rope_theta);
+        }
+        println!("precision    {}", m.info.precision);
+        println!(
+            "weights      {:.1} MiB in memory",
+            m.info.weight_bytes as f64 / 1048576.0
+        );
+        let mut types: Vec<_> = m.info.tensor_types.iter().collect();
+        types.sort();
+        println!(
+            "tensor types {}",
+            types
+                .iter()
+                .map(|(k, v)| format!("{k}: {v}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        println!(
+            "tokenizer    {} vocab {}, BOS {:?} (added: {}), EOS {:?}, chat template: {}",
+            tk.kind,
+            tk.vocab_size(),
+            tk.bos_token,
+            tk.add_bos,
+            tk.eos_token,
+            if tk.chat_template.is_some() {
+                "yes"
+            } else {
+                "no"
+            }
+        );
+        if let Some(k) = peak_rss_kib() {
+            println!(
+                "peak RSS     {:.1} MiB after loading ({load_s:.2} s)",
+                k as f64 / 1024.0
+            );
+        }
+    }
+    Ok(())
+}
+
+pub fn progress(n: u64, quiet: bool, what: &str) -> indicatif::ProgressBar {
+    if quiet || n < 2 {
+        return indicatif::ProgressBar::hidden();
+    }
+    let pb = indicatif::ProgressBar::new(n);
+    pb.set_style(
+        indicatif::ProgressStyle::with_template(&format!(
+            "{{bar:40}} {{pos}}/{{len}} {what} [{{elapsed}} < {{eta}}]"
+        ))
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    pb
+}
