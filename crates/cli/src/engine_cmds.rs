@@ -120,7 +120,7 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
         use_kv_cache: !a.no_kv_cache,
     };
     let t0 = Instant::now();
-    let g = gen(&m, &[ids.clone()], &opts, &mut Hooks::new())?;
+    let g = gen(&m, std::slice::from_ref(&ids), &opts, &mut Hooks::new())?;
     let g = &g[0];
     let text = m.tokenizer.decode(&g.generated_ids, false)?;
     if a.m.json {

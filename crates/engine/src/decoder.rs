@@ -125,7 +125,7 @@ impl Decoder {
             x = (x + m)?;
             x = fire(hooks, hn(HookPoint::ResidPost), x, &mut ctx)?;
         }
-        if let Some(c) = kv.as_deref_mut() {
+        if let Some(c) = kv {
             c.len += t;
         }
         let normed = rms_norm(&x, &self.final_norm, cfg.rms_norm_eps)?;

@@ -4,7 +4,7 @@
 
 mod common;
 
-use candle_core::{DType, Tensor, D};
+use candle_core::{Tensor, D};
 use common::*;
 use persona_lens_engine::{
     generate, Batch, GenerateOptions, HookName, HookPoint, Hooks, LogitsAt, Model,
@@ -206,7 +206,7 @@ fn greedy(name: &str) {
                 use_kv_cache,
                 ..Default::default()
             };
-            let g = generate(&m, &[p.ids.clone()], &opts, &mut Hooks::new()).unwrap();
+            let g = generate(&m, std::slice::from_ref(&p.ids), &opts, &mut Hooks::new()).unwrap();
             let got = &g[0].generated_ids;
             if got != &want {
                 // Only a documented near-tie may diverge, and only from that step on.
@@ -228,7 +228,7 @@ fn greedy(name: &str) {
 fn attention_pattern(name: &str) {
     let m = model(name);
     let p = &prompts(name)[0];
-    let batch = Batch::left_padded(&[p.ids.clone()], m.pad_id(), m.device()).unwrap();
+    let batch = Batch::left_padded(std::slice::from_ref(&p.ids), m.pad_id(), m.device()).unwrap();
     let mut hooks = Hooks::new();
     let h = HookName::block(0, HookPoint::AttnPattern);
     hooks.capture(h);
@@ -359,7 +359,6 @@ fn quantized_agrees(name: &str) {
         q.info.weight_bytes as f64 / 1048576.0
     );
     assert!(q.info.weight_bytes * 3 < m.info.weight_bytes);
-    let _ = DType::F32;
 }
 
 macro_rules! per_model {

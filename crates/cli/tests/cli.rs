@@ -1,0 +1,320 @@
+//! The `persona-lens` binary: JSON interfaces on the real models and one-line errors on bad input.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .unwrap()
+}
+
+fn models() -> PathBuf {
+    match std::env::var_os("PERSONA_LENS_MODELS") {
+        Some(p) if !p.is_empty() => PathBuf::from(p),
+        _ => root().join("models"),
+    }
+}
+
+fn run(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_persona-lens"))
+        .args(args)
+        .env("PERSONA_LENS_MODELS", models())
+        .env("RUST_BACKTRACE", "1")
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).to_string(),
+        String::from_utf8_lossy(&out.stderr).to_string(),
+    )
+}
+
+fn json(s: &str) -> serde_json::Value {
+    serde_json::from_str(s).unwrap_or_else(|e| panic!("not JSON ({e}): {s}"))
+}
+
+/// A bad input: non-zero exit, exactly one line on stderr that names the problem, no panic.
+fn assert_one_line_error(args: &[&str], needle: &str) {
+    let (code, _, err) = run(args);
+    assert_ne!(code, 0, "{args:?} should fail");
+    assert!(!err.contains("panicked"), "{args:?} panicked: {err}");
+    let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(
+        lines.len(),
+        1,
+        "{args:?}: expected one error line, got: {err}"
+    );
+    assert!(lines[0].starts_with("error: "), "{}", lines[0]);
+    assert!(
+        lines[0].contains(needle),
+        "{args:?}: error should mention {needle:?}: {}",
+        lines[0]
+    );
+}
+
+#[test]
+fn tokenize_json_matches_golden_ids() {
+    let golden = json(
+        &std::fs::read_to_string(root().join("tests/fixtures/golden/gemma-3-270m/prompts.json"))
+            .unwrap(),
+    );
+    let p = &golden["prompts"][7];
+    let (code, out, err) = run(&[
+        "tokenize",
+        "--model",
+        "gemma-3-270m",
+        "--json",
+        p["text"].as_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let v = json(&out);
+    assert_eq!(v["ids"], p["input_ids"]);
+    assert_eq!(v["tokens"][0], "<bos>");
+    let (_, out, _) = run(&[
+        "tokenize",
+        "--model",
+        "gemma-3-270m",
+        "--json",
+        "--no-special",
+        p["text"].as_str().unwrap(),
+    ]);
+    let ids = json(&out)["ids"].as_array().unwrap().clone();
+    assert_eq!(ids[..], p["input_ids"].as_array().unwrap()[1..]);
+}
+
+#[test]
+fn generate_json_is_greedy_golden() {
+    let golden = json(
+        &std::fs::read_to_string(
+            root().join("tests/fixtures/golden/smollm2-135m-instruct/prompts.json"),
+        )
+        .unwrap(),
+    );
+    let p = &golden["prompts"][7];
+    let text = p["text"].as_str().unwrap();
+    let (code, out, err) = run(&[
+        "generate",
+        "--model",
+        "smollm2-135m-instruct",
+        "--prompt",
+        text,
+        "--max-new-tokens",
+        "16",
+        "--greedy",
+        "--no-stop",
+        "--json",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let v = json(&out);
+    assert_eq!(v["prompt_ids"], p["input_ids"]);
+    assert_eq!(v["generated_ids"], p["greedy_ids"]);
+    assert_eq!(v["text"], p["greedy_text"]);
+}
+
+#[test]
+fn cache_writes_hook_named_tensors() {
+    let dir = std::env::temp_dir().join(format!("pl-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let out = dir.join("c.safetensors");
+    let (code, _, err) = run(&[
+        "cache",
+        "--model",
+        "smollm2-135m-instruct",
+        "--prompt",
+        "The capital of Japan is",
+        "--prompt",
+        "Hi there, how are you today?",
+        "--hooks",
+        "blocks.*.hook_resid_post,blocks.0.attn.hook_z",
+        "--out",
+        out.to_str().unwrap(),
+        "--json",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let t = candle_core::safetensors::load(&out, &candle_core::Device::Cpu).unwrap();
+    assert_eq!(t.len(), 30 + 1 + 1);
+    assert_eq!(t["blocks.29.hook_resid_post"].dims(), &[2, 8, 576]);
+    assert_eq!(t["blocks.0.attn.hook_z"].dims(), &[2, 8, 9, 64]);
+    assert_eq!(t["logits"].dims(), &[2, 49152]);
+    // position-aligned: prompt 0 has 5 tokens, zero beyond
+    let tail = t["blocks.29.hook_resid_post"]
+        .get(0)
+        .unwrap()
+        .narrow(0, 5, 3)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .sum_all()
+        .unwrap();
+    assert_eq!(tail.to_scalar::<f32>().unwrap(), 0.0);
+    // last real position of prompt 0 = golden last-position residual after block 29 (row 30 of resid_last)
+    let gold = candle_core::Tensor::read_npy(
+        root().join("tests/fixtures/golden/smollm2-135m-instruct/resid_last_p07.npy"),
+    )
+    .unwrap();
+    let a = t["blocks.29.hook_resid_post"]
+        .get(0)
+        .unwrap()
+        .get(4)
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    let b = gold.get(30).unwrap().to_vec1::<f32>().unwrap();
+    let num: f32 = a.iter().zip(&b).map(|(x, y)| (x - y).powi(2)).sum();
+    let den: f32 = b.iter().map(|y| y * y).sum();
+    assert!((num / den).sqrt() < 1e-4);
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn inspect_reports_architecture_and_memory() {
+    let (code, out, err) = run(&["inspect", "--model", "smollm2-135m-instruct", "--json"]);
+    assert_eq!(code, 0, "{err}");
+    let v = json(&out);
+    assert_eq!(v["architecture"], "llama");
+    assert_eq!(v["config"]["n_layers"], 30);
+    assert_eq!(v["config"]["n_kv_heads"], 3);
+    assert_eq!(v["tokenizer"]["has_chat_template"], true);
+    let f32_bytes = v["weight_memory_bytes"].as_u64().unwrap();
+    let (_, out, _) = run(&[
+        "inspect",
+        "--model",
+        "smollm2-135m-instruct",
+        "--quantized",
+        "--json",
+    ]);
+    let q_bytes = json(&out)["weight_memory_bytes"].as_u64().unwrap();
+    assert!(
+        q_bytes * 3 < f32_bytes,
+        "quantized {q_bytes} vs f32 {f32_bytes}"
+    );
+}
+
+#[test]
+fn bad_inputs_give_one_line_errors() {
+    let dir = std::env::temp_dir().join(format!("pl-bad-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+
+    assert_one_line_error(
+        &["inspect", "--model", "/nonexistent/model.gguf"],
+        "not found",
+    );
+    assert_one_line_error(&["inspect", "--model", "no-such-model"], "neither a file");
+
+    // truncated GGUF: the real file cut short
+    let real = std::fs::read(models().join("SmolLM2-135M-Instruct.Q4_1.gguf")).unwrap();
+    let trunc = dir.join("trunc.gguf");
+    std::fs::write(&trunc, &real[..real.len() / 2]).unwrap();
+    assert_one_line_error(
+        &["inspect", "--model", trunc.to_str().unwrap()],
+        "truncated",
+    );
+
+    // GGUF of an unsupported architecture
+    let bert = dir.join("bert.gguf");
+    {
+        use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
+        let t = QTensor::quantize(
+            &candle_core::Tensor::zeros(
+                (4, 32),
+                candle_core::DType::F32,
+                &candle_core::Device::Cpu,
+            )
+            .unwrap(),
+            GgmlDType::F32,
+        )
+        .unwrap();
+        let arch = gguf_file::Value::String("bert".into());
+        let mut f = std::fs::File::create(&bert).unwrap();
+        gguf_file::write(
+            &mut f,
+            &[("general.architecture", &arch)],
+            &[("token_embd.weight", &t)],
+        )
+        .unwrap();
+    }
+    assert_one_line_error(
+        &["inspect", "--model", bert.to_str().unwrap()],
+        "unsupported architecture 'bert'",
+    );
+
+    // config.json missing a field
+    let hf = dir.join("tiny-broken");
+    std::fs::create_dir_all(&hf).unwrap();
+    let tiny = root().join("tests/fixtures/tiny-models/tiny-llama");
+    let mut cfg = json(&std::fs::read_to_string(tiny.join("config.json")).unwrap());
+    cfg.as_object_mut().unwrap().remove("hidden_size");
+    std::fs::write(hf.join("config.json"), cfg.to_string()).unwrap();
+    std::fs::copy(tiny.join("model.safetensors"), hf.join("model.safetensors")).unwrap();
+    assert_one_line_error(
+        &["inspect", "--model", hf.to_str().unwrap()],
+        "missing field 'hidden_size'",
+    );
+
+    // unknown hook name, layer out of range
+    let out = dir.join("x.safetensors");
+    let o = out.to_str().unwrap();
+    assert_one_line_error(
+        &[
+            "cache",
+            "--model",
+            "smollm2-135m-instruct",
+            "--prompt",
+            "hi",
+            "--hooks",
+            "blocks.0.hook_nope",
+            "--out",
+            o,
+        ],
+        "unknown hook",
+    );
+    assert_one_line_error(
+        &[
+            "cache",
+            "--model",
+            "smollm2-135m-instruct",
+            "--prompt",
+            "hi",
+            "--hooks",
+            "blocks.30.hook_resid_pre",
+            "--out",
+            o,
+        ],
+        "out of range",
+    );
+    assert!(!out.exists(), "no output on error");
+
+    // prompt longer than the context window (8192 tokens), empty prompt
+    let long = "word ".repeat(9000);
+    assert_one_line_error(
+        &[
+            "generate",
+            "--model",
+            "smollm2-135m-instruct",
+            "--prompt",
+            &long,
+            "--max-new-tokens",
+            "1",
+        ],
+        "longer than the context window",
+    );
+    assert_one_line_error(
+        &[
+            "generate",
+            "--model",
+            "gemma-3-270m",
+            "--prompt",
+            "",
+            "--max-new-tokens",
+            "1",
+        ],
+        "empty",
+    );
+    assert_one_line_error(
+        &["tokenize", "--model", "gemma-3-270m", "--chat", "hi"],
+        "no chat template",
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}
