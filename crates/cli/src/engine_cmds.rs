@@ -379,3 +379,64 @@ pub fn progress(n: u64, quiet: bool, what: &str) -> indicatif::ProgressBar {
     );
     pb
 }
+
+#[derive(Args)]
+pub struct BenchForwardArgs {
+    #[command(flatten)]
+    pub m: ModelArgs,
+    /// JSON file with {"prompts": [...]} (bench/prompts.json).
+    #[arg(long)]
+    pub prompts: PathBuf,
+    #[arg(long, default_value_t = 1)]
+    pub batch_size: usize,
+    #[arg(long, default_value_t = 2)]
+    pub repeats: usize,
+}
+
+/// The benchmark workload: forward over all prompts with the full residual stream captured
+/// (`hook_embed` + every `hook_resid_post`, as HF's output_hidden_states), logits at the last
+/// position. Prints tokens/s (best of `repeats` after one warm-up) and peak RSS.
+pub fn bench_forward(a: BenchForwardArgs) -> Result<()> {
+    let m = load_model(&a.m)?;
+    let text = std::fs::read_to_string(&a.prompts).with_context(|| format!("reading {}", a.prompts.display()))?;
+    let v: serde_json::Value = serde_json::from_str(&text)?;
+    let prompts: Vec<String> = v["prompts"]
+        .as_array()
+        .context("prompts file needs a \"prompts\" array")?
+        .iter()
+        .filter_map(|p| p.as_str().map(String::from))
+        .collect();
+    let seqs: Vec<Vec<u32>> = prompts.iter().map(|p| m.encode_prompt(p, false)).collect::<persona_lens_engine::Result<_>>()?;
+    let n_tokens: usize = seqs.iter().map(Vec::len).sum();
+    let mut names = vec![HookName::global(persona_lens_engine::HookPoint::Embed)];
+    names.extend((0..m.config().n_layers).map(|l| HookName::block(l, persona_lens_engine::HookPoint::ResidPost)));
+    let run_once = || -> Result<()> {
+        for chunk in seqs.chunks(a.batch_size.max(1)) {
+            let batch = Batch::left_padded(chunk, m.pad_id(), m.device())?;
+            let mut hooks = Hooks::new();
+            hooks.capture_all(&names);
+            m.forward(&batch, None, &mut hooks, LogitsAt::Last)?;
+        }
+        Ok(())
+    };
+    run_once()?;
+    let mut best = f64::INFINITY;
+    for _ in 0..a.repeats.max(1) {
+        let t0 = Instant::now();
+        run_once()?;
+        best = best.min(t0.elapsed().as_secs_f64());
+    }
+    let v = json!({
+        "impl": format!("persona-lens ({})", m.info.precision),
+        "batch_size": a.batch_size, "tokens": n_tokens, "seconds": best,
+        "tokens_per_s": n_tokens as f64 / best,
+        "peak_rss_mib": peak_rss_kib().map(|k| k as f64 / 1024.0),
+    });
+    if a.m.json {
+        println!("{v}");
+    } else {
+        println!("{n_tokens} tokens in {best:.3} s = {:.1} tokens/s (batch {}), peak RSS {:.0} MiB",
+            n_tokens as f64 / best, a.batch_size, peak_rss_kib().unwrap_or(0) as f64 / 1024.0);
+    }
+    Ok(())
+}

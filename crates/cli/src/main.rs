@@ -28,6 +28,8 @@ enum Cmd {
     Cache(engine_cmds::CacheArgs),
     /// Architecture, sizes, quantization types, tokenizer facts, hook names.
     Inspect(engine_cmds::InspectArgs),
+    /// Benchmark workload: forward with the full residual cache over a prompts file (bench/).
+    BenchForward(engine_cmds::BenchForwardArgs),
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -76,6 +78,7 @@ fn main() -> ExitCode {
         Cmd::Generate(a) => engine_cmds::generate(a),
         Cmd::Cache(a) => engine_cmds::cache(a),
         Cmd::Inspect(a) => engine_cmds::inspect(a),
+        Cmd::BenchForward(a) => engine_cmds::bench_forward(a),
     };
     match res {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Forward benchmark: persona-lens vs HF transformers on the same 64 persona prompts, same
+# machine, same run. Not part of CI. Usage: bench/run.sh [model-short-name]   (default gemma-3-270m)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+model="${1:-gemma-3-270m}"
+models="${PERSONA_LENS_MODELS:-$PWD/models}"
+bin=target/release/persona-lens
+case "$model" in
+  gemma-3-270m) gguf=gemma-3-270m-q4_k_m.gguf ;;
+  smollm2-135m-instruct) gguf=SmolLM2-135M-Instruct.Q4_1.gguf ;;
+  *) echo "error: unknown model $model" >&2; exit 2 ;;
+esac
+venv=bench/.venv
+if [ ! -x "$venv/bin/python" ]; then
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install --quiet --index-url https://download.pytorch.org/whl/cpu torch 2>/dev/null \
+    || "$venv/bin/pip" install --quiet torch
+  "$venv/bin/pip" install --quiet transformers gguf accelerate sentencepiece protobuf
+fi
+out=bench/out; mkdir -p "$out"
+# Token ids from persona-lens (identical to HF's tokenizer: see the golden tokenization tests).
+python3 - "$bin" "$model" "$out/ids.json" <<'PY'
+import json, subprocess, sys
+bin_, model, dst = sys.argv[1:]
+prompts = json.load(open("bench/prompts.json"))["prompts"]
+ids = [json.loads(subprocess.check_output([bin_, "tokenize", "--model", model, "--json", p]))["ids"] for p in prompts]
+json.dump(ids, open(dst, "w"))
+PY
+: > "$out/results.jsonl"
+for bs in 1 16; do
+  "$bin" bench-forward --model "$model" --prompts bench/prompts.json --batch-size "$bs" --threads 2 --json | tee -a "$out/results.jsonl"
+  for mode in all_logits keep1; do
+    "$venv/bin/python" bench/hf_forward.py --models-dir "$models" --gguf "$gguf" --ids "$out/ids.json" \
+      --batch-size "$bs" --mode "$mode" --threads 2 | tee -a "$out/results.jsonl"
+  done
+done
+python3 - "$out/results.jsonl" <<'PY'
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
+print(f"\n{'impl':<34}{'batch':>6}{'tok/s':>10}{'peak RSS MiB':>14}{'speed vs this HF':>18}{'RSS vs this HF':>16}")
+for bs in sorted({r['batch_size'] for r in rows}):
+    pl = [r for r in rows if r['batch_size'] == bs and r['impl'].startswith('persona-lens')][0]
+    for r in [x for x in rows if x['batch_size'] == bs]:
+        sp = pl['tokens_per_s'] / r['tokens_per_s']; rss = pl['peak_rss_mib'] / r['peak_rss_mib']
+        print(f"{r['impl']:<34}{bs:>6}{r['tokens_per_s']:>10.1f}{r['peak_rss_mib']:>14.0f}{sp:>17.2f}x{rss:>15.2f}x")
+PY
