@@ -14,19 +14,11 @@ esac
 venv=bench/.venv
 if [ ! -x "$venv/bin/python" ]; then
   python3 -m venv "$venv"
-  "$venv/bin/pip" install --quiet --index-url https://download.pytorch.org/whl/cpu torch 2>/dev/null \
-    || "$venv/bin/pip" install --quiet torch
-  "$venv/bin/pip" install --quiet transformers gguf accelerate sentencepiece protobuf
+  "$venv/bin/pip" install --quiet torch transformers gguf accelerate sentencepiece protobuf
 fi
 out=bench/out; mkdir -p "$out"
 # Token ids from persona-lens (identical to HF's tokenizer: see the golden tokenization tests).
-python3 - "$bin" "$model" "$out/ids.json" <<'PY'
-import json, subprocess, sys
-bin_, model, dst = sys.argv[1:]
-prompts = json.load(open("bench/prompts.json"))["prompts"]
-ids = [json.loads(subprocess.check_output([bin_, "tokenize", "--model", model, "--json", p]))["ids"] for p in prompts]
-json.dump(ids, open(dst, "w"))
-PY
+"$bin" bench-forward --model "$model" --prompts bench/prompts.json --repeats 1 --dump-ids "$out/ids.json" > /dev/null
 : > "$out/results.jsonl"
 for bs in 1 16; do
   "$bin" bench-forward --model "$model" --prompts bench/prompts.json --batch-size "$bs" --threads 2 --json | tee -a "$out/results.jsonl"

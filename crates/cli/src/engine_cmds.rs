@@ -391,6 +391,9 @@ pub struct BenchForwardArgs {
     pub batch_size: usize,
     #[arg(long, default_value_t = 2)]
     pub repeats: usize,
+    /// Also write the prompts' token ids (JSON list of lists) here, for the peer's run.
+    #[arg(long)]
+    pub dump_ids: Option<PathBuf>,
 }
 
 /// The benchmark workload: forward over all prompts with the full residual stream captured
@@ -398,7 +401,8 @@ pub struct BenchForwardArgs {
 /// position. Prints tokens/s (best of `repeats` after one warm-up) and peak RSS.
 pub fn bench_forward(a: BenchForwardArgs) -> Result<()> {
     let m = load_model(&a.m)?;
-    let text = std::fs::read_to_string(&a.prompts).with_context(|| format!("reading {}", a.prompts.display()))?;
+    let text = std::fs::read_to_string(&a.prompts)
+        .with_context(|| format!("reading {}", a.prompts.display()))?;
     let v: serde_json::Value = serde_json::from_str(&text)?;
     let prompts: Vec<String> = v["prompts"]
         .as_array()
@@ -406,10 +410,19 @@ pub fn bench_forward(a: BenchForwardArgs) -> Result<()> {
         .iter()
         .filter_map(|p| p.as_str().map(String::from))
         .collect();
-    let seqs: Vec<Vec<u32>> = prompts.iter().map(|p| m.encode_prompt(p, false)).collect::<persona_lens_engine::Result<_>>()?;
+    let seqs: Vec<Vec<u32>> = prompts
+        .iter()
+        .map(|p| m.encode_prompt(p, false))
+        .collect::<persona_lens_engine::Result<_>>()?;
     let n_tokens: usize = seqs.iter().map(Vec::len).sum();
+    if let Some(p) = &a.dump_ids {
+        io::write_atomic(p, serde_json::to_string(&seqs)?.as_bytes())?;
+    }
     let mut names = vec![HookName::global(persona_lens_engine::HookPoint::Embed)];
-    names.extend((0..m.config().n_layers).map(|l| HookName::block(l, persona_lens_engine::HookPoint::ResidPost)));
+    names.extend(
+        (0..m.config().n_layers)
+            .map(|l| HookName::block(l, persona_lens_engine::HookPoint::ResidPost)),
+    );
     let run_once = || -> Result<()> {
         for chunk in seqs.chunks(a.batch_size.max(1)) {
             let batch = Batch::left_padded(chunk, m.pad_id(), m.device())?;
@@ -435,8 +448,12 @@ pub fn bench_forward(a: BenchForwardArgs) -> Result<()> {
     if a.m.json {
         println!("{v}");
     } else {
-        println!("{n_tokens} tokens in {best:.3} s = {:.1} tokens/s (batch {}), peak RSS {:.0} MiB",
-            n_tokens as f64 / best, a.batch_size, peak_rss_kib().unwrap_or(0) as f64 / 1024.0);
+        println!(
+            "{n_tokens} tokens in {best:.3} s = {:.1} tokens/s (batch {}), peak RSS {:.0} MiB",
+            n_tokens as f64 / best,
+            a.batch_size,
+            peak_rss_kib().unwrap_or(0) as f64 / 1024.0
+        );
     }
     Ok(())
 }

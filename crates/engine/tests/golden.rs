@@ -377,3 +377,40 @@ per_model!(
     kv_cache_generation,
     quantized_agrees
 );
+
+#[test]
+fn smollm2_chat_template_renders_golden_prompt() {
+    // Golden prompt 12 is SmolLM2's own template applied to one user turn (default system prompt).
+    let m = model(SMOL);
+    let p = prompts(SMOL)
+        .into_iter()
+        .find(|p| p.chat)
+        .expect("a chat-template prompt in the golden set");
+    let ids = m
+        .encode_prompt("What is the capital of France?", true)
+        .unwrap();
+    assert_eq!(m.tokenizer.decode(&ids, false).unwrap(), p.text);
+    assert_eq!(ids, p.ids);
+}
+
+#[test]
+fn bf16_weights_stay_close_to_f32() {
+    let f = model(SMOL);
+    let opts = persona_lens_engine::LoadOptions {
+        precision: persona_lens_engine::Precision::Dense(candle_core::DType::BF16),
+        ..Default::default()
+    };
+    let b = Model::load(SMOL, &models_dir(), &opts).unwrap();
+    assert!(b.info.weight_bytes * 2 <= f.info.weight_bytes + 1024 * 1024);
+    let p = &prompts(SMOL)[6];
+    let (rf, lf) = residual_rows(&f, &p.ids);
+    let (rb, lb) = residual_rows(&b, &p.ids);
+    let n = f.config().n_layers;
+    assert!(
+        cosine(&rf[n], &rb[n]) > 0.98,
+        "bf16 last-layer cosine {}",
+        cosine(&rf[n], &rb[n])
+    );
+    let top = |t: &Tensor| t.argmax(0).unwrap().to_scalar::<u32>().unwrap();
+    assert_eq!(top(&lf), top(&lb));
+}
