@@ -204,15 +204,6 @@ pub fn attention(
     let (b, t, _) = x.dims3()?;
     let (h, hkv, hd) = (p.n_heads, p.n_kv_heads, p.head_dim);
     let name = |pt| HookName::block(layer, pt);
-    let fire = |hooks: &mut Hooks, pt: HookPoint, x: Tensor, ctx: &mut HookCtx| -> Result<Tensor> {
-        let n = name(pt);
-        if hooks.wants(n) {
-            ctx.name = n;
-            hooks.fire(n, x, ctx)
-        } else {
-            Ok(x)
-        }
-    };
 
     let q = w.q.forward(x)?.reshape((b, t, h, hd))?;
     let k = w.k.forward(x)?.reshape((b, t, hkv, hd))?;
@@ -231,42 +222,9 @@ pub fn attention(
     let v = v.transpose(1, 2)?.contiguous()?;
 
     // Hooks see [b, t, heads, d_head] (TransformerLens layout).
-    let q = if hooks.wants(name(HookPoint::AttnQ)) {
-        fire(
-            hooks,
-            HookPoint::AttnQ,
-            q.transpose(1, 2)?.contiguous()?,
-            ctx,
-        )?
-        .transpose(1, 2)?
-        .contiguous()?
-    } else {
-        q
-    };
-    let k = if hooks.wants(name(HookPoint::AttnK)) {
-        fire(
-            hooks,
-            HookPoint::AttnK,
-            k.transpose(1, 2)?.contiguous()?,
-            ctx,
-        )?
-        .transpose(1, 2)?
-        .contiguous()?
-    } else {
-        k
-    };
-    let v = if hooks.wants(name(HookPoint::AttnV)) {
-        fire(
-            hooks,
-            HookPoint::AttnV,
-            v.transpose(1, 2)?.contiguous()?,
-            ctx,
-        )?
-        .transpose(1, 2)?
-        .contiguous()?
-    } else {
-        v
-    };
+    let q = fire_heads(hooks, name(HookPoint::AttnQ), q, ctx)?;
+    let k = fire_heads(hooks, name(HookPoint::AttnK), k, ctx)?;
+    let v = fire_heads(hooks, name(HookPoint::AttnV), v, ctx)?;
 
     let (k, v) = match kv {
         Some(cache) => {
@@ -292,11 +250,11 @@ pub fn attention(
         scores = ((scores / cap)?.tanh()? * cap)?;
     }
     let scores = scores.broadcast_add(mask)?;
-    let scores = fire(hooks, HookPoint::AttnScores, scores, ctx)?;
+    let scores = fire(hooks, name(HookPoint::AttnScores), scores, ctx)?;
     let pattern = candle_nn::ops::softmax_last_dim(&scores)?;
-    let pattern = fire(hooks, HookPoint::AttnPattern, pattern, ctx)?;
+    let pattern = fire(hooks, name(HookPoint::AttnPattern), pattern, ctx)?;
     let z = pattern.matmul(&v)?.transpose(1, 2)?.contiguous()?; // [b, t, h, hd]
-    let z = fire(hooks, HookPoint::AttnZ, z, ctx)?;
+    let z = fire(hooks, name(HookPoint::AttnZ), z, ctx)?;
 
     let result_name = name(HookPoint::AttnResult);
     if !hooks.wants(result_name) {
@@ -328,7 +286,7 @@ pub fn attention(
         result = result.broadcast_mul(&inv.unsqueeze(2)?)?.broadcast_mul(m)?;
     }
     let intervened = hooks.has_intervention(result_name);
-    let result = fire(hooks, HookPoint::AttnResult, result, ctx)?;
+    let result = fire(hooks, result_name, result, ctx)?;
     if intervened {
         return Ok(result.sum(2)?);
     }
@@ -361,22 +319,19 @@ impl GatedMlp {
         hooks: &mut Hooks,
         ctx: &mut HookCtx,
     ) -> Result<Tensor> {
-        let mut fire = |hooks: &mut Hooks, pt: HookPoint, x: Tensor| -> Result<Tensor> {
-            let n = HookName::block(layer, pt);
-            if hooks.wants(n) {
-                ctx.name = n;
-                hooks.fire(n, x, ctx)
-            } else {
-                Ok(x)
-            }
-        };
-        let g = fire(hooks, HookPoint::MlpPre, self.gate.forward(x)?)?;
-        let u = fire(hooks, HookPoint::MlpPreLinear, self.up.forward(x)?)?;
+        let name = |pt| HookName::block(layer, pt);
+        let g = fire(hooks, name(HookPoint::MlpPre), self.gate.forward(x)?, ctx)?;
+        let u = fire(
+            hooks,
+            name(HookPoint::MlpPreLinear),
+            self.up.forward(x)?,
+            ctx,
+        )?;
         let a = match self.act {
             Activation::GeluTanh => g.gelu()?,
             Activation::Silu => candle_nn::ops::silu(&g)?,
         };
-        let post = fire(hooks, HookPoint::MlpPost, (a * u)?)?;
+        let post = fire(hooks, name(HookPoint::MlpPost), (a * u)?, ctx)?;
         self.down.forward(&post)
     }
 }
@@ -388,6 +343,16 @@ pub enum LogitsAt {
     /// The last position of every row (rows are left padded, so this is index t - 1).
     Last,
     All,
+}
+
+/// Fires a per-head hook on a `[b, heads, t, d_head]` tensor, presenting it as
+/// `[b, t, heads, d_head]`; the transposes happen only when something wants the hook.
+fn fire_heads(hooks: &mut Hooks, n: HookName, x: Tensor, ctx: &mut HookCtx) -> Result<Tensor> {
+    if !hooks.wants(n) {
+        return Ok(x);
+    }
+    let y = fire(hooks, n, x.transpose(1, 2)?.contiguous()?, ctx)?;
+    Ok(y.transpose(1, 2)?.contiguous()?)
 }
 
 /// Fires a global or block hook if anything wants it.

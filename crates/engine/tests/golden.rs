@@ -4,7 +4,7 @@
 
 mod common;
 
-use candle_core::{Tensor, D};
+use candle_core::Tensor;
 use common::*;
 use persona_lens_engine::{
     generate, Batch, GenerateOptions, HookName, HookPoint, Hooks, LogitsAt, Model,
@@ -43,6 +43,10 @@ fn prompts(name: &str) -> Vec<Prompt> {
 fn encode(m: &Model, p: &Prompt) -> Vec<u32> {
     // Chat-templated prompts are already rendered: tokenized without adding BOS (golden README).
     m.tokenizer.encode(&p.text, !p.chat).unwrap()
+}
+
+fn top1(logits: &Tensor) -> u32 {
+    logits.argmax(0).unwrap().to_scalar::<u32>().unwrap()
 }
 
 fn tokenization(name: &str) {
@@ -171,14 +175,7 @@ fn residuals_and_logits(name: &str) {
     // prompt 0's full logits vector
     let (_, logits) = residual_rows(&m, &prompts(name)[0].ids);
     let gold = npy(&dir.join("logits_last_p00.npy"));
-    let diff = (logits - gold)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max(D::Minus1)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let diff = max_abs_diff(&logits, &gold);
     assert!(diff < 1e-3, "{name} p00 full logits max abs diff {diff}");
     eprintln!(
         "{name}: worst residual relative L2 error {worst:.2e}; p00 logits max abs diff {diff:.2e}"
@@ -236,16 +233,7 @@ fn attention_pattern(name: &str) {
     let got = hooks.cache.get(&h).unwrap().get(0).unwrap(); // [head, q, k]
     let gold = npy(&golden_dir(name).join("attn_layer0_p00.npy"));
     assert_eq!(got.dims(), gold.dims());
-    let diff = (got - gold)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let diff = max_abs_diff(&got, &gold);
     assert!(diff < 1e-5, "{name} layer-0 attention max abs diff {diff}");
 }
 
@@ -344,10 +332,9 @@ fn quantized_agrees(name: &str) {
     for (i, p) in prompts(name).iter().enumerate() {
         let (rows_f, lf) = residual_rows(&m, &p.ids);
         let (rows_q, lq) = residual_rows(&q, &p.ids);
-        let top = |t: &Tensor| t.argmax(0).unwrap().to_scalar::<u32>().unwrap();
         assert_eq!(
-            top(&lf),
-            top(&lq),
+            top1(&lf),
+            top1(&lq),
             "{name} p{i:02}: quantized top-1 differs from f32"
         );
         let c = cosine(&rows_f[n], &rows_q[n]);
@@ -411,6 +398,5 @@ fn bf16_weights_stay_close_to_f32() {
         "bf16 last-layer cosine {}",
         cosine(&rf[n], &rb[n])
     );
-    let top = |t: &Tensor| t.argmax(0).unwrap().to_scalar::<u32>().unwrap();
-    assert_eq!(top(&lf), top(&lb));
+    assert_eq!(top1(&lf), top1(&lb));
 }

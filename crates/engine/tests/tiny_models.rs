@@ -54,16 +54,7 @@ fn check(name: &str) {
         let e = rel_l2(&got, &want);
         assert!(e < 1e-5, "{name} hidden_states.{i}: relative error {e:.2e}");
     }
-    let d = (logits - &g["logits"])
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let d = max_abs_diff(&logits, &g["logits"]);
     assert!(d < 1e-4, "{name} logits max abs diff {d}");
 
     // Left-padded batch: row 1's real positions equal the reference padded logits.
@@ -94,16 +85,7 @@ fn check(name: &str) {
         let t = pids[r].len() - p;
         let got = pl.get(r).unwrap().narrow(0, p, t).unwrap();
         let want = g["padded_logits"].get(r).unwrap().narrow(0, p, t).unwrap();
-        let d = (got - want)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let d = max_abs_diff(&got, &want);
         assert!(d < 1e-4, "{name} padded row {r}: logits max abs diff {d}");
     }
 }
@@ -170,16 +152,7 @@ fn hook_result_sums_to_attn_out_and_interventions_apply() {
         .forward(&batch, None, &mut h2, LogitsAt::Last)
         .unwrap()
         .unwrap();
-    let d = (patched - &base)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max(1)
-        .unwrap()
-        .get(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let d = max_abs_diff(&patched, &base);
     assert!(d > 1e-4, "ablation had no effect ({d})");
     let a = h1
         .cache

@@ -98,3 +98,18 @@ pub fn cosine(a: &[f32], b: &[f32]) -> f64 {
 pub fn npy(p: &std::path::Path) -> candle_core::Tensor {
     candle_core::Tensor::read_npy(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
 }
+
+/// Largest absolute elementwise difference of two tensors of the same shape.
+pub fn max_abs_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
+    assert_eq!(a.dims(), b.dims(), "shapes differ");
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
