@@ -357,6 +357,51 @@ impl Model {
         Ok(ids)
     }
 
+    /// [`Model::encode_prompt`] plus, for each byte span `[start, end)` of `text`, the token
+    /// positions `[first, last + 1)` that overlap it (None if no token does). Positions count
+    /// from the first id (BOS included), as everywhere in persona-lens.
+    pub fn encode_prompt_spans(
+        &self,
+        text: &str,
+        chat: bool,
+        spans: &[(usize, usize)],
+    ) -> Result<(Vec<u32>, Vec<Option<(usize, usize)>>)> {
+        if text.trim().is_empty() {
+            return Err(EngineError::EmptyPrompt);
+        }
+        let (rendered, base) = if chat {
+            let r = self
+                .tokenizer
+                .apply_chat_template(&[crate::tokenizer::ChatMessage::user(text)], true)?;
+            let base = r.find(text).ok_or_else(|| {
+                EngineError::InvalidArgument(
+                    "the chat template changed the prompt text; cannot locate spans".into(),
+                )
+            })?;
+            (r, base)
+        } else {
+            (text.to_string(), 0)
+        };
+        let (ids, offs) = self.tokenizer.encode_with_offsets(&rendered, !chat)?;
+        if ids.is_empty() {
+            return Err(EngineError::EmptyPrompt);
+        }
+        let out = spans
+            .iter()
+            .map(|&(s, e)| {
+                let (s, e) = (s + base, e + base);
+                let hit: Vec<usize> = offs
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, &(a, b))| b > a && a < e && b > s)
+                    .map(|(i, _)| i)
+                    .collect();
+                Some((*hit.first()?, *hit.last()? + 1))
+            })
+            .collect();
+        Ok((ids, out))
+    }
+
     /// A padding id for batches (its value never matters: padding is masked).
     pub fn pad_id(&self) -> u32 {
         self.tokenizer

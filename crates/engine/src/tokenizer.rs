@@ -337,6 +337,26 @@ impl Tokenizer {
         Ok(ids)
     }
 
+    /// Like [`Tokenizer::encode`], plus each token's byte range in `text` (`(0, 0)` for an
+    /// inserted BOS): what maps a character span (a persona phrase) to token positions.
+    pub fn encode_with_offsets(
+        &self,
+        text: &str,
+        add_special_tokens: bool,
+    ) -> Result<(Vec<u32>, Vec<(usize, usize)>)> {
+        let with_pp = add_special_tokens && self.inner.get_post_processor().is_some();
+        let enc = self.inner.encode(text, with_pp).map_err(tok_err)?;
+        let mut ids = enc.get_ids().to_vec();
+        let mut offs = enc.get_offsets().to_vec();
+        if add_special_tokens && self.add_bos && !with_pp {
+            if let Some(b) = self.bos_id {
+                ids.insert(0, b);
+                offs.insert(0, (0, 0));
+            }
+        }
+        Ok((ids, offs))
+    }
+
     pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String> {
         self.inner.decode(ids, skip_special_tokens).map_err(tok_err)
     }

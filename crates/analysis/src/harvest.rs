@@ -1,0 +1,306 @@
+//! Harvesting: run a dataset through the model in batches and keep one vector per prompt per
+//! hook at a position rule. Stored as safetensors (tensors named by hook, `[n_prompts, d]`, f32)
+//! with a JSON sidecar (model, hook, position rule, dataset hash, prompt ids) so later commands
+//! reuse them instead of running the model again.
+
+use crate::dataset::{encode_item, EncodedPrompt, PersonaDataset};
+use crate::{write_json, AnalysisError, Result};
+use candle_core::{Device, Tensor};
+use persona_lens_engine::io::save_safetensors;
+use persona_lens_engine::{Batch, HookName, HookPoint, Hooks, LogitsAt, Model};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+/// Which position(s) of a prompt give its vector.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PositionRule {
+    /// The last prompt token (for chat models: the end of the generation prompt).
+    Last,
+    /// The last token of the question.
+    QuestionLastToken,
+    /// The mean over the persona phrase's tokens.
+    PersonaMean,
+}
+
+impl std::str::FromStr for PositionRule {
+    type Err = AnalysisError;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "last" => Ok(Self::Last),
+            "question_last_token" => Ok(Self::QuestionLastToken),
+            "persona_mean" => Ok(Self::PersonaMean),
+            o => Err(AnalysisError::Invalid(format!(
+                "unknown position rule '{o}'; use last, question_last_token or persona_mean"
+            ))),
+        }
+    }
+}
+
+impl std::fmt::Display for PositionRule {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Last => "last",
+            Self::QuestionLastToken => "question_last_token",
+            Self::PersonaMean => "persona_mean",
+        })
+    }
+}
+
+impl PositionRule {
+    /// Token positions `[start, end)` the rule averages over for one prompt.
+    pub fn span(&self, e: &EncodedPrompt, id: &str) -> Result<(usize, usize)> {
+        match self {
+            Self::Last => Ok((e.last, e.last + 1)),
+            Self::QuestionLastToken => Ok((e.question_last_token, e.question_last_token + 1)),
+            Self::PersonaMean => e.persona_tokens.ok_or_else(|| {
+                AnalysisError::Dataset(format!(
+                    "prompt {id} has no persona phrase; use --position last or give `persona` in the dataset file"
+                ))
+            }),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct HarvestSpec {
+    pub hooks: Vec<HookName>,
+    pub rule: PositionRule,
+    /// Render prompts with the model's chat template.
+    pub chat: bool,
+    pub batch_size: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct HarvestedItem {
+    pub id: String,
+    pub class: String,
+    pub persona: String,
+    pub topic: String,
+    pub template_id: String,
+    pub question_id: String,
+    pub n_tokens: usize,
+    /// Token positions `[start, end)` averaged.
+    pub positions: (usize, usize),
+}
+
+/// The sidecar: everything needed to know what the vectors are.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct HarvestMeta {
+    pub model: String,
+    pub model_path: String,
+    pub dataset_source: String,
+    pub dataset_hash: String,
+    pub position_rule: PositionRule,
+    pub chat: bool,
+    pub hooks: Vec<String>,
+    pub d: BTreeMap<String, usize>,
+    pub items: Vec<HarvestedItem>,
+    pub tool: String,
+}
+
+pub struct Harvest {
+    pub meta: HarvestMeta,
+    /// hook name -> `[n_prompts, d]` f32.
+    pub acts: BTreeMap<String, Tensor>,
+}
+
+pub const ACTS_FILE: &str = "activations.safetensors";
+pub const META_FILE: &str = "activations.json";
+
+fn check_hook(h: &HookName) -> Result<()> {
+    if matches!(h.point, HookPoint::AttnPattern | HookPoint::AttnScores) {
+        return Err(AnalysisError::Invalid(format!(
+            "hook '{h}' has two position axes; harvest per-position hooks (residuals, z, q/k/v, mlp)"
+        )));
+    }
+    Ok(())
+}
+
+/// Runs `ds` through `model` and keeps each prompt's vector at every hook of `spec`.
+pub fn harvest(
+    model: &Model,
+    ds: &PersonaDataset,
+    spec: &HarvestSpec,
+    progress: &dyn Fn(usize),
+) -> Result<Harvest> {
+    for h in &spec.hooks {
+        check_hook(h)?;
+    }
+    let encoded: Vec<EncodedPrompt> = ds
+        .items
+        .iter()
+        .map(|it| encode_item(model, it, spec.chat))
+        .collect::<Result<_>>()?;
+    let spans: Vec<(usize, usize)> = ds
+        .items
+        .iter()
+        .zip(&encoded)
+        .map(|(it, e)| spec.rule.span(e, &it.id))
+        .collect::<Result<_>>()?;
+    let mut per_hook: Vec<Vec<Tensor>> = vec![Vec::with_capacity(ds.items.len()); spec.hooks.len()];
+    let bs = spec.batch_size.max(1);
+    // Batch prompts of similar length together: less padding, same results.
+    let mut order: Vec<usize> = (0..encoded.len()).collect();
+    order.sort_by_key(|&i| encoded[i].ids.len());
+    let mut slots: Vec<Vec<Option<Tensor>>> = vec![vec![None; encoded.len()]; spec.hooks.len()];
+    for chunk in order.chunks(bs) {
+        let seqs: Vec<Vec<u32>> = chunk.iter().map(|&i| encoded[i].ids.clone()).collect();
+        let batch = Batch::left_padded(&seqs, model.pad_id(), model.device())?;
+        let mut hooks = Hooks::new();
+        hooks.capture_all(&spec.hooks);
+        model.forward(&batch, None, &mut hooks, LogitsAt::None)?;
+        for (hi, h) in spec.hooks.iter().enumerate() {
+            let full = hooks.cache.get(h)?;
+            for (r, &i) in chunk.iter().enumerate() {
+                let (s, e) = spans[i];
+                let x = full
+                    .get(r)?
+                    .narrow(0, batch.pad[r] + s, e - s)?
+                    .mean(0)?
+                    .flatten_all()?;
+                slots[hi][i] = Some(x);
+            }
+        }
+        progress(chunk.len());
+    }
+    for (hi, s) in slots.into_iter().enumerate() {
+        per_hook[hi] = s
+            .into_iter()
+            .map(|x| x.expect("every prompt harvested"))
+            .collect();
+    }
+    let mut acts = BTreeMap::new();
+    let mut d = BTreeMap::new();
+    for (h, vs) in spec.hooks.iter().zip(per_hook) {
+        let t = Tensor::stack(&vs, 0)?;
+        d.insert(h.to_string(), t.dim(1)?);
+        acts.insert(h.to_string(), t);
+    }
+    let items = ds
+        .items
+        .iter()
+        .zip(&encoded)
+        .zip(&spans)
+        .map(|((it, e), &sp)| HarvestedItem {
+            id: it.id.clone(),
+            class: it.class.clone(),
+            persona: it.persona.clone(),
+            topic: it.topic.clone(),
+            template_id: it.template_id.clone(),
+            question_id: it.question_id.clone(),
+            n_tokens: e.ids.len(),
+            positions: sp,
+        })
+        .collect();
+    Ok(Harvest {
+        meta: HarvestMeta {
+            model: model.info.name.clone(),
+            model_path: model.info.path.clone(),
+            dataset_source: ds.source.clone(),
+            dataset_hash: ds.hash(),
+            position_rule: spec.rule,
+            chat: spec.chat,
+            hooks: spec.hooks.iter().map(|h| h.to_string()).collect(),
+            d,
+            items,
+            tool: format!("persona-lens {}", env!("CARGO_PKG_VERSION")),
+        },
+        acts,
+    })
+}
+
+impl Harvest {
+    /// Saves `activations.safetensors` + `activations.json` into `dir` (atomically).
+    pub fn save(&self, dir: &Path) -> Result<()> {
+        let tensors: Vec<(String, Tensor)> = self
+            .acts
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        let mut md = HashMap::new();
+        md.insert("sidecar".to_string(), META_FILE.to_string());
+        md.insert(
+            "position_rule".to_string(),
+            self.meta.position_rule.to_string(),
+        );
+        md.insert("dataset_hash".to_string(), self.meta.dataset_hash.clone());
+        save_safetensors(&tensors, md, &dir.join(ACTS_FILE))?;
+        write_json(&dir.join(META_FILE), &self.meta)
+    }
+
+    pub fn load(dir: &Path) -> Result<Self> {
+        let mp = dir.join(META_FILE);
+        let text = std::fs::read_to_string(&mp).map_err(|e| {
+            AnalysisError::Invalid(format!(
+                "cannot read {}: {e} (run `persona-lens harvest --out {}` first)",
+                mp.display(),
+                dir.display()
+            ))
+        })?;
+        let meta: HarvestMeta = serde_json::from_str(&text)
+            .map_err(|e| AnalysisError::Invalid(format!("{}: {e}", mp.display())))?;
+        let ap = dir.join(ACTS_FILE);
+        let acts = candle_core::safetensors::load(&ap, &Device::Cpu)
+            .map_err(|e| AnalysisError::Invalid(format!("{}: {e}", ap.display())))?;
+        for h in &meta.hooks {
+            if !acts.contains_key(h) {
+                return Err(AnalysisError::Invalid(format!(
+                    "{} lacks tensor '{h}' named in its sidecar; re-run harvest",
+                    ap.display()
+                )));
+            }
+        }
+        Ok(Harvest {
+            meta,
+            acts: acts.into_iter().collect(),
+        })
+    }
+
+    /// Whether this harvest was made from the same model file, dataset, rule, template use and
+    /// covers the hooks asked for: then it can be reused.
+    pub fn matches(&self, model: &Model, ds: &PersonaDataset, spec: &HarvestSpec) -> bool {
+        self.meta.model_path == model.info.path
+            && self.meta.dataset_hash == ds.hash()
+            && self.meta.position_rule == spec.rule
+            && self.meta.chat == spec.chat
+            && spec
+                .hooks
+                .iter()
+                .all(|h| self.meta.hooks.contains(&h.to_string()))
+    }
+
+    /// Loads the harvest in `dir` if it matches, else harvests and saves it there.
+    pub fn load_or_run(
+        dir: &Path,
+        model: &Model,
+        ds: &PersonaDataset,
+        spec: &HarvestSpec,
+        progress: &dyn Fn(usize),
+    ) -> Result<(Self, bool)> {
+        if dir.join(META_FILE).exists() {
+            if let Ok(h) = Self::load(dir) {
+                if h.matches(model, ds, spec) {
+                    return Ok((h, true));
+                }
+            }
+        }
+        let h = harvest(model, ds, spec, progress)?;
+        h.save(dir)?;
+        Ok((h, false))
+    }
+
+    /// `[n, d]` rows for a hook as f64 row-major, for the probes.
+    pub fn matrix(&self, hook: &str) -> Result<(Vec<f64>, usize, usize)> {
+        let t = self.acts.get(hook).ok_or_else(|| {
+            AnalysisError::Invalid(format!(
+                "hook '{hook}' is not in this harvest (has: {})",
+                self.meta.hooks.join(", ")
+            ))
+        })?;
+        let (n, d) = t.dims2()?;
+        let v: Vec<f32> = t.flatten_all()?.to_vec1()?;
+        Ok((v.into_iter().map(f64::from).collect(), n, d))
+    }
+}

@@ -1,0 +1,53 @@
+//! persona-lens analyses: the persona dataset, activation harvesting, per-layer probes, persona
+//! directions and the logit lens. Each analysis is a function over an activation cache (or
+//! harvested activations) and calls the model only through `forward` + hooks.
+
+pub mod dataset;
+pub mod direction;
+pub mod harvest;
+pub mod lens;
+pub mod npy;
+pub mod probe;
+pub mod stats;
+
+pub use dataset::{EncodedPrompt, GenOptions, PersonaDataset, PromptItem};
+pub use harvest::{Harvest, HarvestSpec, PositionRule};
+
+#[derive(Debug, thiserror::Error)]
+pub enum AnalysisError {
+    #[error("{0}")]
+    Engine(#[from] persona_lens_engine::EngineError),
+    #[error("dataset: {0}")]
+    Dataset(String),
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{0}")]
+    Report(#[from] persona_lens_report::ReportError),
+}
+
+impl From<candle_core::Error> for AnalysisError {
+    fn from(e: candle_core::Error) -> Self {
+        AnalysisError::Engine(persona_lens_engine::EngineError::from(e))
+    }
+}
+
+pub type Result<T> = std::result::Result<T, AnalysisError>;
+
+/// The residual stream as rows, TransformerLens-style: row 0 = `blocks.0.hook_resid_pre`
+/// (the embedding), row i >= 1 = `blocks.{i-1}.hook_resid_post` (the output of block i-1).
+/// This equals HF's `output_hidden_states` indexing except that the last row is raw (before
+/// the final norm), as in the golden README.
+pub fn resid_rows(n_layers: usize) -> Vec<persona_lens_engine::HookName> {
+    use persona_lens_engine::{HookName, HookPoint};
+    let mut v = vec![HookName::block(0, HookPoint::ResidPre)];
+    v.extend((0..n_layers).map(|l| HookName::block(l, HookPoint::ResidPost)));
+    v
+}
+
+/// Writes JSON atomically.
+pub fn write_json<T: serde::Serialize>(path: &std::path::Path, v: &T) -> Result<()> {
+    let bytes = serde_json::to_vec_pretty(v)
+        .map_err(|e| AnalysisError::Invalid(format!("serialising {}: {e}", path.display())))?;
+    persona_lens_engine::io::write_atomic(path, &bytes)?;
+    Ok(())
+}

@@ -1,0 +1,555 @@
+//! Linear probes per layer: L2-regularised (multinomial) logistic regression on standardised
+//! features, fitted with L-BFGS. Evaluated by stratified k-fold CV, by template hold-out (train on
+//! some phrasing templates, test on an unseen one), and against a control task with shuffled labels
+//! and the same capacity (selectivity = CV accuracy - control accuracy, Hewitt & Liang 2019).
+
+use crate::harvest::Harvest;
+use crate::stats::{auc_ovr, bootstrap95, wilson95};
+use crate::{AnalysisError, Result};
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// A fitted probe: standardisation (train statistics) + softmax regression.
+#[derive(Debug, Clone)]
+pub struct LogReg {
+    pub n_classes: usize,
+    pub d: usize,
+    /// `[n_classes * d]`, in standardised feature space.
+    pub w: Vec<f64>,
+    pub b: Vec<f64>,
+    pub mean: Vec<f64>,
+    pub scale: Vec<f64>,
+}
+
+fn dot(a: &[f64], b: &[f64]) -> f64 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+/// Minimises `f` (which writes its gradient) from `x0` with L-BFGS (memory 10, Armijo
+/// backtracking). Converges for the strongly convex L2-regularised losses used here.
+pub fn lbfgs(
+    f: &dyn Fn(&[f64], &mut [f64]) -> f64,
+    x0: Vec<f64>,
+    max_iter: usize,
+    tol: f64,
+) -> Vec<f64> {
+    let m = 10;
+    let n = x0.len();
+    let mut x = x0;
+    let mut g = vec![0.0; n];
+    let mut fx = f(&x, &mut g);
+    let mut hist: Vec<(Vec<f64>, Vec<f64>, f64)> = Vec::new();
+    let mut xn = vec![0.0; n];
+    let mut gn = vec![0.0; n];
+    for _ in 0..max_iter {
+        let gmax = g.iter().fold(0.0f64, |a, v| a.max(v.abs()));
+        if gmax < tol {
+            break;
+        }
+        // Two-loop recursion: d = -H g.
+        let mut q = g.clone();
+        let mut alphas = Vec::with_capacity(hist.len());
+        for (s, y, rho) in hist.iter().rev() {
+            let a = rho * dot(s, &q);
+            q.iter_mut().zip(y).for_each(|(qi, yi)| *qi -= a * yi);
+            alphas.push(a);
+        }
+        let gamma = match hist.last() {
+            Some((s, y, _)) => dot(s, y) / dot(y, y),
+            None => 1.0 / g.iter().map(|v| v * v).sum::<f64>().sqrt().max(1.0),
+        };
+        q.iter_mut().for_each(|v| *v *= gamma);
+        for ((s, y, rho), a) in hist.iter().zip(alphas.iter().rev()) {
+            let bta = rho * dot(y, &q);
+            q.iter_mut()
+                .zip(s)
+                .for_each(|(qi, si)| *qi += (a - bta) * si);
+        }
+        let mut d: Vec<f64> = q.iter().map(|v| -v).collect();
+        let mut gd = dot(&g, &d);
+        if gd >= 0.0 {
+            hist.clear();
+            d = g.iter().map(|v| -v).collect();
+            gd = dot(&g, &d);
+        }
+        let mut t = 1.0;
+        let mut ok = false;
+        for _ in 0..50 {
+            xn.iter_mut()
+                .zip(&x)
+                .zip(&d)
+                .for_each(|((o, xi), di)| *o = xi + t * di);
+            let fxn = f(&xn, &mut gn);
+            if fxn <= fx + 1e-4 * t * gd {
+                fx = fxn;
+                ok = true;
+                break;
+            }
+            t *= 0.5;
+        }
+        if !ok {
+            break;
+        }
+        let s: Vec<f64> = xn.iter().zip(&x).map(|(a, b)| a - b).collect();
+        let y: Vec<f64> = gn.iter().zip(&g).map(|(a, b)| a - b).collect();
+        let sy = dot(&s, &y);
+        std::mem::swap(&mut x, &mut xn);
+        std::mem::swap(&mut g, &mut gn);
+        if sy > 1e-12 {
+            if hist.len() == m {
+                hist.remove(0);
+            }
+            hist.push((s, y, 1.0 / sy));
+        }
+    }
+    x
+}
+
+impl LogReg {
+    /// Fits on rows `idx` of `x` (`[n, d]` row-major) with labels `y` in `0..n_classes`.
+    pub fn fit(x: &[f64], d: usize, y: &[usize], idx: &[usize], n_classes: usize, l2: f64) -> Self {
+        let nt = idx.len() as f64;
+        let mut mean = vec![0.0; d];
+        for &i in idx {
+            mean.iter_mut()
+                .zip(&x[i * d..(i + 1) * d])
+                .for_each(|(m, v)| *m += v / nt);
+        }
+        let mut scale = vec![0.0; d];
+        for &i in idx {
+            scale
+                .iter_mut()
+                .zip(&x[i * d..(i + 1) * d])
+                .zip(&mean)
+                .for_each(|((s, v), m)| *s += (v - m).powi(2) / nt);
+        }
+        scale
+            .iter_mut()
+            .for_each(|s| *s = if *s > 1e-20 { s.sqrt() } else { 1.0 });
+        let xs: Vec<f64> = idx
+            .iter()
+            .flat_map(|&i| {
+                x[i * d..(i + 1) * d]
+                    .iter()
+                    .zip(&mean)
+                    .zip(&scale)
+                    .map(|((v, m), s)| (v - m) / s)
+            })
+            .collect();
+        let ys: Vec<usize> = idx.iter().map(|&i| y[i]).collect();
+        let c = n_classes;
+        let loss = |th: &[f64], g: &mut [f64]| -> f64 {
+            g.iter_mut().for_each(|v| *v = 0.0);
+            let (w, b) = th.split_at(c * d);
+            let mut total = 0.0;
+            let mut z = vec![0.0; c];
+            for (r, &yr) in ys.iter().enumerate() {
+                let xr = &xs[r * d..(r + 1) * d];
+                for k in 0..c {
+                    z[k] = dot(&w[k * d..(k + 1) * d], xr) + b[k];
+                }
+                let zmax = z.iter().fold(f64::NEG_INFINITY, |a, &v| a.max(v));
+                let lse = zmax + z.iter().map(|v| (v - zmax).exp()).sum::<f64>().ln();
+                total += lse - z[yr];
+                let (gw, gb) = g.split_at_mut(c * d);
+                for k in 0..c {
+                    let p = (z[k] - lse).exp() - if k == yr { 1.0 } else { 0.0 };
+                    let p = p / nt;
+                    gw[k * d..(k + 1) * d]
+                        .iter_mut()
+                        .zip(xr)
+                        .for_each(|(gi, xi)| *gi += p * xi);
+                    gb[k] += p;
+                }
+            }
+            let (gw, _) = g.split_at_mut(c * d);
+            gw.iter_mut().zip(w).for_each(|(gi, wi)| *gi += l2 * wi);
+            total / nt + 0.5 * l2 * dot(w, w)
+        };
+        let th = lbfgs(&loss, vec![0.0; c * d + c], 500, 1e-7);
+        let (w, b) = th.split_at(c * d);
+        LogReg {
+            n_classes: c,
+            d,
+            w: w.to_vec(),
+            b: b.to_vec(),
+            mean,
+            scale,
+        }
+    }
+
+    /// Class probabilities for one raw feature row.
+    pub fn proba(&self, row: &[f64]) -> Vec<f64> {
+        let xs: Vec<f64> = row
+            .iter()
+            .zip(&self.mean)
+            .zip(&self.scale)
+            .map(|((v, m), s)| (v - m) / s)
+            .collect();
+        let z: Vec<f64> = (0..self.n_classes)
+            .map(|k| dot(&self.w[k * self.d..(k + 1) * self.d], &xs) + self.b[k])
+            .collect();
+        let zmax = z.iter().fold(f64::NEG_INFINITY, |a, &v| a.max(v));
+        let e: Vec<f64> = z.iter().map(|v| (v - zmax).exp()).collect();
+        let s: f64 = e.iter().sum();
+        e.into_iter().map(|v| v / s).collect()
+    }
+
+    /// For a binary probe: the weight direction in raw activation space (class 1 minus class 0,
+    /// undoing the standardisation), so that `x . dir` grows with class 1.
+    pub fn raw_direction(&self) -> Vec<f64> {
+        (0..self.d)
+            .map(|j| (self.w[self.d + j] - self.w[j]) / self.scale[j])
+            .collect()
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ProbeOptions {
+    /// L2 strength on standardised features (loss = mean cross-entropy + l2/2 |W|^2).
+    pub l2: f64,
+    pub folds: usize,
+    pub seed: u64,
+    pub template_holdout: bool,
+    pub control: bool,
+    pub bootstrap: usize,
+}
+
+impl Default for ProbeOptions {
+    fn default() -> Self {
+        ProbeOptions {
+            l2: 1e-2,
+            folds: 5,
+            seed: 0,
+            template_holdout: true,
+            control: true,
+            bootstrap: 200,
+        }
+    }
+}
+
+/// Held-out predictions pooled over folds.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Metrics {
+    pub accuracy: f64,
+    /// Wilson 95 % interval of the pooled accuracy.
+    pub accuracy_ci95: (f64, f64),
+    /// ROC AUC (binary, or macro one-vs-rest).
+    pub auc: Option<f64>,
+    /// Percentile bootstrap 95 % interval of the AUC.
+    pub auc_ci95: Option<(f64, f64)>,
+    pub n_test: usize,
+    pub fold_accuracies: Vec<f64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LayerProbe {
+    pub hook: String,
+    /// Residual row (0 = embeddings, i = output of block i-1) when the hook is a residual row.
+    pub resid_index: Option<usize>,
+    pub train_accuracy: f64,
+    pub cv: Metrics,
+    pub template_holdout: Option<Metrics>,
+    pub control: Option<Metrics>,
+    /// CV accuracy minus control accuracy.
+    pub selectivity: Option<f64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ProbeReport {
+    pub model: String,
+    pub position_rule: String,
+    pub dataset_source: String,
+    pub dataset_hash: String,
+    pub classes: Vec<String>,
+    pub class_counts: BTreeMap<String, usize>,
+    pub n_prompts: usize,
+    pub chance_accuracy: f64,
+    pub options: ProbeOptions,
+    pub n_templates: usize,
+    pub layers: Vec<LayerProbe>,
+    pub seconds: f64,
+}
+
+fn pooled(
+    x: &[f64],
+    d: usize,
+    y: &[usize],
+    c: usize,
+    splits: &[(Vec<usize>, Vec<usize>)],
+    opts: &ProbeOptions,
+) -> Metrics {
+    let mut probs = Vec::new();
+    let mut labels = Vec::new();
+    let mut fold_acc = Vec::new();
+    for (tr, te) in splits {
+        let m = LogReg::fit(x, d, y, tr, c, opts.l2);
+        let mut right = 0;
+        for &i in te {
+            let p = m.proba(&x[i * d..(i + 1) * d]);
+            let arg = argmax(&p);
+            right += usize::from(arg == y[i]);
+            probs.push(p);
+            labels.push(y[i]);
+        }
+        fold_acc.push(right as f64 / te.len().max(1) as f64);
+    }
+    let correct = probs
+        .iter()
+        .zip(&labels)
+        .filter(|(p, &l)| argmax(p) == l)
+        .count();
+    let auc = auc_ovr(&probs, &labels, c);
+    let auc_ci = auc.and_then(|_| {
+        bootstrap95(labels.len(), opts.bootstrap, opts.seed ^ 0xa0c, |idx| {
+            let p: Vec<Vec<f64>> = idx.iter().map(|&i| probs[i].clone()).collect();
+            let l: Vec<usize> = idx.iter().map(|&i| labels[i]).collect();
+            auc_ovr(&p, &l, c)
+        })
+    });
+    Metrics {
+        accuracy: correct as f64 / labels.len().max(1) as f64,
+        accuracy_ci95: wilson95(correct, labels.len()),
+        auc,
+        auc_ci95: auc_ci,
+        n_test: labels.len(),
+        fold_accuracies: fold_acc,
+    }
+}
+
+fn argmax(p: &[f64]) -> usize {
+    p.iter()
+        .enumerate()
+        .max_by(|a, b| a.1.total_cmp(b.1))
+        .map(|(i, _)| i)
+        .unwrap_or(0)
+}
+
+/// Stratified k-fold splits (each class spread evenly over folds, seeded shuffle).
+pub fn stratified_folds(
+    y: &[usize],
+    c: usize,
+    k: usize,
+    seed: u64,
+) -> Vec<(Vec<usize>, Vec<usize>)> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut fold_of = vec![0usize; y.len()];
+    for class in 0..c {
+        let mut idx: Vec<usize> = (0..y.len()).filter(|&i| y[i] == class).collect();
+        idx.shuffle(&mut rng);
+        for (j, i) in idx.into_iter().enumerate() {
+            fold_of[i] = j % k;
+        }
+    }
+    (0..k)
+        .map(|f| {
+            let te: Vec<usize> = (0..y.len()).filter(|&i| fold_of[i] == f).collect();
+            let tr: Vec<usize> = (0..y.len()).filter(|&i| fold_of[i] != f).collect();
+            (tr, te)
+        })
+        .filter(|(tr, te)| !tr.is_empty() && !te.is_empty())
+        .collect()
+}
+
+/// Leave-one-group-out splits (groups = phrasing templates).
+pub fn group_splits(groups: &[String]) -> Vec<(Vec<usize>, Vec<usize>)> {
+    let mut names: Vec<&String> = groups.iter().collect();
+    names.sort();
+    names.dedup();
+    names
+        .iter()
+        .map(|g| {
+            let te: Vec<usize> = (0..groups.len()).filter(|&i| &groups[i] == *g).collect();
+            let tr: Vec<usize> = (0..groups.len()).filter(|&i| &groups[i] != *g).collect();
+            (tr, te)
+        })
+        .collect()
+}
+
+/// The label of each harvested prompt for `classes` (None: not in the task).
+pub fn labels_for(h: &Harvest, classes: &[String], by_persona: bool) -> Vec<Option<usize>> {
+    h.meta
+        .items
+        .iter()
+        .map(|it| {
+            let key = if by_persona { &it.persona } else { &it.class };
+            classes.iter().position(|c| c == key)
+        })
+        .collect()
+}
+
+/// Trains and evaluates one probe per hook in `hooks` (e.g. every residual row).
+pub fn probe_layers(
+    h: &Harvest,
+    hooks: &[String],
+    classes: &[String],
+    by_persona: bool,
+    opts: &ProbeOptions,
+    progress: &(dyn Fn() + Sync),
+) -> Result<ProbeReport> {
+    let t0 = std::time::Instant::now();
+    if classes.len() < 2 {
+        return Err(AnalysisError::Invalid(
+            "a probe needs at least two classes".into(),
+        ));
+    }
+    let lab = labels_for(h, classes, by_persona);
+    let keep: Vec<usize> = (0..lab.len()).filter(|&i| lab[i].is_some()).collect();
+    let y: Vec<usize> = keep.iter().map(|&i| lab[i].unwrap_or(0)).collect();
+    let mut counts = BTreeMap::new();
+    for (ci, c) in classes.iter().enumerate() {
+        let n = y.iter().filter(|&&v| v == ci).count();
+        if n == 0 {
+            return Err(AnalysisError::Dataset(format!(
+                "class '{c}' has no prompts in this harvest; pick classes present in the dataset"
+            )));
+        }
+        if n < opts.folds {
+            return Err(AnalysisError::Dataset(format!(
+                "class '{c}' has {n} prompts, fewer than --folds {}; add prompts or lower --folds",
+                opts.folds
+            )));
+        }
+        counts.insert(c.clone(), n);
+    }
+    let groups: Vec<String> = keep
+        .iter()
+        .map(|&i| h.meta.items[i].template_id.clone())
+        .collect();
+    let n_templates = {
+        let mut g = groups.clone();
+        g.sort();
+        g.dedup();
+        g.len()
+    };
+    let c = classes.len();
+    let folds = stratified_folds(&y, c, opts.folds, opts.seed);
+    let holdout = (opts.template_holdout && n_templates >= 2).then(|| group_splits(&groups));
+    let mut y_ctrl = y.clone();
+    y_ctrl.shuffle(&mut StdRng::seed_from_u64(opts.seed ^ 0xc0417));
+    let ctrl_folds = stratified_folds(&y_ctrl, c, opts.folds, opts.seed);
+    let layers: Vec<LayerProbe> = hooks
+        .par_iter()
+        .map(|hook| {
+            let (xall, _, d) = h.matrix(hook)?;
+            let x: Vec<f64> = keep
+                .iter()
+                .flat_map(|&i| xall[i * d..(i + 1) * d].iter().copied())
+                .collect();
+            let all: Vec<usize> = (0..y.len()).collect();
+            let full = LogReg::fit(&x, d, &y, &all, c, opts.l2);
+            let train_right = all
+                .iter()
+                .filter(|&&i| argmax(&full.proba(&x[i * d..(i + 1) * d])) == y[i])
+                .count();
+            let cv = pooled(&x, d, &y, c, &folds, opts);
+            let ho = holdout.as_ref().map(|s| pooled(&x, d, &y, c, s, opts));
+            let ctrl = opts
+                .control
+                .then(|| pooled(&x, d, &y_ctrl, c, &ctrl_folds, opts));
+            progress();
+            Ok(LayerProbe {
+                hook: hook.clone(),
+                resid_index: resid_index_of(hook),
+                train_accuracy: train_right as f64 / y.len() as f64,
+                selectivity: ctrl.as_ref().map(|m| cv.accuracy - m.accuracy),
+                cv,
+                template_holdout: ho,
+                control: ctrl,
+            })
+        })
+        .collect::<Result<_>>()?;
+    let max_class = *counts.values().max().unwrap_or(&0) as f64;
+    Ok(ProbeReport {
+        model: h.meta.model.clone(),
+        position_rule: h.meta.position_rule.to_string(),
+        dataset_source: h.meta.dataset_source.clone(),
+        dataset_hash: h.meta.dataset_hash.clone(),
+        classes: classes.to_vec(),
+        class_counts: counts,
+        n_prompts: y.len(),
+        chance_accuracy: max_class / y.len() as f64,
+        options: opts.clone(),
+        n_templates,
+        layers,
+        seconds: t0.elapsed().as_secs_f64(),
+    })
+}
+
+/// `blocks.0.hook_resid_pre` -> 0, `blocks.{l}.hook_resid_post` -> l + 1.
+pub fn resid_index_of(hook: &str) -> Option<usize> {
+    let rest = hook.strip_prefix("blocks.")?;
+    let (l, point) = rest.split_once('.')?;
+    let l: usize = l.parse().ok()?;
+    match point {
+        "hook_resid_pre" => Some(l),
+        "hook_resid_post" => Some(l + 1),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn logistic_regression_separates_and_matches_closed_form_direction() {
+        // Two Gaussian blobs differing along axis 2 only.
+        let mut rng = StdRng::seed_from_u64(1);
+        use rand::Rng;
+        let (n, d) = (200, 5);
+        let mut x = vec![0.0; n * d];
+        let mut y = vec![0; n];
+        for i in 0..n {
+            y[i] = i % 2;
+            for j in 0..d {
+                x[i * d + j] = rng.random_range(-1.0..1.0);
+            }
+            x[i * d + 2] += if y[i] == 1 { 1.5 } else { -1.5 };
+        }
+        let all: Vec<usize> = (0..n).collect();
+        let m = LogReg::fit(&x, d, &y, &all, 2, 1e-3);
+        let dir = m.raw_direction();
+        let norm = dir.iter().map(|v| v * v).sum::<f64>().sqrt();
+        assert!(dir[2] / norm > 0.99, "{dir:?}");
+        let acc = all
+            .iter()
+            .filter(|&&i| argmax(&m.proba(&x[i * d..(i + 1) * d])) == y[i])
+            .count() as f64
+            / n as f64;
+        assert!(acc > 0.99, "{acc}");
+    }
+
+    #[test]
+    fn lbfgs_minimises_a_quadratic() {
+        let f = |x: &[f64], g: &mut [f64]| {
+            g[0] = 2.0 * (x[0] - 3.0);
+            g[1] = 20.0 * (x[1] + 1.0);
+            (x[0] - 3.0).powi(2) + 10.0 * (x[1] + 1.0).powi(2)
+        };
+        let x = lbfgs(&f, vec![0.0, 0.0], 100, 1e-10);
+        assert!(
+            (x[0] - 3.0).abs() < 1e-6 && (x[1] + 1.0).abs() < 1e-6,
+            "{x:?}"
+        );
+    }
+
+    #[test]
+    fn folds_are_stratified_and_cover_everything() {
+        let y: Vec<usize> = (0..50).map(|i| usize::from(i < 20)).collect();
+        let f = stratified_folds(&y, 2, 5, 3);
+        assert_eq!(f.len(), 5);
+        let mut seen = vec![0; 50];
+        for (_, te) in &f {
+            assert_eq!(te.iter().filter(|&&i| y[i] == 1).count(), 4);
+            te.iter().for_each(|&i| seen[i] += 1);
+        }
+        assert!(seen.iter().all(|&s| s == 1));
+        assert_eq!(resid_index_of("blocks.0.hook_resid_pre"), Some(0));
+        assert_eq!(resid_index_of("blocks.4.hook_resid_post"), Some(5));
+    }
+}

@@ -1,0 +1,152 @@
+//! Small statistics used across analyses: intervals, ROC AUC, correlation.
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+/// Wilson score interval (95 %) for `k` successes out of `n`.
+pub fn wilson95(k: usize, n: usize) -> (f64, f64) {
+    if n == 0 {
+        return (0.0, 1.0);
+    }
+    let z = 1.959_963_984_540_054_f64;
+    let n = n as f64;
+    let p = k as f64 / n;
+    let den = 1.0 + z * z / n;
+    let centre = (p + z * z / (2.0 * n)) / den;
+    let half = z * (p * (1.0 - p) / n + z * z / (4.0 * n * n)).sqrt() / den;
+    ((centre - half).max(0.0), (centre + half).min(1.0))
+}
+
+/// Binary ROC AUC (Mann-Whitney U, ties count one half). `None` if a class is missing.
+pub fn auc_binary(scores: &[f64], positive: &[bool]) -> Option<f64> {
+    let mut idx: Vec<usize> = (0..scores.len()).collect();
+    idx.sort_by(|&a, &b| scores[a].total_cmp(&scores[b]));
+    // Average ranks over ties.
+    let mut ranks = vec![0.0; scores.len()];
+    let mut i = 0;
+    while i < idx.len() {
+        let mut j = i;
+        while j + 1 < idx.len() && scores[idx[j + 1]] == scores[idx[i]] {
+            j += 1;
+        }
+        let r = (i + j) as f64 / 2.0 + 1.0;
+        for &k in &idx[i..=j] {
+            ranks[k] = r;
+        }
+        i = j + 1;
+    }
+    let n_pos = positive.iter().filter(|&&p| p).count() as f64;
+    let n_neg = positive.len() as f64 - n_pos;
+    if n_pos == 0.0 || n_neg == 0.0 {
+        return None;
+    }
+    let rank_sum: f64 = ranks
+        .iter()
+        .zip(positive)
+        .filter(|(_, &p)| p)
+        .map(|(r, _)| r)
+        .sum();
+    Some((rank_sum - n_pos * (n_pos + 1.0) / 2.0) / (n_pos * n_neg))
+}
+
+/// Macro one-vs-rest AUC from class probabilities `probs[i][c]`.
+pub fn auc_ovr(probs: &[Vec<f64>], labels: &[usize], n_classes: usize) -> Option<f64> {
+    if n_classes == 2 {
+        let s: Vec<f64> = probs.iter().map(|p| p[1]).collect();
+        let pos: Vec<bool> = labels.iter().map(|&l| l == 1).collect();
+        return auc_binary(&s, &pos);
+    }
+    let aucs: Vec<f64> = (0..n_classes)
+        .filter_map(|c| {
+            let s: Vec<f64> = probs.iter().map(|p| p[c]).collect();
+            let pos: Vec<bool> = labels.iter().map(|&l| l == c).collect();
+            auc_binary(&s, &pos)
+        })
+        .collect();
+    if aucs.is_empty() {
+        None
+    } else {
+        Some(aucs.iter().sum::<f64>() / aucs.len() as f64)
+    }
+}
+
+/// Percentile bootstrap (95 %) of a statistic over resampled indices.
+pub fn bootstrap95(
+    n: usize,
+    reps: usize,
+    seed: u64,
+    stat: impl Fn(&[usize]) -> Option<f64>,
+) -> Option<(f64, f64)> {
+    if n == 0 {
+        return None;
+    }
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut vals: Vec<f64> = (0..reps)
+        .filter_map(|_| {
+            let idx: Vec<usize> = (0..n).map(|_| rng.random_range(0..n)).collect();
+            stat(&idx)
+        })
+        .collect();
+    if vals.len() < reps / 2 {
+        return None;
+    }
+    vals.sort_by(f64::total_cmp);
+    let q = |p: f64| vals[((vals.len() - 1) as f64 * p).round() as usize];
+    Some((q(0.025), q(0.975)))
+}
+
+/// Mean and a normal-approximation 95 % interval of the mean (1.96 standard errors).
+pub fn mean_ci95(xs: &[f64]) -> (f64, f64, f64) {
+    let n = xs.len() as f64;
+    if xs.is_empty() {
+        return (f64::NAN, f64::NAN, f64::NAN);
+    }
+    let m = xs.iter().sum::<f64>() / n;
+    if xs.len() < 2 {
+        return (m, m, m);
+    }
+    let var = xs.iter().map(|x| (x - m).powi(2)).sum::<f64>() / (n - 1.0);
+    let h = 1.96 * (var / n).sqrt();
+    (m, m - h, m + h)
+}
+
+pub fn pearson(a: &[f64], b: &[f64]) -> f64 {
+    let n = a.len().min(b.len()) as f64;
+    let ma = a.iter().sum::<f64>() / n;
+    let mb = b.iter().sum::<f64>() / n;
+    let (mut sab, mut saa, mut sbb) = (0.0, 0.0, 0.0);
+    for (x, y) in a.iter().zip(b) {
+        sab += (x - ma) * (y - mb);
+        saa += (x - ma).powi(2);
+        sbb += (y - mb).powi(2);
+    }
+    sab / (saa * sbb).sqrt()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wilson_matches_published_value() {
+        // Newcombe (1998), example: 81/263 -> (0.2553, 0.3662).
+        let (lo, hi) = wilson95(81, 263);
+        assert!(
+            (lo - 0.2553).abs() < 5e-4 && (hi - 0.3662).abs() < 5e-4,
+            "{lo} {hi}"
+        );
+    }
+
+    #[test]
+    fn auc_counts_pairs_and_ties() {
+        // 2 pos, 2 neg: pos scores {0.8, 0.4}, neg {0.5, 0.4}: pairs won 1 + 0.5 + 1 + 0 = 2.5 of 4.
+        let a = auc_binary(&[0.8, 0.4, 0.5, 0.4], &[true, true, false, false]).unwrap();
+        assert!((a - 0.625).abs() < 1e-12, "{a}");
+        assert_eq!(auc_binary(&[0.1, 0.2], &[true, true]), None);
+    }
+
+    #[test]
+    fn pearson_of_linear_is_one() {
+        assert!((pearson(&[1.0, 2.0, 3.0], &[2.0, 4.0, 6.5]) - 0.9986).abs() < 1e-3);
+    }
+}
