@@ -1,6 +1,7 @@
 //! `persona-lens`: a thin command line over the library crates. Each subcommand parses its
 //! arguments, calls the library and prints (`--json` for machine-readable output).
 
+mod analysis_cmds;
 mod engine_cmds;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -30,6 +31,14 @@ enum Cmd {
     Inspect(engine_cmds::InspectArgs),
     /// Benchmark workload: forward with the full residual cache over a prompts file (bench/).
     BenchForward(engine_cmds::BenchForwardArgs),
+    /// Harvest activations of the persona dataset at hooks and a position rule (reused later).
+    Harvest(analysis_cmds::HarvestArgs),
+    /// Linear probes per layer: CV, template hold-out, control task; table, JSON and plot.
+    Probe(analysis_cmds::ProbeArgs),
+    /// Persona directions per layer (difference of means, probe weights), safetensors + npy.
+    Direction(analysis_cmds::DirectionArgs),
+    /// Logit lens: one prompt's top-k per layer, or tracked words per persona over the dataset.
+    Lens(analysis_cmds::LensArgs),
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -79,6 +88,10 @@ fn main() -> ExitCode {
         Cmd::Cache(a) => engine_cmds::cache(a),
         Cmd::Inspect(a) => engine_cmds::inspect(a),
         Cmd::BenchForward(a) => engine_cmds::bench_forward(a),
+        Cmd::Harvest(a) => analysis_cmds::harvest(a),
+        Cmd::Probe(a) => analysis_cmds::probe(a),
+        Cmd::Direction(a) => analysis_cmds::direction(a),
+        Cmd::Lens(a) => analysis_cmds::lens(a),
     };
     match res {
         Ok(()) => ExitCode::SUCCESS,

@@ -402,6 +402,25 @@ impl Model {
         Ok((ids, out))
     }
 
+    /// Whether prompts should get the chat template by default: the model has one and its
+    /// name marks it as instruction-tuned (`-it`, `instruct`, `chat`). Base models such as
+    /// gemma-3-270m ship a template in their GGUF but were not trained on it.
+    pub fn is_chat_model(&self) -> bool {
+        if self.tokenizer.chat_template.is_none() {
+            return false;
+        }
+        let names = format!(
+            "{} {} {}",
+            self.info.name,
+            self.info.path,
+            self.info.general_name.clone().unwrap_or_default()
+        )
+        .to_lowercase();
+        ["instruct", "-it", "_it", " it", "chat"]
+            .iter()
+            .any(|k| names.contains(k))
+    }
+
     /// A padding id for batches (its value never matters: padding is masked).
     pub fn pad_id(&self) -> u32 {
         self.tokenizer

@@ -180,8 +180,15 @@ fn draw_line_chart<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, c: &LineCh
         .configure_mesh()
         .x_desc(&c.x_label)
         .y_desc(&c.y_label)
+        .x_label_formatter(&|v| {
+            if (v - v.round()).abs() < 1e-9 {
+                format!("{v:.0}")
+            } else {
+                format!("{v:.2}")
+            }
+        })
+        .light_line_style(RGBColor(245, 245, 245))
         .label_style((FONT, 13))
-        .light_line_style(RGBColor(235, 235, 235))
         .draw()
         .map_err(se)?;
     for (i, s) in c.series.iter().enumerate() {
