@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The main job on the default model (gemma-3-270m) until the full study lands:
-# inspect the model, generate for two personas, and cache the residual stream of persona prompts.
+# inspect the model, generate for two personas, cache the residual stream of persona prompts,
+# probe every residual row for child vs PhD (template hold-out), persona directions, logit lens.
 set -euo pipefail
 bin="${1:-target/release/persona-lens}"
 out="${2:-out/demo}"
@@ -16,4 +17,8 @@ done
   --prompt "You are talking to a PhD physicist. Explain why the sky is blue." \
   --hooks 'hook_embed,blocks.*.hook_resid_post,blocks.*.attn.hook_pattern' \
   --out "$out/persona_cache.safetensors"
+# Child vs PhD, 8 topics x 3 questions x 7 templates = 336 prompts.
+"$bin" probe --n-questions-per-pair 3 --out "$out/probe"
+"$bin" direction --n-questions-per-pair 3 --out "$out/probe" --layer 6 --align-probe-index
+"$bin" lens --pair-id physics --n-questions-per-pair 5 --out "$out/lens"
 echo "demo outputs in $out/"

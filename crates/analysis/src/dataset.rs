@@ -440,6 +440,10 @@ pub fn select_pairs(ds: PersonaDataset, ids: &[String]) -> Result<PersonaDataset
     if ids.is_empty() {
         return Ok(ds);
     }
+    let mut topics: Vec<&str> = ds.items.iter().map(|i| i.topic.as_str()).collect();
+    topics.sort();
+    topics.dedup();
+    let topics = topics.join(", ");
     let items: Vec<PromptItem> = ds
         .items
         .into_iter()
@@ -447,7 +451,7 @@ pub fn select_pairs(ds: PersonaDataset, ids: &[String]) -> Result<PersonaDataset
         .collect();
     if items.is_empty() {
         return Err(AnalysisError::Dataset(format!(
-            "--pair-id {} matched no prompt (ids and topics are both matched)",
+            "--pair-id {} matched no prompt (it matches pair ids and topics; topics here: {topics})",
             ids.join(",")
         )));
     }

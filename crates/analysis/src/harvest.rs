@@ -118,11 +118,26 @@ fn check_hook(h: &HookName) -> Result<()> {
     Ok(())
 }
 
+/// Sets up interventions for one batch: gets the dataset indices of the batch's rows (row r of
+/// the forward call is item `rows[r]`) and the batch's left padding.
+pub type BatchSetup<'a> = &'a dyn Fn(&[usize], &Batch, &mut Hooks) -> Result<()>;
+
 /// Runs `ds` through `model` and keeps each prompt's vector at every hook of `spec`.
 pub fn harvest(
     model: &Model,
     ds: &PersonaDataset,
     spec: &HarvestSpec,
+    progress: &dyn Fn(usize),
+) -> Result<Harvest> {
+    harvest_with(model, ds, spec, None, progress)
+}
+
+/// [`harvest`] with interventions per batch (ablations, planted features, steering).
+pub fn harvest_with(
+    model: &Model,
+    ds: &PersonaDataset,
+    spec: &HarvestSpec,
+    setup: Option<BatchSetup>,
     progress: &dyn Fn(usize),
 ) -> Result<Harvest> {
     for h in &spec.hooks {
@@ -150,6 +165,9 @@ pub fn harvest(
         let batch = Batch::left_padded(&seqs, model.pad_id(), model.device())?;
         let mut hooks = Hooks::new();
         hooks.capture_all(&spec.hooks);
+        if let Some(f) = setup {
+            f(chunk, &batch, &mut hooks)?;
+        }
         model.forward(&batch, None, &mut hooks, LogitsAt::None)?;
         for (hi, h) in spec.hooks.iter().enumerate() {
             let full = hooks.cache.get(h)?;

@@ -202,6 +202,9 @@ pub struct DatasetLens {
     pub prompts: Vec<(String, String, Vec<f64>)>,
 }
 
+/// One residual row of one prompt: (logit difference, per tracked word (log-prob, rank)).
+type RowStats = (f64, Vec<(f64, usize)>);
+
 /// Runs the lens over every prompt of `ds` at `rule` and aggregates per persona.
 #[allow(clippy::too_many_arguments)]
 pub fn dataset_lens(
@@ -223,7 +226,7 @@ pub fn dataset_lens(
     let ne = expert.len();
     let mut prompts = Vec::new();
     // persona -> per prompt: per row (diff, per-word (logprob, rank))
-    let mut per: BTreeMap<String, Vec<Vec<(f64, Vec<(f64, usize)>)>>> = BTreeMap::new();
+    let mut per: BTreeMap<String, Vec<Vec<RowStats>>> = BTreeMap::new();
     for it in &ds.items {
         let enc = encode_item(model, it, chat)?;
         let (s, _) = rule.span(&enc, &it.id)?;
@@ -233,7 +236,7 @@ pub fn dataset_lens(
             s
         };
         let logits = lens_logits(model, &resid_at(model, &enc.ids, pos)?)?;
-        let rows: Vec<(f64, Vec<(f64, usize)>)> = logits
+        let rows: Vec<RowStats> = logits
             .iter()
             .map(|row| {
                 let lp = log_softmax_at(row, &all_ids);

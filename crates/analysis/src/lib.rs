@@ -33,14 +33,20 @@ impl From<candle_core::Error> for AnalysisError {
 
 pub type Result<T> = std::result::Result<T, AnalysisError>;
 
-/// The residual stream as rows, TransformerLens-style: row 0 = `blocks.0.hook_resid_pre`
-/// (the embedding), row i >= 1 = `blocks.{i-1}.hook_resid_post` (the output of block i-1).
-/// This equals HF's `output_hidden_states` indexing except that the last row is raw (before
-/// the final norm), as in the golden README.
+/// The residual stream as rows, TransformerLens-style: row i < n_layers = `blocks.{i}.hook_resid_pre`
+/// (row 0 = the embedding, row i = the output of block i-1 as block i reads it) and row n_layers
+/// = `blocks.{n-1}.hook_resid_post`. This equals HF's `output_hidden_states` indexing except that
+/// the last row is raw (before the final norm), as in the golden README. Rows are named by the
+/// `resid_pre` hook so that an intervention at `blocks.{i}.hook_resid_pre` shows in row i.
 pub fn resid_rows(n_layers: usize) -> Vec<persona_lens_engine::HookName> {
     use persona_lens_engine::{HookName, HookPoint};
-    let mut v = vec![HookName::block(0, HookPoint::ResidPre)];
-    v.extend((0..n_layers).map(|l| HookName::block(l, HookPoint::ResidPost)));
+    let mut v: Vec<HookName> = (0..n_layers)
+        .map(|l| HookName::block(l, HookPoint::ResidPre))
+        .collect();
+    v.push(HookName::block(
+        n_layers.saturating_sub(1),
+        HookPoint::ResidPost,
+    ));
     v
 }
 

@@ -543,7 +543,7 @@ mod tests {
         let y: Vec<usize> = (0..50).map(|i| usize::from(i < 20)).collect();
         let f = stratified_folds(&y, 2, 5, 3);
         assert_eq!(f.len(), 5);
-        let mut seen = vec![0; 50];
+        let mut seen = [0; 50];
         for (_, te) in &f {
             assert_eq!(te.iter().filter(|&&i| y[i] == 1).count(), 4);
             te.iter().for_each(|&i| seen[i] += 1);

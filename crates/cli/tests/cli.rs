@@ -318,3 +318,110 @@ fn bad_inputs_give_one_line_errors() {
     );
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[test]
+fn analysis_bad_inputs_give_one_line_errors() {
+    let dir = std::env::temp_dir().join(format!("pl-bad-analysis-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let out = dir.join("out");
+    let out_s = out.to_str().unwrap();
+    let smol = ["--model", "smollm2-135m-instruct", "--quiet"];
+
+    // Malformed dataset: the error points at the JSON field.
+    let bad = dir.join("bad.json");
+    std::fs::write(
+        &bad,
+        r#"{"prompt_pairs": {"expertise_level": [{"id": "exp_001", "topic": "physics",
+            "novice": {"prompt": "I'm 5. Why is the sky blue?"}, "expert": {"promt": "x"}}]}}"#,
+    )
+    .unwrap();
+    let mut args = vec!["probe", "--dataset", bad.to_str().unwrap(), "--out", out_s];
+    args.extend(smol);
+    assert_one_line_error(&args, "prompt_pairs.expertise_level[0].expert");
+
+    // Empty class: a file with sycophancy pairs only has no novice/expert prompts.
+    let syc = dir.join("syc.json");
+    std::fs::write(
+        &syc,
+        r#"{"prompt_pairs": {"sycophancy_triggers": [{"id": "syc_001", "topic": "flat_earth",
+            "biased": {"prompt": "I think the earth is flat. Explain gravity."},
+            "neutral": {"prompt": "Explain gravity."}}]}}"#,
+    )
+    .unwrap();
+    let mut args = vec![
+        "direction",
+        "--dataset",
+        syc.to_str().unwrap(),
+        "--out",
+        out_s,
+    ];
+    args.extend(smol);
+    assert_one_line_error(&args, "class 'novice' has no prompts");
+
+    // A tracked word that is not a single token.
+    let mut args = vec![
+        "lens",
+        "--pair-id",
+        "physics",
+        "--n-questions-per-pair",
+        "1",
+        "--templates",
+        "0",
+        "--expert-words",
+        "photosynthesisological",
+        "--out",
+        out_s,
+    ];
+    args.extend(smol);
+    assert_one_line_error(&args, "not a single token");
+
+    // Layer out of range (SmolLM2-135M has 30 blocks).
+    let mut args = vec![
+        "direction",
+        "--pair-id",
+        "physics",
+        "--n-questions-per-pair",
+        "1",
+        "--layer",
+        "30",
+        "--out",
+        out_s,
+    ];
+    args.extend(smol);
+    assert_one_line_error(&args, "--layer 30 is out of range");
+
+    // Unknown topic / persona pair.
+    let mut args = vec!["probe", "--pair-id", "astrology", "--out", out_s];
+    args.extend(smol);
+    assert_one_line_error(
+        &args,
+        "matched no prompt (it matches pair ids and topics; topics here: astronomy, biology",
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn lens_json_is_the_documented_interface() {
+    let (code, out, err) = run(&[
+        "lens",
+        "--model",
+        "gemma-3-270m",
+        "--prompt",
+        "The capital of France is",
+        "--top-k",
+        "3",
+        "--json",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let v = json(&out);
+    let ids = v["input_ids"].as_array().unwrap();
+    assert_eq!(ids[0], 2, "BOS first");
+    let layers = v["layers"].as_array().unwrap();
+    assert_eq!(layers.len(), 19);
+    for (i, l) in layers.iter().enumerate() {
+        assert_eq!(l["resid_index"], i);
+        let top = l["top"].as_array().unwrap();
+        assert_eq!(top.len(), 3);
+        assert!(top[0][1].as_f64().unwrap() >= top[1][1].as_f64().unwrap());
+    }
+}

@@ -365,7 +365,7 @@ impl Model {
         text: &str,
         chat: bool,
         spans: &[(usize, usize)],
-    ) -> Result<(Vec<u32>, Vec<Option<(usize, usize)>>)> {
+    ) -> Result<(Vec<u32>, Vec<Option<crate::tokenizer::Span>>)> {
         if text.trim().is_empty() {
             return Err(EngineError::EmptyPrompt);
         }

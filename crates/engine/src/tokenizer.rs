@@ -16,6 +16,9 @@ use std::path::Path;
 const TOKEN_TYPE_CONTROL: i64 = 3;
 const TOKEN_TYPE_USER_DEFINED: i64 = 4;
 
+/// A byte or token range `[start, end)`.
+pub type Span = (usize, usize);
+
 pub struct Tokenizer {
     pub inner: tokenizers::Tokenizer,
     pub bos_id: Option<u32>,
@@ -343,7 +346,7 @@ impl Tokenizer {
         &self,
         text: &str,
         add_special_tokens: bool,
-    ) -> Result<(Vec<u32>, Vec<(usize, usize)>)> {
+    ) -> Result<(Vec<u32>, Vec<Span>)> {
         let with_pp = add_special_tokens && self.inner.get_post_processor().is_some();
         let enc = self.inner.encode(text, with_pp).map_err(tok_err)?;
         let mut ids = enc.get_ids().to_vec();
