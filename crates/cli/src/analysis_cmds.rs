@@ -472,6 +472,24 @@ pub fn lens_plot(r: &lens::DatasetLens, stem: &Path) -> Result<Vec<PathBuf>> {
             dashed: false,
         })
         .collect();
+    // Row 0 (the bare embedding) sits far below the rest and would flatten every other row:
+    // fit the y range to rows 1.. and say so in the caption.
+    let (mut lo, mut hi) = (f64::INFINITY, f64::NEG_INFINITY);
+    for p in &r.personas {
+        for (m, c) in p.logit_diff_mean.iter().zip(&p.logit_diff_ci95).skip(1) {
+            lo = lo.min(c.0.min(*m));
+            hi = hi.max(c.1.max(*m));
+        }
+    }
+    let row0 = r
+        .personas
+        .first()
+        .map(|p| p.logit_diff_mean[0])
+        .unwrap_or(0.0);
+    let y_range = (lo.is_finite() && hi > lo).then(|| {
+        let pad = (hi - lo) * 0.1;
+        (lo.min(0.0) - pad, hi.max(0.0) + pad)
+    });
     let words = |w: &[lens::TrackedWord]| {
         w.iter()
             .map(|w| w.word.clone())
@@ -479,18 +497,29 @@ pub fn lens_plot(r: &lens::DatasetLens, stem: &Path) -> Result<Vec<PathBuf>> {
             .join(",")
     };
     let chart = LineChart {
-        title: "Logit lens: expert minus simple words".into(),
+        title: {
+            let t = format!(
+                "Logit lens: [{}] minus [{}]",
+                words(&r.expert_words),
+                words(&r.simple_words)
+            );
+            if t.chars().count() > 80 {
+                "Logit lens: expert minus simple tracked words".to_string()
+            } else {
+                t
+            }
+        },
         x_label: "residual row (0 = embeddings, i = output of block i-1)".into(),
         y_label: "logit difference (logits)".into(),
         series,
-        y_range: None,
+        y_range,
         hline: Some((0.0, "0".into())),
         caption: format!(
-            "model {} | position {} | expert [{}] vs simple [{}] | band: 95% CI over prompts | dataset {}",
+            "model {} | position {} | {} expert vs {} simple words (lens.json) | band: 95% CI | row 0 = {row0:.1}, off scale | dataset {}",
             r.model,
             r.position_rule,
-            words(&r.expert_words),
-            words(&r.simple_words),
+            r.expert_words.len(),
+            r.simple_words.len(),
             r.dataset_hash
         ),
     };
