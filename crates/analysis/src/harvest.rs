@@ -154,7 +154,6 @@ pub fn harvest_with(
         .zip(&encoded)
         .map(|(it, e)| spec.rule.span(e, &it.id))
         .collect::<Result<_>>()?;
-    let mut per_hook: Vec<Vec<Tensor>> = vec![Vec::with_capacity(ds.items.len()); spec.hooks.len()];
     let bs = spec.batch_size.max(1);
     // Batch prompts of similar length together: less padding, same results.
     let mut order: Vec<usize> = (0..encoded.len()).collect();
@@ -183,15 +182,11 @@ pub fn harvest_with(
         }
         progress(chunk.len());
     }
-    for (hi, s) in slots.into_iter().enumerate() {
-        per_hook[hi] = s
-            .into_iter()
-            .map(|x| x.expect("every prompt harvested"))
-            .collect();
-    }
     let mut acts = BTreeMap::new();
     let mut d = BTreeMap::new();
-    for (h, vs) in spec.hooks.iter().zip(per_hook) {
+    for (h, vs) in spec.hooks.iter().zip(slots) {
+        // Every prompt sits in exactly one chunk, so every slot is filled.
+        let vs: Vec<Tensor> = vs.into_iter().flatten().collect();
         let t = Tensor::stack(&vs, 0)?;
         d.insert(h.to_string(), t.dim(1)?);
         acts.insert(h.to_string(), t);
