@@ -7,6 +7,7 @@ pub mod direction;
 pub mod harvest;
 pub mod lens;
 pub mod npy;
+pub mod patching;
 pub mod probe;
 pub mod stats;
 

@@ -379,6 +379,9 @@ pub struct Hooks {
     /// Bit mask of points wanted per layer (index n_layers = global points).
     wanted: Vec<u32>,
     pub cache: ActivationCache,
+    /// Use only ops with a backward pass (for gradients through the forward, e.g. attribution
+    /// patching); slightly slower.
+    pub differentiable: bool,
 }
 
 impl Hooks {

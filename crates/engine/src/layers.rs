@@ -251,7 +251,12 @@ pub fn attention(
     }
     let scores = scores.broadcast_add(mask)?;
     let scores = fire(hooks, name(HookPoint::AttnScores), scores, ctx)?;
-    let pattern = candle_nn::ops::softmax_last_dim(&scores)?;
+    // The fused softmax has no backward; attribution runs (candle autograd) use the composed one.
+    let pattern = if hooks.differentiable {
+        candle_nn::ops::softmax(&scores, D::Minus1)?
+    } else {
+        candle_nn::ops::softmax_last_dim(&scores)?
+    };
     let pattern = fire(hooks, name(HookPoint::AttnPattern), pattern, ctx)?;
     let z = pattern.matmul(&v)?.transpose(1, 2)?.contiguous()?; // [b, t, h, hd]
     let z = fire(hooks, name(HookPoint::AttnZ), z, ctx)?;

@@ -188,6 +188,14 @@ impl Linear {
         Ok(y.reshape(od)?)
     }
 
+    /// Rows `ids` of the weight as a dense tensor `[k, in]` (e.g. a few unembedding rows).
+    pub fn dense_rows(&self, ids: &Tensor) -> Result<Tensor> {
+        Ok(match self {
+            Linear::Dense(w) => w.index_select(ids, 0)?,
+            Linear::Quantized(q) => q.dequantize()?.index_select(ids, 0)?,
+        })
+    }
+
     /// The weight as a dense f32 tensor `[out, in]` (dequantizing if needed: only for hooks that
     /// need per-head weights, such as `attn.hook_result`).
     pub fn dense_f32(&self) -> Result<Tensor> {

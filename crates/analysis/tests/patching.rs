@@ -1,0 +1,227 @@
+//! Activation patching against the golden HF sweeps (both real models), the batched/incremental
+//! sweep against the one-by-one reference, and bad inputs.
+
+#[path = "../../engine/tests/common/mod.rs"]
+mod common;
+
+use common::{golden_dir, model, read_json};
+use persona_lens_analysis::patching::{Direction, Metric, PatchPair, Patcher, SweepKind, Variant};
+use persona_lens_engine::HookPoint;
+
+fn golden_patcher(
+    name: &str,
+) -> (
+    std::sync::Arc<persona_lens_engine::Model>,
+    serde_json::Value,
+) {
+    let m = model(name);
+    let g = read_json(&golden_dir(name).join("patching.json"));
+    (m, g)
+}
+
+fn ids(v: &serde_json::Value) -> Vec<u32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
+}
+
+fn max_abs(a: &[f32], b: &[f64]) -> f64 {
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (*x as f64 - y).abs())
+        .fold(0.0, f64::max)
+}
+
+fn flat(v: &serde_json::Value) -> Vec<f64> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|r| r.as_array().unwrap().iter().map(|x| x.as_f64().unwrap()))
+        .collect()
+}
+
+fn golden_sweeps(name: &str) {
+    let (m, g) = golden_patcher(name);
+    let pair = PatchPair::new(
+        &m,
+        g["clean_text"].as_str().unwrap(),
+        g["corrupted_text"].as_str().unwrap(),
+        false,
+    )
+    .unwrap();
+    assert_eq!(pair.clean_ids, ids(&g["clean_ids"]));
+    assert_eq!(pair.corrupted_ids, ids(&g["corrupted_ids"]));
+    assert_eq!(
+        pair.differing_positions,
+        vec![g["differing_position"].as_u64().unwrap() as usize]
+    );
+    let metric = Metric::logit_diff_words(
+        &m,
+        g["answer_token_a"]["text"].as_str().unwrap(),
+        g["answer_token_b"]["text"].as_str().unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        metric,
+        Metric::LogitDiff {
+            a: g["answer_token_a"]["id"].as_u64().unwrap() as u32,
+            b: g["answer_token_b"]["id"].as_u64().unwrap() as u32
+        }
+    );
+    let p = Patcher::new(&m, pair, metric).unwrap();
+    let clean = g["clean_logit_diff"].as_f64().unwrap();
+    let corrupted = g["corrupted_logit_diff"].as_f64().unwrap();
+    assert!(
+        (p.clean_metric as f64 - clean).abs() < 1e-3,
+        "{} vs {clean}",
+        p.clean_metric
+    );
+    assert!((p.corrupted_metric as f64 - corrupted).abs() < 1e-3);
+
+    let resid = p
+        .run_sweep(SweepKind::ResidPre, Direction::Denoise, None)
+        .unwrap();
+    let want = flat(&g["resid_pre_patch"]["values"]);
+    assert_eq!(resid.values.len(), want.len());
+    let err = max_abs(&resid.values, &want);
+    assert!(err < 1e-3, "{name}: resid_pre sweep max |err| {err}");
+    // Sanity rows: block 0 at the differing position = clean, elsewhere = corrupted exactly.
+    let seq = p.pair.len();
+    let d = p.pair.differing_positions[0];
+    assert!((resid.values[d] - p.clean_metric).abs() < 1e-4);
+    for (i, v) in resid.values[..seq].iter().enumerate() {
+        if i != d {
+            assert_eq!(*v, p.corrupted_metric, "position {i}");
+        }
+    }
+
+    let heads = p
+        .run_sweep(SweepKind::ZLast, Direction::Denoise, None)
+        .unwrap();
+    let want = flat(&g["head_out_patch_last_pos"]["values"]);
+    let err = max_abs(&heads.values, &want);
+    assert!(err < 1e-3, "{name}: z_last sweep max |err| {err}");
+
+    // Batched = one-by-one, on both sweeps and a sample of the other kinds, both directions.
+    let cfg = m.config();
+    for kind in [SweepKind::ResidPre, SweepKind::ZLast] {
+        let vs = kind.variants(cfg.n_layers, cfg.n_heads, seq);
+        let fast = p.sweep(&vs, Direction::Denoise, None).unwrap();
+        let slow = p.sweep_one_by_one(&vs, Direction::Denoise).unwrap();
+        let err = fast
+            .iter()
+            .zip(&slow)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(
+            err < 1e-5 * (1.0 + p.clean_metric.abs()),
+            "{name} {kind:?}: batched vs one-by-one {err}"
+        );
+    }
+    let mixed: Vec<Variant> = [
+        (HookPoint::ResidMid, 3, vec![d], None),
+        (HookPoint::AttnOut, 5, vec![seq - 1], None),
+        (HookPoint::MlpOut, 1, vec![d + 1], None),
+        (HookPoint::AttnZ, 2, (0..seq).collect(), Some(vec![1])),
+        (HookPoint::AttnPattern, 4, (0..seq).collect(), Some(vec![0])),
+        (HookPoint::AttnV, 0, vec![d], Some(vec![0])),
+        (HookPoint::MlpPost, 6, vec![d, seq - 1], None),
+    ]
+    .into_iter()
+    .map(|(point, layer, positions, heads)| Variant {
+        layer,
+        point,
+        positions,
+        heads,
+    })
+    .collect();
+    for dir in [Direction::Denoise, Direction::Noise] {
+        let fast = p.sweep(&mixed, dir, None).unwrap();
+        let slow = p.sweep_one_by_one(&mixed, dir).unwrap();
+        for (i, (a, b)) in fast.iter().zip(&slow).enumerate() {
+            assert!(
+                (a - b).abs() < 1e-5 * (1.0 + b.abs()),
+                "{name} {dir:?} {:?}: {a} vs {b}",
+                mixed[i]
+            );
+        }
+        // Patching everything at layer 0 resid_pre, every position, gives the source run.
+        let all = Variant {
+            layer: 0,
+            point: HookPoint::ResidPre,
+            positions: (0..seq).collect(),
+            heads: None,
+        };
+        let v = p.sweep(&[all], dir, None).unwrap()[0];
+        let src = match dir {
+            Direction::Denoise => p.clean_metric,
+            Direction::Noise => p.corrupted_metric,
+        };
+        assert!((v - src).abs() < 1e-4, "{dir:?}: {v} vs {src}");
+    }
+}
+
+#[test]
+fn golden_patching_gemma() {
+    golden_sweeps("gemma-3-270m");
+}
+
+#[test]
+fn golden_patching_smollm2() {
+    golden_sweeps("smollm2-135m-instruct");
+}
+
+#[test]
+fn bad_patching_inputs() {
+    let m = model("gemma-3-270m");
+    let e = PatchPair::new(
+        &m,
+        "I am a child. Explain gravity.",
+        "I am a theoretical physicist. Explain gravity.",
+        false,
+    )
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(e.contains("different token lengths"), "{e}");
+    let e = Metric::logit_diff_words(&m, "simple", "antidisestablishmentarianism")
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("not a single token"), "{e}");
+    let pair = PatchPair::new(
+        &m,
+        "I am a child. Explain gravity.",
+        "I am a physicist. Explain gravity.",
+        false,
+    )
+    .unwrap();
+    let metric = Metric::logit_diff_words(&m, "simple", "physics").unwrap();
+    let p = Patcher::new(&m, pair, metric).unwrap();
+    let bad = Variant {
+        layer: 0,
+        point: HookPoint::AttnZ,
+        positions: vec![1],
+        heads: Some(vec![99]),
+    };
+    let e = p
+        .sweep(&[bad], Direction::Denoise, None)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("head 99 out of range"), "{e}");
+    let bad = Variant {
+        layer: 99,
+        point: HookPoint::ResidPre,
+        positions: vec![1],
+        heads: None,
+    };
+    let e = p
+        .sweep(&[bad], Direction::Denoise, None)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("layer 99 out of range"), "{e}");
+}
