@@ -23,7 +23,36 @@ use persona_lens_engine::{
     Batch, HookCtx, HookName, HookPoint, Hooks, KvCache, LogitsAt, Model, Op, Selector,
 };
 use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
 use std::sync::Arc;
+
+/// `source`'s activations placed in `base`'s positions: equal lengths as is; otherwise base
+/// values everywhere but the common suffix (end-aligned). Attention patterns/scores need equal
+/// lengths (their key axis would differ) and are left out then.
+fn align_source(
+    base: &RunCache,
+    source: &RunCache,
+    hooks: &[HookName],
+    suffix: Option<usize>,
+) -> Result<HashMap<HookName, Tensor>> {
+    let mut out = HashMap::new();
+    for h in hooks {
+        let s = source.hooks.cache.get(h)?;
+        let Some(k) = suffix else {
+            out.insert(*h, s);
+            continue;
+        };
+        if matches!(h.point, HookPoint::AttnPattern | HookPoint::AttnScores) {
+            continue;
+        }
+        let b = base.hooks.cache.get(h)?;
+        let pa = h.point.pos_axis();
+        let (lb, ls) = (b.dim(pa)?, s.dim(pa)?);
+        let aligned = Tensor::cat(&[b.narrow(pa, 0, lb - k)?, s.narrow(pa, ls - k, k)?], pa)?;
+        out.insert(*h, aligned);
+    }
+    Ok(out)
+}
 
 /// Hook points a patch can target.
 pub const PATCHABLE: &[HookPoint] = &[
@@ -52,6 +81,9 @@ pub struct PatchPair {
     /// Positions where the token ids differ.
     pub differing_positions: Vec<usize>,
     pub chat: bool,
+    /// Unequal lengths only: the prompts are aligned on their common token suffix of this length
+    /// (positions are end-aligned; only suffix positions can be patched).
+    pub suffix_len: Option<usize>,
 }
 
 impl PatchPair {
@@ -59,6 +91,39 @@ impl PatchPair {
         let c = model.encode_prompt(clean, chat)?;
         let k = model.encode_prompt(corrupted, chat)?;
         Self::from_ids(model, clean, corrupted, c, k, chat)
+    }
+
+    /// A pair that may differ in length, aligned on the common suffix of their token ids (the
+    /// position rule for dataset pairs whose persona phrases tokenize differently).
+    pub fn suffix_aligned(model: &Model, clean: &str, corrupted: &str, chat: bool) -> Result<Self> {
+        let c = model.encode_prompt(clean, chat)?;
+        let k = model.encode_prompt(corrupted, chat)?;
+        if c.len() == k.len() {
+            return Self::from_ids(model, clean, corrupted, c, k, chat);
+        }
+        let suffix = c
+            .iter()
+            .rev()
+            .zip(k.iter().rev())
+            .take_while(|(a, b)| a == b)
+            .count();
+        if suffix == 0 {
+            return Err(AnalysisError::Invalid(format!(
+                "'{clean}' and '{corrupted}' share no final tokens; nothing can be patched between them"
+            )));
+        }
+        let tok = |i: u32| model.tokenizer.id_to_token(i);
+        let labels = (0..k.len()).map(|i| tok(k[i])).collect();
+        Ok(PatchPair {
+            clean_text: clean.into(),
+            corrupted_text: corrupted.into(),
+            differing_positions: (0..k.len() - suffix).collect(),
+            clean_ids: c,
+            corrupted_ids: k,
+            labels,
+            chat,
+            suffix_len: Some(suffix),
+        })
     }
 
     pub fn from_ids(
@@ -91,9 +156,9 @@ impl PatchPair {
         let labels = (0..clean_ids.len())
             .map(|i| {
                 if clean_ids[i] == corrupted_ids[i] {
-                    format!("{i}:{}", tok(clean_ids[i]))
+                    tok(clean_ids[i])
                 } else {
-                    format!("{i}:{}/{}", tok(clean_ids[i]), tok(corrupted_ids[i]))
+                    format!("{}/{}", tok(clean_ids[i]), tok(corrupted_ids[i]))
                 }
             })
             .collect();
@@ -105,15 +170,24 @@ impl PatchPair {
             labels,
             differing_positions: differing,
             chat,
+            suffix_len: None,
         })
     }
 
+    /// Length of the corrupted prompt (the base of denoising runs; labels refer to it).
     pub fn len(&self) -> usize {
-        self.clean_ids.len()
+        self.corrupted_ids.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.clean_ids.is_empty()
+        self.corrupted_ids.is_empty()
+    }
+
+    fn base_len(&self, dir: Direction) -> usize {
+        match dir {
+            Direction::Denoise => self.corrupted_ids.len(),
+            Direction::Noise => self.clean_ids.len(),
+        }
     }
 }
 
@@ -474,6 +548,10 @@ pub struct Patcher<'a> {
     pub clean_metric: f32,
     pub corrupted_metric: f32,
     eval: MetricEval,
+    /// Clean activations in the corrupted run's positions, and the reverse (suffix alignment;
+    /// the caches themselves for equal lengths).
+    clean_in_corrupted: HashMap<HookName, Tensor>,
+    corrupted_in_clean: HashMap<HookName, Tensor>,
     /// Most rows in one batched forward.
     pub max_rows: usize,
 }
@@ -522,6 +600,8 @@ impl<'a> Patcher<'a> {
         let clean = cache_run(model, &pair.clean_ids, &hooks)?;
         let corrupted = cache_run(model, &pair.corrupted_ids, &hooks)?;
         let eval = MetricEval::new(model, &metric, &clean.logits_last)?;
+        let clean_in_corrupted = align_source(&corrupted, &clean, &hooks, pair.suffix_len)?;
+        let corrupted_in_clean = align_source(&clean, &corrupted, &hooks, pair.suffix_len)?;
         let clean_metric = eval.from_logits(&clean.logits_last.unsqueeze(0)?)?[0];
         let corrupted_metric = eval.from_logits(&corrupted.logits_last.unsqueeze(0)?)?[0];
         Ok(Patcher {
@@ -533,15 +613,30 @@ impl<'a> Patcher<'a> {
             clean_metric,
             corrupted_metric,
             eval,
+            clean_in_corrupted,
+            corrupted_in_clean,
             max_rows: 64,
         })
     }
 
-    fn runs(&self, dir: Direction) -> (&RunCache, &RunCache, &[u32]) {
+    /// The base run, the source activations in its positions, the base ids.
+    fn runs(&self, dir: Direction) -> (&RunCache, &HashMap<HookName, Tensor>, &[u32]) {
         match dir {
-            Direction::Denoise => (&self.corrupted, &self.clean, &self.pair.corrupted_ids),
-            Direction::Noise => (&self.clean, &self.corrupted, &self.pair.clean_ids),
+            Direction::Denoise => (
+                &self.corrupted,
+                &self.clean_in_corrupted,
+                &self.pair.corrupted_ids,
+            ),
+            Direction::Noise => (&self.clean, &self.corrupted_in_clean, &self.pair.clean_ids),
         }
+    }
+
+    fn source_act(&self, dir: Direction, h: &HookName) -> Result<Tensor> {
+        self.runs(dir).1.get(h).cloned().ok_or_else(|| {
+            AnalysisError::Invalid(format!(
+                "{h} cannot be patched between prompts of different lengths (its key axis differs); use equal-length prompts"
+            ))
+        })
     }
 
     pub fn base_metric(&self, dir: Direction) -> f32 {
@@ -551,7 +646,7 @@ impl<'a> Patcher<'a> {
         }
     }
 
-    fn check_variant(&self, v: &Variant) -> Result<()> {
+    fn check_variant(&self, v: &Variant, dir: Direction) -> Result<()> {
         let cfg = self.model.config();
         if v.layer >= cfg.n_layers {
             return Err(AnalysisError::Invalid(format!(
@@ -575,10 +670,10 @@ impl<'a> Patcher<'a> {
         if v.positions.is_empty() {
             return Err(AnalysisError::Invalid("a patch needs positions".into()));
         }
-        if let Some(&p) = v.positions.iter().find(|&&p| p >= self.pair.len()) {
+        let n = self.pair.base_len(dir);
+        if let Some(&p) = v.positions.iter().find(|&&p| p >= n) {
             return Err(AnalysisError::Invalid(format!(
-                "position {p} is past the prompt's last token ({} tokens)",
-                self.pair.len()
+                "position {p} is past the prompt's last token ({n} tokens)"
             )));
         }
         if let Some(hs) = &v.heads {
@@ -605,7 +700,7 @@ impl<'a> Patcher<'a> {
 
     /// Reference: one full forward per patch through hooks.
     pub fn sweep_one_by_one(&self, variants: &[Variant], dir: Direction) -> Result<Vec<f32>> {
-        let (_, source, base_ids) = self.runs(dir);
+        let (_, _, base_ids) = self.runs(dir);
         let batch = Batch::left_padded(
             &[base_ids.to_vec()],
             self.model.pad_id(),
@@ -613,8 +708,8 @@ impl<'a> Patcher<'a> {
         )?;
         let mut out = Vec::with_capacity(variants.len());
         for v in variants {
-            self.check_variant(v)?;
-            let src = source.hooks.cache.get(&v.hook())?;
+            self.check_variant(v, dir)?;
+            let src = self.source_act(dir, &v.hook())?;
             let mut sel = Selector::all().positions(v.positions.clone());
             if let Some(h) = &v.heads {
                 sel = sel.heads(h.clone());
@@ -633,10 +728,10 @@ impl<'a> Patcher<'a> {
     /// The base activation at `v`'s hook over positions `start..` with `v`'s slots taken from the
     /// source, shaped `[1, ...]`; None when the two are bitwise equal (the patch is a no-op).
     fn patched_slice(&self, v: &Variant, dir: Direction, start: usize) -> Result<Option<Tensor>> {
-        let (base, source, _) = self.runs(dir);
+        let (base, _, _) = self.runs(dir);
         let h = v.hook();
         let b = base.hooks.cache.get(&h)?;
-        let s = source.hooks.cache.get(&h)?;
+        let s = self.source_act(dir, &h)?;
         let pa = v.point.pos_axis();
         let seq = b.dim(pa)?;
         let dims = b.dims().to_vec();
@@ -689,7 +784,7 @@ impl<'a> Patcher<'a> {
         progress: Option<&dyn Fn(usize)>,
     ) -> Result<(Vec<f32>, usize)> {
         for v in variants {
-            self.check_variant(v)?;
+            self.check_variant(v, dir)?;
         }
         let base_metric = self.base_metric(dir);
         let mut out = vec![base_metric; variants.len()];
@@ -735,7 +830,7 @@ impl<'a> Patcher<'a> {
     ) -> Result<Vec<f32>> {
         let dec = &self.model.decoder;
         let (base, _, _) = self.runs(dir);
-        let seq = self.pair.len();
+        let seq = self.pair.base_len(dir);
         let t = seq - start;
         let cc = dec.call_ctx(&[0], start, t)?;
         let first_layer = variants[chunk[0].0].layer;
@@ -830,7 +925,7 @@ impl<'a> Patcher<'a> {
         progress: Option<&dyn Fn(usize)>,
     ) -> Result<Sweep> {
         let cfg = self.model.config();
-        let seq = self.pair.len();
+        let seq = self.pair.base_len(dir);
         let variants = kind.variants(cfg.n_layers, cfg.n_heads, seq);
         let (values, n_run) = self.sweep_counted(&variants, dir, progress)?;
         Ok(Sweep {
@@ -842,4 +937,66 @@ impl<'a> Patcher<'a> {
             n_run,
         })
     }
+}
+
+/// Candidate answer words (the golden set's lists): simple vs technical continuations.
+pub const SIMPLE_ANSWERS: &[&str] = &["simple", "easy", "like", "fun", "very", "just"];
+pub const TECHNICAL_ANSWERS: &[&str] = &[
+    "time",
+    "relativity",
+    "dilation",
+    "Einstein",
+    "special",
+    "physics",
+];
+
+/// Picks the logit-difference metric `logit[a] - logit[b]`, a from `simple`, b from `technical`
+/// (single-token words only, preferring words ranked < 200 in either run's last-position logits),
+/// maximising clean minus corrupted difference: the golden set's selection rule.
+pub fn auto_answers(
+    model: &Model,
+    pair: &PatchPair,
+    simple: &[String],
+    technical: &[String],
+) -> Result<Metric> {
+    let (s, _) = resolve_words(model, simple, false)?;
+    let (t, _) = resolve_words(model, technical, false)?;
+    if s.is_empty() || t.is_empty() {
+        return Err(AnalysisError::Invalid(
+            "no single-token answer candidates for this tokenizer; pass --answer-a/--answer-b"
+                .into(),
+        ));
+    }
+    let last = |ids: &[u32]| -> Result<Vec<f32>> {
+        let b = Batch::left_padded(&[ids.to_vec()], model.pad_id(), model.device())?;
+        let l = model
+            .forward(&b, None, &mut Hooks::new(), LogitsAt::Last)?
+            .ok_or_else(|| AnalysisError::Invalid("no logits".into()))?;
+        Ok(l.get(0)?.to_vec1()?)
+    };
+    let (lc, lk) = (last(&pair.clean_ids)?, last(&pair.corrupted_ids)?);
+    let rank = |row: &[f32], id: u32| row.iter().filter(|&&x| x > row[id as usize]).count();
+    let top = |id: u32| rank(&lc, id) < 200 || rank(&lk, id) < 200;
+    let pick = |ws: &[crate::lens::TrackedWord]| -> Vec<u32> {
+        let good: Vec<u32> = ws.iter().map(|w| w.token_id).filter(|&i| top(i)).collect();
+        if good.is_empty() {
+            ws.iter().map(|w| w.token_id).collect()
+        } else {
+            good
+        }
+    };
+    let (sa, tb) = (pick(&s), pick(&t));
+    let mut best = (f32::NEG_INFINITY, sa[0], tb[0]);
+    for &a in &sa {
+        for &b in &tb {
+            let gap = (lc[a as usize] - lc[b as usize]) - (lk[a as usize] - lk[b as usize]);
+            if gap > best.0 {
+                best = (gap, a, b);
+            }
+        }
+    }
+    Ok(Metric::LogitDiff {
+        a: best.1,
+        b: best.2,
+    })
 }

@@ -3,6 +3,7 @@
 
 mod analysis_cmds;
 mod engine_cmds;
+mod patch_cmds;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
@@ -39,6 +40,9 @@ enum Cmd {
     Direction(analysis_cmds::DirectionArgs),
     /// Logit lens: one prompt's top-k per layer, or tracked words per persona over the dataset.
     Lens(analysis_cmds::LensArgs),
+    /// Activation patching sweeps (resid_pre/mid, attn_out, mlp_out by layer x position; head z
+    /// and patterns by layer x head), batched; JSON, npy and heatmaps.
+    Patch(patch_cmds::PatchArgs),
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -92,6 +96,7 @@ fn main() -> ExitCode {
         Cmd::Probe(a) => analysis_cmds::probe(a),
         Cmd::Direction(a) => analysis_cmds::direction(a),
         Cmd::Lens(a) => analysis_cmds::lens(a),
+        Cmd::Patch(a) => patch_cmds::patch(a),
     };
     match res {
         Ok(()) => ExitCode::SUCCESS,

@@ -4,6 +4,7 @@
 use crate::{err, render_pair, Result, FONT};
 use plotters::coord::Shift;
 use plotters::prelude::*;
+use plotters::style::text_anchor::{HPos, Pos, VPos};
 use std::path::{Path, PathBuf};
 
 #[derive(Debug, Clone, Default)]
@@ -61,9 +62,13 @@ fn draw<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, h: &Heatmap) -> Resul
     let mut chart = ChartBuilder::on(&main)
         .caption(&h.title, (FONT, 20))
         .margin(10)
-        .x_label_area_size((longest as u32 * 7).clamp(30, 140))
+        .x_label_area_size((longest as u32 * 8 + 50).clamp(50, 220))
         .y_label_area_size(70)
-        .build_cartesian_2d(0..nc.max(1), 0..nr.max(1))
+        // Segmented axes put each label at the centre of its cell.
+        .build_cartesian_2d(
+            (0..nc.max(1) - 1).into_segmented(),
+            (0..nr.max(1) - 1).into_segmented(),
+        )
         .map_err(se)?;
     let cols = h.col_labels.clone();
     let rows = h.row_labels.clone();
@@ -72,9 +77,13 @@ fn draw<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, h: &Heatmap) -> Resul
         .disable_mesh()
         .x_labels(nc.max(1))
         .y_labels(nr.max(1))
-        .x_label_formatter(&|i| cols.get(*i).cloned().unwrap_or_default())
-        .y_label_formatter(&|i| rows.get(*i).cloned().unwrap_or_default())
-        .x_label_style((FONT, 12).into_font().transform(FontTransform::Rotate90))
+        // x labels are drawn below by hand: plotters misplaces rotated tick labels.
+        .x_label_formatter(&|_| String::new())
+        .y_label_formatter(&|i| match i {
+            SegmentValue::CenterOf(i) => rows.get(*i).cloned().unwrap_or_default(),
+            _ => String::new(),
+        })
+        .axis_desc_style((FONT, 14))
         .y_label_style((FONT, 12))
         .x_desc(&h.x_label)
         .y_desc(&h.y_label)
@@ -88,10 +97,23 @@ fn draw<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, h: &Heatmap) -> Resul
                 } else {
                     RGBColor(200, 200, 200)
                 };
-                Rectangle::new([(c, r), (c + 1, r + 1)], col.filled())
+                Rectangle::new(
+                    [
+                        (SegmentValue::Exact(c), SegmentValue::Exact(r)),
+                        (SegmentValue::Exact(c + 1), SegmentValue::Exact(r + 1)),
+                    ],
+                    col.filled(),
+                )
             })
         }))
         .map_err(se)?;
+    let style = TextStyle::from((FONT, 12).into_font().transform(FontTransform::Rotate90))
+        .pos(Pos::new(HPos::Left, VPos::Center));
+    for (c, label) in cols.iter().enumerate() {
+        let (px, py) = chart.backend_coord(&(SegmentValue::CenterOf(c), SegmentValue::Exact(0)));
+        main.draw(&Text::new(label.clone(), (px - 6, py + 8), style.clone()))
+            .map_err(se)?;
+    }
     // Colour bar.
     let mut cb = ChartBuilder::on(&bar)
         .margin_top(40)
