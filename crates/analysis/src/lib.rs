@@ -2,13 +2,16 @@
 //! directions and the logit lens. Each analysis is a function over an activation cache (or
 //! harvested activations) and calls the model only through `forward` + hooks.
 
+pub mod attribution;
 pub mod dataset;
 pub mod direction;
 pub mod harvest;
+pub mod heads;
 pub mod lens;
 pub mod npy;
 pub mod patching;
 pub mod probe;
+pub mod readability;
 pub mod stats;
 
 pub use dataset::{EncodedPrompt, GenOptions, PersonaDataset, PromptItem};

@@ -496,7 +496,7 @@ impl MetricEval {
     }
 
     /// Metric per row of full logits `[b, vocab]`.
-    fn from_logits(&self, logits: &Tensor) -> Result<Vec<f32>> {
+    fn of_logits(&self, logits: &Tensor) -> Result<Vec<f32>> {
         let v: Vec<f32> = match &self.metric {
             Metric::LogitDiff { a, b } => {
                 let a = logits.narrow(1, *a as usize, 1)?;
@@ -520,7 +520,7 @@ impl MetricEval {
     }
 
     /// Metric per row of last-position residuals `[b, d]` (before the final norm).
-    fn from_resid(&self, dec: &Decoder, x: &Tensor) -> Result<Vec<f32>> {
+    fn of_resid(&self, dec: &Decoder, x: &Tensor) -> Result<Vec<f32>> {
         match &self.rows {
             Some(rows) => {
                 let normed = persona_lens_engine::layers::rms_norm(
@@ -533,7 +533,7 @@ impl MetricEval {
                 let d = (l.narrow(1, 0, 1)? - l.narrow(1, 1, 1)?)?.squeeze(1)?;
                 Ok(d.to_vec1()?)
             }
-            None => self.from_logits(&dec.unembed_resid(x)?),
+            None => self.of_logits(&dec.unembed_resid(x)?),
         }
     }
 }
@@ -602,8 +602,8 @@ impl<'a> Patcher<'a> {
         let eval = MetricEval::new(model, &metric, &clean.logits_last)?;
         let clean_in_corrupted = align_source(&corrupted, &clean, &hooks, pair.suffix_len)?;
         let corrupted_in_clean = align_source(&clean, &corrupted, &hooks, pair.suffix_len)?;
-        let clean_metric = eval.from_logits(&clean.logits_last.unsqueeze(0)?)?[0];
-        let corrupted_metric = eval.from_logits(&corrupted.logits_last.unsqueeze(0)?)?[0];
+        let clean_metric = eval.of_logits(&clean.logits_last.unsqueeze(0)?)?[0];
+        let corrupted_metric = eval.of_logits(&corrupted.logits_last.unsqueeze(0)?)?[0];
         Ok(Patcher {
             model,
             pair,
@@ -631,7 +631,7 @@ impl<'a> Patcher<'a> {
         }
     }
 
-    fn source_act(&self, dir: Direction, h: &HookName) -> Result<Tensor> {
+    pub fn source_activation(&self, dir: Direction, h: &HookName) -> Result<Tensor> {
         self.runs(dir).1.get(h).cloned().ok_or_else(|| {
             AnalysisError::Invalid(format!(
                 "{h} cannot be patched between prompts of different lengths (its key axis differs); use equal-length prompts"
@@ -709,7 +709,7 @@ impl<'a> Patcher<'a> {
         let mut out = Vec::with_capacity(variants.len());
         for v in variants {
             self.check_variant(v, dir)?;
-            let src = self.source_act(dir, &v.hook())?;
+            let src = self.source_activation(dir, &v.hook())?;
             let mut sel = Selector::all().positions(v.positions.clone());
             if let Some(h) = &v.heads {
                 sel = sel.heads(h.clone());
@@ -720,7 +720,7 @@ impl<'a> Patcher<'a> {
                 .model
                 .forward(&batch, None, &mut hooks, LogitsAt::Last)?
                 .ok_or_else(|| AnalysisError::Invalid("no logits".into()))?;
-            out.push(self.eval.from_logits(&logits)?[0]);
+            out.push(self.eval.of_logits(&logits)?[0]);
         }
         Ok(out)
     }
@@ -731,7 +731,7 @@ impl<'a> Patcher<'a> {
         let (base, _, _) = self.runs(dir);
         let h = v.hook();
         let b = base.hooks.cache.get(&h)?;
-        let s = self.source_act(dir, &h)?;
+        let s = self.source_activation(dir, &h)?;
         let pa = v.point.pos_axis();
         let seq = b.dim(pa)?;
         let dims = b.dims().to_vec();
@@ -914,7 +914,7 @@ impl<'a> Patcher<'a> {
         }
         let x = x.ok_or_else(|| AnalysisError::Invalid("empty patch chunk".into()))?;
         let last = x.narrow(1, t - 1, 1)?.squeeze(1)?;
-        self.eval.from_resid(dec, &last)
+        self.eval.of_resid(dec, &last)
     }
 
     /// A whole standard sweep.

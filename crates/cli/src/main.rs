@@ -43,6 +43,13 @@ enum Cmd {
     /// Activation patching sweeps (resid_pre/mid, attn_out, mlp_out by layer x position; head z
     /// and patterns by layer x head), batched; JSON, npy and heatmaps.
     Patch(patch_cmds::PatchArgs),
+    /// Attribution patching: every patch's first-order estimate from one forward + backward,
+    /// with its agreement with real patching (Pearson r, top-k overlap).
+    Attrib(patch_cmds::AttribArgs),
+    /// Rank attention heads by z-patching effect over every prompt pair of a topic.
+    Heads(patch_cmds::HeadsArgs),
+    /// Ablate heads (zero, mean, resample) vs random heads: persona gap, probes, answer grade.
+    Ablate(patch_cmds::AblateArgs),
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -97,6 +104,9 @@ fn main() -> ExitCode {
         Cmd::Direction(a) => analysis_cmds::direction(a),
         Cmd::Lens(a) => analysis_cmds::lens(a),
         Cmd::Patch(a) => patch_cmds::patch(a),
+        Cmd::Attrib(a) => patch_cmds::attrib(a),
+        Cmd::Heads(a) => patch_cmds::heads(a),
+        Cmd::Ablate(a) => patch_cmds::ablate(a),
     };
     match res {
         Ok(()) => ExitCode::SUCCESS,

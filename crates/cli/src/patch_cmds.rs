@@ -103,8 +103,7 @@ fn dir_name(d: Direction) -> &'static str {
 
 fn token_labels(model: &Model, ids: &[u32]) -> Vec<String> {
     ids.iter()
-        .enumerate()
-        .map(|(_, &t)| model.tokenizer.id_to_token(t))
+        .map(|&t| model.tokenizer.id_to_token(t))
         .collect()
 }
 
@@ -341,6 +340,454 @@ fn summarize(model: &Model, p: &Patcher, s: &Sweep, secs: f64) {
     }
 }
 
-// keep the DatasetArgs import used by later commands
-#[allow(dead_code)]
-fn _uses(_: &DatasetArgs) {}
+// ---------------- attrib ----------------
+
+#[derive(Args)]
+pub struct AttribArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub pair: PairArgs,
+    /// Sweeps to estimate (see `patch --sweep`).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "resid_pre,attn_out,mlp_out,z_last,z_all"
+    )]
+    pub sweep: Vec<String>,
+    /// denoise (default) or noise.
+    #[arg(long, default_value = "denoise")]
+    pub direction: String,
+    /// Also run real patching (batched) and report Pearson r and top-k overlap.
+    #[arg(long, default_value_t = true, overrides_with = "no_compare")]
+    pub compare: bool,
+    #[arg(long)]
+    pub no_compare: bool,
+    /// k of the top-k overlap.
+    #[arg(long, default_value_t = 10)]
+    pub top_k: usize,
+    #[arg(long, default_value = "out/attrib")]
+    pub out: PathBuf,
+    #[arg(long)]
+    pub no_files: bool,
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+pub fn attrib(a: AttribArgs) -> Result<()> {
+    use persona_lens_analysis::attribution::{agreement, attribute};
+    let model = load_model(&a.model)?;
+    let kinds: Vec<SweepKind> = a
+        .sweep
+        .iter()
+        .map(|s| SweepKind::parse(s.trim()))
+        .collect::<std::result::Result<_, _>>()?;
+    let dir = match parse_dir(&a.direction)?.as_slice() {
+        [d] => *d,
+        _ => bail!("attrib takes one --direction: denoise or noise"),
+    };
+    let (pair, metric) = a.pair.resolve(&model)?;
+    let p = Patcher::new(&model, pair, metric)?;
+    let t = Instant::now();
+    let est = attribute(&p, &kinds, dir)?;
+    let attr_secs = t.elapsed().as_secs_f64();
+    let base = p.base_metric(dir);
+    let compare = a.compare && !a.no_compare;
+    let mut sweeps = serde_json::Map::new();
+    let mut files = Vec::new();
+    let quiet = a.quiet || a.model.json;
+    if !quiet {
+        println!(
+            "attribution patching on {} ({}), metric {}: clean {:.4}, corrupted {:.4}; one forward + backward in {attr_secs:.2} s",
+            model.info.name,
+            dir_name(dir),
+            p.metric.describe(&model),
+            p.clean_metric,
+            p.corrupted_metric
+        );
+    }
+    for e in &est {
+        let estimated: Vec<f32> = e.delta.iter().map(|d| base + d).collect();
+        let mut entry = json!({
+            "sweep": e.kind.name(), "direction": dir_name(dir), "shape": e.shape, "axes": e.axes,
+            "delta": e.delta.chunks(*e.shape.last().unwrap_or(&1)).map(|c| c.to_vec()).collect::<Vec<_>>(),
+            "estimated_values": estimated.chunks(*e.shape.last().unwrap_or(&1)).map(|c| c.to_vec()).collect::<Vec<_>>(),
+        });
+        let sw = Sweep {
+            kind: e.kind,
+            direction: dir,
+            shape: e.shape.clone(),
+            axes: e.axes.clone(),
+            values: estimated.clone(),
+            n_run: 0,
+        };
+        if compare {
+            let t = Instant::now();
+            let real = p.run_sweep(e.kind, dir, None)?;
+            let real_delta: Vec<f32> = real.values.iter().map(|v| v - base).collect();
+            let ag = agreement(&e.delta, &real_delta, a.top_k);
+            entry["real_values"] = json!(real.rows());
+            entry["agreement"] = json!(ag);
+            entry["real_seconds"] = json!(t.elapsed().as_secs_f64());
+            if !quiet {
+                println!(
+                    "  {:<10} Pearson r = {:+.3}, top-{} overlap = {:.2} ({} entries)",
+                    e.kind.name(),
+                    ag.pearson_r,
+                    ag.k,
+                    ag.top_k_overlap,
+                    ag.n
+                );
+            }
+        }
+        if !a.no_files {
+            std::fs::create_dir_all(&a.out)?;
+            let name = format!("attrib_{}_{}", e.kind.name(), dir_name(dir));
+            let f = a.out.join(format!("{name}.npy"));
+            npy::write(&f, &e.delta, &e.shape)?;
+            files.push(f);
+            files.extend(sweep_heatmap(&model, &p, &sw, &a.out.join(&name))?);
+        }
+        sweeps.insert(e.kind.name().into(), entry);
+    }
+    let out = json!({
+        "model": model.info.name,
+        "clean": {"text": p.pair.clean_text, "ids": p.pair.clean_ids},
+        "corrupted": {"text": p.pair.corrupted_text, "ids": p.pair.corrupted_ids},
+        "metric": {"spec": p.metric, "description": p.metric.describe(&model), "units": p.metric.units()},
+        "clean_metric": p.clean_metric, "corrupted_metric": p.corrupted_metric,
+        "method": "attribution patching: (source - base) . d metric / d activation, one forward + one backward (candle autograd)",
+        "attribution_seconds": attr_secs,
+        "sweeps": sweeps,
+    });
+    if !a.no_files {
+        let f = a.out.join("attribution.json");
+        write_json(&f, &out)?;
+        files.push(f);
+    }
+    if a.model.json {
+        println!("{out}");
+    } else if !files.is_empty() {
+        println!("wrote {} files to {}", files.len(), a.out.display());
+    }
+    Ok(())
+}
+
+// ---------------- heads ----------------
+
+#[derive(Args)]
+pub struct HeadsArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub data: DatasetArgs,
+    /// Metric token a for every pair (default: chosen per pair from simple words).
+    #[arg(long, requires = "answer_b")]
+    pub answer_a: Option<String>,
+    #[arg(long, requires = "answer_a")]
+    pub answer_b: Option<String>,
+    /// Skip pairs whose clean - corrupted metric gap is below this (logits).
+    #[arg(long, default_value_t = 0.25)]
+    pub min_gap: f32,
+    /// Heads to report as persona movers.
+    #[arg(long, default_value_t = 4)]
+    pub top: usize,
+    #[arg(long, default_value = "out/heads")]
+    pub out: PathBuf,
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+fn load_pairs(
+    data: &DatasetArgs,
+) -> Result<
+    Vec<(
+        persona_lens_analysis::PromptItem,
+        persona_lens_analysis::PromptItem,
+    )>,
+> {
+    let ds = data.load()?;
+    let pairs = persona_lens_analysis::heads::dataset_pairs(&ds);
+    if pairs.is_empty() {
+        bail!("the dataset has no novice/expert prompt pairs; check --pair-id / --persona-pair");
+    }
+    Ok(pairs)
+}
+
+pub fn heads(a: HeadsArgs) -> Result<()> {
+    use persona_lens_analysis::heads::rank_heads;
+    let model = load_model(&a.model)?;
+    let pairs = load_pairs(&a.data)?;
+    let chat = a.data.chat(&model);
+    let quiet = a.quiet || a.model.json;
+    let pb = progress(pairs.len() as u64, quiet, "pairs patched (z, every head)");
+    let answers = a.answer_a.as_deref().zip(a.answer_b.as_deref());
+    let t = Instant::now();
+    let r = rank_heads(&model, &pairs, chat, answers, a.min_gap, &|i| {
+        pb.set_position(i as u64)
+    })?;
+    pb.finish_and_clear();
+    let secs = t.elapsed().as_secs_f64();
+    std::fs::create_dir_all(&a.out)?;
+    let cfg = model.config();
+    let mut mean = vec![vec![0f64; cfg.n_heads]; cfg.n_layers];
+    for h in &r.heads {
+        mean[h.head.layer][h.head.head] = h.mean;
+    }
+    let hm = Heatmap {
+        title: format!("persona-mover heads, {} ({} pairs)", model.info.name, r.n_pairs),
+        values: mean,
+        row_labels: (0..cfg.n_layers).map(|l| l.to_string()).collect(),
+        col_labels: (0..cfg.n_heads).map(|h| format!("H{h}")).collect(),
+        x_label: "head".into(),
+        y_label: "layer".into(),
+        value_label: "mean normalised z-patching score".into(),
+        caption: format!(
+            "{}; attn.hook_z every (suffix-aligned) position, novice -> expert prompt; chat template {chat}",
+            model.info.name
+        ),
+    };
+    let mut files = save_heatmap(&hm, &a.out.join("heads"))?;
+    let top: Vec<String> = r
+        .heads
+        .iter()
+        .take(a.top)
+        .map(|h| h.head.to_string())
+        .collect();
+    let out = json!({
+        "model": model.info.name, "chat": chat, "seconds": secs,
+        "definition": "per pair: corrupted = expert prompt, clean = novice prompt; head z (all positions, suffix-aligned) patched clean -> corrupted; score = (patched - corrupted) / (clean - corrupted) of logit[simple] - logit[technical] at the last position",
+        "top": top, "ranking": r,
+    });
+    let f = a.out.join("heads.json");
+    write_json(&f, &out)?;
+    files.push(f);
+    if a.model.json {
+        println!("{out}");
+        return Ok(());
+    }
+    println!(
+        "persona-mover heads on {} over {} pairs ({} skipped for a small gap), {secs:.1} s:",
+        model.info.name, r.n_pairs, r.n_skipped
+    );
+    for h in r.heads.iter().take(a.top.max(5)) {
+        println!(
+            "  {:<7} mean {:+.3} [95% CI {:+.3}, {:+.3}]  sd {:.3}",
+            h.head.to_string(),
+            h.mean,
+            h.ci95.0,
+            h.ci95.1,
+            h.std
+        );
+    }
+    println!("top {}: {}", a.top, top.join(","));
+    for f in files {
+        println!("  {}", f.display());
+    }
+    Ok(())
+}
+
+// ---------------- ablate ----------------
+
+#[derive(Args)]
+pub struct AblateArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub data: DatasetArgs,
+    /// Heads to ablate, e.g. L12H2,L15H3 (or 12.2); default: the top of --from.
+    #[arg(long, value_delimiter = ',')]
+    pub heads: Vec<String>,
+    /// A heads.json from `persona-lens heads` (its `top` list).
+    #[arg(long, default_value = "out/heads/heads.json")]
+    pub from: PathBuf,
+    /// Ablations: zero, mean, resample (comma separated).
+    #[arg(long, value_delimiter = ',', default_value = "zero,mean,resample")]
+    pub mode: Vec<String>,
+    /// Random head sets of the same size (baseline).
+    #[arg(long, default_value_t = 5)]
+    pub n_random: usize,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    #[arg(long, requires = "answer_b")]
+    pub answer_a: Option<String>,
+    #[arg(long, requires = "answer_a")]
+    pub answer_b: Option<String>,
+    /// Pairs whose greedy answers are generated and graded.
+    #[arg(long, default_value_t = 6)]
+    pub n_generate: usize,
+    #[arg(long, default_value_t = 40)]
+    pub gen_tokens: usize,
+    #[arg(long, default_value = "out/ablate")]
+    pub out: PathBuf,
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+pub fn ablate(a: AblateArgs) -> Result<()> {
+    use persona_lens_analysis::heads::{
+        check_heads, random_head_sets, AblationEffect, AblationMode, AblationSetup, Head, ZBank,
+    };
+    let model = load_model(&a.model)?;
+    let heads: Vec<Head> = if a.heads.is_empty() {
+        let text = std::fs::read_to_string(&a.from).map_err(|e| {
+            anyhow::anyhow!(
+                "no --heads given and cannot read {} ({e}); run `persona-lens heads` first or pass --heads L12H2,...",
+                a.from.display()
+            )
+        })?;
+        let v: Value = serde_json::from_str(&text)?;
+        v["top"]
+            .as_array()
+            .ok_or_else(|| anyhow::anyhow!("{} has no `top` list", a.from.display()))?
+            .iter()
+            .filter_map(|x| x.as_str().map(|s| s.parse()))
+            .collect::<std::result::Result<_, _>>()?
+    } else {
+        a.heads
+            .iter()
+            .map(|s| s.parse())
+            .collect::<std::result::Result<_, _>>()?
+    };
+    check_heads(&model, &heads)?;
+    let modes: Vec<AblationMode> = a
+        .mode
+        .iter()
+        .map(|m| m.trim().parse())
+        .collect::<std::result::Result<_, _>>()?;
+    let pairs = load_pairs(&a.data)?;
+    let chat = a.data.chat(&model);
+    let quiet = a.quiet || a.model.json;
+    let metrics: Vec<Metric> = pairs
+        .iter()
+        .map(|(n, e)| {
+            let pair = PatchPair::suffix_aligned(&model, &n.text, &e.text, chat)?;
+            Ok(match (&a.answer_a, &a.answer_b) {
+                (Some(x), Some(y)) => Metric::logit_diff_words(&model, x, y)?,
+                _ => auto_answers(
+                    &model,
+                    &pair,
+                    &SIMPLE_ANSWERS
+                        .iter()
+                        .map(|s| s.to_string())
+                        .collect::<Vec<_>>(),
+                    &TECHNICAL_ANSWERS
+                        .iter()
+                        .map(|s| s.to_string())
+                        .collect::<Vec<_>>(),
+                )?,
+            })
+        })
+        .collect::<Result<_>>()?;
+    let randoms = random_head_sets(&model, heads.len(), a.n_random, a.seed);
+    let mut layers: Vec<usize> = heads
+        .iter()
+        .chain(randoms.iter().flatten())
+        .map(|h| h.layer)
+        .collect();
+    layers.sort();
+    layers.dedup();
+    let ids = AblationSetup::prompt_ids(&model, &pairs, chat)?;
+    let bank = ZBank::collect(&model, &ids, &layers)?;
+    let n = model.config().n_layers;
+    let setup = AblationSetup {
+        model: &model,
+        pairs: &pairs,
+        metrics: &metrics,
+        chat,
+        bank: &bank,
+        probe_rows: (n / 2..=n).step_by((n / 6).max(1)).collect(),
+        n_generate: a.n_generate,
+        gen_tokens: a.gen_tokens,
+    };
+    let total = 1 + modes.len() * (1 + randoms.len());
+    let pb = progress(total as u64, quiet, "ablation runs");
+    let t = Instant::now();
+    let mut effects: Vec<AblationEffect> = vec![setup.run("none", &[], AblationMode::Zero)?];
+    pb.inc(1);
+    for &m in &modes {
+        effects.push(setup.run("top", &heads, m)?);
+        pb.inc(1);
+        for (i, r) in randoms.iter().enumerate() {
+            effects.push(setup.run(&format!("random{i}"), r, m)?);
+            pb.inc(1);
+        }
+    }
+    pb.finish_and_clear();
+    let base = &effects[0];
+    let summary: Vec<Value> = modes
+        .iter()
+        .map(|&m| {
+            let top = effects.iter().find(|e| e.label == "top" && e.mode == m);
+            let rnd: Vec<&AblationEffect> = effects
+                .iter()
+                .filter(|e| e.label.starts_with("random") && e.mode == m)
+                .collect();
+            let d: Vec<f64> = rnd.iter().map(|e| e.gap_mean - base.gap_mean).collect();
+            let (rm, rlo, rhi) = persona_lens_analysis::stats::mean_ci95(&d);
+            json!({
+                "mode": m,
+                "top_gap_change": top.map(|e| e.gap_mean - base.gap_mean),
+                "random_gap_change_mean": rm, "random_gap_change_ci95": [rlo, rhi],
+                "random_gap_change_min": d.iter().cloned().fold(f64::INFINITY, f64::min),
+                "random_gap_change_max": d.iter().cloned().fold(f64::NEG_INFINITY, f64::max),
+            })
+        })
+        .collect();
+    let out = json!({
+        "model": model.info.name, "chat": chat, "heads": heads.iter().map(|h| h.to_string()).collect::<Vec<_>>(),
+        "n_pairs": pairs.len(), "seconds": t.elapsed().as_secs_f64(), "seed": a.seed,
+        "definitions": {
+            "gap": "metric(novice prompt) - metric(expert prompt), metric = logit[simple] - logit[technical] at the last position (logits); a persona-mover ablation shrinks it",
+            "probe_accuracy": "novice vs expert logistic probe, 5-fold CV accuracy, last token, per residual row",
+            "grade_gap": "Flesch-Kincaid grade of greedy answers to expert prompts minus novice prompts",
+        },
+        "summary": summary,
+        "effects": effects,
+    });
+    std::fs::create_dir_all(&a.out)?;
+    let f = a.out.join("ablate.json");
+    write_json(&f, &out)?;
+    if a.model.json {
+        println!("{out}");
+        return Ok(());
+    }
+    println!(
+        "ablating {} on {} over {} pairs (baseline gap {:+.3} logits):",
+        heads
+            .iter()
+            .map(|h| h.to_string())
+            .collect::<Vec<_>>()
+            .join(","),
+        model.info.name,
+        pairs.len(),
+        base.gap_mean
+    );
+    println!(
+        "  {:<10}{:<10}{:>12}{:>12}{:>12}  probe acc by row",
+        "heads", "mode", "gap", "Δgap", "grade gap"
+    );
+    for e in &effects {
+        println!(
+            "  {:<10}{:<10}{:>+12.3}{:>+12.3}{:>12}  {}",
+            e.label,
+            if e.label == "none" {
+                "-".to_string()
+            } else {
+                format!("{:?}", e.mode).to_lowercase()
+            },
+            e.gap_mean,
+            e.gap_mean - base.gap_mean,
+            e.grade_gap
+                .map(|g| format!("{g:+.2}"))
+                .unwrap_or("-".into()),
+            e.probe_accuracy
+                .iter()
+                .map(|(r, acc)| format!("{r}:{acc:.2}"))
+                .collect::<Vec<_>>()
+                .join(" ")
+        );
+    }
+    println!("  {}", f.display());
+    Ok(())
+}

@@ -425,3 +425,102 @@ fn lens_json_is_the_documented_interface() {
         assert!(top[0][1].as_f64().unwrap() >= top[1][1].as_f64().unwrap());
     }
 }
+
+#[test]
+fn patch_json_matches_golden_and_bad_inputs_fail_cleanly() {
+    let g: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../../tests/fixtures/golden/gemma-3-270m/patching.json"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let clean = g["clean_text"].as_str().unwrap();
+    let corrupted = g["corrupted_text"].as_str().unwrap();
+    let (code, out, err) = run(&[
+        "patch",
+        "--model",
+        "gemma-3-270m",
+        "--clean",
+        clean,
+        "--corrupted",
+        corrupted,
+        "--answer-a",
+        "simple",
+        "--answer-b",
+        "physics",
+        "--sweep",
+        "z_last",
+        "--json",
+        "--no-files",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert!(
+        (v["clean_logit_diff"].as_f64().unwrap() - g["clean_logit_diff"].as_f64().unwrap()).abs()
+            < 1e-3
+    );
+    assert!(
+        (v["corrupted_logit_diff"].as_f64().unwrap() - g["corrupted_logit_diff"].as_f64().unwrap())
+            .abs()
+            < 1e-3
+    );
+    let ours = v["values"].as_array().unwrap();
+    let want = g["head_out_patch_last_pos"]["values"].as_array().unwrap();
+    assert_eq!(ours.len(), want.len());
+    for (a, b) in ours.iter().zip(want) {
+        for (x, y) in a.as_array().unwrap().iter().zip(b.as_array().unwrap()) {
+            assert!((x.as_f64().unwrap() - y.as_f64().unwrap()).abs() < 1e-3);
+        }
+    }
+    // Unequal lengths, multi-token answers, bad heads: one line, exit 2, no panic.
+    for (args, needle) in [
+        (
+            vec![
+                "patch",
+                "--clean",
+                "I am a child. Hi",
+                "--corrupted",
+                "I am a theoretical physicist. Hi",
+                "--answer-a",
+                "simple",
+                "--answer-b",
+                "physics",
+                "--no-files",
+            ],
+            "different token lengths",
+        ),
+        (
+            vec![
+                "patch",
+                "--clean",
+                clean,
+                "--corrupted",
+                corrupted,
+                "--answer-a",
+                "simple",
+                "--answer-b",
+                "antidisestablishmentarianism",
+                "--no-files",
+            ],
+            "not a single token",
+        ),
+        (
+            vec!["ablate", "--heads", "L99H0", "--pair-id", "physics"],
+            "out of range",
+        ),
+        (
+            vec!["ablate", "--heads", "banana", "--pair-id", "physics"],
+            "write heads as",
+        ),
+    ] {
+        let mut a = args.clone();
+        a.extend(["--model", "gemma-3-270m"]);
+        let (code, _, err) = run(&a);
+        assert_eq!(code, 2, "{args:?}: {err}");
+        assert!(err.contains(needle), "{args:?}: {err}");
+        assert_eq!(err.trim().lines().count(), 1, "{err}");
+        assert!(!err.contains("panicked"), "{err}");
+    }
+}

@@ -1,0 +1,532 @@
+//! Persona-mover heads: rank attention heads by how much patching their output (`attn.hook_z`,
+//! every position) from the novice prompt into the expert prompt restores the novice behaviour,
+//! over all prompt pairs of a topic; then ablate the top heads (zero, dataset mean, resample) and
+//! measure what is left of the persona: the logit-difference gap, probe accuracy at later
+//! layers, and the readability gap of greedy generations. Random heads of the same count are the
+//! baseline.
+
+use crate::dataset::{PersonaDataset, PromptItem};
+use crate::patching::{auto_answers, Direction, Metric, PatchPair, Patcher, SweepKind};
+use crate::stats::mean_ci95;
+use crate::{AnalysisError, Result};
+use candle_core::{DType, Tensor};
+use persona_lens_engine::hooks::HookFn;
+use persona_lens_engine::{
+    Batch, HookCtx, HookName, HookPoint, Hooks, LogitsAt, Model, Op, Selector,
+};
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+/// Novice/expert prompt pairs of a dataset (same topic, question and template); clean = novice.
+type PairSlots = (Option<PromptItem>, Option<PromptItem>);
+
+pub fn dataset_pairs(ds: &PersonaDataset) -> Vec<(PromptItem, PromptItem)> {
+    let mut by_key: BTreeMap<(String, String, String, String), PairSlots> = BTreeMap::new();
+    for it in &ds.items {
+        let key = (
+            it.pair_id.clone(),
+            it.topic.clone(),
+            it.question_id.clone(),
+            it.template_id.clone(),
+        );
+        let e = by_key.entry(key).or_default();
+        match it.class.as_str() {
+            "novice" => e.0 = Some(it.clone()),
+            "expert" => e.1 = Some(it.clone()),
+            _ => {}
+        }
+    }
+    by_key
+        .into_values()
+        .filter_map(|(n, e)| Some((n?, e?)))
+        .collect()
+}
+
+/// A head, `L{layer}H{head}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, Hash)]
+pub struct Head {
+    pub layer: usize,
+    pub head: usize,
+}
+
+impl std::fmt::Display for Head {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "L{}H{}", self.layer, self.head)
+    }
+}
+
+impl std::str::FromStr for Head {
+    type Err = AnalysisError;
+    fn from_str(s: &str) -> Result<Self> {
+        let bad = || {
+            AnalysisError::Invalid(format!(
+                "cannot read head '{s}'; write heads as L12H2 or 12.2"
+            ))
+        };
+        let t = s.trim().trim_start_matches(['L', 'l']);
+        let (l, h) = t.split_once(['H', 'h', '.']).ok_or_else(bad)?;
+        Ok(Head {
+            layer: l.parse().map_err(|_| bad())?,
+            head: h.parse().map_err(|_| bad())?,
+        })
+    }
+}
+
+pub fn check_heads(model: &Model, heads: &[Head]) -> Result<()> {
+    let cfg = model.config();
+    for h in heads {
+        if h.layer >= cfg.n_layers || h.head >= cfg.n_heads {
+            return Err(AnalysisError::Invalid(format!(
+                "head {h} out of range: the model has {} layers x {} heads (L0H0..L{}H{})",
+                cfg.n_layers,
+                cfg.n_heads,
+                cfg.n_layers - 1,
+                cfg.n_heads - 1
+            )));
+        }
+    }
+    Ok(())
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct HeadScore {
+    pub head: Head,
+    /// Mean normalised patching score over pairs, (patched - corrupted) / (clean - corrupted).
+    pub mean: f64,
+    pub ci95: (f64, f64),
+    pub std: f64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct HeadRanking {
+    pub model: String,
+    pub n_pairs: usize,
+    pub n_skipped: usize,
+    pub skipped_reasons: Vec<String>,
+    /// Sorted by mean score, highest first.
+    pub heads: Vec<HeadScore>,
+    /// `[pair][layer * n_heads + head]` normalised scores.
+    pub per_pair: Vec<Vec<f32>>,
+    pub pair_ids: Vec<String>,
+    pub metrics: Vec<String>,
+    pub n_layers: usize,
+    pub n_heads: usize,
+}
+
+/// Patches every head's z (all suffix-aligned positions) from clean (novice) into corrupted
+/// (expert) for every pair; pairs whose clean-corrupted metric gap is under `min_gap` are skipped
+/// (normalised scores would be noise).
+pub fn rank_heads(
+    model: &Model,
+    pairs: &[(PromptItem, PromptItem)],
+    chat: bool,
+    answers: Option<(&str, &str)>,
+    min_gap: f32,
+    progress: &dyn Fn(usize),
+) -> Result<HeadRanking> {
+    let cfg = model.config();
+    let mut per_pair = Vec::new();
+    let mut pair_ids = Vec::new();
+    let mut metrics = Vec::new();
+    let mut skipped = Vec::new();
+    for (i, (nov, exp)) in pairs.iter().enumerate() {
+        let pair = PatchPair::suffix_aligned(model, &nov.text, &exp.text, chat)?;
+        let metric = match answers {
+            Some((a, b)) => Metric::logit_diff_words(model, a, b)?,
+            None => auto_answers(
+                model,
+                &pair,
+                &crate::patching::SIMPLE_ANSWERS
+                    .iter()
+                    .map(|s| s.to_string())
+                    .collect::<Vec<_>>(),
+                &crate::patching::TECHNICAL_ANSWERS
+                    .iter()
+                    .map(|s| s.to_string())
+                    .collect::<Vec<_>>(),
+            )?,
+        };
+        let p = Patcher::new(model, pair, metric)?;
+        let gap = p.clean_metric - p.corrupted_metric;
+        if gap.abs() < min_gap {
+            skipped.push(format!(
+                "{}: clean - corrupted = {gap:.3} < {min_gap}",
+                nov.id
+            ));
+            progress(i + 1);
+            continue;
+        }
+        let sw = p.run_sweep(SweepKind::ZAll, Direction::Denoise, None)?;
+        per_pair.push(sw.normalized(p.clean_metric, p.corrupted_metric));
+        pair_ids.push(nov.id.clone());
+        metrics.push(p.metric.describe(model));
+        progress(i + 1);
+    }
+    if per_pair.is_empty() {
+        return Err(AnalysisError::Invalid(format!(
+            "no prompt pair has a clean-corrupted metric gap of at least {min_gap}; lower --min-gap or choose other answers"
+        )));
+    }
+    let n = cfg.n_layers * cfg.n_heads;
+    let mut heads: Vec<HeadScore> = (0..n)
+        .map(|j| {
+            let xs: Vec<f64> = per_pair.iter().map(|r| r[j] as f64).collect();
+            let (mean, lo, hi) = mean_ci95(&xs);
+            let var = xs.iter().map(|x| (x - mean).powi(2)).sum::<f64>()
+                / (xs.len().saturating_sub(1).max(1)) as f64;
+            HeadScore {
+                head: Head {
+                    layer: j / cfg.n_heads,
+                    head: j % cfg.n_heads,
+                },
+                mean,
+                ci95: (lo, hi),
+                std: var.sqrt(),
+            }
+        })
+        .collect();
+    heads.sort_by(|a, b| b.mean.total_cmp(&a.mean));
+    Ok(HeadRanking {
+        model: model.info.name.clone(),
+        n_pairs: per_pair.len(),
+        n_skipped: skipped.len(),
+        skipped_reasons: skipped,
+        heads,
+        per_pair,
+        pair_ids,
+        metrics,
+        n_layers: cfg.n_layers,
+        n_heads: cfg.n_heads,
+    })
+}
+
+/// How an ablated head's output is replaced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AblationMode {
+    Zero,
+    /// The head's z averaged over every position of every dataset prompt.
+    Mean,
+    /// The head's z from another dataset prompt (random, seeded), end-aligned by position.
+    Resample,
+}
+
+impl std::str::FromStr for AblationMode {
+    type Err = AnalysisError;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "zero" => Ok(AblationMode::Zero),
+            "mean" => Ok(AblationMode::Mean),
+            "resample" => Ok(AblationMode::Resample),
+            o => Err(AnalysisError::Invalid(format!(
+                "unknown ablation '{o}'; use zero, mean or resample"
+            ))),
+        }
+    }
+}
+
+/// Per-layer z of every dataset prompt (`[t, H, hd]` each), for mean and resample ablations.
+pub struct ZBank {
+    /// layer -> prompt -> [t, H, hd]
+    pub z: BTreeMap<usize, Vec<Tensor>>,
+    /// layer -> [H, hd]
+    pub mean: BTreeMap<usize, Tensor>,
+}
+
+impl ZBank {
+    pub fn collect(model: &Model, prompts: &[Vec<u32>], layers: &[usize]) -> Result<Self> {
+        let mut z: BTreeMap<usize, Vec<Tensor>> = BTreeMap::new();
+        for ids in prompts {
+            let b = Batch::left_padded(std::slice::from_ref(ids), model.pad_id(), model.device())?;
+            let mut hooks = Hooks::new();
+            for &l in layers {
+                hooks.capture(HookName::block(l, HookPoint::AttnZ));
+            }
+            model.forward(&b, None, &mut hooks, LogitsAt::None)?;
+            for &l in layers {
+                z.entry(l).or_default().push(
+                    hooks
+                        .cache
+                        .get(&HookName::block(l, HookPoint::AttnZ))?
+                        .get(0)?,
+                );
+            }
+        }
+        let mut mean = BTreeMap::new();
+        for (l, zs) in &z {
+            let all = Tensor::cat(zs, 0)?; // [sum t, H, hd]
+            mean.insert(*l, all.mean(0)?);
+        }
+        Ok(ZBank { z, mean })
+    }
+}
+
+/// Hooks that ablate `heads` (all positions, every row). For `Resample`, row r of a batch takes
+/// its replacement from bank prompt `donor[r]`.
+pub fn ablation_hooks(
+    heads: &[Head],
+    mode: AblationMode,
+    bank: Option<&ZBank>,
+    donors: &[usize],
+) -> Result<Hooks> {
+    let mut hooks = Hooks::new();
+    add_ablation(&mut hooks, heads, mode, bank, donors)?;
+    Ok(hooks)
+}
+
+/// Adds the ablation of `heads` to existing hooks (see [`ablation_hooks`]).
+pub fn add_ablation(
+    hooks: &mut Hooks,
+    heads: &[Head],
+    mode: AblationMode,
+    bank: Option<&ZBank>,
+    donors: &[usize],
+) -> Result<()> {
+    let mut by_layer: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
+    for h in heads {
+        by_layer.entry(h.layer).or_default().push(h.head);
+    }
+    for (l, hs) in by_layer {
+        let name = HookName::block(l, HookPoint::AttnZ);
+        let sel = Selector::all().heads(hs.clone());
+        match mode {
+            AblationMode::Zero => {
+                hooks.intervene(name, Op::Zero, sel);
+            }
+            AblationMode::Mean => {
+                let bank = bank
+                    .ok_or_else(|| AnalysisError::Invalid("mean ablation needs a z bank".into()))?;
+                hooks.intervene(name, Op::Replace(bank.mean[&l].clone()), sel);
+            }
+            AblationMode::Resample => {
+                let bank = bank.ok_or_else(|| {
+                    AnalysisError::Invalid("resample ablation needs a z bank".into())
+                })?;
+                let zs: Vec<Tensor> = donors.iter().map(|&d| bank.z[&l][d].clone()).collect();
+                let f: HookFn = Arc::new(move |x: &Tensor, ctx: &HookCtx| {
+                    // x: [b, t, H, hd]; end-align each donor to its row's real length.
+                    let (b, t, _, _) = x.dims4()?;
+                    let mut rows = Vec::with_capacity(b);
+                    for r in 0..b {
+                        let donor = &zs[r % zs.len()];
+                        let dl = donor.dim(0)?;
+                        let mut pos_rows = Vec::with_capacity(t);
+                        for i in 0..t {
+                            let p = ctx.position(r, i).unwrap_or(0);
+                            pos_rows.push(donor.get(p.min(dl - 1))?);
+                        }
+                        rows.push(Tensor::stack(&pos_rows, 0)?);
+                    }
+                    Tensor::stack(&rows, 0)?.to_dtype(x.dtype())
+                });
+                hooks.intervene(name, Op::Func(f), sel);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `n` random head sets of `k` heads each (seeded), excluding none.
+pub fn random_head_sets(model: &Model, k: usize, n: usize, seed: u64) -> Vec<Vec<Head>> {
+    let cfg = model.config();
+    let all: Vec<Head> = (0..cfg.n_layers)
+        .flat_map(|l| (0..cfg.n_heads).map(move |h| Head { layer: l, head: h }))
+        .collect();
+    let mut rng = StdRng::seed_from_u64(seed);
+    (0..n)
+        .map(|_| {
+            let mut v = all.clone();
+            v.shuffle(&mut rng);
+            v.truncate(k);
+            v.sort();
+            v
+        })
+        .collect()
+}
+
+/// Last-position metric for each prompt with the given hooks (fresh per prompt).
+pub fn metric_with(model: &Model, ids: &[u32], metric: &Metric, hooks: &mut Hooks) -> Result<f32> {
+    let b = Batch::left_padded(&[ids.to_vec()], model.pad_id(), model.device())?;
+    let l = model
+        .forward(&b, None, hooks, LogitsAt::Last)?
+        .ok_or_else(|| AnalysisError::Invalid("no logits".into()))?
+        .to_dtype(DType::F32)?
+        .get(0)?;
+    Ok(match metric {
+        Metric::LogitDiff { a, b } => {
+            l.get(*a as usize)?.to_scalar::<f32>()? - l.get(*b as usize)?.to_scalar::<f32>()?
+        }
+        _ => {
+            return Err(AnalysisError::Invalid(
+                "ablation reports use the logit-difference metric".into(),
+            ))
+        }
+    })
+}
+
+/// What is left of the persona with a set of heads ablated.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AblationEffect {
+    pub label: String,
+    pub heads: Vec<Head>,
+    pub mode: AblationMode,
+    /// Mean over pairs of metric(novice) - metric(expert), logits (the persona gap).
+    pub gap_mean: f64,
+    pub gap_ci95: (f64, f64),
+    /// Per pair gap.
+    pub gaps: Vec<f64>,
+    /// Probe (novice vs expert, last token) 5-fold CV accuracy per residual row.
+    pub probe_accuracy: BTreeMap<usize, f64>,
+    /// Mean complexity grade (Flesch-Kincaid) of greedy answers to expert minus novice prompts.
+    pub grade_gap: Option<f64>,
+    pub novice_grade: Option<f64>,
+    pub expert_grade: Option<f64>,
+    pub samples: Vec<(String, String)>,
+}
+
+pub struct AblationSetup<'a> {
+    pub model: &'a Model,
+    pub pairs: &'a [(PromptItem, PromptItem)],
+    /// Metric per pair (logit difference, simple minus technical).
+    pub metrics: &'a [Metric],
+    pub chat: bool,
+    pub bank: &'a ZBank,
+    /// Residual rows to probe.
+    pub probe_rows: Vec<usize>,
+    /// Pairs whose answers are generated (first n).
+    pub n_generate: usize,
+    pub gen_tokens: usize,
+}
+
+impl AblationSetup<'_> {
+    /// Encoded prompts: novice of pair i at 2i, expert at 2i+1 (the bank's order).
+    pub fn prompt_ids(
+        model: &Model,
+        pairs: &[(PromptItem, PromptItem)],
+        chat: bool,
+    ) -> Result<Vec<Vec<u32>>> {
+        let mut v = Vec::new();
+        for (n, e) in pairs {
+            v.push(model.encode_prompt(&n.text, chat)?);
+            v.push(model.encode_prompt(&e.text, chat)?);
+        }
+        Ok(v)
+    }
+
+    /// Donor for prompt `i`: a pseudo-random other prompt of the bank (either persona).
+    fn donor(&self, i: usize) -> usize {
+        let n = self.pairs.len() * 2;
+        if n < 2 {
+            return 0;
+        }
+        (i + 1 + (i.wrapping_mul(2_654_435_761) >> 7) % (n - 1)) % n
+    }
+
+    pub fn run(&self, label: &str, heads: &[Head], mode: AblationMode) -> Result<AblationEffect> {
+        let model = self.model;
+        let ids = Self::prompt_ids(model, self.pairs, self.chat)?;
+        // 1. Persona gap of the metric.
+        let mut gaps = Vec::new();
+        for (i, m) in self.metrics.iter().enumerate() {
+            let mut h = ablation_hooks(heads, mode, Some(self.bank), &[self.donor(2 * i)])?;
+            let a = metric_with(model, &ids[2 * i], m, &mut h)?;
+            let mut h = ablation_hooks(heads, mode, Some(self.bank), &[self.donor(2 * i + 1)])?;
+            let b = metric_with(model, &ids[2 * i + 1], m, &mut h)?;
+            gaps.push((a - b) as f64);
+        }
+        let (gap_mean, lo, hi) = mean_ci95(&gaps);
+        // 2. Probes at later layers on the ablated residual stream.
+        let items: Vec<PromptItem> = self
+            .pairs
+            .iter()
+            .flat_map(|(n, e)| [n.clone(), e.clone()])
+            .collect();
+        let ds = PersonaDataset {
+            items,
+            source: "ablation pairs".into(),
+        };
+        let rows = crate::resid_rows(model.config().n_layers);
+        let hooks: Vec<HookName> = self.probe_rows.iter().map(|&r| rows[r]).collect();
+        let spec = crate::harvest::HarvestSpec {
+            hooks: hooks.clone(),
+            rule: crate::harvest::PositionRule::Last,
+            chat: self.chat,
+            batch_size: 16,
+        };
+        let setup = |idx: &[usize], _b: &Batch, h: &mut Hooks| -> Result<()> {
+            let donors: Vec<usize> = idx.iter().map(|&i| self.donor(i)).collect();
+            add_ablation(h, heads, mode, Some(self.bank), &donors)
+        };
+        let hv = crate::harvest::harvest_with(model, &ds, &spec, Some(&setup), &|_| {})?;
+        let opts = crate::probe::ProbeOptions {
+            template_holdout: false,
+            control: false,
+            bootstrap: 50,
+            ..Default::default()
+        };
+        let names: Vec<String> = hooks.iter().map(|h| h.to_string()).collect();
+        let rep = crate::probe::probe_layers(
+            &hv,
+            &names,
+            &["novice".to_string(), "expert".to_string()],
+            false,
+            &opts,
+            &|| {},
+        )?;
+        let probe_accuracy = self
+            .probe_rows
+            .iter()
+            .zip(&rep.layers)
+            .map(|(&r, l)| (r, l.cv.accuracy))
+            .collect();
+        // 3. Complexity of greedy answers.
+        let n = self.n_generate.min(self.pairs.len());
+        let (mut ng, mut eg, mut samples) = (Vec::new(), Vec::new(), Vec::new());
+        if n > 0 && self.gen_tokens > 0 {
+            let prompts: Vec<Vec<u32>> = ids[..2 * n].to_vec();
+            let donors: Vec<usize> = (0..2 * n).map(|i| self.donor(i)).collect();
+            let mut h = ablation_hooks(heads, mode, Some(self.bank), &donors)?;
+            let opts = persona_lens_engine::GenerateOptions {
+                max_new_tokens: self.gen_tokens,
+                stop_tokens: model.tokenizer.eos_ids.clone(),
+                ..Default::default()
+            };
+            let gens = persona_lens_engine::generate(model, &prompts, &opts, &mut h)?;
+            for (i, g) in gens.iter().enumerate() {
+                let text = model.tokenizer.decode(&g.generated_ids, true)?;
+                if let Some(grade) = crate::readability::complexity_grade(&text) {
+                    if i % 2 == 0 {
+                        ng.push(grade);
+                    } else {
+                        eg.push(grade);
+                    }
+                }
+                if i < 4 {
+                    samples.push((
+                        self.pairs[i / 2].0.id.clone() + if i % 2 == 0 { "" } else { "/expert" },
+                        text,
+                    ));
+                }
+            }
+        }
+        let mean = |v: &[f64]| (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64);
+        let (novice_grade, expert_grade) = (mean(&ng), mean(&eg));
+        Ok(AblationEffect {
+            label: label.into(),
+            heads: heads.to_vec(),
+            mode,
+            gap_mean,
+            gap_ci95: (lo, hi),
+            gaps,
+            probe_accuracy,
+            grade_gap: novice_grade.zip(expert_grade).map(|(n, e)| e - n),
+            novice_grade,
+            expert_grade,
+            samples,
+        })
+    }
+}
