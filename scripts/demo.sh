@@ -21,4 +21,8 @@ done
 "$bin" probe --n-questions-per-pair 3 --out "$out/probe"
 "$bin" direction --n-questions-per-pair 3 --out "$out/probe" --layer 6 --align-probe-index
 "$bin" lens --pair-id physics --n-questions-per-pair 5 --out "$out/lens"
+# Activation patching on the golden child/physicist pair (resid_pre and head z sweeps, heatmaps).
+"$bin" patch --clean "I am a child. Explain the twin paradox simply. The key idea is" \
+  --corrupted "I am a physicist. Explain the twin paradox simply. The key idea is" \
+  --answer-a simple --answer-b physics --sweep resid_pre,z_last --out "$out/patch"
 echo "demo outputs in $out/"
