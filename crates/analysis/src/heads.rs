@@ -6,7 +6,7 @@
 //! baseline.
 
 use crate::dataset::{PersonaDataset, PromptItem};
-use crate::patching::{auto_answers, Direction, Metric, PatchPair, Patcher, SweepKind};
+use crate::patching::{pair_metric, Direction, Metric, PatchPair, Patcher, SweepKind};
 use crate::stats::mean_ci95;
 use crate::{AnalysisError, Result};
 use candle_core::{DType, Tensor};
@@ -135,21 +135,7 @@ pub fn rank_heads(
     let mut skipped = Vec::new();
     for (i, (nov, exp)) in pairs.iter().enumerate() {
         let pair = PatchPair::suffix_aligned(model, &nov.text, &exp.text, chat)?;
-        let metric = match answers {
-            Some((a, b)) => Metric::logit_diff_words(model, a, b)?,
-            None => auto_answers(
-                model,
-                &pair,
-                &crate::patching::SIMPLE_ANSWERS
-                    .iter()
-                    .map(|s| s.to_string())
-                    .collect::<Vec<_>>(),
-                &crate::patching::TECHNICAL_ANSWERS
-                    .iter()
-                    .map(|s| s.to_string())
-                    .collect::<Vec<_>>(),
-            )?,
-        };
+        let metric = pair_metric(model, &pair, answers)?;
         let p = Patcher::new(model, pair, metric)?;
         let gap = p.clean_metric - p.corrupted_metric;
         if gap.abs() < min_gap {

@@ -950,6 +950,27 @@ pub const TECHNICAL_ANSWERS: &[&str] = &[
     "physics",
 ];
 
+/// The logit-difference metric of a pair: the named answer words, or (None) the automatic
+/// choice from [`SIMPLE_ANSWERS`] and [`TECHNICAL_ANSWERS`] (see [`auto_answers`]).
+pub fn pair_metric(
+    model: &Model,
+    pair: &PatchPair,
+    answers: Option<(&str, &str)>,
+) -> Result<Metric> {
+    match answers {
+        Some((a, b)) => Metric::logit_diff_words(model, a, b),
+        None => {
+            let words = |ws: &[&str]| ws.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+            auto_answers(
+                model,
+                pair,
+                &words(SIMPLE_ANSWERS),
+                &words(TECHNICAL_ANSWERS),
+            )
+        }
+    }
+}
+
 /// Picks the logit-difference metric `logit[a] - logit[b]`, a from `simple`, b from `technical`
 /// (single-token words only, preferring words ranked < 200 in either run's last-position logits),
 /// maximising clean minus corrupted difference: the golden set's selection rule.

@@ -6,8 +6,7 @@ use crate::ModelArgs;
 use anyhow::{bail, Result};
 use clap::Args;
 use persona_lens_analysis::patching::{
-    auto_answers, Direction, Metric, PatchPair, Patcher, Sweep, SweepKind, SIMPLE_ANSWERS,
-    TECHNICAL_ANSWERS,
+    pair_metric, Direction, Metric, PatchPair, Patcher, Sweep, SweepKind,
 };
 use persona_lens_analysis::{npy, write_json};
 use persona_lens_engine::Model;
@@ -57,22 +56,14 @@ impl PairArgs {
     }
 
     pub fn metric_for(&self, model: &Model, pair: &PatchPair) -> Result<Metric> {
-        let ld = match (&self.answer_a, &self.answer_b) {
-            (Some(a), Some(b)) => Metric::logit_diff_words(model, a, b)?,
-            (None, None) => auto_answers(
-                model,
-                pair,
-                &SIMPLE_ANSWERS
-                    .iter()
-                    .map(|s| s.to_string())
-                    .collect::<Vec<_>>(),
-                &TECHNICAL_ANSWERS
-                    .iter()
-                    .map(|s| s.to_string())
-                    .collect::<Vec<_>>(),
-            )?,
-            _ => bail!("give both --answer-a and --answer-b, or neither (automatic choice)"),
-        };
+        if self.answer_a.is_some() != self.answer_b.is_some() {
+            bail!("give both --answer-a and --answer-b, or neither (automatic choice)");
+        }
+        let ld = pair_metric(
+            model,
+            pair,
+            self.answer_a.as_deref().zip(self.answer_b.as_deref()),
+        )?;
         Ok(match self.metric.as_str() {
             "logit-diff" => ld,
             "logprob" => match ld {
@@ -92,6 +83,13 @@ fn parse_dir(s: &str) -> Result<Vec<Direction>> {
         "both" => vec![Direction::Denoise, Direction::Noise],
         o => bail!("unknown --direction '{o}'; use denoise, noise or both"),
     })
+}
+
+fn parse_kinds(names: &[String]) -> Result<Vec<SweepKind>> {
+    Ok(names
+        .iter()
+        .map(|s| SweepKind::parse(s.trim()))
+        .collect::<std::result::Result<_, _>>()?)
 }
 
 fn dir_name(d: Direction) -> &'static str {
@@ -204,11 +202,7 @@ pub struct PatchArgs {
 
 pub fn patch(a: PatchArgs) -> Result<()> {
     let model = load_model(&a.model)?;
-    let kinds: Vec<SweepKind> = a
-        .sweep
-        .iter()
-        .map(|s| SweepKind::parse(s.trim()))
-        .collect::<std::result::Result<_, _>>()?;
+    let kinds = parse_kinds(&a.sweep)?;
     let dirs = parse_dir(&a.direction)?;
     let (pair, metric) = a.pair.resolve(&model)?;
     let t0 = Instant::now();
@@ -377,11 +371,7 @@ pub struct AttribArgs {
 pub fn attrib(a: AttribArgs) -> Result<()> {
     use persona_lens_analysis::attribution::{agreement, attribute};
     let model = load_model(&a.model)?;
-    let kinds: Vec<SweepKind> = a
-        .sweep
-        .iter()
-        .map(|s| SweepKind::parse(s.trim()))
-        .collect::<std::result::Result<_, _>>()?;
+    let kinds = parse_kinds(&a.sweep)?;
     let dir = match parse_dir(&a.direction)?.as_slice() {
         [d] => *d,
         _ => bail!("attrib takes one --direction: denoise or noise"),
@@ -662,21 +652,11 @@ pub fn ablate(a: AblateArgs) -> Result<()> {
         .iter()
         .map(|(n, e)| {
             let pair = PatchPair::suffix_aligned(&model, &n.text, &e.text, chat)?;
-            Ok(match (&a.answer_a, &a.answer_b) {
-                (Some(x), Some(y)) => Metric::logit_diff_words(&model, x, y)?,
-                _ => auto_answers(
-                    &model,
-                    &pair,
-                    &SIMPLE_ANSWERS
-                        .iter()
-                        .map(|s| s.to_string())
-                        .collect::<Vec<_>>(),
-                    &TECHNICAL_ANSWERS
-                        .iter()
-                        .map(|s| s.to_string())
-                        .collect::<Vec<_>>(),
-                )?,
-            })
+            Ok(pair_metric(
+                &model,
+                &pair,
+                a.answer_a.as_deref().zip(a.answer_b.as_deref()),
+            )?)
         })
         .collect::<Result<_>>()?;
     let randoms = random_head_sets(&model, heads.len(), a.n_random, a.seed);
