@@ -10,6 +10,7 @@ pub mod heads;
 pub mod lens;
 pub mod npy;
 pub mod patching;
+pub mod path_patching;
 pub mod probe;
 pub mod readability;
 pub mod stats;

@@ -183,7 +183,7 @@ impl PatchPair {
         self.corrupted_ids.is_empty()
     }
 
-    fn base_len(&self, dir: Direction) -> usize {
+    pub fn base_len(&self, dir: Direction) -> usize {
         match dir {
             Direction::Denoise => self.corrupted_ids.len(),
             Direction::Noise => self.clean_ids.len(),
@@ -439,7 +439,7 @@ fn patchable_hooks(n_layers: usize) -> Vec<HookName> {
 }
 
 /// Evaluates a metric on last-position residuals, touching only the unembedding rows it needs.
-struct MetricEval {
+pub(crate) struct MetricEval {
     metric: Metric,
     /// `[k, d]` unembedding rows for a logit difference.
     rows: Option<Tensor>,
@@ -496,7 +496,7 @@ impl MetricEval {
     }
 
     /// Metric per row of full logits `[b, vocab]`.
-    fn of_logits(&self, logits: &Tensor) -> Result<Vec<f32>> {
+    pub(crate) fn of_logits(&self, logits: &Tensor) -> Result<Vec<f32>> {
         let v: Vec<f32> = match &self.metric {
             Metric::LogitDiff { a, b } => {
                 let a = logits.narrow(1, *a as usize, 1)?;
@@ -520,7 +520,7 @@ impl MetricEval {
     }
 
     /// Metric per row of last-position residuals `[b, d]` (before the final norm).
-    fn of_resid(&self, dec: &Decoder, x: &Tensor) -> Result<Vec<f32>> {
+    pub(crate) fn of_resid(&self, dec: &Decoder, x: &Tensor) -> Result<Vec<f32>> {
         match &self.rows {
             Some(rows) => {
                 let normed = persona_lens_engine::layers::rms_norm(
@@ -547,7 +547,7 @@ pub struct Patcher<'a> {
     pub corrupted: RunCache,
     pub clean_metric: f32,
     pub corrupted_metric: f32,
-    eval: MetricEval,
+    pub(crate) eval: MetricEval,
     /// Clean activations in the corrupted run's positions, and the reverse (suffix alignment;
     /// the caches themselves for equal lengths).
     clean_in_corrupted: HashMap<HookName, Tensor>,
@@ -620,7 +620,7 @@ impl<'a> Patcher<'a> {
     }
 
     /// The base run, the source activations in its positions, the base ids.
-    fn runs(&self, dir: Direction) -> (&RunCache, &HashMap<HookName, Tensor>, &[u32]) {
+    pub(crate) fn runs(&self, dir: Direction) -> (&RunCache, &HashMap<HookName, Tensor>, &[u32]) {
         match dir {
             Direction::Denoise => (
                 &self.corrupted,

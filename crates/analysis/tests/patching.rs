@@ -318,3 +318,107 @@ fn heads_rank_and_ablate() {
     assert!("L99H0".parse::<Head>().is_ok());
     assert!(persona_lens_analysis::heads::check_heads(&m, &["L99H0".parse().unwrap()]).is_err());
 }
+
+fn golden_pair_patcher<'a>(m: &'a persona_lens_engine::Model, name: &str) -> Patcher<'a> {
+    let g = read_json(&golden_dir(name).join("patching.json"));
+    let pair = PatchPair::new(
+        m,
+        g["clean_text"].as_str().unwrap(),
+        g["corrupted_text"].as_str().unwrap(),
+        false,
+    )
+    .unwrap();
+    let metric = Metric::logit_diff_words(
+        m,
+        g["answer_token_a"]["text"].as_str().unwrap(),
+        g["answer_token_b"]["text"].as_str().unwrap(),
+    )
+    .unwrap();
+    Patcher::new(m, pair, metric).unwrap()
+}
+
+/// Batched path patching = the two-forwards-per-sender reference, for head receivers (q/k/v,
+/// grouped-query k/v on SmolLM2) and the logits receiver, in both directions.
+fn path_patching_matches_reference(name: &str, receivers: &str, inputs: &str, layers: &[usize]) {
+    use persona_lens_analysis::heads::Head;
+    use persona_lens_analysis::path_patching::{
+        all_senders, path_patch, path_patch_one_by_one, Receivers,
+    };
+    let m = model(name);
+    let p = golden_pair_patcher(&m, name);
+    let n_heads = m.config().n_heads;
+    for spec in [receivers, "logits"] {
+        let r = Receivers::parse(spec, inputs).unwrap();
+        let senders: Vec<Head> = all_senders(&p, &r)
+            .into_iter()
+            .filter(|s| layers.contains(&s.layer))
+            .collect();
+        assert_eq!(senders.len(), layers.len() * n_heads);
+        for dir in [Direction::Denoise, Direction::Noise] {
+            let fast = path_patch(&p, &senders, &r, dir, None).unwrap();
+            let slow = path_patch_one_by_one(&p, &senders, &r, dir).unwrap();
+            let base = p.base_metric(dir);
+            let mut moved = 0;
+            for ((s, a), b) in senders.iter().zip(&fast).zip(&slow) {
+                assert!(
+                    (a - b).abs() <= 1e-5 * (1.0 + b.abs()),
+                    "{name} {spec} {dir:?} sender {s}: batched {a} vs reference {b}"
+                );
+                moved += ((b - base).abs() > 1e-3) as usize;
+            }
+            // The sweep is not trivially the base metric: some senders matter.
+            assert!(
+                moved > 0,
+                "{name} {spec} {dir:?}: no sender moved the metric"
+            );
+        }
+    }
+    // Bad inputs: a sender at or after the last receiver, heads out of range, bad input names.
+    let r = Receivers::parse(receivers, inputs).unwrap();
+    let last = r.sender_layer_end(m.config().n_layers);
+    let e = path_patch(
+        &p,
+        &[Head {
+            layer: last,
+            head: 0,
+        }],
+        &r,
+        Direction::Denoise,
+        None,
+    )
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(e.contains("is not before any receiver"), "{e}");
+    let e = Receivers::parse("L3H99", "q")
+        .and_then(|r| {
+            path_patch(
+                &p,
+                &[Head { layer: 0, head: 0 }],
+                &r,
+                Direction::Denoise,
+                None,
+            )
+        })
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("head L3H99 out of range"), "{e}");
+    let e = Receivers::parse("L3H0", "q,x").err().unwrap().to_string();
+    assert!(e.contains("unknown receiver input 'x'"), "{e}");
+}
+
+#[test]
+fn path_patching_gemma() {
+    path_patching_matches_reference("gemma-3-270m", "L9H1,L14H2", "q,k,v", &[0, 3, 8, 12]);
+}
+
+#[test]
+fn path_patching_smollm2() {
+    path_patching_matches_reference(
+        "smollm2-135m-instruct",
+        "L20H3,L25H7",
+        "k,v",
+        &[0, 10, 19, 22],
+    );
+}

@@ -43,6 +43,9 @@ enum Cmd {
     /// Activation patching sweeps (resid_pre/mid, attn_out, mlp_out by layer x position; head z
     /// and patterns by layer x head), batched; JSON, npy and heatmaps.
     Patch(patch_cmds::PatchArgs),
+    /// Exact path patching: sender heads -> receiver heads' q/k/v inputs (or the logits), every
+    /// other head and MLP frozen at the corrupted run.
+    PathPatch(patch_cmds::PathPatchArgs),
     /// Attribution patching: every patch's first-order estimate from one forward + backward,
     /// with its agreement with real patching (Pearson r, top-k overlap).
     Attrib(patch_cmds::AttribArgs),
@@ -104,6 +107,7 @@ fn main() -> ExitCode {
         Cmd::Direction(a) => analysis_cmds::direction(a),
         Cmd::Lens(a) => analysis_cmds::lens(a),
         Cmd::Patch(a) => patch_cmds::patch(a),
+        Cmd::PathPatch(a) => patch_cmds::path_patch(a),
         Cmd::Attrib(a) => patch_cmds::attrib(a),
         Cmd::Heads(a) => patch_cmds::heads(a),
         Cmd::Ablate(a) => patch_cmds::ablate(a),

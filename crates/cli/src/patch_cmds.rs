@@ -334,6 +334,195 @@ fn summarize(model: &Model, p: &Patcher, s: &Sweep, secs: f64) {
     }
 }
 
+// ---------------- path-patch ----------------
+
+#[derive(Args)]
+pub struct PathPatchArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub pair: PairArgs,
+    /// Receivers: heads such as L12H2,L15H0 (their q/k/v inputs) or `logits` (the direct path).
+    #[arg(long, default_value = "logits")]
+    pub receivers: String,
+    /// Receiver inputs to patch (heads only): q, k, v, comma separated. k and v belong to
+    /// key/value heads, shared by a group of query heads in grouped-query models.
+    #[arg(long, default_value = "q,k,v")]
+    pub receiver_input: String,
+    /// Sender heads (L3H1,L5H0); default every head before the last receiver layer.
+    #[arg(long, value_delimiter = ',')]
+    pub senders: Vec<String>,
+    /// denoise (clean sender into the corrupted run, default), noise or both.
+    #[arg(long, default_value = "denoise")]
+    pub direction: String,
+    /// Two full forwards per sender through hooks instead of the batched runner (reference).
+    #[arg(long)]
+    pub one_by_one: bool,
+    /// Output directory: path_patch.json, .npy and a heatmap (PNG + SVG) per direction.
+    #[arg(long, default_value = "out/path_patch")]
+    pub out: PathBuf,
+    #[arg(long)]
+    pub no_files: bool,
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+pub fn path_patch(a: PathPatchArgs) -> Result<()> {
+    use persona_lens_analysis::heads::Head;
+    use persona_lens_analysis::path_patching::{
+        all_senders, path_patch, path_patch_one_by_one, Receivers,
+    };
+    let model = load_model(&a.model)?;
+    let dirs = parse_dir(&a.direction)?;
+    let receivers = Receivers::parse(&a.receivers, &a.receiver_input)?;
+    let (pair, metric) = a.pair.resolve(&model)?;
+    let p = Patcher::new(&model, pair, metric)?;
+    let cfg = model.config();
+    let senders: Vec<Head> = if a.senders.is_empty() {
+        all_senders(&p, &receivers)
+    } else {
+        a.senders
+            .iter()
+            .map(|s| s.parse())
+            .collect::<std::result::Result<_, _>>()?
+    };
+    if senders.is_empty() {
+        bail!("no senders: the receivers are in layer 0; pick receivers in a later layer");
+    }
+    let quiet = a.quiet || a.model.json;
+    let mut runs = serde_json::Map::new();
+    let mut files = Vec::new();
+    for &dir in &dirs {
+        let t = Instant::now();
+        let values = if a.one_by_one {
+            path_patch_one_by_one(&p, &senders, &receivers, dir)?
+        } else {
+            let pb = progress(senders.len() as u64, quiet, "senders path-patched");
+            let v = path_patch(
+                &p,
+                &senders,
+                &receivers,
+                dir,
+                Some(&|d| pb.set_position(d as u64)),
+            )?;
+            pb.finish_and_clear();
+            v
+        };
+        let secs = t.elapsed().as_secs_f64();
+        let den = p.clean_metric - p.corrupted_metric;
+        let norm: Vec<f32> = values
+            .iter()
+            .map(|v| (v - p.corrupted_metric) / den)
+            .collect();
+        let base = p.base_metric(dir);
+        // [sender layer][head] grid (NaN where a head was not a sender).
+        let n_rows = senders.iter().map(|s| s.layer + 1).max().unwrap_or(0);
+        let mut grid = vec![vec![f64::NAN; cfg.n_heads]; n_rows];
+        let mut grid_raw = vec![f32::NAN; n_rows * cfg.n_heads];
+        for ((s, n), v) in senders.iter().zip(&norm).zip(&values) {
+            grid[s.layer][s.head] = *n as f64;
+            grid_raw[s.layer * cfg.n_heads + s.head] = *v;
+        }
+        let name = format!("path_patch_{}", dir_name(dir));
+        if !quiet {
+            println!(
+                "path patching ({}) on {}: senders -> {}; metric {} clean {:.4}, corrupted {:.4}; {} senders in {secs:.2} s",
+                dir_name(dir),
+                model.info.name,
+                receivers.describe(),
+                p.metric.describe(&model),
+                p.clean_metric,
+                p.corrupted_metric,
+                senders.len()
+            );
+            let mut idx: Vec<usize> = (0..senders.len()).collect();
+            idx.sort_by(|&x, &y| {
+                (values[y] - base)
+                    .abs()
+                    .total_cmp(&(values[x] - base).abs())
+            });
+            for &i in idx.iter().take(5) {
+                println!(
+                    "  sender {:<8} patched {:+.4} (base {:+.4})  normalized {:+.3}",
+                    senders[i].to_string(),
+                    values[i],
+                    base,
+                    norm[i]
+                );
+            }
+        }
+        if !a.no_files {
+            std::fs::create_dir_all(&a.out)?;
+            let f = a.out.join(format!("{name}.npy"));
+            npy::write(&f, &grid_raw, &[n_rows, cfg.n_heads])?;
+            files.push(f);
+            let h = Heatmap {
+                title: format!(
+                    "path patching ({}) -> {}, {}",
+                    dir_name(dir),
+                    receivers.describe(),
+                    model.info.name
+                ),
+                values: grid.clone(),
+                row_labels: (0..n_rows).map(|l| l.to_string()).collect(),
+                col_labels: (0..cfg.n_heads).map(|h| format!("H{h}")).collect(),
+                x_label: "sender head".into(),
+                y_label: "sender layer".into(),
+                value_label: "(patched - corrupted) / (clean - corrupted)".into(),
+                caption: format!(
+                    "{}; sender attn.hook_z every position; other heads and MLPs frozen; metric {}; clean {:.3}, corrupted {:.3} {}",
+                    model.info.name,
+                    p.metric.describe(&model),
+                    p.clean_metric,
+                    p.corrupted_metric,
+                    p.metric.units()
+                ),
+            };
+            files.extend(save_heatmap(&h, &a.out.join(&name))?);
+        }
+        runs.insert(
+            dir_name(dir).into(),
+            json!({
+                "senders": senders.iter().map(|s| s.to_string()).collect::<Vec<_>>(),
+                "values": values,
+                "normalized": norm,
+                "grid_shape": [n_rows, cfg.n_heads],
+                "grid_axes": ["sender_layer", "sender_head"],
+                "base_metric": base,
+                "seconds": secs,
+            }),
+        );
+    }
+    let out = json!({
+        "model": model.info.name,
+        "clean": {"text": p.pair.clean_text, "ids": p.pair.clean_ids},
+        "corrupted": {"text": p.pair.corrupted_text, "ids": p.pair.corrupted_ids},
+        "chat": p.pair.chat,
+        "metric": {"spec": p.metric, "description": p.metric.describe(&model), "units": p.metric.units(), "position": "last"},
+        "clean_metric": p.clean_metric,
+        "corrupted_metric": p.corrupted_metric,
+        "receivers": receivers,
+        "sender_hook": "blocks.{layer}.attn.hook_z (one head, every position)",
+        "frozen": "every other attn_out and mlp_out at the base run (step A); receivers' inputs replaced, downstream free (step B)",
+        "implementation": if a.one_by_one { "two full forwards per sender" } else { "batched from the cached base run" },
+        "runs": runs,
+    });
+    if !a.no_files {
+        let f = a.out.join("path_patch.json");
+        write_json(&f, &out)?;
+        files.push(f);
+    }
+    if a.model.json {
+        println!("{out}");
+    } else if !files.is_empty() {
+        println!("wrote {}", files.len());
+        for f in files {
+            println!("  {}", f.display());
+        }
+    }
+    Ok(())
+}
+
 // ---------------- attrib ----------------
 
 #[derive(Args)]

@@ -474,6 +474,35 @@ fn patch_json_matches_golden_and_bad_inputs_fail_cleanly() {
             assert!((x.as_f64().unwrap() - y.as_f64().unwrap()).abs() < 1e-3);
         }
     }
+    // Path patching to the logits: every head is a sender, values in JSON.
+    let (code, out, err) = run(&[
+        "path-patch",
+        "--model",
+        "gemma-3-270m",
+        "--clean",
+        clean,
+        "--corrupted",
+        corrupted,
+        "--answer-a",
+        "simple",
+        "--answer-b",
+        "physics",
+        "--json",
+        "--no-files",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let d = &v["runs"]["denoise"];
+    assert_eq!(d["values"].as_array().unwrap().len(), 18 * 4);
+    assert_eq!(d["senders"][0], "L0H0");
+    assert_eq!(v["receivers"]["kind"], "logits");
+    // Heads matter on the direct path: some sender moves the logit difference by > 0.1.
+    let base = d["base_metric"].as_f64().unwrap();
+    assert!(d["values"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|x| (x.as_f64().unwrap() - base).abs() > 0.1));
     // Unequal lengths, multi-token answers, bad heads: one line, exit 2, no panic.
     for (args, needle) in [
         (
@@ -513,6 +542,36 @@ fn patch_json_matches_golden_and_bad_inputs_fail_cleanly() {
         (
             vec!["ablate", "--heads", "banana", "--pair-id", "physics"],
             "write heads as",
+        ),
+        (
+            vec![
+                "path-patch",
+                "--clean",
+                clean,
+                "--corrupted",
+                corrupted,
+                "--receivers",
+                "L3H0",
+                "--senders",
+                "L5H0",
+                "--no-files",
+            ],
+            "is not before any receiver",
+        ),
+        (
+            vec![
+                "path-patch",
+                "--clean",
+                clean,
+                "--corrupted",
+                corrupted,
+                "--receivers",
+                "L3H0",
+                "--receiver-input",
+                "q,query",
+                "--no-files",
+            ],
+            "unknown receiver input",
         ),
     ] {
         let mut a = args.clone();
