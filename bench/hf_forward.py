@@ -16,13 +16,10 @@ p.add_argument("--threads", type=int, default=2)
 p.add_argument("--repeats", type=int, default=2)
 a = p.parse_args()
 
-os.environ["HF_HUB_OFFLINE"] = "1"
 import torch
-from transformers import AutoModelForCausalLM
+from hf_common import load_model
 
-torch.set_num_threads(a.threads)
-model = AutoModelForCausalLM.from_pretrained(a.models_dir, gguf_file=a.gguf, dtype=torch.float32,
-                                             attn_implementation="eager").eval()
+model = load_model(a.models_dir, a.gguf, a.threads)
 seqs = json.load(open(a.ids))
 pad_id = 0
 n_tokens = sum(len(s) for s in seqs)

@@ -13,13 +13,10 @@ p.add_argument("--a", type=int, required=True)
 p.add_argument("--b", type=int, required=True)
 p.add_argument("--threads", type=int, default=2)
 a = p.parse_args()
-os.environ["HF_HUB_OFFLINE"] = "1"
 import torch
-from transformers import AutoModelForCausalLM
+from hf_common import load_model
 
-torch.set_num_threads(a.threads)
-model = AutoModelForCausalLM.from_pretrained(a.models_dir, gguf_file=a.gguf, dtype=torch.float32,
-                                             attn_implementation="eager").eval()
+model = load_model(a.models_dir, a.gguf, a.threads)
 clean = torch.tensor([json.loads(a.clean_ids)])
 corr = torch.tensor([json.loads(a.corrupted_ids)])
 layers = model.model.layers

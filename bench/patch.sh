@@ -2,22 +2,7 @@
 # Patching benchmark: the golden pair's resid_pre sweep (layer x position) + per-head z sweep at the
 # last position, persona-lens (batched incremental) vs the HF one-forward-per-patch loop, same
 # machine, same run, 2 threads each. Not part of CI. Usage: bench/patch.sh [model-short-name]
-set -euo pipefail
-cd "$(dirname "$0")/.."
-model="${1:-gemma-3-270m}"
-models="${PERSONA_LENS_MODELS:-$PWD/models}"
-bin=target/release/persona-lens
-case "$model" in
-  gemma-3-270m) gguf=gemma-3-270m-q4_k_m.gguf ;;
-  smollm2-135m-instruct) gguf=SmolLM2-135M-Instruct.Q4_1.gguf ;;
-  *) echo "error: unknown model $model" >&2; exit 2 ;;
-esac
-venv=bench/.venv
-if [ ! -x "$venv/bin/python" ]; then
-  python3 -m venv "$venv"
-  "$venv/bin/pip" install --quiet torch transformers gguf accelerate sentencepiece protobuf
-fi
-out=bench/out; mkdir -p "$out"
+source "$(dirname "$0")/common.sh" "$@"
 clean="I am a child. Explain the twin paradox simply. The key idea is"
 corrupted="I am a physicist. Explain the twin paradox simply. The key idea is"
 g="tests/fixtures/golden/$model/patching.json"

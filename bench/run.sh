@@ -1,22 +1,7 @@
 #!/usr/bin/env bash
 # Forward benchmark: persona-lens vs HF transformers on the same 64 persona prompts, same
 # machine, same run. Not part of CI. Usage: bench/run.sh [model-short-name]   (default gemma-3-270m)
-set -euo pipefail
-cd "$(dirname "$0")/.."
-model="${1:-gemma-3-270m}"
-models="${PERSONA_LENS_MODELS:-$PWD/models}"
-bin=target/release/persona-lens
-case "$model" in
-  gemma-3-270m) gguf=gemma-3-270m-q4_k_m.gguf ;;
-  smollm2-135m-instruct) gguf=SmolLM2-135M-Instruct.Q4_1.gguf ;;
-  *) echo "error: unknown model $model" >&2; exit 2 ;;
-esac
-venv=bench/.venv
-if [ ! -x "$venv/bin/python" ]; then
-  python3 -m venv "$venv"
-  "$venv/bin/pip" install --quiet torch transformers gguf accelerate sentencepiece protobuf
-fi
-out=bench/out; mkdir -p "$out"
+source "$(dirname "$0")/common.sh" "$@"
 # Token ids from persona-lens (identical to HF's tokenizer: see the golden tokenization tests).
 "$bin" bench-forward --model "$model" --prompts bench/prompts.json --repeats 1 --dump-ids "$out/ids.json" > /dev/null
 : > "$out/results.jsonl"

@@ -380,6 +380,8 @@ pub struct AblationSetup<'a> {
     /// Metric per pair (logit difference, simple minus technical).
     pub metrics: &'a [Metric],
     pub chat: bool,
+    /// Encoded prompts ([`AblationSetup::prompt_ids`]): novice of pair i at 2i, expert at 2i+1.
+    pub ids: &'a [Vec<u32>],
     pub bank: &'a ZBank,
     /// Residual rows to probe.
     pub probe_rows: Vec<usize>,
@@ -414,7 +416,7 @@ impl AblationSetup<'_> {
 
     pub fn run(&self, label: &str, heads: &[Head], mode: AblationMode) -> Result<AblationEffect> {
         let model = self.model;
-        let ids = Self::prompt_ids(model, self.pairs, self.chat)?;
+        let ids = self.ids;
         // 1. Persona gap of the metric.
         let mut gaps = Vec::new();
         for (i, m) in self.metrics.iter().enumerate() {

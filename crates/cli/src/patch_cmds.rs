@@ -864,6 +864,7 @@ pub fn ablate(a: AblateArgs) -> Result<()> {
         pairs: &pairs,
         metrics: &metrics,
         chat,
+        ids: &ids,
         bank: &bank,
         probe_rows: (n / 2..=n).step_by((n / 6).max(1)).collect(),
         n_generate: a.n_generate,
