@@ -14,6 +14,7 @@ pub mod path_patching;
 pub mod probe;
 pub mod readability;
 pub mod stats;
+pub mod steering;
 
 pub use dataset::{EncodedPrompt, GenOptions, PersonaDataset, PromptItem};
 pub use harvest::{Harvest, HarvestSpec, PositionRule};

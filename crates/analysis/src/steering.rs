@@ -1,0 +1,256 @@
+//! Steering through hooks: add `alpha x direction` to the residual stream, project a direction
+//! out (directional ablation), or patch the whole activation from a source prompt, at chosen
+//! positions. Every op is an `Op::Func` on one hook and reads each row's absolute position from
+//! the hook context, so with the KV cache each position is steered exactly once (when it is
+//! computed) and a full recompute steers the same positions the same way.
+
+use crate::{AnalysisError, Result};
+use candle_core::{DType, Tensor, D};
+use persona_lens_engine::hooks::HookFn;
+use persona_lens_engine::{Batch, HookCtx, HookName, Hooks, LogitsAt, Model, Op, Selector};
+use serde::{Deserialize, Serialize};
+use std::sync::Arc;
+
+/// How the stored direction is scaled before `alpha` multiplies it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum NormConvention {
+    /// As stored (a raw difference of means has the units of the residual stream).
+    Raw,
+    /// Unit L2 norm: alpha is in residual-stream units.
+    Unit,
+    /// Unit direction times the mean residual L2 norm at the hook (unsteered prompts, every
+    /// position but the first, whose norm is an outlier in Gemma): alpha = fraction of a typical
+    /// residual.
+    MeanResid,
+}
+
+impl NormConvention {
+    pub fn parse(s: &str) -> Result<Self> {
+        match s {
+            "raw" => Ok(Self::Raw),
+            "unit" => Ok(Self::Unit),
+            "mean-resid" => Ok(Self::MeanResid),
+            o => Err(AnalysisError::Invalid(format!(
+                "unknown norm convention '{o}'; use raw, unit or mean-resid"
+            ))),
+        }
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Raw => "raw",
+            Self::Unit => "unit",
+            Self::MeanResid => "mean-resid",
+        }
+    }
+}
+
+/// Which positions a steering op touches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SteerPositions {
+    /// Prompt and generated tokens.
+    All,
+    /// Prompt tokens only.
+    Prompt,
+    /// Generated tokens only.
+    Generated,
+}
+
+impl SteerPositions {
+    pub fn parse(s: &str) -> Result<Self> {
+        match s {
+            "all" => Ok(Self::All),
+            "prompt" => Ok(Self::Prompt),
+            "generated" => Ok(Self::Generated),
+            o => Err(AnalysisError::Invalid(format!(
+                "unknown position rule '{o}'; use all, prompt or generated"
+            ))),
+        }
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::All => "all",
+            Self::Prompt => "prompt",
+            Self::Generated => "generated",
+        }
+    }
+}
+
+/// What is done at the hook.
+#[derive(Debug, Clone)]
+pub enum SteerOp {
+    /// x + v (v = alpha x the scaled direction), `[d]`.
+    Add(Tensor),
+    /// x - (x . u) u for the unit direction u `[d]`.
+    Ablate(Tensor),
+    /// The activation of a source prompt `[t_src, d]`, end-aligned with each row's prompt
+    /// (so the question tokens line up when the persona prefix differs in length); one source
+    /// per row. Prompt positions only.
+    Patch(Vec<Tensor>),
+}
+
+/// Checks a direction: width, finite, non-zero.
+pub fn check_direction(v: &[f32], d_model: usize) -> Result<()> {
+    if v.len() != d_model {
+        return Err(AnalysisError::Invalid(format!(
+            "direction has width {} but the model's residual stream has {d_model}; use a direction computed on this model",
+            v.len()
+        )));
+    }
+    if v.iter().any(|x| !x.is_finite()) {
+        return Err(AnalysisError::Invalid(
+            "direction contains NaN or infinite values; recompute it with `persona-lens direction`"
+                .into(),
+        ));
+    }
+    if v.iter().all(|&x| x == 0.0) {
+        return Err(AnalysisError::Invalid(
+            "direction is all zeros: it cannot steer; recompute it with `persona-lens direction`"
+                .into(),
+        ));
+    }
+    Ok(())
+}
+
+pub fn l2(v: &[f32]) -> f64 {
+    v.iter()
+        .map(|&x| (x as f64) * (x as f64))
+        .sum::<f64>()
+        .sqrt()
+}
+
+/// The direction scaled by the convention (alpha not applied); `mean_resid_norm` is needed for
+/// [`NormConvention::MeanResid`].
+pub fn scale_direction(
+    v: &[f32],
+    conv: NormConvention,
+    mean_resid_norm: Option<f64>,
+) -> Result<Vec<f32>> {
+    let n = l2(v);
+    let s = match conv {
+        NormConvention::Raw => 1.0,
+        NormConvention::Unit => 1.0 / n,
+        NormConvention::MeanResid => {
+            mean_resid_norm.ok_or_else(|| {
+                AnalysisError::Invalid("mean-resid scaling needs the mean residual norm".into())
+            })? / n
+        }
+    };
+    Ok(v.iter().map(|&x| (x as f64 * s) as f32).collect())
+}
+
+/// Mean L2 norm of the unsteered activation at `hook` over every prompt position but the first.
+pub fn mean_resid_norm(model: &Model, prompts: &[Vec<u32>], hook: HookName) -> Result<f64> {
+    let (mut sum, mut n) = (0f64, 0usize);
+    for chunk in prompts.chunks(16) {
+        let batch = Batch::left_padded(chunk, model.pad_id(), model.device())?;
+        let mut hooks = Hooks::new();
+        hooks.capture(hook);
+        model.forward(&batch, None, &mut hooks, LogitsAt::None)?;
+        let a = hooks.cache.get(&hook)?.to_dtype(DType::F32)?;
+        let norms = a.sqr()?.sum(D::Minus1)?.sqrt()?.to_vec2::<f32>()?;
+        for (r, row) in norms.iter().enumerate() {
+            for &x in row.iter().skip(batch.pad[r] + 1) {
+                sum += x as f64;
+                n += 1;
+            }
+        }
+    }
+    if n == 0 {
+        return Err(AnalysisError::Invalid(
+            "prompts too short to measure the residual norm (need 2+ tokens)".into(),
+        ));
+    }
+    Ok(sum / n as f64)
+}
+
+/// `[b, t, 1]` f32 mask: 1 where row r's position at index i is selected.
+fn position_mask(
+    x: &Tensor,
+    ctx: &HookCtx,
+    rule: SteerPositions,
+    prompt_lens: &[usize],
+) -> candle_core::Result<Tensor> {
+    let (b, t) = (x.dim(0)?, x.dim(1)?);
+    let mut m = vec![0f32; b * t];
+    for r in 0..b {
+        let plen = prompt_lens.get(r).copied().unwrap_or(usize::MAX);
+        for i in 0..t {
+            if let Some(p) = ctx.position(r, i) {
+                let on = match rule {
+                    SteerPositions::All => true,
+                    SteerPositions::Prompt => p < plen,
+                    SteerPositions::Generated => p >= plen,
+                };
+                m[r * t + i] = on as u8 as f32;
+            }
+        }
+    }
+    Tensor::from_vec(m, (b, t, 1), x.device())
+}
+
+/// Registers `op` at `hook` for a batch whose rows have these prompt lengths (real tokens).
+pub fn add_steering(
+    hooks: &mut Hooks,
+    hook: HookName,
+    op: SteerOp,
+    rule: SteerPositions,
+    prompt_lens: Vec<usize>,
+) -> Result<()> {
+    if matches!(op, SteerOp::Patch(_)) && rule != SteerPositions::Prompt {
+        return Err(AnalysisError::Invalid(
+            "patching from a source prompt covers prompt positions only; use --positions prompt"
+                .into(),
+        ));
+    }
+    if let SteerOp::Patch(src) = &op {
+        if src.len() != prompt_lens.len() {
+            return Err(AnalysisError::Invalid(format!(
+                "{} source activations for {} prompts",
+                src.len(),
+                prompt_lens.len()
+            )));
+        }
+    }
+    let f: HookFn = Arc::new(move |x: &Tensor, ctx: &HookCtx| {
+        let mask = position_mask(x, ctx, rule, &prompt_lens)?.to_dtype(x.dtype())?;
+        match &op {
+            SteerOp::Add(v) => {
+                let v = v.to_dtype(x.dtype())?.reshape((1, 1, ()))?;
+                x.broadcast_add(&mask.broadcast_mul(&v)?)
+            }
+            SteerOp::Ablate(u) => {
+                let u = u.to_dtype(x.dtype())?.reshape((1, 1, ()))?;
+                let proj = x.broadcast_mul(&u)?.sum_keepdim(D::Minus1)?; // [b,t,1]
+                x.broadcast_sub(&proj.broadcast_mul(&mask)?.broadcast_mul(&u)?)
+            }
+            SteerOp::Patch(src) => {
+                let (b, t, d) = x.dims3()?;
+                let mut rows = Vec::with_capacity(b);
+                for (r, s) in src.iter().enumerate() {
+                    let ts = s.dim(0)?;
+                    let plen = prompt_lens[r];
+                    // Source row for each index of this call (end-aligned), else keep x.
+                    let mut pieces = Vec::with_capacity(t);
+                    for i in 0..t {
+                        let keep = x.narrow(0, r, 1)?.narrow(1, i, 1)?;
+                        let srow = ctx.position(r, i).and_then(|p| {
+                            (p < plen).then_some(())?;
+                            (p + ts).checked_sub(plen)
+                        });
+                        match srow {
+                            Some(j) if j < ts => pieces
+                                .push(s.narrow(0, j, 1)?.reshape((1, 1, d))?.to_dtype(x.dtype())?),
+                            _ => pieces.push(keep),
+                        }
+                    }
+                    rows.push(Tensor::cat(&pieces, 1)?);
+                }
+                Tensor::cat(&rows, 0)
+            }
+        }
+    });
+    hooks.intervene(hook, Op::Func(f), Selector::all());
+    Ok(())
+}

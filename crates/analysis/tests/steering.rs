@@ -1,0 +1,284 @@
+//! Steering on the real models: alpha = 0 is a no-op token for token, KV-cache generation equals
+//! full recomputation under steering, layers before the steered one are bit-identical, directional
+//! ablation leaves no component along the direction, patching copies the source activation, and
+//! bad directions fail with clear errors.
+
+#[path = "../../engine/tests/common/mod.rs"]
+mod common;
+
+use candle_core::{Device, Tensor};
+use common::model;
+use persona_lens_analysis::steering::{
+    add_steering, check_direction, l2, mean_resid_norm, scale_direction, NormConvention, SteerOp,
+    SteerPositions,
+};
+use persona_lens_engine::{
+    generate, Batch, GenerateOptions, HookName, HookPoint, Hooks, LogitsAt, Model,
+};
+
+const NOVICE: &str = "I am a child. Explain how rainbows form.";
+const EXPERT: &str = "I am a physicist. Explain how rainbows form.";
+
+/// A real persona direction at `hook`: expert minus novice residual at the last position.
+fn pair_direction(m: &Model, hook: HookName, chat: bool) -> Vec<f32> {
+    let last = |text: &str| -> Vec<f32> {
+        let ids = m.encode_prompt(text, chat).unwrap();
+        let b = Batch::left_padded(&[ids.clone()], m.pad_id(), m.device()).unwrap();
+        let mut h = Hooks::new();
+        h.capture(hook);
+        m.forward(&b, None, &mut h, LogitsAt::None).unwrap();
+        let a = h.cache.get(&hook).unwrap();
+        a.get(0)
+            .unwrap()
+            .get(ids.len() - 1)
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+    };
+    let (e, n) = (last(EXPERT), last(NOVICE));
+    e.iter().zip(&n).map(|(a, b)| a - b).collect()
+}
+
+fn steered(
+    m: &Model,
+    prompts: &[Vec<u32>],
+    hook: HookName,
+    op: SteerOp,
+    rule: SteerPositions,
+    kv: bool,
+) -> Vec<Vec<u32>> {
+    let mut hooks = Hooks::new();
+    add_steering(
+        &mut hooks,
+        hook,
+        op,
+        rule,
+        prompts.iter().map(Vec::len).collect(),
+    )
+    .unwrap();
+    let opts = GenerateOptions {
+        max_new_tokens: 12,
+        use_kv_cache: kv,
+        ..Default::default()
+    };
+    generate(m, prompts, &opts, &mut hooks)
+        .unwrap()
+        .into_iter()
+        .map(|g| g.generated_ids)
+        .collect()
+}
+
+fn check_model(name: &str, chat: bool, layer: usize) {
+    let m = model(name);
+    let hook = HookName::block(layer, HookPoint::ResidPre);
+    let dir = pair_direction(&m, hook, chat);
+    check_direction(&dir, m.config().d_model).unwrap();
+    let prompts: Vec<Vec<u32>> = [NOVICE, "I am a child. Why is the sky blue? Answer briefly."]
+        .iter()
+        .map(|t| m.encode_prompt(t, chat).unwrap())
+        .collect();
+    assert_ne!(prompts[0].len(), prompts[1].len(), "want left padding");
+    let plain: Vec<Vec<u32>> = generate(
+        &m,
+        &prompts,
+        &GenerateOptions {
+            max_new_tokens: 12,
+            ..Default::default()
+        },
+        &mut Hooks::new(),
+    )
+    .unwrap()
+    .into_iter()
+    .map(|g| g.generated_ids)
+    .collect();
+    let norm = mean_resid_norm(&m, &prompts, hook).unwrap();
+    assert!(norm > 0.0);
+    let unit = scale_direction(&dir, NormConvention::Unit, None).unwrap();
+    assert!((l2(&unit) - 1.0).abs() < 1e-5);
+    let scaled = scale_direction(&dir, NormConvention::MeanResid, Some(norm)).unwrap();
+    assert!((l2(&scaled) - norm).abs() < 1e-3 * norm);
+    let dev = Device::Cpu;
+    let add = |alpha: f32| {
+        let v: Vec<f32> = scaled.iter().map(|x| x * alpha).collect();
+        SteerOp::Add(Tensor::new(v.as_slice(), &dev).unwrap())
+    };
+    // alpha = 0: token for token the unsteered output.
+    assert_eq!(
+        steered(&m, &prompts, hook, add(0.0), SteerPositions::All, true),
+        plain
+    );
+    // KV cache = full recompute, for every position rule; steering changes the output.
+    for rule in [
+        SteerPositions::All,
+        SteerPositions::Prompt,
+        SteerPositions::Generated,
+    ] {
+        let a = steered(&m, &prompts, hook, add(0.6), rule, true);
+        let b = steered(&m, &prompts, hook, add(0.6), rule, false);
+        assert_eq!(a, b, "{name} {rule:?}: KV cache vs recompute");
+        if rule != SteerPositions::Generated {
+            assert_ne!(a, plain, "{name} {rule:?}: steering had no effect");
+        }
+    }
+    // Layers before the steered one are bit-identical; the steered hook moved by alpha * v.
+    let b = Batch::left_padded(&prompts, m.pad_id(), m.device()).unwrap();
+    let watch: Vec<HookName> = (0..layer)
+        .flat_map(|l| {
+            [
+                HookName::block(l, HookPoint::ResidPre),
+                HookName::block(l, HookPoint::AttnZ),
+                HookName::block(l, HookPoint::MlpOut),
+            ]
+        })
+        .chain([hook])
+        .collect();
+    let run = |op: Option<SteerOp>| {
+        let mut h = Hooks::new();
+        if let Some(op) = op {
+            add_steering(
+                &mut h,
+                hook,
+                op,
+                SteerPositions::All,
+                prompts.iter().map(Vec::len).collect(),
+            )
+            .unwrap();
+        }
+        h.capture_all(&watch);
+        m.forward(&b, None, &mut h, LogitsAt::None).unwrap();
+        h
+    };
+    let base = run(None);
+    let st = run(Some(add(0.6)));
+    for w in &watch[..watch.len() - 1] {
+        let x = base.cache.get(w).unwrap().flatten_all().unwrap();
+        let y = st.cache.get(w).unwrap().flatten_all().unwrap();
+        assert_eq!(
+            x.to_vec1::<f32>().unwrap(),
+            y.to_vec1::<f32>().unwrap(),
+            "{name}: {w} changed by steering at {hook}"
+        );
+    }
+    let last = prompts[0].len() + b.pad[0] - 1;
+    let at = |h: &Hooks| -> Vec<f32> {
+        h.cache
+            .get(&hook)
+            .unwrap()
+            .get(0)
+            .unwrap()
+            .get(last)
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    };
+    let moved: Vec<f32> = at(&st).iter().zip(at(&base)).map(|(a, b)| a - b).collect();
+    for (d, v) in moved.iter().zip(&scaled) {
+        assert!(
+            (d - 0.6 * v).abs() <= 1e-3 * (1.0 + v.abs()),
+            "{d} vs {}",
+            0.6 * v
+        );
+    }
+    // Padding positions are never steered.
+    if b.pad[0] > 0 {
+        let p0 = |h: &Hooks| -> Vec<f32> {
+            h.cache
+                .get(&hook)
+                .unwrap()
+                .get(0)
+                .unwrap()
+                .get(0)
+                .unwrap()
+                .to_vec1()
+                .unwrap()
+        };
+        assert_eq!(p0(&st), p0(&base));
+    }
+    // Directional ablation: nothing left along u at the hook.
+    let u = Tensor::new(unit.as_slice(), &dev).unwrap();
+    let ab = run(Some(SteerOp::Ablate(u)));
+    let x = at(&ab);
+    let proj: f64 = x.iter().zip(&unit).map(|(a, b)| (a * b) as f64).sum();
+    let before: f64 = at(&base)
+        .iter()
+        .zip(&unit)
+        .map(|(a, b)| (a * b) as f64)
+        .sum();
+    assert!(
+        proj.abs() < 1e-3 * before.abs().max(1.0),
+        "{proj} vs {before}"
+    );
+    // Patching the expert prompt's activation into the novice prompt: end-aligned copy.
+    let src_ids = m.encode_prompt(EXPERT, chat).unwrap();
+    let sb = Batch::left_padded(&[src_ids.clone()], m.pad_id(), m.device()).unwrap();
+    let mut sh = Hooks::new();
+    sh.capture(hook);
+    m.forward(&sb, None, &mut sh, LogitsAt::None).unwrap();
+    let src = sh.cache.get(&hook).unwrap().get(0).unwrap();
+    let one = vec![prompts[0].clone()];
+    let mut ph = Hooks::new();
+    add_steering(
+        &mut ph,
+        hook,
+        SteerOp::Patch(vec![src.clone()]),
+        SteerPositions::Prompt,
+        vec![one[0].len()],
+    )
+    .unwrap();
+    ph.capture(hook);
+    let ob = Batch::left_padded(&one, m.pad_id(), m.device()).unwrap();
+    m.forward(&ob, None, &mut ph, LogitsAt::None).unwrap();
+    let got = ph.cache.get(&hook).unwrap().get(0).unwrap();
+    let (tn, ts) = (one[0].len(), src_ids.len());
+    let k = tn.min(ts);
+    assert_eq!(
+        got.narrow(0, tn - k, k)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap(),
+        src.narrow(0, ts - k, k)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+    );
+    let e = add_steering(
+        &mut Hooks::new(),
+        hook,
+        SteerOp::Patch(vec![src]),
+        SteerPositions::All,
+        vec![tn],
+    )
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(e.contains("prompt positions only"), "{e}");
+}
+
+#[test]
+fn steering_gemma() {
+    check_model("gemma-3-270m", false, 6);
+}
+
+#[test]
+fn steering_smollm2_chat() {
+    check_model("smollm2-135m-instruct", true, 12);
+}
+
+#[test]
+fn bad_directions() {
+    let e = check_direction(&[1.0, 2.0], 640).err().unwrap().to_string();
+    assert!(e.contains("width 2") && e.contains("640"), "{e}");
+    let e = check_direction(&[f32::NAN, 1.0], 2)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("NaN"), "{e}");
+    let e = check_direction(&[0.0, 0.0], 2).err().unwrap().to_string();
+    assert!(e.contains("all zeros"), "{e}");
+    assert!(NormConvention::parse("huge").is_err());
+    assert!(SteerPositions::parse("middle").is_err());
+}
