@@ -23,7 +23,7 @@ const EXPERT: &str = "I am a physicist. Explain how rainbows form.";
 fn pair_direction(m: &Model, hook: HookName, chat: bool) -> Vec<f32> {
     let last = |text: &str| -> Vec<f32> {
         let ids = m.encode_prompt(text, chat).unwrap();
-        let b = Batch::left_padded(&[ids.clone()], m.pad_id(), m.device()).unwrap();
+        let b = Batch::left_padded(std::slice::from_ref(&ids), m.pad_id(), m.device()).unwrap();
         let mut h = Hooks::new();
         h.capture(hook);
         m.forward(&b, None, &mut h, LogitsAt::None).unwrap();
@@ -210,7 +210,7 @@ fn check_model(name: &str, chat: bool, layer: usize) {
     );
     // Patching the expert prompt's activation into the novice prompt: end-aligned copy.
     let src_ids = m.encode_prompt(EXPERT, chat).unwrap();
-    let sb = Batch::left_padded(&[src_ids.clone()], m.pad_id(), m.device()).unwrap();
+    let sb = Batch::left_padded(std::slice::from_ref(&src_ids), m.pad_id(), m.device()).unwrap();
     let mut sh = Hooks::new();
     sh.capture(hook);
     m.forward(&sb, None, &mut sh, LogitsAt::None).unwrap();
