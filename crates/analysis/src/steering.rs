@@ -254,3 +254,196 @@ pub fn add_steering(
     hooks.intervene(hook, Op::Func(f), Selector::all());
     Ok(())
 }
+
+/// One prompt to steer, with what the record should say about it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct SteerPrompt {
+    pub id: String,
+    /// Persona class (`novice`, `expert`, ... or `unknown` for a bare prompts file).
+    pub persona: String,
+    pub topic: String,
+    pub text: String,
+}
+
+/// One steered generation: `patched_outputs.jsonl` holds one per prompt x layer x alpha.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SteerRecord {
+    pub model: String,
+    pub prompt_id: String,
+    pub persona: String,
+    pub topic: String,
+    pub prompt: String,
+    pub chat: bool,
+    /// The `--layer` value and the hook it names.
+    pub layer: usize,
+    pub hook: String,
+    pub alpha: f64,
+    /// `add` or `ablate`.
+    pub mode: String,
+    pub positions: String,
+    /// Norm convention of the direction before alpha (`raw`, `unit`, `mean-resid`).
+    pub norm: String,
+    /// L2 norm of the scaled direction (alpha = 1), residual-stream units.
+    pub direction_scale: f64,
+    /// Mean residual L2 norm at the hook (unsteered prompts), for reference.
+    pub mean_resid_norm: f64,
+    pub direction_source: String,
+    pub seed: u64,
+    pub sampling: serde_json::Value,
+    pub max_new_tokens: usize,
+    pub prompt_ids: Vec<u32>,
+    pub generated_ids: Vec<u32>,
+    pub text: String,
+    pub stopped_on_eos: bool,
+}
+
+/// Generates for `prompts` (batches of `batch_size`) with `op` at `hook` (None = unsteered).
+pub fn steered_generate(
+    model: &Model,
+    prompts: &[Vec<u32>],
+    steer: Option<(HookName, &SteerOp, SteerPositions)>,
+    opts: &persona_lens_engine::GenerateOptions,
+    batch_size: usize,
+    progress: &dyn Fn(usize),
+) -> Result<Vec<persona_lens_engine::Generation>> {
+    let mut out = Vec::with_capacity(prompts.len());
+    for chunk in prompts.chunks(batch_size.max(1)) {
+        let mut hooks = Hooks::new();
+        if let Some((hook, op, rule)) = steer {
+            add_steering(
+                &mut hooks,
+                hook,
+                op.clone(),
+                rule,
+                chunk.iter().map(Vec::len).collect(),
+            )?;
+        }
+        out.extend(persona_lens_engine::generate(
+            model, chunk, opts, &mut hooks,
+        )?);
+        progress(chunk.len());
+    }
+    Ok(out)
+}
+
+/// A direction ready to steer with: where it applies and where it came from.
+#[derive(Debug, Clone)]
+pub struct LoadedDirection {
+    pub hook: HookName,
+    /// The residual row (see [`crate::resid_rows`]).
+    pub row: usize,
+    pub vector: Vec<f32>,
+    pub source: String,
+}
+
+/// The hook of residual row `row`, or a clear error for an unknown layer.
+pub fn row_hook(row: usize, layer_arg: usize, n_layers: usize) -> Result<HookName> {
+    crate::resid_rows(n_layers)
+        .get(row)
+        .copied()
+        .ok_or_else(|| {
+            AnalysisError::Invalid(format!(
+                "--layer {layer_arg} is out of range: the model has {n_layers} blocks (--layer 0..{}; with --align-probe-index 0..={n_layers})",
+                n_layers - 1
+            ))
+        })
+}
+
+/// Loads a direction from `persona-lens direction` output (`directions.safetensors`, needs
+/// `layer`; `persona_direction.npy` with its JSON sidecar) or a llama.cpp control vector
+/// (`.gguf`, needs `layer`). `layer` follows `persona-lens direction`'s convention.
+pub fn load_direction(
+    path: &std::path::Path,
+    layer: Option<usize>,
+    align_probe_index: bool,
+    kind: crate::direction::DirectionKind,
+    n_layers: usize,
+) -> Result<LoadedDirection> {
+    use crate::direction::{resid_row_for_layer, DirectionSet};
+    let ext = path
+        .extension()
+        .and_then(|e| e.to_str())
+        .unwrap_or("")
+        .to_ascii_lowercase();
+    let need_layer = || {
+        AnalysisError::Invalid(format!(
+            "{} holds a direction per layer; choose one with --layer L",
+            path.display()
+        ))
+    };
+    let row_of = |l: usize| -> Result<(usize, HookName)> {
+        let r = resid_row_for_layer(l, align_probe_index);
+        Ok((r, row_hook(r, l, n_layers)?))
+    };
+    match ext.as_str() {
+        "safetensors" => {
+            let l = layer.ok_or_else(need_layer)?;
+            let (row, hook) = row_of(l)?;
+            let set = DirectionSet::load(path)?;
+            let (_, v) = set.at_row(row, kind)?;
+            Ok(LoadedDirection {
+                hook,
+                row,
+                vector: v,
+                source: format!(
+                    "{} ({kind:?}, residual row {row}, model {})",
+                    path.display(),
+                    set.meta.model
+                ),
+            })
+        }
+        "npy" => {
+            let (v, shape) = crate::npy::read(path)?;
+            if shape.len() != 1 {
+                return Err(AnalysisError::Invalid(format!(
+                    "{} has shape {shape:?}; a direction is one vector [d_model]",
+                    path.display()
+                )));
+            }
+            let side = path.with_extension("json");
+            let side_row = std::fs::read_to_string(&side)
+                .ok()
+                .and_then(|s| serde_json::from_str::<serde_json::Value>(&s).ok())
+                .and_then(|j| j["resid_index"].as_u64())
+                .map(|r| r as usize);
+            let (row, hook) = match (layer, side_row) {
+                (Some(l), _) => row_of(l)?,
+                (None, Some(r)) => (r, row_hook(r, r, n_layers)?),
+                (None, None) => {
+                    return Err(AnalysisError::Invalid(format!(
+                        "{} has no sidecar {} naming its layer; give --layer L",
+                        path.display(),
+                        side.display()
+                    )))
+                }
+            };
+            Ok(LoadedDirection {
+                hook,
+                row,
+                vector: v,
+                source: format!("{} (residual row {row})", path.display()),
+            })
+        }
+        "gguf" => {
+            let l = layer.ok_or_else(need_layer)?;
+            let cv = crate::control_vector::read(path)?;
+            let v = cv.layer(l)?;
+            // llama.cpp adds direction.{l} to the output of block l = residual row l + 1.
+            let row = l + 1;
+            Ok(LoadedDirection {
+                hook: row_hook(row, l, n_layers)?,
+                row,
+                vector: v,
+                source: format!(
+                    "{} (control vector direction.{l}, model hint {})",
+                    path.display(),
+                    cv.model_hint
+                ),
+            })
+        }
+        _ => Err(AnalysisError::Invalid(format!(
+            "{}: unknown direction file; use directions.safetensors or persona_direction.npy from `persona-lens direction`, or a control-vector .gguf",
+            path.display()
+        ))),
+    }
+}

@@ -4,6 +4,7 @@
 mod analysis_cmds;
 mod engine_cmds;
 mod patch_cmds;
+mod steer_cmds;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
@@ -51,6 +52,10 @@ enum Cmd {
     Attrib(patch_cmds::AttribArgs),
     /// Rank attention heads by z-patching effect over every prompt pair of a topic.
     Heads(patch_cmds::HeadsArgs),
+    /// Steered generation: alpha x persona direction at layers, over prompts; patched_outputs.jsonl.
+    Steer(steer_cmds::SteerArgs),
+    /// llama.cpp control vectors: export directions, import one back.
+    ControlVector(steer_cmds::ControlVectorArgs),
     /// Ablate heads (zero, mean, resample) vs random heads: persona gap, probes, answer grade.
     Ablate(patch_cmds::AblateArgs),
 }
@@ -111,6 +116,8 @@ fn main() -> ExitCode {
         Cmd::Attrib(a) => patch_cmds::attrib(a),
         Cmd::Heads(a) => patch_cmds::heads(a),
         Cmd::Ablate(a) => patch_cmds::ablate(a),
+        Cmd::Steer(a) => steer_cmds::steer(a),
+        Cmd::ControlVector(a) => steer_cmds::control_vector(a),
     };
     match res {
         Ok(()) => ExitCode::SUCCESS,

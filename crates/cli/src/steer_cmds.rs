@@ -1,0 +1,537 @@
+//! Steering: `steer` (steered generation runs), `control-vector` (llama.cpp export / import).
+
+use crate::analysis_cmds::DatasetArgs;
+use crate::engine_cmds::{load_model, progress};
+use crate::ModelArgs;
+use anyhow::{bail, Context, Result};
+use clap::{Args, Subcommand};
+use persona_lens_analysis::direction::DirectionKind;
+use persona_lens_analysis::steering::{
+    check_direction, l2, load_direction, mean_resid_norm, scale_direction, steered_generate,
+    LoadedDirection, NormConvention, SteerOp, SteerPositions, SteerPrompt, SteerRecord,
+};
+use persona_lens_engine::{GenerateOptions, Model, Sampling};
+use serde_json::json;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// Which direction, where, and how strong.
+#[derive(Args, Clone, Debug)]
+pub struct SteerSpec {
+    /// Direction file: directions.safetensors or persona_direction.npy from `persona-lens
+    /// direction`, or a llama.cpp control vector (.gguf).
+    #[arg(long, default_value = "out/probe/directions.safetensors")]
+    pub direction: PathBuf,
+    /// Layers (comma separated), `persona-lens direction`'s convention: L = the output of block
+    /// L (`blocks.L.hook_resid_post`); with --align-probe-index, L = HF hidden_states[L].
+    #[arg(long, value_delimiter = ',', required = true)]
+    pub layer: Vec<usize>,
+    #[arg(long)]
+    pub align_probe_index: bool,
+    /// diff_of_means or probe (directions.safetensors only).
+    #[arg(long, default_value = "diff_of_means")]
+    pub kind: String,
+    /// Steering strengths (comma separated; negative = towards the novice persona).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        allow_negative_numbers = true,
+        default_value = "0,1,2,4,8"
+    )]
+    pub alpha: Vec<f64>,
+    /// Norm convention before alpha: raw (a difference of means as stored: alpha = 1 moves a
+    /// prompt by one novice-to-expert mean gap), unit (alpha in residual units) or mean-resid
+    /// (alpha = fraction of the mean residual norm at the layer; Gemma's is dominated by a few
+    /// huge dimensions, so useful alphas there are small).
+    #[arg(long, default_value = "raw")]
+    pub norm: String,
+    /// Positions steered: all, prompt or generated.
+    #[arg(long, default_value = "all")]
+    pub positions: String,
+    /// add (x + alpha v) or ablate (project the direction out; alpha ignored).
+    #[arg(long, default_value = "add")]
+    pub mode: String,
+}
+
+/// Prompts and generation settings.
+#[derive(Args, Clone, Debug)]
+pub struct GenSpec {
+    /// Prompts file: a JSON list of strings or of {"text", "persona", "id", "topic"}, or a
+    /// .txt file with one prompt per line. Default: the persona dataset (--persona class).
+    #[arg(long)]
+    pub prompts: Option<PathBuf>,
+    /// Dataset class to steer (novice, expert or all).
+    #[arg(long, default_value = "novice")]
+    pub persona: String,
+    /// Number of prompts (distinct questions, round robin over topics).
+    #[arg(long, default_value_t = 20)]
+    pub n_prompts: usize,
+    #[arg(long, default_value_t = 48)]
+    pub max_new_tokens: usize,
+    /// Sample with this temperature (default greedy).
+    #[arg(long)]
+    pub temperature: Option<f64>,
+    #[arg(long)]
+    pub top_k: Option<usize>,
+    #[arg(long)]
+    pub top_p: Option<f64>,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Prompts per batched generation.
+    #[arg(long, default_value_t = 8)]
+    pub batch_size: usize,
+}
+
+#[derive(Args)]
+pub struct SteerArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub data: DatasetArgs,
+    #[command(flatten)]
+    pub steer: SteerSpec,
+    #[command(flatten)]
+    pub gen: GenSpec,
+    /// Output directory: patched_outputs.jsonl and steer.json.
+    #[arg(long, default_value = "out/steer")]
+    pub out: PathBuf,
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+/// The prompts to steer.
+pub fn steer_prompts(data: &DatasetArgs, gen: &GenSpec) -> Result<Vec<SteerPrompt>> {
+    if let Some(p) = &gen.prompts {
+        let s = std::fs::read_to_string(p)
+            .with_context(|| format!("cannot read prompts file {}", p.display()))?;
+        let mut out = Vec::new();
+        if p.extension().and_then(|e| e.to_str()) == Some("json") {
+            let v: serde_json::Value = serde_json::from_str(&s).with_context(|| {
+                format!(
+                    "{} is not JSON; give a list of strings or objects",
+                    p.display()
+                )
+            })?;
+            let Some(items) = v.as_array() else {
+                bail!("{} must hold a JSON list of prompts", p.display());
+            };
+            for (i, it) in items.iter().enumerate() {
+                let text = it
+                    .as_str()
+                    .or_else(|| it["text"].as_str())
+                    .or_else(|| it["prompt"].as_str())
+                    .with_context(|| {
+                        format!(
+                            "prompt {i} of {} has no text; use a string or {{\"text\": ...}}",
+                            p.display()
+                        )
+                    })?;
+                out.push(SteerPrompt {
+                    id: it["id"]
+                        .as_str()
+                        .map(String::from)
+                        .unwrap_or(format!("p{i:03}")),
+                    persona: it["persona"].as_str().unwrap_or("unknown").into(),
+                    topic: it["topic"].as_str().unwrap_or("").into(),
+                    text: text.into(),
+                });
+            }
+        } else {
+            for (i, l) in s.lines().filter(|l| !l.trim().is_empty()).enumerate() {
+                out.push(SteerPrompt {
+                    id: format!("p{i:03}"),
+                    persona: "unknown".into(),
+                    topic: String::new(),
+                    text: l.trim().into(),
+                });
+            }
+        }
+        if out.is_empty() {
+            bail!("{} holds no prompts", p.display());
+        }
+        out.truncate(gen.n_prompts.max(1));
+        return Ok(out);
+    }
+    let ds = data.load()?;
+    let items: Vec<_> = ds
+        .items
+        .iter()
+        .filter(|it| gen.persona == "all" || it.class == gen.persona)
+        .collect();
+    if items.is_empty() {
+        bail!(
+            "no dataset prompts of class '{}'; use --persona novice, expert or all",
+            gen.persona
+        );
+    }
+    // Distinct questions first (one template each), round robin over topics.
+    let first_template = items[0].template_id.clone();
+    let mut by_topic: std::collections::BTreeMap<&str, Vec<_>> = Default::default();
+    for it in items.iter().filter(|it| it.template_id == first_template) {
+        by_topic.entry(it.topic.as_str()).or_default().push(*it);
+    }
+    let mut out = Vec::new();
+    let mut i = 0;
+    while out.len() < gen.n_prompts && by_topic.values().any(|v| i < v.len()) {
+        for v in by_topic.values() {
+            if let Some(it) = v.get(i) {
+                if out.len() < gen.n_prompts {
+                    out.push(SteerPrompt {
+                        id: it.id.clone(),
+                        persona: it.class.clone(),
+                        topic: it.topic.clone(),
+                        text: it.text.clone(),
+                    });
+                }
+            }
+        }
+        i += 1;
+    }
+    Ok(out)
+}
+
+pub fn gen_options(model: &Model, g: &GenSpec) -> GenerateOptions {
+    GenerateOptions {
+        max_new_tokens: g.max_new_tokens,
+        sampling: match g.temperature {
+            Some(t) => Sampling::Sample {
+                temperature: t,
+                top_k: g.top_k,
+                top_p: g.top_p,
+                seed: g.seed,
+            },
+            None => Sampling::Greedy,
+        },
+        stop_tokens: model.tokenizer.eos_ids.clone(),
+        use_kv_cache: true,
+    }
+}
+
+/// Runs the layer x alpha grid over the prompts; records in (layer, alpha, prompt) order.
+#[allow(clippy::too_many_arguments)]
+pub fn run_steering(
+    model: &Model,
+    prompts: &[SteerPrompt],
+    chat: bool,
+    spec: &SteerSpec,
+    gen: &GenSpec,
+    quiet: bool,
+) -> Result<Vec<SteerRecord>> {
+    let cfg = model.config();
+    let kind: DirectionKind = spec.kind.parse()?;
+    let conv = NormConvention::parse(&spec.norm)?;
+    let rule = SteerPositions::parse(&spec.positions)?;
+    let ablate = match spec.mode.as_str() {
+        "add" => false,
+        "ablate" => true,
+        o => bail!("unknown --mode '{o}'; use add or ablate"),
+    };
+    if !spec.direction.exists() {
+        bail!(
+            "direction file {} not found; make one with `persona-lens direction` or pass --direction FILE",
+            spec.direction.display()
+        );
+    }
+    let ids: Vec<Vec<u32>> = prompts
+        .iter()
+        .map(|p| model.encode_prompt(&p.text, chat))
+        .collect::<std::result::Result<_, _>>()?;
+    let opts = gen_options(model, gen);
+    let alphas: Vec<f64> = if ablate {
+        vec![1.0]
+    } else {
+        spec.alpha.clone()
+    };
+    if alphas.iter().any(|a| !a.is_finite()) {
+        bail!("--alpha values must be finite numbers");
+    }
+    let dirs: Vec<(usize, LoadedDirection)> = spec
+        .layer
+        .iter()
+        .map(|&l| {
+            let d = load_direction(
+                &spec.direction,
+                Some(l),
+                spec.align_probe_index,
+                kind,
+                cfg.n_layers,
+            )?;
+            check_direction(&d.vector, cfg.d_model)?;
+            Ok((l, d))
+        })
+        .collect::<Result<_>>()?;
+    let total = (dirs.len() * alphas.len() * prompts.len()) as u64;
+    let pb = progress(total, quiet, "steered generations");
+    let mut records = Vec::new();
+    for (layer, d) in &dirs {
+        let mrn = mean_resid_norm(model, &ids, d.hook)?;
+        let scaled = scale_direction(&d.vector, conv, Some(mrn))?;
+        let scale = l2(&scaled);
+        for &alpha in &alphas {
+            let op = if ablate {
+                let unit = scale_direction(&d.vector, NormConvention::Unit, None)?;
+                SteerOp::Ablate(candle_core::Tensor::new(unit.as_slice(), model.device())?)
+            } else {
+                let v: Vec<f32> = scaled.iter().map(|x| (*x as f64 * alpha) as f32).collect();
+                SteerOp::Add(candle_core::Tensor::new(v.as_slice(), model.device())?)
+            };
+            let gens = steered_generate(
+                model,
+                &ids,
+                Some((d.hook, &op, rule)),
+                &opts,
+                gen.batch_size,
+                &|n| pb.inc(n as u64),
+            )?;
+            for (p, g) in prompts.iter().zip(gens) {
+                let text = model.tokenizer.decode(&g.generated_ids, true)?;
+                records.push(SteerRecord {
+                    model: model.info.name.clone(),
+                    prompt_id: p.id.clone(),
+                    persona: p.persona.clone(),
+                    topic: p.topic.clone(),
+                    prompt: p.text.clone(),
+                    chat,
+                    layer: *layer,
+                    hook: d.hook.to_string(),
+                    alpha,
+                    mode: spec.mode.clone(),
+                    positions: rule.name().into(),
+                    norm: conv.name().into(),
+                    direction_scale: scale,
+                    mean_resid_norm: mrn,
+                    direction_source: d.source.clone(),
+                    seed: gen.seed,
+                    sampling: serde_json::to_value(&opts.sampling)?,
+                    max_new_tokens: gen.max_new_tokens,
+                    prompt_ids: g.prompt_ids,
+                    stopped_on_eos: g.stopped_on.is_some(),
+                    generated_ids: g.generated_ids,
+                    text,
+                });
+            }
+        }
+    }
+    pb.finish_and_clear();
+    Ok(records)
+}
+
+/// Writes records as JSON lines, atomically.
+pub fn write_jsonl<T: serde::Serialize>(path: &Path, rows: &[T]) -> Result<()> {
+    let mut buf = Vec::new();
+    for r in rows {
+        serde_json::to_writer(&mut buf, r)?;
+        buf.push(b'\n');
+    }
+    persona_lens_engine::io::write_atomic(path, &buf)?;
+    Ok(())
+}
+
+pub fn steer(a: SteerArgs) -> Result<()> {
+    let model = load_model(&a.model)?;
+    let chat = a.data.chat(&model);
+    let prompts = steer_prompts(&a.data, &a.gen)?;
+    let quiet = a.quiet || a.model.json;
+    let t = Instant::now();
+    let records = run_steering(&model, &prompts, chat, &a.steer, &a.gen, quiet)?;
+    let secs = t.elapsed().as_secs_f64();
+    std::fs::create_dir_all(&a.out)?;
+    let f = a.out.join("patched_outputs.jsonl");
+    write_jsonl(&f, &records)?;
+    let summary = json!({
+        "model": model.info.name, "chat": chat, "n_prompts": prompts.len(),
+        "layers": a.steer.layer, "alphas": a.steer.alpha, "mode": a.steer.mode,
+        "norm": a.steer.norm, "positions": a.steer.positions,
+        "direction": a.steer.direction, "records": records.len(), "seconds": secs,
+        "output": f,
+    });
+    persona_lens_analysis::write_json(&a.out.join("steer.json"), &summary)?;
+    if a.model.json {
+        println!("{summary}");
+        return Ok(());
+    }
+    println!(
+        "{} steered generations ({} prompts x {} layers x {} alphas) on {} in {secs:.1} s",
+        records.len(),
+        prompts.len(),
+        a.steer.layer.len(),
+        if a.steer.mode == "ablate" {
+            1
+        } else {
+            a.steer.alpha.len()
+        },
+        model.info.name
+    );
+    let mut seen = std::collections::BTreeSet::new();
+    for r in &records {
+        if seen.insert((r.layer, (r.alpha * 1000.0) as i64)) {
+            println!(
+                "  layer {:>2} alpha {:>6.2} ({}, |v| {:.2}): {:?}",
+                r.layer,
+                r.alpha,
+                r.norm,
+                r.direction_scale * r.alpha.abs(),
+                r.text.chars().take(90).collect::<String>()
+            );
+        }
+    }
+    println!("wrote {}", f.display());
+    Ok(())
+}
+
+// ---------------- control-vector ----------------
+
+#[derive(Subcommand)]
+pub enum ControlVectorCmd {
+    /// Write directions as a llama.cpp control vector (GGUF arch `controlvector`).
+    Export(CvExportArgs),
+    /// Read a control vector: its layers and norms, optionally one layer as .npy.
+    Import(CvImportArgs),
+}
+
+#[derive(Args)]
+pub struct ControlVectorArgs {
+    #[command(subcommand)]
+    pub cmd: ControlVectorCmd,
+}
+
+#[derive(Args)]
+pub struct CvExportArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub data: DatasetArgs,
+    #[arg(long, default_value = "out/probe/directions.safetensors")]
+    pub direction: PathBuf,
+    /// Blocks whose output gets the direction (llama.cpp's direction.{L}; L >= 1).
+    #[arg(long, value_delimiter = ',', required = true)]
+    pub layer: Vec<usize>,
+    #[arg(long, default_value = "diff_of_means")]
+    pub kind: String,
+    /// Strength baked into the vector (llama.cpp multiplies by its own scale too).
+    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
+    pub alpha: f64,
+    /// raw, unit or mean-resid (measured on the dataset prompts).
+    #[arg(long, default_value = "mean-resid")]
+    pub norm: String,
+    #[arg(long, default_value = "out/steer/control_vector.gguf")]
+    pub out: PathBuf,
+}
+
+#[derive(Args)]
+pub struct CvImportArgs {
+    #[arg(long)]
+    pub input: PathBuf,
+    /// Write this layer's direction as .npy (with a JSON sidecar naming its residual row).
+    #[arg(long)]
+    pub layer: Option<usize>,
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn control_vector(a: ControlVectorArgs) -> Result<()> {
+    use persona_lens_analysis::control_vector::{self as cv, ControlVector};
+    match a.cmd {
+        ControlVectorCmd::Export(a) => {
+            let model = load_model(&a.model)?;
+            let cfg = model.config();
+            let kind: DirectionKind = a.kind.parse()?;
+            let conv = NormConvention::parse(&a.norm)?;
+            let chat = a.data.chat(&model);
+            let mut layers = std::collections::BTreeMap::new();
+            let ids: Vec<Vec<u32>> = if conv == NormConvention::MeanResid {
+                a.data
+                    .load()?
+                    .items
+                    .iter()
+                    .take(64)
+                    .map(|it| model.encode_prompt(&it.text, chat))
+                    .collect::<std::result::Result<_, _>>()?
+            } else {
+                vec![]
+            };
+            for &l in &a.layer {
+                if l == 0 {
+                    bail!("llama.cpp control vectors cannot steer block 0's output (direction.0 is invalid); use --layer 1 or later");
+                }
+                let d = load_direction(&a.direction, Some(l), false, kind, cfg.n_layers)?;
+                check_direction(&d.vector, cfg.d_model)?;
+                let mrn = if ids.is_empty() {
+                    None
+                } else {
+                    Some(mean_resid_norm(&model, &ids, d.hook)?)
+                };
+                let v = scale_direction(&d.vector, conv, mrn)?;
+                layers.insert(l, v.iter().map(|x| (*x as f64 * a.alpha) as f32).collect());
+            }
+            let hint = format!("{:?}", cfg.arch).to_lowercase();
+            let c = ControlVector {
+                model_hint: hint,
+                layers,
+            };
+            if let Some(p) = a.out.parent() {
+                std::fs::create_dir_all(p)?;
+            }
+            cv::write(&a.out, &c)?;
+            let back = cv::read(&a.out)?;
+            if back != c {
+                bail!(
+                    "control vector {} did not read back identical",
+                    a.out.display()
+                );
+            }
+            println!(
+                "wrote {} (controlvector, model hint {}, layers {:?}, alpha {}, norm {}); read back identical",
+                a.out.display(),
+                c.model_hint,
+                c.layers.keys().collect::<Vec<_>>(),
+                a.alpha,
+                conv.name()
+            );
+            Ok(())
+        }
+        ControlVectorCmd::Import(a) => {
+            let c = cv::read(&a.input)?;
+            let norms: Vec<(usize, f64)> = c.layers.iter().map(|(l, v)| (*l, l2(v))).collect();
+            if let Some(l) = a.layer {
+                let v = c.layer(l)?;
+                let out = a.out.clone().unwrap_or_else(|| {
+                    PathBuf::from(format!("out/steer/control_vector_layer{l}.npy"))
+                });
+                if let Some(p) = out.parent() {
+                    std::fs::create_dir_all(p)?;
+                }
+                persona_lens_analysis::npy::write(&out, &v, &[v.len()])?;
+                persona_lens_analysis::write_json(
+                    &out.with_extension("json"),
+                    &json!({"file": out.file_name().map(|f| f.to_string_lossy().to_string()),
+                        "hook": format!("blocks.{l}.hook_resid_post"), "resid_index": l + 1,
+                        "layer_arg": l, "source": a.input, "norm": l2(&v)}),
+                )?;
+                println!("wrote {}", out.display());
+            }
+            if a.json {
+                println!(
+                    "{}",
+                    json!({"model_hint": c.model_hint, "layers": norms.iter().map(|(l, n)| json!({"layer": l, "norm": n, "width": c.layers[l].len()})).collect::<Vec<_>>()})
+                );
+            } else {
+                println!(
+                    "{}: control vector for {}, {} layers",
+                    a.input.display(),
+                    c.model_hint,
+                    c.layers.len()
+                );
+                for (l, n) in norms {
+                    println!(
+                        "  direction.{l:<3} width {} norm {n:.4}",
+                        c.layers[&l].len()
+                    );
+                }
+            }
+            Ok(())
+        }
+    }
+}
