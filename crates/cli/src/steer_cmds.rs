@@ -384,7 +384,7 @@ pub fn steer(a: SteerArgs) -> Result<()> {
 #[derive(Subcommand)]
 pub enum ControlVectorCmd {
     /// Write directions as a llama.cpp control vector (GGUF arch `controlvector`).
-    Export(CvExportArgs),
+    Export(Box<CvExportArgs>),
     /// Read a control vector: its layers and norms, optionally one layer as .npy.
     Import(CvImportArgs),
 }
@@ -435,6 +435,7 @@ pub fn control_vector(a: ControlVectorArgs) -> Result<()> {
     use persona_lens_analysis::control_vector::{self as cv, ControlVector};
     match a.cmd {
         ControlVectorCmd::Export(a) => {
+            let a = *a;
             let model = load_model(&a.model)?;
             let cfg = model.config();
             let kind: DirectionKind = a.kind.parse()?;
