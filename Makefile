@@ -15,9 +15,15 @@ build:
 demo: models build
 	scripts/demo.sh $(BIN) out/demo
 
+# Python with the `gguf` package: the tests read exported control vectors with llama.cpp's reader.
+TOOLS_PY := .venv-tools/bin/python
+$(TOOLS_PY):
+	python3 -m venv .venv-tools
+	.venv-tools/bin/pip install --quiet gguf
+
 # The test suite on the real models (fetched first). Dependencies are optimised in the test profile.
-test: models
-	cargo test --workspace -- --test-threads 2
+test: models $(TOOLS_PY)
+	PERSONA_LENS_PYTHON=$(abspath $(TOOLS_PY)) cargo test --workspace -- --test-threads 2
 
 lint:
 	cargo fmt --all --check

@@ -583,3 +583,198 @@ fn patch_json_matches_golden_and_bad_inputs_fail_cleanly() {
         assert!(!err.contains("panicked"), "{err}");
     }
 }
+
+fn write_npy(path: &std::path::Path, v: &[f32]) {
+    let mut header = format!(
+        "{{'descr': '<f4', 'fortran_order': False, 'shape': ({},), }}",
+        v.len()
+    );
+    while (10 + header.len() + 1) % 64 != 0 {
+        header.push(' ');
+    }
+    header.push('\n');
+    let mut b = b"\x93NUMPY\x01\x00".to_vec();
+    b.extend((header.len() as u16).to_le_bytes());
+    b.extend(header.as_bytes());
+    for x in v {
+        b.extend(x.to_le_bytes());
+    }
+    std::fs::write(path, b).unwrap();
+}
+
+fn jsonl(p: &std::path::Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(p)
+        .unwrap()
+        .lines()
+        .map(json)
+        .collect()
+}
+
+/// direction -> steer -> control-vector export -> llama.cpp's reader (Python `gguf`) -> steer
+/// from the control vector: the same generations; plus bad directions and layers.
+#[test]
+fn steering_and_control_vectors() {
+    let t = std::env::temp_dir().join(format!("pl-steer-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&t);
+    let s = |p: &str| t.join(p).to_string_lossy().to_string();
+    let small = [
+        "--n-questions-per-pair",
+        "1",
+        "--templates",
+        "0",
+        "--pair-id",
+        "physics,biology",
+    ];
+    let dir_out = s("dir");
+    let mut args = vec!["direction", "--out", &dir_out, "--quiet"];
+    args.extend(small);
+    let (code, _, err) = run(&args);
+    assert_eq!(code, 0, "{err}");
+    let dirs = s("dir/directions.safetensors");
+    let steer = |dir: &str, extra: &[&str], out: &str| -> Vec<serde_json::Value> {
+        let mut a = vec![
+            "steer",
+            "--direction",
+            dir,
+            "--layer",
+            "9",
+            "--max-new-tokens",
+            "10",
+            "--n-prompts",
+            "2",
+            "--out",
+            out,
+            "--quiet",
+        ];
+        a.extend(small);
+        a.extend(extra);
+        let (code, _, err) = run(&a);
+        assert_eq!(code, 0, "{err}");
+        jsonl(&std::path::Path::new(out).join("patched_outputs.jsonl"))
+    };
+    let out1 = s("steer1");
+    let recs = steer(&dirs, &["--alpha", "0,6", "--norm", "raw"], &out1);
+    assert_eq!(recs.len(), 4);
+    for r in &recs {
+        for k in [
+            "prompt",
+            "persona",
+            "layer",
+            "alpha",
+            "seed",
+            "sampling",
+            "generated_ids",
+            "text",
+            "hook",
+            "norm",
+            "positions",
+        ] {
+            assert!(!r[k].is_null(), "record lacks {k}: {r}");
+        }
+        assert_eq!(r["hook"], "blocks.10.hook_resid_pre");
+        assert_eq!(r["persona"], "novice");
+    }
+    assert!(
+        recs[..2]
+            .iter()
+            .zip(&recs[2..])
+            .any(|(a, b)| a["generated_ids"] != b["generated_ids"]),
+        "alpha 6 changed nothing"
+    );
+    // Export unit x 2 at blocks 5 and 9, read it with llama.cpp's Python reader.
+    let cv = s("cv.gguf");
+    let (code, out, err) = run(&[
+        "control-vector",
+        "export",
+        "--direction",
+        &dirs,
+        "--layer",
+        "5,9",
+        "--norm",
+        "unit",
+        "--alpha",
+        "2",
+        "--out",
+        &cv,
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("read back identical"), "{out}");
+    let py = std::env::var("PERSONA_LENS_PYTHON").unwrap_or_else(|_| "python3".into());
+    let o = Command::new(&py)
+        .arg(root().join("tests/scripts/read_control_vector.py"))
+        .arg(&cv)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {py}: {e}; run `make test` (it installs gguf)"));
+    assert!(
+        o.status.success(),
+        "gguf reader failed (run `make test`, which installs the gguf package): {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let g = json(&String::from_utf8_lossy(&o.stdout));
+    assert_eq!(g["architecture"], "controlvector");
+    assert_eq!(g["model_hint"], "gemma3");
+    assert_eq!(g["layer_count"], 2);
+    let d9 = &g["tensors"]["direction.9"];
+    assert_eq!(d9["shape"], serde_json::json!([640]));
+    assert_eq!(d9["type"], "F32");
+    let v9: Vec<f64> = d9["values"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap())
+        .collect();
+    let n: f64 = v9.iter().map(|x| x * x).sum::<f64>().sqrt();
+    assert!((n - 2.0).abs() < 1e-5, "norm {n}");
+    // Import it back: identical numbers to what the Python reader saw.
+    let (code, out, err) = run(&["control-vector", "import", "--input", &cv, "--json"]);
+    assert_eq!(code, 0, "{err}");
+    let imp = json(&out);
+    assert_eq!(imp["layers"].as_array().unwrap().len(), 2);
+    // Steering from the control vector (raw, alpha 1) = from the directions (unit, alpha 2).
+    let a = steer(&cv, &["--alpha", "1", "--norm", "raw"], &s("steer2"));
+    let b = steer(&dirs, &["--alpha", "2", "--norm", "unit"], &s("steer3"));
+    for (x, y) in a.iter().zip(&b) {
+        assert_eq!(x["generated_ids"], y["generated_ids"]);
+    }
+    // Bad directions and layers: one line, no panic.
+    write_npy(&t.join("narrow.npy"), &[1.0; 10]);
+    write_npy(&t.join("nan.npy"), &[f32::NAN; 640]);
+    write_npy(&t.join("zero.npy"), &[0.0; 640]);
+    let models_gguf = models().join("gemma-3-270m-q4_k_m.gguf");
+    let mg = models_gguf.to_string_lossy().to_string();
+    for (d, layer, needle) in [
+        (s("narrow.npy"), "9", "width 10"),
+        (s("nan.npy"), "9", "NaN"),
+        (s("zero.npy"), "9", "all zeros"),
+        (dirs.clone(), "99", "out of range"),
+        (s("missing.safetensors"), "9", "not found"),
+        (mg.clone(), "9", "not a control vector"),
+    ] {
+        assert_one_line_error(
+            &[
+                "steer",
+                "--direction",
+                &d,
+                "--layer",
+                layer,
+                "--n-prompts",
+                "1",
+            ],
+            needle,
+        );
+    }
+    assert_one_line_error(
+        &[
+            "control-vector",
+            "export",
+            "--direction",
+            &dirs,
+            "--layer",
+            "0",
+            "--out",
+            &s("x.gguf"),
+        ],
+        "direction.0",
+    );
+    let _ = std::fs::remove_dir_all(&t);
+}
