@@ -54,6 +54,10 @@ enum Cmd {
     Heads(patch_cmds::HeadsArgs),
     /// Steered generation: alpha x persona direction at layers, over prompts; patched_outputs.jsonl.
     Steer(steer_cmds::SteerArgs),
+    /// Autorater: readability, lexical, fluency and optional LLM-judge scores of steered answers.
+    Rate(steer_cmds::RateArgs),
+    /// Dose-response: steer over a layer x alpha grid, rate, and plot grade/fluency vs alpha.
+    SteerSweep(steer_cmds::SteerSweepArgs),
     /// llama.cpp control vectors: export directions, import one back.
     ControlVector(steer_cmds::ControlVectorArgs),
     /// Ablate heads (zero, mean, resample) vs random heads: persona gap, probes, answer grade.
@@ -117,6 +121,8 @@ fn main() -> ExitCode {
         Cmd::Heads(a) => patch_cmds::heads(a),
         Cmd::Ablate(a) => patch_cmds::ablate(a),
         Cmd::Steer(a) => steer_cmds::steer(a),
+        Cmd::Rate(a) => steer_cmds::rate(a),
+        Cmd::SteerSweep(a) => steer_cmds::steer_sweep(a),
         Cmd::ControlVector(a) => steer_cmds::control_vector(a),
     };
     match res {

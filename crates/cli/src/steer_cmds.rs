@@ -536,3 +536,416 @@ pub fn control_vector(a: ControlVectorArgs) -> Result<()> {
         }
     }
 }
+
+// ---------------- rate ----------------
+
+#[derive(Args, Clone, Debug)]
+pub struct RateOpts {
+    /// Model for fluency (perplexity of each answer under the unsteered model); default: the
+    /// records' model.
+    #[arg(long = "fluency-model")]
+    pub fluency_model: Option<String>,
+    /// Where the fluency model's short name is looked up [default: PERSONA_LENS_MODELS or ./models].
+    #[arg(long)]
+    pub fluency_models_dir: Option<PathBuf>,
+    /// Skip fluency (no model needed).
+    #[arg(long)]
+    pub no_fluency: bool,
+    /// OpenAI-compatible endpoint for the optional pairwise judge (e.g. http://localhost:8000/v1).
+    #[arg(long)]
+    pub judge_url: Option<String>,
+    #[arg(long, requires = "judge_url")]
+    pub judge_model: Option<String>,
+    /// Environment variable holding the judge's API key.
+    #[arg(long, default_value = "OPENAI_API_KEY")]
+    pub judge_key_env: String,
+    /// The persona the judge asks about: "which answer is more targeted to a {persona} user".
+    #[arg(long, default_value = "PhD-level expert")]
+    pub judge_persona: String,
+    #[arg(long, default_value_t = 3)]
+    pub judge_retries: usize,
+    /// Bootstrap resamples for the 95 % intervals.
+    #[arg(long, default_value_t = 1000)]
+    pub bootstrap: usize,
+    /// Seed of the bootstrap and of the judge's answer order.
+    #[arg(long, default_value_t = 0)]
+    pub rate_seed: u64,
+}
+
+#[derive(Args)]
+pub struct RateArgs {
+    /// patched_outputs.jsonl from `persona-lens steer`.
+    #[arg(long)]
+    pub input: PathBuf,
+    /// Output directory (default: the input's directory): scores.jsonl, rating_summary.json.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    #[command(flatten)]
+    pub opts: RateOpts,
+    #[arg(long)]
+    pub json: bool,
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+fn read_records(p: &Path) -> Result<Vec<serde_json::Value>> {
+    let s = std::fs::read_to_string(p).with_context(|| {
+        format!(
+            "cannot read {}; make it with `persona-lens steer`",
+            p.display()
+        )
+    })?;
+    let mut v = Vec::new();
+    for (i, l) in s.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+        let r: serde_json::Value = serde_json::from_str(l)
+            .with_context(|| format!("{} line {}: not JSON", p.display(), i + 1))?;
+        if r["text"].as_str().is_none() {
+            bail!(
+                "{} line {}: no 'text' field; rate reads patched_outputs.jsonl from `persona-lens steer`",
+                p.display(),
+                i + 1
+            );
+        }
+        v.push(r);
+    }
+    if v.is_empty() {
+        bail!("{} holds no records", p.display());
+    }
+    Ok(v)
+}
+
+/// Scores every record (resuming from a previous partial run) and summarises per (layer, alpha).
+pub fn rate_records(
+    records: &[serde_json::Value],
+    out: &Path,
+    o: &RateOpts,
+    quiet: bool,
+) -> Result<(
+    Vec<persona_lens_rate::Scores>,
+    Vec<persona_lens_rate::CellSummary>,
+)> {
+    use persona_lens_rate::judge::{Judge, JudgeConfig};
+    use persona_lens_rate::{record_key, score_record, summarize, Scores};
+    use std::io::Write;
+    std::fs::create_dir_all(out)?;
+    let final_path = out.join("scores.jsonl");
+    let partial = out.join("scores.jsonl.partial");
+    let judging = o.judge_url.is_some();
+    // Resume: scores already computed (with a verdict when judging) are kept.
+    let mut done: std::collections::HashMap<String, Scores> = Default::default();
+    for p in [&final_path, &partial] {
+        if let Ok(s) = std::fs::read_to_string(p) {
+            for l in s.lines() {
+                if let Ok(sc) = serde_json::from_str::<Scores>(l) {
+                    if !judging || sc.judge_win.is_some() || sc.alpha == 0.0 {
+                        done.insert(sc.key.clone(), sc);
+                    }
+                }
+            }
+        }
+    }
+    let todo = records
+        .iter()
+        .filter(|r| !done.contains_key(&record_key(r)))
+        .count();
+    let model = if o.no_fluency || todo == 0 {
+        None
+    } else {
+        let name = o
+            .fluency_model
+            .clone()
+            .or_else(|| records[0]["model"].as_str().map(String::from))
+            .context("records name no model; give --fluency-model M or --no-fluency")?;
+        Some(load_model(&ModelArgs {
+            model: name,
+            models_dir: o.fluency_models_dir.clone(),
+            dtype: crate::DtypeArg::F32,
+            quantized: None,
+            threads: None,
+            json: false,
+        })?)
+    };
+    let mut judge = match (&o.judge_url, &o.judge_model) {
+        (Some(url), Some(m)) => Some(Judge::new(JudgeConfig {
+            url: url.clone(),
+            model: m.clone(),
+            api_key: std::env::var(&o.judge_key_env).ok(),
+            retries: o.judge_retries,
+            timeout: std::time::Duration::from_secs(60),
+            cache: out.join("judge_cache.jsonl"),
+            seed: o.rate_seed,
+        })?),
+        (Some(_), None) => bail!("--judge-url needs --judge-model NAME"),
+        _ => None,
+    };
+    // alpha = 0 answers per (prompt, layer, mode): the judge's baseline.
+    let baseline: std::collections::HashMap<String, &serde_json::Value> = records
+        .iter()
+        .filter(|r| r["alpha"].as_f64() == Some(0.0))
+        .map(|r| {
+            (
+                format!("{}|{}|{}", r["prompt_id"], r["layer"], r["mode"]),
+                r,
+            )
+        })
+        .collect();
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&partial)?;
+    let pb = progress(todo as u64, quiet, "records rated");
+    let mut scores = Vec::with_capacity(records.len());
+    for r in records {
+        let key = record_key(r);
+        if let Some(s) = done.get(&key) {
+            scores.push(s.clone());
+            continue;
+        }
+        let mut s = score_record(r, model.as_ref())?;
+        if let Some(j) = judge.as_mut() {
+            if r["alpha"].as_f64() != Some(0.0) {
+                let b = baseline
+                    .get(&format!("{}|{}|{}", r["prompt_id"], r["layer"], r["mode"]))
+                    .with_context(|| {
+                        format!("no alpha = 0 answer for {key}: the judge compares against it; include alpha 0 in the steer run")
+                    })?;
+                s.judge_win = Some(j.compare(
+                    &o.judge_persona,
+                    r["prompt"].as_str().unwrap_or(""),
+                    r["text"].as_str().unwrap_or(""),
+                    b["text"].as_str().unwrap_or(""),
+                )?);
+            }
+        }
+        writeln!(f, "{}", serde_json::to_string(&s)?)?;
+        f.flush()?;
+        scores.push(s);
+        pb.inc(1);
+    }
+    pb.finish_and_clear();
+    write_jsonl(&final_path, &scores)?;
+    let _ = std::fs::remove_file(&partial);
+    let summary = summarize(&scores, o.bootstrap, o.rate_seed);
+    persona_lens_analysis::write_json(
+        &out.join("rating_summary.json"),
+        &json!({
+            "input_records": records.len(),
+            "fluency_model": model.as_ref().map(|m| m.info.name.clone()),
+            "judge": o.judge_url.as_ref().map(|u| json!({"url": u, "model": o.judge_model, "persona": o.judge_persona})),
+            "bootstrap": o.bootstrap, "seed": o.rate_seed,
+            "units": {"flesch_reading_ease": "score (higher = easier)", "flesch_kincaid_grade": "US grade",
+                      "gunning_fog": "US grade", "smog": "US grade", "coleman_liau": "US grade", "ari": "US grade",
+                      "new_dale_chall": "score (≈ grade band)", "perplexity": "exp(nats/token) under the unsteered model",
+                      "technical_share": "fraction of words", "repetition_rate": "fraction of repeated word trigrams",
+                      "judge_win": "fraction of comparisons won against alpha = 0"},
+            "cells": summary,
+        }),
+    )?;
+    Ok((scores, summary))
+}
+
+fn print_summary(summary: &[persona_lens_rate::CellSummary]) {
+    println!(
+        "{:>5} {:>7} {:>4} {:>16} {:>16} {:>14} {:>10}",
+        "layer", "alpha", "n", "FK grade [95%]", "Dale-Chall", "perplexity", "judge"
+    );
+    let cell = |c: &persona_lens_rate::CellSummary, k: &str| -> String {
+        c.measures
+            .get(k)
+            .map(|(m, lo, hi, _)| format!("{m:.2} [{lo:.1},{hi:.1}]"))
+            .unwrap_or_else(|| "-".into())
+    };
+    for c in summary {
+        println!(
+            "{:>5} {:>7.2} {:>4} {:>16} {:>16} {:>14} {:>10}",
+            c.layer,
+            c.alpha,
+            c.n,
+            cell(c, "flesch_kincaid_grade"),
+            cell(c, "new_dale_chall"),
+            c.measures
+                .get("perplexity")
+                .map(|(m, _, _, _)| format!("{m:.1}"))
+                .unwrap_or_else(|| "-".into()),
+            c.measures
+                .get("judge_win")
+                .map(|(m, _, _, _)| format!("{m:.2}"))
+                .unwrap_or_else(|| "-".into()),
+        );
+    }
+}
+
+pub fn rate(a: RateArgs) -> Result<()> {
+    let records = read_records(&a.input)?;
+    let out = a.out.clone().unwrap_or_else(|| {
+        a.input
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from("."))
+    });
+    let quiet = a.quiet || a.json;
+    let (scores, summary) = rate_records(&records, &out, &a.opts, quiet)?;
+    if a.json {
+        println!("{}", json!({"records": scores.len(), "cells": summary}));
+        return Ok(());
+    }
+    println!("rated {} records from {}", scores.len(), a.input.display());
+    print_summary(&summary);
+    println!(
+        "wrote {} and {}",
+        out.join("scores.jsonl").display(),
+        out.join("rating_summary.json").display()
+    );
+    Ok(())
+}
+
+// ---------------- steer-sweep ----------------
+
+#[derive(Args)]
+pub struct SteerSweepArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub data: DatasetArgs,
+    #[command(flatten)]
+    pub steer: SteerSpec,
+    #[command(flatten)]
+    pub gen: GenSpec,
+    #[command(flatten)]
+    pub rate: RateOpts,
+    /// Output directory: patched_outputs.jsonl, scores.jsonl, rating_summary.json, plots.
+    #[arg(long, default_value = "out/steer_sweep")]
+    pub out: PathBuf,
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+/// Dose-response plots: a measure against alpha, one line per layer, 95 % bootstrap bands.
+pub fn dose_response_plots(
+    summary: &[persona_lens_rate::CellSummary],
+    model: &str,
+    caption: &str,
+    out: &Path,
+) -> Result<Vec<PathBuf>> {
+    use persona_lens_report::{save_line_chart, LineChart, Series};
+    let mut files = Vec::new();
+    let mut layers: Vec<i64> = summary.iter().map(|c| c.layer).collect();
+    layers.sort();
+    layers.dedup();
+    for (key, label, file) in [
+        (
+            "flesch_kincaid_grade",
+            "Flesch-Kincaid grade (US grade)",
+            "dose_response_grade",
+        ),
+        (
+            "perplexity",
+            "perplexity under the unsteered model",
+            "dose_response_fluency",
+        ),
+        (
+            "technical_share",
+            "technical-word share",
+            "dose_response_technical",
+        ),
+    ] {
+        let series: Vec<Series> = layers
+            .iter()
+            .filter_map(|&l| {
+                let mut pts: Vec<(f64, (f64, f64, f64, usize))> = summary
+                    .iter()
+                    .filter(|c| c.layer == l)
+                    .filter_map(|c| c.measures.get(key).map(|m| (c.alpha, *m)))
+                    .collect();
+                if pts.is_empty() {
+                    return None;
+                }
+                pts.sort_by(|a, b| a.0.total_cmp(&b.0));
+                Some(Series {
+                    name: format!("layer {l}"),
+                    x: pts.iter().map(|p| p.0).collect(),
+                    y: pts.iter().map(|p| p.1 .0).collect(),
+                    band: Some((
+                        pts.iter().map(|p| p.1 .1).collect(),
+                        pts.iter().map(|p| p.1 .2).collect(),
+                    )),
+                    dashed: false,
+                })
+            })
+            .collect();
+        if series.is_empty() {
+            continue;
+        }
+        let chart = LineChart {
+            title: format!("{label} vs steering alpha, {model}"),
+            x_label: "alpha".into(),
+            y_label: label.into(),
+            series,
+            y_range: None,
+            hline: None,
+            caption: caption.into(),
+        };
+        files.extend(save_line_chart(&chart, &out.join(file))?);
+    }
+    Ok(files)
+}
+
+pub fn steer_sweep(a: SteerSweepArgs) -> Result<()> {
+    let model = load_model(&a.model)?;
+    let chat = a.data.chat(&model);
+    let prompts = steer_prompts(&a.data, &a.gen)?;
+    let quiet = a.quiet || a.model.json;
+    let t = Instant::now();
+    let records = run_steering(&model, &prompts, chat, &a.steer, &a.gen, quiet)?;
+    std::fs::create_dir_all(&a.out)?;
+    write_jsonl(&a.out.join("patched_outputs.jsonl"), &records)?;
+    let values: Vec<serde_json::Value> = records
+        .iter()
+        .map(serde_json::to_value)
+        .collect::<std::result::Result<_, _>>()?;
+    let mut ro = a.rate.clone();
+    if ro.fluency_model.is_none() {
+        ro.fluency_model = Some(a.model.model.clone());
+        ro.fluency_models_dir = ro.fluency_models_dir.or(a.model.models_dir.clone());
+    }
+    let (_, summary) = rate_records(&values, &a.out, &ro, quiet)?;
+    let caption = format!(
+        "{}; direction {} ({}, norm {}); positions {}; {} prompts ({}), greedy={}, seed {}, {} new tokens; chat template {chat}; bands: bootstrap 95 % CI",
+        model.info.name,
+        a.steer
+            .direction
+            .file_name()
+            .map(|f| f.to_string_lossy().to_string())
+            .unwrap_or_default(),
+        a.steer.kind,
+        a.steer.norm,
+        a.steer.positions,
+        prompts.len(),
+        a.gen.persona,
+        a.gen.temperature.is_none(),
+        a.gen.seed,
+        a.gen.max_new_tokens
+    );
+    let files = dose_response_plots(&summary, &model.info.name, &caption, &a.out)?;
+    persona_lens_analysis::write_json(
+        &a.out.join("steer_sweep.json"),
+        &json!({"model": model.info.name, "layers": a.steer.layer, "alphas": a.steer.alpha,
+            "n_prompts": prompts.len(), "chat": chat, "caption": caption,
+            "seconds": t.elapsed().as_secs_f64(), "cells": summary}),
+    )?;
+    if a.model.json {
+        println!("{}", json!({"cells": summary}));
+        return Ok(());
+    }
+    println!(
+        "steer-sweep on {}: {} records in {:.1} s",
+        model.info.name,
+        records.len(),
+        t.elapsed().as_secs_f64()
+    );
+    print_summary(&summary);
+    for f in files {
+        println!("  {}", f.display());
+    }
+    Ok(())
+}

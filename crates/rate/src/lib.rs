@@ -1,0 +1,304 @@
+//! persona-lens autorater: scores generated answers (from `persona-lens steer`) for readability
+//! (seven formulas), lexical complexity, fluency under the unsteered model, and optionally a
+//! pairwise LLM judge; summarises per (layer, alpha) with bootstrap 95 % intervals.
+
+pub mod judge;
+pub mod readability;
+
+use candle_core::{DType, Tensor, D};
+use persona_lens_engine::{Batch, Hooks, LogitsAt, Model};
+use rand::{Rng, SeedableRng};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::OnceLock;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RateError {
+    #[error("{0}")]
+    Engine(#[from] persona_lens_engine::EngineError),
+    #[error("{0}")]
+    Invalid(String),
+    #[error("judge: {0}")]
+    Judge(String),
+}
+
+impl From<candle_core::Error> for RateError {
+    fn from(e: candle_core::Error) -> Self {
+        RateError::Engine(e.into())
+    }
+}
+
+pub type Result<T> = std::result::Result<T, RateError>;
+
+fn technical_words() -> &'static HashMap<String, HashSet<String>> {
+    static W: OnceLock<HashMap<String, HashSet<String>>> = OnceLock::new();
+    W.get_or_init(|| {
+        let v: HashMap<String, Vec<String>> =
+            serde_json::from_str(include_str!("../data/technical_words.json"))
+                .expect("technical_words.json is valid");
+        v.into_iter()
+            .map(|(k, ws)| (k, ws.into_iter().map(|w| w.to_lowercase()).collect()))
+            .collect()
+    })
+}
+
+/// Lexical measures of one answer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Lexical {
+    pub n_words: usize,
+    pub n_sentences: usize,
+    pub n_chars: usize,
+    pub words_per_sentence: f64,
+    pub syllables_per_word: f64,
+    /// Distinct words / words (lower-cased).
+    pub type_token_ratio: f64,
+    /// Share of words in the topic's technical list (None: unknown topic).
+    pub technical_share: Option<f64>,
+    /// Share of word trigrams that repeat an earlier trigram (degenerate loops score high).
+    pub repetition_rate: f64,
+}
+
+fn words_lower(text: &str) -> Vec<String> {
+    text.split_whitespace()
+        .map(|t| {
+            t.trim_matches(|c: char| !c.is_alphanumeric() && c != '-')
+                .to_lowercase()
+        })
+        .filter(|w| w.chars().any(|c| c.is_alphanumeric()))
+        .collect()
+}
+
+pub fn lexical(text: &str, topic: &str) -> Lexical {
+    let c = readability::counts(text);
+    let ws = words_lower(text);
+    let distinct: HashSet<&String> = ws.iter().collect();
+    let technical_share = technical_words().get(topic).map(|set| {
+        if ws.is_empty() {
+            0.0
+        } else {
+            ws.iter()
+                .filter(|w| set.contains(w.as_str()) || set.contains(w.trim_end_matches('s')))
+                .count() as f64
+                / ws.len() as f64
+        }
+    });
+    let tri: Vec<(&String, &String, &String)> =
+        ws.windows(3).map(|w| (&w[0], &w[1], &w[2])).collect();
+    let uniq: HashSet<_> = tri.iter().collect();
+    Lexical {
+        n_words: c.words,
+        n_sentences: c.sentences,
+        n_chars: text.chars().count(),
+        words_per_sentence: if c.sentences > 0 {
+            c.words as f64 / c.sentences as f64
+        } else {
+            0.0
+        },
+        syllables_per_word: if c.words > 0 {
+            c.syllables as f64 / c.words as f64
+        } else {
+            0.0
+        },
+        type_token_ratio: if ws.is_empty() {
+            0.0
+        } else {
+            distinct.len() as f64 / ws.len() as f64
+        },
+        technical_share,
+        repetition_rate: if tri.is_empty() {
+            0.0
+        } else {
+            1.0 - uniq.len() as f64 / tri.len() as f64
+        },
+    }
+}
+
+/// Perplexity of `generated` after `prompt` under `model` with no hooks (the unsteered model):
+/// exp(mean negative log-likelihood of the generated tokens), in nats per token before exp.
+pub fn perplexity(model: &Model, prompt: &[u32], generated: &[u32]) -> Result<Option<(f64, f64)>> {
+    if generated.is_empty() || prompt.is_empty() {
+        return Ok(None);
+    }
+    let ids: Vec<u32> = prompt.iter().chain(generated).copied().collect();
+    let b = Batch::left_padded(std::slice::from_ref(&ids), model.pad_id(), model.device())?;
+    let logits = model
+        .forward(&b, None, &mut Hooks::new(), LogitsAt::All)?
+        .ok_or_else(|| RateError::Invalid("no logits".into()))?
+        .get(0)?
+        .to_dtype(DType::F32)?;
+    let p = prompt.len();
+    // Positions p-1 .. end-1 predict the generated tokens.
+    let pred = logits.narrow(0, p - 1, generated.len())?;
+    let m = pred.max_keepdim(D::Minus1)?;
+    let lse = pred
+        .broadcast_sub(&m)?
+        .exp()?
+        .sum_keepdim(D::Minus1)?
+        .log()?
+        .broadcast_add(&m)?;
+    let tgt = Tensor::new(generated, model.device())?.unsqueeze(1)?;
+    let picked = pred.gather(&tgt, 1)?;
+    let nll: Vec<f32> = (lse - picked)?.squeeze(1)?.to_vec1()?;
+    let mean = nll.iter().map(|&x| x as f64).sum::<f64>() / nll.len() as f64;
+    Ok(Some((mean, mean.exp())))
+}
+
+/// Scores of one record.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Scores {
+    /// The record's identity: prompt id, layer, alpha, mode.
+    pub key: String,
+    pub prompt_id: String,
+    pub persona: String,
+    pub topic: String,
+    pub layer: i64,
+    pub alpha: f64,
+    pub readability: Option<readability::Readability>,
+    pub counts: readability::Counts,
+    pub lexical: Lexical,
+    /// Mean NLL of the answer under the unsteered model (nats/token) and its exp.
+    pub nll_nats_per_token: Option<f64>,
+    pub perplexity: Option<f64>,
+    /// Judge: 1 = the steered answer was judged more targeted to the persona than the
+    /// alpha = 0 answer of the same prompt and layer, 0 = less, 0.5 = tie; None if not judged.
+    pub judge_win: Option<f64>,
+    pub fluency_model: String,
+}
+
+/// A record's key (prompt, layer, alpha, mode): unique within one steer run.
+pub fn record_key(r: &serde_json::Value) -> String {
+    format!(
+        "{}|{}|{}|{}",
+        r["prompt_id"].as_str().unwrap_or(""),
+        r["layer"],
+        r["alpha"],
+        r["mode"].as_str().unwrap_or("")
+    )
+}
+
+/// Scores one record (a `patched_outputs.jsonl` line); `model` gives fluency.
+pub fn score_record(r: &serde_json::Value, model: Option<&Model>) -> Result<Scores> {
+    let text = r["text"]
+        .as_str()
+        .ok_or_else(|| RateError::Invalid("record has no 'text'".into()))?;
+    let topic = r["topic"].as_str().unwrap_or("");
+    let c = readability::counts(text);
+    let ids = |k: &str| -> Vec<u32> {
+        r[k].as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|x| x.as_u64())
+                    .map(|x| x as u32)
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let (nll, ppl) = match model {
+        Some(m) => match perplexity(m, &ids("prompt_ids"), &ids("generated_ids"))? {
+            Some((n, p)) => (Some(n), Some(p)),
+            None => (None, None),
+        },
+        None => (None, None),
+    };
+    Ok(Scores {
+        key: record_key(r),
+        prompt_id: r["prompt_id"].as_str().unwrap_or("").into(),
+        persona: r["persona"].as_str().unwrap_or("").into(),
+        topic: topic.into(),
+        layer: r["layer"].as_i64().unwrap_or(-1),
+        alpha: r["alpha"].as_f64().unwrap_or(f64::NAN),
+        readability: readability::readability(&c),
+        counts: c,
+        lexical: lexical(text, topic),
+        nll_nats_per_token: nll,
+        perplexity: ppl,
+        judge_win: None,
+        fluency_model: model.map(|m| m.info.name.clone()).unwrap_or_default(),
+    })
+}
+
+/// Mean and percentile-bootstrap 95 % interval (`n_boot` resamples, fixed seed).
+pub fn bootstrap_ci(xs: &[f64], n_boot: usize, seed: u64) -> Option<(f64, f64, f64)> {
+    if xs.is_empty() {
+        return None;
+    }
+    let n = xs.len();
+    let mean = xs.iter().sum::<f64>() / n as f64;
+    if n == 1 {
+        return Some((mean, mean, mean));
+    }
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut means: Vec<f64> = (0..n_boot)
+        .map(|_| (0..n).map(|_| xs[rng.random_range(0..n)]).sum::<f64>() / n as f64)
+        .collect();
+    means.sort_by(f64::total_cmp);
+    let q = |p: f64| means[((p * (n_boot - 1) as f64).round() as usize).min(n_boot - 1)];
+    Some((mean, q(0.025), q(0.975)))
+}
+
+/// Per-(layer, alpha) means with bootstrap 95 % intervals of every measure.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CellSummary {
+    pub layer: i64,
+    pub alpha: f64,
+    pub n: usize,
+    /// measure -> (mean, ci_low, ci_high, n with a value)
+    pub measures: BTreeMap<String, (f64, f64, f64, usize)>,
+}
+
+/// The measures a summary reports, by name.
+pub fn measures(s: &Scores) -> Vec<(&'static str, Option<f64>)> {
+    let r = s.readability.as_ref();
+    vec![
+        ("flesch_reading_ease", r.map(|r| r.flesch_reading_ease)),
+        ("flesch_kincaid_grade", r.map(|r| r.flesch_kincaid_grade)),
+        ("gunning_fog", r.map(|r| r.gunning_fog)),
+        ("smog", r.map(|r| r.smog)),
+        ("coleman_liau", r.map(|r| r.coleman_liau)),
+        ("ari", r.map(|r| r.ari)),
+        ("new_dale_chall", r.map(|r| r.new_dale_chall)),
+        ("words_per_sentence", Some(s.lexical.words_per_sentence)),
+        ("syllables_per_word", Some(s.lexical.syllables_per_word)),
+        ("type_token_ratio", Some(s.lexical.type_token_ratio)),
+        ("technical_share", s.lexical.technical_share),
+        ("answer_words", Some(s.lexical.n_words as f64)),
+        ("repetition_rate", Some(s.lexical.repetition_rate)),
+        ("perplexity", s.perplexity),
+        ("nll_nats_per_token", s.nll_nats_per_token),
+        ("judge_win", s.judge_win),
+    ]
+}
+
+pub fn summarize(scores: &[Scores], n_boot: usize, seed: u64) -> Vec<CellSummary> {
+    let mut cells: BTreeMap<(i64, i64), Vec<&Scores>> = BTreeMap::new();
+    for s in scores {
+        cells
+            .entry((s.layer, (s.alpha * 1e6).round() as i64))
+            .or_default()
+            .push(s);
+    }
+    cells
+        .into_values()
+        .map(|v| {
+            let mut m: BTreeMap<String, Vec<f64>> = BTreeMap::new();
+            for s in &v {
+                for (k, x) in measures(s) {
+                    if let Some(x) = x.filter(|x| x.is_finite()) {
+                        m.entry(k.to_string()).or_default().push(x);
+                    }
+                }
+            }
+            CellSummary {
+                layer: v[0].layer,
+                alpha: v[0].alpha,
+                n: v.len(),
+                measures: m
+                    .into_iter()
+                    .filter_map(|(k, xs)| {
+                        bootstrap_ci(&xs, n_boot, seed).map(|(a, b, c)| (k, (a, b, c, xs.len())))
+                    })
+                    .collect(),
+            }
+        })
+        .collect()
+}
