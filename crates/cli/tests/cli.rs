@@ -3,6 +3,9 @@
 use std::path::PathBuf;
 use std::process::Command;
 
+#[path = "../../rate/tests/mock_judge/mod.rs"]
+mod mock_judge;
+
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("../..")
@@ -681,6 +684,56 @@ fn steering_and_control_vectors() {
             .any(|(a, b)| a["generated_ids"] != b["generated_ids"]),
         "alpha 6 changed nothing"
     );
+    // Rate with a judge that breaks after one verdict: one-line error, rated records kept;
+    // the rerun asks only for what is missing.
+    let input = std::path::Path::new(&out1).join("patched_outputs.jsonl");
+    let inp = input.to_string_lossy().to_string();
+    let flaky = mock_judge::start("e", 0, 1);
+    assert_one_line_error(
+        &[
+            "rate",
+            "--input",
+            &inp,
+            "--judge-url",
+            &flaky.url,
+            "--judge-model",
+            "mock",
+            "--judge-retries",
+            "0",
+            "--quiet",
+        ],
+        "rated records are kept",
+    );
+    let partial =
+        std::fs::read_to_string(std::path::Path::new(&out1).join("scores.jsonl.partial")).unwrap();
+    assert_eq!(partial.lines().count(), 3, "{partial}");
+    let good = mock_judge::start("e", 0, usize::MAX);
+    let (code, out, err) = run(&[
+        "rate",
+        "--input",
+        &inp,
+        "--judge-url",
+        &good.url,
+        "--judge-model",
+        "mock",
+        "--json",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(good.requests.load(std::sync::atomic::Ordering::SeqCst), 1);
+    let scores = jsonl(&std::path::Path::new(&out1).join("scores.jsonl"));
+    assert_eq!(scores.len(), 4);
+    for sc in &scores {
+        assert!(sc["perplexity"].as_f64().unwrap() > 1.0);
+        assert!(
+            sc["readability"]["flesch_kincaid_grade"].is_number() || sc["readability"].is_null()
+        );
+        assert_eq!(sc["judge_win"].is_null(), sc["alpha"].as_f64() == Some(0.0));
+    }
+    let summary = json(&out);
+    assert_eq!(summary["cells"].as_array().unwrap().len(), 2);
+    assert!(!std::path::Path::new(&out1)
+        .join("scores.jsonl.partial")
+        .exists());
     // Export unit x 2 at blocks 5 and 9, read it with llama.cpp's Python reader.
     let cv = s("cv.gguf");
     let (code, out, err) = run(&[
