@@ -263,6 +263,29 @@ pub struct SteerPrompt {
     pub persona: String,
     pub topic: String,
     pub text: String,
+    /// The paired prompt of the other persona (same question and template), the source of
+    /// `--mode patch`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub paired_text: Option<String>,
+}
+
+/// The activation at `hook` of each text, `[t, d]` per text (the source of a patch).
+pub fn source_activations(
+    model: &Model,
+    texts: &[String],
+    chat: bool,
+    hook: HookName,
+) -> Result<Vec<Tensor>> {
+    let mut out = Vec::with_capacity(texts.len());
+    for t in texts {
+        let ids = model.encode_prompt(t, chat)?;
+        let b = Batch::left_padded(std::slice::from_ref(&ids), model.pad_id(), model.device())?;
+        let mut h = Hooks::new();
+        h.capture(hook);
+        model.forward(&b, None, &mut h, LogitsAt::None)?;
+        out.push(h.cache.get(&hook)?.get(0)?);
+    }
+    Ok(out)
 }
 
 /// One steered generation: `patched_outputs.jsonl` holds one per prompt x layer x alpha.
@@ -307,13 +330,19 @@ pub fn steered_generate(
     progress: &dyn Fn(usize),
 ) -> Result<Vec<persona_lens_engine::Generation>> {
     let mut out = Vec::with_capacity(prompts.len());
-    for chunk in prompts.chunks(batch_size.max(1)) {
+    let bs = batch_size.max(1);
+    for (ci, chunk) in prompts.chunks(bs).enumerate() {
         let mut hooks = Hooks::new();
         if let Some((hook, op, rule)) = steer {
+            // A patch carries one source per prompt: this chunk's slice.
+            let op = match op {
+                SteerOp::Patch(all) => SteerOp::Patch(all[ci * bs..ci * bs + chunk.len()].to_vec()),
+                o => o.clone(),
+            };
             add_steering(
                 &mut hooks,
                 hook,
-                op.clone(),
+                op,
                 rule,
                 chunk.iter().map(Vec::len).collect(),
             )?;

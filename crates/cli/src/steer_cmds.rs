@@ -48,7 +48,9 @@ pub struct SteerSpec {
     /// Positions steered: all, prompt or generated.
     #[arg(long, default_value = "all")]
     pub positions: String,
-    /// add (x + alpha v) or ablate (project the direction out; alpha ignored).
+    /// add (x + alpha v), ablate (project the direction out; alpha ignored) or patch (the paired
+    /// prompt of the other persona's whole activation at the layer, end-aligned, prompt positions
+    /// only: the seed's "patch PhD into Child"; dataset prompts only; direction unused).
     #[arg(long, default_value = "add")]
     pub mode: String,
 }
@@ -134,6 +136,7 @@ pub fn steer_prompts(data: &DatasetArgs, gen: &GenSpec) -> Result<Vec<SteerPromp
                     persona: it["persona"].as_str().unwrap_or("unknown").into(),
                     topic: it["topic"].as_str().unwrap_or("").into(),
                     text: text.into(),
+                    paired_text: it["paired_text"].as_str().map(String::from),
                 });
             }
         } else {
@@ -143,6 +146,7 @@ pub fn steer_prompts(data: &DatasetArgs, gen: &GenSpec) -> Result<Vec<SteerPromp
                     persona: "unknown".into(),
                     topic: String::new(),
                     text: l.trim().into(),
+                    paired_text: None,
                 });
             }
         }
@@ -153,6 +157,12 @@ pub fn steer_prompts(data: &DatasetArgs, gen: &GenSpec) -> Result<Vec<SteerPromp
         return Ok(out);
     }
     let ds = data.load()?;
+    // The other persona's prompt of the same question and template (patch mode's source).
+    let mut paired: std::collections::HashMap<String, String> = Default::default();
+    for (n, e) in persona_lens_analysis::heads::dataset_pairs(&ds) {
+        paired.insert(n.id.clone(), e.text.clone());
+        paired.insert(e.id.clone(), n.text.clone());
+    }
     let items: Vec<_> = ds
         .items
         .iter()
@@ -181,6 +191,7 @@ pub fn steer_prompts(data: &DatasetArgs, gen: &GenSpec) -> Result<Vec<SteerPromp
                         persona: it.class.clone(),
                         topic: it.topic.clone(),
                         text: it.text.clone(),
+                        paired_text: paired.get(&it.id).cloned(),
                     });
                 }
             }
@@ -221,12 +232,21 @@ pub fn run_steering(
     let kind: DirectionKind = spec.kind.parse()?;
     let conv = NormConvention::parse(&spec.norm)?;
     let rule = SteerPositions::parse(&spec.positions)?;
-    let ablate = match spec.mode.as_str() {
-        "add" => false,
-        "ablate" => true,
-        o => bail!("unknown --mode '{o}'; use add or ablate"),
+    let (ablate, patch) = match spec.mode.as_str() {
+        "add" => (false, false),
+        "ablate" => (true, false),
+        "patch" => (false, true),
+        o => bail!("unknown --mode '{o}'; use add, ablate or patch"),
     };
-    if !spec.direction.exists() {
+    if patch && rule != SteerPositions::Prompt {
+        bail!("--mode patch replaces prompt activations only; add --positions prompt");
+    }
+    if patch && prompts.iter().any(|p| p.paired_text.is_none()) {
+        bail!(
+            "--mode patch needs dataset prompts with a paired persona prompt (not --prompts FILE)"
+        );
+    }
+    if !patch && !spec.direction.exists() {
         bail!(
             "direction file {} not found; make one with `persona-lens direction` or pass --direction FILE",
             spec.direction.display()
@@ -237,7 +257,7 @@ pub fn run_steering(
         .map(|p| model.encode_prompt(&p.text, chat))
         .collect::<std::result::Result<_, _>>()?;
     let opts = gen_options(model, gen);
-    let alphas: Vec<f64> = if ablate {
+    let alphas: Vec<f64> = if ablate || patch {
         vec![1.0]
     } else {
         spec.alpha.clone()
@@ -249,6 +269,22 @@ pub fn run_steering(
         .layer
         .iter()
         .map(|&l| {
+            if patch {
+                let row = persona_lens_analysis::direction::resid_row_for_layer(
+                    l,
+                    spec.align_probe_index,
+                );
+                let hook = persona_lens_analysis::steering::row_hook(row, l, cfg.n_layers)?;
+                return Ok((
+                    l,
+                    LoadedDirection {
+                        hook,
+                        row,
+                        vector: vec![1.0; cfg.d_model],
+                        source: "paired prompt activations (patch)".into(),
+                    },
+                ));
+            }
             let d = load_direction(
                 &spec.direction,
                 Some(l),
@@ -268,7 +304,15 @@ pub fn run_steering(
         let scaled = scale_direction(&d.vector, conv, Some(mrn))?;
         let scale = l2(&scaled);
         for &alpha in &alphas {
-            let op = if ablate {
+            let op = if patch {
+                let texts: Vec<String> = prompts
+                    .iter()
+                    .map(|p| p.paired_text.clone().unwrap_or_default())
+                    .collect();
+                SteerOp::Patch(persona_lens_analysis::steering::source_activations(
+                    model, &texts, chat, d.hook,
+                )?)
+            } else if ablate {
                 let unit = scale_direction(&d.vector, NormConvention::Unit, None)?;
                 SteerOp::Ablate(candle_core::Tensor::new(unit.as_slice(), model.device())?)
             } else {
@@ -355,7 +399,7 @@ pub fn steer(a: SteerArgs) -> Result<()> {
         records.len(),
         prompts.len(),
         a.steer.layer.len(),
-        if a.steer.mode == "ablate" {
+        if a.steer.mode != "add" {
             1
         } else {
             a.steer.alpha.len()
