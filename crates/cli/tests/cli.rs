@@ -816,6 +816,30 @@ fn steering_and_control_vectors() {
             needle,
         );
     }
+    // Patch mode: the expert prompt's activation into the novice prompt changes the answer.
+    let patched = steer(
+        &dirs,
+        &["--mode", "patch", "--positions", "prompt"],
+        &s("steer4"),
+    );
+    assert_eq!(patched.len(), 2);
+    assert!(patched.iter().all(|r| r["mode"] == "patch"));
+    assert!(patched
+        .iter()
+        .zip(&recs[..2])
+        .any(|(p, b)| p["generated_ids"] != b["generated_ids"]));
+    assert_one_line_error(
+        &[
+            "steer",
+            "--mode",
+            "patch",
+            "--layer",
+            "9",
+            "--n-prompts",
+            "1",
+        ],
+        "--positions prompt",
+    );
     assert_one_line_error(
         &[
             "control-vector",
