@@ -25,4 +25,11 @@ done
 "$bin" patch --clean "I am a child. Explain the twin paradox simply. The key idea is" \
   --corrupted "I am a physicist. Explain the twin paradox simply. The key idea is" \
   --answer-a simple --answer-b physics --sweep resid_pre,z_last --out "$out/patch"
+# Direct-path path patching: which heads reach the logits directly.
+"$bin" path-patch --clean "I am a child. Explain the twin paradox simply. The key idea is" \
+  --corrupted "I am a physicist. Explain the twin paradox simply. The key idea is" \
+  --answer-a simple --answer-b physics --receivers logits --out "$out/path_patch"
+# Steering with the child->PhD direction: dose-response of answer grade and fluency.
+"$bin" steer-sweep --direction "$out/probe/directions.safetensors" --layer 5,9 --alpha 0,2,4,8 \
+  --n-prompts 8 --max-new-tokens 40 --out "$out/steer_sweep"
 echo "demo outputs in $out/"
