@@ -147,8 +147,11 @@ fn draw<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, h: &Heatmap) -> Resul
 pub fn save_heatmap(h: &Heatmap, stem: &Path) -> Result<Vec<PathBuf>> {
     let nc = h.values.first().map(Vec::len).unwrap_or(1) as u32;
     let nr = h.values.len() as u32;
+    // Wide enough for the title (20 px font, ~10 px a character) and most of the caption.
+    let title_w = h.title.chars().count() as u32 * 11 + 40;
+    let caption_w = (h.caption.chars().count() as u32 * 6 + 20).min(1400);
     let size = (
-        (nc * 28 + 260).clamp(520, 1800),
+        (nc * 28 + 260).max(title_w).max(caption_w).clamp(520, 1800),
         (nr * 24 + 220).clamp(360, 1400),
     );
     render_pair!(stem, size, &h.title, |root| {
