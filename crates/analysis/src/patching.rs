@@ -256,9 +256,6 @@ impl Variant {
     pub fn hook(&self) -> HookName {
         HookName::block(self.layer, self.point)
     }
-    fn first_position(&self) -> usize {
-        self.positions.iter().copied().min().unwrap_or(0)
-    }
 }
 
 /// The standard sweeps.
@@ -725,9 +722,10 @@ impl<'a> Patcher<'a> {
         Ok(out)
     }
 
-    /// The base activation at `v`'s hook over positions `start..` with `v`'s slots taken from the
-    /// source, shaped `[1, ...]`; None when the two are bitwise equal (the patch is a no-op).
-    fn patched_slice(&self, v: &Variant, dir: Direction, start: usize) -> Result<Option<Tensor>> {
+    /// The base activation at `v`'s hook with `v`'s slots taken from the source, shaped
+    /// `[1, ...]`, and the first position where it differs from the base (earlier positions are
+    /// untouched, so the patch can start there); None when the two are bitwise equal (a no-op).
+    fn patched_full(&self, v: &Variant, dir: Direction) -> Result<Option<(Tensor, usize)>> {
         let (base, _, _) = self.runs(dir);
         let h = v.hook();
         let b = base.hooks.cache.get(&h)?;
@@ -754,15 +752,18 @@ impl<'a> Patcher<'a> {
             .broadcast_as(b.shape())?
             .contiguous()?;
         let patched = m.where_cond(&s, &b)?;
-        let changed = patched
-            .ne(&b)?
-            .to_dtype(DType::F32)?
-            .sum_all()?
-            .to_scalar::<f32>()?;
-        if changed == 0.0 {
-            return Ok(None);
+        // Changed elements per position: sum over every other axis.
+        let mut changed = patched.ne(&b)?.to_dtype(DType::F32)?;
+        for ax in (0..dims.len()).rev() {
+            if ax != pa {
+                changed = changed.sum(ax)?;
+            }
         }
-        Ok(Some(patched.narrow(pa, start, seq - start)?.contiguous()?))
+        let per_pos: Vec<f32> = changed.to_vec1()?;
+        match per_pos.iter().position(|&c| c > 0.0) {
+            Some(first) => Ok(Some((patched, first))),
+            None => Ok(None),
+        }
     }
 
     /// Batched, incremental patching (see the module docs); equals [`Self::sweep_one_by_one`]
@@ -788,23 +789,29 @@ impl<'a> Patcher<'a> {
         }
         let base_metric = self.base_metric(dir);
         let mut out = vec![base_metric; variants.len()];
-        // Group by first patched position.
+        // Group by the first position a patch changes (bitwise no-ops are dropped): positions
+        // before it share the base run's keys/values. For patches over every position of a
+        // chat-templated prompt this skips the whole shared template prefix.
+        // (Two passes so that only one group's patched tensors are held at a time.)
         let mut groups: std::collections::BTreeMap<usize, Vec<usize>> = Default::default();
-        for (i, v) in variants.iter().enumerate() {
-            groups.entry(v.first_position()).or_default().push(i);
-        }
         let mut done = 0usize;
         let mut n_run = 0usize;
+        for (i, v) in variants.iter().enumerate() {
+            match self.patched_full(v, dir)? {
+                Some((_, first)) => groups.entry(first).or_default().push(i),
+                None => done += 1,
+            }
+        }
         for (start, mut idxs) in groups {
             idxs.sort_by_key(|&i| variants[i].layer);
-            // Drop bitwise no-ops first.
             let mut work: Vec<(usize, Tensor)> = Vec::with_capacity(idxs.len());
             for i in idxs {
-                if let Some(t) = self.patched_slice(&variants[i], dir, start)? {
-                    work.push((i, t));
-                } else {
-                    done += 1;
-                }
+                let (t, _) = self
+                    .patched_full(&variants[i], dir)?
+                    .expect("changed above");
+                let pa = variants[i].point.pos_axis();
+                let seq = t.dim(pa)?;
+                work.push((i, t.narrow(pa, start, seq - start)?.contiguous()?));
             }
             for chunk in work.chunks(self.max_rows.max(1)) {
                 let vals = self.run_chunk(variants, chunk, dir, start)?;
