@@ -67,6 +67,35 @@ pub fn tokenize(a: TokenizeArgs) -> Result<()> {
     Ok(())
 }
 
+/// Sampling settings shared by every generating command (greedy unless --temperature).
+#[derive(Args, Clone, Debug)]
+pub struct SamplingArgs {
+    /// Sample with this temperature (default greedy).
+    #[arg(long)]
+    pub temperature: Option<f64>,
+    #[arg(long)]
+    pub top_k: Option<usize>,
+    #[arg(long)]
+    pub top_p: Option<f64>,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+impl SamplingArgs {
+    /// Seeded sampling when a temperature is given (and `greedy` is not forced), else greedy.
+    pub fn sampling(&self, greedy: bool) -> Sampling {
+        match (greedy, self.temperature) {
+            (false, Some(t)) => Sampling::Sample {
+                temperature: t,
+                top_k: self.top_k,
+                top_p: self.top_p,
+                seed: self.seed,
+            },
+            _ => Sampling::Greedy,
+        }
+    }
+}
+
 #[derive(Args)]
 pub struct GenerateArgs {
     #[command(flatten)]
@@ -81,14 +110,8 @@ pub struct GenerateArgs {
     /// Greedy decoding (the default unless --temperature is given).
     #[arg(long)]
     pub greedy: bool,
-    #[arg(long)]
-    pub temperature: Option<f64>,
-    #[arg(long)]
-    pub top_k: Option<usize>,
-    #[arg(long)]
-    pub top_p: Option<f64>,
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
     /// Do not stop at the model's end-of-sequence tokens.
     #[arg(long)]
     pub no_stop: bool,
@@ -100,15 +123,7 @@ pub struct GenerateArgs {
 pub fn generate(a: GenerateArgs) -> Result<()> {
     let m = load_model(&a.m)?;
     let ids = m.encode_prompt(&a.prompt, a.chat)?;
-    let sampling = match (a.greedy, a.temperature) {
-        (false, Some(t)) => Sampling::Sample {
-            temperature: t,
-            top_k: a.top_k,
-            top_p: a.top_p,
-            seed: a.seed,
-        },
-        _ => Sampling::Greedy,
-    };
+    let sampling = a.sampling.sampling(a.greedy);
     let opts = GenerateOptions {
         max_new_tokens: a.max_new_tokens,
         sampling,

@@ -285,12 +285,22 @@ pub fn patch(a: PatchArgs) -> Result<()> {
         out["clean_logit_diff"] = json!(p.clean_metric);
         out["corrupted_logit_diff"] = json!(p.corrupted_metric);
     }
-    if !a.no_files {
-        let f = a.out.join("patching.json");
-        write_json(&f, &out)?;
+    let json_file = (!a.no_files).then(|| a.out.join("patching.json"));
+    finish(&out, json_file, files, a.model.json)
+}
+
+/// Writes the result JSON (unless `--no-files`), then prints it (`--json`) or the files written.
+fn finish(
+    out: &Value,
+    json_file: Option<PathBuf>,
+    mut files: Vec<PathBuf>,
+    json: bool,
+) -> Result<()> {
+    if let Some(f) = json_file {
+        write_json(&f, out)?;
         files.push(f);
     }
-    if a.model.json {
+    if json {
         println!("{out}");
     } else if !files.is_empty() {
         println!("wrote {}", files.len());
@@ -507,20 +517,8 @@ pub fn path_patch(a: PathPatchArgs) -> Result<()> {
         "implementation": if a.one_by_one { "two full forwards per sender" } else { "batched from the cached base run" },
         "runs": runs,
     });
-    if !a.no_files {
-        let f = a.out.join("path_patch.json");
-        write_json(&f, &out)?;
-        files.push(f);
-    }
-    if a.model.json {
-        println!("{out}");
-    } else if !files.is_empty() {
-        println!("wrote {}", files.len());
-        for f in files {
-            println!("  {}", f.display());
-        }
-    }
-    Ok(())
+    let json_file = (!a.no_files).then(|| a.out.join("path_patch.json"));
+    finish(&out, json_file, files, a.model.json)
 }
 
 // ---------------- attrib ----------------

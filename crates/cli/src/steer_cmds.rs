@@ -1,7 +1,7 @@
 //! Steering: `steer` (steered generation runs), `control-vector` (llama.cpp export / import).
 
 use crate::analysis_cmds::DatasetArgs;
-use crate::engine_cmds::{load_model, progress};
+use crate::engine_cmds::{load_model, progress, SamplingArgs};
 use crate::ModelArgs;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
@@ -10,7 +10,7 @@ use persona_lens_analysis::steering::{
     check_direction, l2, load_direction, mean_resid_norm, scale_direction, steered_generate,
     LoadedDirection, NormConvention, SteerOp, SteerPositions, SteerPrompt, SteerRecord,
 };
-use persona_lens_engine::{GenerateOptions, Model, Sampling};
+use persona_lens_engine::{GenerateOptions, Model};
 use serde_json::json;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -70,15 +70,8 @@ pub struct GenSpec {
     pub n_prompts: usize,
     #[arg(long, default_value_t = 48)]
     pub max_new_tokens: usize,
-    /// Sample with this temperature (default greedy).
-    #[arg(long)]
-    pub temperature: Option<f64>,
-    #[arg(long)]
-    pub top_k: Option<usize>,
-    #[arg(long)]
-    pub top_p: Option<f64>,
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
     /// Prompts per batched generation.
     #[arg(long, default_value_t = 8)]
     pub batch_size: usize,
@@ -204,15 +197,7 @@ pub fn steer_prompts(data: &DatasetArgs, gen: &GenSpec) -> Result<Vec<SteerPromp
 pub fn gen_options(model: &Model, g: &GenSpec) -> GenerateOptions {
     GenerateOptions {
         max_new_tokens: g.max_new_tokens,
-        sampling: match g.temperature {
-            Some(t) => Sampling::Sample {
-                temperature: t,
-                top_k: g.top_k,
-                top_p: g.top_p,
-                seed: g.seed,
-            },
-            None => Sampling::Greedy,
-        },
+        sampling: g.sampling.sampling(false),
         stop_tokens: model.tokenizer.eos_ids.clone(),
         use_kv_cache: true,
     }
@@ -345,7 +330,7 @@ pub fn run_steering(
                     direction_scale: scale,
                     mean_resid_norm: mrn,
                     direction_source: d.source.clone(),
-                    seed: gen.seed,
+                    seed: gen.sampling.seed,
                     sampling: serde_json::to_value(&opts.sampling)?,
                     max_new_tokens: gen.max_new_tokens,
                     prompt_ids: g.prompt_ids,
@@ -723,15 +708,12 @@ pub fn rate_records(
         _ => None,
     };
     // alpha = 0 answers per (prompt, layer, mode): the judge's baseline.
+    let cell_key =
+        |r: &serde_json::Value| format!("{}|{}|{}", r["prompt_id"], r["layer"], r["mode"]);
     let baseline: std::collections::HashMap<String, &serde_json::Value> = records
         .iter()
         .filter(|r| r["alpha"].as_f64() == Some(0.0))
-        .map(|r| {
-            (
-                format!("{}|{}|{}", r["prompt_id"], r["layer"], r["mode"]),
-                r,
-            )
-        })
+        .map(|r| (cell_key(r), r))
         .collect();
     let mut f = std::fs::OpenOptions::new()
         .create(true)
@@ -749,7 +731,7 @@ pub fn rate_records(
         if let Some(j) = judge.as_mut() {
             if r["alpha"].as_f64() != Some(0.0) {
                 let b = baseline
-                    .get(&format!("{}|{}|{}", r["prompt_id"], r["layer"], r["mode"]))
+                    .get(&cell_key(r))
                     .with_context(|| {
                         format!("no alpha = 0 answer for {key}: the judge compares against it; include alpha 0 in the steer run")
                     })?;
@@ -966,8 +948,8 @@ pub fn steer_sweep(a: SteerSweepArgs) -> Result<()> {
         a.steer.positions,
         prompts.len(),
         a.gen.persona,
-        a.gen.temperature.is_none(),
-        a.gen.seed,
+        a.gen.sampling.temperature.is_none(),
+        a.gen.sampling.seed,
         a.gen.max_new_tokens
     );
     let files = dose_response_plots(&summary, &model.info.name, &caption, &a.out)?;
