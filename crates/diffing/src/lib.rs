@@ -1,0 +1,37 @@
+//! persona-lens diffing: crosscoders (dictionary_learning `CrossCoder` / `BatchTopKCrossCoder`
+//! and the open-source replication layout) and single-model SAEs (SAELens, Gemma Scope), with
+//! their exact encode/decode semantics; paired base-vs-chat activations; crosscoder training in
+//! candle; and the model-diffing analyses (relative decoder norms, Latent Scaling, persona latents).
+
+pub mod crosscoder;
+pub mod load;
+pub mod metrics;
+pub mod sae;
+
+pub use crosscoder::{CodeNormalization, CrossCoder, Normaliser, Sparsity};
+pub use load::{load_dictionary, Dictionary};
+pub use sae::{Sae, SaeActivation};
+
+#[derive(Debug, thiserror::Error)]
+pub enum DiffError {
+    #[error("{0}")]
+    Engine(#[from] persona_lens_engine::EngineError),
+    #[error("{0}")]
+    Analysis(#[from] persona_lens_analysis::AnalysisError),
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{0}")]
+    Report(#[from] persona_lens_report::ReportError),
+}
+
+impl From<candle_core::Error> for DiffError {
+    fn from(e: candle_core::Error) -> Self {
+        DiffError::Engine(persona_lens_engine::EngineError::from(e))
+    }
+}
+
+pub type Result<T> = std::result::Result<T, DiffError>;
+
+pub(crate) fn invalid<T>(msg: impl Into<String>) -> Result<T> {
+    Err(DiffError::Invalid(msg.into()))
+}
