@@ -134,6 +134,7 @@ pub struct LatentScaling {
 }
 
 /// Latent Scaling for `latents` over activations `x` `(N, 2, d)`.
+#[allow(clippy::needless_range_loop)]
 pub fn latent_scaling(
     cc: &CrossCoder,
     x: &Tensor,
