@@ -66,9 +66,11 @@ impl CodeNormalization {
             "MIXED" => Self::Mixed,
             "NONE" => Self::None,
             "DECOUPLED" => Self::Decoupled,
-            o => return invalid(format!(
+            o => {
+                return invalid(format!(
                 "unknown code normalization '{o}' (use CROSSCODER, SAE, MIXED, NONE or DECOUPLED)"
-            )),
+            ))
+            }
         })
     }
 }

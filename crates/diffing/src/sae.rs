@@ -65,9 +65,11 @@ impl Sae {
         let w_dec = get("W_dec")?;
         let (d, f) = match w_enc.dims() {
             [d, f] => (*d, *f),
-            o => return invalid(format!(
+            o => {
+                return invalid(format!(
                 "{source}: W_enc has shape {o:?}; an SAE's is (d, F) (a 3-d W_enc is a crosscoder)"
-            )),
+            ))
+            }
         };
         if w_dec.dims() != [f, d] {
             return invalid(format!(

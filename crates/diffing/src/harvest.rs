@@ -1,0 +1,188 @@
+//! Paired activations from two models on one corpus.
+//!
+//! Each model renders every sample its own way (the chat model through its chat template when
+//! asked). When both models then see the same token ids and have the same width, rows are
+//! paired per token (position 0, the BOS sink with its outsized norm, is left out, as crosscoder
+//! training usually does); otherwise one row per sample at each model's last token, zero-padded
+//! to the wider model, so models with different tokenizers and widths can still be diffed.
+
+use crate::paired::{Alignment, PairedMeta, PairedWriter, SampleInfo};
+use crate::{invalid, Result};
+use candle_core::Tensor;
+use persona_lens_engine::{Batch, HookName, HookPoint, Hooks, LogitsAt, Model};
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CorpusItem {
+    pub id: String,
+    pub source: String,
+    pub text: String,
+}
+
+/// Sets up interventions on one model's batch (e.g. a planted feature): gets the batch's
+/// token ids per row.
+pub type PairSetup<'a> = &'a dyn Fn(&[Vec<u32>], &Batch, &mut Hooks) -> Result<()>;
+
+pub struct PairedHarvestSpec<'a> {
+    /// One hook per model (models may have different depths).
+    pub hooks: [HookName; 2],
+    pub chat_template: [bool; 2],
+    /// None = per token when possible, else last token.
+    pub alignment: Option<Alignment>,
+    pub batch_size: usize,
+    pub shard_rows: usize,
+    pub setup: [Option<PairSetup<'a>>; 2],
+}
+
+/// The default hook: the middle layer's `resid_post`.
+pub fn middle_resid_post(model: &Model) -> HookName {
+    HookName::block(model.config().n_layers / 2, HookPoint::ResidPost)
+}
+
+/// Runs `corpus` through both models and writes paired rows into `out`.
+pub fn harvest_paired(
+    models: [&Model; 2],
+    corpus: &[CorpusItem],
+    spec: &PairedHarvestSpec,
+    out: &Path,
+    progress: &dyn Fn(usize),
+) -> Result<PairedMeta> {
+    if corpus.is_empty() {
+        return invalid("the corpus is empty; give --corpus FILE or use the default corpus");
+    }
+    let ids: Vec<[Vec<u32>; 2]> = corpus
+        .iter()
+        .map(|c| -> Result<[Vec<u32>; 2]> {
+            Ok([
+                models[0].encode_prompt(&c.text, spec.chat_template[0])?,
+                models[1].encode_prompt(&c.text, spec.chat_template[1])?,
+            ])
+        })
+        .collect::<Result<_>>()?;
+    let dims = [models[0].config().d_model, models[1].config().d_model];
+    let same_tokens = dims[0] == dims[1] && ids.iter().all(|p| p[0] == p[1]);
+    let alignment = match spec.alignment {
+        Some(Alignment::Tokens) if !same_tokens => {
+            return invalid(
+                "per-token pairing needs both models to see the same token ids and have the same width; use --align last",
+            )
+        }
+        Some(a) => a,
+        None if same_tokens => Alignment::Tokens,
+        None => Alignment::Last,
+    };
+    let d = dims[0].max(dims[1]);
+    let meta = PairedMeta {
+        models: models.iter().map(|m| m.info.name.clone()).collect(),
+        model_paths: models.iter().map(|m| m.info.path.clone()).collect(),
+        hooks: spec.hooks.iter().map(|h| h.to_string()).collect(),
+        chat_template: spec.chat_template.to_vec(),
+        alignment,
+        dims: dims.to_vec(),
+        d,
+        rows: 0,
+        shards: vec![],
+        samples: vec![],
+        corpus: String::new(),
+        tool: format!("persona-lens {}", env!("CARGO_PKG_VERSION")),
+    };
+    let mut w = PairedWriter::new(out, spec.shard_rows, meta)?;
+    let bs = spec.batch_size.max(1);
+    let tok = &models[0].tokenizer;
+    for (ci, chunk) in corpus.chunks(bs).enumerate() {
+        let base = ci * bs;
+        // rows per model for this chunk: Vec over samples of (rows, d_m)
+        let mut per_model: Vec<Vec<Tensor>> = vec![vec![], vec![]];
+        for m in 0..2 {
+            let seqs: Vec<Vec<u32>> = (0..chunk.len()).map(|i| ids[base + i][m].clone()).collect();
+            let batch = Batch::left_padded(&seqs, models[m].pad_id(), models[m].device())?;
+            let mut hooks = Hooks::new();
+            hooks.capture(spec.hooks[m]);
+            if let Some(f) = spec.setup[m] {
+                f(&seqs, &batch, &mut hooks)?;
+            }
+            models[m].forward(&batch, None, &mut hooks, LogitsAt::None)?;
+            let full = hooks.cache.get(&spec.hooks[m])?; // (b, t, d_m)
+            for (r, s) in seqs.iter().enumerate() {
+                let row = full.get(r)?.narrow(0, batch.pad[r], s.len())?;
+                let rows = match alignment {
+                    Alignment::Tokens => {
+                        row.narrow(0, 1.min(s.len() - 1), s.len() - 1.min(s.len() - 1))?
+                    }
+                    Alignment::Last => row.narrow(0, s.len() - 1, 1)?,
+                };
+                let rows = if dims[m] < d {
+                    rows.pad_with_zeros(1, 0, d - dims[m])?
+                } else {
+                    rows
+                };
+                per_model[m].push(rows.to_dtype(candle_core::DType::F32)?);
+            }
+        }
+        for (i, item) in chunk.iter().enumerate() {
+            let a = &per_model[0][i];
+            let b = &per_model[1][i];
+            let n = a.dim(0)?;
+            let pair = Tensor::stack(&[a, b], 1)?; // (rows, 2, d)
+            let toks: Vec<String> = match alignment {
+                Alignment::Tokens => ids[base + i][0][1..]
+                    .iter()
+                    .map(|&t| tok.id_to_token(t))
+                    .collect(),
+                Alignment::Last => {
+                    vec![tok.id_to_token(*ids[base + i][0].last().expect("non-empty"))]
+                }
+            };
+            w.meta.samples.push(SampleInfo {
+                id: item.id.clone(),
+                source: item.source.clone(),
+                text: item.text.clone(),
+                first_row: w.meta.rows,
+                n_rows: n,
+                tokens: toks,
+            });
+            w.push(pair)?;
+        }
+        progress(chunk.len());
+    }
+    w.finish()
+}
+
+/// "Model B = model A + a planted feature": adds `alpha · direction` at `hook` on the position
+/// of token `trigger` and, with `persist`, on every later position of the sample (a feature that
+/// switches on at a cue and stays on, as a user model would). For known-answer tests of model
+/// diffing, through the hook API. A feature planted only at the trigger token co-occurs with
+/// that token's own representation, so an L1 crosscoder merges the two into one latent (a
+/// triangle-inequality artifact): `persist` is the fair test.
+pub fn plant_on_token(
+    hook: HookName,
+    trigger: u32,
+    direction: Tensor,
+    alpha: f64,
+    persist: bool,
+) -> impl Fn(&[Vec<u32>], &Batch, &mut Hooks) -> Result<()> {
+    move |seqs, batch, hooks| {
+        let t = batch.ids.dim(1)?;
+        let mut mask = vec![0f32; seqs.len() * t];
+        for (r, s) in seqs.iter().enumerate() {
+            let mut on = false;
+            for (i, &id) in s.iter().enumerate() {
+                let here = id == trigger;
+                on = (on && persist) || here;
+                if on {
+                    mask[r * t + batch.pad[r] + i] = 1.0;
+                }
+            }
+        }
+        let dev = batch.ids.device();
+        let m = Tensor::from_vec(mask, (seqs.len(), t, 1), dev)?;
+        let v = (direction.to_device(dev)?.reshape((1, 1, ()))? * alpha)?;
+        hooks.intervene(
+            hook,
+            persona_lens_engine::Op::Add(m.broadcast_mul(&v)?),
+            persona_lens_engine::Selector::all(),
+        );
+        Ok(())
+    }
+}

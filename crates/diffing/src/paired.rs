@@ -1,0 +1,211 @@
+//! Paired activations on disk: shards of `acts` `(rows, n_models, d)` f32 safetensors plus a
+//! `paired.json` manifest. Training streams shards one at a time, so a store can be larger than
+//! memory. Models of different widths are zero-padded to the larger width (`dims` records each
+//! model's real width; the padded coordinates are always 0 and trainers keep their weights 0).
+
+use crate::{invalid, Result};
+use candle_core::{Device, Tensor};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+pub const MANIFEST: &str = "paired.json";
+
+/// How rows of the two models are paired.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Alignment {
+    /// One row per token: both models saw the same token ids.
+    Tokens,
+    /// One row per sample, at each model's last token (tokenizers or templates differ).
+    Last,
+}
+
+/// One corpus sample's rows.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SampleInfo {
+    pub id: String,
+    /// `persona` / `corpus` / `self_sampled` / `verification`, or a dataset class.
+    pub source: String,
+    pub text: String,
+    /// First row of this sample in the store, and how many rows it has.
+    pub first_row: usize,
+    pub n_rows: usize,
+    /// The tokens of the rows (model 0's tokenizer), for max-activating examples.
+    pub tokens: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ShardInfo {
+    pub file: String,
+    pub rows: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PairedMeta {
+    /// Model names, index 0 = base, 1 = chat.
+    pub models: Vec<String>,
+    pub model_paths: Vec<String>,
+    pub hooks: Vec<String>,
+    /// Whether each model's prompt went through its chat template.
+    pub chat_template: Vec<bool>,
+    pub alignment: Alignment,
+    /// Each model's real width; rows are padded to the max.
+    pub dims: Vec<usize>,
+    pub d: usize,
+    pub rows: usize,
+    pub shards: Vec<ShardInfo>,
+    pub samples: Vec<SampleInfo>,
+    pub corpus: String,
+    pub tool: String,
+}
+
+/// Writes rows into shards of `shard_rows`, then the manifest (atomically, last).
+pub struct PairedWriter {
+    dir: PathBuf,
+    shard_rows: usize,
+    pending: Vec<Tensor>,
+    pending_rows: usize,
+    pub meta: PairedMeta,
+}
+
+impl PairedWriter {
+    pub fn new(dir: &Path, shard_rows: usize, meta: PairedMeta) -> Result<Self> {
+        std::fs::create_dir_all(dir).map_err(|e| {
+            crate::DiffError::Invalid(format!("cannot create {}: {e}", dir.display()))
+        })?;
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            shard_rows: shard_rows.max(1),
+            pending: Vec::new(),
+            pending_rows: 0,
+            meta,
+        })
+    }
+
+    /// Appends `(rows, n_models, d)` rows.
+    pub fn push(&mut self, rows: Tensor) -> Result<()> {
+        let (r, n, d) = rows.dims3()?;
+        if n != self.meta.models.len() || d != self.meta.d {
+            return invalid(format!(
+                "paired rows have shape ({r}, {n}, {d}) but the store holds (rows, {}, {})",
+                self.meta.models.len(),
+                self.meta.d
+            ));
+        }
+        self.pending.push(rows);
+        self.pending_rows += r;
+        self.meta.rows += r;
+        while self.pending_rows >= self.shard_rows {
+            self.flush(self.shard_rows)?;
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self, take: usize) -> Result<()> {
+        if take == 0 {
+            return Ok(());
+        }
+        let all = Tensor::cat(&self.pending, 0)?;
+        let shard = all.narrow(0, 0, take)?;
+        let rest = all.dim(0)? - take;
+        self.pending = if rest > 0 {
+            vec![all.narrow(0, take, rest)?]
+        } else {
+            vec![]
+        };
+        self.pending_rows = rest;
+        let file = format!("shard_{:05}.safetensors", self.meta.shards.len());
+        persona_lens_engine::io::save_safetensors(
+            &[("acts".to_string(), shard.contiguous()?)],
+            HashMap::new(),
+            &self.dir.join(&file),
+        )?;
+        self.meta.shards.push(ShardInfo { file, rows: take });
+        Ok(())
+    }
+
+    pub fn finish(mut self) -> Result<PairedMeta> {
+        let rest = self.pending_rows;
+        self.flush(rest)?;
+        let bytes = serde_json::to_vec_pretty(&self.meta)
+            .map_err(|e| crate::DiffError::Invalid(e.to_string()))?;
+        persona_lens_engine::io::write_atomic(&self.dir.join(MANIFEST), &bytes)?;
+        Ok(self.meta)
+    }
+}
+
+/// A paired-activation store on disk.
+#[derive(Debug, Clone)]
+pub struct PairedStore {
+    pub dir: PathBuf,
+    pub meta: PairedMeta,
+}
+
+impl PairedStore {
+    pub fn open(dir: &Path) -> Result<Self> {
+        let p = dir.join(MANIFEST);
+        let text = std::fs::read_to_string(&p).map_err(|e| {
+            crate::DiffError::Invalid(format!(
+                "cannot read {}: {e} (run `persona-lens diff harvest --out {}` first)",
+                p.display(),
+                dir.display()
+            ))
+        })?;
+        let meta: PairedMeta = serde_json::from_str(&text)
+            .map_err(|e| crate::DiffError::Invalid(format!("{}: {e}", p.display())))?;
+        if meta.rows == 0 || meta.shards.is_empty() {
+            return invalid(format!("{}: the store has no rows", dir.display()));
+        }
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            meta,
+        })
+    }
+
+    pub fn n_models(&self) -> usize {
+        self.meta.models.len()
+    }
+
+    /// Shard `i` as `(rows, n_models, d)`.
+    pub fn shard(&self, i: usize) -> Result<Tensor> {
+        let p = self.dir.join(&self.meta.shards[i].file);
+        let mut t = candle_core::safetensors::load(&p, &Device::Cpu).map_err(|e| {
+            crate::DiffError::Invalid(format!(
+                "cannot read shard {}: {} (re-run `persona-lens diff harvest`)",
+                p.display(),
+                e.to_string().lines().next().unwrap_or("")
+            ))
+        })?;
+        t.remove("acts").ok_or_else(|| {
+            crate::DiffError::Invalid(format!("{} has no 'acts' tensor", p.display()))
+        })
+    }
+
+    /// Every row, `(rows, n_models, d)` (for analyses of stores that fit in memory).
+    pub fn all(&self) -> Result<Tensor> {
+        let v: Vec<Tensor> = (0..self.meta.shards.len())
+            .map(|i| self.shard(i))
+            .collect::<Result<_>>()?;
+        Ok(Tensor::cat(&v, 0)?)
+    }
+
+    /// Rows `[start, start + n)`.
+    pub fn rows(&self, start: usize, n: usize) -> Result<Tensor> {
+        let mut out = Vec::new();
+        let mut base = 0;
+        for (i, s) in self.meta.shards.iter().enumerate() {
+            let (lo, hi) = (base, base + s.rows);
+            base = hi;
+            let a = start.max(lo);
+            let b = (start + n).min(hi);
+            if a < b {
+                out.push(self.shard(i)?.narrow(0, a - lo, b - a)?);
+            }
+        }
+        if out.is_empty() {
+            return invalid(format!("rows {start}..{} are outside the store", start + n));
+        }
+        Ok(Tensor::cat(&out, 0)?)
+    }
+}

@@ -1,0 +1,623 @@
+//! Crosscoder training with candle autograd.
+//!
+//! - **L1** (Anthropic's "Sparse Crosscoders"): loss = Σ_l ‖x_l − x̂_l‖² + λ Σ_f f_i Σ_l ‖W_dec[l, i]‖
+//!   (per example, averaged over the batch), λ warmed up linearly over the first 5 % of steps.
+//! - **BatchTopK** (Minder, Dumas et al. 2025): keep the k·batch largest scaled activations
+//!   (ReLU output × Σ_l ‖W_dec[l, i]‖) of the batch; loss = ‖x − x̂‖² + α · aux, where aux is the
+//!   normalised error of reconstructing the residual from the top `aux_k` dead latents (no
+//!   activation for `dead_after` examples); the inference threshold is an EMA (β = 0.999) of the
+//!   smallest kept scaled activation per batch.
+//! - Inputs are normalised first (dictionary_learning's normaliser, target RMS 1, statistics over
+//!   the first `normaliser_rows` rows).
+//! - Adam (β = 0.9, 0.999), linear LR warm-up then constant, linear decay to 0 over the last 20 %.
+//! - The batch order is a pure function of (seed, step): each epoch visits shards in a seeded
+//!   order and rows in a seeded order within each shard, one shard in memory at a time. Together
+//!   with checkpoints of parameters, Adam moments, dead-latent counters, threshold and the loss
+//!   log, a run killed and resumed reproduces the uninterrupted run's loss curve.
+
+use crate::crosscoder::{
+    batch_topk_mask, CodeNormalization, CrossCoder, Layout, Normaliser, Sparsity,
+};
+use crate::paired::PairedStore;
+use crate::{invalid, Result};
+use candle_core::{DType, Device, Tensor, Var, D};
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Objective {
+    L1 {
+        l1_coeff: f64,
+    },
+    BatchTopK {
+        k: usize,
+        aux_k: usize,
+        aux_alpha: f64,
+        dead_after: usize,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainConfig {
+    pub objective: Objective,
+    pub dict_size: usize,
+    pub batch_size: usize,
+    pub steps: usize,
+    pub lr: f64,
+    pub warmup_steps: usize,
+    pub seed: u64,
+    pub checkpoint_every: usize,
+    pub normaliser_rows: usize,
+    pub target_rms: f64,
+    /// Initial norm of each (model, latent) decoder vector.
+    pub dec_init_norm: f64,
+}
+
+impl TrainConfig {
+    pub fn default_l1() -> Self {
+        Self {
+            objective: Objective::L1 { l1_coeff: 1.0 },
+            dict_size: 1024,
+            batch_size: 256,
+            steps: 2000,
+            lr: 1e-3,
+            warmup_steps: 100,
+            seed: 0,
+            checkpoint_every: 200,
+            normaliser_rows: 20_000,
+            target_rms: 1.0,
+            dec_init_norm: 0.1,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct StepLog {
+    pub step: usize,
+    pub loss: f64,
+    pub mse: f64,
+    /// L1 term (unweighted) or aux loss.
+    pub penalty: f64,
+    pub fve: f64,
+    pub l0: f64,
+    pub dead_fraction: f64,
+    pub lr: f64,
+}
+
+/// The batch order: (seed, step) -> rows, visiting one shard at a time.
+struct Sampler {
+    shard_rows: Vec<usize>,
+    total: usize,
+    seed: u64,
+    /// (epoch, shard) loaded now, its permuted rows.
+    loaded: Option<((usize, usize), Tensor)>,
+}
+
+impl Sampler {
+    fn new(store: &PairedStore, seed: u64) -> Self {
+        let shard_rows: Vec<usize> = store.meta.shards.iter().map(|s| s.rows).collect();
+        let total = shard_rows.iter().sum();
+        Self {
+            shard_rows,
+            total,
+            seed,
+            loaded: None,
+        }
+    }
+
+    fn shard_order(&self, epoch: usize) -> Vec<usize> {
+        let mut o: Vec<usize> = (0..self.shard_rows.len()).collect();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(
+            self.seed ^ (epoch as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
+        );
+        o.shuffle(&mut rng);
+        o
+    }
+
+    fn load(&mut self, store: &PairedStore, epoch: usize, shard: usize) -> Result<&Tensor> {
+        if self.loaded.as_ref().map(|(k, _)| *k) != Some((epoch, shard)) {
+            let t = store.shard(shard)?;
+            let mut perm: Vec<u32> = (0..t.dim(0)? as u32).collect();
+            let mut rng = rand::rngs::StdRng::seed_from_u64(
+                self.seed
+                    ^ ((epoch as u64) << 32)
+                    ^ (shard as u64 + 1).wrapping_mul(0xD1B5_4A32_D192_ED03),
+            );
+            perm.shuffle(&mut rng);
+            let idx = Tensor::from_vec(perm, t.dim(0)?, &Device::Cpu)?;
+            self.loaded = Some(((epoch, shard), t.index_select(&idx, 0)?));
+        }
+        Ok(&self.loaded.as_ref().expect("just loaded").1)
+    }
+
+    /// Rows of step `step` (batch size `b`).
+    fn batch(&mut self, store: &PairedStore, step: usize, b: usize) -> Result<Tensor> {
+        let mut pos = step * b;
+        let mut need = b;
+        let mut parts = Vec::new();
+        while need > 0 {
+            let epoch = pos / self.total;
+            let mut within = pos % self.total;
+            let order = self.shard_order(epoch);
+            let mut shard = order[0];
+            for &s in &order {
+                if within < self.shard_rows[s] {
+                    shard = s;
+                    break;
+                }
+                within -= self.shard_rows[s];
+            }
+            let take = need.min(self.shard_rows[shard] - within);
+            let t = self.load(store, epoch, shard)?;
+            parts.push(t.narrow(0, within, take)?);
+            pos += take;
+            need -= take;
+        }
+        Ok(Tensor::cat(&parts, 0)?)
+    }
+}
+
+/// Mean and std per (model, dim) over the first `max_rows` rows, in f64.
+pub fn activation_stats(store: &PairedStore, max_rows: usize) -> Result<(Tensor, Tensor)> {
+    let (n, d) = (store.n_models(), store.meta.d);
+    let mut sum = vec![0f64; n * d];
+    let mut sq = vec![0f64; n * d];
+    let mut count = 0usize;
+    for i in 0..store.meta.shards.len() {
+        if count >= max_rows {
+            break;
+        }
+        let t = store.shard(i)?;
+        let take = t.dim(0)?.min(max_rows - count);
+        let v: Vec<f32> = t.narrow(0, 0, take)?.flatten_all()?.to_vec1()?;
+        for r in 0..take {
+            for j in 0..n * d {
+                let x = v[r * n * d + j] as f64;
+                sum[j] += x;
+                sq[j] += x * x;
+            }
+        }
+        count += take;
+    }
+    let c = count.max(1) as f64;
+    let mean: Vec<f32> = sum.iter().map(|s| (s / c) as f32).collect();
+    // unbiased, as torch.std
+    let std: Vec<f32> = sum
+        .iter()
+        .zip(&sq)
+        .map(|(s, q)| {
+            let m = s / c;
+            (((q - c * m * m) / (c - 1.0).max(1.0)).max(0.0)).sqrt() as f32
+        })
+        .collect();
+    Ok((
+        Tensor::from_vec(mean, (n, d), &Device::Cpu)?,
+        Tensor::from_vec(std, (n, d), &Device::Cpu)?,
+    ))
+}
+
+struct Params {
+    w_enc: Var,
+    b_enc: Var,
+    w_dec: Var,
+    b_dec: Var,
+}
+
+impl Params {
+    fn vars(&self) -> [&Var; 4] {
+        [&self.w_enc, &self.b_enc, &self.w_dec, &self.b_dec]
+    }
+}
+
+/// Everything a checkpoint holds besides the tensors.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct CheckpointMeta {
+    step: usize,
+    config: TrainConfig,
+    threshold: f64,
+    log: Vec<StepLog>,
+    store_rows: usize,
+}
+
+pub struct TrainOutcome {
+    pub crosscoder: CrossCoder,
+    pub log: Vec<StepLog>,
+    /// Step this run started from (0, or the checkpoint's).
+    pub resumed_from: usize,
+    /// Whether training reached `config.steps` (false when stopped by `stop_after`).
+    pub finished: bool,
+    pub seconds: f64,
+}
+
+const CKPT_TENSORS: &str = "checkpoint.safetensors";
+const CKPT_META: &str = "checkpoint.json";
+
+/// Trains a crosscoder on `store`. With `resume`, continues from `ckpt_dir`'s checkpoint when
+/// there is one with the same config. `stop_after` ends this run after that many steps (for
+/// tests of resumption; a killed process is the same as a stop after its last checkpoint).
+pub fn train(
+    store: &PairedStore,
+    cfg: &TrainConfig,
+    ckpt_dir: &Path,
+    resume: bool,
+    stop_after: Option<usize>,
+    progress: &dyn Fn(&StepLog),
+) -> Result<TrainOutcome> {
+    let t0 = std::time::Instant::now();
+    let dev = Device::Cpu;
+    let (n, d, f) = (store.n_models(), store.meta.d, cfg.dict_size);
+    if cfg.batch_size == 0 || cfg.steps == 0 || f == 0 {
+        return invalid("batch size, steps and dict size must be positive");
+    }
+    // Real-width masks: padded coordinates of a narrower model keep zero weights.
+    let mut mask = vec![0f32; n * d];
+    for (m, &dm) in store.meta.dims.iter().enumerate() {
+        for j in 0..dm.min(d) {
+            mask[m * d + j] = 1.0;
+        }
+    }
+    let mask_nd = Tensor::from_vec(mask, (n, d), &dev)?;
+    let (mean, std) = activation_stats(store, cfg.normaliser_rows)?;
+    let normaliser = Normaliser::from_stats(mean, std, cfg.target_rms)?;
+
+    let ckpt_t = ckpt_dir.join(CKPT_TENSORS);
+    let ckpt_m = ckpt_dir.join(CKPT_META);
+    let mut start = 0usize;
+    let mut threshold = -1.0f64;
+    let mut log: Vec<StepLog> = Vec::new();
+    let mut tensors: Option<HashMap<String, Tensor>> = None;
+    if resume && ckpt_m.exists() {
+        let meta: CheckpointMeta = serde_json::from_str(
+            &std::fs::read_to_string(&ckpt_m)
+                .map_err(|e| crate::DiffError::Invalid(format!("{}: {e}", ckpt_m.display())))?,
+        )
+        .map_err(|e| crate::DiffError::Invalid(format!("{}: {e}", ckpt_m.display())))?;
+        if meta.config != *cfg || meta.store_rows != store.meta.rows {
+            return invalid(format!(
+                "the checkpoint in {} was made with other settings or data; use the same flags, or drop --resume to start over",
+                ckpt_dir.display()
+            ));
+        }
+        let t = candle_core::safetensors::load(&ckpt_t, &dev).map_err(|e| {
+            crate::DiffError::Invalid(format!(
+                "cannot read {}: {} (delete it to start over)",
+                ckpt_t.display(),
+                e.to_string().lines().next().unwrap_or("")
+            ))
+        })?;
+        start = meta.step;
+        threshold = meta.threshold;
+        log = meta.log;
+        tensors = Some(t);
+    }
+    let (params, mut adam_m, mut adam_v, mut since_fired) = match &tensors {
+        Some(t) => {
+            let g = |k: &str| -> Result<Tensor> {
+                t.get(k).cloned().ok_or_else(|| {
+                    crate::DiffError::Invalid(format!(
+                        "checkpoint lacks '{k}'; delete it to start over"
+                    ))
+                })
+            };
+            let p = Params {
+                w_enc: Var::from_tensor(&g("w_enc")?)?,
+                b_enc: Var::from_tensor(&g("b_enc")?)?,
+                w_dec: Var::from_tensor(&g("w_dec")?)?,
+                b_dec: Var::from_tensor(&g("b_dec")?)?,
+            };
+            let names = ["w_enc", "b_enc", "w_dec", "b_dec"];
+            let m: Vec<Tensor> = names
+                .iter()
+                .map(|k| g(&format!("adam_m.{k}")))
+                .collect::<Result<_>>()?;
+            let v: Vec<Tensor> = names
+                .iter()
+                .map(|k| g(&format!("adam_v.{k}")))
+                .collect::<Result<_>>()?;
+            (p, m, v, g("since_fired")?)
+        }
+        None => {
+            let mut rng = rand::rngs::StdRng::seed_from_u64(cfg.seed);
+            use rand::Rng;
+            // Gaussian init by Box-Muller from the seeded RNG (candle's randn is not seedable
+            // on CPU), each (model, latent) decoder vector scaled to dec_init_norm; the encoder
+            // starts as the decoder's transpose (as dictionary_learning does).
+            let mut g = vec![0f32; n * f * d];
+            for x in g.iter_mut() {
+                let u1: f64 = rng.random::<f64>().max(1e-12);
+                let u2: f64 = rng.random::<f64>();
+                *x = ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()) as f32;
+            }
+            let w = Tensor::from_vec(g, (n, f, d), &dev)?.broadcast_mul(&mask_nd.unsqueeze(1)?)?;
+            let norms = w.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?;
+            let w_dec = (w.broadcast_div(&(norms + 1e-12)?)? * cfg.dec_init_norm)?;
+            let w_enc = w_dec.transpose(1, 2)?.contiguous()?;
+            let p = Params {
+                w_enc: Var::from_tensor(&w_enc)?,
+                b_enc: Var::from_tensor(&Tensor::zeros(f, DType::F32, &dev)?)?,
+                w_dec: Var::from_tensor(&w_dec)?,
+                b_dec: Var::from_tensor(&Tensor::zeros((n, d), DType::F32, &dev)?)?,
+            };
+            let m: Vec<Tensor> = p
+                .vars()
+                .iter()
+                .map(|v| v.zeros_like())
+                .collect::<candle_core::Result<_>>()?;
+            let v = m.clone();
+            (p, m, v, Tensor::zeros(f, DType::F32, &dev)?)
+        }
+    };
+    log.truncate(start);
+
+    let mut sampler = Sampler::new(store, cfg.seed);
+    let (b1, b2, eps) = (0.9f64, 0.999f64, 1e-8f64);
+    let decay_start = cfg.steps - cfg.steps / 5;
+    let end = match stop_after {
+        Some(s) => (start + s).min(cfg.steps),
+        None => cfg.steps,
+    };
+    let save_ckpt = |step: usize,
+                     p: &Params,
+                     m: &[Tensor],
+                     v: &[Tensor],
+                     since: &Tensor,
+                     threshold: f64,
+                     log: &[StepLog]|
+     -> Result<()> {
+        let names = ["w_enc", "b_enc", "w_dec", "b_dec"];
+        let mut t: Vec<(String, Tensor)> = Vec::new();
+        for (i, k) in names.iter().enumerate() {
+            t.push((k.to_string(), p.vars()[i].as_tensor().clone()));
+            t.push((format!("adam_m.{k}"), m[i].clone()));
+            t.push((format!("adam_v.{k}"), v[i].clone()));
+        }
+        t.push(("since_fired".into(), since.clone()));
+        persona_lens_engine::io::save_safetensors(&t, HashMap::new(), &ckpt_t)?;
+        // The meta file is written last: it names a step whose tensors are already on disk.
+        let meta = CheckpointMeta {
+            step,
+            config: cfg.clone(),
+            threshold,
+            log: log.to_vec(),
+            store_rows: store.meta.rows,
+        };
+        let bytes =
+            serde_json::to_vec(&meta).map_err(|e| crate::DiffError::Invalid(e.to_string()))?;
+        persona_lens_engine::io::write_atomic(&ckpt_m, &bytes)?;
+        Ok(())
+    };
+
+    for step in start..end {
+        let lr = if step < cfg.warmup_steps {
+            cfg.lr * (step + 1) as f64 / cfg.warmup_steps as f64
+        } else if step >= decay_start {
+            cfg.lr * (cfg.steps - step) as f64 / (cfg.steps - decay_start).max(1) as f64
+        } else {
+            cfg.lr
+        };
+        let x = normaliser.normalize(&sampler.batch(store, step, cfg.batch_size)?)?;
+        let bsz = x.dim(0)?;
+        let xf = x.reshape((bsz, n * d))?;
+        let pre = xf
+            .matmul(&params.w_enc.as_tensor().reshape((n * d, f))?)?
+            .broadcast_add(params.b_enc.as_tensor())?
+            .relu()?;
+        let code_norm = params
+            .w_dec
+            .as_tensor()
+            .sqr()?
+            .sum(D::Minus1)?
+            .sqrt()?
+            .sum_keepdim(0)?; // (1, F): CROSSCODER code normalisation
+        let w_dec_flat = params
+            .w_dec
+            .as_tensor()
+            .transpose(0, 1)?
+            .reshape((f, n * d))?;
+        let (acts, penalty_t, loss_extra_coeff) = match cfg.objective {
+            Objective::L1 { l1_coeff } => {
+                let l1_warm = (cfg.steps / 20).max(1);
+                let lam = l1_coeff * ((step + 1) as f64 / l1_warm as f64).min(1.0);
+                let pen = pre
+                    .broadcast_mul(&code_norm)?
+                    .sum_all()?
+                    .affine(1.0 / bsz as f64, 0.0)?;
+                (pre.clone(), pen, lam)
+            }
+            Objective::BatchTopK { k, .. } => {
+                let scaled = pre.broadcast_mul(&code_norm)?.detach();
+                let m = batch_topk_mask(&scaled, k)?;
+                let a = (&pre * &m)?;
+                // EMA of the smallest kept scaled activation (the inference threshold)
+                let kept: Vec<f32> = (&scaled * &m)?.flatten_all()?.to_vec1()?;
+                let min_pos = kept
+                    .iter()
+                    .copied()
+                    .filter(|v| *v > 0.0)
+                    .fold(f32::INFINITY, f32::min);
+                if min_pos.is_finite() {
+                    threshold = if threshold < 0.0 {
+                        min_pos as f64
+                    } else {
+                        0.999 * threshold + 0.001 * min_pos as f64
+                    };
+                }
+                (a, Tensor::new(0f32, &dev)?, 0.0)
+            }
+        };
+        let recon = acts
+            .matmul(&w_dec_flat)?
+            .broadcast_add(&params.b_dec.as_tensor().reshape(n * d)?)?;
+        let err = (&xf - &recon)?;
+        let mse = err.sqr()?.sum_all()?.affine(1.0 / bsz as f64, 0.0)?;
+        // dead-latent bookkeeping: examples since each latent last fired
+        let fired = acts
+            .gt(0f32)?
+            .to_dtype(DType::F32)?
+            .sum(0)?
+            .gt(0f32)?
+            .to_dtype(DType::F32)?;
+        since_fired = ((&since_fired + bsz as f64)? * fired.affine(-1.0, 1.0)?)?;
+        let (loss, penalty) = match cfg.objective {
+            Objective::L1 { .. } => {
+                let loss = (&mse + penalty_t.affine(loss_extra_coeff, 0.0)?)?;
+                let pv = penalty_t.to_scalar::<f32>()? as f64;
+                (loss, pv)
+            }
+            Objective::BatchTopK {
+                aux_k,
+                aux_alpha,
+                dead_after,
+                ..
+            } => {
+                let dead = since_fired.ge(dead_after as f64)?.to_dtype(DType::F32)?;
+                let n_dead = dead.sum_all()?.to_scalar::<f32>()? as usize;
+                if n_dead > 0 && aux_alpha > 0.0 {
+                    let scaled = pre
+                        .broadcast_mul(&code_norm)?
+                        .broadcast_mul(&dead.unsqueeze(0)?)?
+                        .detach();
+                    let m = batch_topk_mask(&scaled, aux_k.min(n_dead))?;
+                    let aux_acts = (&pre * &m)?;
+                    let aux_recon = aux_acts.matmul(&w_dec_flat)?;
+                    let resid = err.detach();
+                    let num = (&resid - &aux_recon)?.sqr()?.sum_all()?;
+                    let den = resid
+                        .broadcast_sub(&resid.mean_keepdim(0)?)?
+                        .sqr()?
+                        .sum_all()?
+                        .affine(1.0, 1e-8)?;
+                    let aux = (num / den)?;
+                    let pv = aux.to_scalar::<f32>()? as f64;
+                    ((&mse + aux.affine(aux_alpha, 0.0)?)?, pv)
+                } else {
+                    (mse.clone(), 0.0)
+                }
+            }
+        };
+        let grads = loss.backward()?;
+        let t = (step + 1) as i32;
+        let (c1, c2) = (1.0 - b1.powi(t), 1.0 - b2.powi(t));
+        for (i, var) in params.vars().iter().enumerate() {
+            let Some(g) = grads.get(var.as_tensor()) else {
+                continue;
+            };
+            adam_m[i] = ((&adam_m[i] * b1)? + (g * (1.0 - b1))?)?;
+            adam_v[i] = ((&adam_v[i] * b2)? + (g.sqr()? * (1.0 - b2))?)?;
+            let upd = ((&adam_m[i] / c1)? / ((&adam_v[i] / c2)?.sqrt()? + eps)?)?;
+            var.set(&(var.as_tensor() - (upd * lr)?)?)?;
+        }
+        // keep padded coordinates at zero
+        if store.meta.dims.iter().any(|&dm| dm < d) {
+            params.w_dec.set(
+                &params
+                    .w_dec
+                    .as_tensor()
+                    .broadcast_mul(&mask_nd.unsqueeze(1)?)?,
+            )?;
+            params.w_enc.set(
+                &params
+                    .w_enc
+                    .as_tensor()
+                    .broadcast_mul(&mask_nd.unsqueeze(2)?)?,
+            )?;
+        }
+        let mse_v = mse.to_scalar::<f32>()? as f64;
+        let tot = xf
+            .broadcast_sub(&xf.mean_keepdim(0)?)?
+            .sqr()?
+            .sum_all()?
+            .to_scalar::<f32>()? as f64
+            / bsz as f64;
+        let l0 = acts
+            .gt(0f32)?
+            .to_dtype(DType::F32)?
+            .sum_all()?
+            .to_scalar::<f32>()? as f64
+            / bsz as f64;
+        let dead_after = match cfg.objective {
+            Objective::BatchTopK { dead_after, .. } => dead_after,
+            Objective::L1 { .. } => 10 * cfg.batch_size.max(1000),
+        };
+        let dead_fraction = since_fired
+            .ge(dead_after as f64)?
+            .to_dtype(DType::F32)?
+            .mean_all()?
+            .to_scalar::<f32>()? as f64;
+        let entry = StepLog {
+            step,
+            loss: loss.to_scalar::<f32>()? as f64,
+            mse: mse_v,
+            penalty,
+            fve: if tot > 0.0 { 1.0 - mse_v / tot } else { 0.0 },
+            l0,
+            dead_fraction,
+            lr,
+        };
+        progress(&entry);
+        log.push(entry);
+        let done = step + 1;
+        if (cfg.checkpoint_every > 0 && done % cfg.checkpoint_every == 0) || done == cfg.steps {
+            save_ckpt(
+                done,
+                &params,
+                &adam_m,
+                &adam_v,
+                &since_fired,
+                threshold,
+                &log,
+            )?;
+        }
+    }
+
+    let sparsity = match cfg.objective {
+        Objective::L1 { .. } => Sparsity::Relu,
+        Objective::BatchTopK { k, .. } => Sparsity::BatchTopK { k, threshold },
+    };
+    let mut metadata = BTreeMap::new();
+    metadata.insert("persona_lens.models".into(), store.meta.models.join(","));
+    metadata.insert("persona_lens.hooks".into(), store.meta.hooks.join(","));
+    metadata.insert(
+        "persona_lens.dims".into(),
+        store
+            .meta
+            .dims
+            .iter()
+            .map(|x| x.to_string())
+            .collect::<Vec<_>>()
+            .join(","),
+    );
+    metadata.insert(
+        "persona_lens.alignment".into(),
+        format!("{:?}", store.meta.alignment).to_lowercase(),
+    );
+    metadata.insert(
+        "persona_lens.train_config".into(),
+        serde_json::to_string(cfg).unwrap_or_default(),
+    );
+    metadata.insert("persona_lens.steps_done".into(), end.to_string());
+    let cc = CrossCoder {
+        w_enc: params.w_enc.as_tensor().clone(),
+        b_enc: params.b_enc.as_tensor().clone(),
+        w_dec: params.w_dec.as_tensor().clone(),
+        b_dec: params.b_dec.as_tensor().clone(),
+        code_norm: CodeNormalization::Crosscoder,
+        alpha_sae: 1.0,
+        alpha_cc: 0.1,
+        normaliser: Some(normaliser),
+        sparsity,
+        layout: Layout::Fresh,
+        metadata,
+    };
+    Ok(TrainOutcome {
+        crosscoder: cc,
+        log,
+        resumed_from: start,
+        finished: end == cfg.steps,
+        seconds: t0.elapsed().as_secs_f64(),
+    })
+}
