@@ -2,6 +2,7 @@
 //! arguments, calls the library and prints (`--json` for machine-readable output).
 
 mod analysis_cmds;
+mod diff_cmds;
 mod engine_cmds;
 mod patch_cmds;
 mod steer_cmds;
@@ -62,6 +63,9 @@ enum Cmd {
     ControlVector(steer_cmds::ControlVectorArgs),
     /// Ablate heads (zero, mean, resample) vs random heads: persona gap, probes, answer grade.
     Ablate(patch_cmds::AblateArgs),
+    /// Crosscoder model diffing (base vs chat): harvest, train, analyze, verify, encode.
+    #[command(subcommand)]
+    Diff(diff_cmds::DiffCmd),
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -124,6 +128,7 @@ fn main() -> ExitCode {
         Cmd::Rate(a) => steer_cmds::rate(a),
         Cmd::SteerSweep(a) => steer_cmds::steer_sweep(a),
         Cmd::ControlVector(a) => steer_cmds::control_vector(a),
+        Cmd::Diff(c) => diff_cmds::run(c),
     };
     match res {
         Ok(()) => ExitCode::SUCCESS,

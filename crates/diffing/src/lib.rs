@@ -3,12 +3,14 @@
 //! their exact encode/decode semantics; paired base-vs-chat activations; crosscoder training in
 //! candle; and the model-diffing analyses (relative decoder norms, Latent Scaling, persona latents).
 
+pub mod analyze;
 pub mod corpus;
 pub mod crosscoder;
 pub mod harvest;
 pub mod load;
 pub mod metrics;
 pub mod paired;
+pub mod persona;
 pub mod sae;
 pub mod train;
 

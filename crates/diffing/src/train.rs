@@ -461,7 +461,8 @@ pub fn train(
             .sum(0)?
             .gt(0f32)?
             .to_dtype(DType::F32)?;
-        since_fired = ((&since_fired + bsz as f64)? * fired.affine(-1.0, 1.0)?)?;
+        // detached: the bookkeeping must not keep every step's graph alive
+        since_fired = ((&since_fired + bsz as f64)? * fired.affine(-1.0, 1.0)?)?.detach();
         let (loss, penalty) = match cfg.objective {
             Objective::L1 { .. } => {
                 let loss = (&mse + penalty_t.affine(loss_extra_coeff, 0.0)?)?;
@@ -506,10 +507,11 @@ pub fn train(
             let Some(g) = grads.get(var.as_tensor()) else {
                 continue;
             };
-            adam_m[i] = ((&adam_m[i] * b1)? + (g * (1.0 - b1))?)?;
-            adam_v[i] = ((&adam_v[i] * b2)? + (g.sqr()? * (1.0 - b2))?)?;
+            let g = g.detach();
+            adam_m[i] = ((&adam_m[i] * b1)? + (&g * (1.0 - b1))?)?.detach();
+            adam_v[i] = ((&adam_v[i] * b2)? + (g.sqr()? * (1.0 - b2))?)?.detach();
             let upd = ((&adam_m[i] / c1)? / ((&adam_v[i] / c2)?.sqrt()? + eps)?)?;
-            var.set(&(var.as_tensor() - (upd * lr)?)?)?;
+            var.set(&(var.as_tensor() - (upd * lr)?)?.detach())?;
         }
         // keep padded coordinates at zero
         if store.meta.dims.iter().any(|&dm| dm < d) {

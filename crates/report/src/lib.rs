@@ -7,7 +7,9 @@ use plotters::prelude::*;
 use std::path::{Path, PathBuf};
 use std::sync::Once;
 
+pub mod bars;
 pub mod heatmap;
+pub use bars::{save_bar_chart, save_histogram, Bar, BarChart, Histogram};
 pub use heatmap::{save_heatmap, Heatmap};
 
 #[derive(Debug, thiserror::Error)]

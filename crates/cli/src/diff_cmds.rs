@@ -1,0 +1,761 @@
+//! `persona-lens diff ...`: crosscoder model diffing (base vs chat).
+
+use crate::analysis_cmds::DatasetArgs;
+use crate::engine_cmds::{load_model, progress};
+use crate::{DtypeArg, ModelArgs};
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor};
+use clap::{Args, Subcommand, ValueEnum};
+use persona_lens_diffing::analyze::{analyze as run_analyze, rows_of, AnalyzeSpec};
+use persona_lens_diffing::corpus;
+use persona_lens_diffing::harvest::{
+    harvest_paired, middle_resid_post, CorpusItem, PairedHarvestSpec,
+};
+use persona_lens_diffing::paired::{Alignment, PairedStore};
+use persona_lens_diffing::persona::verify as verify_rows;
+use persona_lens_diffing::train::{train as run_train, Objective, TrainConfig};
+use persona_lens_diffing::{load_dictionary, CrossCoder, Dictionary};
+use persona_lens_engine::{HookName, Model};
+use persona_lens_report::{save_bar_chart, save_line_chart, Bar, BarChart, LineChart, Series};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+#[derive(Subcommand)]
+pub enum DiffCmd {
+    /// Run both models on a corpus and store paired activations (shards) at a hook.
+    Harvest(HarvestArgs),
+    /// Train an L1 or BatchTopK crosscoder on a paired store (checkpoints, --resume).
+    Train(TrainArgs),
+    /// Δ_norm classes, Latent Scaling, novice-vs-expert latents, verification, sycophancy,
+    /// max-activating examples; summary.json, plots, report.md. Without --crosscoder: the
+    /// notebook's direct activation comparison.
+    Analyze(AnalyzeArgs),
+    /// Verification prompts (ACTIVATE / SILENT / NEUTRAL) for chosen latents: table and bar plot.
+    Verify(VerifyArgs),
+    /// Encode tensor `x` (batch, n_models, d) with any supported crosscoder/SAE layout.
+    Encode(EncodeArgs),
+}
+
+pub fn run(c: DiffCmd) -> Result<()> {
+    match c {
+        DiffCmd::Harvest(a) => harvest(a),
+        DiffCmd::Train(a) => train(a),
+        DiffCmd::Analyze(a) => analyze(a),
+        DiffCmd::Verify(a) => verify(a),
+        DiffCmd::Encode(a) => encode(a),
+    }
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq)]
+pub enum TemplateArg {
+    /// The chat template for an instruction-tuned model, raw text for a base model.
+    Auto,
+    /// Raw text for both (needed for per-token pairing of a base/chat pair).
+    None,
+    /// The chat template for both.
+    Both,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum AlignArg {
+    Auto,
+    Tokens,
+    Last,
+}
+
+/// The two models being diffed.
+#[derive(Args, Clone, Debug)]
+pub struct PairArgs {
+    /// Base model (index 0).
+    #[arg(long, default_value = "gemma-3-270m")]
+    pub base: String,
+    /// Chat model (index 1).
+    #[arg(long, default_value = "smollm2-135m-instruct")]
+    pub chat: String,
+    #[arg(long)]
+    pub models_dir: Option<PathBuf>,
+    /// Base model hook (default: the middle layer's resid_post).
+    #[arg(long)]
+    pub base_hook: Option<String>,
+    /// Chat model hook (default: the middle layer's resid_post).
+    #[arg(long)]
+    pub chat_hook: Option<String>,
+    #[arg(long, value_enum, default_value = "auto")]
+    pub template: TemplateArg,
+    #[arg(long, default_value_t = 16)]
+    pub batch_size: usize,
+    #[arg(long)]
+    pub threads: Option<usize>,
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+pub struct Pair {
+    pub models: [Model; 2],
+    pub hooks: [HookName; 2],
+    pub template: [bool; 2],
+}
+
+impl PairArgs {
+    pub fn load(&self) -> Result<Pair> {
+        let load = |name: &str| -> Result<Model> {
+            load_model(&ModelArgs {
+                model: name.to_string(),
+                models_dir: self.models_dir.clone(),
+                dtype: DtypeArg::F32,
+                quantized: None,
+                threads: self.threads,
+                json: false,
+            })
+        };
+        let models = [load(&self.base)?, load(&self.chat)?];
+        let hook = |m: &Model, h: &Option<String>| -> Result<HookName> {
+            Ok(match h {
+                Some(s) => HookName::parse(s, m.config().n_layers)?,
+                None => middle_resid_post(m),
+            })
+        };
+        let hooks = [
+            hook(&models[0], &self.base_hook)?,
+            hook(&models[1], &self.chat_hook)?,
+        ];
+        let template = match self.template {
+            TemplateArg::None => [false, false],
+            TemplateArg::Both => [true, true],
+            TemplateArg::Auto => [models[0].is_chat_model(), models[1].is_chat_model()],
+        };
+        Ok(Pair {
+            models,
+            hooks,
+            template,
+        })
+    }
+}
+
+#[derive(Args)]
+pub struct HarvestArgs {
+    #[command(flatten)]
+    pub pair: PairArgs,
+    /// Corpus files (text lines, .json list, .jsonl with "text"); default: the built-in corpus
+    /// (persona dataset, verification and sycophancy prompts, text sampled from both models).
+    #[arg(long)]
+    pub corpus: Vec<PathBuf>,
+    /// Also add the built-in corpus when --corpus is given.
+    #[arg(long)]
+    pub with_default_corpus: bool,
+    /// Persona dataset prompts in the default corpus (0 = all).
+    #[arg(long, default_value_t = 0)]
+    pub max_dataset_items: usize,
+    /// Samples generated by each model for the default corpus.
+    #[arg(long, default_value_t = 32)]
+    pub self_samples: usize,
+    #[arg(long, default_value_t = 48)]
+    pub self_sample_tokens: usize,
+    #[arg(long, value_enum, default_value = "auto")]
+    pub align: AlignArg,
+    /// Rows per shard file.
+    #[arg(long, default_value_t = 50_000)]
+    pub shard_rows: usize,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    #[arg(long, default_value = "out/diff/store")]
+    pub out: PathBuf,
+}
+
+fn default_corpus(
+    models: &[Model; 2],
+    template: [bool; 2],
+    a: &HarvestArgs,
+) -> Result<Vec<CorpusItem>> {
+    let ds = persona_lens_analysis::dataset::generate(&persona_lens_analysis::GenOptions {
+        include_neutral: true,
+        ..Default::default()
+    })?;
+    let mut items = corpus::from_dataset(&ds);
+    if a.max_dataset_items > 0 && items.len() > a.max_dataset_items {
+        // an even spread over the dataset, not its first topic only
+        let step = items.len() as f64 / a.max_dataset_items as f64;
+        items = (0..a.max_dataset_items)
+            .map(|i| items[(i as f64 * step) as usize].clone())
+            .collect();
+    }
+    for (i, (e, p)) in corpus::verification_prompts().iter().enumerate() {
+        items.push(CorpusItem {
+            id: format!("verify/{i}/{e}"),
+            source: "verification".into(),
+            text: p.to_string(),
+        });
+    }
+    for (i, (b, n)) in corpus::sycophancy_pairs().iter().enumerate() {
+        for (c, t) in [("biased", b), ("neutral", n)] {
+            items.push(CorpusItem {
+                id: format!("syc_{i:03}/{c}"),
+                source: c.into(),
+                text: t.to_string(),
+            });
+        }
+    }
+    for (m, &chat) in models.iter().zip(&template) {
+        if a.self_samples > 0 {
+            items.extend(corpus::self_sampled(
+                m,
+                a.self_samples,
+                a.self_sample_tokens,
+                a.seed,
+                chat,
+            )?);
+        }
+    }
+    Ok(items)
+}
+
+pub fn harvest(a: HarvestArgs) -> Result<()> {
+    let p = a.pair.load()?;
+    let mut items = vec![];
+    for f in &a.corpus {
+        items.extend(corpus::from_file(f)?);
+    }
+    if a.corpus.is_empty() || a.with_default_corpus {
+        items.extend(default_corpus(&p.models, p.template, &a)?);
+    }
+    let spec = PairedHarvestSpec {
+        hooks: p.hooks,
+        chat_template: p.template,
+        alignment: match a.align {
+            AlignArg::Auto => None,
+            AlignArg::Tokens => Some(Alignment::Tokens),
+            AlignArg::Last => Some(Alignment::Last),
+        },
+        batch_size: a.pair.batch_size,
+        shard_rows: a.shard_rows,
+        setup: [None, None],
+    };
+    let pb = progress(items.len() as u64, a.pair.quiet, "samples");
+    let t0 = std::time::Instant::now();
+    let mut meta = harvest_paired([&p.models[0], &p.models[1]], &items, &spec, &a.out, &|n| {
+        pb.inc(n as u64)
+    })?;
+    pb.finish_and_clear();
+    meta.corpus = if a.corpus.is_empty() {
+        "builtin".into()
+    } else {
+        a.corpus
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    let bytes = serde_json::to_vec_pretty(&meta)?;
+    persona_lens_engine::io::write_atomic(
+        &a.out.join(persona_lens_diffing::paired::MANIFEST),
+        &bytes,
+    )?;
+    println!(
+        "{} rows ({:?} alignment, d = {} padded from {:?}) from {} samples in {} shards, {:.1} s -> {}",
+        meta.rows,
+        meta.alignment,
+        meta.d,
+        meta.dims,
+        meta.samples.len(),
+        meta.shards.len(),
+        t0.elapsed().as_secs_f64(),
+        a.out.display()
+    );
+    Ok(())
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum ObjectiveArg {
+    L1,
+    Batchtopk,
+}
+
+#[derive(Args)]
+pub struct TrainArgs {
+    /// A paired store from `diff harvest`.
+    #[arg(long, default_value = "out/diff/store")]
+    pub store: PathBuf,
+    #[arg(long, value_enum, default_value = "l1")]
+    pub objective: ObjectiveArg,
+    #[arg(long, default_value_t = 0.02)]
+    pub l1_coeff: f64,
+    #[arg(long, default_value_t = 32)]
+    pub k: usize,
+    #[arg(long, default_value_t = 256)]
+    pub aux_k: usize,
+    #[arg(long, default_value_t = 1.0 / 32.0)]
+    pub aux_alpha: f64,
+    /// Examples without activation after which a latent counts as dead.
+    #[arg(long, default_value_t = 100_000)]
+    pub dead_after: usize,
+    #[arg(long, default_value_t = 1024)]
+    pub dict_size: usize,
+    #[arg(long, default_value_t = 256)]
+    pub batch_size: usize,
+    #[arg(long, default_value_t = 2000)]
+    pub steps: usize,
+    #[arg(long, default_value_t = 1e-3)]
+    pub lr: f64,
+    #[arg(long, default_value_t = 100)]
+    pub warmup_steps: usize,
+    #[arg(long, default_value_t = 200)]
+    pub checkpoint_every: usize,
+    #[arg(long, default_value_t = 0.1)]
+    pub dec_init_norm: f64,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Continue from the checkpoint in --out (same settings and data).
+    #[arg(long)]
+    pub resume: bool,
+    #[arg(long, default_value = "out/diff/crosscoder")]
+    pub out: PathBuf,
+    #[arg(long)]
+    pub threads: Option<usize>,
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+pub fn train(a: TrainArgs) -> Result<()> {
+    if let Some(t) = a.threads {
+        std::env::set_var("RAYON_NUM_THREADS", t.to_string());
+    }
+    let store = PairedStore::open(&a.store)?;
+    let cfg = TrainConfig {
+        objective: match a.objective {
+            ObjectiveArg::L1 => Objective::L1 {
+                l1_coeff: a.l1_coeff,
+            },
+            ObjectiveArg::Batchtopk => Objective::BatchTopK {
+                k: a.k,
+                aux_k: a.aux_k,
+                aux_alpha: a.aux_alpha,
+                dead_after: a.dead_after,
+            },
+        },
+        dict_size: a.dict_size,
+        batch_size: a.batch_size,
+        steps: a.steps,
+        lr: a.lr,
+        warmup_steps: a.warmup_steps,
+        seed: a.seed,
+        checkpoint_every: a.checkpoint_every,
+        normaliser_rows: 100_000,
+        target_rms: 1.0,
+        dec_init_norm: a.dec_init_norm,
+    };
+    let ckpt = a.out.join("checkpoint");
+    if !a.resume && ckpt.join("checkpoint.json").exists() {
+        bail!(
+            "{} holds a checkpoint; pass --resume to continue it or choose another --out",
+            ckpt.display()
+        );
+    }
+    let pb = progress(a.steps as u64, a.quiet, "steps");
+    pb.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{bar:30} {pos}/{len} steps {msg} [{elapsed} < {eta}]",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let out = run_train(&store, &cfg, &ckpt, a.resume, None, &|s| {
+        pb.set_position(s.step as u64 + 1);
+        pb.set_message(format!(
+            "loss {:.4} FVE {:.3} L0 {:.1} dead {:.2}",
+            s.loss, s.fve, s.l0, s.dead_fraction
+        ));
+    })?;
+    pb.finish_and_clear();
+    let cc = out.crosscoder;
+    cc.save(&a.out)?;
+    let bytes = serde_json::to_vec_pretty(&serde_json::json!({
+        "config": cfg,
+        "store": a.store.display().to_string(),
+        "models": store.meta.models,
+        "hooks": store.meta.hooks,
+        "rows": store.meta.rows,
+        "resumed_from": out.resumed_from,
+        "seconds_this_run": out.seconds,
+        "rows_per_second": ((cfg.steps - out.resumed_from) * cfg.batch_size) as f64 / out.seconds.max(1e-9),
+        "log": out.log,
+    }))?;
+    persona_lens_engine::io::write_atomic(&a.out.join("train_log.json"), &bytes)?;
+    let series = |name: &str, f: &dyn Fn(&persona_lens_diffing::train::StepLog) -> f64| Series {
+        name: name.into(),
+        x: out.log.iter().map(|s| s.step as f64).collect(),
+        y: out.log.iter().map(f).collect(),
+        ..Default::default()
+    };
+    save_line_chart(
+        &LineChart {
+            title: "Crosscoder training".into(),
+            x_label: "step".into(),
+            y_label: "value".into(),
+            series: vec![
+                series("loss", &|s| s.loss),
+                series("MSE (normalised units)", &|s| s.mse),
+                series("FVE", &|s| s.fve),
+            ],
+            caption: format!(
+                "{} | {} | F = {} | batch {} | seed {}",
+                store.meta.models.join(" vs "),
+                store.meta.hooks.join(" / "),
+                cfg.dict_size,
+                cfg.batch_size,
+                cfg.seed
+            ),
+            ..Default::default()
+        },
+        &a.out.join("training"),
+    )?;
+    let last = out.log.last().context("no steps")?;
+    println!(
+        "trained {} steps ({} this run, {:.0} rows/s): loss {:.4}, FVE {:.3}, L0 {:.1}, dead {:.2} -> {}",
+        cfg.steps,
+        cfg.steps - out.resumed_from,
+        ((cfg.steps - out.resumed_from) * cfg.batch_size) as f64 / out.seconds.max(1e-9),
+        last.loss,
+        last.fve,
+        last.l0,
+        last.dead_fraction,
+        a.out.display()
+    );
+    Ok(())
+}
+
+fn load_crosscoder(p: &Path) -> Result<CrossCoder> {
+    match load_dictionary(p)? {
+        Dictionary::CrossCoder(c) => Ok(*c),
+        Dictionary::Sae(_) => bail!(
+            "{} is a single-model SAE; model diffing needs a crosscoder",
+            p.display()
+        ),
+    }
+}
+
+fn check_width(cc: &CrossCoder, p: &Pair) -> Result<()> {
+    let d = p.models[0]
+        .config()
+        .d_model
+        .max(p.models[1].config().d_model);
+    if cc.n_models() != 2 || cc.activation_dim() != d {
+        bail!(
+            "crosscoder shape (n_models {}, d {}) does not match models {} (d {}) and {} (d {}): it expects width {}; use the models and hooks it was trained on",
+            cc.n_models(),
+            cc.activation_dim(),
+            p.models[0].info.name,
+            p.models[0].config().d_model,
+            p.models[1].info.name,
+            p.models[1].config().d_model,
+            cc.activation_dim()
+        );
+    }
+    Ok(())
+}
+
+#[derive(Args)]
+pub struct AnalyzeArgs {
+    #[command(flatten)]
+    pub pair: PairArgs,
+    #[command(flatten)]
+    pub ds: DatasetArgs,
+    /// Crosscoder folder or weights file; without it, the direct activation comparison.
+    #[arg(long)]
+    pub crosscoder: Option<PathBuf>,
+    /// The paired store it was trained on (Latent Scaling, max-activating examples).
+    #[arg(long)]
+    pub store: Option<PathBuf>,
+    #[arg(long, default_value_t = 10)]
+    pub top_k: usize,
+    #[arg(long, default_value_t = 3)]
+    pub n_verify: usize,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    #[arg(long, default_value = "out/diff/analysis")]
+    pub out: PathBuf,
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn analyze(a: AnalyzeArgs) -> Result<()> {
+    let p = a.pair.load()?;
+    let ds = a.ds.load()?;
+    let cc = match &a.crosscoder {
+        Some(c) => {
+            let cc = load_crosscoder(c)?;
+            check_width(&cc, &p)?;
+            Some(cc)
+        }
+        None => None,
+    };
+    let store = match &a.store {
+        Some(s) => Some(PairedStore::open(s)?),
+        None => None,
+    };
+    let spec = AnalyzeSpec {
+        hooks: p.hooks,
+        chat_template: p.template,
+        alignment: Some(Alignment::Last),
+        batch_size: a.pair.batch_size,
+        crosscoder: cc.as_ref().map(|c| {
+            (
+                c,
+                a.crosscoder
+                    .as_ref()
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_default(),
+            )
+        }),
+        store: store.as_ref(),
+        top_k: a.top_k,
+        n_verify: a.n_verify,
+        seed: a.seed,
+    };
+    let quiet = a.pair.quiet || a.json;
+    let s = run_analyze([&p.models[0], &p.models[1]], &ds, &spec, &a.out, &|step| {
+        if !quiet {
+            eprintln!("… {step}");
+        }
+    })?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&s)?);
+        return Ok(());
+    }
+    print!("{}", persona_lens_diffing::analyze::report_md(&s));
+    println!("\nwrote {}", a.out.display());
+    Ok(())
+}
+
+#[derive(Args)]
+pub struct VerifyArgs {
+    #[command(flatten)]
+    pub pair: PairArgs,
+    #[arg(long)]
+    pub crosscoder: PathBuf,
+    /// Latents to verify (comma separated).
+    #[arg(long, value_delimiter = ',', required = true)]
+    pub latent: Vec<usize>,
+    /// Prompts: JSON list of {"expected": "ACTIVATE|SILENT|NEUTRAL", "prompt": "..."} or lines
+    /// "EXPECTED<TAB>prompt"; default: the notebook's list plus persona-lens's own.
+    #[arg(long)]
+    pub prompts: Option<PathBuf>,
+    #[arg(long, default_value = "out/diff/verify")]
+    pub out: PathBuf,
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn read_prompts(p: &Path) -> Result<Vec<(String, String)>> {
+    let text =
+        std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()))?;
+    let rows: Vec<(String, String)> =
+        if let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) {
+            let arr = v
+                .as_array()
+                .context("expected a JSON list of {expected, prompt}")?;
+            arr.iter()
+                .map(|o| -> Result<(String, String)> {
+                    Ok((
+                        o.get("expected")
+                            .and_then(|e| e.as_str())
+                            .context("item without \"expected\"")?
+                            .to_uppercase(),
+                        o.get("prompt")
+                            .and_then(|e| e.as_str())
+                            .context("item without \"prompt\"")?
+                            .to_string(),
+                    ))
+                })
+                .collect::<Result<_>>()?
+        } else {
+            text.lines()
+                .filter(|l| !l.trim().is_empty())
+                .map(|l| -> Result<(String, String)> {
+                    let (e, q) = l
+                        .split_once('\t')
+                        .with_context(|| format!("line without a tab: {l}"))?;
+                    Ok((e.trim().to_uppercase(), q.trim().to_string()))
+                })
+                .collect::<Result<_>>()?
+        };
+    for (e, _) in &rows {
+        if !matches!(e.as_str(), "ACTIVATE" | "SILENT" | "NEUTRAL") {
+            bail!(
+                "{}: expected must be ACTIVATE, SILENT or NEUTRAL, got '{e}'",
+                p.display()
+            );
+        }
+    }
+    Ok(rows)
+}
+
+pub fn verify(a: VerifyArgs) -> Result<()> {
+    let p = a.pair.load()?;
+    let cc = load_crosscoder(&a.crosscoder)?;
+    check_width(&cc, &p)?;
+    if let Some(&bad) = a.latent.iter().find(|&&l| l >= cc.dict_size()) {
+        bail!(
+            "latent {bad} is out of range: the crosscoder has {} latents",
+            cc.dict_size()
+        );
+    }
+    let prompts = match &a.prompts {
+        Some(f) => read_prompts(f)?,
+        None => corpus::verification_prompts()
+            .iter()
+            .map(|(e, q)| (e.to_string(), q.to_string()))
+            .collect(),
+    };
+    let items: Vec<CorpusItem> = prompts
+        .iter()
+        .enumerate()
+        .map(|(i, (e, q))| CorpusItem {
+            id: format!("verify/{i}/{e}"),
+            source: "verification".into(),
+            text: q.clone(),
+        })
+        .collect();
+    let spec = AnalyzeSpec {
+        hooks: p.hooks,
+        chat_template: p.template,
+        alignment: Some(Alignment::Last),
+        batch_size: a.pair.batch_size,
+        crosscoder: None,
+        store: None,
+        top_k: 10,
+        n_verify: 0,
+        seed: 0,
+    };
+    let x = rows_of(
+        [&p.models[0], &p.models[1]],
+        &items,
+        &spec,
+        &a.out.join(".tmp_rows"),
+    )?;
+    let acts = cc.get_activations(&x, true)?;
+    let mut results = vec![];
+    for &l in &a.latent {
+        let v: Vec<f32> = acts.narrow(1, l, 1)?.squeeze(1)?.to_vec1()?;
+        let v: Vec<f64> = v.into_iter().map(f64::from).collect();
+        let r = verify_rows(l, &prompts, &v);
+        save_bar_chart(
+            &BarChart {
+                title: format!(
+                    "Verification: latent #{l} ({}/{} pass)",
+                    r.passed, r.checked
+                ),
+                x_label: format!("latent #{l} activation (scaled)"),
+                bars: r
+                    .rows
+                    .iter()
+                    .map(|row| Bar {
+                        label: row.prompt.chars().take(55).collect(),
+                        value: row.activation,
+                        err: None,
+                        group: match row.expected.as_str() {
+                            "ACTIVATE" => 2,
+                            "SILENT" => 1,
+                            _ => 7,
+                        },
+                    })
+                    .collect(),
+                groups: vec![],
+                caption: format!(
+                    "{} vs {} | {} / {} | last token | green ACTIVATE, red SILENT, grey NEUTRAL",
+                    p.models[0].info.name, p.models[1].info.name, p.hooks[0], p.hooks[1]
+                ),
+            },
+            &a.out.join(format!("verification_{l}")),
+        )?;
+        results.push(r);
+    }
+    let bytes = serde_json::to_vec_pretty(&results)?;
+    persona_lens_engine::io::write_atomic(&a.out.join("verification.json"), &bytes)?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&results)?);
+        return Ok(());
+    }
+    for r in &results {
+        println!(
+            "latent {}: {}/{} pass ({})",
+            r.feature_idx, r.passed, r.checked, r.rule
+        );
+        for row in &r.rows {
+            println!(
+                "  {} [{:8}] {:+.4} | {}",
+                match row.pass {
+                    Some(true) => "✓",
+                    Some(false) => "✗",
+                    None => " ",
+                },
+                row.expected,
+                row.activation,
+                row.prompt
+            );
+        }
+    }
+    Ok(())
+}
+
+#[derive(Args)]
+pub struct EncodeArgs {
+    /// Crosscoder or SAE: a folder or weights file of any supported layout.
+    #[arg(long)]
+    pub crosscoder: PathBuf,
+    /// safetensors file with tensor `x` (batch, n_models, d) (SAEs: (batch, d)).
+    #[arg(long)]
+    pub input: PathBuf,
+    #[arg(long)]
+    pub out: PathBuf,
+    /// BatchTopK: the learned threshold (true, inference) or batch top-k (false).
+    #[arg(long, default_value = "true", action = clap::ArgAction::Set)]
+    pub use_threshold: bool,
+}
+
+pub fn encode(a: EncodeArgs) -> Result<()> {
+    let dict = load_dictionary(&a.crosscoder)?;
+    let mut t = candle_core::safetensors::load(&a.input, &Device::Cpu).map_err(|e| {
+        anyhow::anyhow!(
+            "cannot read {}: {} (expected a safetensors file with tensor 'x')",
+            a.input.display(),
+            e.to_string().lines().next().unwrap_or("")
+        )
+    })?;
+    let x = t
+        .remove("x")
+        .with_context(|| format!("{} has no tensor named 'x'", a.input.display()))?
+        .to_dtype(DType::F32)?;
+    let (features, scaled, recon): (Tensor, Tensor, Tensor) = match &dict {
+        Dictionary::CrossCoder(cc) => {
+            let f = cc.encode(&x, a.use_threshold)?;
+            let s = f.broadcast_mul(&cc.feature_scale()?)?;
+            // `forward` always uses the threshold, as Python's does
+            let r = cc.forward(&x)?;
+            (f, s, r)
+        }
+        Dictionary::Sae(s) => {
+            let f = s.encode(&x)?;
+            let r = s.decode(&f)?;
+            (f.clone(), f, r)
+        }
+    };
+    let mut md = HashMap::new();
+    md.insert("dictionary".to_string(), dict.describe());
+    md.insert("source".to_string(), a.crosscoder.display().to_string());
+    md.insert("use_threshold".to_string(), a.use_threshold.to_string());
+    persona_lens_engine::io::save_safetensors(
+        &[
+            ("features".to_string(), features.contiguous()?),
+            ("scaled_features".to_string(), scaled.contiguous()?),
+            ("reconstruction".to_string(), recon.contiguous()?),
+        ],
+        md,
+        &a.out,
+    )?;
+    println!(
+        "{} -> {} ({})",
+        a.input.display(),
+        a.out.display(),
+        dict.describe()
+    );
+    Ok(())
+}

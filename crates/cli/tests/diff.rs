@@ -1,0 +1,456 @@
+//! `persona-lens diff`: encode matches the Python fixtures through the CLI; harvest -> train ->
+//! analyze -> verify runs end to end on the real models (gemma-3-270m base vs SmolLM2 chat,
+//! last-token pairing across tokenizers and widths); bad inputs give one-line errors.
+
+use candle_core::{Device, Tensor};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .unwrap()
+}
+
+fn models() -> PathBuf {
+    match std::env::var_os("PERSONA_LENS_MODELS") {
+        Some(p) if !p.is_empty() => PathBuf::from(p),
+        _ => root().join("models"),
+    }
+}
+
+fn run(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_persona-lens"))
+        .args(args)
+        .env("PERSONA_LENS_MODELS", models())
+        .env("RUST_BACKTRACE", "1")
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).to_string(),
+        String::from_utf8_lossy(&out.stderr).to_string(),
+    )
+}
+
+fn ok(args: &[&str]) -> String {
+    let (code, out, err) = run(args);
+    assert_eq!(code, 0, "{args:?} failed: {err}");
+    out
+}
+
+fn one_line_error(args: &[&str], needle: &str) {
+    let (code, _, err) = run(args);
+    assert_ne!(code, 0, "{args:?} should fail");
+    assert!(!err.contains("panicked"), "{args:?} panicked: {err}");
+    let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(
+        lines.len(),
+        1,
+        "{args:?}: expected one error line, got: {err}"
+    );
+    assert!(
+        lines[0].starts_with("error: ") && lines[0].contains(needle),
+        "{args:?}: {}",
+        lines[0]
+    );
+}
+
+fn fx() -> PathBuf {
+    root().join("tests/fixtures/crosscoders")
+}
+
+fn load(p: &Path) -> HashMap<String, Tensor> {
+    candle_core::safetensors::load(p, &Device::Cpu).unwrap()
+}
+
+fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+    assert_eq!(a.dims(), b.dims());
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar()
+        .unwrap()
+}
+
+#[test]
+fn encode_matches_python_for_every_layout() {
+    let io = load(&fx().join("io.safetensors"));
+    let tmp = std::env::temp_dir().join(format!("pl-diff-enc-{}", std::process::id()));
+    std::fs::create_dir_all(&tmp).unwrap();
+    let input = fx().join("io.safetensors");
+    type Case<'a> = (&'a str, &'a str, &'a [(&'a str, &'a str)]);
+    let cases: [Case; 5] = [
+        (
+            "l1",
+            "true",
+            &[
+                ("features", "l1.encode"),
+                ("scaled_features", "l1.get_activations"),
+                ("reconstruction", "l1.forward"),
+            ],
+        ),
+        (
+            "l1/model_final.pt",
+            "true",
+            &[("features", "l1.encode"), ("reconstruction", "l1.forward")],
+        ),
+        (
+            "batchtopk",
+            "true",
+            &[
+                ("features", "batchtopk.encode_threshold"),
+                ("scaled_features", "batchtopk.get_activations"),
+                ("reconstruction", "batchtopk.forward"),
+            ],
+        ),
+        (
+            "batchtopk/model.safetensors",
+            "false",
+            &[("features", "batchtopk.encode_topk")],
+        ),
+        (
+            "kissane",
+            "true",
+            &[
+                ("features", "kissane.acts"),
+                ("reconstruction", "kissane.recon"),
+            ],
+        ),
+    ];
+    for (i, (cc, thr, checks)) in cases.iter().enumerate() {
+        let out = tmp.join(format!("{i}.safetensors"));
+        ok(&[
+            "diff",
+            "encode",
+            "--crosscoder",
+            fx().join(cc).to_str().unwrap(),
+            "--input",
+            input.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--use-threshold",
+            thr,
+        ]);
+        let got = load(&out);
+        for (ours, theirs) in checks.iter() {
+            let d = max_diff(&got[*ours], &io[*theirs]);
+            assert!(d <= 1e-5, "{cc}: {ours} vs {theirs}: {d}");
+        }
+    }
+    // bad inputs
+    let bad = tmp.join("bad.safetensors");
+    let x = Tensor::zeros((3, 2, 15), candle_core::DType::F32, &Device::Cpu).unwrap();
+    candle_core::safetensors::save(&[("x".to_string(), x)].into_iter().collect(), &bad).unwrap();
+    let o = tmp.join("o.safetensors");
+    let l1 = fx().join("l1");
+    one_line_error(
+        &[
+            "diff",
+            "encode",
+            "--crosscoder",
+            l1.to_str().unwrap(),
+            "--input",
+            bad.to_str().unwrap(),
+            "--out",
+            o.to_str().unwrap(),
+        ],
+        "expects (batch, 2, 16)",
+    );
+    let nox = tmp.join("nox.safetensors");
+    candle_core::safetensors::save(
+        &[(
+            "y".to_string(),
+            Tensor::zeros(2, candle_core::DType::F32, &Device::Cpu).unwrap(),
+        )]
+        .into_iter()
+        .collect(),
+        &nox,
+    )
+    .unwrap();
+    one_line_error(
+        &[
+            "diff",
+            "encode",
+            "--crosscoder",
+            l1.to_str().unwrap(),
+            "--input",
+            nox.to_str().unwrap(),
+            "--out",
+            o.to_str().unwrap(),
+        ],
+        "no tensor named 'x'",
+    );
+    let txt = tmp.join("weights.txt");
+    std::fs::write(&txt, "not weights").unwrap();
+    one_line_error(
+        &[
+            "diff",
+            "encode",
+            "--crosscoder",
+            txt.to_str().unwrap(),
+            "--input",
+            input.to_str().unwrap(),
+            "--out",
+            o.to_str().unwrap(),
+        ],
+        "unknown dictionary format",
+    );
+    let corrupt = tmp.join("model.safetensors");
+    std::fs::write(&corrupt, b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a\":").unwrap();
+    one_line_error(
+        &[
+            "diff",
+            "encode",
+            "--crosscoder",
+            corrupt.to_str().unwrap(),
+            "--input",
+            input.to_str().unwrap(),
+            "--out",
+            o.to_str().unwrap(),
+        ],
+        "corrupt",
+    );
+    assert!(!o.exists(), "no output after errors");
+    let _ = std::fs::remove_dir_all(&tmp);
+}
+
+#[test]
+fn harvest_train_analyze_verify_on_real_models() {
+    let tmp = std::env::temp_dir().join(format!("pl-diff-e2e-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).unwrap();
+    let store = tmp.join("store");
+    let cc = tmp.join("cc");
+    // a small built-in corpus: 120 dataset prompts, the verification/sycophancy prompts, 4
+    // self-sampled texts per model
+    let out = ok(&[
+        "diff",
+        "harvest",
+        "--out",
+        store.to_str().unwrap(),
+        "--max-dataset-items",
+        "120",
+        "--self-samples",
+        "4",
+        "--self-sample-tokens",
+        "16",
+        "--quiet",
+    ]);
+    assert!(out.contains("Last alignment"), "{out}");
+    let meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(store.join("paired.json")).unwrap()).unwrap();
+    assert_eq!(
+        meta["dims"],
+        serde_json::json!([640, 576]),
+        "gemma and SmolLM2 widths"
+    );
+    assert_eq!(meta["d"], 640);
+    let rows = meta["rows"].as_u64().unwrap();
+    assert_eq!(
+        rows as usize,
+        meta["samples"].as_array().unwrap().len(),
+        "one row per sample"
+    );
+    // the padded SmolLM2 coordinates are zero
+    let x = load(&store.join("shard_00000.safetensors"))["acts"].clone();
+    let pad = x
+        .narrow(1, 1, 1)
+        .unwrap()
+        .narrow(2, 576, 64)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert_eq!(pad, 0.0);
+    let train = ok(&[
+        "diff",
+        "train",
+        "--store",
+        store.to_str().unwrap(),
+        "--out",
+        cc.to_str().unwrap(),
+        "--dict-size",
+        "64",
+        "--steps",
+        "60",
+        "--batch-size",
+        "64",
+        "--checkpoint-every",
+        "20",
+        "--warmup-steps",
+        "5",
+        "--quiet",
+    ]);
+    assert!(train.contains("trained 60 steps"), "{train}");
+    for f in [
+        "model.safetensors",
+        "config.json",
+        "train_log.json",
+        "training.png",
+        "training.svg",
+    ] {
+        assert!(cc.join(f).exists(), "{f}");
+    }
+    // a second train into the same folder without --resume refuses
+    one_line_error(
+        &[
+            "diff",
+            "train",
+            "--store",
+            store.to_str().unwrap(),
+            "--out",
+            cc.to_str().unwrap(),
+            "--steps",
+            "60",
+        ],
+        "--resume",
+    );
+    let an = tmp.join("analysis");
+    let s = ok(&[
+        "diff",
+        "analyze",
+        "--crosscoder",
+        cc.to_str().unwrap(),
+        "--store",
+        store.to_str().unwrap(),
+        "--pair-id",
+        "physics",
+        "--n-questions-per-pair",
+        "2",
+        "--templates",
+        "0,1",
+        "--n-verify",
+        "1",
+        "--out",
+        an.to_str().unwrap(),
+        "--json",
+        "--quiet",
+    ]);
+    let s: serde_json::Value = serde_json::from_str(&s).unwrap();
+    assert_eq!(s["n_pairs_analyzed"], 4);
+    assert_eq!(s["cross_coder_available"], true);
+    let counts = &s["latent_classes"]["counts"];
+    let total: u64 = ["base_only", "chat_only", "shared", "other"]
+        .iter()
+        .map(|k| counts[k].as_u64().unwrap())
+        .sum();
+    assert_eq!(total, 64);
+    let v = &s["verification"][0];
+    assert_eq!(v["rows"].as_array().unwrap().len(), 19);
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(an.join("summary.json")).unwrap()).unwrap();
+    assert_eq!(summary["top_candidates"], s["top_candidates"]);
+    for p in summary["plots"].as_array().unwrap() {
+        let p = an.join(p.as_str().unwrap());
+        let bytes = std::fs::read(&p).unwrap();
+        if p.extension().unwrap() == "png" {
+            assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n", "{}", p.display());
+        } else {
+            assert!(
+                String::from_utf8_lossy(&bytes).contains("<svg"),
+                "{}",
+                p.display()
+            );
+        }
+    }
+    // verify: the top candidate's activations equal what analyze reported for it
+    let top = s["top_candidates"][0]["feature_idx"]
+        .as_u64()
+        .unwrap()
+        .to_string();
+    let vj = ok(&[
+        "diff",
+        "verify",
+        "--crosscoder",
+        cc.to_str().unwrap(),
+        "--latent",
+        &top,
+        "--out",
+        tmp.join("verify").to_str().unwrap(),
+        "--json",
+        "--quiet",
+    ]);
+    let vj: serde_json::Value = serde_json::from_str(&vj).unwrap();
+    let a: Vec<f64> = vj[0]["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["activation"].as_f64().unwrap())
+        .collect();
+    let b: Vec<f64> = v["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["activation"].as_f64().unwrap())
+        .collect();
+    for (x, y) in a.iter().zip(&b) {
+        assert!((x - y).abs() <= 1e-5 * (1.0 + y.abs()), "{x} vs {y}");
+    }
+    // fallback without a crosscoder: chat-model dimensions
+    let f = ok(&[
+        "diff",
+        "analyze",
+        "--pair-id",
+        "physics",
+        "--n-questions-per-pair",
+        "1",
+        "--templates",
+        "0",
+        "--n-verify",
+        "1",
+        "--out",
+        tmp.join("direct").to_str().unwrap(),
+        "--json",
+        "--quiet",
+    ]);
+    let f: serde_json::Value = serde_json::from_str(&f).unwrap();
+    assert_eq!(f["cross_coder_available"], false);
+    assert_eq!(f["feature_type"], "Dimension");
+    assert!(f["top_candidates"][0]["feature_idx"].as_u64().unwrap() < 576);
+    // bad: a crosscoder of another width
+    one_line_error(
+        &[
+            "diff",
+            "analyze",
+            "--crosscoder",
+            fx().join("l1").to_str().unwrap(),
+            "--out",
+            tmp.join("x").to_str().unwrap(),
+        ],
+        "does not match models",
+    );
+    one_line_error(
+        &[
+            "diff",
+            "train",
+            "--store",
+            tmp.join("nostore").to_str().unwrap(),
+            "--out",
+            tmp.join("y").to_str().unwrap(),
+        ],
+        "diff harvest",
+    );
+    one_line_error(
+        &[
+            "diff",
+            "verify",
+            "--crosscoder",
+            cc.to_str().unwrap(),
+            "--latent",
+            "999",
+        ],
+        "out of range",
+    );
+    let _ = std::fs::remove_dir_all(&tmp);
+}
