@@ -68,10 +68,10 @@ pub enum AlignArg {
 pub struct PairArgs {
     /// Base model (index 0).
     #[arg(long, default_value = "gemma-3-270m")]
-    pub base: String,
+    pub base_model: String,
     /// Chat model (index 1).
     #[arg(long, default_value = "smollm2-135m-instruct")]
-    pub chat: String,
+    pub chat_model: String,
     #[arg(long)]
     pub models_dir: Option<PathBuf>,
     /// Base model hook (default: the middle layer's resid_post).
@@ -108,7 +108,7 @@ impl PairArgs {
                 json: false,
             })
         };
-        let models = [load(&self.base)?, load(&self.chat)?];
+        let models = [load(&self.base_model)?, load(&self.chat_model)?];
         let hook = |m: &Model, h: &Option<String>| -> Result<HookName> {
             Ok(match h {
                 Some(s) => HookName::parse(s, m.config().n_layers)?,
