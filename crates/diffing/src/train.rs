@@ -5,8 +5,8 @@
 //! - **BatchTopK** (Minder, Dumas et al. 2025): keep the k·batch largest scaled activations
 //!   (ReLU output × Σ_l ‖W_dec[l, i]‖) of the batch; loss = ‖x − x̂‖² + α · aux, where aux is the
 //!   normalised error of reconstructing the residual from the top `aux_k` dead latents (no
-//!   activation for `dead_after` examples); the inference threshold is an EMA (β = 0.999) of the
-//!   smallest kept scaled activation per batch.
+//!   activation for `dead_after` examples); the inference threshold is an EMA (β = 0.99, from the
+//!   end of the warm-up) of the smallest kept scaled activation per batch.
 //! - Inputs are normalised first (dictionary_learning's normaliser, target RMS 1, statistics over
 //!   the first `normaliser_rows` rows).
 //! - Adam (β = 0.9, 0.999), linear LR warm-up then constant, linear decay to 0 over the last 20 %.
@@ -439,11 +439,13 @@ pub fn train(
                     .copied()
                     .filter(|v| *v > 0.0)
                     .fold(f32::INFINITY, f32::min);
-                if min_pos.is_finite() {
+                // From the end of the LR warm-up on (early batches' minima belong to a
+                // different model); β = 0.99 so short runs converge too.
+                if min_pos.is_finite() && step >= cfg.warmup_steps {
                     threshold = if threshold < 0.0 {
                         min_pos as f64
                     } else {
-                        0.999 * threshold + 0.001 * min_pos as f64
+                        0.99 * threshold + 0.01 * min_pos as f64
                     };
                 }
                 (a, Tensor::new(0f32, &dev)?, 0.0)

@@ -63,20 +63,19 @@ fn draw_bars<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, c: &BarChart) ->
         .margin(12)
         .x_label_area_size(40)
         .y_label_area_size(label_w)
-        .build_cartesian_2d((lo - pad)..(hi + pad), 0f64..n as f64)
+        .build_cartesian_2d((lo - pad)..(hi + pad), (0..n as i32).into_segmented())
         .map_err(se)?;
     let labels: Vec<String> = c.bars.iter().map(|b| b.label.clone()).collect();
+    // row i (top to bottom) sits in segment n-1-i
     chart
         .configure_mesh()
         .x_desc(&c.x_label)
         .y_labels(n)
-        .y_label_formatter(&|y| {
-            let i = (n as f64 - y - 0.5).round();
-            if i >= 0.0 && (i as usize) < labels.len() && (y.fract() - 0.5).abs() < 1e-6 {
-                labels[i as usize].clone()
-            } else {
-                String::new()
+        .y_label_formatter(&|v| match v {
+            SegmentValue::CenterOf(k) if (*k as usize) < n => {
+                labels.get(n - 1 - *k as usize).cloned().unwrap_or_default()
             }
+            _ => String::new(),
         })
         .disable_y_mesh()
         .light_line_style(RGBColor(240, 240, 240))
@@ -84,20 +83,24 @@ fn draw_bars<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, c: &BarChart) ->
         .draw()
         .map_err(se)?;
     for (i, b) in c.bars.iter().enumerate() {
-        let y0 = (n - 1 - i) as f64 + 0.15;
-        let y1 = y0 + 0.7;
+        let k = (n - 1 - i) as i32;
         let col = palette(b.group);
-        chart
-            .draw_series(std::iter::once(Rectangle::new(
-                [(0.0, y0), (b.value, y1)],
-                col.mix(0.8).filled(),
-            )))
-            .map_err(se)?;
+        let mut rect = Rectangle::new(
+            [
+                (0.0, SegmentValue::Exact(k)),
+                (b.value, SegmentValue::Exact(k + 1)),
+            ],
+            col.mix(0.8).filled(),
+        );
+        rect.set_margin(4, 4, 0, 0);
+        chart.draw_series(std::iter::once(rect)).map_err(se)?;
         if let Some(e) = b.err {
-            let ym = (y0 + y1) / 2.0;
             chart
                 .draw_series(std::iter::once(PathElement::new(
-                    vec![(b.value - e, ym), (b.value + e, ym)],
+                    vec![
+                        (b.value - e, SegmentValue::CenterOf(k)),
+                        (b.value + e, SegmentValue::CenterOf(k)),
+                    ],
                     BLACK.stroke_width(1),
                 )))
                 .map_err(se)?;
@@ -106,7 +109,7 @@ fn draw_bars<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, c: &BarChart) ->
     for (g, name) in c.groups.iter().enumerate() {
         let col = palette(g);
         chart
-            .draw_series(std::iter::empty::<Rectangle<(f64, f64)>>())
+            .draw_series(std::iter::empty::<Rectangle<(f64, SegmentValue<i32>)>>())
             .map_err(se)?
             .label(name.clone())
             .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 14, y + 5)], col.filled()));
