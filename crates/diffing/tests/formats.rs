@@ -43,6 +43,7 @@ fn close(name: &str, got: &Tensor, io: &HashMap<String, Tensor>) {
         .to_scalar::<f32>()
         .unwrap()
         .max(1.0);
+    eprintln!("fixture {name}: max abs diff {d:.3e}");
     assert!(d <= 1e-5 * scale, "{name}: max |diff| {d} (scale {scale})");
 }
 
