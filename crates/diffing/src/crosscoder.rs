@@ -362,7 +362,7 @@ impl CrossCoder {
                 w_enc.dims()
             ));
         }
-        let (n, d, _) = w_enc.dims3()?;
+        let n = w_enc.dims()[0];
         let cfg_str = |k: &str| config.and_then(|c| c.get(k)).and_then(|v| v.as_str());
         let cfg_f64 = |k: &str| config.and_then(|c| c.get(k)).and_then(|v| v.as_f64());
         // Python's Hub loader builds the object from config.json, whose `code_normalization`
@@ -436,7 +436,6 @@ impl CrossCoder {
             layout,
             metadata,
         };
-        let _ = d;
         cc.validate()?;
         Ok(cc)
     }

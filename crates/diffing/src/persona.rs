@@ -271,24 +271,28 @@ pub fn max_activating(
     Ok(out)
 }
 
-/// Rows of `x` `(N, 2, d)` to per-prompt latent codes (scaled activations).
-pub fn codes_for(
-    cc: &CrossCoder,
-    x: &Tensor,
-    ids: &[(String, String)],
-) -> Result<Vec<PromptCodes>> {
-    let a = cc.get_activations(x, true)?;
-    let f = a.dim(1)?;
-    let v = to_f64(&a)?;
+/// One `(N, width)` matrix's rows as per-prompt codes, row i = `ids[i]`.
+fn rows_to_codes(m: &Tensor, ids: &[(String, String)]) -> Result<Vec<PromptCodes>> {
+    let w = m.dim(1)?;
+    let v = to_f64(m)?;
     Ok(ids
         .iter()
         .enumerate()
         .map(|(i, (id, class))| PromptCodes {
             id: id.clone(),
             class: class.clone(),
-            values: v[i * f..(i + 1) * f].to_vec(),
+            values: v[i * w..(i + 1) * w].to_vec(),
         })
         .collect())
+}
+
+/// Rows of `x` `(N, 2, d)` to per-prompt latent codes (scaled activations).
+pub fn codes_for(
+    cc: &CrossCoder,
+    x: &Tensor,
+    ids: &[(String, String)],
+) -> Result<Vec<PromptCodes>> {
+    rows_to_codes(&cc.get_activations(x, true)?, ids)
 }
 
 /// The notebook's fallback without a crosscoder: the chat model's (index 1) raw activation
@@ -299,14 +303,5 @@ pub fn direct_codes(
     ids: &[(String, String)],
 ) -> Result<Vec<PromptCodes>> {
     let chat = x.narrow(1, 1, 1)?.squeeze(1)?.narrow(1, 0, chat_dim)?;
-    let v = to_f64(&chat)?;
-    Ok(ids
-        .iter()
-        .enumerate()
-        .map(|(i, (id, class))| PromptCodes {
-            id: id.clone(),
-            class: class.clone(),
-            values: v[i * chat_dim..(i + 1) * chat_dim].to_vec(),
-        })
-        .collect())
+    rows_to_codes(&chat, ids)
 }
