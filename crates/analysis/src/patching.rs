@@ -520,11 +520,7 @@ impl MetricEval {
     pub(crate) fn of_resid(&self, dec: &Decoder, x: &Tensor) -> Result<Vec<f32>> {
         match &self.rows {
             Some(rows) => {
-                let normed = persona_lens_engine::layers::rms_norm(
-                    x,
-                    &dec.final_norm,
-                    dec.cfg.rms_norm_eps,
-                )?;
+                let normed = dec.final_norm.forward(x)?;
                 let l = normed.matmul(&rows.t()?)?;
                 let l = persona_lens_engine::layers::softcap(l, dec.cfg.final_logit_softcap)?;
                 let d = (l.narrow(1, 0, 1)? - l.narrow(1, 1, 1)?)?.squeeze(1)?;

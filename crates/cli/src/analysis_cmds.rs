@@ -10,7 +10,7 @@ use persona_lens_analysis::harvest::{Harvest, HarvestSpec, PositionRule};
 use persona_lens_analysis::lens::{self, DEFAULT_EXPERT_WORDS, DEFAULT_SIMPLE_WORDS};
 use persona_lens_analysis::probe::{self, ProbeOptions};
 use persona_lens_analysis::{npy, resid_rows, write_json};
-use persona_lens_engine::{resolve_hooks, HookName, Model};
+use persona_lens_engine::{HookName, Model};
 use persona_lens_report::{save_line_chart, LineChart, Series};
 use serde_json::json;
 use std::path::{Path, PathBuf};
@@ -134,7 +134,7 @@ pub fn harvest(a: HarvestArgs) -> Result<()> {
     let hooks = if a.hooks == "resid" {
         resid_hooks(&model, None)
     } else {
-        resolve_hooks(&a.hooks, model.config().n_layers)?
+        model.resolve_hooks(&a.hooks)?
     };
     let chat = a.data.chat(&model);
     let hv = harvest_into(&model, &ds, hooks, chat, &a.h, a.h.quiet || a.model.json)?;

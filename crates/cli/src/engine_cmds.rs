@@ -5,8 +5,8 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Tensor};
 use clap::Args;
 use persona_lens_engine::{
-    generate as gen, io, models_dir, resolve_hooks, Batch, GenerateOptions, HookName, Hooks,
-    LoadOptions, LogitsAt, Model, Precision, QuantKernel, Sampling,
+    generate as gen, io, models_dir, Batch, GenerateOptions, HookName, Hooks, LoadOptions,
+    LogitsAt, Model, Precision, QuantKernel, Sampling,
 };
 use serde_json::json;
 use std::collections::HashMap;
@@ -187,8 +187,7 @@ pub fn cache(a: CacheArgs) -> Result<()> {
         );
     }
     let m = load_model(&a.m)?;
-    let n_layers = m.config().n_layers;
-    let names: Vec<HookName> = resolve_hooks(&a.hooks, n_layers)?;
+    let names: Vec<HookName> = m.resolve_hooks(&a.hooks)?;
     let seqs: Vec<Vec<u32>> = a
         .prompt
         .iter()
@@ -292,6 +291,64 @@ pub struct InspectArgs {
     pub m: ModelArgs,
 }
 
+#[derive(Args)]
+pub struct ModelsArgs {
+    /// Where short names' local files are looked for [env: PERSONA_LENS_MODELS; default: ./models].
+    #[arg(long)]
+    pub models_dir: Option<PathBuf>,
+    /// Machine-readable JSON on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// The model registry (`models.toml`) and where each model would load from here.
+pub fn models(a: ModelsArgs) -> Result<()> {
+    let dir = models_dir(a.models_dir.as_deref());
+    let rows: Vec<serde_json::Value> = persona_lens_engine::registry()
+        .iter()
+        .map(|e| {
+            let local = e.file.as_ref().map(|f| dir.join(f)).filter(|p| p.is_file());
+            // Local file or hub cache only: listing never downloads.
+            let cached = e
+                .hub
+                .as_deref()
+                .and_then(persona_lens_engine::model::hub_cached);
+            let available = match (&local, cached) {
+                (Some(p), _) => format!("file {}", p.display()),
+                (None, Some(p)) => format!("hf cache {}", p.display()),
+                (None, None) => "not here".into(),
+            };
+            json!({"name": e.name, "hub": e.hub, "file": e.file, "arch": e.arch,
+                   "params": e.params, "chat": e.chat, "role": e.role,
+                   "local_file": local.map(|p| p.display().to_string()), "available": available})
+        })
+        .collect();
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+        return Ok(());
+    }
+    println!(
+        "{:<24} {:<38} {:<7} {:>5} {:<5} available",
+        "name", "hub id", "arch", "size", "chat"
+    );
+    for r in &rows {
+        println!(
+            "{:<24} {:<38} {:<7} {:>5} {:<5} {}",
+            r["name"].as_str().unwrap_or(""),
+            r["hub"].as_str().unwrap_or("-"),
+            r["arch"].as_str().unwrap_or(""),
+            r["params"].as_str().unwrap_or(""),
+            if r["chat"].as_bool().unwrap_or(false) {
+                "yes"
+            } else {
+                "no"
+            },
+            r["available"].as_str().unwrap_or("")
+        );
+    }
+    Ok(())
+}
+
 fn peak_rss_kib() -> Option<u64> {
     let s = std::fs::read_to_string("/proc/self/status").ok()?;
     s.lines()
@@ -326,7 +383,12 @@ pub fn inspect(a: InspectArgs) -> Result<()> {
             "has_chat_template": tk.chat_template.is_some(),
         },
         "hooks_per_block": persona_lens_engine::HookPoint::BLOCK.iter().map(|p| p.suffix()).collect::<Vec<_>>(),
-        "global_hooks": ["hook_embed", "ln_final.hook_normalized"],
+        "global_hooks": if m.decoder.pos_embed.is_some() {
+            vec!["hook_embed", "hook_pos_embed", "ln_final.hook_normalized"]
+        } else {
+            vec!["hook_embed", "ln_final.hook_normalized"]
+        },
+        "positions": if m.decoder.pos_embed.is_some() { "learned" } else { "rotary" },
     });
     if a.m.json {
         println!("{}", serde_json::to_string_pretty(&v)?);
@@ -340,6 +402,8 @@ pub fn inspect(a: InspectArgs) -> Result<()> {
         if let Some(w) = c.sliding_window {
             let n_sliding = c.layer_is_sliding.iter().filter(|s| **s).count();
             println!("attention    {n_sliding} sliding-window layers (window {w}, rope base {}) + {} global (rope base {})", c.rope_local_theta, c.n_layers - n_sliding, c.rope_theta);
+        } else if m.decoder.pos_embed.is_some() {
+            println!("attention    all global, learned absolute positions");
         } else {
             println!("attention    all global, rope base {}", c.rope_theta);
         }

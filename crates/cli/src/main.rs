@@ -32,6 +32,8 @@ enum Cmd {
     Cache(engine_cmds::CacheArgs),
     /// Architecture, sizes, quantization types, tokenizer facts, hook names.
     Inspect(engine_cmds::InspectArgs),
+    /// The model registry: short names, hub ids, facts, and where each loads from here.
+    Models(engine_cmds::ModelsArgs),
     /// Benchmark workload: forward with the full residual cache over a prompts file (bench/).
     BenchForward(engine_cmds::BenchForwardArgs),
     /// Harvest activations of the persona dataset at hooks and a position rule (reused later).
@@ -86,8 +88,8 @@ pub enum QuantArg {
 /// Options every model-using command takes.
 #[derive(Args, Clone, Debug)]
 pub struct ModelArgs {
-    /// A .gguf file, a Hugging Face model directory, a known short name
-    /// (gemma-3-270m, smollm2-135m-instruct) or a hub id (org/name).
+    /// A .gguf file, a Hugging Face model directory, a registry short name
+    /// (`persona-lens models`: gemma-3-270m, gemma-2-2b-it, ...) or a hub id (org/name).
     #[arg(long, default_value = persona_lens_engine::DEFAULT_MODEL)]
     pub model: String,
     /// Where short names are looked up [env: PERSONA_LENS_MODELS; default: ./models].
@@ -114,6 +116,7 @@ fn main() -> ExitCode {
         Cmd::Generate(a) => engine_cmds::generate(a),
         Cmd::Cache(a) => engine_cmds::cache(a),
         Cmd::Inspect(a) => engine_cmds::inspect(a),
+        Cmd::Models(a) => engine_cmds::models(a),
         Cmd::BenchForward(a) => engine_cmds::bench_forward(a),
         Cmd::Harvest(a) => analysis_cmds::harvest(a),
         Cmd::Probe(a) => analysis_cmds::probe(a),

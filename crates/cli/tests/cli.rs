@@ -855,3 +855,56 @@ fn steering_and_control_vectors() {
     );
     let _ = std::fs::remove_dir_all(&t);
 }
+
+#[test]
+fn registry_and_hf_architectures_from_the_cli() {
+    // The registry lists the notes' models with hub ids and facts.
+    let (code, out, err) = run(&["models", "--json"]);
+    assert_eq!(code, 0, "{err}");
+    let rows = json(&out);
+    let g2 = rows
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["name"] == "gemma-2-2b-it")
+        .expect("gemma-2-2b-it in the registry");
+    assert_eq!(g2["hub"], "google/gemma-2-2b-it");
+    assert_eq!(g2["arch"], "gemma2");
+    let g = rows
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["name"] == "gemma-3-270m")
+        .unwrap();
+    assert!(g["available"].as_str().unwrap().starts_with("file "), "{g}");
+
+    // Every HF architecture through `inspect` and `cache` (ids-only tiny checkpoints).
+    for (dir, arch, pos) in [
+        ("tiny-gpt2", "gpt2", "learned"),
+        ("tiny-gemma2", "gemma2", "rotary"),
+        ("tiny-gemma3", "gemma3", "rotary"),
+        ("tiny-llama", "llama", "rotary"),
+    ] {
+        let p = root().join("tests/fixtures/tiny-models").join(dir);
+        let (code, out, err) = run(&["inspect", "--model", p.to_str().unwrap(), "--json"]);
+        assert_eq!(code, 0, "{dir}: {err}");
+        let v = json(&out);
+        assert_eq!(v["config"]["arch"], arch, "{v}");
+        assert_eq!(v["positions"], pos);
+    }
+
+    // A registry name that is neither fetched nor cached: one line naming the hub id.
+    let empty = std::env::temp_dir().join(format!("pl-empty-hub-{}", std::process::id()));
+    std::fs::create_dir_all(&empty).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_persona-lens"))
+        .args(["inspect", "--model", "gemma-2-2b-it"])
+        .env("PERSONA_LENS_MODELS", models())
+        .env("HF_HUB_CACHE", &empty)
+        .env("HF_HUB_OFFLINE", "1")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(err.contains("google/gemma-2-2b-it"), "{err}");
+}

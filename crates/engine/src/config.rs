@@ -9,15 +9,19 @@ use std::collections::HashMap;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Architecture {
+    Gemma2,
     Gemma3,
     Llama,
+    Gpt2,
 }
 
 impl Architecture {
     pub fn name(&self) -> &'static str {
         match self {
+            Architecture::Gemma2 => "gemma2",
             Architecture::Gemma3 => "gemma3",
             Architecture::Llama => "llama",
+            Architecture::Gpt2 => "gpt2",
         }
     }
 }

@@ -1,26 +1,39 @@
-//! The decoder-only forward pass shared by the pre-norm RMSNorm architectures (Gemma 3, Llama).
-//! Architecture files build a [`Decoder`] from their own weights and config; the forward pass is
-//! written once, with every hook point at its site.
+//! The decoder-only forward pass shared by every architecture (Gemma 2, Gemma 3, Llama, GPT-2).
+//! Architecture files build a [`Decoder`] from their own weights and config (norm kind, biases,
+//! rotary or learned positions, soft-caps, post-norms); the forward pass is written once, with
+//! every hook point at its site.
+//!
+//! Hook sites, relative to norms and soft-caps:
+//! - `hook_embed`: token embeddings, after Gemma's `sqrt(d_model)` scale; `hook_pos_embed`
+//!   (GPT-2 only): the learned position embeddings added to them.
+//! - `hook_resid_pre` / `hook_resid_mid` / `hook_resid_post`: the un-normed residual stream.
+//! - `attn.hook_q/k` after q/k norms (Gemma 3) and rotary; `attn.hook_attn_scores` after the
+//!   scale, the attention soft-cap (Gemma 2) and the mask; `attn.hook_pattern` after softmax.
+//! - `attn.hook_result` and `hook_attn_out` after Gemma's post-attention norm (`hook_result` splits
+//!   it over heads with the norm's scale frozen); the output bias (GPT-2) is in `hook_attn_out` only.
+//! - `hook_mlp_out` after Gemma's post-feed-forward norm.
+//! - `ln_final.hook_normalized`: after the final norm, before the unembedding and the final
+//!   logit soft-cap (Gemma 2).
 
 use crate::config::ModelConfig;
 use crate::error::Result;
 use crate::hooks::{HookCtx, HookName, HookPoint, Hooks};
 use crate::layers::{
-    attention, build_mask, check_ids, fire, positions, rms_norm, softcap, AttnParams, AttnWeights,
-    GatedMlp, KvCache, LayerKv, LogitsAt, Rope,
+    attention, build_mask, check_ids, fire, positions, softcap, AttnParams, AttnWeights, KvCache,
+    LayerKv, LogitsAt, Mlp, Norm, Rope,
 };
 use crate::weights::{Embedding, Linear};
 use candle_core::{DType, Device, Tensor};
 
 pub struct Block {
-    /// Multiplier of the pre-attention norm (`w` or `1 + w`).
-    pub attn_norm: Tensor,
+    /// The pre-attention norm.
+    pub attn_norm: Norm,
     pub attn: AttnWeights,
     /// Gemma's norm on the attention output before it joins the residual stream.
-    pub post_attn_norm: Option<Tensor>,
-    pub mlp_norm: Tensor,
-    pub mlp: GatedMlp,
-    pub post_mlp_norm: Option<Tensor>,
+    pub post_attn_norm: Option<Norm>,
+    pub mlp_norm: Norm,
+    pub mlp: Mlp,
+    pub post_mlp_norm: Option<Norm>,
     pub sliding: bool,
 }
 
@@ -29,11 +42,14 @@ pub struct Decoder {
     pub embed: Embedding,
     /// Gemma multiplies embeddings by sqrt(d_model), held as an f32 scalar.
     pub embed_scale: Option<f32>,
+    /// Learned absolute position embeddings (GPT-2); models with rotary have none.
+    pub pos_embed: Option<Embedding>,
     pub blocks: Vec<Block>,
-    pub final_norm: Tensor,
+    pub final_norm: Norm,
     pub lm_head: Linear,
-    pub rope_global: Rope,
-    pub rope_local: Rope,
+    /// Rotary tables of global and sliding layers; None where positions are learned.
+    pub rope_global: Option<Rope>,
+    pub rope_local: Option<Rope>,
     pub device: Device,
 }
 
@@ -43,7 +59,7 @@ pub struct CallCtx {
     pub pad: Vec<usize>,
     pub start: usize,
     pub t: usize,
-    cs_global: (Tensor, Tensor),
+    cs_global: Option<(Tensor, Tensor)>,
     cs_local: Option<(Tensor, Tensor)>,
     mask_global: Tensor,
     mask_local: Option<Tensor>,
@@ -55,12 +71,14 @@ impl Decoder {
     pub fn call_ctx(&self, pad: &[usize], start: usize, t: usize) -> Result<CallCtx> {
         let cfg = &self.cfg;
         let pos = positions(pad, start, t);
-        let cs_global = self.rope_global.cos_sin(&pos, &self.device)?;
+        let cs_global = match &self.rope_global {
+            Some(r) => Some(r.cos_sin(&pos, &self.device)?),
+            None => None,
+        };
         let any_sliding = self.blocks.iter().any(|b| b.sliding);
-        let cs_local = if any_sliding {
-            Some(self.rope_local.cos_sin(&pos, &self.device)?)
-        } else {
-            None
+        let cs_local = match &self.rope_local {
+            Some(r) if any_sliding => Some(r.cos_sin(&pos, &self.device)?),
+            _ => None,
         };
         let mask_global = build_mask(pad, start, t, None, &self.device)?;
         let mask_local = match cfg.sliding_window {
@@ -88,13 +106,28 @@ impl Decoder {
         })
     }
 
-    /// Token embeddings (scaled for Gemma) with `hook_embed` fired.
+    /// Token embeddings (scaled for Gemma) with `hook_embed` fired, plus learned position
+    /// embeddings (GPT-2, `hook_pos_embed`) at each row's positions (counted from its first real
+    /// token, as HF does from the attention mask): the input of block 0.
     pub fn embed_ids(&self, ids: &Tensor, hooks: &mut Hooks, ctx: &mut HookCtx) -> Result<Tensor> {
         let mut x = self.embed.lookup(ids)?;
         if let Some(s) = self.embed_scale {
             x = x.broadcast_mul(&Tensor::new(s, &self.device)?)?;
         }
-        fire(hooks, HookName::global(HookPoint::Embed), x, ctx)
+        let x = fire(hooks, HookName::global(HookPoint::Embed), x, ctx)?;
+        let Some(pe) = &self.pos_embed else {
+            return Ok(x);
+        };
+        let t = ids.dim(1)?;
+        let pos = positions(&ctx.pad, ctx.start, t);
+        let pos = Tensor::new(pos, &self.device)?;
+        let p = fire(
+            hooks,
+            HookName::global(HookPoint::PosEmbed),
+            pe.lookup(&pos)?,
+            ctx,
+        )?;
+        Ok((x + p)?)
     }
 
     /// Block `l` on the residual stream `x` `[b, t, d]` (its `hook_resid_pre` included), with
@@ -109,18 +142,17 @@ impl Decoder {
         hooks: &mut Hooks,
         ctx: &mut HookCtx,
     ) -> Result<Tensor> {
-        let cfg = &self.cfg;
         let blk = &self.blocks[l];
         let hn = |p| HookName::block(l, p);
         let mut x = fire(hooks, hn(HookPoint::ResidPre), x, ctx)?;
-        let h = rms_norm(&x, &blk.attn_norm, cfg.rms_norm_eps)?;
+        let h = blk.attn_norm.forward(&x)?;
         let (cs, mask) = if blk.sliding {
             (
-                cc.cs_local.as_ref().unwrap_or(&cc.cs_global),
+                cc.cs_local.as_ref().or(cc.cs_global.as_ref()),
                 cc.mask_local.as_ref().unwrap_or(&cc.mask_global),
             )
         } else {
-            (&cc.cs_global, &cc.mask_global)
+            (cc.cs_global.as_ref(), &cc.mask_global)
         };
         let a = attention(
             l,
@@ -137,10 +169,10 @@ impl Decoder {
         let a = fire(hooks, hn(HookPoint::AttnOut), a, ctx)?;
         x = (x + a)?;
         x = fire(hooks, hn(HookPoint::ResidMid), x, ctx)?;
-        let h = rms_norm(&x, &blk.mlp_norm, cfg.rms_norm_eps)?;
+        let h = blk.mlp_norm.forward(&x)?;
         let mut m = blk.mlp.forward(l, &h, hooks, ctx)?;
         if let Some(pn) = &blk.post_mlp_norm {
-            m = rms_norm(&m, pn, cfg.rms_norm_eps)?;
+            m = pn.forward(&m)?;
         }
         let m = fire(hooks, hn(HookPoint::MlpOut), m, ctx)?;
         x = (x + m)?;
@@ -156,7 +188,7 @@ impl Decoder {
         logits_at: LogitsAt,
     ) -> Result<Option<Tensor>> {
         let t = x.dim(1)?;
-        let normed = rms_norm(x, &self.final_norm, self.cfg.rms_norm_eps)?;
+        let normed = self.final_norm.forward(x)?;
         let normed = fire(hooks, HookName::global(HookPoint::LnFinal), normed, ctx)?;
         let logits = match logits_at {
             LogitsAt::None => return Ok(None),
@@ -204,7 +236,7 @@ impl Decoder {
 
     /// `final_norm` then the unembedding (and soft-cap): the logit lens of a residual `[.., d]`.
     pub fn unembed_resid(&self, resid: &Tensor) -> Result<Tensor> {
-        let normed = rms_norm(resid, &self.final_norm, self.cfg.rms_norm_eps)?;
+        let normed = self.final_norm.forward(resid)?;
         softcap(self.lm_head.forward(&normed)?, self.cfg.final_logit_softcap)
     }
 }

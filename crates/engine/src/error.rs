@@ -19,7 +19,7 @@ pub enum EngineError {
     },
     #[error("invalid GGUF file {path}: {reason} (the file may be truncated or corrupt; re-run `make models`)")]
     BadGguf { path: PathBuf, reason: String },
-    #[error("unsupported architecture '{0}' (supported: gemma3, llama)")]
+    #[error("unsupported architecture '{0}' (supported: Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3ForConditionalGeneration, LlamaForCausalLM, GPT2LMHeadModel; GGUF: gemma2, gemma3, llama, gpt2)")]
     UnsupportedArchitecture(String),
     #[error("{file}: missing field '{field}' needed to build the model")]
     MissingField { file: String, field: String },

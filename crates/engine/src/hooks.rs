@@ -29,6 +29,8 @@ use std::sync::Arc;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum HookPoint {
     Embed,
+    /// Learned position embeddings (GPT-2 only; never fires on rotary models).
+    PosEmbed,
     ResidPre,
     AttnQ,
     AttnK,
@@ -70,6 +72,7 @@ impl HookPoint {
     pub fn suffix(&self) -> &'static str {
         match self {
             HookPoint::Embed => "hook_embed",
+            HookPoint::PosEmbed => "hook_pos_embed",
             HookPoint::ResidPre => "hook_resid_pre",
             HookPoint::AttnQ => "attn.hook_q",
             HookPoint::AttnK => "attn.hook_k",
@@ -153,7 +156,10 @@ impl fmt::Display for HookName {
 
 /// Every hook of a model with `n_layers` blocks, in forward order.
 pub fn all_hooks(n_layers: usize) -> Vec<HookName> {
-    let mut v = vec![HookName::global(HookPoint::Embed)];
+    let mut v = vec![
+        HookName::global(HookPoint::Embed),
+        HookName::global(HookPoint::PosEmbed),
+    ];
     for l in 0..n_layers {
         v.extend(HookPoint::BLOCK.iter().map(|p| HookName::block(l, *p)));
     }
@@ -551,6 +557,6 @@ mod tests {
             resolve_hooks("blocks.0.hook_nope", 3),
             Err(EngineError::UnknownHook(_))
         ));
-        assert_eq!(all_hooks(2).len(), 2 + 2 * HookPoint::BLOCK.len());
+        assert_eq!(all_hooks(2).len(), 3 + 2 * HookPoint::BLOCK.len());
     }
 }

@@ -15,6 +15,47 @@ pub fn rms_norm(x: &Tensor, mult: &Tensor, eps: f64) -> Result<Tensor> {
     Ok(x.broadcast_mul(&inv)?.broadcast_mul(mult)?)
 }
 
+/// A normalisation layer: RMSNorm with multiplier `w` / `1 + w` (Llama, Gemma) or LayerNorm with
+/// weight and bias (GPT-2). Computed in f32, in the order of HF's eager code.
+#[derive(Debug, Clone)]
+pub enum Norm {
+    Rms { mult: Tensor, eps: f64 },
+    Layer { w: Tensor, b: Tensor, eps: f64 },
+}
+
+impl Norm {
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Norm::Rms { mult, eps } => rms_norm(x, mult, *eps),
+            Norm::Layer { w, b, eps } => {
+                let x = x.to_dtype(DType::F32)?;
+                let xc = x.broadcast_sub(&x.mean_keepdim(D::Minus1)?)?;
+                let inv = (xc.sqr()?.mean_keepdim(D::Minus1)? + *eps)?
+                    .sqrt()?
+                    .recip()?;
+                Ok(xc.broadcast_mul(&inv)?.broadcast_mul(w)?.broadcast_add(b)?)
+            }
+        }
+    }
+
+    /// The same normalisation with the per-position scale taken from `scale_of` instead of `x`
+    /// (used to split a post-norm over heads: each head's share of the normed sum).
+    pub fn forward_frozen(&self, x: &Tensor, scale_of: &Tensor) -> Result<Tensor> {
+        match self {
+            Norm::Rms { mult, eps } => {
+                let inv = (scale_of.sqr()?.mean_keepdim(D::Minus1)? + *eps)?
+                    .sqrt()?
+                    .recip()?;
+                Ok(x.broadcast_mul(&inv.unsqueeze(D::Minus2)?)?
+                    .broadcast_mul(mult)?)
+            }
+            Norm::Layer { .. } => Err(EngineError::InvalidArgument(
+                "per-head split of a LayerNorm post-norm is not defined".into(),
+            )),
+        }
+    }
+}
+
 /// Rotary frequencies for one rope base (HF `_compute_default_rope_parameters` + scaling).
 #[derive(Debug, Clone)]
 pub struct Rope {
@@ -165,6 +206,18 @@ pub struct AttnWeights {
     /// q/k RMSNorm multipliers over d_head (Gemma 3), `1 + w`.
     pub q_norm: Option<Tensor>,
     pub k_norm: Option<Tensor>,
+    /// Biases of q, k, v (GPT-2; Llama checkpoints with `attention_bias`).
+    pub qkv_bias: Option<[Tensor; 3]>,
+    /// Bias of the output projection. TransformerLens convention: not part of any head's
+    /// `hook_result`; `hook_attn_out` = sum over heads of `hook_result` + this bias.
+    pub o_bias: Option<Tensor>,
+}
+
+fn add_bias(x: Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    Ok(match b {
+        Some(b) => x.broadcast_add(b)?,
+        None => x,
+    })
 }
 
 pub struct AttnParams {
@@ -194,10 +247,10 @@ pub fn attention(
     x: &Tensor,
     w: &AttnWeights,
     p: &AttnParams,
-    cos_sin: &(Tensor, Tensor),
+    cos_sin: Option<&(Tensor, Tensor)>,
     mask: &Tensor,
     kv: Option<&mut LayerKv>,
-    post_norm: Option<&Tensor>,
+    post_norm: Option<&Norm>,
     hooks: &mut Hooks,
     ctx: &mut HookCtx,
 ) -> Result<Tensor> {
@@ -205,9 +258,10 @@ pub fn attention(
     let (h, hkv, hd) = (p.n_heads, p.n_kv_heads, p.head_dim);
     let name = |pt| HookName::block(layer, pt);
 
-    let q = w.q.forward(x)?.reshape((b, t, h, hd))?;
-    let k = w.k.forward(x)?.reshape((b, t, hkv, hd))?;
-    let v = w.v.forward(x)?.reshape((b, t, hkv, hd))?;
+    let bias = |i: usize| w.qkv_bias.as_ref().map(|bs| &bs[i]);
+    let q = add_bias(w.q.forward(x)?, bias(0))?.reshape((b, t, h, hd))?;
+    let k = add_bias(w.k.forward(x)?, bias(1))?.reshape((b, t, hkv, hd))?;
+    let v = add_bias(w.v.forward(x)?, bias(2))?.reshape((b, t, hkv, hd))?;
     let q = match &w.q_norm {
         Some(m) => rms_norm(&q, m, p.eps)?,
         None => q,
@@ -216,9 +270,12 @@ pub fn attention(
         Some(m) => rms_norm(&k, m, p.eps)?,
         None => k,
     };
-    let (cos, sin) = cos_sin;
-    let q = apply_rope(&q.transpose(1, 2)?.contiguous()?, cos, sin)?;
-    let k = apply_rope(&k.transpose(1, 2)?.contiguous()?, cos, sin)?;
+    let q = q.transpose(1, 2)?.contiguous()?;
+    let k = k.transpose(1, 2)?.contiguous()?;
+    let (q, k) = match cos_sin {
+        Some((cos, sin)) => (apply_rope(&q, cos, sin)?, apply_rope(&k, cos, sin)?),
+        None => (q, k), // learned absolute positions (GPT-2)
+    };
     let v = v.transpose(1, 2)?.contiguous()?;
 
     // Hooks see [b, t, heads, d_head] (TransformerLens layout).
@@ -262,12 +319,15 @@ pub fn attention(
     let z = fire(hooks, name(HookPoint::AttnZ), z, ctx)?;
 
     let result_name = name(HookPoint::AttnResult);
-    if !hooks.wants(result_name) {
-        let out = w.o.forward(&z.reshape((b, t, h * hd))?)?;
-        return match post_norm {
-            Some(m) => rms_norm(&out, m, p.eps),
+    let project = |z: &Tensor| -> Result<Tensor> {
+        let out = add_bias(w.o.forward(&z.reshape((b, t, h * hd))?)?, w.o_bias.as_ref())?;
+        match post_norm {
+            Some(n) => n.forward(&out),
             None => Ok(out),
-        };
+        }
+    };
+    if !hooks.wants(result_name) {
+        return project(&z);
     }
     // Per-head contributions: result[b,t,h,:] = z[b,t,h,:] @ W_O[:, h*hd..(h+1)*hd]^T.
     let wo = w.o.dense_f32()?; // [d, h*hd]
@@ -282,25 +342,18 @@ pub fn attention(
         .reshape((h, b, t, d))?
         .permute((1, 2, 0, 3))?
         .contiguous()?;
-    if let Some(m) = post_norm {
+    if let Some(n) = post_norm {
         // Freeze the post-norm's per-position scale at its value for the sum over heads.
         let sum = result.sum(2)?;
-        let inv = (sum.sqr()?.mean_keepdim(D::Minus1)? + p.eps)?
-            .sqrt()?
-            .recip()?; // [b,t,1]
-        result = result.broadcast_mul(&inv.unsqueeze(2)?)?.broadcast_mul(m)?;
+        result = n.forward_frozen(&result, &sum)?;
     }
     let intervened = hooks.has_intervention(result_name);
     let result = fire(hooks, result_name, result, ctx)?;
     if intervened {
-        return Ok(result.sum(2)?);
+        return add_bias(result.sum(2)?, w.o_bias.as_ref());
     }
     // Not edited: compute the output the exact way (one o_proj matmul), as without the hook.
-    let out = w.o.forward(&z.reshape((b, t, h * hd))?)?;
-    match post_norm {
-        Some(m) => rms_norm(&out, m, p.eps),
-        None => Ok(out),
-    }
+    project(&z)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -309,14 +362,37 @@ pub enum Activation {
     Silu,
 }
 
-pub struct GatedMlp {
-    pub gate: Linear,
-    pub up: Linear,
-    pub down: Linear,
-    pub act: Activation,
+impl Activation {
+    fn apply(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(match self {
+            // candle's `gelu` is the tanh approximation (HF gelu_pytorch_tanh / gelu_new).
+            Activation::GeluTanh => x.gelu()?,
+            Activation::Silu => candle_nn::ops::silu(x)?,
+        })
+    }
 }
 
-impl GatedMlp {
+/// The MLP of a block. Hooks: `mlp.hook_pre` (gate / fc_in output), `mlp.hook_pre_linear` (up
+/// projection, gated MLPs only), `mlp.hook_post` (the input of the down projection).
+pub enum Mlp {
+    /// `down(act(gate(x)) * up(x))` (Llama, Gemma).
+    Gated {
+        gate: Linear,
+        up: Linear,
+        down: Linear,
+        act: Activation,
+    },
+    /// `fc_out(act(fc_in(x) + b_in)) + b_out` (GPT-2).
+    Plain {
+        fc_in: Linear,
+        b_in: Tensor,
+        fc_out: Linear,
+        b_out: Tensor,
+        act: Activation,
+    },
+}
+
+impl Mlp {
     pub fn forward(
         &self,
         layer: usize,
@@ -325,19 +401,31 @@ impl GatedMlp {
         ctx: &mut HookCtx,
     ) -> Result<Tensor> {
         let name = |pt| HookName::block(layer, pt);
-        let g = fire(hooks, name(HookPoint::MlpPre), self.gate.forward(x)?, ctx)?;
-        let u = fire(
-            hooks,
-            name(HookPoint::MlpPreLinear),
-            self.up.forward(x)?,
-            ctx,
-        )?;
-        let a = match self.act {
-            Activation::GeluTanh => g.gelu()?,
-            Activation::Silu => candle_nn::ops::silu(&g)?,
-        };
-        let post = fire(hooks, name(HookPoint::MlpPost), (a * u)?, ctx)?;
-        self.down.forward(&post)
+        match self {
+            Mlp::Gated {
+                gate,
+                up,
+                down,
+                act,
+            } => {
+                let g = fire(hooks, name(HookPoint::MlpPre), gate.forward(x)?, ctx)?;
+                let u = fire(hooks, name(HookPoint::MlpPreLinear), up.forward(x)?, ctx)?;
+                let post = fire(hooks, name(HookPoint::MlpPost), (act.apply(&g)? * u)?, ctx)?;
+                down.forward(&post)
+            }
+            Mlp::Plain {
+                fc_in,
+                b_in,
+                fc_out,
+                b_out,
+                act,
+            } => {
+                let pre = fc_in.forward(x)?.broadcast_add(b_in)?;
+                let pre = fire(hooks, name(HookPoint::MlpPre), pre, ctx)?;
+                let post = fire(hooks, name(HookPoint::MlpPost), act.apply(&pre)?, ctx)?;
+                Ok(fc_out.forward(&post)?.broadcast_add(b_out)?)
+            }
+        }
     }
 }
 

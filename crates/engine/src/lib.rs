@@ -23,6 +23,7 @@ pub mod hooks;
 pub mod io;
 pub mod layers;
 pub mod model;
+pub mod registry;
 pub mod tokenizer;
 pub mod weights;
 
@@ -36,6 +37,7 @@ pub use layers::{KvCache, LogitsAt};
 pub use model::{
     models_dir, resolve, LoadOptions, Model, ModelInfo, ModelSource, DEFAULT_MODEL, KNOWN_MODELS,
 };
+pub use registry::{registry, RegistryEntry};
 pub use tokenizer::{ChatMessage, Tokenizer};
 pub use weights::{Precision, QuantKernel};
 

@@ -14,7 +14,8 @@ use serde::Serialize;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-/// Models the project knows how to fetch (`scripts/fetch-models.sh`): short name -> file name.
+/// Models the project fetches itself (`scripts/fetch-models.sh`): short name -> file name. The
+/// full list of short names, hub ids included, is the registry (`models.toml`).
 pub const KNOWN_MODELS: &[(&str, &str)] = &[
     ("gemma-3-270m", "gemma-3-270m-q4_k_m.gguf"),
     ("smollm2-135m-instruct", "SmolLM2-135M-Instruct.Q4_1.gguf"),
@@ -72,15 +73,24 @@ pub fn resolve(spec: &str, models_dir: &Path) -> Result<ModelSource> {
             ))),
         };
     }
-    if let Some((_, file)) = KNOWN_MODELS.iter().find(|(n, _)| *n == spec) {
-        let f = models_dir.join(file);
-        return if f.is_file() {
-            Ok(ModelSource::Gguf(f))
-        } else {
-            Err(EngineError::UnknownShortName {
+    if let Some(entry) = crate::registry::lookup(spec) {
+        if let Some(file) = &entry.file {
+            let f = models_dir.join(file);
+            if f.is_file() {
+                return Ok(ModelSource::Gguf(f));
+            }
+        }
+        return match (&entry.hub, &entry.file) {
+            // Fetched by `make models`, and the hub copy is not cached either.
+            (Some(hub), Some(_)) => resolve_hub(hub).map_err(|_| EngineError::UnknownShortName {
                 name: spec.into(),
                 dir: models_dir.to_path_buf(),
-            })
+            }),
+            (Some(hub), None) => resolve_hub(hub),
+            (None, _) => Err(EngineError::UnknownShortName {
+                name: spec.into(),
+                dir: models_dir.to_path_buf(),
+            }),
         };
     }
     if spec.ends_with(".gguf") || spec.starts_with('.') || spec.starts_with('/') {
@@ -92,24 +102,29 @@ pub fn resolve(spec: &str, models_dir: &Path) -> Result<ModelSource> {
     }
     Err(EngineError::UnresolvableModel(
         spec.into(),
-        KNOWN_MODELS
-            .iter()
-            .map(|(n, _)| *n)
-            .collect::<Vec<_>>()
-            .join(", "),
+        crate::registry::names(),
     ))
 }
 
 /// A hub id from the local Hugging Face cache (`$HF_HOME/hub`, or `$HF_HUB_CACHE`), downloading
 /// with hf-hub only when it is not cached and `HF_HUB_OFFLINE` is not set.
-fn resolve_hub(id: &str) -> Result<ModelSource> {
-    let cache = match std::env::var_os("HF_HUB_CACHE") {
+fn hub_cache() -> hf_hub::Cache {
+    match std::env::var_os("HF_HUB_CACHE") {
         Some(p) => hf_hub::Cache::new(PathBuf::from(p)),
         None => hf_hub::Cache::from_env(),
-    };
-    let repo = cache.model(id.to_string());
-    if let Some(cfg) = repo.get("config.json") {
-        let dir = cfg.parent().map(Path::to_path_buf).unwrap_or_default();
+    }
+}
+
+/// The snapshot directory of a hub id in the local Hugging Face cache, if it is there (no
+/// network).
+pub fn hub_cached(id: &str) -> Option<PathBuf> {
+    let cfg = hub_cache().model(id.to_string()).get("config.json")?;
+    cfg.parent().map(Path::to_path_buf)
+}
+
+fn resolve_hub(id: &str) -> Result<ModelSource> {
+    let cache = hub_cache();
+    if let Some(dir) = hub_cached(id) {
         return Ok(ModelSource::HfDir(dir));
     }
     let cache_path = cache.path().display().to_string();
@@ -240,8 +255,10 @@ impl Model {
         };
         let arch_name = meta.string("general.architecture")?;
         let cfg = match arch_name.as_str() {
+            "gemma2" => arch::gemma2::config_from_gguf(&meta)?,
             "gemma3" => arch::gemma3::config_from_gguf(&meta)?,
             "llama" => arch::llama::config_from_gguf(&meta)?,
+            "gpt2" => arch::gpt2::config_from_gguf(&meta)?,
             other => return Err(EngineError::UnsupportedArchitecture(other.into())),
         };
         let tokenizer = Tokenizer::from_gguf(&meta)?;
@@ -267,8 +284,14 @@ impl Model {
         let cfg = match (archs.first().map(String::as_str), model_type) {
             (Some("Gemma3ForCausalLM" | "Gemma3ForConditionalGeneration"), _)
             | (None, "gemma3" | "gemma3_text") => arch::gemma3::config_from_hf(&v, &file)?,
+            (Some("Gemma2ForCausalLM"), _) | (None, "gemma2") => {
+                arch::gemma2::config_from_hf(&v, &file)?
+            }
             (Some("LlamaForCausalLM"), _) | (None, "llama") => {
                 arch::llama::config_from_hf(&v, &file)?
+            }
+            (Some("GPT2LMHeadModel" | "GPT2Model"), _) | (None, "gpt2") => {
+                arch::gpt2::config_from_hf(&v, &file)?
             }
             (Some(a), _) => return Err(EngineError::UnsupportedArchitecture(a.into())),
             (None, "") => {
@@ -297,8 +320,10 @@ impl Model {
         general_name: Option<String>,
     ) -> Result<Self> {
         let decoder = match cfg.arch {
+            Architecture::Gemma2 => arch::gemma2::load(cfg, &weights)?,
             Architecture::Gemma3 => arch::gemma3::load(cfg, &weights)?,
             Architecture::Llama => arch::llama::load(cfg, &weights)?,
+            Architecture::Gpt2 => arch::gpt2::load(cfg, &weights)?,
         };
         let info = ModelInfo {
             name: String::new(),
@@ -314,6 +339,24 @@ impl Model {
             tokenizer,
             info,
         })
+    }
+
+    /// [`crate::resolve_hooks`] for this model: `hook_pos_embed` exists only where positions are
+    /// learned (GPT-2); a glob silently skips it elsewhere, an explicit request is an error.
+    pub fn resolve_hooks(&self, pattern: &str) -> Result<Vec<crate::HookName>> {
+        let mut names = crate::resolve_hooks(pattern, self.config().n_layers)?;
+        if self.decoder.pos_embed.is_none() {
+            let pe = crate::HookName::global(crate::HookPoint::PosEmbed);
+            let explicit = pattern.split(',').any(|p| p.trim() == "hook_pos_embed");
+            if explicit {
+                return Err(EngineError::InvalidArgument(format!(
+                    "hook_pos_embed exists only for models with learned positions (GPT-2); {} uses rotary positions",
+                    self.config().arch.name()
+                )));
+            }
+            names.retain(|n| *n != pe);
+        }
+        Ok(names)
     }
 
     pub fn config(&self) -> &ModelConfig {
@@ -408,6 +451,9 @@ impl Model {
     pub fn is_chat_model(&self) -> bool {
         if self.tokenizer.chat_template.is_none() {
             return false;
+        }
+        if let Some(e) = crate::registry::lookup(&self.info.name) {
+            return e.chat;
         }
         let names = format!(
             "{} {} {}",

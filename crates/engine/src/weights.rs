@@ -456,6 +456,29 @@ impl Weights {
         Ok(t)
     }
 
+    /// A safetensors tensor already stored in the working dtype (e.g. a bf16 checkpoint loaded
+    /// with `--dtype bf16`): copied once out of the memory map, with no f32 round trip, so a 4B
+    /// bf16 model loads without a transient full-size f32 copy of each matrix.
+    fn native_dense(&self, hf_name: &str) -> Result<Option<Tensor>> {
+        let (Source::Safetensors { st, prefix, .. }, Precision::Dense(dt)) =
+            (&self.source, self.precision)
+        else {
+            return Ok(None);
+        };
+        let name = Self::st_name(prefix, hf_name);
+        match st.get(&name) {
+            // Compared by name: candle and this crate may link different safetensors versions.
+            Ok(view) if dt != DType::F32 && format!("{:?}", view.dtype()) == format!("{dt:?}") => {
+                let t = st
+                    .load(&name, &self.device)
+                    .map_err(|_| EngineError::MissingWeight(name.clone()))?;
+                self.count(&t);
+                Ok(Some(t))
+            }
+            _ => Ok(None),
+        }
+    }
+
     /// A weight held in the working precision (dense dtype), after `transform` on the f32 value.
     fn dense(&self, t: Tensor) -> Result<Tensor> {
         let t = match self.precision {
@@ -484,6 +507,11 @@ impl Weights {
             *self.loaded_bytes.lock().unwrap_or_else(|p| p.into_inner()) += m.storage_bytes();
             return Ok(Linear::Quantized(Arc::new(m)));
         }
+        if row_perm.is_none() {
+            if let Some(t) = self.native_dense(hf_name)? {
+                return Ok(Linear::Dense(t));
+            }
+        }
         let mut t = self.f32(hf_name, gguf_name)?;
         if let Some(p) = row_perm {
             let idx = Tensor::from_vec(
@@ -496,12 +524,21 @@ impl Weights {
         Ok(Linear::Dense(self.dense(t)?))
     }
 
+    /// A dense matrix `[out, in]` the architecture built itself (split or transposed), held in
+    /// the working dtype.
+    pub fn dense_linear(&self, t: Tensor) -> Result<Linear> {
+        Ok(Linear::Dense(self.dense(t)?))
+    }
+
     /// The token embedding table `[vocab, d_model]`.
     pub fn embedding(&self, hf_name: &str, gguf_name: &str) -> Result<Embedding> {
         if let (Precision::Quantized(kernel), true) = (self.precision, self.is_gguf()) {
             let m = QMatrix::new(self.qtensor(gguf_name)?, kernel)?;
             *self.loaded_bytes.lock().unwrap_or_else(|p| p.into_inner()) += m.storage_bytes();
             return Ok(Embedding::Quantized(Arc::new(m)));
+        }
+        if let Some(t) = self.native_dense(hf_name)? {
+            return Ok(Embedding::Dense(t));
         }
         let t = self.f32(hf_name, gguf_name)?;
         Ok(Embedding::Dense(self.dense(t)?))

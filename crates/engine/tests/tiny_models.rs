@@ -21,8 +21,8 @@ fn check(name: &str) {
     let n = m.config().n_layers;
     let batch = Batch::left_padded(&seqs, 0, m.device()).unwrap();
     let mut hooks = Hooks::new();
-    hooks.capture(HookName::global(HookPoint::Embed));
     for l in 0..n {
+        hooks.capture(HookName::block(l, HookPoint::ResidPre));
         hooks.capture(HookName::block(l, HookPoint::ResidPost));
     }
     hooks.capture(HookName::global(HookPoint::LnFinal));
@@ -30,9 +30,12 @@ fn check(name: &str) {
         .forward(&batch, None, &mut hooks, LogitsAt::All)
         .unwrap()
         .unwrap();
+    let mut worst = 0f64;
     for i in 0..=n {
+        // HF's hidden_states[0] is the input of block 0: scaled embeddings (Gemma), token plus
+        // position embeddings (GPT-2).
         let h = if i == 0 {
-            HookName::global(HookPoint::Embed)
+            HookName::block(0, HookPoint::ResidPre)
         } else if i == n {
             HookName::global(HookPoint::LnFinal) // HF's last hidden state is after the final norm
         } else {
@@ -53,8 +56,10 @@ fn check(name: &str) {
             .unwrap();
         let e = rel_l2(&got, &want);
         assert!(e < 1e-5, "{name} hidden_states.{i}: relative error {e:.2e}");
+        worst = worst.max(e as f64);
     }
     let d = max_abs_diff(&logits, &g["logits"]);
+    println!("{name}: worst hidden-state relative error {worst:.2e}, logits max abs diff {d:.2e}");
     assert!(d < 1e-4, "{name} logits max abs diff {d}");
 
     // Left-padded batch: row 1's real positions equal the reference padded logits.
@@ -88,6 +93,16 @@ fn check(name: &str) {
         let d = max_abs_diff(&got, &want);
         assert!(d < 1e-4, "{name} padded row {r}: logits max abs diff {d}");
     }
+}
+
+#[test]
+fn tiny_gpt2_matches_hf() {
+    check("tiny-gpt2");
+}
+
+#[test]
+fn tiny_gemma2_matches_hf() {
+    check("tiny-gemma2");
 }
 
 #[test]
@@ -166,4 +181,168 @@ fn hook_result_sums_to_attn_out_and_interventions_apply() {
         a.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
         b.flatten_all().unwrap().to_vec1::<f32>().unwrap()
     );
+}
+
+fn load_tiny(name: &str) -> Model {
+    let dir = fixtures().join("tiny-models").join(name);
+    Model::load(
+        dir.to_str().unwrap(),
+        &models_dir(),
+        &LoadOptions::default(),
+    )
+    .unwrap()
+}
+
+#[test]
+fn gpt2_hooks_follow_transformer_lens() {
+    // hook_embed + hook_pos_embed = blocks.0.hook_resid_pre; sum of hook_result + b_O =
+    // hook_attn_out; resid_mid = resid_pre + attn_out; zeroing hook_pos_embed changes the output.
+    let m = load_tiny("tiny-gpt2");
+    assert_eq!(m.config().arch.name(), "gpt2");
+    let batch = Batch::left_padded(&[vec![5, 6, 7, 8, 9, 10]], 0, m.device()).unwrap();
+    let mut hooks = Hooks::new();
+    let names = m
+        .resolve_hooks("hook_embed,hook_pos_embed,blocks.1.*")
+        .unwrap();
+    hooks.capture_all(&names);
+    let base = m
+        .forward(&batch, None, &mut hooks, LogitsAt::Last)
+        .unwrap()
+        .unwrap();
+    let get = |n: &str| -> Vec<f32> {
+        hooks
+            .cache
+            .get(&HookName::parse(n, 3).unwrap())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    };
+    let emb: Vec<f32> = get("hook_embed")
+        .iter()
+        .zip(get("hook_pos_embed"))
+        .map(|(a, b)| a + b)
+        .collect();
+    let mut h0 = Hooks::new();
+    h0.capture(HookName::block(0, HookPoint::ResidPre));
+    m.forward(&batch, None, &mut h0, LogitsAt::None).unwrap();
+    let r0: Vec<f32> = h0
+        .cache
+        .get(&HookName::block(0, HookPoint::ResidPre))
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    assert!(rel_l2(&emb, &r0) < 1e-7);
+    let res = hooks
+        .cache
+        .get(&HookName::block(1, HookPoint::AttnResult))
+        .unwrap()
+        .sum(2)
+        .unwrap();
+    let g = candle_core::safetensors::load(
+        fixtures().join("tiny-models/tiny-gpt2/model.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let with_bias: Vec<f32> = res
+        .broadcast_add(&g["transformer.h.1.attn.c_proj.bias"])
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let e = rel_l2(&with_bias, &get("blocks.1.hook_attn_out"));
+    assert!(
+        e < 1e-5,
+        "sum of hook_result + b_O vs hook_attn_out: {e:.2e}"
+    );
+    let mid: Vec<f32> = get("blocks.1.hook_resid_pre")
+        .iter()
+        .zip(get("blocks.1.hook_attn_out"))
+        .map(|(a, b)| a + b)
+        .collect();
+    assert!(rel_l2(&mid, &get("blocks.1.hook_resid_mid")) < 1e-6);
+    assert!(!hooks
+        .cache
+        .names()
+        .contains(&HookName::block(1, HookPoint::MlpPreLinear)));
+    let mut hz = Hooks::new();
+    hz.intervene(
+        HookName::global(HookPoint::PosEmbed),
+        persona_lens_engine::Op::Zero,
+        persona_lens_engine::Selector::all(),
+    );
+    let z = m
+        .forward(&batch, None, &mut hz, LogitsAt::Last)
+        .unwrap()
+        .unwrap();
+    assert!(max_abs_diff(&z, &base) > 1e-3);
+}
+
+#[test]
+fn pos_embed_hook_only_where_positions_are_learned() {
+    let m = load_tiny("tiny-llama");
+    let e = m.resolve_hooks("hook_pos_embed").unwrap_err().to_string();
+    assert!(e.contains("learned positions"), "{e}");
+    let all = m.resolve_hooks("hook_*").unwrap();
+    assert_eq!(all.len(), 1, "{all:?}"); // hook_embed only
+}
+
+#[test]
+fn gemma2_softcaps_and_sliding_window_are_active() {
+    // The tiny Gemma 2 has a window of 8 on even layers and soft-caps 50 / 30: the final logits
+    // never exceed 30 in magnitude, and a sliding layer's pattern is zero beyond the window.
+    let m = load_tiny("tiny-gemma2");
+    let c = m.config();
+    assert_eq!(c.layer_is_sliding, vec![true, false, true, false]);
+    assert_eq!(
+        (c.attn_logit_softcap, c.final_logit_softcap),
+        (Some(50.0), Some(30.0))
+    );
+    let ids: Vec<u32> = (1..=16).collect();
+    let batch = Batch::left_padded(&[ids], 0, m.device()).unwrap();
+    let mut hooks = Hooks::new();
+    hooks
+        .capture(HookName::block(0, HookPoint::AttnPattern))
+        .capture(HookName::block(1, HookPoint::AttnPattern));
+    let logits = m
+        .forward(&batch, None, &mut hooks, LogitsAt::All)
+        .unwrap()
+        .unwrap();
+    let mx = logits
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(mx <= 30.0, "final soft-cap: max |logit| {mx}");
+    // [b, heads, q, k] -> head 0 of row 0: [q, k]
+    let p0: Vec<Vec<f32>> = hooks
+        .cache
+        .get(&HookName::block(0, HookPoint::AttnPattern))
+        .unwrap()
+        .get(0)
+        .unwrap()
+        .get(0)
+        .unwrap()
+        .to_vec2()
+        .unwrap();
+    // [b, heads, q, k] -> head 0 of row 0: [q, k]
+    let p1: Vec<Vec<f32>> = hooks
+        .cache
+        .get(&HookName::block(1, HookPoint::AttnPattern))
+        .unwrap()
+        .get(0)
+        .unwrap()
+        .get(0)
+        .unwrap()
+        .to_vec2()
+        .unwrap();
+    // query 15 on the sliding layer: keys 0..=7 are outside the window of 8.
+    assert!(p0[15][..8].iter().all(|&x| x == 0.0));
+    assert!(p1[15][..8].iter().any(|&x| x > 0.0));
 }

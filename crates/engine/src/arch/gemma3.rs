@@ -1,15 +1,13 @@
-//! Gemma 3 (text): scaled embeddings, q/k RMSNorm, four norms per block, sliding-window and global
-//! layers with their own rope bases, GELU-tanh gated MLP, tied unembedding, `(1 + w)` norms.
-//!
-//! GGUF: llama.cpp stores every Gemma norm weight as `w + 1`; like transformers' GGUF loader we
-//! take `w = stored - 1` and multiply by `1 + w` (the f32 rounding then matches HF exactly).
+//! Gemma 3 (text): the Gemma 2 block ([`super::gemma2::gemma_block`]) plus q/k RMSNorms, sliding
+//! and global layers with their own rope bases (5 : 1), no attention soft-cap. Serves the GGUF
+//! files and the HF checkpoints (`Gemma3ForCausalLM`, and `Gemma3ForConditionalGeneration` whose
+//! text weights sit under `language_model.` / `model.language_model.`).
 
 use crate::config::{Architecture, GgufMeta, HfJson, ModelConfig};
-use crate::decoder::{Block, Decoder};
-use crate::error::{EngineError, Result};
-use crate::layers::{Activation, AttnWeights, GatedMlp, Rope};
+use crate::decoder::Decoder;
+use crate::error::Result;
+use crate::layers::Rope;
 use crate::weights::Weights;
-use candle_core::Tensor;
 
 /// Default for GGUF files that do not store it (llama.cpp hard-codes it for Gemma 3).
 const GGUF_DEFAULT_SLIDING_PATTERN: usize = 6;
@@ -82,26 +80,8 @@ pub fn config_from_hf(root: &serde_json::Value, file: &str) -> Result<ModelConfi
     let d_model = j.usize("hidden_size")?;
     let n_heads = j.usize("num_attention_heads")?;
     let head_dim = j.usize_or("head_dim", d_model / n_heads)?;
-    let layer_is_sliding: Vec<bool> = match j.opt("layer_types").and_then(|x| x.as_array()) {
-        Some(types) => types
-            .iter()
-            .map(|t| t.as_str() == Some("sliding_attention"))
-            .collect(),
-        None => {
-            let p = j.usize_or(
-                "sliding_window_pattern",
-                j.usize_or("_sliding_window_pattern", GGUF_DEFAULT_SLIDING_PATTERN)?,
-            )?;
-            (0..n_layers).map(|i| (i + 1) % p != 0).collect()
-        }
-    };
-    if layer_is_sliding.len() != n_layers {
-        return Err(EngineError::BadField {
-            file: file.into(),
-            field: "layer_types".into(),
-            reason: format!("{} entries for {n_layers} layers", layer_is_sliding.len()),
-        });
-    }
+    let layer_is_sliding =
+        super::gemma2::sliding_layers(&j, n_layers, GGUF_DEFAULT_SLIDING_PATTERN)?;
     let (rope_theta, rope_scaling) = j.rope("full_attention", "rope_theta", 1_000_000.0)?;
     let (rope_local_theta, _) = j.rope(
         "sliding_attention",
@@ -131,81 +111,7 @@ pub fn config_from_hf(root: &serde_json::Value, file: &str) -> Result<ModelConfi
     })
 }
 
-/// Norm multiplier `1 + w`, with `w` taken back from llama.cpp's `w + 1` for GGUF.
-fn norm(w: &Weights, hf: &str, gguf: &str) -> Result<Tensor> {
-    let t = w.vector(hf, gguf)?;
-    let t = if w.is_gguf() { (t - 1.0)? } else { t };
-    Ok((t + 1.0)?)
-}
-
-pub fn load(mut cfg: ModelConfig, w: &Weights) -> Result<Decoder> {
-    let embed = w.embedding("model.embed_tokens.weight", "token_embd.weight")?;
-    cfg.vocab_size = embed.vocab_size()?;
-    let mut blocks = Vec::with_capacity(cfg.n_layers);
-    for i in 0..cfg.n_layers {
-        let hf = |s: &str| format!("model.layers.{i}.{s}");
-        let gg = |s: &str| format!("blk.{i}.{s}");
-        blocks.push(Block {
-            attn_norm: norm(w, &hf("input_layernorm.weight"), &gg("attn_norm.weight"))?,
-            attn: AttnWeights {
-                q: w.linear(&hf("self_attn.q_proj.weight"), &gg("attn_q.weight"), None)?,
-                k: w.linear(&hf("self_attn.k_proj.weight"), &gg("attn_k.weight"), None)?,
-                v: w.linear(&hf("self_attn.v_proj.weight"), &gg("attn_v.weight"), None)?,
-                o: w.linear(
-                    &hf("self_attn.o_proj.weight"),
-                    &gg("attn_output.weight"),
-                    None,
-                )?,
-                q_norm: Some(norm(
-                    w,
-                    &hf("self_attn.q_norm.weight"),
-                    &gg("attn_q_norm.weight"),
-                )?),
-                k_norm: Some(norm(
-                    w,
-                    &hf("self_attn.k_norm.weight"),
-                    &gg("attn_k_norm.weight"),
-                )?),
-            },
-            post_attn_norm: Some(norm(
-                w,
-                &hf("post_attention_layernorm.weight"),
-                &gg("post_attention_norm.weight"),
-            )?),
-            mlp_norm: norm(
-                w,
-                &hf("pre_feedforward_layernorm.weight"),
-                &gg("ffn_norm.weight"),
-            )?,
-            mlp: GatedMlp {
-                gate: w.linear(&hf("mlp.gate_proj.weight"), &gg("ffn_gate.weight"), None)?,
-                up: w.linear(&hf("mlp.up_proj.weight"), &gg("ffn_up.weight"), None)?,
-                down: w.linear(&hf("mlp.down_proj.weight"), &gg("ffn_down.weight"), None)?,
-                act: Activation::GeluTanh,
-            },
-            post_mlp_norm: Some(norm(
-                w,
-                &hf("post_feedforward_layernorm.weight"),
-                &gg("post_ffw_norm.weight"),
-            )?),
-            sliding: cfg.layer_is_sliding[i],
-        });
-    }
-    let final_norm = norm(w, "model.norm.weight", "output_norm.weight")?;
-    let lm_head = if !cfg.tie_word_embeddings && w.has("lm_head.weight", "output.weight") {
-        w.linear("lm_head.weight", "output.weight", None)?
-    } else {
-        embed.as_linear()?
-    };
-    Ok(Decoder {
-        rope_global: Rope::new(cfg.rope_theta, cfg.head_dim, cfg.rope_scaling.as_ref()),
-        rope_local: Rope::new(cfg.rope_local_theta, cfg.head_dim, None),
-        embed_scale: Some((cfg.d_model as f64).sqrt() as f32),
-        cfg,
-        embed,
-        blocks,
-        final_norm,
-        lm_head,
-        device: w.device.clone(),
-    })
+pub fn load(cfg: ModelConfig, w: &Weights) -> Result<Decoder> {
+    let local = Rope::new(cfg.rope_local_theta, cfg.head_dim, None);
+    super::gemma2::gemma_decoder(cfg, w, true, local)
 }

@@ -7,7 +7,7 @@
 use crate::config::{Architecture, GgufMeta, HfJson, ModelConfig, RopeScaling};
 use crate::decoder::{Block, Decoder};
 use crate::error::Result;
-use crate::layers::{Activation, AttnWeights, GatedMlp, Rope};
+use crate::layers::{Activation, AttnWeights, Mlp, Norm, Rope};
 use crate::weights::Weights;
 
 pub fn config_from_gguf(m: &GgufMeta) -> Result<ModelConfig> {
@@ -99,12 +99,48 @@ pub fn load(mut cfg: ModelConfig, w: &Weights) -> Result<Decoder> {
     let gguf = w.is_gguf();
     let q_perm = gguf.then(|| unpermute_rows(cfg.n_heads, cfg.head_dim));
     let k_perm = gguf.then(|| unpermute_rows(cfg.n_kv_heads, cfg.head_dim));
+    let eps = cfg.rms_norm_eps;
+    let rms = |hf: &str, gg: &str| -> Result<Norm> {
+        Ok(Norm::Rms {
+            mult: w.vector(hf, gg)?,
+            eps,
+        })
+    };
     let mut blocks = Vec::with_capacity(cfg.n_layers);
     for i in 0..cfg.n_layers {
         let hf = |s: &str| format!("model.layers.{i}.{s}");
         let gg = |s: &str| format!("blk.{i}.{s}");
+        // `attention_bias` checkpoints (and GGUF files that carry them) have q/k/v/o biases.
+        let qkv_bias = if w.has(&hf("self_attn.q_proj.bias"), &gg("attn_q.bias")) {
+            let b = |h: &str, g: &str, perm: Option<&[usize]>| -> Result<_> {
+                let t = w.vector(&hf(h), &gg(g))?;
+                Ok(match perm {
+                    Some(p) => t.index_select(
+                        &candle_core::Tensor::from_vec(
+                            p.iter().map(|&i| i as u32).collect::<Vec<_>>(),
+                            p.len(),
+                            t.device(),
+                        )?,
+                        0,
+                    )?,
+                    None => t,
+                })
+            };
+            Some([
+                b("self_attn.q_proj.bias", "attn_q.bias", q_perm.as_deref())?,
+                b("self_attn.k_proj.bias", "attn_k.bias", k_perm.as_deref())?,
+                b("self_attn.v_proj.bias", "attn_v.bias", None)?,
+            ])
+        } else {
+            None
+        };
+        let o_bias = if w.has(&hf("self_attn.o_proj.bias"), &gg("attn_output.bias")) {
+            Some(w.vector(&hf("self_attn.o_proj.bias"), &gg("attn_output.bias"))?)
+        } else {
+            None
+        };
         blocks.push(Block {
-            attn_norm: w.vector(&hf("input_layernorm.weight"), &gg("attn_norm.weight"))?,
+            attn_norm: rms(&hf("input_layernorm.weight"), &gg("attn_norm.weight"))?,
             attn: AttnWeights {
                 q: w.linear(
                     &hf("self_attn.q_proj.weight"),
@@ -124,13 +160,15 @@ pub fn load(mut cfg: ModelConfig, w: &Weights) -> Result<Decoder> {
                 )?,
                 q_norm: None,
                 k_norm: None,
+                qkv_bias,
+                o_bias,
             },
             post_attn_norm: None,
-            mlp_norm: w.vector(
+            mlp_norm: rms(
                 &hf("post_attention_layernorm.weight"),
                 &gg("ffn_norm.weight"),
             )?,
-            mlp: GatedMlp {
+            mlp: Mlp::Gated {
                 gate: w.linear(&hf("mlp.gate_proj.weight"), &gg("ffn_gate.weight"), None)?,
                 up: w.linear(&hf("mlp.up_proj.weight"), &gg("ffn_up.weight"), None)?,
                 down: w.linear(&hf("mlp.down_proj.weight"), &gg("ffn_down.weight"), None)?,
@@ -140,7 +178,7 @@ pub fn load(mut cfg: ModelConfig, w: &Weights) -> Result<Decoder> {
             sliding: false,
         });
     }
-    let final_norm = w.vector("model.norm.weight", "output_norm.weight")?;
+    let final_norm = rms("model.norm.weight", "output_norm.weight")?;
     let untied = if gguf {
         w.has("", "output.weight")
     } else {
@@ -153,9 +191,14 @@ pub fn load(mut cfg: ModelConfig, w: &Weights) -> Result<Decoder> {
         embed.as_linear()?
     };
     Ok(Decoder {
-        rope_global: Rope::new(cfg.rope_theta, cfg.head_dim, cfg.rope_scaling.as_ref()),
-        rope_local: Rope::new(cfg.rope_theta, cfg.head_dim, None),
+        rope_global: Some(Rope::new(
+            cfg.rope_theta,
+            cfg.head_dim,
+            cfg.rope_scaling.as_ref(),
+        )),
+        rope_local: None,
         embed_scale: None,
+        pos_embed: None,
         cfg,
         embed,
         blocks,

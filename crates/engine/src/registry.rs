@@ -1,0 +1,119 @@
+//! The model registry (`models.toml`, compiled in): short names such as `gemma-2-2b-it` mapped to
+//! a local GGUF file (the two real models `make models` fetches) and/or a Hugging Face hub id,
+//! with facts about each (architecture, size, chat or base).
+
+use crate::error::{EngineError, Result};
+use serde::{Deserialize, Serialize};
+use std::sync::OnceLock;
+
+/// The registry shipped with persona-lens.
+pub const REGISTRY_TOML: &str = include_str!("../models.toml");
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RegistryEntry {
+    pub name: String,
+    pub hub: Option<String>,
+    /// A GGUF file name looked for in the models directory.
+    pub file: Option<String>,
+    pub arch: String,
+    pub params: String,
+    pub chat: bool,
+    pub role: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RegistryFile {
+    model: Vec<RegistryEntry>,
+}
+
+/// Parses a registry file's text, checking that names are unique and every entry has a source.
+pub fn parse_registry(text: &str) -> Result<Vec<RegistryEntry>> {
+    let f: RegistryFile = toml::from_str(text).map_err(|e| EngineError::BadField {
+        file: "models.toml".into(),
+        field: "(toml)".into(),
+        reason: e.to_string().lines().next().unwrap_or_default().to_string(),
+    })?;
+    for (i, e) in f.model.iter().enumerate() {
+        if f.model[..i].iter().any(|o| o.name == e.name) {
+            return Err(EngineError::BadField {
+                file: "models.toml".into(),
+                field: e.name.clone(),
+                reason: "listed twice".into(),
+            });
+        }
+        if e.hub.is_none() && e.file.is_none() {
+            return Err(EngineError::BadField {
+                file: "models.toml".into(),
+                field: e.name.clone(),
+                reason: "needs a hub id or a file".into(),
+            });
+        }
+    }
+    Ok(f.model)
+}
+
+/// The compiled-in registry.
+pub fn registry() -> &'static [RegistryEntry] {
+    static R: OnceLock<Vec<RegistryEntry>> = OnceLock::new();
+    R.get_or_init(|| {
+        // The file is part of the source and checked by a unit test: it always parses.
+        parse_registry(REGISTRY_TOML).unwrap_or_default()
+    })
+}
+
+/// The entry of a short name, if known.
+pub fn lookup(name: &str) -> Option<&'static RegistryEntry> {
+    registry().iter().find(|e| e.name == name)
+}
+
+/// Short names, comma separated (for error messages).
+pub fn names() -> String {
+    registry()
+        .iter()
+        .map(|e| e.name.as_str())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shipped_registry_parses_and_names_the_notes_models() {
+        let r = parse_registry(REGISTRY_TOML).unwrap();
+        for n in [
+            "gemma-3-270m",
+            "smollm2-135m-instruct",
+            "gemma-2-2b",
+            "gemma-2-2b-it",
+            "gemma-3-4b-it",
+            "gpt2",
+        ] {
+            assert!(r.iter().any(|e| e.name == n), "{n} missing");
+        }
+        assert_eq!(
+            lookup("gemma-3-4b-it").unwrap().hub.as_deref(),
+            Some("google/gemma-3-4b-it")
+        );
+        assert!(lookup("gemma-2-2b-it").unwrap().chat);
+        assert!(!lookup("gemma-2-2b").unwrap().chat);
+    }
+
+    #[test]
+    fn bad_registries_are_refused() {
+        let dup = "[[model]]\nname='a'\nhub='x/a'\narch='llama'\nparams='1'\nchat=false\nrole=''\n";
+        let e = parse_registry(&format!("{dup}{dup}"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("listed twice"), "{e}");
+        let none = "[[model]]\nname='a'\narch='llama'\nparams='1'\nchat=false\nrole=''\n";
+        assert!(parse_registry(none)
+            .unwrap_err()
+            .to_string()
+            .contains("hub id or a file"));
+        assert!(parse_registry("[[model]]\nname=3").is_err());
+    }
+}
