@@ -361,6 +361,12 @@ pub struct DirectionArgs {
 
 pub fn direction(a: DirectionArgs) -> Result<()> {
     let model = load_model(&a.model)?;
+    direction_with(&model, &a, true).map(|_| ())
+}
+
+/// Persona directions on a loaded model; writes directions.safetensors/.json (and the .npy
+/// export with --layer); prints unless `print` is false. Returns the directions' metadata.
+pub fn direction_with(model: &Model, a: &DirectionArgs, print: bool) -> Result<serde_json::Value> {
     let quiet = a.h.quiet || a.model.json;
     let ds = a.data.load()?;
     ds.require_classes(&[&a.novice_class, &a.expert_class])?;
@@ -395,9 +401,13 @@ pub fn direction(a: DirectionArgs) -> Result<()> {
         write_json(&a.h.out.join("persona_direction.json"), &side)?;
         exported = Some((hook, r, p));
     }
+    let meta = serde_json::to_value(&set.meta)?;
+    if !print {
+        return Ok(meta);
+    }
     if a.model.json {
         println!("{}", serde_json::to_string(&set.meta)?);
-        return Ok(());
+        return Ok(meta);
     }
     println!(
         "persona directions ({} - {}) for {} residual rows, model {}, position {}",
@@ -423,7 +433,7 @@ pub fn direction(a: DirectionArgs) -> Result<()> {
     if let Some((hook, r, p)) = exported {
         println!("exported {} (row {r} = {hook}) to {}", a.kind, p.display());
     }
-    Ok(())
+    Ok(meta)
 }
 
 // ---------------- lens ----------------

@@ -6,6 +6,7 @@ mod diff_cmds;
 mod engine_cmds;
 mod patch_cmds;
 mod steer_cmds;
+mod study;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
@@ -68,6 +69,9 @@ enum Cmd {
     /// Crosscoder model diffing (base vs chat): harvest, train, analyze, verify, encode.
     #[command(subcommand)]
     Diff(diff_cmds::DiffCmd),
+    /// The whole study in one command (probe, lens, patch, heads, ablate, steer, diff): one
+    /// model load, summary.json, report.md and a self-contained report.html.
+    Run(study::RunArgs),
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -132,6 +136,7 @@ fn main() -> ExitCode {
         Cmd::SteerSweep(a) => steer_cmds::steer_sweep(a),
         Cmd::ControlVector(a) => steer_cmds::control_vector(a),
         Cmd::Diff(c) => diff_cmds::run(c),
+        Cmd::Run(a) => study::run(a),
     };
     match res {
         Ok(()) => ExitCode::SUCCESS,

@@ -202,6 +202,14 @@ pub struct PatchArgs {
 
 pub fn patch(a: PatchArgs) -> Result<()> {
     let model = load_model(&a.model)?;
+    let (out, files) = patch_with(&model, &a)?;
+    let json_file = (!a.no_files).then(|| a.out.join("patching.json"));
+    finish(&out, json_file, files, a.model.json)
+}
+
+/// The patching sweeps on a loaded model: the result JSON and the files written (not yet
+/// `patching.json`).
+pub fn patch_with(model: &Model, a: &PatchArgs) -> Result<(Value, Vec<PathBuf>)> {
     let kinds = parse_kinds(&a.sweep)?;
     let dirs = parse_dir(&a.direction)?;
     let (pair, metric) = a.pair.resolve(&model)?;
@@ -285,8 +293,7 @@ pub fn patch(a: PatchArgs) -> Result<()> {
         out["clean_logit_diff"] = json!(p.clean_metric);
         out["corrupted_logit_diff"] = json!(p.corrupted_metric);
     }
-    let json_file = (!a.no_files).then(|| a.out.join("patching.json"));
-    finish(&out, json_file, files, a.model.json)
+    Ok((out, files))
 }
 
 /// Writes the result JSON (unless `--no-files`), then prints it (`--json`) or the files written.
@@ -692,8 +699,14 @@ fn load_pairs(
 }
 
 pub fn heads(a: HeadsArgs) -> Result<()> {
-    use persona_lens_analysis::heads::rank_heads;
     let model = load_model(&a.model)?;
+    heads_with(&model, &a, true).map(|_| ())
+}
+
+/// Head ranking on a loaded model; writes heads.json and the heatmap; prints unless `print` is
+/// false. Returns heads.json's content.
+pub fn heads_with(model: &Model, a: &HeadsArgs, print: bool) -> Result<Value> {
+    use persona_lens_analysis::heads::rank_heads;
     let pairs = load_pairs(&a.data)?;
     let chat = a.data.chat(&model);
     let quiet = a.quiet || a.model.json;
@@ -739,9 +752,12 @@ pub fn heads(a: HeadsArgs) -> Result<()> {
     let f = a.out.join("heads.json");
     write_json(&f, &out)?;
     files.push(f);
+    if !print {
+        return Ok(out);
+    }
     if a.model.json {
         println!("{out}");
-        return Ok(());
+        return Ok(out);
     }
     println!(
         "persona-mover heads on {} over {} pairs ({} skipped for a small gap), {secs:.1} s:",
@@ -761,7 +777,7 @@ pub fn heads(a: HeadsArgs) -> Result<()> {
     for f in files {
         println!("  {}", f.display());
     }
-    Ok(())
+    Ok(out)
 }
 
 // ---------------- ablate ----------------
@@ -802,10 +818,15 @@ pub struct AblateArgs {
 }
 
 pub fn ablate(a: AblateArgs) -> Result<()> {
+    let model = load_model(&a.model)?;
+    ablate_with(&model, &a, true).map(|_| ())
+}
+
+/// Head ablation on a loaded model; writes ablate.json; prints unless `print` is false.
+pub fn ablate_with(model: &Model, a: &AblateArgs, print: bool) -> Result<Value> {
     use persona_lens_analysis::heads::{
         check_heads, random_head_sets, AblationEffect, AblationMode, AblationSetup, Head, ZBank,
     };
-    let model = load_model(&a.model)?;
     let heads: Vec<Head> = if a.heads.is_empty() {
         let text = std::fs::read_to_string(&a.from).map_err(|e| {
             anyhow::anyhow!(
@@ -916,9 +937,12 @@ pub fn ablate(a: AblateArgs) -> Result<()> {
     std::fs::create_dir_all(&a.out)?;
     let f = a.out.join("ablate.json");
     write_json(&f, &out)?;
+    if !print {
+        return Ok(out);
+    }
     if a.model.json {
         println!("{out}");
-        return Ok(());
+        return Ok(out);
     }
     println!(
         "ablating {} on {} over {} pairs (baseline gap {:+.3} logits):",
@@ -957,5 +981,5 @@ pub fn ablate(a: AblateArgs) -> Result<()> {
         );
     }
     println!("  {}", f.display());
-    Ok(())
+    Ok(out)
 }

@@ -649,6 +649,7 @@ pub fn rate_records(
     out: &Path,
     o: &RateOpts,
     quiet: bool,
+    preloaded: Option<&Model>,
 ) -> Result<(
     Vec<persona_lens_rate::Scores>,
     Vec<persona_lens_rate::CellSummary>,
@@ -677,22 +678,27 @@ pub fn rate_records(
         .iter()
         .filter(|r| !done.contains_key(&record_key(r)))
         .count();
-    let model = if o.no_fluency || todo == 0 {
+    let loaded;
+    let model: Option<&Model> = if o.no_fluency || todo == 0 {
         None
+    } else if let (Some(m), None) = (preloaded, &o.fluency_model) {
+        // The steering run's own model: no second copy.
+        Some(m)
     } else {
         let name = o
             .fluency_model
             .clone()
             .or_else(|| records[0]["model"].as_str().map(String::from))
             .context("records name no model; give --fluency-model M or --no-fluency")?;
-        Some(load_model(&ModelArgs {
+        loaded = load_model(&ModelArgs {
             model: name,
             models_dir: o.fluency_models_dir.clone(),
             dtype: crate::DtypeArg::F32,
             quantized: None,
             threads: None,
             json: false,
-        })?)
+        })?;
+        Some(&loaded)
     };
     let mut judge = match (&o.judge_url, &o.judge_model) {
         (Some(url), Some(m)) => Some(Judge::new(JudgeConfig {
@@ -727,7 +733,7 @@ pub fn rate_records(
             scores.push(s.clone());
             continue;
         }
-        let mut s = score_record(r, model.as_ref())?;
+        let mut s = score_record(r, model)?;
         if let Some(j) = judge.as_mut() {
             if r["alpha"].as_f64() != Some(0.0) {
                 let b = baseline
@@ -756,7 +762,7 @@ pub fn rate_records(
         &out.join("rating_summary.json"),
         &json!({
             "input_records": records.len(),
-            "fluency_model": model.as_ref().map(|m| m.info.name.clone()),
+            "fluency_model": model.map(|m| m.info.name.clone()),
             "judge": o.judge_url.as_ref().map(|u| json!({"url": u, "model": o.judge_model, "persona": o.judge_persona})),
             "bootstrap": o.bootstrap, "seed": o.rate_seed,
             "units": {"flesch_reading_ease": "score (higher = easier)", "flesch_kincaid_grade": "US grade",
@@ -810,7 +816,7 @@ pub fn rate(a: RateArgs) -> Result<()> {
             .unwrap_or_else(|| PathBuf::from("."))
     });
     let quiet = a.quiet || a.json;
-    let (scores, summary) = rate_records(&records, &out, &a.opts, quiet)?;
+    let (scores, summary) = rate_records(&records, &out, &a.opts, quiet, None)?;
     if a.json {
         println!("{}", json!({"records": scores.len(), "cells": summary}));
         return Ok(());
@@ -918,6 +924,16 @@ pub fn dose_response_plots(
 
 pub fn steer_sweep(a: SteerSweepArgs) -> Result<()> {
     let model = load_model(&a.model)?;
+    steer_sweep_with(&model, &a, true).map(|_| ())
+}
+
+/// The dose-response sweep on a loaded model (which also scores fluency); writes its files,
+/// prints unless `print` is false, and returns steer_sweep.json's content.
+pub fn steer_sweep_with(
+    model: &Model,
+    a: &SteerSweepArgs,
+    print: bool,
+) -> Result<serde_json::Value> {
     let chat = a.data.chat(&model);
     let prompts = steer_prompts(&a.data, &a.gen)?;
     let quiet = a.quiet || a.model.json;
@@ -929,12 +945,7 @@ pub fn steer_sweep(a: SteerSweepArgs) -> Result<()> {
         .iter()
         .map(serde_json::to_value)
         .collect::<std::result::Result<_, _>>()?;
-    let mut ro = a.rate.clone();
-    if ro.fluency_model.is_none() {
-        ro.fluency_model = Some(a.model.model.clone());
-        ro.fluency_models_dir = ro.fluency_models_dir.or(a.model.models_dir.clone());
-    }
-    let (_, summary) = rate_records(&values, &a.out, &ro, quiet)?;
+    let (_, summary) = rate_records(&values, &a.out, &a.rate, quiet, Some(model))?;
     let caption = format!(
         "{}; direction {} ({}, norm {}); positions {}; {} prompts ({}), greedy={}, seed {}, {} new tokens; chat template {chat}; bands: bootstrap 95 % CI",
         model.info.name,
@@ -953,15 +964,16 @@ pub fn steer_sweep(a: SteerSweepArgs) -> Result<()> {
         a.gen.max_new_tokens
     );
     let files = dose_response_plots(&summary, &model.info.name, &caption, &a.out)?;
-    persona_lens_analysis::write_json(
-        &a.out.join("steer_sweep.json"),
-        &json!({"model": model.info.name, "layers": a.steer.layer, "alphas": a.steer.alpha,
-            "n_prompts": prompts.len(), "chat": chat, "caption": caption,
-            "seconds": t.elapsed().as_secs_f64(), "cells": summary}),
-    )?;
+    let result = json!({"model": model.info.name, "layers": a.steer.layer, "alphas": a.steer.alpha,
+        "n_prompts": prompts.len(), "chat": chat, "caption": caption,
+        "seconds": t.elapsed().as_secs_f64(), "cells": summary});
+    persona_lens_analysis::write_json(&a.out.join("steer_sweep.json"), &result)?;
+    if !print {
+        return Ok(result);
+    }
     if a.model.json {
         println!("{}", json!({"cells": summary}));
-        return Ok(());
+        return Ok(result);
     }
     println!(
         "steer-sweep on {}: {} records in {:.1} s",
@@ -973,5 +985,5 @@ pub fn steer_sweep(a: SteerSweepArgs) -> Result<()> {
     for f in files {
         println!("  {}", f.display());
     }
-    Ok(())
+    Ok(result)
 }

@@ -5,7 +5,8 @@ use crate::error::{EngineError, Result};
 use candle_core::Tensor;
 use std::collections::HashMap;
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
 fn tmp_path(path: &Path) -> std::path::PathBuf {
     let name = path
@@ -15,16 +16,51 @@ fn tmp_path(path: &Path) -> std::path::PathBuf {
     path.with_file_name(format!(".{name}.{}.tmp", std::process::id()))
 }
 
+/// Temp files being written now, and whether the process is shutting down (SIGINT). Creating
+/// and renaming a temp file happen under this lock, so an interrupt handler that holds it can
+/// delete every in-flight temp file and exit without a half-written result left behind.
+static IN_FLIGHT: Mutex<(bool, Vec<PathBuf>)> = Mutex::new((false, Vec::new()));
+
+fn in_flight() -> std::sync::MutexGuard<'static, (bool, Vec<PathBuf>)> {
+    IN_FLIGHT.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn interrupted(path: &Path) -> EngineError {
+    EngineError::io(
+        path,
+        std::io::Error::new(std::io::ErrorKind::Interrupted, "interrupted"),
+    )
+}
+
 /// Writes `bytes` to `path` atomically (temp file + fsync + rename).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(|e| EngineError::io(dir, e))?;
     }
     let tmp = tmp_path(path);
+    let file = {
+        let mut g = in_flight();
+        if g.0 {
+            return Err(interrupted(path));
+        }
+        let f = std::fs::File::create(&tmp).map_err(|e| EngineError::io(&tmp, e));
+        if f.is_ok() {
+            g.1.push(tmp.clone());
+        }
+        f?
+    };
     let res = (|| {
-        let mut f = std::fs::File::create(&tmp)?;
+        let mut f = file;
         f.write_all(bytes)?;
         f.sync_all()?;
+        let mut g = in_flight();
+        g.1.retain(|p| p != &tmp);
+        if g.0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::Interrupted,
+                "interrupted",
+            ));
+        }
         std::fs::rename(&tmp, path)
     })();
     if let Err(e) = res {
@@ -32,6 +68,21 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         return Err(EngineError::io(path, e));
     }
     Ok(())
+}
+
+/// For an interrupt handler: stops new atomic writes, deletes the temp files of writes in
+/// flight, and returns how many it deleted. The caller then exits; the lock stays held by the
+/// exiting process so no rename can slip in between.
+pub fn abort_writes() -> usize {
+    let mut g = in_flight();
+    g.0 = true;
+    let n = g.1.len();
+    for p in g.1.drain(..) {
+        let _ = std::fs::remove_file(p);
+    }
+    // Keep the guard alive until exit: leak it.
+    std::mem::forget(g);
+    n
 }
 
 /// Saves named tensors (+ string metadata) as safetensors, atomically.

@@ -8,8 +8,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Once;
 
 pub mod bars;
+pub mod document;
 pub mod heatmap;
 pub use bars::{save_bar_chart, save_histogram, Bar, BarChart, Histogram};
+pub use document::{Block, Document};
 pub use heatmap::{save_heatmap, Heatmap};
 
 #[derive(Debug, thiserror::Error)]

@@ -1,0 +1,2101 @@
+//! `persona-lens run`: the seed's `run_all.py` as one command. The model is loaded once; each
+//! experiment is the same code as its own subcommand (its argument list is recorded, so every
+//! step can be re-run alone), activations are harvested once and reused, and the results are
+//! gathered into `summary.json`, `report.md` and a self-contained `report.html`.
+//!
+//! Layout of `--out DIR`:
+//! - `config.resolved.toml`: every option after defaults, config file and flags (re-run with
+//!   `--config DIR/config.resolved.toml` to repeat the study exactly);
+//! - `run.json`: versions, model hash, seeds, the command of each step, timings;
+//! - `<step>/`: the step's own files, and `<step>/step.json` (written last: the step is done);
+//! - `summary.json`, `report.md`, `report.html`.
+//!
+//! `summary.json` holds no timings or paths outside DIR, so the same config and seed give an
+//! identical file. Interrupting (SIGINT/SIGTERM) deletes in-flight temp files before exiting;
+//! `--resume` then skips every step whose `step.json` matches the current config.
+
+use crate::analysis_cmds::{direction_with, run_dataset_lens, run_probe};
+use crate::engine_cmds::load_model;
+use crate::patch_cmds::{ablate_with, heads_with, patch_with};
+use crate::steer_cmds::steer_sweep_with;
+use crate::{Cli, Cmd, DtypeArg, ModelArgs};
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser};
+use persona_lens_analysis::write_json;
+use persona_lens_engine::{Batch, HookName, HookPoint, Hooks, LogitsAt, Model};
+use persona_lens_report::{save_bar_chart, Bar, BarChart, Document};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+pub const ALL_STEPS: [&str; 7] = ["probe", "lens", "patch", "heads", "ablate", "steer", "diff"];
+
+#[derive(Args)]
+pub struct RunArgs {
+    /// Experiments, comma separated: probe, lens, patch, heads, ablate, steer, diff, or all.
+    #[arg(long, value_delimiter = ',')]
+    pub experiment: Vec<String>,
+    /// Model (default: the config's, else gemma-3-270m).
+    #[arg(long)]
+    pub model: Option<String>,
+    /// Where short names are looked up [env: PERSONA_LENS_MODELS; default: ./models].
+    #[arg(long)]
+    pub models_dir: Option<PathBuf>,
+    /// Topic for the lens, head ranking, ablation and steering prompts (e.g. physics).
+    #[arg(long)]
+    pub pair_id: Option<String>,
+    /// Questions per topic in the probe / direction dataset.
+    #[arg(long)]
+    pub n_questions_per_pair: Option<usize>,
+    /// Evaluate probes on held-out phrasing templates (the default).
+    #[arg(long, overrides_with = "no_template_holdout")]
+    pub template_holdout: bool,
+    #[arg(long)]
+    pub no_template_holdout: bool,
+    /// Probe residual rows 0..=L only.
+    #[arg(long)]
+    pub max_layers: Option<usize>,
+    /// Accepted for the seed's command line; the model is always loaded once.
+    #[arg(long)]
+    pub reuse_model: bool,
+    /// Output directory (default: the config's, else out/study).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// A TOML file with any of the study's options (see `config.resolved.toml` of a run).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Seed of probes' folds, ablation baselines, steering, rating and crosscoder training.
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Threads for the math kernels (default: all cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Skip steps already finished in --out with the same configuration.
+    #[arg(long)]
+    pub resume: bool,
+    /// No progress bars or step lines.
+    #[arg(long)]
+    pub quiet: bool,
+    /// Print summary.json on stdout instead of the table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+// ---------------- configuration ----------------
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct StudyConfig {
+    pub experiment: Vec<String>,
+    pub model: String,
+    pub out: PathBuf,
+    pub seed: u64,
+    /// Built-in persona pair: child-phd, beginner-expert, layperson-professional, student-professor.
+    pub persona_pair: String,
+    /// Topic of the lens, head ranking, ablation and steering prompts.
+    pub pair_id: String,
+    /// Questions per topic for probes and directions (8 topics x 7 templates x 2 personas each).
+    pub n_questions_per_pair: usize,
+    pub template_holdout: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_layers: Option<usize>,
+    /// Position rule of the probe and direction activations.
+    pub position: String,
+    pub probe: ProbeCfg,
+    pub lens: LensCfg,
+    pub patch: PatchCfg,
+    pub heads: HeadsCfg,
+    pub ablate: AblateCfg,
+    pub steer: SteerCfg,
+    pub diff: DiffCfg,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ProbeCfg {
+    pub folds: usize,
+    pub l2: f64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct LensCfg {
+    pub n_questions_per_pair: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct PatchCfg {
+    pub clean: String,
+    pub corrupted: String,
+    pub answer_a: String,
+    pub answer_b: String,
+    pub sweeps: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct HeadsCfg {
+    pub n_questions_per_pair: usize,
+    pub top: usize,
+    pub min_gap: f64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct AblateCfg {
+    pub modes: Vec<String>,
+    pub n_random: usize,
+    pub n_generate: usize,
+    pub gen_tokens: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct SteerCfg {
+    /// Layers (block outputs); empty = one third and one half of the depth.
+    pub layers: Vec<usize>,
+    pub alphas: Vec<f64>,
+    pub n_prompts: usize,
+    pub max_new_tokens: usize,
+    pub kind: String,
+    pub norm: String,
+    pub bootstrap: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct DiffCfg {
+    /// The chat model diffed against the study's model (last-token rows, padded widths).
+    pub chat_model: String,
+    pub dict_size: usize,
+    pub steps: usize,
+    pub batch_size: usize,
+    pub l1_coeff: f64,
+    /// Persona-dataset prompts in the training corpus (0 = all of the study's dataset).
+    pub max_dataset_items: usize,
+    pub top_k: usize,
+    pub n_verify: usize,
+}
+
+impl Default for StudyConfig {
+    fn default() -> Self {
+        StudyConfig {
+            experiment: vec!["all".into()],
+            model: persona_lens_engine::DEFAULT_MODEL.into(),
+            out: "out/study".into(),
+            seed: 0,
+            persona_pair: "child-phd".into(),
+            pair_id: "physics".into(),
+            n_questions_per_pair: 3,
+            template_holdout: true,
+            max_layers: None,
+            position: "last".into(),
+            probe: ProbeCfg::default(),
+            lens: LensCfg::default(),
+            patch: PatchCfg::default(),
+            heads: HeadsCfg::default(),
+            ablate: AblateCfg::default(),
+            steer: SteerCfg::default(),
+            diff: DiffCfg::default(),
+        }
+    }
+}
+impl Default for ProbeCfg {
+    fn default() -> Self {
+        ProbeCfg { folds: 5, l2: 1e-2 }
+    }
+}
+impl Default for LensCfg {
+    fn default() -> Self {
+        LensCfg {
+            n_questions_per_pair: 5,
+        }
+    }
+}
+impl Default for PatchCfg {
+    fn default() -> Self {
+        PatchCfg {
+            clean: "I am a child. Explain the twin paradox simply. The key idea is".into(),
+            corrupted: "I am a physicist. Explain the twin paradox simply. The key idea is".into(),
+            answer_a: "simple".into(),
+            answer_b: "physics".into(),
+            sweeps: vec!["resid_pre".into(), "z_last".into()],
+        }
+    }
+}
+impl Default for HeadsCfg {
+    fn default() -> Self {
+        HeadsCfg {
+            n_questions_per_pair: 3,
+            top: 4,
+            min_gap: 0.25,
+        }
+    }
+}
+impl Default for AblateCfg {
+    fn default() -> Self {
+        AblateCfg {
+            modes: vec!["zero".into(), "mean".into(), "resample".into()],
+            n_random: 3,
+            n_generate: 2,
+            gen_tokens: 24,
+        }
+    }
+}
+impl Default for SteerCfg {
+    fn default() -> Self {
+        SteerCfg {
+            layers: vec![],
+            alphas: vec![0.0, 2.0, 4.0, 8.0],
+            n_prompts: 4,
+            max_new_tokens: 32,
+            kind: "diff_of_means".into(),
+            norm: "raw".into(),
+            bootstrap: 1000,
+        }
+    }
+}
+impl Default for DiffCfg {
+    fn default() -> Self {
+        DiffCfg {
+            chat_model: "smollm2-135m-instruct".into(),
+            dict_size: 256,
+            steps: 400,
+            batch_size: 64,
+            l1_coeff: 0.02,
+            max_dataset_items: 0,
+            top_k: 10,
+            n_verify: 3,
+        }
+    }
+}
+
+impl RunArgs {
+    /// Defaults, then the config file, then flags.
+    pub fn resolve(&self) -> Result<StudyConfig> {
+        let mut c = match &self.config {
+            Some(p) => {
+                let text = std::fs::read_to_string(p)
+                    .with_context(|| format!("cannot read --config {}", p.display()))?;
+                toml::from_str::<StudyConfig>(&text).map_err(|e| {
+                    anyhow::anyhow!(
+                        "--config {}: {} (see config.resolved.toml of a run for every key)",
+                        p.display(),
+                        e.to_string().lines().collect::<Vec<_>>().join(" ")
+                    )
+                })?
+            }
+            None => StudyConfig::default(),
+        };
+        if !self.experiment.is_empty() {
+            c.experiment = self.experiment.clone();
+        }
+        if let Some(m) = &self.model {
+            c.model = m.clone();
+        }
+        if let Some(o) = &self.out {
+            c.out = o.clone();
+        }
+        if let Some(s) = self.seed {
+            c.seed = s;
+        }
+        if let Some(p) = &self.pair_id {
+            c.pair_id = p.clone();
+        }
+        if let Some(n) = self.n_questions_per_pair {
+            c.n_questions_per_pair = n;
+        }
+        if self.no_template_holdout {
+            c.template_holdout = false;
+        } else if self.template_holdout {
+            c.template_holdout = true;
+        }
+        if self.max_layers.is_some() {
+            c.max_layers = self.max_layers;
+        }
+        c.experiment = steps_of(&c.experiment)?;
+        Ok(c)
+    }
+}
+
+/// The steps named, in the study's order.
+fn steps_of(names: &[String]) -> Result<Vec<String>> {
+    let mut want = std::collections::BTreeSet::new();
+    for n in names.iter().map(|s| s.trim().to_lowercase()) {
+        match n.as_str() {
+            "all" => want.extend(ALL_STEPS.iter().map(|s| s.to_string())),
+            s if ALL_STEPS.contains(&s) => {
+                want.insert(s.to_string());
+            }
+            other => bail!(
+                "unknown experiment '{other}'; use probe, lens, patch, heads, ablate, steer, diff or all"
+            ),
+        }
+    }
+    if want.is_empty() {
+        bail!("no experiment given; use --experiment all (or probe, lens, ...)");
+    }
+    Ok(ALL_STEPS
+        .iter()
+        .filter(|s| want.contains(**s))
+        .map(|s| s.to_string())
+        .collect())
+}
+
+// ---------------- results ----------------
+
+/// One headline number with its unit and provenance.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Headline {
+    pub id: String,
+    pub label: String,
+    pub value: f64,
+    pub unit: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ci95: Option<(f64, f64)>,
+    pub provenance: Value,
+}
+
+impl Headline {
+    /// The value as the report prints it (the same string in every rendering).
+    pub fn shown(&self) -> String {
+        fmt_num(self.value)
+    }
+}
+
+pub fn fmt_num(v: f64) -> String {
+    if !v.is_finite() {
+        return "n/a".into();
+    }
+    if v == v.round() && v.abs() < 1e6 {
+        return format!("{v:.0}");
+    }
+    if v.abs() >= 100.0 {
+        format!("{v:.1}")
+    } else {
+        format!("{v:.3}")
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+pub struct Plot {
+    /// PNG path relative to the study folder (an SVG sits beside it).
+    pub png: String,
+    pub caption: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+pub struct StepOut {
+    pub step: String,
+    pub config_hash: String,
+    /// The equivalent stand-alone command.
+    pub command: Vec<String>,
+    pub headlines: Vec<Headline>,
+    /// Negative results and failures, written from this step's numbers.
+    pub negatives: Vec<String>,
+    pub plots: Vec<Plot>,
+    /// Step-specific compact results (see each step).
+    pub data: Value,
+}
+
+struct Ctx<'a> {
+    model: &'a Model,
+    cfg: &'a StudyConfig,
+    out: &'a Path,
+    quiet: bool,
+    models_dir: Option<PathBuf>,
+    threads: Option<usize>,
+}
+
+impl Ctx<'_> {
+    fn dir(&self, step: &str) -> PathBuf {
+        self.out.join(step)
+    }
+    /// Parses a subcommand's arguments exactly as the command line would.
+    fn parse(&self, args: &[String]) -> Result<Cmd> {
+        let mut v = vec!["persona-lens".to_string()];
+        v.extend(args.iter().cloned());
+        Ok(Cli::try_parse_from(&v)
+            .map_err(|e| anyhow::anyhow!("internal: step arguments {args:?}: {e}"))?
+            .cmd)
+    }
+    fn base(&self, cmd: &str) -> Vec<String> {
+        let mut v = vec![cmd.to_string(), "--model".into(), self.cfg.model.clone()];
+        if let Some(d) = &self.models_dir {
+            v.extend(["--models-dir".into(), d.display().to_string()]);
+        }
+        v
+    }
+    fn quiet_flag(&self, v: &mut Vec<String>) {
+        if self.quiet {
+            v.push("--quiet".into());
+        }
+    }
+    fn prov(&self, extra: Value) -> Value {
+        let mut p = json!({"model": self.cfg.model, "seed": self.cfg.seed});
+        if let (Some(o), Some(e)) = (p.as_object_mut(), extra.as_object()) {
+            for (k, v) in e {
+                o.insert(k.clone(), v.clone());
+            }
+        }
+        p
+    }
+}
+
+fn s(x: impl ToString) -> String {
+    x.to_string()
+}
+
+fn join<T: ToString>(v: &[T]) -> String {
+    v.iter()
+        .map(|x| x.to_string())
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+fn f(v: &Value) -> f64 {
+    v.as_f64().unwrap_or(f64::NAN)
+}
+
+fn novice_expert(pair: &str) -> (String, String) {
+    match pair.split_once('-') {
+        Some((a, b)) => (a.to_string(), b.to_string()),
+        None => ("novice".into(), "expert".into()),
+    }
+}
+
+// ---------------- steps ----------------
+
+fn dataset_args(c: &Ctx, topic: Option<&str>, n: usize) -> Vec<String> {
+    let mut v = vec![
+        "--persona-pair".into(),
+        c.cfg.persona_pair.clone(),
+        "--n-questions-per-pair".into(),
+        s(n),
+    ];
+    if let Some(t) = topic {
+        v.extend(["--pair-id".into(), t.to_string()]);
+    }
+    v
+}
+
+fn probe_step(c: &Ctx) -> Result<StepOut> {
+    let dir = c.dir("probe");
+    let mut args = c.base("probe");
+    args.extend(dataset_args(c, None, c.cfg.n_questions_per_pair));
+    args.extend([
+        "--position".into(),
+        c.cfg.position.clone(),
+        "--folds".into(),
+        s(c.cfg.probe.folds),
+        "--l2".into(),
+        s(c.cfg.probe.l2),
+        "--seed".into(),
+        s(c.cfg.seed),
+        "--out".into(),
+        dir.display().to_string(),
+    ]);
+    if !c.cfg.template_holdout {
+        args.push("--no-template-holdout".into());
+    }
+    if let Some(l) = c.cfg.max_layers {
+        args.extend(["--max-layers".into(), s(l)]);
+    }
+    c.quiet_flag(&mut args);
+    let Cmd::Probe(pa) = c.parse(&args)? else {
+        bail!("internal: probe arguments")
+    };
+    let r = run_probe(c.model, &pa, c.quiet)?;
+    // Directions from the same activations (steering reads them).
+    let n = c.model.config().n_layers;
+    let mut dargs = c.base("direction");
+    dargs.extend(dataset_args(c, None, c.cfg.n_questions_per_pair));
+    dargs.extend([
+        "--position".into(),
+        c.cfg.position.clone(),
+        "--out".into(),
+        dir.display().to_string(),
+        "--layer".into(),
+        s(n / 2),
+        "--align-probe-index".into(),
+    ]);
+    c.quiet_flag(&mut dargs);
+    let Cmd::Direction(da) = c.parse(&dargs)? else {
+        bail!("internal: direction arguments")
+    };
+    let dmeta = direction_with(c.model, &da, false)?;
+
+    let holdout = |l: &persona_lens_analysis::probe::LayerProbe| {
+        l.template_holdout.as_ref().unwrap_or(&l.cv).accuracy
+    };
+    // The earliest row with the highest accuracy (ties are common at 1.0).
+    let top_acc = r
+        .layers
+        .iter()
+        .map(holdout)
+        .fold(f64::NEG_INFINITY, f64::max);
+    let best = r
+        .layers
+        .iter()
+        .find(|l| holdout(l) >= top_acc)
+        .context("probe produced no layers")?;
+    let row = best.resid_index.unwrap_or(0);
+    let first90 = r
+        .layers
+        .iter()
+        .find(|l| holdout(l) >= 0.9)
+        .and_then(|l| l.resid_index);
+    let prov = |row: usize| {
+        c.prov(
+            json!({"hook": best.hook, "resid_row": row, "position": r.position_rule,
+            "dataset_hash": r.dataset_hash, "n_prompts": r.n_prompts, "file": "probe/probe.json"}),
+        )
+    };
+    let eval = if c.cfg.template_holdout {
+        "held-out-template"
+    } else {
+        "cross-validated"
+    };
+    let mut headlines = vec![Headline {
+        id: "probe.best_accuracy".into(),
+        label: format!(
+            "best {eval} probe accuracy, {} vs {} (residual row {row})",
+            r.classes[0],
+            r.classes.get(1).cloned().unwrap_or_default()
+        ),
+        value: holdout(best),
+        unit: "fraction correct".into(),
+        ci95: Some(
+            best.template_holdout
+                .as_ref()
+                .unwrap_or(&best.cv)
+                .accuracy_ci95,
+        ),
+        provenance: prov(row),
+    }];
+    headlines.push(Headline {
+        id: "probe.best_row".into(),
+        label: "residual row of the best probe (0 = embeddings, i = output of block i-1)".into(),
+        value: row as f64,
+        unit: "row".into(),
+        ci95: None,
+        provenance: prov(row),
+    });
+    if let Some(sel) = best.selectivity {
+        headlines.push(Headline {
+            id: "probe.selectivity".into(),
+            label: format!("selectivity at row {row} (CV accuracy minus shuffled-label control)"),
+            value: sel,
+            unit: "fraction correct".into(),
+            ci95: None,
+            provenance: prov(row),
+        });
+    }
+    if let Some(r90) = first90 {
+        headlines.push(Headline {
+            id: "probe.first_row_90".into(),
+            label: format!("first residual row where the {eval} accuracy reaches 0.9"),
+            value: r90 as f64,
+            unit: "row".into(),
+            ci95: None,
+            provenance: prov(r90),
+        });
+    }
+    let mut negatives = vec![];
+    if first90.is_none() {
+        negatives.push(format!(
+            "No residual row reaches 0.9 {eval} accuracy (best {} at row {row}): the persona is not linearly decodable at that level from the last prompt token.",
+            fmt_num(holdout(best))
+        ));
+    }
+    if c.cfg.template_holdout {
+        let gap = best.cv.accuracy - holdout(best);
+        if gap > 0.05 {
+            negatives.push(format!(
+                "At row {row} the probe loses {} accuracy on held-out phrasing templates ({} cross-validated vs {} held-out): part of what it reads is the template, not the persona.",
+                fmt_num(gap), fmt_num(best.cv.accuracy), fmt_num(holdout(best))
+            ));
+        }
+    }
+    if let Some(row0) = r.layers.first() {
+        if holdout(row0) >= 0.9 {
+            negatives.push(format!(
+                "Row 0 (the bare token embeddings, no computation) already separates the personas with accuracy {}: high probe accuracy alone is not evidence of an internal user model; the persona words themselves differ.",
+                fmt_num(holdout(row0))
+            ));
+        }
+    }
+    let layers: Vec<Value> = r
+        .layers
+        .iter()
+        .map(|l| json!({"row": l.resid_index, "cv": l.cv.accuracy, "held_out": l.template_holdout.as_ref().map(|m| m.accuracy), "control": l.control.as_ref().map(|m| m.accuracy)}))
+        .collect();
+    Ok(StepOut {
+        step: "probe".into(),
+        command: args,
+        headlines,
+        negatives,
+        plots: vec![Plot {
+            png: "probe/probe_accuracy.png".into(),
+            caption: format!("Probe accuracy by residual row ({} vs {}), {} prompts; dashed: train and shuffled-label control; bands: 95 % Wilson intervals.", r.classes[0], r.classes.get(1).cloned().unwrap_or_default(), r.n_prompts),
+        }],
+        data: json!({"classes": r.classes, "n_prompts": r.n_prompts, "class_counts": r.class_counts,
+            "dataset_hash": r.dataset_hash, "dataset_source": r.dataset_source, "position": r.position_rule,
+            "chance": r.chance_accuracy, "n_templates": r.n_templates, "layers": layers,
+            "direction": {"file": "probe/persona_direction.npy", "resid_row": n / 2,
+                          "norms": dmeta["diff_of_means_norm"]}}),
+        ..Default::default()
+    })
+}
+
+fn lens_step(c: &Ctx) -> Result<StepOut> {
+    let dir = c.dir("lens");
+    let mut args = c.base("lens");
+    args.extend(dataset_args(
+        c,
+        Some(&c.cfg.pair_id),
+        c.cfg.lens.n_questions_per_pair,
+    ));
+    args.extend(["--out".into(), dir.display().to_string()]);
+    c.quiet_flag(&mut args);
+    let Cmd::Lens(la) = c.parse(&args)? else {
+        bail!("internal: lens arguments")
+    };
+    let r = run_dataset_lens(c.model, &la, c.quiet)?;
+    let (nov, exp) = novice_expert(&c.cfg.persona_pair);
+    let get = |name: &str| r.personas.iter().find(|p| p.persona == name);
+    let (Some(pn), Some(pe)) = (get(&nov), get(&exp)) else {
+        bail!(
+            "lens: personas {nov} and {exp} not both found (got {:?})",
+            r.personas.iter().map(|p| &p.persona).collect::<Vec<_>>()
+        );
+    };
+    let rows = pe.logit_diff_mean.len();
+    let last = rows - 1;
+    // Decision row: the first row from which the expert persona's expert-minus-simple logit
+    // difference stays above the novice persona's with non-overlapping 95 % intervals.
+    let separated = |i: usize| pe.logit_diff_ci95[i].0 > pn.logit_diff_ci95[i].1;
+    let decision = (1..rows).find(|&i| (i..rows).all(separated));
+    let gap_last = pe.logit_diff_mean[last] - pn.logit_diff_mean[last];
+    let prov = |row: usize| {
+        c.prov(
+            json!({"hook": format!("resid row {row} -> ln_final -> unembed"), "resid_row": row,
+            "position": r.position_rule, "dataset_hash": r.dataset_hash, "topic": c.cfg.pair_id,
+            "file": "lens/lens.json"}),
+        )
+    };
+    let mut headlines = vec![Headline {
+        id: "lens.final_gap".into(),
+        label: format!(
+            "final-row logit lens gap, {exp} minus {nov} persona, of (expert words minus simple words)"
+        ),
+        value: gap_last,
+        unit: "logits".into(),
+        ci95: None,
+        provenance: prov(last),
+    }];
+    let mut negatives = vec![];
+    match decision {
+        Some(d) => headlines.push(Headline {
+            id: "lens.decision_row".into(),
+            label: "first residual row from which the personas' lens readouts stay separated (95 % CIs disjoint)".into(),
+            value: d as f64,
+            unit: "row".into(),
+            ci95: None,
+            provenance: prov(d),
+        }),
+        None => negatives.push(format!(
+            "The logit lens never separates the {exp} and {nov} personas for good (95 % intervals overlap at some row up to the last; final gap {} logits): no early decision point on the tracked words.",
+            fmt_num(gap_last)
+        )),
+    }
+    if gap_last < 0.0 {
+        negatives.push(format!(
+            "At the last row the {exp} persona favours the simple words more than the {nov} persona does (gap {} logits): the tracked words move against the hypothesis.",
+            fmt_num(gap_last)
+        ));
+    }
+    Ok(StepOut {
+        step: "lens".into(),
+        command: args,
+        headlines,
+        negatives,
+        plots: vec![Plot {
+            png: "lens/logit_diff.png".into(),
+            caption: format!("Logit lens: mean logit of expert words minus simple words at the last prompt token, by residual row, per persona ({} prompts on {}); bands: 95 % CI.", r.prompts.len(), c.cfg.pair_id),
+        }],
+        data: json!({"personas": r.personas.iter().map(|p| json!({"persona": p.persona, "n": p.n_prompts, "logit_diff_mean": p.logit_diff_mean})).collect::<Vec<_>>(),
+            "expert_words": r.expert_words.iter().map(|w| w.word.clone()).collect::<Vec<_>>(),
+            "simple_words": r.simple_words.iter().map(|w| w.word.clone()).collect::<Vec<_>>(),
+            "decision_row": decision, "metric": r.metric, "warnings": r.warnings}),
+        ..Default::default()
+    })
+}
+
+fn patch_step(c: &Ctx) -> Result<StepOut> {
+    let dir = c.dir("patch");
+    let p = &c.cfg.patch;
+    let mut args = c.base("patch");
+    args.extend([
+        "--clean".into(),
+        p.clean.clone(),
+        "--corrupted".into(),
+        p.corrupted.clone(),
+        "--answer-a".into(),
+        p.answer_a.clone(),
+        "--answer-b".into(),
+        p.answer_b.clone(),
+        "--sweep".into(),
+        join(&p.sweeps),
+        "--out".into(),
+        dir.display().to_string(),
+    ]);
+    c.quiet_flag(&mut args);
+    let Cmd::Patch(pa) = c.parse(&args)? else {
+        bail!("internal: patch arguments")
+    };
+    let (out, _files) = patch_with(c.model, &pa)?;
+    write_json(&dir.join("patching.json"), &out)?;
+    let clean = f(&out["clean_metric"]);
+    let corrupted = f(&out["corrupted_metric"]);
+    let prov = |hook: &str, extra: Value| {
+        let mut v = c.prov(json!({"hook": hook, "position": "last", "clean": p.clean, "corrupted": p.corrupted,
+            "metric": format!("logit[{}] - logit[{}]", p.answer_a, p.answer_b), "file": "patch/patching.json"}));
+        if let (Some(o), Some(e)) = (v.as_object_mut(), extra.as_object()) {
+            for (k, x) in e {
+                o.insert(k.clone(), x.clone());
+            }
+        }
+        v
+    };
+    let mut headlines = vec![Headline {
+        id: "patch.clean_minus_corrupted".into(),
+        label: format!(
+            "logit difference '{}' minus '{}', clean ({}) minus corrupted prompt",
+            p.answer_a, p.answer_b, "novice"
+        ),
+        value: clean - corrupted,
+        unit: "logits".into(),
+        ci95: None,
+        provenance: prov("logits", json!({})),
+    }];
+    let mut negatives = vec![];
+    let mut plots = vec![];
+    let mut data = json!({"clean_metric": clean, "corrupted_metric": corrupted,
+        "differing_positions": out["differing_positions"]});
+    if (clean - corrupted).abs() < 0.1 {
+        negatives.push(format!(
+            "The persona swap barely moves the metric (clean {} vs corrupted {} logits): patching effects on this pair are measured against a gap of {} logits and are noisy.",
+            fmt_num(clean), fmt_num(corrupted), fmt_num(clean - corrupted)
+        ));
+    }
+    let sweeps = out["sweeps"].as_object().cloned().unwrap_or_default();
+    for (name, sw) in &sweeps {
+        plots.push(Plot {
+            png: format!("patch/{name}.png"),
+            caption: format!("Activation patching {name}: normalised restoration (1 = clean behaviour, 0 = corrupted) of the logit difference, clean run into corrupted."),
+        });
+        let norm: Vec<Vec<f64>> = sw["normalized"]
+            .as_array()
+            .map(|r| {
+                r.iter()
+                    .map(|row| {
+                        row.as_array()
+                            .map(|x| x.iter().map(f).collect())
+                            .unwrap_or_default()
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        if norm.is_empty() {
+            continue;
+        }
+        let kind = sw["sweep"].as_str().unwrap_or("");
+        if kind == "resid_pre" {
+            // Last position: from which layer does patching the residual restore most of it?
+            let lastcol: Vec<f64> = norm
+                .iter()
+                .map(|r| *r.last().unwrap_or(&f64::NAN))
+                .collect();
+            let half = lastcol.iter().position(|&v| v >= 0.5);
+            data["resid_pre_last_position"] = json!(lastcol);
+            match half {
+                Some(l) => headlines.push(Headline {
+                    id: "patch.resid_last_half_layer".into(),
+                    label: "first layer whose resid_pre at the last position restores at least half of the clean behaviour".into(),
+                    value: l as f64,
+                    unit: "layer".into(),
+                    ci95: None,
+                    provenance: prov("blocks.{layer}.hook_resid_pre", json!({"layer": l})),
+                }),
+                None => negatives.push("Patching the last position's residual stream never restores half of the clean behaviour at any layer: the persona information reaches the output by another route or the metric is not persona-driven.".into()),
+            }
+        }
+        if kind == "z_last" {
+            let mut best = (0usize, 0usize, f64::NEG_INFINITY);
+            for (l, row) in norm.iter().enumerate() {
+                for (h, &v) in row.iter().enumerate() {
+                    if v.is_finite() && v > best.2 {
+                        best = (l, h, v);
+                    }
+                }
+            }
+            if best.2.is_finite() {
+                headlines.push(Headline {
+                    id: "patch.best_head_z_last".into(),
+                    label: format!("largest single-head restoration (attn.hook_z at the last position), head L{}H{}", best.0, best.1),
+                    value: best.2,
+                    unit: "fraction restored".into(),
+                    ci95: None,
+                    provenance: prov("blocks.{layer}.attn.hook_z", json!({"layer": best.0, "head": best.1})),
+                });
+                data["best_head_z_last"] =
+                    json!({"layer": best.0, "head": best.1, "restored": best.2});
+                if best.2 < 0.1 {
+                    negatives.push(format!(
+                        "No single head's output at the last position restores more than {} of the behaviour: the effect is spread over many heads (no sparse circuit on this pair).",
+                        fmt_num(best.2)
+                    ));
+                }
+            }
+        }
+    }
+    Ok(StepOut {
+        step: "patch".into(),
+        command: args,
+        headlines,
+        negatives,
+        plots,
+        data,
+        ..Default::default()
+    })
+}
+
+/// Where a head at the last position looks: share of attention on the persona tokens and the
+/// most attended token, on the first novice prompt of the topic.
+fn head_roles(c: &Ctx, heads: &[(usize, usize)]) -> Result<Vec<Value>> {
+    use persona_lens_analysis::dataset;
+    let ds = dataset::generate(&persona_lens_analysis::GenOptions {
+        persona_pairs: vec![c.cfg.persona_pair.clone()],
+        topics: vec![],
+        n_questions_per_pair: 1,
+        templates: vec![],
+        include_neutral: false,
+    })?;
+    let ds = dataset::select_pairs(ds, std::slice::from_ref(&c.cfg.pair_id))?;
+    let Some(item) = ds
+        .items
+        .iter()
+        .find(|i| i.class == "novice" && i.persona_span.is_some())
+    else {
+        return Ok(vec![]);
+    };
+    let chat = c.model.is_chat_model();
+    let span = item.persona_span.unwrap_or((0, 0));
+    let (ids, spans) = c.model.encode_prompt_spans(&item.text, chat, &[span])?;
+    let (p0, p1) = spans[0].unwrap_or((0, 0));
+    let batch = Batch::left_padded(
+        std::slice::from_ref(&ids),
+        c.model.pad_id(),
+        c.model.device(),
+    )?;
+    let mut hooks = Hooks::new();
+    for &(l, _) in heads {
+        hooks.capture(HookName::block(l, HookPoint::AttnPattern));
+    }
+    c.model.forward(&batch, None, &mut hooks, LogitsAt::None)?;
+    let t = ids.len();
+    let mut out = vec![];
+    for &(l, h) in heads {
+        let pat = hooks
+            .cache
+            .get(&HookName::block(l, HookPoint::AttnPattern))?;
+        // [1, heads, q, k] -> the last query's row
+        let row: Vec<f32> = pat.get(0)?.get(h)?.get(t - 1)?.to_vec1()?;
+        let persona: f64 = row[p0..p1].iter().map(|&x| x as f64).sum();
+        let (top, topv) = row
+            .iter()
+            .enumerate()
+            .max_by(|a, b| a.1.total_cmp(b.1))
+            .map(|(i, &v)| (i, v as f64))
+            .unwrap_or((0, 0.0));
+        let tok = c.model.tokenizer.id_to_token(ids[top]);
+        let bos = top == 0;
+        let role = if persona >= 0.2 {
+            format!(
+                "persona mover: {:.0} % of its last-position attention is on the persona tokens",
+                persona * 100.0
+            )
+        } else if bos {
+            format!("mostly attends to the first token ({:.0} %, an attention sink); its effect comes from small shifts, not from reading the persona", topv * 100.0)
+        } else {
+            format!("reads {tok:?} (position {top}, {:.0} % of attention) more than the persona tokens ({:.0} %): a downstream or question-reading head", topv * 100.0, persona * 100.0)
+        };
+        out.push(json!({"head": format!("L{l}H{h}"), "layer": l, "head_index": h,
+            "persona_attention": persona, "top_token": tok, "top_position": top, "top_attention": topv,
+            "role": role, "prompt": item.text, "persona_positions": [p0, p1]}));
+    }
+    Ok(out)
+}
+
+fn heads_step(c: &Ctx) -> Result<StepOut> {
+    let dir = c.dir("heads");
+    let h = &c.cfg.heads;
+    let mut args = c.base("heads");
+    args.extend(dataset_args(
+        c,
+        Some(&c.cfg.pair_id),
+        h.n_questions_per_pair,
+    ));
+    args.extend([
+        "--top".into(),
+        s(h.top),
+        "--min-gap".into(),
+        s(h.min_gap),
+        "--out".into(),
+        dir.display().to_string(),
+    ]);
+    c.quiet_flag(&mut args);
+    let Cmd::Heads(ha) = c.parse(&args)? else {
+        bail!("internal: heads arguments")
+    };
+    let out = heads_with(c.model, &ha, false)?;
+    let ranking = &out["ranking"];
+    let top: Vec<(usize, usize, f64, f64, f64)> = ranking["heads"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .take(h.top)
+                .map(|x| {
+                    (
+                        x["head"]["layer"].as_u64().unwrap_or(0) as usize,
+                        x["head"]["head"].as_u64().unwrap_or(0) as usize,
+                        f(&x["mean"]),
+                        f(&x["ci95"][0]),
+                        f(&x["ci95"][1]),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let n_pairs = ranking["n_pairs"].as_u64().unwrap_or(0);
+    let roles = head_roles(c, &top.iter().map(|t| (t.0, t.1)).collect::<Vec<_>>())?;
+    let mut headlines = vec![];
+    let mut negatives = vec![];
+    if let Some(&(l, hh, m, lo, hi)) = top.first() {
+        headlines.push(Headline {
+            id: "heads.top_score".into(),
+            label: format!("mean z-patching score of the top persona-mover head L{l}H{hh} over {n_pairs} pairs"),
+            value: m,
+            unit: "fraction restored".into(),
+            ci95: Some((lo, hi)),
+            provenance: c.prov(json!({"hook": format!("blocks.{l}.attn.hook_z"), "layer": l, "head": hh,
+                "position": "all (suffix-aligned)", "topic": c.cfg.pair_id, "n_pairs": n_pairs, "file": "heads/heads.json"})),
+        });
+        if lo <= 0.0 {
+            negatives.push(format!(
+                "Even the top head L{l}H{hh}'s 95 % interval includes zero ({} to {}): over {n_pairs} pairs no head is a reliable persona mover.",
+                fmt_num(lo), fmt_num(hi)
+            ));
+        }
+    }
+    if n_pairs == 0 {
+        negatives.push("No prompt pair had a large enough persona gap for head ranking.".into());
+    }
+    let circuit: Vec<Value> = top
+        .iter()
+        .zip(roles.iter().map(Some).chain(std::iter::repeat(None)))
+        .map(|(&(l, hh, m, lo, hi), r)| {
+            json!({"head": format!("L{l}H{hh}"), "score": m, "ci95": [lo, hi],
+                "persona_attention": r.map(|r| r["persona_attention"].clone()),
+                "role": r.map(|r| r["role"].clone()).unwrap_or(json!("(no persona span to inspect)"))})
+        })
+        .collect();
+    Ok(StepOut {
+        step: "heads".into(),
+        command: args,
+        headlines,
+        negatives,
+        plots: vec![Plot {
+            png: "heads/heads.png".into(),
+            caption: format!("Persona-mover heads: mean normalised z-patching score per head over {n_pairs} {} pairs (novice into expert prompt).", c.cfg.pair_id),
+        }],
+        data: json!({"top": out["top"], "n_pairs": n_pairs, "n_skipped": ranking["n_skipped"], "circuit": circuit, "roles": roles}),
+        ..Default::default()
+    })
+}
+
+fn ablate_step(c: &Ctx) -> Result<StepOut> {
+    let dir = c.dir("ablate");
+    let heads_json = c.dir("heads").join("heads.json");
+    if !heads_json.exists() {
+        bail!(
+            "the ablate step needs {} from the heads step; run --experiment heads,ablate (or all)",
+            heads_json.display()
+        );
+    }
+    let a = &c.cfg.ablate;
+    let mut args = c.base("ablate");
+    args.extend(dataset_args(
+        c,
+        Some(&c.cfg.pair_id),
+        c.cfg.heads.n_questions_per_pair,
+    ));
+    args.extend([
+        "--from".into(),
+        heads_json.display().to_string(),
+        "--mode".into(),
+        join(&a.modes),
+        "--n-random".into(),
+        s(a.n_random),
+        "--seed".into(),
+        s(c.cfg.seed),
+        "--n-generate".into(),
+        s(a.n_generate),
+        "--gen-tokens".into(),
+        s(a.gen_tokens),
+        "--out".into(),
+        dir.display().to_string(),
+    ]);
+    c.quiet_flag(&mut args);
+    let Cmd::Ablate(aa) = c.parse(&args)? else {
+        bail!("internal: ablate arguments")
+    };
+    let out = ablate_with(c.model, &aa, false)?;
+    let heads = join(
+        &out["heads"]
+            .as_array()
+            .map(|v| {
+                v.iter()
+                    .filter_map(|x| x.as_str().map(String::from))
+                    .collect::<Vec<_>>()
+            })
+            .unwrap_or_default(),
+    );
+    let base_gap = out["effects"][0]["gap_mean"].as_f64().unwrap_or(f64::NAN);
+    let mut headlines = vec![Headline {
+        id: "ablate.baseline_gap".into(),
+        label: "persona gap without ablation: metric(novice) minus metric(expert)".into(),
+        value: base_gap,
+        unit: "logits".into(),
+        ci95: None,
+        provenance: c.prov(
+            json!({"position": "last", "topic": c.cfg.pair_id, "file": "ablate/ablate.json"}),
+        ),
+    }];
+    let mut negatives = vec![];
+    let mut bars = vec![];
+    for m in out["summary"].as_array().cloned().unwrap_or_default() {
+        let mode = m["mode"].as_str().unwrap_or("").to_lowercase();
+        let top = f(&m["top_gap_change"]);
+        let (rmin, rmax) = (
+            f(&m["random_gap_change_min"]),
+            f(&m["random_gap_change_max"]),
+        );
+        headlines.push(Headline {
+            id: format!("ablate.{mode}.top_gap_change"),
+            label: format!("change of the persona gap when the top heads ({heads}) are {mode}-ablated"),
+            value: top,
+            unit: "logits".into(),
+            ci95: None,
+            provenance: c.prov(json!({"hook": "blocks.{layer}.attn.hook_z", "heads": heads, "mode": mode, "topic": c.cfg.pair_id, "file": "ablate/ablate.json"})),
+        });
+        headlines.push(Headline {
+            id: format!("ablate.{mode}.random_gap_change"),
+            label: format!(
+                "mean change of the persona gap for random head sets of the same size ({mode})"
+            ),
+            value: f(&m["random_gap_change_mean"]),
+            unit: "logits".into(),
+            ci95: Some((
+                f(&m["random_gap_change_ci95"][0]),
+                f(&m["random_gap_change_ci95"][1]),
+            )),
+            provenance: c
+                .prov(json!({"mode": mode, "n_random": a.n_random, "file": "ablate/ablate.json"})),
+        });
+        bars.push(Bar {
+            label: format!("top heads, {mode}"),
+            value: top,
+            err: None,
+            group: 0,
+        });
+        bars.push(Bar {
+            label: format!("random heads, {mode}"),
+            value: f(&m["random_gap_change_mean"]),
+            err: None,
+            group: 0,
+        });
+        if top.is_finite() && top >= rmin && top <= rmax {
+            negatives.push(format!(
+                "{mode}-ablating the top heads ({heads}) changes the persona gap by {} logits, inside the range of random head sets ({} to {}): no evidence that these heads matter more than any others.",
+                fmt_num(top), fmt_num(rmin), fmt_num(rmax)
+            ));
+        } else if top.is_finite() && top > 0.0 {
+            negatives.push(format!(
+                "{mode}-ablating the top heads ({heads}) widens the persona gap ({} logits) instead of closing it: the heads do not carry the persona signal the way the patching score suggests.",
+                fmt_num(top)
+            ));
+        }
+    }
+    std::fs::create_dir_all(&dir)?;
+    save_bar_chart(
+        &BarChart {
+            title: format!("Persona gap change on ablation, {}", c.cfg.model),
+            x_label: "change of the persona gap (logits)".into(),
+            bars,
+            groups: vec![],
+            caption: format!("top heads {heads} vs random head sets (mean of {}); baseline gap {} logits; seed {}", a.n_random, fmt_num(base_gap), c.cfg.seed),
+            ..Default::default()
+        },
+        &dir.join("gap_change"),
+    )?;
+    Ok(StepOut {
+        step: "ablate".into(),
+        command: args,
+        headlines,
+        negatives,
+        plots: vec![Plot {
+            png: "ablate/gap_change.png".into(),
+            caption: "Change of the persona gap when the top heads are ablated, against random head sets of the same size (negative = the gap closes).".into(),
+        }],
+        data: json!({"heads": heads, "summary": out["summary"], "baseline_gap": base_gap,
+            "grade_gap": out["effects"][0]["grade_gap"]}),
+        ..Default::default()
+    })
+}
+
+fn steer_step(c: &Ctx) -> Result<StepOut> {
+    let dir = c.dir("steer");
+    let directions = c.dir("probe").join("directions.safetensors");
+    if !directions.exists() {
+        // Steering alone: compute the directions first (the probe step's harvest).
+        let mut dargs = c.base("direction");
+        dargs.extend(dataset_args(c, None, c.cfg.n_questions_per_pair));
+        dargs.extend([
+            "--position".into(),
+            c.cfg.position.clone(),
+            "--out".into(),
+            c.dir("probe").display().to_string(),
+        ]);
+        c.quiet_flag(&mut dargs);
+        let Cmd::Direction(da) = c.parse(&dargs)? else {
+            bail!("internal: direction arguments")
+        };
+        direction_with(c.model, &da, false)?;
+    }
+    let st = &c.cfg.steer;
+    let n = c.model.config().n_layers;
+    let layers = if st.layers.is_empty() {
+        let mut v = vec![n / 3, n / 2];
+        v.dedup();
+        v
+    } else {
+        st.layers.clone()
+    };
+    let mut args = c.base("steer-sweep");
+    args.extend(dataset_args(c, Some(&c.cfg.pair_id), 10));
+    args.extend([
+        "--direction".into(),
+        directions.display().to_string(),
+        "--layer".into(),
+        join(&layers),
+        "--alpha".into(),
+        join(&st.alphas),
+        "--kind".into(),
+        st.kind.clone(),
+        "--norm".into(),
+        st.norm.clone(),
+        "--n-prompts".into(),
+        s(st.n_prompts),
+        "--max-new-tokens".into(),
+        s(st.max_new_tokens),
+        "--bootstrap".into(),
+        s(st.bootstrap),
+        "--rate-seed".into(),
+        s(c.cfg.seed),
+        "--seed".into(),
+        s(c.cfg.seed),
+        "--out".into(),
+        dir.display().to_string(),
+    ]);
+    c.quiet_flag(&mut args);
+    let Cmd::SteerSweep(sa) = c.parse(&args)? else {
+        bail!("internal: steer-sweep arguments")
+    };
+    let out = steer_sweep_with(c.model, &sa, false)?;
+    let cells = out["cells"].as_array().cloned().unwrap_or_default();
+    let measure = |layer: usize, alpha: f64, key: &str| -> Option<(f64, f64, f64)> {
+        cells
+            .iter()
+            .find(|x| {
+                x["layer"].as_i64() == Some(layer as i64) && (f(&x["alpha"]) - alpha).abs() < 1e-9
+            })
+            .and_then(|x| x["measures"].get(key))
+            .map(|m| (f(&m[0]), f(&m[1]), f(&m[2])))
+    };
+    let amax = st.alphas.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+    let a0 = st.alphas.iter().cloned().fold(f64::INFINITY, f64::min);
+    let mut headlines = vec![];
+    let mut negatives = vec![];
+    for &l in &layers {
+        let (Some(g0), Some(g1)) = (
+            measure(l, a0, "flesch_kincaid_grade"),
+            measure(l, amax, "flesch_kincaid_grade"),
+        ) else {
+            continue;
+        };
+        let prov = c.prov(
+            json!({"hook": format!("blocks.{l}.hook_resid_post"), "layer": l,
+            "direction": "probe/directions.safetensors", "kind": st.kind, "norm": st.norm,
+            "alpha": amax, "n_prompts": st.n_prompts, "file": "steer/steer_sweep.json"}),
+        );
+        headlines.push(Headline {
+            id: format!("steer.layer{l}.grade_change"),
+            label: format!("Flesch-Kincaid grade change of novice-prompt answers steered at layer {l}, alpha {} vs {}", fmt_num(amax), fmt_num(a0)),
+            value: g1.0 - g0.0,
+            unit: "US grade levels".into(),
+            ci95: None,
+            provenance: prov.clone(),
+        });
+        let overlap = g1.1 <= g0.2 && g0.1 <= g1.2;
+        if let Some(h) = headlines.last_mut() {
+            h.provenance["ci95_overlap"] = json!(overlap);
+        }
+        if overlap {
+            negatives.push(format!(
+                "Steering at layer {l} with alpha {} does not move the answers' grade beyond noise ({} to {} grade; 95 % intervals overlap).",
+                fmt_num(amax), fmt_num(g0.0), fmt_num(g1.0)
+            ));
+        }
+        if let (Some(p0), Some(p1)) = (measure(l, a0, "perplexity"), measure(l, amax, "perplexity"))
+        {
+            let ratio = p1.0 / p0.0;
+            headlines.push(Headline {
+                id: format!("steer.layer{l}.perplexity_ratio"),
+                label: format!(
+                    "perplexity of steered answers (layer {l}, alpha {}) relative to alpha {}",
+                    fmt_num(amax),
+                    fmt_num(a0)
+                ),
+                value: ratio,
+                unit: "ratio".into(),
+                ci95: None,
+                provenance: prov,
+            });
+            if ratio > 2.0 {
+                negatives.push(format!(
+                    "At layer {l} alpha {} the answers' perplexity is {}x the unsteered one: the grade change there comes with broken text (circuit failure, not a cleaner expert answer).",
+                    fmt_num(amax), fmt_num(ratio)
+                ));
+            }
+        }
+    }
+    Ok(StepOut {
+        step: "steer".into(),
+        command: args,
+        headlines,
+        negatives,
+        plots: vec![
+            Plot { png: "steer/dose_response_grade.png".into(), caption: "Dose-response: Flesch-Kincaid grade of greedy answers to novice prompts against steering alpha (child-to-PhD direction), one line per layer; bands: bootstrap 95 % CI.".into() },
+            Plot { png: "steer/dose_response_fluency.png".into(), caption: "Fluency: perplexity of the steered answers under the unsteered model against alpha.".into() },
+        ],
+        data: json!({"layers": layers, "alphas": st.alphas, "cells": cells}),
+        ..Default::default()
+    })
+}
+
+fn diff_step(c: &Ctx) -> Result<StepOut> {
+    use persona_lens_diffing::analyze::{analyze as run_analyze, AnalyzeSpec};
+    use persona_lens_diffing::corpus;
+    use persona_lens_diffing::harvest::CorpusItem;
+    use persona_lens_diffing::harvest::{harvest_paired, PairedHarvestSpec};
+    use persona_lens_diffing::paired::{Alignment, PairedStore};
+    use persona_lens_diffing::train::{train as run_train, Objective, TrainConfig};
+    let dir = c.dir("diff");
+    let d = &c.cfg.diff;
+    let chat = load_model(&ModelArgs {
+        model: d.chat_model.clone(),
+        models_dir: c.models_dir.clone(),
+        dtype: DtypeArg::F32,
+        quantized: None,
+        threads: c.threads,
+        json: false,
+    })?;
+    let models = [c.model, &chat];
+    let hooks = [
+        persona_lens_diffing::harvest::middle_resid_post(c.model),
+        persona_lens_diffing::harvest::middle_resid_post(&chat),
+    ];
+    let template = [c.model.is_chat_model(), chat.is_chat_model()];
+    let ds = persona_lens_analysis::dataset::generate(&persona_lens_analysis::GenOptions {
+        persona_pairs: vec![c.cfg.persona_pair.clone()],
+        topics: vec![],
+        n_questions_per_pair: c.cfg.n_questions_per_pair,
+        templates: vec![],
+        include_neutral: true,
+    })?;
+    let mut items = corpus::from_dataset(&ds);
+    if d.max_dataset_items > 0 && items.len() > d.max_dataset_items {
+        let step = items.len() as f64 / d.max_dataset_items as f64;
+        items = (0..d.max_dataset_items)
+            .map(|i| items[(i as f64 * step) as usize].clone())
+            .collect();
+    }
+    for (i, (e, p)) in corpus::verification_prompts().iter().enumerate() {
+        items.push(CorpusItem {
+            id: format!("verify/{i}/{e}"),
+            source: "verification".into(),
+            text: p.to_string(),
+        });
+    }
+    for (i, (b, n)) in corpus::sycophancy_pairs().iter().enumerate() {
+        for (cl, t) in [("biased", b), ("neutral", n)] {
+            items.push(CorpusItem {
+                id: format!("syc_{i:03}/{cl}"),
+                source: cl.into(),
+                text: t.to_string(),
+            });
+        }
+    }
+    let store_dir = dir.join("store");
+    let spec = PairedHarvestSpec {
+        hooks,
+        chat_template: template,
+        alignment: Some(Alignment::Last),
+        batch_size: 16,
+        shard_rows: 50_000,
+        setup: [None, None],
+    };
+    let pb = crate::engine_cmds::progress(items.len() as u64, c.quiet, "samples (both models)");
+    let mut meta = harvest_paired(models, &items, &spec, &store_dir, &|n| pb.inc(n as u64))?;
+    pb.finish_and_clear();
+    meta.corpus = "study: persona dataset + verification + sycophancy prompts".into();
+    persona_lens_engine::io::write_atomic(
+        &store_dir.join(persona_lens_diffing::paired::MANIFEST),
+        &serde_json::to_vec_pretty(&meta)?,
+    )?;
+    let store = PairedStore::open(&store_dir)?;
+    let tcfg = TrainConfig {
+        objective: Objective::L1 {
+            l1_coeff: d.l1_coeff,
+        },
+        dict_size: d.dict_size,
+        batch_size: d.batch_size,
+        steps: d.steps,
+        lr: 1e-3,
+        warmup_steps: (d.steps / 20).max(1),
+        seed: c.cfg.seed,
+        checkpoint_every: d.steps.max(1),
+        normaliser_rows: 100_000,
+        target_rms: 1.0,
+        dec_init_norm: 0.1,
+    };
+    let cc_dir = dir.join("crosscoder");
+    let ckpt = cc_dir.join("checkpoint");
+    let _ = std::fs::remove_dir_all(&ckpt); // a step is re-run whole
+    let pb = crate::engine_cmds::progress(d.steps as u64, c.quiet, "crosscoder steps");
+    let trained = run_train(&store, &tcfg, &ckpt, false, None, &|st| {
+        pb.set_position(st.step as u64 + 1)
+    })?;
+    pb.finish_and_clear();
+    trained.crosscoder.save(&cc_dir)?;
+    let last = trained
+        .log
+        .last()
+        .cloned()
+        .context("crosscoder training logged no step")?;
+    let ads = persona_lens_analysis::dataset::select_pairs(
+        persona_lens_analysis::dataset::generate(&persona_lens_analysis::GenOptions {
+            persona_pairs: vec![c.cfg.persona_pair.clone()],
+            topics: vec![],
+            n_questions_per_pair: c.cfg.n_questions_per_pair,
+            templates: vec![],
+            include_neutral: false,
+        })?,
+        &[],
+    )?;
+    let aspec = AnalyzeSpec {
+        hooks,
+        chat_template: template,
+        alignment: Some(Alignment::Last),
+        batch_size: 16,
+        crosscoder: Some((&trained.crosscoder, "diff/crosscoder".into())),
+        store: Some(&store),
+        top_k: d.top_k,
+        n_verify: d.n_verify,
+        seed: c.cfg.seed,
+    };
+    let quiet = c.quiet;
+    let sm = run_analyze(models, &ads, &aspec, &dir.join("analysis"), &|step| {
+        if !quiet {
+            eprintln!("  … {step}");
+        }
+    })?;
+    let prov = |extra: Value| {
+        let mut v = c.prov(
+            json!({"base_model": c.cfg.model, "chat_model": d.chat_model,
+            "hooks": [hooks[0].to_string(), hooks[1].to_string()], "position": "last",
+            "dict_size": d.dict_size, "steps": d.steps, "file": "diff/analysis/summary.json"}),
+        );
+        if let (Some(o), Some(e)) = (v.as_object_mut(), extra.as_object()) {
+            for (k, x) in e {
+                o.insert(k.clone(), x.clone());
+            }
+        }
+        v
+    };
+    let mut headlines = vec![Headline {
+        id: "diff.fve".into(),
+        label: "crosscoder fraction of variance explained (last training batch)".into(),
+        value: last.fve,
+        unit: "fraction".into(),
+        ci95: None,
+        provenance: prov(json!({"rows": store.meta.rows})),
+    }];
+    let mut negatives = vec![];
+    if let Some(top) = sm.top_candidates.first() {
+        headlines.push(Headline {
+            id: "diff.top_novice_latent_t".into(),
+            label: format!(
+                "t statistic of the top novice-minus-expert latent #{} ({} pairs)",
+                top.candidate.feature_idx, top.candidate.n_pairs
+            ),
+            value: top.candidate.t,
+            unit: "t".into(),
+            ci95: None,
+            provenance: prov(json!({"latent": top.candidate.feature_idx})),
+        });
+        if let Some(v) = sm
+            .verification
+            .iter()
+            .find(|v| v.feature_idx == top.candidate.feature_idx)
+        {
+            headlines.push(Headline {
+                id: "diff.top_latent_verification".into(),
+                label: format!(
+                    "verification prompts passed by latent #{} (of {})",
+                    v.feature_idx, v.checked
+                ),
+                value: v.passed as f64,
+                unit: "prompts".into(),
+                ci95: None,
+                provenance: prov(json!({"latent": v.feature_idx, "rule": v.rule})),
+            });
+            if (v.passed as f64) < 0.75 * v.checked as f64 {
+                negatives.push(format!(
+                    "The top novice latent #{} passes only {} of {} verification prompts: it detects the dataset's persona phrasings rather than a general 'user is a novice' feature.",
+                    v.feature_idx, v.passed, v.checked
+                ));
+            }
+        }
+    }
+    if c.model.config().arch != chat.config().arch
+        || c.model.config().d_model != chat.config().d_model
+    {
+        negatives.push(format!(
+            "The diffed models differ in architecture and width ({} d={} vs {} d={}): decoder cosines and Latent Scaling between their spaces are not meaningful, only per-model activations and Δ_norm are.",
+            c.cfg.model, c.model.config().d_model, d.chat_model, chat.config().d_model
+        ));
+    }
+    let mut plots = vec![];
+    for p in &sm.plots {
+        let rel = format!("diff/analysis/{p}");
+        if rel.ends_with(".png") && c.out.join(&rel).exists() {
+            plots.push(Plot {
+                png: rel,
+                caption: format!(
+                    "Crosscoder diffing: {}",
+                    p.trim_end_matches(".png").replace('_', " ")
+                ),
+            });
+        }
+    }
+    Ok(StepOut {
+        step: "diff".into(),
+        command: vec![
+            "diff harvest / diff train / diff analyze (library calls; see diff/analysis/summary.json)".into(),
+            format!("--base-model {} --chat-model {} --dict-size {} --steps {} --batch-size {} --l1-coeff {} --seed {}", c.cfg.model, d.chat_model, d.dict_size, d.steps, d.batch_size, d.l1_coeff, c.cfg.seed),
+        ],
+        headlines,
+        negatives,
+        plots,
+        data: json!({"rows": store.meta.rows, "latent_classes": sm.latent_classes, "final_step": last,
+            "top_candidates": sm.top_candidates.iter().take(5).collect::<Vec<_>>(),
+            "verification": sm.verification.iter().map(|v| json!({"latent": v.feature_idx, "passed": v.passed, "checked": v.checked})).collect::<Vec<_>>()}),
+        ..Default::default()
+    })
+}
+
+// ---------------- orchestration ----------------
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    let mut h = Sha256::new();
+    h.update(bytes);
+    format!("{:x}", h.finalize())
+}
+
+/// A content hash of the model's weights file (GGUF) or of the checkpoint's config and shard
+/// sizes (HF directory): provenance for the summary.
+fn model_hash(m: &Model) -> Result<String> {
+    let p = PathBuf::from(&m.info.path);
+    if p.is_file() {
+        let mut h = Sha256::new();
+        let mut f = std::fs::File::open(&p)?;
+        std::io::copy(&mut f, &mut h)?;
+        return Ok(format!("{:x}", h.finalize()));
+    }
+    let mut h = Sha256::new();
+    if let Ok(c) = std::fs::read(p.join("config.json")) {
+        h.update(&c);
+    }
+    let mut files: Vec<_> = std::fs::read_dir(&p)
+        .map(|r| r.filter_map(|e| e.ok()).collect())
+        .unwrap_or_default();
+    files.sort_by_key(|e| e.file_name());
+    for e in files {
+        if let Ok(md) = e.metadata() {
+            h.update(format!("{:?}:{}", e.file_name(), md.len()).as_bytes());
+        }
+    }
+    Ok(format!("{:x}", h.finalize()))
+}
+
+fn interrupt_handler() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let _ = ctrlc::set_handler(|| {
+            let n = persona_lens_engine::io::abort_writes();
+            eprintln!("error: interrupted; {n} partial file(s) removed, finished steps kept; re-run with --resume to finish");
+            std::process::exit(130);
+        });
+    });
+}
+
+pub fn run(a: RunArgs) -> Result<()> {
+    let cfg = a.resolve()?;
+    interrupt_handler();
+    let out = cfg.out.clone();
+    std::fs::create_dir_all(&out)
+        .with_context(|| format!("cannot create --out {}", out.display()))?;
+    let t_all = Instant::now();
+    let quiet = a.quiet || a.json;
+    let model = load_model(&ModelArgs {
+        model: cfg.model.clone(),
+        models_dir: a.models_dir.clone(),
+        dtype: DtypeArg::F32,
+        quantized: None,
+        threads: a.threads,
+        json: false,
+    })?;
+    let mhash = model_hash(&model)?;
+    let resolved = toml::to_string_pretty(&cfg)?;
+    persona_lens_engine::io::write_atomic(&out.join("config.resolved.toml"), resolved.as_bytes())?;
+    let ctx = Ctx {
+        model: &model,
+        cfg: &cfg,
+        out: &out,
+        quiet,
+        models_dir: a.models_dir.clone(),
+        threads: a.threads,
+    };
+    let n_steps = cfg.experiment.len();
+    let mut results: Vec<StepOut> = vec![];
+    let mut timings = serde_json::Map::new();
+    for (i, step) in cfg.experiment.iter().enumerate() {
+        // A step's identity: the whole resolved config and the model's hash (steps read each
+        // other's files, so any change re-runs every step).
+        let hash = sha256_hex(format!("{resolved}\n{mhash}\n{step}").as_bytes());
+        let marker = out.join(step).join("step.json");
+        if a.resume {
+            if let Ok(text) = std::fs::read_to_string(&marker) {
+                if let Ok(prev) = serde_json::from_str::<StepOut>(&text) {
+                    if prev.config_hash == hash {
+                        if !quiet {
+                            eprintln!("[{}/{n_steps}] {step}: done earlier, reused", i + 1);
+                        }
+                        timings.insert(step.clone(), json!("reused"));
+                        results.push(prev);
+                        continue;
+                    }
+                }
+            }
+        }
+        if !quiet {
+            eprintln!("[{}/{n_steps}] {step} …", i + 1);
+        }
+        let t = Instant::now();
+        let mut r = match step.as_str() {
+            "probe" => probe_step(&ctx),
+            "lens" => lens_step(&ctx),
+            "patch" => patch_step(&ctx),
+            "heads" => heads_step(&ctx),
+            "ablate" => ablate_step(&ctx),
+            "steer" => steer_step(&ctx),
+            "diff" => diff_step(&ctx),
+            other => bail!("internal: unknown step {other}"),
+        }
+        .with_context(|| format!("step {step}"))?;
+        r.config_hash = hash;
+        // Commands are recorded with paths relative to the study folder's parent as given.
+        write_json(&marker, &r)?;
+        let secs = t.elapsed().as_secs_f64();
+        timings.insert(step.clone(), json!(secs));
+        if !quiet {
+            eprintln!("[{}/{n_steps}] {step} done in {secs:.1} s", i + 1);
+        }
+        results.push(r);
+    }
+    let summary = build_summary(&ctx, &mhash, &results)?;
+    write_json(&out.join("summary.json"), &summary)?;
+    let doc = build_report(&summary);
+    persona_lens_engine::io::write_atomic(&out.join("report.md"), doc.to_markdown().as_bytes())?;
+    let html = doc.to_html(&out)?;
+    persona_lens_engine::io::write_atomic(&out.join("report.html"), html.as_bytes())?;
+    let run_info = json!({
+        "tool": format!("persona-lens {}", env!("CARGO_PKG_VERSION")),
+        "versions": {"persona-lens": env!("CARGO_PKG_VERSION"), "candle": "0.11", "tokenizers": "0.22"},
+        "model": {"spec": cfg.model, "path": model.info.path, "sha256": mhash},
+        "seed": cfg.seed,
+        "config": cfg,
+        "config_file": a.config.as_ref().map(|p| p.display().to_string()),
+        "resumed": a.resume,
+        "threads": a.threads,
+        "commands": results.iter().map(|r| json!({"step": r.step, "command": r.command})).collect::<Vec<_>>(),
+        "seconds": timings,
+        "total_seconds": t_all.elapsed().as_secs_f64(),
+    });
+    write_json(&out.join("run.json"), &run_info)?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&summary)?);
+        return Ok(());
+    }
+    print_table(&results);
+    println!(
+        "study of {} done in {:.1} s: {}/summary.json, report.md, report.html",
+        cfg.model,
+        t_all.elapsed().as_secs_f64(),
+        out.display()
+    );
+    Ok(())
+}
+
+fn print_table(results: &[StepOut]) {
+    println!("{:<7} {:<78} {:>10}  unit", "step", "result", "value");
+    for r in results {
+        for h in &r.headlines {
+            let mut label = h.label.clone();
+            if label.chars().count() > 78 {
+                label = label.chars().take(77).collect::<String>() + "…";
+            }
+            println!("{:<7} {:<78} {:>10}  {}", r.step, label, h.shown(), h.unit);
+        }
+    }
+}
+
+// ---------------- summary and report ----------------
+
+fn build_summary(c: &Ctx, mhash: &str, results: &[StepOut]) -> Result<Value> {
+    let cfgm = c.model.config();
+    let headlines: Vec<&Headline> = results.iter().flat_map(|r| &r.headlines).collect();
+    let negatives: Vec<Value> = results
+        .iter()
+        .flat_map(|r| {
+            r.negatives
+                .iter()
+                .map(move |n| json!({"step": r.step, "text": n}))
+        })
+        .collect();
+    let plots: Vec<&Plot> = results.iter().flat_map(|r| &r.plots).collect();
+    let steps: serde_json::Map<String, Value> = results
+        .iter()
+        .map(|r| (r.step.clone(), r.data.clone()))
+        .collect();
+    let dataset = results
+        .iter()
+        .find(|r| r.step == "probe")
+        .map(|r| {
+            json!({"source": r.data["dataset_source"], "hash": r.data["dataset_hash"],
+            "n_prompts": r.data["n_prompts"], "class_counts": r.data["class_counts"],
+            "n_templates": r.data["n_templates"]})
+        })
+        .unwrap_or(json!(null));
+    let (nov, exp) = novice_expert(&c.cfg.persona_pair);
+    let mut summary = json!({
+        "schema": "persona-lens study summary 1",
+        "tool": format!("persona-lens {}", env!("CARGO_PKG_VERSION")),
+        "objective": format!("Find out whether {} builds an internal model of its user's expertise ({nov} vs {exp}), where in the network it lives, and whether it settles the complexity of its answer before writing a word.", c.cfg.model),
+        "model": {"name": c.cfg.model, "sha256": mhash, "arch": cfgm.arch.name(), "n_layers": cfgm.n_layers,
+                  "d_model": cfgm.d_model, "n_heads": cfgm.n_heads, "format": c.model.info.format,
+                  "precision": c.model.info.precision, "chat_template": c.model.is_chat_model()},
+        "dataset": dataset,
+        "persona_pair": c.cfg.persona_pair,
+        "topic": c.cfg.pair_id,
+        "seed": c.cfg.seed,
+        "steps_run": results.iter().map(|r| r.step.clone()).collect::<Vec<_>>(),
+        "headlines": headlines,
+        "negative_results": negatives,
+        "circuit": results.iter().find(|r| r.step == "heads").map(|r| r.data["circuit"].clone()).unwrap_or(json!([])),
+        "plots": plots,
+        "steps": steps,
+    });
+    let exec = executive_summary(&summary);
+    summary["executive_summary"] = json!(exec);
+    Ok(summary)
+}
+
+fn hl<'a>(s: &'a Value, id: &str) -> Option<&'a Value> {
+    s["headlines"].as_array()?.iter().find(|h| h["id"] == id)
+}
+
+fn shown(h: &Value) -> String {
+    fmt_num(f(&h["value"]))
+}
+
+/// 200-300 words, from the numbers: the hook first, then concrete circuit results, then what
+/// failed. Sentences are added by priority until the length is in range.
+pub fn executive_summary(s: &Value) -> String {
+    let model = s["model"]["name"].as_str().unwrap_or("the model");
+    let n_layers = s["model"]["n_layers"].as_u64().unwrap_or(0);
+    let pair = s["persona_pair"].as_str().unwrap_or("child-phd");
+    let (nov, exp) = novice_expert(pair);
+    let mut core: Vec<String> = vec![];
+    let mut extra: Vec<String> = vec![];
+    if let (Some(acc), Some(row)) = (hl(s, "probe.best_accuracy"), hl(s, "probe.best_row")) {
+        let ci = &acc["ci95"];
+        core.push(format!(
+            "Does {model} keep a model of who it is talking to? A linear probe on the last prompt token reads the user's persona ({nov} vs {exp}) with accuracy {} (95 % CI {} to {}) at residual row {} of {}, on phrasing templates it never saw in training.",
+            shown(acc), fmt_num(f(&ci[0])), fmt_num(f(&ci[1])), shown(row), n_layers
+        ));
+        if let Some(r90) = hl(s, "probe.first_row_90") {
+            extra.push(format!(
+                "The persona becomes decodable at 0.9 accuracy from row {} on.",
+                shown(r90)
+            ));
+        }
+        if let Some(sel) = hl(s, "probe.selectivity") {
+            extra.push(format!("Against a shuffled-label control the probe's selectivity is {}, so the accuracy is not a capacity artefact.", shown(sel)));
+        }
+    }
+    if let Some(g) = hl(s, "lens.final_gap") {
+        let dec = hl(s, "lens.decision_row");
+        core.push(match dec {
+            Some(d) => format!(
+                "The logit lens shows when complexity is settled: from row {} the {exp} persona's readout favours technical over simple words more than the {nov} persona's, ending {} logits apart before any answer token is written.",
+                shown(d), shown(g)
+            ),
+            None => format!(
+                "The logit lens does not show an early decision: the personas' technical-versus-simple readouts end {} logits apart but never separate for good across rows.",
+                shown(g)
+            ),
+        });
+    }
+    if let Some(h) = hl(s, "patch.resid_last_half_layer") {
+        core.push(format!(
+            "Activation patching of the residual stream at the final position restores half of the {nov} behaviour from layer {} on, which locates the hand-off of persona information to the answer position.",
+            shown(h)
+        ));
+    }
+    if let Some(circ) = s["circuit"].as_array().filter(|c| !c.is_empty()) {
+        let names: Vec<String> = circ
+            .iter()
+            .take(3)
+            .map(|c| {
+                format!(
+                    "{} ({})",
+                    c["head"].as_str().unwrap_or("?"),
+                    fmt_num(f(&c["score"]))
+                )
+            })
+            .collect();
+        core.push(format!(
+            "Ranking heads by z-patching over prompt pairs names the candidate persona movers {}, with mean restoration scores in brackets.",
+            names.join(", ")
+        ));
+        if let Some(role) = circ[0]["role"].as_str() {
+            extra.push(format!("The top head's hypothesised role: {role}."));
+        }
+    }
+    let mut abl = vec![];
+    for mode in ["zero", "mean", "resample"] {
+        if let (Some(t), Some(r)) = (
+            hl(s, &format!("ablate.{mode}.top_gap_change")),
+            hl(s, &format!("ablate.{mode}.random_gap_change")),
+        ) {
+            abl.push(format!(
+                "{mode}-ablation changes the persona gap by {} logits against {} for random heads",
+                shown(t),
+                shown(r)
+            ));
+        }
+    }
+    if !abl.is_empty() {
+        core.push(format!("Causally, {}.", abl.join("; ")));
+    }
+    let steer: Vec<String> = s["headlines"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter(|h| {
+                    h["id"]
+                        .as_str()
+                        .is_some_and(|i| i.starts_with("steer.") && i.ends_with("grade_change"))
+                })
+                .map(|h| {
+                    let noise = if h["provenance"]["ci95_overlap"] == json!(true) {
+                        " (within noise: the 95 % intervals overlap)"
+                    } else {
+                        ""
+                    };
+                    format!(
+                        "{} grade levels at layer {}{noise}",
+                        shown(h),
+                        h["provenance"]["layer"]
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    if !steer.is_empty() {
+        core.push(format!(
+            "Adding the {nov}-to-{exp} direction to the residual stream shifts the reading grade of answers to {nov} prompts by {}.",
+            steer.join(" and ")
+        ));
+    }
+    if let Some(t) = hl(s, "diff.top_novice_latent_t") {
+        extra.push(format!(
+            "A crosscoder between {model} and the chat model finds a novice-specific latent with t = {}.",
+            shown(t)
+        ));
+    }
+    let negs: Vec<String> = s["negative_results"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|n| n["text"].as_str().map(String::from))
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut failures: Vec<String> = negs.iter().take(3).cloned().collect();
+    if negs.is_empty() {
+        failures.push("No step produced a negative result under its own checks; the scale of the runs, not the checks, limits these conclusions.".into());
+    }
+    let closing = format!(
+        "All numbers come from one seeded run ({} prompts per persona class in the probe set, seed {}); the report lists each with its hook, layer, position and file.",
+        s["dataset"]["class_counts"].as_object().and_then(|m| m.values().next()).map(|v| v.to_string()).unwrap_or("?".into()),
+        s["seed"]
+    );
+    let method = "Every result above comes from hooks on an exact re-implementation of the model's forward pass, checked against Hugging Face transformers to float precision, so the interventions are the model's own computation and not an approximation.".to_string();
+    let caveat = format!("These are results for a {n_layers}-layer model; larger models may route the persona differently, and the circuit claims stay hypotheses until ablation and patching agree.");
+    let words = |v: &[String]| {
+        v.iter()
+            .map(|x| x.split_whitespace().count())
+            .sum::<usize>()
+    };
+    let mut text: Vec<String> = core.clone();
+    text.push(format!("What failed: {}", failures.join(" ")));
+    for e in extra.iter().chain([&closing, &method, &caveat]) {
+        if words(&text) + e.split_whitespace().count() <= 300 {
+            text.push(e.clone());
+        }
+    }
+    // Too long even so: drop failures beyond the first, then extras.
+    while words(&text) > 300 && failures.len() > 1 {
+        failures.pop();
+        let i = core.len();
+        text[i] = format!("What failed: {}", failures.join(" "));
+    }
+    while words(&text) > 300 && text.len() > core.len() + 1 {
+        text.pop();
+    }
+    while words(&text) > 300 && text.len() > 1 {
+        text.remove(text.len() - 2);
+    }
+    let pads = [
+        "The study asks whether the user model is a single direction that can be read, moved and removed, and each step tests one of those three verbs.".to_string(),
+        "Probing answers whether the persona can be read, patching and ablation whether it is used, and steering whether moving it changes the answer.".to_string(),
+        "Negative results are reported with the same weight as positive ones, because a persona signal that is decodable but unused would look the same to a probe.".to_string(),
+        "Plots, per-step JSON and the exact command of each step sit beside this report, so any number can be traced and re-run on its own.".to_string(),
+    ];
+    for p in pads {
+        if words(&text) >= 200 {
+            break;
+        }
+        text.push(p);
+    }
+    text.join(" ")
+}
+
+pub fn build_report(s: &Value) -> Document {
+    let model = s["model"]["name"].as_str().unwrap_or("?");
+    let mut d = Document::new(format!("Persona study: {model}"));
+    d.h(1, "Executive summary");
+    d.p(s["executive_summary"].as_str().unwrap_or(""));
+    d.h(1, "1. Objective");
+    d.p(s["objective"].as_str().unwrap_or(""));
+    d.h(1, "2. Model and dataset");
+    let m = &s["model"];
+    d.list(vec![
+        format!("Model `{model}` ({}, {} layers, d_model {}, {} heads), {} weights computed in {}; sha256 `{}`.",
+            m["arch"].as_str().unwrap_or(""), m["n_layers"], m["d_model"], m["n_heads"],
+            m["format"].as_str().unwrap_or(""), m["precision"].as_str().unwrap_or(""),
+            m["sha256"].as_str().unwrap_or("")),
+        format!("Chat template applied: {}.", m["chat_template"]),
+        format!("Persona pair `{}`; topic for lens, heads, ablation and steering: `{}`; seed {}.",
+            s["persona_pair"].as_str().unwrap_or(""), s["topic"].as_str().unwrap_or(""), s["seed"]),
+        match s["dataset"].as_object() {
+            Some(ds) => format!("Probe dataset {} (hash `{}`): {} prompts, class counts {}, {} phrasing templates.",
+                ds["source"].as_str().unwrap_or(""), ds["hash"].as_str().unwrap_or(""), ds["n_prompts"],
+                ds["class_counts"], ds["n_templates"]),
+            None => "No probe step in this run.".into(),
+        },
+        format!("Steps run: {}.", s["steps_run"].as_array().map(|a| a.iter().filter_map(|x| x.as_str()).collect::<Vec<_>>().join(", ")).unwrap_or_default()),
+    ]);
+    d.h(1, "3. Key results");
+    let rows: Vec<Vec<String>> = s["headlines"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|h| {
+                    let ci = h["ci95"]
+                        .as_array()
+                        .map(|c| format!("[{}, {}]", fmt_num(f(&c[0])), fmt_num(f(&c[1]))))
+                        .unwrap_or("-".into());
+                    let p = &h["provenance"];
+                    let mut prov = vec![];
+                    for k in [
+                        "hook",
+                        "layer",
+                        "resid_row",
+                        "head",
+                        "position",
+                        "topic",
+                        "file",
+                    ] {
+                        if let Some(v) = p.get(k) {
+                            prov.push(format!(
+                                "{k} {}",
+                                v.as_str().map(String::from).unwrap_or(v.to_string())
+                            ));
+                        }
+                    }
+                    vec![
+                        h["label"].as_str().unwrap_or("").to_string(),
+                        shown(h),
+                        h["unit"].as_str().unwrap_or("").to_string(),
+                        ci,
+                        prov.join("; "),
+                    ]
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    d.table(
+        vec![
+            "result".into(),
+            "value".into(),
+            "unit".into(),
+            "95 % CI".into(),
+            "provenance".into(),
+        ],
+        rows,
+    );
+    let plots: Vec<(String, String)> = s["plots"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|p| {
+                    (
+                        p["png"].as_str().unwrap_or("").to_string(),
+                        p["caption"].as_str().unwrap_or("").to_string(),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    // The logit-difference plot first: it is the study's main figure.
+    for (png, cap) in plots.iter().filter(|(p, _)| p.starts_with("lens/")) {
+        d.image(png.clone(), "logit difference by layer", cap.clone());
+    }
+    for (png, cap) in plots
+        .iter()
+        .filter(|(p, _)| p.starts_with("probe/") || p.starts_with("steer/"))
+    {
+        d.image(png.clone(), png.clone(), cap.clone());
+    }
+    d.h(1, "4. Evidence of circuitry");
+    let circ = s["circuit"].as_array().cloned().unwrap_or_default();
+    if circ.is_empty() {
+        d.p("No head ranking in this run.");
+    } else {
+        d.p("Heads ranked by the mean normalised z-patching score (how much of the novice behaviour patching the head's output restores), with the hypothesised role read from where the head attends at the last position of a novice prompt:");
+        d.table(
+            vec![
+                "head".into(),
+                "score".into(),
+                "95 % CI".into(),
+                "attention on persona tokens".into(),
+                "hypothesised role".into(),
+            ],
+            circ.iter()
+                .map(|c| {
+                    vec![
+                        c["head"].as_str().unwrap_or("").to_string(),
+                        fmt_num(f(&c["score"])),
+                        format!(
+                            "[{}, {}]",
+                            fmt_num(f(&c["ci95"][0])),
+                            fmt_num(f(&c["ci95"][1]))
+                        ),
+                        c["persona_attention"]
+                            .as_f64()
+                            .map(|v| format!("{:.0} %", v * 100.0))
+                            .unwrap_or("-".into()),
+                        c["role"].as_str().unwrap_or("").to_string(),
+                    ]
+                })
+                .collect(),
+        );
+    }
+    for (png, cap) in plots.iter().filter(|(p, _)| {
+        p.starts_with("patch/") || p.starts_with("heads/") || p.starts_with("ablate/")
+    }) {
+        d.image(png.clone(), png.clone(), cap.clone());
+    }
+    d.h(1, "5. Failures and negative results");
+    let negs: Vec<String> = s["negative_results"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|n| {
+                    format!(
+                        "**{}**: {}",
+                        n["step"].as_str().unwrap_or(""),
+                        n["text"].as_str().unwrap_or("")
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    if negs.is_empty() {
+        d.p("No step's checks flagged a negative result in this run.");
+    } else {
+        d.list(negs);
+    }
+    let diff_plots: Vec<_> = plots
+        .iter()
+        .filter(|(p, _)| p.starts_with("diff/"))
+        .collect();
+    if !diff_plots.is_empty() {
+        d.h(1, "6. Model diffing (crosscoder)");
+        for (png, cap) in diff_plots {
+            d.image(png.clone(), png.clone(), cap.clone());
+        }
+    }
+    d.h(1, "Reproduce");
+    d.p("Re-run with `persona-lens run --config config.resolved.toml` (the resolved configuration of this run, beside this report). Each step's stand-alone command is in `run.json` and `<step>/step.json`.");
+    d
+}

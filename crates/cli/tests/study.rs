@@ -1,0 +1,378 @@
+//! `persona-lens run --experiment all` end to end on the real default model (small settings):
+//! the summary's structure, every plot a valid PNG + SVG, the report's numbers equal to the
+//! summary's, an identical summary on a re-run with the same config and seed, and an interrupted
+//! run (SIGINT) that leaves no partial file and finishes with --resume to the same summary.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .unwrap()
+}
+
+fn models() -> PathBuf {
+    match std::env::var_os("PERSONA_LENS_MODELS") {
+        Some(p) if !p.is_empty() => PathBuf::from(p),
+        _ => root().join("models"),
+    }
+}
+
+/// Small settings: every step runs, on few prompts.
+const SMALL: &str = r#"
+n_questions_per_pair = 1
+seed = 7
+
+[lens]
+n_questions_per_pair = 2
+
+[heads]
+n_questions_per_pair = 2
+top = 3
+
+[ablate]
+modes = ["zero", "mean"]
+n_random = 2
+n_generate = 1
+gen_tokens = 8
+
+[steer]
+layers = [6]
+alphas = [0.0, 4.0]
+n_prompts = 2
+max_new_tokens = 12
+bootstrap = 200
+
+[diff]
+dict_size = 64
+steps = 60
+batch_size = 32
+max_dataset_items = 40
+top_k = 5
+n_verify = 2
+"#;
+
+fn cmd(config: &Path, out: &Path, extra: &[&str]) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_persona-lens"));
+    c.args(["run", "--experiment", "all", "--quiet", "--config"])
+        .arg(config)
+        .arg("--out")
+        .arg(out)
+        .args(extra)
+        .env("PERSONA_LENS_MODELS", models());
+    c
+}
+
+fn run_ok(config: &Path, out: &Path, extra: &[&str]) -> String {
+    let o = cmd(config, out, extra).output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "run failed: {err}");
+    String::from_utf8_lossy(&o.stdout).to_string()
+}
+
+fn read_json(p: &Path) -> serde_json::Value {
+    serde_json::from_str(
+        &std::fs::read_to_string(p).unwrap_or_else(|e| panic!("{}: {e}", p.display())),
+    )
+    .unwrap_or_else(|e| panic!("{} is not valid JSON: {e}", p.display()))
+}
+
+fn fmt_num(v: f64) -> String {
+    // The report's number format (study::fmt_num).
+    if !v.is_finite() {
+        return "n/a".into();
+    }
+    if v == v.round() && v.abs() < 1e6 {
+        return format!("{v:.0}");
+    }
+    if v.abs() >= 100.0 {
+        format!("{v:.1}")
+    } else {
+        format!("{v:.3}")
+    }
+}
+
+fn check_png(p: &Path) {
+    let f = std::fs::File::open(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+    let dec = png::Decoder::new(std::io::BufReader::new(f));
+    let mut r = dec
+        .read_info()
+        .unwrap_or_else(|e| panic!("{} is not a PNG: {e}", p.display()));
+    let mut buf = vec![0; r.output_buffer_size()];
+    let info = r
+        .next_frame(&mut buf)
+        .unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+    assert!(
+        info.width > 100 && info.height > 100,
+        "{}: tiny image",
+        p.display()
+    );
+}
+
+fn check_svg(p: &Path) {
+    let s = std::fs::read_to_string(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+    assert!(
+        s.contains("<svg") && s.trim_end().ends_with("</svg>"),
+        "{} is not a complete SVG",
+        p.display()
+    );
+}
+
+/// No temp file anywhere, and every JSON file parses.
+fn check_no_partial_files(dir: &Path) {
+    for e in walk(dir) {
+        let name = e.file_name().unwrap().to_string_lossy().to_string();
+        assert!(!name.ends_with(".tmp"), "temp file left: {}", e.display());
+        if name.ends_with(".json") {
+            read_json(&e);
+        }
+    }
+}
+
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut v = vec![];
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        for e in rd.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                v.extend(walk(&p));
+            } else {
+                v.push(p);
+            }
+        }
+    }
+    v
+}
+
+#[test]
+fn whole_study_end_to_end() {
+    let base = std::env::temp_dir().join(format!("pl-study-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&base);
+    std::fs::create_dir_all(&base).unwrap();
+    let config = base.join("small.toml");
+    std::fs::write(&config, SMALL).unwrap();
+
+    // 1. One full run.
+    let a = base.join("a");
+    let t = Instant::now();
+    let stdout = run_ok(&config, &a, &[]);
+    println!("study run: {:.1} s", t.elapsed().as_secs_f64());
+    assert!(stdout.contains("summary.json"), "{stdout}");
+    let s = read_json(&a.join("summary.json"));
+    for k in [
+        "objective",
+        "model",
+        "dataset",
+        "headlines",
+        "negative_results",
+        "circuit",
+        "plots",
+        "executive_summary",
+        "steps",
+    ] {
+        assert!(!s[k].is_null(), "summary.json lacks {k}");
+    }
+    assert_eq!(s["model"]["sha256"].as_str().unwrap().len(), 64);
+    assert_eq!(
+        s["steps_run"],
+        serde_json::json!(["probe", "lens", "patch", "heads", "ablate", "steer", "diff"])
+    );
+    let headlines = s["headlines"].as_array().unwrap();
+    assert!(headlines.len() >= 10, "{} headlines", headlines.len());
+    for h in headlines {
+        assert!(h["value"].is_number(), "{h}");
+        assert!(!h["unit"].as_str().unwrap().is_empty(), "{h}");
+        assert_eq!(h["provenance"]["model"], "gemma-3-270m", "{h}");
+        assert_eq!(h["provenance"]["seed"], 7, "{h}");
+        assert!(h["provenance"]["file"].is_string(), "{h}");
+    }
+    let ids: Vec<&str> = headlines
+        .iter()
+        .map(|h| h["id"].as_str().unwrap())
+        .collect();
+    for id in [
+        "probe.best_accuracy",
+        "lens.final_gap",
+        "patch.clean_minus_corrupted",
+        "heads.top_score",
+        "ablate.baseline_gap",
+        "steer.layer6.grade_change",
+        "diff.fve",
+    ] {
+        assert!(ids.contains(&id), "missing headline {id}: {ids:?}");
+    }
+    let acc = headlines
+        .iter()
+        .find(|h| h["id"] == "probe.best_accuracy")
+        .unwrap();
+    assert!(acc["value"].as_f64().unwrap() > 0.5, "{acc}");
+    assert_eq!(s["circuit"].as_array().unwrap().len(), 3);
+    let words = s["executive_summary"]
+        .as_str()
+        .unwrap()
+        .split_whitespace()
+        .count();
+    assert!(
+        (200..=300).contains(&words),
+        "executive summary of {words} words"
+    );
+
+    // 2. Plots: valid PNG and SVG side by side.
+    let plots = s["plots"].as_array().unwrap();
+    assert!(plots.len() >= 8, "{} plots", plots.len());
+    for p in plots {
+        let png = a.join(p["png"].as_str().unwrap());
+        check_png(&png);
+        check_svg(&png.with_extension("svg"));
+    }
+
+    // 3. The report's numbers are the summary's.
+    let md = std::fs::read_to_string(a.join("report.md")).unwrap();
+    let html = std::fs::read_to_string(a.join("report.html")).unwrap();
+    for h in headlines {
+        let v = fmt_num(h["value"].as_f64().unwrap_or(f64::NAN));
+        let label = h["label"].as_str().unwrap();
+        let row_md = md
+            .lines()
+            .find(|l| l.starts_with(&format!("| {}", label.replace('|', "\\|"))))
+            .unwrap_or_else(|| panic!("report.md has no row for {label}"));
+        assert!(
+            row_md.contains(&format!("| {v} |")),
+            "report.md row for {label} lacks {v}: {row_md}"
+        );
+        assert!(
+            html.contains(&format!("<td>{v}</td>")),
+            "report.html lacks {v} ({label})"
+        );
+    }
+    for sec in [
+        "Objective",
+        "Model and dataset",
+        "Key results",
+        "Evidence of circuitry",
+        "Failures and negative results",
+        "Executive summary",
+    ] {
+        assert!(
+            md.contains(sec) && html.contains(sec),
+            "report lacks section {sec}"
+        );
+    }
+    assert!(md.contains(s["executive_summary"].as_str().unwrap()));
+    assert!(
+        !html.contains("<script") && !html.contains("src=\"http"),
+        "report.html must be self-contained"
+    );
+    assert_eq!(html.matches("data:image/png;base64,").count(), plots.len());
+    check_no_partial_files(&a);
+    let run = read_json(&a.join("run.json"));
+    assert_eq!(run["model"]["sha256"], s["model"]["sha256"]);
+    assert!(a.join("config.resolved.toml").exists());
+
+    // 4. The same config and seed again (from the resolved config): identical summary.json.
+    let b = base.join("b");
+    run_ok(&a.join("config.resolved.toml"), &b, &[]);
+    assert_eq!(
+        std::fs::read(a.join("summary.json")).unwrap(),
+        std::fs::read(b.join("summary.json")).unwrap(),
+        "summary.json differs between two runs with the same config and seed"
+    );
+
+    // 5. SIGINT mid-run: no partial file; --resume finishes to the same summary.
+    let c = base.join("c");
+    let mut child = cmd(&config, &c, &[])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t = Instant::now();
+    while !c.join("lens/step.json").exists() {
+        assert!(
+            t.elapsed() < Duration::from_secs(600),
+            "run never reached the lens step"
+        );
+        assert!(child.try_wait().unwrap().is_none(), "run ended early");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_millis(1500));
+    let st = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(130),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--resume"));
+    check_no_partial_files(&c);
+    assert!(!c.join("summary.json").exists());
+    let o = Command::new(env!("CARGO_BIN_EXE_persona-lens"))
+        .args(["run", "--experiment", "all", "--resume", "--config"])
+        .arg(&config)
+        .arg("--out")
+        .arg(&c)
+        .env("PERSONA_LENS_MODELS", models())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(
+        err.contains("probe: done earlier, reused") && err.contains("lens: done earlier, reused"),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::read(a.join("summary.json")).unwrap(),
+        std::fs::read(c.join("summary.json")).unwrap(),
+        "interrupted + resumed summary differs from an uninterrupted run"
+    );
+    check_no_partial_files(&c);
+    let _ = std::fs::remove_dir_all(&base);
+}
+
+#[test]
+fn bad_study_inputs_fail_in_one_line() {
+    let base = std::env::temp_dir().join(format!("pl-study-bad-{}", std::process::id()));
+    std::fs::create_dir_all(&base).unwrap();
+    let bad = base.join("bad.toml");
+    std::fs::write(&bad, "n_questions_per_pair = 1\nno_such_key = 3\n").unwrap();
+    for (args, needle) in [
+        (
+            vec!["run", "--experiment", "telepathy", "--out"],
+            "unknown experiment",
+        ),
+        (
+            vec!["run", "--config", bad.to_str().unwrap(), "--out"],
+            "no_such_key",
+        ),
+        (
+            vec!["run", "--config", "/nonexistent.toml", "--out"],
+            "cannot read --config",
+        ),
+        (vec!["run", "--experiment", "ablate", "--out"], "needs"),
+    ] {
+        let out_dir = base.join("o");
+        let o = Command::new(env!("CARGO_BIN_EXE_persona-lens"))
+            .args(&args)
+            .arg(&out_dir)
+            .env("PERSONA_LENS_MODELS", models())
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {err}");
+        let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
+        assert_eq!(lines.len(), 1, "{args:?}: {err}");
+        assert!(
+            lines[0].starts_with("error: ") && lines[0].contains(needle),
+            "{args:?}: {err}"
+        );
+        assert!(!err.contains("panicked"));
+    }
+    let _ = std::fs::remove_dir_all(&base);
+}
