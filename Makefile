@@ -3,7 +3,7 @@ MODELS ?= $(or $(PERSONA_LENS_MODELS),models)
 export PERSONA_LENS_MODELS := $(abspath $(MODELS))
 BIN := target/release/persona-lens
 
-.PHONY: demo test models build lint bench clean-out
+.PHONY: demo test models build lint bench clean-out check-report
 
 models:
 	scripts/fetch-models.sh $(MODELS)
@@ -31,3 +31,7 @@ lint:
 
 bench: models build
 	bench/run.sh
+
+# Render the demo's report.html in headless Chromium (Debian's `chromium`): screenshot, no console messages.
+check-report:
+	scripts/check-report.sh out/demo/report.html out/demo/report_screenshot.png

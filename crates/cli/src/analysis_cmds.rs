@@ -381,9 +381,9 @@ pub fn direction_with(model: &Model, a: &DirectionArgs, print: bool) -> Result<s
             );
         }
     }
-    let chat = a.data.chat(&model);
-    let hooks = resid_hooks(&model, None);
-    let hv = harvest_into(&model, &ds, hooks.clone(), chat, &a.h, quiet)?;
+    let chat = a.data.chat(model);
+    let hooks = resid_hooks(model, None);
+    let hv = harvest_into(model, &ds, hooks.clone(), chat, &a.h, quiet)?;
     let names: Vec<String> = hooks.iter().map(|h| h.to_string()).collect();
     let set = direction::compute(&hv, &names, &a.novice_class, &a.expert_class, a.l2)?;
     set.save(&a.h.out.join("directions.safetensors"))?;

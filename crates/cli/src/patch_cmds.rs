@@ -212,9 +212,9 @@ pub fn patch(a: PatchArgs) -> Result<()> {
 pub fn patch_with(model: &Model, a: &PatchArgs) -> Result<(Value, Vec<PathBuf>)> {
     let kinds = parse_kinds(&a.sweep)?;
     let dirs = parse_dir(&a.direction)?;
-    let (pair, metric) = a.pair.resolve(&model)?;
+    let (pair, metric) = a.pair.resolve(model)?;
     let t0 = Instant::now();
-    let p = Patcher::new(&model, pair, metric)?;
+    let p = Patcher::new(model, pair, metric)?;
     let cfg = model.config();
     let quiet = a.quiet || a.model.json;
     let mut sweeps = serde_json::Map::new();
@@ -263,10 +263,10 @@ pub fn patch_with(model: &Model, a: &PatchArgs) -> Result<(Value, Vec<PathBuf>)>
                 let f = a.out.join(format!("{name}.npy"));
                 npy::write(&f, &sw.values, &sw.shape)?;
                 files.push(f);
-                files.extend(sweep_heatmap(&model, &p, &sw, &a.out.join(&name))?);
+                files.extend(sweep_heatmap(model, &p, &sw, &a.out.join(&name))?);
             }
             if !quiet {
-                summarize(&model, &p, &sw, secs);
+                summarize(model, &p, &sw, secs);
             }
         }
     }
@@ -281,7 +281,7 @@ pub fn patch_with(model: &Model, a: &PatchArgs) -> Result<(Value, Vec<PathBuf>)>
         "corrupted": {"text": p.pair.corrupted_text, "ids": p.pair.corrupted_ids, "tokens": tok(&p.pair.corrupted_ids)},
         "differing_positions": p.pair.differing_positions,
         "chat": p.pair.chat,
-        "metric": {"spec": p.metric, "description": p.metric.describe(&model), "units": p.metric.units(), "position": "last"},
+        "metric": {"spec": p.metric, "description": p.metric.describe(model), "units": p.metric.units(), "position": "last"},
         "clean_metric": p.clean_metric,
         "corrupted_metric": p.corrupted_metric,
         "values": first.unwrap_or(Value::Null),
@@ -708,12 +708,12 @@ pub fn heads(a: HeadsArgs) -> Result<()> {
 pub fn heads_with(model: &Model, a: &HeadsArgs, print: bool) -> Result<Value> {
     use persona_lens_analysis::heads::rank_heads;
     let pairs = load_pairs(&a.data)?;
-    let chat = a.data.chat(&model);
+    let chat = a.data.chat(model);
     let quiet = a.quiet || a.model.json;
     let pb = progress(pairs.len() as u64, quiet, "pairs patched (z, every head)");
     let answers = a.answer_a.as_deref().zip(a.answer_b.as_deref());
     let t = Instant::now();
-    let r = rank_heads(&model, &pairs, chat, answers, a.min_gap, &|i| {
+    let r = rank_heads(model, &pairs, chat, answers, a.min_gap, &|i| {
         pb.set_position(i as u64)
     })?;
     pb.finish_and_clear();
@@ -847,27 +847,27 @@ pub fn ablate_with(model: &Model, a: &AblateArgs, print: bool) -> Result<Value> 
             .map(|s| s.parse())
             .collect::<std::result::Result<_, _>>()?
     };
-    check_heads(&model, &heads)?;
+    check_heads(model, &heads)?;
     let modes: Vec<AblationMode> = a
         .mode
         .iter()
         .map(|m| m.trim().parse())
         .collect::<std::result::Result<_, _>>()?;
     let pairs = load_pairs(&a.data)?;
-    let chat = a.data.chat(&model);
+    let chat = a.data.chat(model);
     let quiet = a.quiet || a.model.json;
     let metrics: Vec<Metric> = pairs
         .iter()
         .map(|(n, e)| {
-            let pair = PatchPair::suffix_aligned(&model, &n.text, &e.text, chat)?;
+            let pair = PatchPair::suffix_aligned(model, &n.text, &e.text, chat)?;
             Ok(pair_metric(
-                &model,
+                model,
                 &pair,
                 a.answer_a.as_deref().zip(a.answer_b.as_deref()),
             )?)
         })
         .collect::<Result<_>>()?;
-    let randoms = random_head_sets(&model, heads.len(), a.n_random, a.seed);
+    let randoms = random_head_sets(model, heads.len(), a.n_random, a.seed);
     let mut layers: Vec<usize> = heads
         .iter()
         .chain(randoms.iter().flatten())
@@ -875,11 +875,11 @@ pub fn ablate_with(model: &Model, a: &AblateArgs, print: bool) -> Result<Value> 
         .collect();
     layers.sort();
     layers.dedup();
-    let ids = AblationSetup::prompt_ids(&model, &pairs, chat)?;
-    let bank = ZBank::collect(&model, &ids, &layers)?;
+    let ids = AblationSetup::prompt_ids(model, &pairs, chat)?;
+    let bank = ZBank::collect(model, &ids, &layers)?;
     let n = model.config().n_layers;
     let setup = AblationSetup {
-        model: &model,
+        model,
         pairs: &pairs,
         metrics: &metrics,
         chat,

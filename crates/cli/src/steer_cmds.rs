@@ -934,11 +934,11 @@ pub fn steer_sweep_with(
     a: &SteerSweepArgs,
     print: bool,
 ) -> Result<serde_json::Value> {
-    let chat = a.data.chat(&model);
+    let chat = a.data.chat(model);
     let prompts = steer_prompts(&a.data, &a.gen)?;
     let quiet = a.quiet || a.model.json;
     let t = Instant::now();
-    let records = run_steering(&model, &prompts, chat, &a.steer, &a.gen, quiet)?;
+    let records = run_steering(model, &prompts, chat, &a.steer, &a.gen, quiet)?;
     std::fs::create_dir_all(&a.out)?;
     write_jsonl(&a.out.join("patched_outputs.jsonl"), &records)?;
     let values: Vec<serde_json::Value> = records

@@ -548,9 +548,16 @@ fn probe_step(c: &Ctx) -> Result<StepOut> {
         .iter()
         .find(|l| holdout(l) >= 0.9)
         .and_then(|l| l.resid_index);
+    let hook_of = |row: usize| {
+        r.layers
+            .iter()
+            .find(|l| l.resid_index == Some(row))
+            .map(|l| l.hook.clone())
+            .unwrap_or_default()
+    };
     let prov = |row: usize| {
         c.prov(
-            json!({"hook": best.hook, "resid_row": row, "position": r.position_rule,
+            json!({"hook": hook_of(row), "resid_row": row, "position": r.position_rule,
             "dataset_hash": r.dataset_hash, "n_prompts": r.n_prompts, "file": "probe/probe.json"}),
         )
     };
@@ -1149,7 +1156,6 @@ fn ablate_step(c: &Ctx) -> Result<StepOut> {
             bars,
             groups: vec![],
             caption: format!("top heads {heads} vs random head sets (mean of {}); baseline gap {} logits; seed {}", a.n_random, fmt_num(base_gap), c.cfg.seed),
-            ..Default::default()
         },
         &dir.join("gap_change"),
     )?;

@@ -30,11 +30,11 @@ seed = 7
 n_questions_per_pair = 2
 
 [heads]
-n_questions_per_pair = 2
+n_questions_per_pair = 1
 top = 3
 
 [ablate]
-modes = ["zero", "mean"]
+modes = ["zero"]
 n_random = 2
 n_generate = 1
 gen_tokens = 8
@@ -48,9 +48,9 @@ bootstrap = 200
 
 [diff]
 dict_size = 64
-steps = 60
+steps = 40
 batch_size = 32
-max_dataset_items = 40
+max_dataset_items = 24
 top_k = 5
 n_verify = 2
 "#;
@@ -355,7 +355,10 @@ fn bad_study_inputs_fail_in_one_line() {
             vec!["run", "--config", "/nonexistent.toml", "--out"],
             "cannot read --config",
         ),
-        (vec!["run", "--experiment", "ablate", "--out"], "needs"),
+        (
+            vec!["run", "--quiet", "--experiment", "ablate", "--out"],
+            "needs",
+        ),
     ] {
         let out_dir = base.join("o");
         let o = Command::new(env!("CARGO_BIN_EXE_persona-lens"))
