@@ -171,30 +171,7 @@ fn default_corpus(
         include_neutral: true,
         ..Default::default()
     })?;
-    let mut items = corpus::from_dataset(&ds);
-    if a.max_dataset_items > 0 && items.len() > a.max_dataset_items {
-        // an even spread over the dataset, not its first topic only
-        let step = items.len() as f64 / a.max_dataset_items as f64;
-        items = (0..a.max_dataset_items)
-            .map(|i| items[(i as f64 * step) as usize].clone())
-            .collect();
-    }
-    for (i, (e, p)) in corpus::verification_prompts().iter().enumerate() {
-        items.push(CorpusItem {
-            id: format!("verify/{i}/{e}"),
-            source: "verification".into(),
-            text: p.to_string(),
-        });
-    }
-    for (i, (b, n)) in corpus::sycophancy_pairs().iter().enumerate() {
-        for (c, t) in [("biased", b), ("neutral", n)] {
-            items.push(CorpusItem {
-                id: format!("syc_{i:03}/{c}"),
-                source: c.into(),
-                text: t.to_string(),
-            });
-        }
-    }
+    let mut items = corpus::prompt_corpus(&ds, a.max_dataset_items);
     for (m, &chat) in models.iter().zip(&template) {
         if a.self_samples > 0 {
             items.extend(corpus::self_sampled(

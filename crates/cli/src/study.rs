@@ -1317,7 +1317,6 @@ fn steer_step(c: &Ctx) -> Result<StepOut> {
 fn diff_step(c: &Ctx) -> Result<StepOut> {
     use persona_lens_diffing::analyze::{analyze as run_analyze, AnalyzeSpec};
     use persona_lens_diffing::corpus;
-    use persona_lens_diffing::harvest::CorpusItem;
     use persona_lens_diffing::harvest::{harvest_paired, PairedHarvestSpec};
     use persona_lens_diffing::paired::{Alignment, PairedStore};
     use persona_lens_diffing::train::{train as run_train, Objective, TrainConfig};
@@ -1344,29 +1343,7 @@ fn diff_step(c: &Ctx) -> Result<StepOut> {
         templates: vec![],
         include_neutral: true,
     })?;
-    let mut items = corpus::from_dataset(&ds);
-    if d.max_dataset_items > 0 && items.len() > d.max_dataset_items {
-        let step = items.len() as f64 / d.max_dataset_items as f64;
-        items = (0..d.max_dataset_items)
-            .map(|i| items[(i as f64 * step) as usize].clone())
-            .collect();
-    }
-    for (i, (e, p)) in corpus::verification_prompts().iter().enumerate() {
-        items.push(CorpusItem {
-            id: format!("verify/{i}/{e}"),
-            source: "verification".into(),
-            text: p.to_string(),
-        });
-    }
-    for (i, (b, n)) in corpus::sycophancy_pairs().iter().enumerate() {
-        for (cl, t) in [("biased", b), ("neutral", n)] {
-            items.push(CorpusItem {
-                id: format!("syc_{i:03}/{cl}"),
-                source: cl.into(),
-                text: t.to_string(),
-            });
-        }
-    }
+    let items = corpus::prompt_corpus(&ds, d.max_dataset_items);
     let store_dir = dir.join("store");
     let spec = PairedHarvestSpec {
         hooks,

@@ -188,3 +188,33 @@ pub fn self_sampled(
         })
         .collect())
 }
+
+/// The prompt part of a diffing corpus: the persona dataset (an even spread of at most
+/// `max_dataset_items`, 0 = all), then the verification prompts and the sycophancy pairs.
+pub fn prompt_corpus(ds: &PersonaDataset, max_dataset_items: usize) -> Vec<CorpusItem> {
+    let mut items = from_dataset(ds);
+    if max_dataset_items > 0 && items.len() > max_dataset_items {
+        // an even spread over the dataset, not its first topic only
+        let step = items.len() as f64 / max_dataset_items as f64;
+        items = (0..max_dataset_items)
+            .map(|i| items[(i as f64 * step) as usize].clone())
+            .collect();
+    }
+    for (i, (e, p)) in verification_prompts().iter().enumerate() {
+        items.push(CorpusItem {
+            id: format!("verify/{i}/{e}"),
+            source: "verification".into(),
+            text: p.to_string(),
+        });
+    }
+    for (i, (b, n)) in sycophancy_pairs().iter().enumerate() {
+        for (c, t) in [("biased", b), ("neutral", n)] {
+            items.push(CorpusItem {
+                id: format!("syc_{i:03}/{c}"),
+                source: c.into(),
+                text: t.to_string(),
+            });
+        }
+    }
+    items
+}

@@ -551,6 +551,26 @@ impl Weights {
         Ok(t)
     }
 
+    /// The unembedding: `lm_head.weight` / `output.weight` when the checkpoint has its own
+    /// (GGUF: present; HF: present and `tie_word_embeddings` false), else the embedding table,
+    /// shared. Returns it and whether it is tied.
+    pub fn unembedding(
+        &self,
+        embed: &Embedding,
+        tie_word_embeddings: bool,
+    ) -> Result<(Linear, bool)> {
+        let untied = if self.is_gguf() {
+            self.has("", "output.weight")
+        } else {
+            !tie_word_embeddings && self.has("lm_head.weight", "")
+        };
+        Ok(if untied {
+            (self.linear("lm_head.weight", "output.weight", None)?, false)
+        } else {
+            (embed.as_linear()?, true)
+        })
+    }
+
     /// GGUF quantization types by count (for `inspect`).
     pub fn quant_types(&self) -> HashMap<String, usize> {
         let mut m = HashMap::new();

@@ -186,17 +186,8 @@ pub fn load(mut cfg: ModelConfig, w: &Weights) -> Result<Decoder> {
         });
     }
     let final_norm = layer_norm(w, &format!("{p}ln_f"), "output_norm", eps)?;
-    let untied = if w.is_gguf() {
-        w.has("", "output.weight")
-    } else {
-        !cfg.tie_word_embeddings && w.has("lm_head.weight", "")
-    };
-    cfg.tie_word_embeddings = !untied;
-    let lm_head = if untied {
-        w.linear("lm_head.weight", "output.weight", None)?
-    } else {
-        embed.as_linear()?
-    };
+    let (lm_head, tied) = w.unembedding(&embed, cfg.tie_word_embeddings)?;
+    cfg.tie_word_embeddings = tied;
     Ok(Decoder {
         rope_global: None,
         rope_local: None,

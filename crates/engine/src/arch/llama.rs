@@ -179,17 +179,8 @@ pub fn load(mut cfg: ModelConfig, w: &Weights) -> Result<Decoder> {
         });
     }
     let final_norm = rms("model.norm.weight", "output_norm.weight")?;
-    let untied = if gguf {
-        w.has("", "output.weight")
-    } else {
-        !cfg.tie_word_embeddings && w.has("lm_head.weight", "")
-    };
-    cfg.tie_word_embeddings = !untied;
-    let lm_head = if untied {
-        w.linear("lm_head.weight", "output.weight", None)?
-    } else {
-        embed.as_linear()?
-    };
+    let (lm_head, tied) = w.unembedding(&embed, cfg.tie_word_embeddings)?;
+    cfg.tie_word_embeddings = tied;
     Ok(Decoder {
         rope_global: Some(Rope::new(
             cfg.rope_theta,
