@@ -115,6 +115,11 @@ pub struct ModelArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    study::interrupt_handler(if matches!(cli.cmd, Cmd::Run(_)) {
+        "; re-run with --resume to finish"
+    } else {
+        ""
+    });
     let res = match cli.cmd {
         Cmd::Tokenize(a) => engine_cmds::tokenize(a),
         Cmd::Generate(a) => engine_cmds::generate(a),

@@ -1547,12 +1547,14 @@ fn model_hash(m: &Model) -> Result<String> {
     Ok(format!("{:x}", h.finalize()))
 }
 
-fn interrupt_handler() {
+/// SIGINT / SIGTERM for every command: delete the temp files of atomic writes in flight, say so
+/// in one line, exit 130. Finished files stay whole (they were renamed into place).
+pub fn interrupt_handler(resume_hint: &'static str) {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
-        let _ = ctrlc::set_handler(|| {
+        let _ = ctrlc::set_handler(move || {
             let n = persona_lens_engine::io::abort_writes();
-            eprintln!("error: interrupted; {n} partial file(s) removed, finished steps kept; re-run with --resume to finish");
+            eprintln!("error: interrupted; {n} partial file(s) removed, finished results kept{resume_hint}");
             std::process::exit(130);
         });
     });
@@ -1560,7 +1562,6 @@ fn interrupt_handler() {
 
 pub fn run(a: RunArgs) -> Result<()> {
     let cfg = a.resolve()?;
-    interrupt_handler();
     let out = cfg.out.clone();
     std::fs::create_dir_all(&out)
         .with_context(|| format!("cannot create --out {}", out.display()))?;
