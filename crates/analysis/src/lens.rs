@@ -200,10 +200,62 @@ pub struct DatasetLens {
     pub personas: Vec<PersonaLens>,
     /// Per prompt: id, persona and the logit difference per row.
     pub prompts: Vec<(String, String, Vec<f64>)>,
+    /// Prompts whose residual rows were read from stored activations instead of a forward.
+    #[serde(default)]
+    pub prompts_from_cache: usize,
 }
 
 /// One residual row of one prompt: (logit difference, per tracked word (log-prob, rank)).
 type RowStats = (f64, Vec<(f64, usize)>);
+
+/// Stored residual rows (a probe's harvest) that the lens can read instead of running forwards:
+/// usable when the harvest has every residual row at the same position rule and chat setting.
+struct HarvestRows<'a> {
+    h: &'a crate::Harvest,
+    index: std::collections::HashMap<&'a str, usize>,
+    hooks: Vec<String>,
+}
+
+impl<'a> HarvestRows<'a> {
+    fn new(h: &'a crate::Harvest, model: &Model, rule: PositionRule, chat: bool) -> Option<Self> {
+        let hooks: Vec<String> = crate::resid_rows(model.config().n_layers)
+            .iter()
+            .map(|x| x.to_string())
+            .collect();
+        let usable = h.meta.position_rule == rule
+            && h.meta.chat == chat
+            && h.meta.model_path == model.info.path
+            && hooks.iter().all(|k| h.acts.contains_key(k));
+        usable.then(|| HarvestRows {
+            h,
+            index: h
+                .meta
+                .items
+                .iter()
+                .enumerate()
+                .map(|(i, it)| (it.id.as_str(), i))
+                .collect(),
+            hooks,
+        })
+    }
+
+    /// The prompt's rows `[rows, d]` if the harvest holds it at the same tokens and position.
+    fn rows(&self, id: &str, n_tokens: usize, pos: usize) -> Result<Option<Tensor>> {
+        let Some(&i) = self.index.get(id) else {
+            return Ok(None);
+        };
+        let it = &self.h.meta.items[i];
+        if it.n_tokens != n_tokens || it.positions != (pos, pos + 1) {
+            return Ok(None);
+        }
+        let vs = self
+            .hooks
+            .iter()
+            .map(|k| Ok(self.h.acts[k].get(i)?))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Some(Tensor::stack(&vs, 0)?))
+    }
+}
 
 /// Runs the lens over every prompt of `ds` at `rule` and aggregates per persona.
 #[allow(clippy::too_many_arguments)]
@@ -217,6 +269,28 @@ pub fn dataset_lens(
     warnings: Vec<String>,
     progress: &dyn Fn(usize),
 ) -> Result<DatasetLens> {
+    dataset_lens_cached(
+        model, ds, chat, rule, expert, simple, warnings, None, progress,
+    )
+}
+
+/// [`dataset_lens`], reading each prompt's residual rows from `cache` (a stored harvest of the
+/// same model, position rule and chat setting) where it holds the prompt, and running a forward
+/// only for the others. The result says how many prompts came from the cache.
+#[allow(clippy::too_many_arguments)]
+pub fn dataset_lens_cached(
+    model: &Model,
+    ds: &PersonaDataset,
+    chat: bool,
+    rule: PositionRule,
+    expert: &[TrackedWord],
+    simple: &[TrackedWord],
+    warnings: Vec<String>,
+    cache: Option<&crate::Harvest>,
+    progress: &dyn Fn(usize),
+) -> Result<DatasetLens> {
+    let cached = cache.and_then(|h| HarvestRows::new(h, model, rule, chat));
+    let mut n_cached = 0usize;
     if expert.is_empty() || simple.is_empty() {
         return Err(AnalysisError::Invalid(
             "the logit lens needs at least one single-token expert word and one simple word".into(),
@@ -235,7 +309,20 @@ pub fn dataset_lens(
         } else {
             s
         };
-        let logits = lens_logits(model, &resid_at(model, &enc.ids, pos)?)?;
+        let stored = match (&cached, rule) {
+            (Some(c), PositionRule::Last | PositionRule::QuestionLastToken) => {
+                c.rows(&it.id, enc.ids.len(), pos)?
+            }
+            _ => None,
+        };
+        let resid = match stored {
+            Some(r) => {
+                n_cached += 1;
+                r
+            }
+            None => resid_at(model, &enc.ids, pos)?,
+        };
+        let logits = lens_logits(model, &resid)?;
         let rows: Vec<RowStats> = logits
             .iter()
             .map(|row| {
@@ -307,5 +394,6 @@ pub fn dataset_lens(
         metric: "mean logit of expert words minus mean logit of simple words, lens logits = unembed(final_norm(resid)) (logits, not probabilities)".into(),
         personas,
         prompts,
+        prompts_from_cache: n_cached,
     })
 }

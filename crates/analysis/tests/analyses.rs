@@ -275,3 +275,87 @@ fn harvest_positions_storage_and_reuse() {
     assert!(!reused, "a different position rule must not reuse");
     let _ = std::fs::remove_dir_all(dir);
 }
+
+#[test]
+fn lens_reads_stored_activations_like_a_forward() {
+    // The study's lens reuses the probe's harvest: a superset of the lens prompts (two topics),
+    // batched with left padding. Reading from it must give the forward-per-prompt result.
+    let m = model("gemma-3-270m");
+    let gen = |topics: &[&str]| {
+        dataset::generate(&GenOptions {
+            persona_pairs: vec!["child-phd".into()],
+            topics: topics.iter().map(|s| s.to_string()).collect(),
+            n_questions_per_pair: 2,
+            templates: vec![0, 3],
+            ..Default::default()
+        })
+        .unwrap()
+    };
+    let stored = harvest(
+        &m,
+        &gen(&["physics", "biology"]),
+        &HarvestSpec {
+            hooks: resid_rows(m.config().n_layers),
+            rule: PositionRule::Last,
+            chat: false,
+            batch_size: 5,
+        },
+        &|_| {},
+    )
+    .unwrap();
+    let ds = gen(&["physics"]);
+    let words = |w: &[&str]| {
+        lens::resolve_words(
+            &m,
+            &w.iter().map(|s| s.to_string()).collect::<Vec<_>>(),
+            false,
+        )
+        .unwrap()
+        .0
+    };
+    let (ex, si) = (
+        words(lens::DEFAULT_EXPERT_WORDS),
+        words(lens::DEFAULT_SIMPLE_WORDS),
+    );
+    let run = |cache| {
+        lens::dataset_lens_cached(
+            &m,
+            &ds,
+            false,
+            PositionRule::Last,
+            &ex,
+            &si,
+            vec![],
+            cache,
+            &|_| {},
+        )
+        .unwrap()
+    };
+    let fresh = run(None);
+    let cached = run(Some(&stored));
+    assert_eq!(fresh.prompts_from_cache, 0);
+    assert_eq!(cached.prompts_from_cache, ds.items.len());
+    let mut worst = 0f64;
+    for (a, b) in fresh.personas.iter().zip(&cached.personas) {
+        assert_eq!(a.persona, b.persona);
+        for (x, y) in a.logit_diff_mean.iter().zip(&b.logit_diff_mean) {
+            worst = worst.max((x - y).abs());
+        }
+    }
+    println!("lens from stored activations vs forwards: max |diff| {worst:.2e} logits");
+    assert!(worst < 1e-3, "{worst}");
+    // Another position rule cannot be served from this harvest: every prompt runs a forward.
+    let q = lens::dataset_lens_cached(
+        &m,
+        &ds,
+        false,
+        PositionRule::QuestionLastToken,
+        &ex,
+        &si,
+        vec![],
+        Some(&stored),
+        &|_| {},
+    )
+    .unwrap();
+    assert_eq!(q.prompts_from_cache, 0);
+}

@@ -463,6 +463,10 @@ pub struct LensArgs {
     pub simple_words: Vec<String>,
     #[arg(long, default_value = "out/lens")]
     pub out: PathBuf,
+    /// Dataset mode: a folder with stored activations of every residual row (e.g. `probe`'s
+    /// --out); prompts it holds at the same position rule are read from it, not re-run.
+    #[arg(long)]
+    pub activations: Option<PathBuf>,
     #[arg(long)]
     pub quiet: bool,
 }
@@ -560,9 +564,27 @@ pub fn run_dataset_lens(model: &Model, a: &LensArgs, quiet: bool) -> Result<lens
         }
     }
     let pb = progress(ds.items.len() as u64, quiet, "prompts through the lens");
-    let r = lens::dataset_lens(model, &ds, chat, rule, &expert, &simple, warnings, &|n| {
-        pb.inc(n as u64)
-    })?;
+    let stored = match &a.activations {
+        Some(dir) => Some(Harvest::load(dir).with_context(|| {
+            format!(
+                "--activations {}: no stored activations there (run `persona-lens probe --out {}` first)",
+                dir.display(),
+                dir.display()
+            )
+        })?),
+        None => None,
+    };
+    let r = lens::dataset_lens_cached(
+        model,
+        &ds,
+        chat,
+        rule,
+        &expert,
+        &simple,
+        warnings,
+        stored.as_ref(),
+        &|n| pb.inc(n as u64),
+    )?;
     pb.finish_and_clear();
     write_json(&a.out.join("lens.json"), &r)?;
     lens_plot(&r, &a.out.join("logit_diff"))?;

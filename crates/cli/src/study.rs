@@ -189,7 +189,7 @@ impl Default for StudyConfig {
             seed: 0,
             persona_pair: "child-phd".into(),
             pair_id: "physics".into(),
-            n_questions_per_pair: 3,
+            n_questions_per_pair: 5,
             template_holdout: true,
             max_layers: None,
             position: "last".into(),
@@ -666,7 +666,25 @@ fn lens_step(c: &Ctx) -> Result<StepOut> {
         Some(&c.cfg.pair_id),
         c.cfg.lens.n_questions_per_pair,
     ));
-    args.extend(["--out".into(), dir.display().to_string()]);
+    args.extend([
+        "--rule".into(),
+        // The lens reads one token; a persona-mean probe harvest cannot serve it.
+        if c.cfg.position == "persona_mean" {
+            "last".into()
+        } else {
+            c.cfg.position.clone()
+        },
+        "--out".into(),
+        dir.display().to_string(),
+    ]);
+    // The probe step's activations hold every residual row of these prompts: no new forwards.
+    let probe_dir = c.dir("probe");
+    if probe_dir
+        .join(persona_lens_analysis::harvest::ACTS_FILE)
+        .exists()
+    {
+        args.extend(["--activations".into(), probe_dir.display().to_string()]);
+    }
     c.quiet_flag(&mut args);
     let Cmd::Lens(la) = c.parse(&args)? else {
         bail!("internal: lens arguments")
@@ -737,7 +755,8 @@ fn lens_step(c: &Ctx) -> Result<StepOut> {
         data: json!({"personas": r.personas.iter().map(|p| json!({"persona": p.persona, "n": p.n_prompts, "logit_diff_mean": p.logit_diff_mean})).collect::<Vec<_>>(),
             "expert_words": r.expert_words.iter().map(|w| w.word.clone()).collect::<Vec<_>>(),
             "simple_words": r.simple_words.iter().map(|w| w.word.clone()).collect::<Vec<_>>(),
-            "decision_row": decision, "metric": r.metric, "warnings": r.warnings}),
+            "decision_row": decision, "metric": r.metric, "warnings": r.warnings,
+            "prompts_from_probe_activations": r.prompts_from_cache}),
         ..Default::default()
     })
 }
