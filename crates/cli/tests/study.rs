@@ -27,7 +27,7 @@ n_questions_per_pair = 1
 seed = 7
 
 [lens]
-n_questions_per_pair = 2
+n_questions_per_pair = 1
 
 [heads]
 n_questions_per_pair = 1
@@ -204,6 +204,16 @@ fn whole_study_end_to_end() {
     ] {
         assert!(ids.contains(&id), "missing headline {id}: {ids:?}");
     }
+    // The lens read every prompt's residual rows from the probe's stored activations.
+    let lens = &s["steps"]["lens"];
+    let n_lens: u64 = lens["personas"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["n"].as_u64().unwrap())
+        .sum();
+    assert_eq!(n_lens, 14);
+    assert_eq!(lens["prompts_from_probe_activations"], n_lens);
     let acc = headlines
         .iter()
         .find(|h| h["id"] == "probe.best_accuracy")
