@@ -67,6 +67,8 @@ pub struct ModelConfig {
     pub attn_logit_softcap: Option<f64>,
     pub final_logit_softcap: Option<f64>,
     pub tie_word_embeddings: bool,
+    /// The MLP's activation.
+    pub activation: crate::layers::Activation,
 }
 
 impl ModelConfig {

@@ -356,18 +356,45 @@ pub fn attention(
     project(&z)
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Activation {
+    /// Tanh approximation (HF `gelu_pytorch_tanh`, `gelu_new`, `gelu_fast`).
     GeluTanh,
+    /// Exact erf GELU (HF `gelu`).
+    GeluErf,
     Silu,
+    Relu,
 }
 
 impl Activation {
+    /// The activation a `config.json` names (`hidden_act` / `hidden_activation` /
+    /// `activation_function`); unknown names are errors rather than a silent substitute.
+    pub fn from_hf(name: &str, file: &str, field: &str) -> Result<Self> {
+        Ok(match name {
+            "gelu_pytorch_tanh" | "gelu_new" | "gelu_fast" => Activation::GeluTanh,
+            "gelu" => Activation::GeluErf,
+            "silu" | "swish" => Activation::Silu,
+            "relu" => Activation::Relu,
+            other => {
+                return Err(EngineError::BadField {
+                    file: file.into(),
+                    field: field.into(),
+                    reason: format!(
+                        "activation '{other}' is not supported (gelu_pytorch_tanh, gelu_new, gelu_fast, gelu, silu, relu)"
+                    ),
+                })
+            }
+        })
+    }
+
     fn apply(&self, x: &Tensor) -> Result<Tensor> {
         Ok(match self {
-            // candle's `gelu` is the tanh approximation (HF gelu_pytorch_tanh / gelu_new).
+            // candle's `gelu` is the tanh approximation.
             Activation::GeluTanh => x.gelu()?,
+            Activation::GeluErf => x.gelu_erf()?,
             Activation::Silu => candle_nn::ops::silu(x)?,
+            Activation::Relu => x.relu()?,
         })
     }
 }

@@ -288,4 +288,45 @@ fn broken_checkpoints_give_clear_errors() {
         .unwrap()
         .to_string();
     assert!(e.contains("scale_attn_by_inverse_layer_idx"), "{e}");
+
+    // Activations: an unknown one is named; exact-erf `gelu` is honoured, not swapped for tanh.
+    let with_cfg = |name: &str, model: &str, edit: &dyn Fn(&mut serde_json::Value)| -> PathBuf {
+        let dir = tmp(name);
+        let mut cfg: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(tiny(model).join("config.json")).unwrap(),
+        )
+        .unwrap();
+        edit(&mut cfg);
+        std::fs::write(dir.join("config.json"), cfg.to_string()).unwrap();
+        std::fs::copy(
+            tiny(model).join("model.safetensors"),
+            dir.join("model.safetensors"),
+        )
+        .unwrap();
+        dir
+    };
+    let d = with_cfg("quick-gelu", "tiny-gpt2", &|c| {
+        c["activation_function"] = serde_json::json!("quick_gelu")
+    });
+    let e = load(d.to_str().unwrap(), f32()).err().unwrap().to_string();
+    assert!(
+        e.contains("quick_gelu") && e.contains("activation_function"),
+        "{e}"
+    );
+    let d = with_cfg("erf-gelu", "tiny-gpt2", &|c| {
+        c["activation_function"] = serde_json::json!("gelu")
+    });
+    let m = load(d.to_str().unwrap(), f32()).unwrap();
+    let (ids, want) = golden_logits("tiny-gpt2");
+    let diff = max_abs_diff(&logits_of(&m, &ids), &want);
+    println!("tiny-gpt2 with exact-erf GELU vs the tanh golden: max |logit diff| {diff:.2e}");
+    assert!(
+        diff > 1e-6 && diff < 0.05,
+        "erf vs tanh GELU logits differ by {diff}"
+    );
+    let d = with_cfg("mlp-bias", "tiny-llama", &|c| {
+        c["mlp_bias"] = serde_json::json!(true)
+    });
+    let e = load(d.to_str().unwrap(), f32()).err().unwrap().to_string();
+    assert!(e.contains("mlp_bias"), "{e}");
 }

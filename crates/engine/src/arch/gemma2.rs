@@ -49,6 +49,7 @@ pub fn config_from_gguf(m: &GgufMeta) -> Result<ModelConfig> {
             .f64_or(&format!("{a}.final_logit_softcapping"), 30.0)
             .map(|x| (x > 0.0).then_some(x))?,
         tie_word_embeddings: true,
+        activation: Activation::GeluTanh,
     })
 }
 
@@ -89,15 +90,7 @@ pub fn config_from_hf(v: &serde_json::Value, file: &str) -> Result<ModelConfig> 
     // HF Gemma 2: layer i slides when i is even (period 2, the odd ones are global).
     let layer_is_sliding = sliding_layers(&j, n_layers, 2)?;
     let (rope_theta, rope_scaling) = j.rope("full_attention", "rope_theta", 10_000.0)?;
-    if let Some(act) = j.str("hidden_activation").or_else(|| j.str("hidden_act")) {
-        if !act.starts_with("gelu") {
-            return Err(EngineError::BadField {
-                file: file.into(),
-                field: "hidden_activation".into(),
-                reason: format!("'{act}' is not supported for Gemma (gelu_pytorch_tanh)"),
-            });
-        }
-    }
+    let activation = gemma_activation(&j)?;
     Ok(ModelConfig {
         arch: Architecture::Gemma2,
         n_layers,
@@ -118,7 +111,20 @@ pub fn config_from_hf(v: &serde_json::Value, file: &str) -> Result<ModelConfig> 
         attn_logit_softcap: j.opt_f64("attn_logit_softcapping")?,
         final_logit_softcap: j.opt_f64("final_logit_softcapping")?,
         tie_word_embeddings: j.bool_or("tie_word_embeddings", true),
+        activation,
     })
+}
+
+/// Gemma's MLP activation: `hidden_activation` (HF uses it; default gelu_pytorch_tanh), else the
+/// older `hidden_act`.
+pub fn gemma_activation(j: &HfJson) -> Result<Activation> {
+    match j.str("hidden_activation") {
+        Some(a) => Activation::from_hf(a, &j.file, "hidden_activation"),
+        None => match j.str("hidden_act") {
+            Some(a) => Activation::from_hf(a, &j.file, "hidden_act"),
+            None => Ok(Activation::GeluTanh),
+        },
+    }
 }
 
 /// RMSNorm with multiplier `1 + w`, with `w` taken back from llama.cpp's `w + 1` for GGUF.
@@ -174,7 +180,7 @@ pub fn gemma_block(w: &Weights, cfg: &ModelConfig, i: usize, qk_norm: bool) -> R
             gate: w.linear(&hf("mlp.gate_proj.weight"), &gg("ffn_gate.weight"), None)?,
             up: w.linear(&hf("mlp.up_proj.weight"), &gg("ffn_up.weight"), None)?,
             down: w.linear(&hf("mlp.down_proj.weight"), &gg("ffn_down.weight"), None)?,
-            act: Activation::GeluTanh,
+            act: cfg.activation,
         },
         post_mlp_norm: Some(norm(
             "post_feedforward_layernorm.weight",

@@ -63,6 +63,7 @@ pub fn config_from_gguf(m: &GgufMeta) -> Result<ModelConfig> {
             .f64_or(&format!("{a}.final_logit_softcapping"), 0.0)
             .map(|x| (x > 0.0).then_some(x))?,
         tie_word_embeddings: true,
+        activation: crate::layers::Activation::GeluTanh,
     })
 }
 
@@ -108,6 +109,7 @@ pub fn config_from_hf(root: &serde_json::Value, file: &str) -> Result<ModelConfi
         attn_logit_softcap: j.opt_f64("attn_logit_softcapping")?,
         final_logit_softcap: j.opt_f64("final_logit_softcapping")?,
         tie_word_embeddings: j.bool_or("tie_word_embeddings", true),
+        activation: super::gemma2::gemma_activation(&j)?,
     })
 }
 

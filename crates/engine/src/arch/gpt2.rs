@@ -38,21 +38,17 @@ pub fn config_from_hf(v: &serde_json::Value, file: &str) -> Result<ModelConfig> 
             "false is not supported (only the standard GPT-2 scaling)".into(),
         ));
     }
-    match j.str("activation_function").unwrap_or("gelu_new") {
-        "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" => {}
-        other => {
-            return Err(bad(
-                "activation_function",
-                format!("'{other}' is not supported (gelu_new)"),
-            ))
-        }
-    }
+    let activation = Activation::from_hf(
+        j.str("activation_function").unwrap_or("gelu_new"),
+        file,
+        "activation_function",
+    )?;
     let n_layers = j.usize("n_layer")?;
     let d_model = j.usize("n_embd")?;
     let n_heads = j.usize("n_head")?;
     let head_dim = d_model / n_heads;
     let d_mlp = j.usize_or("n_inner", 4 * d_model)?;
-    Ok(gpt2_config(
+    let mut c = gpt2_config(
         n_layers,
         d_model,
         n_heads,
@@ -62,7 +58,9 @@ pub fn config_from_hf(v: &serde_json::Value, file: &str) -> Result<ModelConfig> 
         j.usize_or("n_positions", 1024)?,
         j.f64_or("layer_norm_epsilon", 1e-5)?,
         j.bool_or("tie_word_embeddings", true),
-    ))
+    );
+    c.activation = activation;
+    Ok(c)
 }
 
 pub fn config_from_gguf(m: &GgufMeta) -> Result<ModelConfig> {
@@ -114,6 +112,7 @@ fn gpt2_config(
         attn_logit_softcap: None,
         final_logit_softcap: None,
         tie_word_embeddings: tie,
+        activation: Activation::GeluTanh,
     }
 }
 
@@ -179,7 +178,7 @@ pub fn load(mut cfg: ModelConfig, w: &Weights) -> Result<Decoder> {
                 b_in: w.vector(&hf("mlp.c_fc.bias"), &gg("ffn_up.bias"))?,
                 fc_out: lin(matrix(w, &hf("mlp.c_proj.weight"), &gg("ffn_down.weight"))?)?,
                 b_out: w.vector(&hf("mlp.c_proj.bias"), &gg("ffn_down.bias"))?,
-                act: Activation::GeluTanh,
+                act: cfg.activation,
             },
             post_mlp_norm: None,
             sliding: false,

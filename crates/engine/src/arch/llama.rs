@@ -41,6 +41,7 @@ pub fn config_from_gguf(m: &GgufMeta) -> Result<ModelConfig> {
         attn_logit_softcap: None,
         final_logit_softcap: None,
         tie_word_embeddings: true, // decided at load time: tied when output.weight is absent
+        activation: Activation::Silu,
     })
 }
 
@@ -54,6 +55,13 @@ pub fn config_from_hf(v: &serde_json::Value, file: &str) -> Result<ModelConfig> 
     let n_heads = j.usize("num_attention_heads")?;
     let head_dim = j.usize_or("head_dim", d_model / n_heads)?;
     let (theta, scaling) = j.rope("full_attention", "rope_theta", 10_000.0)?;
+    if j.bool_or("mlp_bias", false) {
+        return Err(crate::error::EngineError::BadField {
+            file: file.into(),
+            field: "mlp_bias".into(),
+            reason: "true is not supported (MLP biases); only attention_bias is".into(),
+        });
+    }
     Ok(ModelConfig {
         arch: Architecture::Llama,
         n_layers,
@@ -74,6 +82,7 @@ pub fn config_from_hf(v: &serde_json::Value, file: &str) -> Result<ModelConfig> 
         attn_logit_softcap: None,
         final_logit_softcap: None,
         tie_word_embeddings: j.bool_or("tie_word_embeddings", false),
+        activation: Activation::from_hf(j.str("hidden_act").unwrap_or("silu"), file, "hidden_act")?,
     })
 }
 
@@ -172,7 +181,7 @@ pub fn load(mut cfg: ModelConfig, w: &Weights) -> Result<Decoder> {
                 gate: w.linear(&hf("mlp.gate_proj.weight"), &gg("ffn_gate.weight"), None)?,
                 up: w.linear(&hf("mlp.up_proj.weight"), &gg("ffn_up.weight"), None)?,
                 down: w.linear(&hf("mlp.down_proj.weight"), &gg("ffn_down.weight"), None)?,
-                act: Activation::Silu,
+                act: cfg.activation,
             },
             post_mlp_norm: None,
             sliding: false,
