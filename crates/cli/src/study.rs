@@ -435,14 +435,42 @@ impl Ctx<'_> {
         }
     }
     fn prov(&self, extra: Value) -> Value {
-        let mut p = json!({"model": self.cfg.model, "seed": self.cfg.seed});
-        if let (Some(o), Some(e)) = (p.as_object_mut(), extra.as_object()) {
-            for (k, v) in e {
-                o.insert(k.clone(), v.clone());
-            }
-        }
-        p
+        merged(
+            json!({"model": self.cfg.model, "seed": self.cfg.seed}),
+            &extra,
+        )
     }
+}
+
+/// `base` with the keys of the object `extra` added (or replaced).
+fn merged(mut base: Value, extra: &Value) -> Value {
+    if let (Some(o), Some(e)) = (base.as_object_mut(), extra.as_object()) {
+        for (k, v) in e {
+            o.insert(k.clone(), v.clone());
+        }
+    }
+    base
+}
+
+/// Persona directions from the probe step's activations (steering reads them), with the middle
+/// row exported as `persona_direction.npy`. Returns the directions' metadata.
+fn persona_directions(c: &Ctx) -> Result<Value> {
+    let mut args = c.base("direction");
+    args.extend(dataset_args(c, None, c.cfg.n_questions_per_pair));
+    args.extend([
+        "--position".into(),
+        c.cfg.position.clone(),
+        "--out".into(),
+        c.dir("probe").display().to_string(),
+        "--layer".into(),
+        s(c.model.config().n_layers / 2),
+        "--align-probe-index".into(),
+    ]);
+    c.quiet_flag(&mut args);
+    let Cmd::Direction(da) = c.parse(&args)? else {
+        bail!("internal: direction arguments")
+    };
+    direction_with(c.model, &da, false)
 }
 
 fn s(x: impl ToString) -> String {
@@ -509,24 +537,8 @@ fn probe_step(c: &Ctx) -> Result<StepOut> {
         bail!("internal: probe arguments")
     };
     let r = run_probe(c.model, &pa, c.quiet)?;
-    // Directions from the same activations (steering reads them).
     let n = c.model.config().n_layers;
-    let mut dargs = c.base("direction");
-    dargs.extend(dataset_args(c, None, c.cfg.n_questions_per_pair));
-    dargs.extend([
-        "--position".into(),
-        c.cfg.position.clone(),
-        "--out".into(),
-        dir.display().to_string(),
-        "--layer".into(),
-        s(n / 2),
-        "--align-probe-index".into(),
-    ]);
-    c.quiet_flag(&mut dargs);
-    let Cmd::Direction(da) = c.parse(&dargs)? else {
-        bail!("internal: direction arguments")
-    };
-    let dmeta = direction_with(c.model, &da, false)?;
+    let dmeta = persona_directions(c)?;
 
     let holdout = |l: &persona_lens_analysis::probe::LayerProbe| {
         l.template_holdout.as_ref().unwrap_or(&l.cv).accuracy
@@ -788,14 +800,9 @@ fn patch_step(c: &Ctx) -> Result<StepOut> {
     let clean = f(&out["clean_metric"]);
     let corrupted = f(&out["corrupted_metric"]);
     let prov = |hook: &str, extra: Value| {
-        let mut v = c.prov(json!({"hook": hook, "position": "last", "clean": p.clean, "corrupted": p.corrupted,
+        let v = c.prov(json!({"hook": hook, "position": "last", "clean": p.clean, "corrupted": p.corrupted,
             "metric": format!("logit[{}] - logit[{}]", p.answer_a, p.answer_b), "file": "patch/patching.json"}));
-        if let (Some(o), Some(e)) = (v.as_object_mut(), extra.as_object()) {
-            for (k, x) in e {
-                o.insert(k.clone(), x.clone());
-            }
-        }
-        v
+        merged(v, &extra)
     };
     let mut headlines = vec![Headline {
         id: "patch.clean_minus_corrupted".into(),
@@ -1198,19 +1205,7 @@ fn steer_step(c: &Ctx) -> Result<StepOut> {
     let directions = c.dir("probe").join("directions.safetensors");
     if !directions.exists() {
         // Steering alone: compute the directions first (the probe step's harvest).
-        let mut dargs = c.base("direction");
-        dargs.extend(dataset_args(c, None, c.cfg.n_questions_per_pair));
-        dargs.extend([
-            "--position".into(),
-            c.cfg.position.clone(),
-            "--out".into(),
-            c.dir("probe").display().to_string(),
-        ]);
-        c.quiet_flag(&mut dargs);
-        let Cmd::Direction(da) = c.parse(&dargs)? else {
-            bail!("internal: direction arguments")
-        };
-        direction_with(c.model, &da, false)?;
+        persona_directions(c)?;
     }
     let st = &c.cfg.steer;
     let n = c.model.config().n_layers;
@@ -1438,17 +1433,12 @@ fn diff_step(c: &Ctx) -> Result<StepOut> {
         }
     })?;
     let prov = |extra: Value| {
-        let mut v = c.prov(
+        let v = c.prov(
             json!({"base_model": c.cfg.model, "chat_model": d.chat_model,
             "hooks": [hooks[0].to_string(), hooks[1].to_string()], "position": "last",
             "dict_size": d.dict_size, "steps": d.steps, "file": "diff/analysis/summary.json"}),
         );
-        if let (Some(o), Some(e)) = (v.as_object_mut(), extra.as_object()) {
-            for (k, x) in e {
-                o.insert(k.clone(), x.clone());
-            }
-        }
-        v
+        merged(v, &extra)
     };
     let mut headlines = vec![Headline {
         id: "diff.fve".into(),

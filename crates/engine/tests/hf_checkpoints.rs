@@ -208,21 +208,28 @@ fn conditional_generation_layout_loads() {
     );
 }
 
-#[test]
-fn broken_checkpoints_give_clear_errors() {
-    // Unknown architecture.
-    let dir = tmp("unknown-arch");
-    let mut cfg: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(tiny("tiny-llama").join("config.json")).unwrap(),
-    )
-    .unwrap();
-    cfg["architectures"] = serde_json::json!(["MambaForCausalLM"]);
+/// A copy of a tiny checkpoint with its `config.json` edited.
+fn with_config(name: &str, model: &str, edit: &dyn Fn(&mut serde_json::Value)) -> PathBuf {
+    let dir = tmp(name);
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(tiny(model).join("config.json")).unwrap())
+            .unwrap();
+    edit(&mut cfg);
     std::fs::write(dir.join("config.json"), cfg.to_string()).unwrap();
     std::fs::copy(
-        tiny("tiny-llama").join("model.safetensors"),
+        tiny(model).join("model.safetensors"),
         dir.join("model.safetensors"),
     )
     .unwrap();
+    dir
+}
+
+#[test]
+fn broken_checkpoints_give_clear_errors() {
+    // Unknown architecture.
+    let dir = with_config("unknown-arch", "tiny-llama", &|c| {
+        c["architectures"] = serde_json::json!(["MambaForCausalLM"])
+    });
     let e = load(dir.to_str().unwrap(), f32())
         .err()
         .unwrap()
@@ -271,18 +278,9 @@ fn broken_checkpoints_give_clear_errors() {
     assert!(e.contains("transformer.h.1.mlp.c_fc.bias"), "{e}");
 
     // An unsupported GPT-2 variant is named.
-    let dir = tmp("gpt2-variant");
-    let mut cfg: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(tiny("tiny-gpt2").join("config.json")).unwrap(),
-    )
-    .unwrap();
-    cfg["scale_attn_by_inverse_layer_idx"] = serde_json::json!(true);
-    std::fs::write(dir.join("config.json"), cfg.to_string()).unwrap();
-    std::fs::copy(
-        tiny("tiny-gpt2").join("model.safetensors"),
-        dir.join("model.safetensors"),
-    )
-    .unwrap();
+    let dir = with_config("gpt2-variant", "tiny-gpt2", &|c| {
+        c["scale_attn_by_inverse_layer_idx"] = serde_json::json!(true)
+    });
     let e = load(dir.to_str().unwrap(), f32())
         .err()
         .unwrap()
@@ -290,22 +288,7 @@ fn broken_checkpoints_give_clear_errors() {
     assert!(e.contains("scale_attn_by_inverse_layer_idx"), "{e}");
 
     // Activations: an unknown one is named; exact-erf `gelu` is honoured, not swapped for tanh.
-    let with_cfg = |name: &str, model: &str, edit: &dyn Fn(&mut serde_json::Value)| -> PathBuf {
-        let dir = tmp(name);
-        let mut cfg: serde_json::Value = serde_json::from_str(
-            &std::fs::read_to_string(tiny(model).join("config.json")).unwrap(),
-        )
-        .unwrap();
-        edit(&mut cfg);
-        std::fs::write(dir.join("config.json"), cfg.to_string()).unwrap();
-        std::fs::copy(
-            tiny(model).join("model.safetensors"),
-            dir.join("model.safetensors"),
-        )
-        .unwrap();
-        dir
-    };
-    let d = with_cfg("quick-gelu", "tiny-gpt2", &|c| {
+    let d = with_config("quick-gelu", "tiny-gpt2", &|c| {
         c["activation_function"] = serde_json::json!("quick_gelu")
     });
     let e = load(d.to_str().unwrap(), f32()).err().unwrap().to_string();
@@ -313,7 +296,7 @@ fn broken_checkpoints_give_clear_errors() {
         e.contains("quick_gelu") && e.contains("activation_function"),
         "{e}"
     );
-    let d = with_cfg("erf-gelu", "tiny-gpt2", &|c| {
+    let d = with_config("erf-gelu", "tiny-gpt2", &|c| {
         c["activation_function"] = serde_json::json!("gelu")
     });
     let m = load(d.to_str().unwrap(), f32()).unwrap();
@@ -324,7 +307,7 @@ fn broken_checkpoints_give_clear_errors() {
         diff > 1e-6 && diff < 0.05,
         "erf vs tanh GELU logits differ by {diff}"
     );
-    let d = with_cfg("mlp-bias", "tiny-llama", &|c| {
+    let d = with_config("mlp-bias", "tiny-llama", &|c| {
         c["mlp_bias"] = serde_json::json!(true)
     });
     let e = load(d.to_str().unwrap(), f32()).err().unwrap().to_string();

@@ -13,6 +13,7 @@ use crate::decoder::{Block, Decoder};
 use crate::error::{EngineError, Result};
 use crate::layers::{Activation, AttnWeights, Mlp, Norm, Rope};
 use crate::weights::Weights;
+use candle_core::Tensor;
 
 pub fn config_from_gguf(m: &GgufMeta) -> Result<ModelConfig> {
     let a = "gemma2";
@@ -129,12 +130,17 @@ pub fn gemma_activation(j: &HfJson) -> Result<Activation> {
 
 /// RMSNorm with multiplier `1 + w`, with `w` taken back from llama.cpp's `w + 1` for GGUF.
 pub fn gemma_norm(w: &Weights, hf: &str, gguf: &str, eps: f64) -> Result<Norm> {
-    let t = w.vector(hf, gguf)?;
-    let t = if w.is_gguf() { (t - 1.0)? } else { t };
     Ok(Norm::Rms {
-        mult: (t + 1.0)?,
+        mult: gemma_mult(w, hf, gguf)?,
         eps,
     })
+}
+
+/// The multiplier `1 + w` of a Gemma RMSNorm (also Gemma 3's q/k norms).
+fn gemma_mult(w: &Weights, hf: &str, gguf: &str) -> Result<Tensor> {
+    let t = w.vector(hf, gguf)?;
+    let t = if w.is_gguf() { (t - 1.0)? } else { t };
+    Ok((t + 1.0)?)
 }
 
 /// One Gemma 2 / Gemma 3 block; `qk_norm` adds Gemma 3's q/k RMSNorms.
@@ -143,14 +149,11 @@ pub fn gemma_block(w: &Weights, cfg: &ModelConfig, i: usize, qk_norm: bool) -> R
     let gg = |s: &str| format!("blk.{i}.{s}");
     let eps = cfg.rms_norm_eps;
     let norm = |h: &str, g: &str| gemma_norm(w, &hf(h), &gg(g), eps);
-    let mult = |n: Norm| match n {
-        Norm::Rms { mult, .. } => Some(mult),
-        Norm::Layer { .. } => None,
-    };
+    let mult = |h: &str, g: &str| gemma_mult(w, &hf(h), &gg(g));
     let (q_norm, k_norm) = if qk_norm {
         (
-            mult(norm("self_attn.q_norm.weight", "attn_q_norm.weight")?),
-            mult(norm("self_attn.k_norm.weight", "attn_k_norm.weight")?),
+            Some(mult("self_attn.q_norm.weight", "attn_q_norm.weight")?),
+            Some(mult("self_attn.k_norm.weight", "attn_k_norm.weight")?),
         )
     } else {
         (None, None)
