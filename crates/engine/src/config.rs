@@ -13,6 +13,11 @@ pub enum Architecture {
     Gemma3,
     Llama,
     Gpt2,
+    Qwen2,
+    Qwen3,
+    Mistral,
+    Phi3,
+    Olmo2,
 }
 
 impl Architecture {
@@ -22,15 +27,21 @@ impl Architecture {
             Architecture::Gemma3 => "gemma3",
             Architecture::Llama => "llama",
             Architecture::Gpt2 => "gpt2",
+            Architecture::Qwen2 => "qwen2",
+            Architecture::Qwen3 => "qwen3",
+            Architecture::Mistral => "mistral",
+            Architecture::Phi3 => "phi3",
+            Architecture::Olmo2 => "olmo2",
         }
     }
 }
 
-/// Rotary scaling variants found in the configs we load.
+/// Rotary scaling variants, as Hugging Face's `modeling_rope_utils` defines them (plus llama.cpp's
+/// per-frequency factors, how GGUF files store Llama 3 scaling).
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(tag = "rope_type", rename_all = "lowercase")]
 pub enum RopeScaling {
-    /// Positions divided by `factor` (Gemma 3 4B+ global layers).
+    /// Frequencies divided by `factor` (Gemma 3 4B+ global layers).
     Linear { factor: f64 },
     /// Llama 3.x frequency-dependent scaling.
     Llama3 {
@@ -39,6 +50,33 @@ pub enum RopeScaling {
         high_freq_factor: f64,
         original_max_position_embeddings: f64,
     },
+    /// Dynamic NTK: past `max_position_embeddings` the base grows with the sequence length.
+    /// Computed from each forward call's longest position (HF caches the largest length seen;
+    /// the two agree for a fresh forward and for cached generation).
+    Dynamic {
+        factor: f64,
+        max_position_embeddings: f64,
+    },
+    /// YaRN: a ramp between interpolated and extrapolated frequencies, cos/sin scaled by
+    /// `attention_factor` (resolved from `factor` / `mscale` when the config leaves it out).
+    Yarn {
+        factor: f64,
+        original_max_position_embeddings: f64,
+        attention_factor: f64,
+        beta_fast: f64,
+        beta_slow: f64,
+        truncate: bool,
+    },
+    /// LongRoPE (Phi-3.5): per-frequency divisors, the long set once a call's length passes
+    /// `original_max_position_embeddings`; cos/sin scaled by `attention_factor`.
+    Longrope {
+        short_factor: Vec<f64>,
+        long_factor: Vec<f64>,
+        original_max_position_embeddings: f64,
+        attention_factor: f64,
+    },
+    /// Per-frequency divisors read from a GGUF file's `rope_freqs.weight`.
+    FreqFactors { factors: Vec<f64> },
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -57,8 +95,10 @@ pub struct ModelConfig {
     pub rope_theta: f64,
     /// Rope base of sliding-window layers (Gemma 3: 10 000); equals `rope_theta` where unused.
     pub rope_local_theta: f64,
-    /// Scaling applied to the global layers' rope (Gemma 3) or to all layers (Llama 3).
+    /// Scaling applied to the global layers' rope (Gemma 3) or to all layers (Llama 3, ...).
     pub rope_scaling: Option<RopeScaling>,
+    /// Rotated dims per head: `head_dim`, or fewer with partial rotary (Phi-3); 0 without rotary.
+    pub rotary_dim: usize,
     pub sliding_window: Option<usize>,
     /// Per layer: true where the layer attends within `sliding_window` only.
     pub layer_is_sliding: Vec<bool>,
@@ -216,72 +256,188 @@ impl<'a> HfJson<'a> {
         self.opt(key).and_then(|x| x.as_str())
     }
 
-    /// `rope_scaling` of a HF config, where present.
-    pub fn rope_scaling(&self, key: &str) -> Result<Option<RopeScaling>> {
-        let Some(rs) = self.opt(key) else {
-            return Ok(None);
-        };
-        let sub = HfJson {
-            v: rs,
-            file: format!("{}:{key}", self.file),
-        };
-        let kind = sub
-            .str("rope_type")
-            .or_else(|| sub.str("type"))
-            .unwrap_or("default");
-        match kind {
-            "default" => Ok(None),
-            "linear" => Ok(Some(RopeScaling::Linear {
-                factor: sub.f64("factor")?,
-            })),
-            "llama3" => Ok(Some(RopeScaling::Llama3 {
-                factor: sub.f64("factor")?,
-                low_freq_factor: sub.f64("low_freq_factor")?,
-                high_freq_factor: sub.f64("high_freq_factor")?,
-                original_max_position_embeddings: sub.f64("original_max_position_embeddings")?,
-            })),
-            other => Err(EngineError::BadField {
+    /// A number list field (`short_factor` / `long_factor`).
+    fn f64_list(&self, key: &str) -> Result<Vec<f64>> {
+        let x = self.opt(key).ok_or_else(|| self.missing(key))?;
+        x.as_array()
+            .and_then(|a| a.iter().map(|v| v.as_f64()).collect::<Option<Vec<_>>>())
+            .ok_or_else(|| EngineError::BadField {
                 file: self.file.clone(),
                 field: key.into(),
-                reason: format!(
-                    "rope_type '{other}' is not supported (supported: default, linear, llama3)"
-                ),
-            }),
-        }
+                reason: format!("expected a list of numbers, got {x}"),
+            })
     }
 }
 
+/// The scaling named by one rope parameters object (`rope_scaling`, or transformers 5's
+/// `rope_parameters` / one of its per-layer-type entries). `top` is the whole config: HF takes
+/// `max_position_embeddings` and Phi-3's top-level `original_max_position_embeddings` from it.
+fn parse_rope_scaling(p: &HfJson, top: &HfJson, dim: usize) -> Result<Option<RopeScaling>> {
+    let kind = p.str("rope_type").or_else(|| p.str("type")).unwrap_or("default");
+    let max_pos = top.f64_or("max_position_embeddings", 2048.0)?;
+    // HF: llama3 / yarn / longrope default their original length to max_position_embeddings;
+    // a top-level `original_max_position_embeddings` (Phi-3) takes priority.
+    let original = || -> Result<f64> {
+        match top.opt_f64("original_max_position_embeddings")? {
+            Some(o) if kind != "llama3" => Ok(o),
+            _ => p.f64_or("original_max_position_embeddings", max_pos),
+        }
+    };
+    let bad = |reason: String| EngineError::BadField {
+        file: p.file.clone(),
+        field: "rope_type".into(),
+        reason,
+    };
+    Ok(match kind {
+        "default" => None,
+        "linear" => Some(RopeScaling::Linear {
+            factor: p.f64("factor")?,
+        }),
+        "llama3" => Some(RopeScaling::Llama3 {
+            factor: p.f64("factor")?,
+            low_freq_factor: p.f64("low_freq_factor")?,
+            high_freq_factor: p.f64("high_freq_factor")?,
+            original_max_position_embeddings: original()?,
+        }),
+        "dynamic" => Some(RopeScaling::Dynamic {
+            factor: p.f64("factor")?,
+            max_position_embeddings: max_pos,
+        }),
+        "yarn" => {
+            let original = original()?;
+            let factor = match p.opt_f64("factor")? {
+                Some(f) => f,
+                None => max_pos / original,
+            };
+            let get_mscale = |scale: f64, m: f64| {
+                if scale <= 1.0 {
+                    1.0
+                } else {
+                    0.1 * m * scale.ln() + 1.0
+                }
+            };
+            let attention_factor = match p.opt_f64("attention_factor")? {
+                Some(a) => a,
+                None => match (p.opt_f64("mscale")?, p.opt_f64("mscale_all_dim")?) {
+                    (Some(m), Some(ma)) if m != 0.0 && ma != 0.0 => {
+                        get_mscale(factor, m) / get_mscale(factor, ma)
+                    }
+                    _ => get_mscale(factor, 1.0),
+                },
+            };
+            // HF: `beta_fast or 32`, `beta_slow or 1` (a 0 also falls back).
+            let beta = |k: &str, d: f64| -> Result<f64> {
+                Ok(p.opt_f64(k)?.filter(|&x| x != 0.0).unwrap_or(d))
+            };
+            Some(RopeScaling::Yarn {
+                factor,
+                original_max_position_embeddings: original,
+                attention_factor,
+                beta_fast: beta("beta_fast", 32.0)?,
+                beta_slow: beta("beta_slow", 1.0)?,
+                truncate: p.opt("truncate").and_then(|x| x.as_bool()).unwrap_or(true),
+            })
+        }
+        "longrope" => {
+            let original = original()?;
+            let factor = match (top.opt_f64("original_max_position_embeddings")?, p.opt_f64("factor")?) {
+                (Some(o), _) => max_pos / o,
+                (None, Some(f)) => f,
+                (None, None) => max_pos / original,
+            };
+            let attention_factor = match p.opt_f64("attention_factor")? {
+                Some(a) => a,
+                None if factor <= 1.0 => 1.0,
+                None => (1.0 + factor.ln() / original.ln()).sqrt(),
+            };
+            let (short_factor, long_factor) = (p.f64_list("short_factor")?, p.f64_list("long_factor")?);
+            for (name, f) in [("short_factor", &short_factor), ("long_factor", &long_factor)] {
+                if f.len() != dim / 2 {
+                    return Err(EngineError::BadField {
+                        file: p.file.clone(),
+                        field: name.into(),
+                        reason: format!("{} entries; the rotary dimension {dim} needs {}", f.len(), dim / 2),
+                    });
+                }
+            }
+            Some(RopeScaling::Longrope {
+                short_factor,
+                long_factor,
+                original_max_position_embeddings: original,
+                attention_factor,
+            })
+        }
+        other => {
+            return Err(bad(format!(
+                "'{other}' is not supported (supported: default, linear, dynamic, yarn, longrope, llama3)"
+            )))
+        }
+    })
+}
+
+/// Rope settings of one layer type.
+#[derive(Debug, Clone)]
+pub struct RopeSpec {
+    pub theta: f64,
+    pub scaling: Option<RopeScaling>,
+    /// Rotated dims per head (`head_dim * partial_rotary_factor`, Phi-3); the rest pass through.
+    pub rotary_dim: usize,
+}
+
 impl<'a> HfJson<'a> {
-    /// Rope base and scaling for a layer type (`full_attention` / `sliding_attention`), from
-    /// transformers 5's `rope_parameters` (flat or per layer type) or the older `rope_theta` /
-    /// `rope_local_base_freq` / `rope_scaling` fields.
+    /// Rope base, scaling and rotary width for a layer type (`full_attention` /
+    /// `sliding_attention`), from transformers 5's `rope_parameters` (flat or per layer type) or
+    /// the older `rope_theta` / `rope_local_base_freq` / `rope_scaling` / `partial_rotary_factor`
+    /// fields. Unknown rope types are errors, never ignored.
     pub fn rope(
         &self,
         layer_type: &str,
         legacy_theta_key: &str,
         default_theta: f64,
-    ) -> Result<(f64, Option<RopeScaling>)> {
+        head_dim: usize,
+    ) -> Result<RopeSpec> {
+        let rotary = |factor: f64| -> Result<usize> {
+            if !(factor > 0.0 && factor <= 1.0) {
+                return Err(EngineError::BadField {
+                    file: self.file.clone(),
+                    field: "partial_rotary_factor".into(),
+                    reason: format!("{factor} is not in (0, 1]"),
+                });
+            }
+            // HF: int(head_dim * partial_rotary_factor)
+            Ok((head_dim as f64 * factor) as usize)
+        };
+        let top_factor = self.f64_or("partial_rotary_factor", 1.0)?;
         if let Some(rp) = self.opt("rope_parameters") {
             let sub_v = rp.get(layer_type).filter(|v| v.is_object()).unwrap_or(rp);
             let sub = HfJson {
                 v: sub_v,
                 file: format!("{}:rope_parameters", self.file),
             };
-            let theta = sub.f64_or("rope_theta", default_theta)?;
-            // The parameters object itself carries rope_type and the scaling fields.
-            let wrapper = serde_json::json!({ "s": sub_v });
-            let w = HfJson {
-                v: &wrapper,
-                file: sub.file.clone(),
-            };
-            return Ok((theta, w.rope_scaling("s")?));
+            let rotary_dim = rotary(sub.f64_or("partial_rotary_factor", top_factor)?)?;
+            return Ok(RopeSpec {
+                theta: sub.f64_or("rope_theta", default_theta)?,
+                scaling: parse_rope_scaling(&sub, self, rotary_dim)?,
+                rotary_dim,
+            });
         }
         let theta = self.f64_or(legacy_theta_key, default_theta)?;
-        let scaling = if layer_type == "sliding_attention" {
-            None
-        } else {
-            self.rope_scaling("rope_scaling")?
+        let rotary_dim = rotary(top_factor)?;
+        let scaling = match (layer_type, self.opt("rope_scaling")) {
+            // Legacy Gemma 3 configs: `rope_scaling` is the global layers' only.
+            ("sliding_attention", _) | (_, None) => None,
+            (_, Some(rs)) => {
+                let sub = HfJson {
+                    v: rs,
+                    file: format!("{}:rope_scaling", self.file),
+                };
+                parse_rope_scaling(&sub, self, rotary_dim)?
+            }
         };
-        Ok((theta, scaling))
+        Ok(RopeSpec {
+            theta,
+            scaling,
+            rotary_dim,
+        })
     }
 }

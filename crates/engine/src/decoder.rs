@@ -26,12 +26,13 @@ use crate::weights::{Embedding, Linear};
 use candle_core::{DType, Device, Tensor};
 
 pub struct Block {
-    /// The pre-attention norm.
-    pub attn_norm: Norm,
+    /// The pre-attention norm; None where the block normalises only after (OLMo 2).
+    pub attn_norm: Option<Norm>,
     pub attn: AttnWeights,
     /// Gemma's norm on the attention output before it joins the residual stream.
     pub post_attn_norm: Option<Norm>,
-    pub mlp_norm: Norm,
+    /// The pre-MLP norm; None for OLMo 2.
+    pub mlp_norm: Option<Norm>,
     pub mlp: Mlp,
     pub post_mlp_norm: Option<Norm>,
     pub sliding: bool,
@@ -145,7 +146,7 @@ impl Decoder {
         let blk = &self.blocks[l];
         let hn = |p| HookName::block(l, p);
         let mut x = fire(hooks, hn(HookPoint::ResidPre), x, ctx)?;
-        let h = blk.attn_norm.forward(&x)?;
+        let h = pre_norm(blk.attn_norm.as_ref(), &x)?;
         let (cs, mask) = if blk.sliding {
             (
                 cc.cs_local.as_ref().or(cc.cs_global.as_ref()),
@@ -169,7 +170,7 @@ impl Decoder {
         let a = fire(hooks, hn(HookPoint::AttnOut), a, ctx)?;
         x = (x + a)?;
         x = fire(hooks, hn(HookPoint::ResidMid), x, ctx)?;
-        let h = blk.mlp_norm.forward(&x)?;
+        let h = pre_norm(blk.mlp_norm.as_ref(), &x)?;
         let mut m = blk.mlp.forward(l, &h, hooks, ctx)?;
         if let Some(pn) = &blk.post_mlp_norm {
             m = pn.forward(&m)?;
@@ -238,5 +239,13 @@ impl Decoder {
     pub fn unembed_resid(&self, resid: &Tensor) -> Result<Tensor> {
         let normed = self.final_norm.forward(resid)?;
         softcap(self.lm_head.forward(&normed)?, self.cfg.final_logit_softcap)
+    }
+}
+
+/// A block's pre-norm, or its input unchanged where the architecture has none.
+fn pre_norm(norm: Option<&Norm>, x: &Tensor) -> Result<Tensor> {
+    match norm {
+        Some(n) => n.forward(x),
+        None => Ok(x.clone()),
     }
 }

@@ -56,18 +56,33 @@ impl Norm {
     }
 }
 
-/// Rotary frequencies for one rope base (HF `_compute_default_rope_parameters` + scaling).
+/// Rotary frequencies for one rope base (HF `_compute_default_rope_parameters` plus the scaling
+/// of `modeling_rope_utils`), over the first `dim` dims of a head.
 #[derive(Debug, Clone)]
 pub struct Rope {
+    base: f64,
+    dim: usize,
+    scaling: Option<RopeScaling>,
+    /// Frequencies of calls within the original context (all calls for static scalings).
     inv_freq: Vec<f32>,
+    /// LongRoPE's frequencies past the original context.
+    inv_freq_long: Option<Vec<f32>>,
+    /// Multiplies cos and sin (YaRN, LongRoPE).
+    attention_scaling: f32,
+}
+
+/// `1 / base^(2i / dim)` in f32 arithmetic, as torch computes it.
+fn default_inv_freq(base: f32, dim: usize) -> Vec<f32> {
+    (0..dim / 2)
+        .map(|i| 1.0f32 / base.powf((2 * i) as f32 / dim as f32))
+        .collect()
 }
 
 impl Rope {
-    pub fn new(base: f64, head_dim: usize, scaling: Option<&RopeScaling>) -> Self {
-        // f32 arithmetic as in torch: base ** (arange(0, d, 2) / d)
-        let mut inv: Vec<f32> = (0..head_dim / 2)
-            .map(|i| 1.0f32 / (base as f32).powf((2 * i) as f32 / head_dim as f32))
-            .collect();
+    pub fn new(base: f64, dim: usize, scaling: Option<&RopeScaling>) -> Self {
+        let mut inv = default_inv_freq(base as f32, dim);
+        let mut inv_long = None;
+        let mut attention_scaling = 1.0f32;
         match scaling {
             Some(RopeScaling::Linear { factor }) => {
                 for f in inv.iter_mut() {
@@ -97,29 +112,133 @@ impl Rope {
                     *f = scaled as f32;
                 }
             }
+            // Depends on the call's length: see `freqs`.
+            Some(RopeScaling::Dynamic { .. }) => {}
+            Some(RopeScaling::Yarn {
+                factor,
+                original_max_position_embeddings,
+                attention_factor,
+                beta_fast,
+                beta_slow,
+                truncate,
+            }) => {
+                // HF `_compute_yarn_parameters`: correction range from the rotation counts, a
+                // linear ramp over it between interpolated (/factor) and extrapolated frequencies.
+                let d = dim as f64;
+                let corr = |rot: f64| {
+                    d * (original_max_position_embeddings / (rot * 2.0 * std::f64::consts::PI)).ln()
+                        / (2.0 * base.ln())
+                };
+                let (mut low, mut high) = (corr(*beta_fast), corr(*beta_slow));
+                if *truncate {
+                    low = low.floor();
+                    high = high.ceil();
+                }
+                let low = low.max(0.0) as f32;
+                let mut high = high.min(d - 1.0) as f32;
+                if low == high {
+                    high += 0.001;
+                }
+                let pos_freqs: Vec<f32> = (0..dim / 2)
+                    .map(|i| (base as f32).powf((2 * i) as f32 / dim as f32))
+                    .collect();
+                for (i, f) in inv.iter_mut().enumerate() {
+                    let ramp = ((i as f32 - low) / (high - low)).clamp(0.0, 1.0);
+                    let extrapolation = 1.0 - ramp;
+                    let interp = 1.0 / (*factor as f32 * pos_freqs[i]);
+                    let extrap = 1.0 / pos_freqs[i];
+                    *f = interp * (1.0 - extrapolation) + extrap * extrapolation;
+                }
+                attention_scaling = *attention_factor as f32;
+            }
+            Some(RopeScaling::Longrope {
+                short_factor,
+                long_factor,
+                attention_factor,
+                ..
+            }) => {
+                let shape: Vec<f32> = (0..dim / 2)
+                    .map(|i| (base as f32).powf((2 * i) as f32 / dim as f32))
+                    .collect();
+                let with = |ext: &[f64]| -> Vec<f32> {
+                    shape
+                        .iter()
+                        .zip(ext)
+                        .map(|(s, e)| 1.0 / (*e as f32 * s))
+                        .collect()
+                };
+                inv = with(short_factor);
+                inv_long = Some(with(long_factor));
+                attention_scaling = *attention_factor as f32;
+            }
+            Some(RopeScaling::FreqFactors { factors }) => {
+                for (f, k) in inv.iter_mut().zip(factors) {
+                    *f /= *k as f32;
+                }
+            }
             None => {}
         }
-        Rope { inv_freq: inv }
+        Rope {
+            base,
+            dim,
+            scaling: scaling.cloned(),
+            inv_freq: inv,
+            inv_freq_long: inv_long,
+            attention_scaling,
+        }
     }
 
-    /// cos and sin, each `[b, 1, t, head_dim]` (frequencies repeated twice, HF layout).
+    /// Rotated dims per head.
+    pub fn dim(&self) -> usize {
+        self.dim
+    }
+
+    /// The frequencies of a call whose longest row reaches `seq_len` positions.
+    fn freqs(&self, seq_len: usize) -> std::borrow::Cow<'_, [f32]> {
+        match &self.scaling {
+            Some(RopeScaling::Dynamic {
+                factor,
+                max_position_embeddings,
+            }) if seq_len as f64 > *max_position_embeddings => {
+                // HF `_compute_dynamic_ntk_parameters`, in f32 as torch computes it there.
+                let (f, m, d) = (*factor as f32, *max_position_embeddings as f32, self.dim as f32);
+                let base = self.base as f32 * ((f * seq_len as f32 / m) - (f - 1.0)).powf(d / (d - 2.0));
+                default_inv_freq(base, self.dim).into()
+            }
+            Some(RopeScaling::Longrope {
+                original_max_position_embeddings,
+                ..
+            }) if seq_len as f64 > *original_max_position_embeddings => self
+                .inv_freq_long
+                .as_deref()
+                .unwrap_or(&self.inv_freq)
+                .into(),
+            _ => self.inv_freq.as_slice().into(),
+        }
+    }
+
+    /// cos and sin, each `[b, 1, t, dim]` (frequencies repeated twice, HF layout).
     pub fn cos_sin(&self, positions: &[Vec<u32>], device: &Device) -> Result<(Tensor, Tensor)> {
         let b = positions.len();
         let t = positions.first().map(|p| p.len()).unwrap_or(0);
-        let half = self.inv_freq.len();
+        let seq_len = positions.iter().flatten().copied().max().unwrap_or(0) as usize + 1;
+        let inv_freq = self.freqs(seq_len);
+        let scale = self.attention_scaling;
+        let half = inv_freq.len();
         let hd = half * 2;
         let mut cos = vec![0f32; b * t * hd];
         let mut sin = vec![0f32; b * t * hd];
         for (r, row) in positions.iter().enumerate() {
             for (i, &p) in row.iter().enumerate() {
                 let base = (r * t + i) * hd;
-                for (j, &f) in self.inv_freq.iter().enumerate() {
+                for (j, &f) in inv_freq.iter().enumerate() {
                     let a = (p as f32) * f;
                     let (s, c) = (a as f64).sin_cos();
-                    cos[base + j] = c as f32;
-                    cos[base + half + j] = c as f32;
-                    sin[base + j] = s as f32;
-                    sin[base + half + j] = s as f32;
+                    let (s, c) = (s as f32 * scale, c as f32 * scale);
+                    cos[base + j] = c;
+                    cos[base + half + j] = c;
+                    sin[base + j] = s;
+                    sin[base + half + j] = s;
                 }
             }
         }
@@ -130,9 +249,15 @@ impl Rope {
     }
 }
 
-/// `x * cos + rotate_half(x) * sin` with x `[b, h, t, d]`.
+/// `x * cos + rotate_half(x) * sin` with x `[b, h, t, d]`. With partial rotary (Phi-3) the
+/// tables are narrower than `d`: the first `cos.dim(-1)` dims rotate, the rest pass through.
 pub fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     let d = x.dim(D::Minus1)?;
+    let r = cos.dim(D::Minus1)?;
+    if r < d {
+        let rot = apply_rope(&x.narrow(D::Minus1, 0, r)?, cos, sin)?;
+        return Ok(Tensor::cat(&[&rot, &x.narrow(D::Minus1, r, d - r)?], D::Minus1)?);
+    }
     let x1 = x.narrow(D::Minus1, 0, d / 2)?;
     let x2 = x.narrow(D::Minus1, d / 2, d / 2)?;
     let rot = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
@@ -198,14 +323,23 @@ impl KvCache {
     }
 }
 
+/// RMSNorms on queries and keys before rotary, with multipliers `q` / `k` (`1 + w` for Gemma,
+/// `w` otherwise).
+pub enum QkNorm {
+    /// Over each head's `d_head` (Gemma 3, Qwen3): multipliers of length `d_head`.
+    PerHead { q: Tensor, k: Tensor },
+    /// Over the whole projection before the head split (OLMo 2): multipliers of length
+    /// `n_heads * d_head` and `n_kv_heads * d_head`.
+    Projection { q: Tensor, k: Tensor },
+}
+
 pub struct AttnWeights {
     pub q: Linear,
     pub k: Linear,
     pub v: Linear,
     pub o: Linear,
-    /// q/k RMSNorm multipliers over d_head (Gemma 3), `1 + w`.
-    pub q_norm: Option<Tensor>,
-    pub k_norm: Option<Tensor>,
+    /// q/k RMSNorms (Gemma 3, Qwen3, OLMo 2).
+    pub qk_norm: Option<QkNorm>,
     /// Biases of q, k, v (GPT-2; Llama checkpoints with `attention_bias`).
     pub qkv_bias: Option<[Tensor; 3]>,
     /// Bias of the output projection. TransformerLens convention: not part of any head's
@@ -259,16 +393,22 @@ pub fn attention(
     let name = |pt| HookName::block(layer, pt);
 
     let bias = |i: usize| w.qkv_bias.as_ref().map(|bs| &bs[i]);
-    let q = add_bias(w.q.forward(x)?, bias(0))?.reshape((b, t, h, hd))?;
-    let k = add_bias(w.k.forward(x)?, bias(1))?.reshape((b, t, hkv, hd))?;
+    let q = add_bias(w.q.forward(x)?, bias(0))?;
+    let k = add_bias(w.k.forward(x)?, bias(1))?;
     let v = add_bias(w.v.forward(x)?, bias(2))?.reshape((b, t, hkv, hd))?;
-    let q = match &w.q_norm {
-        Some(m) => rms_norm(&q, m, p.eps)?,
-        None => q,
+    let (q, k) = match &w.qk_norm {
+        Some(QkNorm::Projection { q: mq, k: mk }) => {
+            (rms_norm(&q, mq, p.eps)?, rms_norm(&k, mk, p.eps)?)
+        }
+        _ => (q, k),
     };
-    let k = match &w.k_norm {
-        Some(m) => rms_norm(&k, m, p.eps)?,
-        None => k,
+    let q = q.reshape((b, t, h, hd))?;
+    let k = k.reshape((b, t, hkv, hd))?;
+    let (q, k) = match &w.qk_norm {
+        Some(QkNorm::PerHead { q: mq, k: mk }) => {
+            (rms_norm(&q, mq, p.eps)?, rms_norm(&k, mk, p.eps)?)
+        }
+        _ => (q, k),
     };
     let q = q.transpose(1, 2)?.contiguous()?;
     let k = k.transpose(1, 2)?.contiguous()?;

@@ -259,6 +259,10 @@ impl Model {
             "gemma3" => arch::gemma3::config_from_gguf(&meta)?,
             "llama" => arch::llama::config_from_gguf(&meta)?,
             "gpt2" => arch::gpt2::config_from_gguf(&meta)?,
+            "qwen2" => arch::qwen2::config_from_gguf(&meta)?,
+            "qwen3" => arch::qwen3::config_from_gguf(&meta)?,
+            "phi3" => arch::phi3::config_from_gguf(&meta)?,
+            "olmo2" => arch::olmo2::config_from_gguf(&meta)?,
             other => return Err(EngineError::UnsupportedArchitecture(other.into())),
         };
         let tokenizer = Tokenizer::from_gguf(&meta)?;
@@ -293,6 +297,21 @@ impl Model {
             (Some("GPT2LMHeadModel" | "GPT2Model"), _) | (None, "gpt2") => {
                 arch::gpt2::config_from_hf(&v, &file)?
             }
+            (Some("Qwen2ForCausalLM"), _) | (None, "qwen2") => {
+                arch::qwen2::config_from_hf(&v, &file)?
+            }
+            (Some("Qwen3ForCausalLM"), _) | (None, "qwen3") => {
+                arch::qwen3::config_from_hf(&v, &file)?
+            }
+            (Some("MistralForCausalLM"), _) | (None, "mistral") => {
+                arch::mistral::config_from_hf(&v, &file)?
+            }
+            (Some("Phi3ForCausalLM"), _) | (None, "phi3") => {
+                arch::phi3::config_from_hf(&v, &file)?
+            }
+            (Some("Olmo2ForCausalLM"), _) | (None, "olmo2") => {
+                arch::olmo2::config_from_hf(&v, &file)?
+            }
             (Some(a), _) => return Err(EngineError::UnsupportedArchitecture(a.into())),
             (None, "") => {
                 return Err(EngineError::MissingField {
@@ -324,6 +343,11 @@ impl Model {
             Architecture::Gemma3 => arch::gemma3::load(cfg, &weights)?,
             Architecture::Llama => arch::llama::load(cfg, &weights)?,
             Architecture::Gpt2 => arch::gpt2::load(cfg, &weights)?,
+            Architecture::Qwen2 => arch::qwen2::load(cfg, &weights)?,
+            Architecture::Qwen3 => arch::qwen3::load(cfg, &weights)?,
+            Architecture::Mistral => arch::mistral::load(cfg, &weights)?,
+            Architecture::Phi3 => arch::phi3::load(cfg, &weights)?,
+            Architecture::Olmo2 => arch::olmo2::load(cfg, &weights)?,
         };
         let info = ModelInfo {
             name: String::new(),

@@ -524,6 +524,46 @@ impl Weights {
         Ok(Linear::Dense(self.dense(t)?))
     }
 
+    /// A fused projection (`qkv_proj`, `gate_up_proj`) split along its output rows into parts of
+    /// `sizes` rows each; quantized blocks are split as byte ranges, without requantizing.
+    pub fn linear_split(
+        &self,
+        hf_name: &str,
+        gguf_name: &str,
+        sizes: &[usize],
+    ) -> Result<Vec<Linear>> {
+        let total: usize = sizes.iter().sum();
+        let ranges = sizes.iter().scan(0, |start, &n| {
+            let r = *start..*start + n;
+            *start += n;
+            Some(r)
+        });
+        if let (Precision::Quantized(kernel), true) = (self.precision, self.is_gguf()) {
+            let q = self.qtensor(gguf_name)?;
+            check_rows(gguf_name, q.shape().dims2()?.0, total)?;
+            return ranges
+                .map(|r| {
+                    let rows: Vec<usize> = r.collect();
+                    let m = QMatrix::new(select_qtensor_rows(&q, &rows)?, kernel)?;
+                    *self.loaded_bytes.lock().unwrap_or_else(|p| p.into_inner()) +=
+                        m.storage_bytes();
+                    Ok(Linear::Quantized(Arc::new(m)))
+                })
+                .collect();
+        }
+        let t = match self.native_dense(hf_name)? {
+            Some(t) => t,
+            None => self.f32(hf_name, gguf_name)?,
+        };
+        check_rows(hf_name, t.dim(0)?, total)?;
+        ranges
+            .map(|r| {
+                let part = t.narrow(0, r.start, r.len())?.contiguous()?;
+                Ok(Linear::Dense(self.dense(part)?))
+            })
+            .collect()
+    }
+
     /// A dense matrix `[out, in]` the architecture built itself (split or transposed), held in
     /// the working dtype.
     pub fn dense_linear(&self, t: Tensor) -> Result<Linear> {
@@ -597,25 +637,40 @@ impl Weights {
     }
 }
 
+fn check_rows(name: &str, rows: usize, want: usize) -> Result<()> {
+    if rows != want {
+        return Err(EngineError::InvalidArgument(format!(
+            "fused tensor '{name}' has {rows} rows; the config's heads and sizes need {want}"
+        )));
+    }
+    Ok(())
+}
+
 /// Reorders the rows of a quantized matrix. Blocks run along the input dimension, so a row is a
 /// whole number of blocks and rows can move as byte ranges without requantizing.
 fn permute_qtensor_rows(q: &QTensor, perm: &[usize]) -> Result<QTensor> {
-    let (rows, cols) = q.shape().dims2()?;
+    let (rows, _) = q.shape().dims2()?;
     if perm.len() != rows {
         return Err(EngineError::InvalidArgument(format!(
             "row permutation of length {} for a matrix with {rows} rows",
             perm.len()
         )));
     }
+    select_qtensor_rows(q, perm)
+}
+
+/// The rows `rows` of a quantized matrix, in that order, as a new quantized matrix.
+fn select_qtensor_rows(q: &QTensor, perm: &[usize]) -> Result<QTensor> {
+    let (_, cols) = q.shape().dims2()?;
     let dt: GgmlDType = q.dtype();
     let row_bytes = cols / dt.block_size() * dt.type_size();
     let data = q.data()?;
-    let mut out = vec![0u8; data.len()];
+    let mut out = vec![0u8; perm.len() * row_bytes];
     for (dst, &src) in perm.iter().enumerate() {
         out[dst * row_bytes..(dst + 1) * row_bytes]
             .copy_from_slice(&data[src * row_bytes..(src + 1) * row_bytes]);
     }
     let storage =
         candle_core::quantized::QStorage::from_data(std::borrow::Cow::Owned(out), &q.device(), dt)?;
-    Ok(QTensor::new(storage, (rows, cols))?)
+    Ok(QTensor::new(storage, (perm.len(), cols))?)
 }

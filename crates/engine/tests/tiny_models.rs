@@ -5,10 +5,39 @@ mod common;
 
 use candle_core::{DType, Device, Tensor};
 use common::*;
-use persona_lens_engine::{Batch, HookName, HookPoint, Hooks, LoadOptions, LogitsAt, Model};
+use persona_lens_engine::{
+    generate, Batch, GenerateOptions, HookName, HookPoint, Hooks, LoadOptions, LogitsAt, Model,
+};
+use std::path::{Path, PathBuf};
 
 fn check(name: &str) {
     let dir = fixtures().join("tiny-models").join(name);
+    check_dir(name, &dir);
+}
+
+/// The checkpoint with transformers 5's `config.v5.json` as its `config.json` (weights linked).
+fn v5_dir(name: &str) -> PathBuf {
+    let src = fixtures().join("tiny-models").join(name);
+    let d = std::env::temp_dir().join(format!("pl-v5-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    std::fs::copy(src.join("config.v5.json"), d.join("config.json")).unwrap();
+    for f in ["model.safetensors", "golden.safetensors"] {
+        std::os::unix::fs::symlink(src.join(f), d.join(f)).unwrap();
+    }
+    d
+}
+
+/// Both config layouts of a second-set checkpoint: activations, logits, padding, and the greedy
+/// continuation with and without the KV cache.
+fn check_both_layouts(name: &str) {
+    check(name);
+    let d = v5_dir(name);
+    check_dir(&format!("{name} (config.v5.json)"), &d);
+    let _ = std::fs::remove_dir_all(&d);
+}
+
+fn check_dir(name: &str, dir: &Path) {
     let m = Model::load(
         dir.to_str().unwrap(),
         &models_dir(),
@@ -93,6 +122,24 @@ fn check(name: &str) {
         let d = max_abs_diff(&got, &want);
         assert!(d < 1e-4, "{name} padded row {r}: logits max abs diff {d}");
     }
+
+    // Greedy continuation of input_ids[0, :12] (second set), with and without the KV cache.
+    if let Some(want) = g.get("generated_ids") {
+        let want: Vec<u32> = want.to_dtype(DType::U32).unwrap().to_vec1().unwrap();
+        let prompt = seqs[0][..12].to_vec();
+        for use_kv_cache in [true, false] {
+            let opts = GenerateOptions {
+                max_new_tokens: want.len(),
+                use_kv_cache,
+                ..Default::default()
+            };
+            let got = generate(&m, std::slice::from_ref(&prompt), &opts, &mut Hooks::new())
+                .unwrap()
+                .remove(0)
+                .generated_ids;
+            assert_eq!(got, want, "{name}: greedy continuation (kv cache {use_kv_cache})");
+        }
+    }
 }
 
 #[test]
@@ -113,6 +160,46 @@ fn tiny_gemma3_matches_hf() {
 #[test]
 fn tiny_llama_matches_hf() {
     check("tiny-llama");
+}
+
+#[test]
+fn tiny_qwen2_matches_hf() {
+    check_both_layouts("tiny-qwen2");
+}
+
+#[test]
+fn tiny_qwen3_matches_hf() {
+    check_both_layouts("tiny-qwen3");
+}
+
+#[test]
+fn tiny_mistral_matches_hf() {
+    check_both_layouts("tiny-mistral");
+}
+
+#[test]
+fn tiny_llama3_matches_hf() {
+    check_both_layouts("tiny-llama3");
+}
+
+#[test]
+fn tiny_gemma3_scaled_matches_hf() {
+    check_both_layouts("tiny-gemma3-scaled");
+}
+
+#[test]
+fn tiny_gemma2_caps_matches_hf() {
+    check_both_layouts("tiny-gemma2-caps");
+}
+
+#[test]
+fn tiny_phi3_matches_hf() {
+    check_both_layouts("tiny-phi3");
+}
+
+#[test]
+fn tiny_olmo2_matches_hf() {
+    check_both_layouts("tiny-olmo2");
 }
 
 #[test]

@@ -11,7 +11,7 @@
 use crate::config::{Architecture, GgufMeta, HfJson, ModelConfig};
 use crate::decoder::{Block, Decoder};
 use crate::error::{EngineError, Result};
-use crate::layers::{Activation, AttnWeights, Mlp, Norm, Rope};
+use crate::layers::{Activation, AttnWeights, Mlp, Norm, QkNorm, Rope};
 use crate::weights::Weights;
 use candle_core::Tensor;
 
@@ -36,6 +36,7 @@ pub fn config_from_gguf(m: &GgufMeta) -> Result<ModelConfig> {
         rope_theta: theta,
         rope_local_theta: theta,
         rope_scaling: None,
+        rotary_dim: head_dim,
         sliding_window: Some(m.usize_or(&format!("{a}.attention.sliding_window"), 4096)?),
         // llama.cpp: even layers slide, odd layers are global.
         layer_is_sliding: (0..n_layers).map(|i| i % 2 == 0).collect(),
@@ -90,7 +91,7 @@ pub fn config_from_hf(v: &serde_json::Value, file: &str) -> Result<ModelConfig> 
     let head_dim = j.usize_or("head_dim", d_model / n_heads)?;
     // HF Gemma 2: layer i slides when i is even (period 2, the odd ones are global).
     let layer_is_sliding = sliding_layers(&j, n_layers, 2)?;
-    let (rope_theta, rope_scaling) = j.rope("full_attention", "rope_theta", 10_000.0)?;
+    let rope = j.rope("full_attention", "rope_theta", 10_000.0, head_dim)?;
     let activation = gemma_activation(&j)?;
     Ok(ModelConfig {
         arch: Architecture::Gemma2,
@@ -103,9 +104,10 @@ pub fn config_from_hf(v: &serde_json::Value, file: &str) -> Result<ModelConfig> 
         vocab_size: j.usize("vocab_size")?,
         max_position: j.usize_or("max_position_embeddings", 8192)?,
         rms_norm_eps: j.f64_or("rms_norm_eps", 1e-6)?,
-        rope_theta,
-        rope_local_theta: rope_theta,
-        rope_scaling,
+        rope_theta: rope.theta,
+        rope_local_theta: rope.theta,
+        rope_scaling: rope.scaling,
+        rotary_dim: rope.rotary_dim,
         sliding_window: Some(j.usize_or("sliding_window", 4096)?),
         layer_is_sliding,
         query_pre_attn_scalar: j.f64_or("query_pre_attn_scalar", head_dim as f64)?,
@@ -150,16 +152,16 @@ pub fn gemma_block(w: &Weights, cfg: &ModelConfig, i: usize, qk_norm: bool) -> R
     let eps = cfg.rms_norm_eps;
     let norm = |h: &str, g: &str| gemma_norm(w, &hf(h), &gg(g), eps);
     let mult = |h: &str, g: &str| gemma_mult(w, &hf(h), &gg(g));
-    let (q_norm, k_norm) = if qk_norm {
-        (
-            Some(mult("self_attn.q_norm.weight", "attn_q_norm.weight")?),
-            Some(mult("self_attn.k_norm.weight", "attn_k_norm.weight")?),
-        )
+    let qk_norm = if qk_norm {
+        Some(QkNorm::PerHead {
+            q: mult("self_attn.q_norm.weight", "attn_q_norm.weight")?,
+            k: mult("self_attn.k_norm.weight", "attn_k_norm.weight")?,
+        })
     } else {
-        (None, None)
+        None
     };
     Ok(Block {
-        attn_norm: norm("input_layernorm.weight", "attn_norm.weight")?,
+        attn_norm: Some(norm("input_layernorm.weight", "attn_norm.weight")?),
         attn: AttnWeights {
             q: w.linear(&hf("self_attn.q_proj.weight"), &gg("attn_q.weight"), None)?,
             k: w.linear(&hf("self_attn.k_proj.weight"), &gg("attn_k.weight"), None)?,
@@ -169,8 +171,7 @@ pub fn gemma_block(w: &Weights, cfg: &ModelConfig, i: usize, qk_norm: bool) -> R
                 &gg("attn_output.weight"),
                 None,
             )?,
-            q_norm,
-            k_norm,
+            qk_norm,
             qkv_bias: None,
             o_bias: None,
         },
@@ -178,7 +179,7 @@ pub fn gemma_block(w: &Weights, cfg: &ModelConfig, i: usize, qk_norm: bool) -> R
             "post_attention_layernorm.weight",
             "post_attention_norm.weight",
         )?),
-        mlp_norm: norm("pre_feedforward_layernorm.weight", "ffn_norm.weight")?,
+        mlp_norm: Some(norm("pre_feedforward_layernorm.weight", "ffn_norm.weight")?),
         mlp: Mlp::Gated {
             gate: w.linear(&hf("mlp.gate_proj.weight"), &gg("ffn_gate.weight"), None)?,
             up: w.linear(&hf("mlp.up_proj.weight"), &gg("ffn_up.weight"), None)?,
@@ -219,7 +220,7 @@ pub fn gemma_decoder(
     Ok(Decoder {
         rope_global: Some(Rope::new(
             cfg.rope_theta,
-            cfg.head_dim,
+            cfg.rotary_dim,
             cfg.rope_scaling.as_ref(),
         )),
         rope_local: Some(rope_local),
@@ -236,6 +237,7 @@ pub fn gemma_decoder(
 }
 
 pub fn load(cfg: ModelConfig, w: &Weights) -> Result<Decoder> {
-    let local = Rope::new(cfg.rope_theta, cfg.head_dim, None);
+    // One rope for both layer types (HF builds a single rotary embedding for Gemma 2).
+    let local = Rope::new(cfg.rope_theta, cfg.rotary_dim, cfg.rope_scaling.as_ref());
     gemma_decoder(cfg, w, false, local)
 }

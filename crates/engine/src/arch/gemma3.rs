@@ -50,6 +50,7 @@ pub fn config_from_gguf(m: &GgufMeta) -> Result<ModelConfig> {
         rope_theta: m.f64(&format!("{a}.rope.freq_base"))?,
         rope_local_theta: m.f64_or(&format!("{a}.rope.freq_base_swa"), DEFAULT_LOCAL_ROPE_BASE)?,
         rope_scaling,
+        rotary_dim: head_dim,
         sliding_window: Some(sliding_window),
         layer_is_sliding: (0..n_layers).map(|i| (i + 1) % pattern != 0).collect(),
         query_pre_attn_scalar: m.f64_or(
@@ -83,12 +84,20 @@ pub fn config_from_hf(root: &serde_json::Value, file: &str) -> Result<ModelConfi
     let head_dim = j.usize_or("head_dim", d_model / n_heads)?;
     let layer_is_sliding =
         super::gemma2::sliding_layers(&j, n_layers, GGUF_DEFAULT_SLIDING_PATTERN)?;
-    let (rope_theta, rope_scaling) = j.rope("full_attention", "rope_theta", 1_000_000.0)?;
-    let (rope_local_theta, _) = j.rope(
+    let global = j.rope("full_attention", "rope_theta", 1_000_000.0, head_dim)?;
+    let local = j.rope(
         "sliding_attention",
         "rope_local_base_freq",
         DEFAULT_LOCAL_ROPE_BASE,
+        head_dim,
     )?;
+    if local.scaling.is_some() {
+        return Err(crate::error::EngineError::BadField {
+            file: file.into(),
+            field: "rope_parameters.sliding_attention".into(),
+            reason: "rope scaling on sliding-window layers is not supported".into(),
+        });
+    }
     Ok(ModelConfig {
         arch: Architecture::Gemma3,
         n_layers,
@@ -100,9 +109,10 @@ pub fn config_from_hf(root: &serde_json::Value, file: &str) -> Result<ModelConfi
         vocab_size: j.usize("vocab_size")?,
         max_position: j.usize_or("max_position_embeddings", 131_072)?,
         rms_norm_eps: j.f64_or("rms_norm_eps", 1e-6)?,
-        rope_theta,
-        rope_local_theta,
-        rope_scaling,
+        rope_theta: global.theta,
+        rope_local_theta: local.theta,
+        rope_scaling: global.scaling,
+        rotary_dim: global.rotary_dim,
         sliding_window: Some(j.usize_or("sliding_window", 4096)?),
         layer_is_sliding,
         query_pre_attn_scalar: j.f64_or("query_pre_attn_scalar", head_dim as f64)?,
@@ -114,6 +124,6 @@ pub fn config_from_hf(root: &serde_json::Value, file: &str) -> Result<ModelConfi
 }
 
 pub fn load(cfg: ModelConfig, w: &Weights) -> Result<Decoder> {
-    let local = Rope::new(cfg.rope_local_theta, cfg.head_dim, None);
+    let local = Rope::new(cfg.rope_local_theta, cfg.rotary_dim, None);
     super::gemma2::gemma_decoder(cfg, w, true, local)
 }

@@ -106,6 +106,7 @@ fn gpt2_config(
         rope_theta: 0.0,   // no rotary: learned positions
         rope_local_theta: 0.0,
         rope_scaling: None,
+        rotary_dim: 0,
         sliding_window: None,
         layer_is_sliding: vec![false; n_layers],
         query_pre_attn_scalar: head_dim as f64,
@@ -156,7 +157,7 @@ pub fn load(mut cfg: ModelConfig, w: &Weights) -> Result<Decoder> {
         let part = |t: &Tensor, k: usize| -> Result<Tensor> { Ok(t.narrow(0, k * d, d)?) };
         let lin = |t: Tensor| -> Result<Linear> { w.dense_linear(t) };
         blocks.push(Block {
-            attn_norm: layer_norm(w, &hf("ln_1"), &gg("attn_norm"), eps)?,
+            attn_norm: Some(layer_norm(w, &hf("ln_1"), &gg("attn_norm"), eps)?),
             attn: AttnWeights {
                 q: lin(part(&qkv, 0)?.contiguous()?)?,
                 k: lin(part(&qkv, 1)?.contiguous()?)?,
@@ -166,13 +167,12 @@ pub fn load(mut cfg: ModelConfig, w: &Weights) -> Result<Decoder> {
                     &hf("attn.c_proj.weight"),
                     &gg("attn_output.weight"),
                 )?)?,
-                q_norm: None,
-                k_norm: None,
+                qk_norm: None,
                 qkv_bias: Some([part(&qkv_b, 0)?, part(&qkv_b, 1)?, part(&qkv_b, 2)?]),
                 o_bias: Some(w.vector(&hf("attn.c_proj.bias"), &gg("attn_output.bias"))?),
             },
             post_attn_norm: None,
-            mlp_norm: layer_norm(w, &hf("ln_2"), &gg("ffn_norm"), eps)?,
+            mlp_norm: Some(layer_norm(w, &hf("ln_2"), &gg("ffn_norm"), eps)?),
             mlp: Mlp::Plain {
                 fc_in: lin(matrix(w, &hf("mlp.c_fc.weight"), &gg("ffn_up.weight"))?)?,
                 b_in: w.vector(&hf("mlp.c_fc.bias"), &gg("ffn_up.bias"))?,
