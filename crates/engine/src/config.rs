@@ -273,7 +273,10 @@ impl<'a> HfJson<'a> {
 /// `rope_parameters` / one of its per-layer-type entries). `top` is the whole config: HF takes
 /// `max_position_embeddings` and Phi-3's top-level `original_max_position_embeddings` from it.
 fn parse_rope_scaling(p: &HfJson, top: &HfJson, dim: usize) -> Result<Option<RopeScaling>> {
-    let kind = p.str("rope_type").or_else(|| p.str("type")).unwrap_or("default");
+    let kind = p
+        .str("rope_type")
+        .or_else(|| p.str("type"))
+        .unwrap_or("default");
     let max_pos = top.f64_or("max_position_embeddings", 2048.0)?;
     // HF: llama3 / yarn / longrope default their original length to max_position_embeddings;
     // a top-level `original_max_position_embeddings` (Phi-3) takes priority.

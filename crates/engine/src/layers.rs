@@ -201,8 +201,13 @@ impl Rope {
                 max_position_embeddings,
             }) if seq_len as f64 > *max_position_embeddings => {
                 // HF `_compute_dynamic_ntk_parameters`, in f32 as torch computes it there.
-                let (f, m, d) = (*factor as f32, *max_position_embeddings as f32, self.dim as f32);
-                let base = self.base as f32 * ((f * seq_len as f32 / m) - (f - 1.0)).powf(d / (d - 2.0));
+                let (f, m, d) = (
+                    *factor as f32,
+                    *max_position_embeddings as f32,
+                    self.dim as f32,
+                );
+                let base =
+                    self.base as f32 * ((f * seq_len as f32 / m) - (f - 1.0)).powf(d / (d - 2.0));
                 default_inv_freq(base, self.dim).into()
             }
             Some(RopeScaling::Longrope {
@@ -256,7 +261,10 @@ pub fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     let r = cos.dim(D::Minus1)?;
     if r < d {
         let rot = apply_rope(&x.narrow(D::Minus1, 0, r)?, cos, sin)?;
-        return Ok(Tensor::cat(&[&rot, &x.narrow(D::Minus1, r, d - r)?], D::Minus1)?);
+        return Ok(Tensor::cat(
+            &[&rot, &x.narrow(D::Minus1, r, d - r)?],
+            D::Minus1,
+        )?);
     }
     let x1 = x.narrow(D::Minus1, 0, d / 2)?;
     let x2 = x.narrow(D::Minus1, d / 2, d / 2)?;

@@ -306,9 +306,7 @@ impl Model {
             (Some("MistralForCausalLM"), _) | (None, "mistral") => {
                 arch::mistral::config_from_hf(&v, &file)?
             }
-            (Some("Phi3ForCausalLM"), _) | (None, "phi3") => {
-                arch::phi3::config_from_hf(&v, &file)?
-            }
+            (Some("Phi3ForCausalLM"), _) | (None, "phi3") => arch::phi3::config_from_hf(&v, &file)?,
             (Some("Olmo2ForCausalLM"), _) | (None, "olmo2") => {
                 arch::olmo2::config_from_hf(&v, &file)?
             }

@@ -84,12 +84,20 @@ pub fn hf_config(j: &HfJson, arch: Architecture, default_theta: f64) -> Result<M
     let n_heads = j.usize("num_attention_heads")?;
     let head_dim = j.usize_or("head_dim", d_model / n_heads)?;
     let rope = j.rope("full_attention", "rope_theta", default_theta, head_dim)?;
-    let sliding_window = j.opt("sliding_window").and_then(|x| x.as_u64()).map(|w| w as usize);
+    let sliding_window = j
+        .opt("sliding_window")
+        .and_then(|x| x.as_u64())
+        .map(|w| w as usize);
     let layer_is_sliding = match (j.opt("layer_types"), sliding_window) {
         (Some(_), Some(_)) => super::gemma2::sliding_layers(j, n_layers, 1)?,
         _ => vec![false; n_layers],
     };
     let sliding_window = sliding_window.filter(|_| layer_is_sliding.iter().any(|&s| s));
+    let mut max_position = j.usize_or("max_position_embeddings", 2048)?;
+    if let Some(RopeScaling::Dynamic { factor, .. }) = &rope.scaling {
+        // Dynamic NTK exists to run past the trained length: allow the context it scales to.
+        max_position = (max_position as f64 * factor.max(1.0)) as usize;
+    }
     Ok(ModelConfig {
         arch,
         n_layers,
@@ -99,7 +107,7 @@ pub fn hf_config(j: &HfJson, arch: Architecture, default_theta: f64) -> Result<M
         head_dim,
         d_mlp: j.usize("intermediate_size")?,
         vocab_size: j.usize("vocab_size")?,
-        max_position: j.usize_or("max_position_embeddings", 2048)?,
+        max_position,
         rms_norm_eps: j.f64_or("rms_norm_eps", 1e-6)?,
         rope_theta: rope.theta,
         rope_local_theta: rope.theta,
@@ -111,7 +119,11 @@ pub fn hf_config(j: &HfJson, arch: Architecture, default_theta: f64) -> Result<M
         attn_logit_softcap: None,
         final_logit_softcap: None,
         tie_word_embeddings: j.bool_or("tie_word_embeddings", false),
-        activation: Activation::from_hf(j.str("hidden_act").unwrap_or("silu"), &j.file, "hidden_act")?,
+        activation: Activation::from_hf(
+            j.str("hidden_act").unwrap_or("silu"),
+            &j.file,
+            "hidden_act",
+        )?,
     })
 }
 
