@@ -5,8 +5,8 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Tensor};
 use clap::Args;
 use persona_lens_engine::{
-    generate as gen, io, models_dir, Batch, GenerateOptions, HookName, Hooks, LoadOptions,
-    LogitsAt, Model, Precision, QuantKernel, Sampling,
+    generate as gen, io, models_dir, read_token_ids, Batch, GenerateOptions, HookName, Hooks,
+    LoadOptions, LogitsAt, Model, Precision, QuantKernel, Sampling,
 };
 use serde_json::json;
 use std::collections::HashMap;
@@ -161,8 +161,12 @@ pub struct CacheArgs {
     #[command(flatten)]
     pub m: ModelArgs,
     /// A prompt (repeat for a batch).
-    #[arg(long, required = true)]
+    #[arg(long, required_unless_present = "ids", conflicts_with = "ids")]
     pub prompt: Vec<String>,
+    /// Pre-tokenized input instead of --prompt: a JSON list of token-id lists, used as given (no
+    /// BOS added); for checkpoints without a tokenizer.
+    #[arg(long, value_name = "FILE", conflicts_with = "chat")]
+    pub ids: Option<PathBuf>,
     #[arg(long)]
     pub chat: bool,
     /// Hook names or globs, comma separated (e.g. 'blocks.*.hook_resid_post,hook_embed').
@@ -186,13 +190,18 @@ pub fn cache(a: CacheArgs) -> Result<()> {
             a.out.display()
         );
     }
+    // Read before the model loads: a bad file is a one-line error without the wait.
+    let given_ids = a.ids.as_deref().map(read_token_ids).transpose()?;
     let m = load_model(&a.m)?;
     let names: Vec<HookName> = m.resolve_hooks(&a.hooks)?;
-    let seqs: Vec<Vec<u32>> = a
-        .prompt
-        .iter()
-        .map(|p| m.encode_prompt(p, a.chat))
-        .collect::<persona_lens_engine::Result<_>>()?;
+    let seqs: Vec<Vec<u32>> = match given_ids {
+        Some(ids) => ids,
+        None => a
+            .prompt
+            .iter()
+            .map(|p| m.encode_prompt(p, a.chat))
+            .collect::<persona_lens_engine::Result<_>>()?,
+    };
     let lens: Vec<usize> = seqs.iter().map(Vec::len).collect();
     let max_len = *lens.iter().max().unwrap_or(&0);
     let mut per_hook: HashMap<HookName, Vec<Tensor>> = HashMap::new();
@@ -407,6 +416,19 @@ pub fn inspect(a: InspectArgs) -> Result<()> {
         } else {
             println!("attention    all global, rope base {}", c.rope_theta);
         }
+        if m.decoder.pos_embed.is_none() {
+            let scaling = match &c.rope_scaling {
+                None => "none".to_string(),
+                Some(s) => serde_json::to_value(s)?["rope_type"]
+                    .as_str()
+                    .unwrap_or("?")
+                    .to_string(),
+            };
+            println!(
+                "rotary       {} of {} dims per head, scaling {scaling}",
+                c.rotary_dim, c.head_dim
+            );
+        }
         println!("precision    {}", m.info.precision);
         println!(
             "weights      {:.1} MiB in memory",
@@ -464,8 +486,12 @@ pub struct BenchForwardArgs {
     #[command(flatten)]
     pub m: ModelArgs,
     /// JSON file with {"prompts": [...]} (bench/prompts.json).
-    #[arg(long)]
-    pub prompts: PathBuf,
+    #[arg(long, required_unless_present = "ids", conflicts_with = "ids")]
+    pub prompts: Option<PathBuf>,
+    /// Pre-tokenized input instead of --prompts: a JSON list of token-id lists (as --dump-ids
+    /// writes them), used as given.
+    #[arg(long, value_name = "FILE")]
+    pub ids: Option<PathBuf>,
     #[arg(long, default_value_t = 1)]
     pub batch_size: usize,
     #[arg(long, default_value_t = 2)]
@@ -479,20 +505,29 @@ pub struct BenchForwardArgs {
 /// (`hook_embed` + every `hook_resid_post`, as HF's output_hidden_states), logits at the last
 /// position. Prints tokens/s (best of `repeats` after one warm-up) and peak RSS.
 pub fn bench_forward(a: BenchForwardArgs) -> Result<()> {
+    let given_ids = a.ids.as_deref().map(read_token_ids).transpose()?;
+    let prompts: Vec<String> = match &a.prompts {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            let v: serde_json::Value = serde_json::from_str(&text)?;
+            v["prompts"]
+                .as_array()
+                .context("prompts file needs a \"prompts\" array")?
+                .iter()
+                .filter_map(|p| p.as_str().map(String::from))
+                .collect()
+        }
+        None => vec![],
+    };
     let m = load_model(&a.m)?;
-    let text = std::fs::read_to_string(&a.prompts)
-        .with_context(|| format!("reading {}", a.prompts.display()))?;
-    let v: serde_json::Value = serde_json::from_str(&text)?;
-    let prompts: Vec<String> = v["prompts"]
-        .as_array()
-        .context("prompts file needs a \"prompts\" array")?
-        .iter()
-        .filter_map(|p| p.as_str().map(String::from))
-        .collect();
-    let seqs: Vec<Vec<u32>> = prompts
-        .iter()
-        .map(|p| m.encode_prompt(p, false))
-        .collect::<persona_lens_engine::Result<_>>()?;
+    let seqs: Vec<Vec<u32>> = match given_ids {
+        Some(ids) => ids,
+        None => prompts
+            .iter()
+            .map(|p| m.encode_prompt(p, false))
+            .collect::<persona_lens_engine::Result<_>>()?,
+    };
     let n_tokens: usize = seqs.iter().map(Vec::len).sum();
     if let Some(p) = &a.dump_ids {
         io::write_atomic(p, serde_json::to_string(&seqs)?.as_bytes())?;

@@ -38,7 +38,7 @@ pub use model::{
     models_dir, resolve, LoadOptions, Model, ModelInfo, ModelSource, DEFAULT_MODEL, KNOWN_MODELS,
 };
 pub use registry::{registry, RegistryEntry};
-pub use tokenizer::{ChatMessage, Tokenizer};
+pub use tokenizer::{read_token_ids, ChatMessage, Tokenizer};
 pub use weights::{Precision, QuantKernel};
 
 use candle_core::{Device, Tensor};

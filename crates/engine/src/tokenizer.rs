@@ -445,3 +445,24 @@ pub fn render_chat_template(
     })
     .map_err(|e| EngineError::ChatTemplate(e.to_string()))
 }
+
+/// Pre-tokenized input: a JSON file holding a list of token-id lists (`[[2, 651, 6037], ...]`),
+/// for checkpoints without a tokenizer and for ids made elsewhere. Ids are used as given (no BOS
+/// added); each list must be non-empty. Ids beyond the vocabulary are refused by the forward pass.
+pub fn read_token_ids(path: &std::path::Path) -> Result<Vec<Vec<u32>>> {
+    let text = std::fs::read_to_string(path).map_err(|e| EngineError::io(path, e))?;
+    let bad = |why: String| {
+        EngineError::InvalidArgument(format!(
+            "{}: {why} (expected a JSON list of token-id lists, e.g. [[2, 651, 6037], [2, 818]])",
+            path.display()
+        ))
+    };
+    let rows: Vec<Vec<u32>> = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
+    if rows.is_empty() {
+        return Err(bad("no sequences".into()));
+    }
+    if let Some(i) = rows.iter().position(Vec::is_empty) {
+        return Err(bad(format!("sequence {i} is empty")));
+    }
+    Ok(rows)
+}
