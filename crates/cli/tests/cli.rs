@@ -877,6 +877,15 @@ fn registry_and_hf_architectures_from_the_cli() {
         .find(|r| r["name"] == "gemma-3-270m")
         .unwrap();
     assert!(g["available"].as_str().unwrap().starts_with("file "), "{g}");
+    let q = rows
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["name"] == "qwen2.5-0.5b-instruct")
+        .expect("qwen2.5-0.5b-instruct in the registry");
+    assert_eq!(q["hub"], "Qwen/Qwen2.5-0.5B-Instruct");
+    assert_eq!(q["arch"], "qwen2");
+    assert_eq!(q["chat"], true);
 
     // Every HF architecture through `inspect` and `cache` (ids-only tiny checkpoints).
     for (dir, arch, pos) in [
@@ -884,6 +893,11 @@ fn registry_and_hf_architectures_from_the_cli() {
         ("tiny-gemma2", "gemma2", "rotary"),
         ("tiny-gemma3", "gemma3", "rotary"),
         ("tiny-llama", "llama", "rotary"),
+        ("tiny-qwen2", "qwen2", "rotary"),
+        ("tiny-qwen3", "qwen3", "rotary"),
+        ("tiny-mistral", "mistral", "rotary"),
+        ("tiny-phi3", "phi3", "rotary"),
+        ("tiny-olmo2", "olmo2", "rotary"),
     ] {
         let p = root().join("tests/fixtures/tiny-models").join(dir);
         let (code, out, err) = run(&["inspect", "--model", p.to_str().unwrap(), "--json"]);

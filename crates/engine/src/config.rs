@@ -21,6 +21,18 @@ pub enum Architecture {
 }
 
 impl Architecture {
+    pub const ALL: [Architecture; 9] = [
+        Architecture::Gemma2,
+        Architecture::Gemma3,
+        Architecture::Llama,
+        Architecture::Gpt2,
+        Architecture::Qwen2,
+        Architecture::Qwen3,
+        Architecture::Mistral,
+        Architecture::Phi3,
+        Architecture::Olmo2,
+    ];
+
     pub fn name(&self) -> &'static str {
         match self {
             Architecture::Gemma2 => "gemma2",

@@ -43,6 +43,13 @@ pub fn parse_registry(text: &str) -> Result<Vec<RegistryEntry>> {
                 reason: "listed twice".into(),
             });
         }
+        if !crate::Architecture::ALL.iter().any(|a| a.name() == e.arch) {
+            return Err(EngineError::BadField {
+                file: "models.toml".into(),
+                field: e.name.clone(),
+                reason: format!("unknown arch '{}'", e.arch),
+            });
+        }
         if e.hub.is_none() && e.file.is_none() {
             return Err(EngineError::BadField {
                 file: "models.toml".into(),
@@ -100,6 +107,17 @@ mod tests {
         );
         assert!(lookup("gemma-2-2b-it").unwrap().chat);
         assert!(!lookup("gemma-2-2b").unwrap().chat);
+        // One chat model of every family the engine implements beyond the notes' own.
+        for arch in ["qwen2", "qwen3", "mistral", "phi3", "olmo2"] {
+            assert!(
+                r.iter().any(|e| e.arch == arch && e.chat && e.hub.is_some()),
+                "no {arch} chat model"
+            );
+        }
+        assert_eq!(
+            lookup("llama-3.2-1b-instruct").unwrap().hub.as_deref(),
+            Some("meta-llama/Llama-3.2-1B-Instruct")
+        );
     }
 
     #[test]
@@ -115,5 +133,10 @@ mod tests {
             .to_string()
             .contains("hub id or a file"));
         assert!(parse_registry("[[model]]\nname=3").is_err());
+        let arch = "[[model]]\nname='a'\nhub='x/a'\narch='mamba'\nparams='1'\nchat=false\nrole=''\n";
+        assert!(parse_registry(arch)
+            .unwrap_err()
+            .to_string()
+            .contains("unknown arch 'mamba'"));
     }
 }
