@@ -153,7 +153,7 @@ fn cache_ids_matches_hf_on_every_tiny_model() {
 }
 
 #[test]
-fn cache_ids_bad_files_are_one_line_errors() {
+fn cache_ids_bad_files_and_text_without_tokenizer_are_one_line_errors() {
     let tmp = std::env::temp_dir().join(format!("pl-cache-ids-bad-{}", std::process::id()));
     std::fs::create_dir_all(&tmp).unwrap();
     let model = root().join("tests/fixtures/tiny-models/tiny-qwen2");
@@ -189,5 +189,35 @@ fn cache_ids_bad_files_are_one_line_errors() {
         );
         assert!(!out.exists(), "{body}: no output on error");
     }
+    // Text for a checkpoint without a tokenizer: refused, not turned into id 0.
+    let (code, err) = run(&[
+        "cache",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt",
+        "hello there",
+        "--hooks",
+        "blocks.0.hook_resid_pre",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 2, "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(err.contains("no tokenizer") && err.contains("--ids FILE"), "{err}");
+    // Text for a checkpoint without a tokenizer: refused, not turned into id 0.
+    let (code, err) = run(&[
+        "cache",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt",
+        "hello there",
+        "--hooks",
+        "blocks.0.hook_resid_pre",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 2, "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(err.contains("no tokenizer") && err.contains("--ids FILE"), "{err}");
     let _ = std::fs::remove_dir_all(&tmp);
 }

@@ -265,7 +265,17 @@ impl Model {
             "olmo2" => arch::olmo2::config_from_gguf(&meta)?,
             other => return Err(EngineError::UnsupportedArchitecture(other.into())),
         };
-        let tokenizer = Tokenizer::from_gguf(&meta)?;
+        let tokenizer = if meta.has("tokenizer.ggml.model") {
+            Tokenizer::from_gguf(&meta)?
+        } else {
+            // Files written without a vocabulary (test conversions): token ids only.
+            let vocab = content
+                .tensor_infos
+                .get("token_embd.weight")
+                .map(|t| t.shape.dims()[0])
+                .ok_or_else(|| EngineError::MissingWeight("token_embd.weight".into()))?;
+            Tokenizer::ids_only(vocab)?
+        };
         let general_name = meta.string("general.name").ok();
         let weights = Weights::from_gguf(path, content, file, opts.precision, &opts.device);
         Self::build(cfg, weights, tokenizer, "gguf", general_name)

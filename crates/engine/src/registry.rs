@@ -110,7 +110,8 @@ mod tests {
         // One chat model of every family the engine implements beyond the notes' own.
         for arch in ["qwen2", "qwen3", "mistral", "phi3", "olmo2"] {
             assert!(
-                r.iter().any(|e| e.arch == arch && e.chat && e.hub.is_some()),
+                r.iter()
+                    .any(|e| e.arch == arch && e.chat && e.hub.is_some()),
                 "no {arch} chat model"
             );
         }
@@ -133,7 +134,8 @@ mod tests {
             .to_string()
             .contains("hub id or a file"));
         assert!(parse_registry("[[model]]\nname=3").is_err());
-        let arch = "[[model]]\nname='a'\nhub='x/a'\narch='mamba'\nparams='1'\nchat=false\nrole=''\n";
+        let arch =
+            "[[model]]\nname='a'\nhub='x/a'\narch='mamba'\nparams='1'\nchat=false\nrole=''\n";
         assert!(parse_registry(arch)
             .unwrap_err()
             .to_string()

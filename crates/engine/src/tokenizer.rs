@@ -322,7 +322,19 @@ impl Tokenizer {
 
     /// Token ids of `text`. Special tokens written in the text are parsed as their ids either way;
     /// `add_special_tokens` only controls BOS insertion (HF semantics).
+    /// Refuses text for a model without a vocabulary, where every word would silently become
+    /// id 0.
+    fn require_vocabulary(&self) -> Result<()> {
+        if self.kind == "ids-only" {
+            return Err(EngineError::InvalidArgument(
+                "this model has no tokenizer (no tokenizer.json / GGUF vocabulary): give token ids instead of text (--ids FILE)".into(),
+            ));
+        }
+        Ok(())
+    }
+
     pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>> {
+        self.require_vocabulary()?;
         let enc = self.inner.encode(text, false).map_err(tok_err)?;
         let mut ids = enc.get_ids().to_vec();
         if add_special_tokens && self.add_bos && self.inner.get_post_processor().is_none() {
@@ -347,6 +359,7 @@ impl Tokenizer {
         text: &str,
         add_special_tokens: bool,
     ) -> Result<(Vec<u32>, Vec<Span>)> {
+        self.require_vocabulary()?;
         let with_pp = add_special_tokens && self.inner.get_post_processor().is_some();
         let enc = self.inner.encode(text, with_pp).map_err(tok_err)?;
         let mut ids = enc.get_ids().to_vec();

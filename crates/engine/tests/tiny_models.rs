@@ -464,3 +464,128 @@ fn gemma2_softcaps_and_sliding_window_are_active() {
     assert!(p0[15][..8].iter().all(|&x| x == 0.0));
     assert!(p1[15][..8].iter().any(|&x| x > 0.0));
 }
+
+/// GGUF files of the new families as llama.cpp lays them out (`tests/scripts/tiny_hf_to_gguf.py`:
+/// tensor names, metadata keys, llama's q/k permutation, Llama 3 scaling as `rope_freqs`, Phi-3's
+/// fused `attn_qkv` / `ffn_up`) reproduce the HF reference of the checkpoint they were written from.
+#[test]
+fn gguf_files_of_the_new_families_match_hf() {
+    for (file, hf) in [
+        ("tiny-llama3.gguf", "tiny-llama3"),
+        ("tiny-qwen2.gguf", "tiny-qwen2"),
+        ("tiny-qwen3.gguf", "tiny-qwen3"),
+        ("tiny-phi3.gguf", "tiny-phi3"),
+        ("tiny-olmo2.gguf", "tiny-olmo2"),
+    ] {
+        let path = fixtures().join("tiny-gguf").join(file);
+        let m = Model::load(
+            path.to_str().unwrap(),
+            &models_dir(),
+            &LoadOptions::default(),
+        )
+        .unwrap();
+        let g = candle_core::safetensors::load(
+            fixtures()
+                .join("tiny-models")
+                .join(hf)
+                .join("golden.safetensors"),
+            &Device::Cpu,
+        )
+        .unwrap();
+        let seqs: Vec<Vec<u32>> = g["input_ids"]
+            .to_dtype(DType::U32)
+            .unwrap()
+            .to_vec2()
+            .unwrap();
+        let batch = Batch::left_padded(&seqs, 0, m.device()).unwrap();
+        let mut hooks = Hooks::new();
+        let n = m.config().n_layers;
+        for l in 0..n {
+            hooks.capture(HookName::block(l, HookPoint::ResidPre));
+        }
+        let logits = m
+            .forward(&batch, None, &mut hooks, LogitsAt::All)
+            .unwrap()
+            .unwrap();
+        for l in 0..n {
+            let got: Vec<f32> = hooks
+                .cache
+                .get(&HookName::block(l, HookPoint::ResidPre))
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let want: Vec<f32> = g[&format!("hidden_states.{l}")]
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let e = rel_l2(&got, &want);
+            assert!(e < 1e-5, "{file} blocks.{l}.hook_resid_pre: {e:.2e}");
+        }
+        let d = max_abs_diff(&logits, &g["logits"]);
+        println!("{file}: logits max abs diff {d:.2e} vs HF ({hf})");
+        assert!(d < 1e-4, "{file}: logits max abs diff {d}");
+        if hf == "tiny-llama3" {
+            assert!(matches!(
+                m.config().rope_scaling,
+                Some(RopeScaling::FreqFactors { .. })
+            ));
+        }
+    }
+}
+
+/// Phi-3's fused projections split as quantized blocks (`--quantized`): the same numbers as the
+/// same file dequantized to f32, and the Q8_0 file stays near the f32 reference.
+#[test]
+fn quantized_fused_projections_split_exactly() {
+    use persona_lens_engine::{Precision, QuantKernel};
+    let path = fixtures().join("tiny-gguf/tiny-phi3-q8_0.gguf");
+    let load = |precision| {
+        Model::load(
+            path.to_str().unwrap(),
+            &models_dir(),
+            &LoadOptions {
+                precision,
+                ..Default::default()
+            },
+        )
+        .unwrap()
+    };
+    let dense = load(Precision::Dense(DType::F32));
+    let quant = load(Precision::Quantized(QuantKernel::Exact));
+    let g = candle_core::safetensors::load(
+        fixtures().join("tiny-models/tiny-phi3/golden.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let seqs: Vec<Vec<u32>> = g["input_ids"]
+        .to_dtype(DType::U32)
+        .unwrap()
+        .to_vec2()
+        .unwrap();
+    let run = |m: &Model| {
+        let batch = Batch::left_padded(&seqs, 0, m.device()).unwrap();
+        m.forward(&batch, None, &mut Hooks::new(), LogitsAt::All)
+            .unwrap()
+            .unwrap()
+    };
+    let (a, b) = (run(&dense), run(&quant));
+    let d = max_abs_diff(&a, &b);
+    let q = max_abs_diff(&a, &g["logits"]);
+    println!("phi3 Q8_0: quantized-exact vs dequantized {d:.2e}; vs HF f32 {q:.2e}");
+    assert!(d < 1e-5, "quantized split differs from dense: {d}");
+    // Q8_0 rounding moves the logits, but far less than their scale.
+    let scale = g["logits"]
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(
+        q > 0.0 && q < 0.05 * scale,
+        "Q8_0 vs f32: {q} (logit scale {scale})"
+    );
+}
