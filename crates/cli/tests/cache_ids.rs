@@ -203,7 +203,10 @@ fn cache_ids_bad_files_and_text_without_tokenizer_are_one_line_errors() {
     ]);
     assert_eq!(code, 2, "{err}");
     assert_eq!(err.trim().lines().count(), 1, "{err}");
-    assert!(err.contains("no tokenizer") && err.contains("--ids FILE"), "{err}");
+    assert!(
+        err.contains("no tokenizer") && err.contains("--ids FILE"),
+        "{err}"
+    );
     // Text for a checkpoint without a tokenizer: refused, not turned into id 0.
     let (code, err) = run(&[
         "cache",
@@ -218,6 +221,32 @@ fn cache_ids_bad_files_and_text_without_tokenizer_are_one_line_errors() {
     ]);
     assert_eq!(code, 2, "{err}");
     assert_eq!(err.trim().lines().count(), 1, "{err}");
-    assert!(err.contains("no tokenizer") && err.contains("--ids FILE"), "{err}");
+    assert!(
+        err.contains("no tokenizer") && err.contains("--ids FILE"),
+        "{err}"
+    );
+    let _ = std::fs::remove_dir_all(&tmp);
+}
+
+#[test]
+fn bench_forward_takes_token_ids() {
+    let tmp = std::env::temp_dir().join(format!("pl-bench-ids-{}", std::process::id()));
+    std::fs::create_dir_all(&tmp).unwrap();
+    let f = tmp.join("ids.json");
+    std::fs::write(&f, "[[5, 6, 7, 8, 9, 10], [11, 12, 13]]").unwrap();
+    let model = root().join("tests/fixtures/tiny-models/tiny-phi3");
+    let out = Command::new(env!("CARGO_BIN_EXE_persona-lens"))
+        .args(["bench-forward", "--model", model.to_str().unwrap()])
+        .args(["--ids", f.to_str().unwrap(), "--batch-size", "2", "--json"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["tokens"], 9, "{v}");
+    assert!(v["tokens_per_s"].as_f64().unwrap() > 0.0, "{v}");
     let _ = std::fs::remove_dir_all(&tmp);
 }

@@ -1,6 +1,7 @@
-//! The decoder-only forward pass shared by every architecture (Gemma 2, Gemma 3, Llama, GPT-2).
+//! The decoder-only forward pass shared by every architecture (Gemma 2 / 3, Llama, GPT-2, Qwen 2 / 3,
+//! Mistral, Phi-3, OLMo 2).
 //! Architecture files build a [`Decoder`] from their own weights and config (norm kind, biases,
-//! rotary or learned positions, soft-caps, post-norms); the forward pass is written once, with
+//! rotary or learned positions, soft-caps, pre- or post-norms, q/k norms); the forward pass is written once, with
 //! every hook point at its site.
 //!
 //! Hook sites, relative to norms and soft-caps:
