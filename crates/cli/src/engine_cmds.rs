@@ -391,7 +391,7 @@ pub fn inspect(a: InspectArgs) -> Result<()> {
             "eos": tk.eos_token, "eos_ids": tk.eos_ids, "pad_id": tk.pad_id,
             "has_chat_template": tk.chat_template.is_some(),
         },
-        "hooks_per_block": persona_lens_engine::HookPoint::BLOCK.iter().map(|p| p.suffix()).collect::<Vec<_>>(),
+        "hooks_per_block": m.resolve_hooks("blocks.0.*")?.iter().map(|n| n.point.suffix()).collect::<Vec<_>>(),
         "global_hooks": if m.decoder.pos_embed.is_some() {
             vec!["hook_embed", "hook_pos_embed", "ln_final.hook_normalized"]
         } else {

@@ -8,8 +8,9 @@
 //! - `hook_embed`: token embeddings, after Gemma's `sqrt(d_model)` scale; `hook_pos_embed`
 //!   (GPT-2 only): the learned position embeddings added to them.
 //! - `hook_resid_pre` / `hook_resid_mid` / `hook_resid_post`: the un-normed residual stream.
-//! - `attn.hook_q/k` after q/k norms (Gemma 3) and rotary; `attn.hook_attn_scores` after the
-//!   scale, the attention soft-cap (Gemma 2) and the mask; `attn.hook_pattern` after softmax.
+//! - `attn.hook_q/k` after q/k norms, before rotary; `attn.hook_rot_q/k` after rotary;
+//!   `attn.hook_attn_scores` after the scale, the attention soft-cap (Gemma 2) and the mask;
+//!   `attn.hook_pattern` after softmax.
 //! - `attn.hook_result` and `hook_attn_out` after Gemma's post-attention norm (`hook_result` splits
 //!   it over heads with the norm's scale frozen); the output bias (GPT-2) is in `hook_attn_out` only.
 //! - `hook_mlp_out` after Gemma's post-feed-forward norm.

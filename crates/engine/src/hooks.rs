@@ -4,8 +4,10 @@
 //! Shapes (b = batch, t = positions in this forward call, h = query heads, hkv = key/value heads):
 //! - `hook_embed`, `blocks.{l}.hook_resid_pre|resid_mid|resid_post|attn_out|mlp_out`,
 //!   `ln_final.hook_normalized`: `[b, t, d_model]`
-//! - `blocks.{l}.attn.hook_q`: `[b, t, h, d_head]` after q-norm (Gemma) and AFTER rotary;
-//!   `hook_k`: `[b, t, hkv, d_head]` after k-norm and AFTER rotary; `hook_v`: `[b, t, hkv, d_head]`
+//! - `blocks.{l}.attn.hook_q`: `[b, t, h, d_head]` after the q projection, its bias and q-norm,
+//!   BEFORE rotary (TransformerLens); `hook_k`: `[b, t, hkv, d_head]` likewise; `hook_v`:
+//!   `[b, t, hkv, d_head]`; `attn.hook_rot_q` / `attn.hook_rot_k`: the same AFTER rotary (what
+//!   the scores use; rotary models only)
 //! - `blocks.{l}.attn.hook_attn_scores`: `[b, h, t_q, t_k]` scaled (and soft-capped) pre-softmax
 //!   scores with masked entries at -inf; `hook_pattern`: the softmax of it, same shape
 //! - `blocks.{l}.attn.hook_z`: `[b, t, h, d_head]` (per-head value-weighted sum, before `o_proj`)
@@ -35,6 +37,9 @@ pub enum HookPoint {
     AttnQ,
     AttnK,
     AttnV,
+    /// Queries / keys after rotary (TransformerLens `hook_rot_q` / `hook_rot_k`).
+    AttnRotQ,
+    AttnRotK,
     AttnScores,
     AttnPattern,
     AttnZ,
@@ -50,11 +55,13 @@ pub enum HookPoint {
 }
 
 impl HookPoint {
-    pub const BLOCK: [HookPoint; 15] = [
+    pub const BLOCK: [HookPoint; 17] = [
         HookPoint::ResidPre,
         HookPoint::AttnQ,
         HookPoint::AttnK,
         HookPoint::AttnV,
+        HookPoint::AttnRotQ,
+        HookPoint::AttnRotK,
         HookPoint::AttnScores,
         HookPoint::AttnPattern,
         HookPoint::AttnZ,
@@ -77,6 +84,8 @@ impl HookPoint {
             HookPoint::AttnQ => "attn.hook_q",
             HookPoint::AttnK => "attn.hook_k",
             HookPoint::AttnV => "attn.hook_v",
+            HookPoint::AttnRotQ => "attn.hook_rot_q",
+            HookPoint::AttnRotK => "attn.hook_rot_k",
             HookPoint::AttnScores => "attn.hook_attn_scores",
             HookPoint::AttnPattern => "attn.hook_pattern",
             HookPoint::AttnZ => "attn.hook_z",
@@ -107,6 +116,8 @@ impl HookPoint {
             HookPoint::AttnQ
             | HookPoint::AttnK
             | HookPoint::AttnV
+            | HookPoint::AttnRotQ
+            | HookPoint::AttnRotK
             | HookPoint::AttnZ
             | HookPoint::AttnResult => Some(2),
             _ => None,

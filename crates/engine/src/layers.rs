@@ -418,18 +418,31 @@ pub fn attention(
         }
         _ => (q, k),
     };
+    // Hooks see [b, t, heads, d_head] (TransformerLens layout): q and k before rotary, then
+    // `hook_rot_q` / `hook_rot_k` after it.
+    let q = fire(hooks, name(HookPoint::AttnQ), q, ctx)?;
+    let k = fire(hooks, name(HookPoint::AttnK), k, ctx)?;
+    let v = fire(hooks, name(HookPoint::AttnV), v, ctx)?;
     let q = q.transpose(1, 2)?.contiguous()?;
     let k = k.transpose(1, 2)?.contiguous()?;
     let (q, k) = match cos_sin {
-        Some((cos, sin)) => (apply_rope(&q, cos, sin)?, apply_rope(&k, cos, sin)?),
+        Some((cos, sin)) => (
+            fire_heads(
+                hooks,
+                name(HookPoint::AttnRotQ),
+                apply_rope(&q, cos, sin)?,
+                ctx,
+            )?,
+            fire_heads(
+                hooks,
+                name(HookPoint::AttnRotK),
+                apply_rope(&k, cos, sin)?,
+                ctx,
+            )?,
+        ),
         None => (q, k), // learned absolute positions (GPT-2)
     };
     let v = v.transpose(1, 2)?.contiguous()?;
-
-    // Hooks see [b, t, heads, d_head] (TransformerLens layout).
-    let q = fire_heads(hooks, name(HookPoint::AttnQ), q, ctx)?;
-    let k = fire_heads(hooks, name(HookPoint::AttnK), k, ctx)?;
-    let v = fire_heads(hooks, name(HookPoint::AttnV), v, ctx)?;
 
     let (k, v) = match kv {
         Some(cache) => {

@@ -387,6 +387,21 @@ impl Model {
                 )));
             }
             names.retain(|n| *n != pe);
+        } else {
+            // Learned positions: no rotary, so no hook_rot_q / hook_rot_k.
+            let rot = |p: crate::HookPoint| {
+                matches!(p, crate::HookPoint::AttnRotQ | crate::HookPoint::AttnRotK)
+            };
+            let explicit = names
+                .iter()
+                .any(|n| rot(n.point) && pattern.split(',').any(|p| p.trim() == n.to_string()));
+            if explicit {
+                return Err(EngineError::InvalidArgument(format!(
+                    "attn.hook_rot_q / attn.hook_rot_k exist only for models with rotary positions; {} uses learned positions (attn.hook_q / attn.hook_k are its queries and keys)",
+                    self.config().arch.name()
+                )));
+            }
+            names.retain(|n| !rot(n.point));
         }
         Ok(names)
     }

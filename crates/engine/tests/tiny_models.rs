@@ -589,3 +589,74 @@ fn quantized_fused_projections_split_exactly() {
         "Q8_0 vs f32: {q} (logit scale {scale})"
     );
 }
+
+/// TransformerLens's convention: `attn.hook_q` / `hook_k` are before rotary and
+/// `attn.hook_rot_q` / `hook_rot_k` after. Rotary is re-derived here from the config (rotate-half,
+/// base^(-2i/d), in f64), not from the engine, and applied to the captured pre-rotary q/k; Phi-3's
+/// partial rotary leaves the last dims alone.
+#[test]
+fn q_k_hooks_are_before_rotary_and_rot_hooks_after() {
+    for name in ["tiny-llama", "tiny-qwen3", "tiny-phi3"] {
+        let m = load_tiny(name);
+        let c = m.config().clone();
+        let ids: Vec<u32> = (5..15).collect();
+        let batch = Batch::left_padded(&[ids], 0, m.device()).unwrap();
+        let mut hooks = Hooks::new();
+        hooks.capture_all(&m.resolve_hooks("blocks.1.attn.*").unwrap());
+        m.forward(&batch, None, &mut hooks, LogitsAt::Last).unwrap();
+        let get = |p: HookPoint| -> Vec<Vec<Vec<f32>>> {
+            hooks
+                .cache
+                .get(&HookName::block(1, p))
+                .unwrap()
+                .get(0)
+                .unwrap()
+                .to_vec3()
+                .unwrap()
+        };
+        for (pre, rot) in [
+            (HookPoint::AttnQ, HookPoint::AttnRotQ),
+            (HookPoint::AttnK, HookPoint::AttnRotK),
+        ] {
+            let (x, y) = (get(pre), get(rot));
+            let (d, r) = (c.head_dim, c.rotary_dim);
+            let mut worst = 0f64;
+            for (pos, (xp, yp)) in x.iter().zip(&y).enumerate() {
+                for (xh, yh) in xp.iter().zip(yp) {
+                    for i in 0..d {
+                        let want = if i >= r {
+                            xh[i] as f64
+                        } else {
+                            let half = r / 2;
+                            let j = i % half;
+                            let theta =
+                                pos as f64 * c.rope_theta.powf(-(2.0 * j as f64) / r as f64);
+                            let rotated = if i < half {
+                                -(xh[i + half] as f64)
+                            } else {
+                                xh[i - half] as f64
+                            };
+                            xh[i] as f64 * theta.cos() + rotated * theta.sin()
+                        };
+                        worst = worst.max((yh[i] as f64 - want).abs());
+                    }
+                }
+            }
+            assert!(worst < 1e-4, "{name} {pre:?} -> {rot:?}: {worst}");
+            // Position 0 is unrotated; later positions are not.
+            assert_eq!(x[0], y[0], "{name}: rotary at position 0 is the identity");
+            assert_ne!(x[3], y[3], "{name}: hook_q/k must be before rotary");
+        }
+    }
+    let gpt2 = load_tiny("tiny-gpt2");
+    let e = gpt2
+        .resolve_hooks("blocks.0.attn.hook_rot_q")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("rotary"), "{e}");
+    assert!(gpt2
+        .resolve_hooks("blocks.0.attn.*")
+        .unwrap()
+        .iter()
+        .all(|n| !matches!(n.point, HookPoint::AttnRotQ | HookPoint::AttnRotK)));
+}
