@@ -5,8 +5,8 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Tensor};
 use clap::Args;
 use persona_lens_engine::{
-    generate as gen, io, models_dir, read_token_ids, Batch, GenerateOptions, HookName, Hooks,
-    LoadOptions, LogitsAt, Model, Precision, QuantKernel, Sampling,
+    generate as gen, io, models_dir, read_token_ids, Batch, CachePositions, GenerateOptions,
+    HookName, Hooks, LoadOptions, LogitsAt, Model, Precision, QuantKernel, Sampling,
 };
 use serde_json::json;
 use std::collections::HashMap;
@@ -202,65 +202,31 @@ pub fn cache(a: CacheArgs) -> Result<()> {
             .map(|p| m.encode_prompt(p, a.chat))
             .collect::<persona_lens_engine::Result<_>>()?,
     };
-    let lens: Vec<usize> = seqs.iter().map(Vec::len).collect();
-    let max_len = *lens.iter().max().unwrap_or(&0);
-    let mut per_hook: HashMap<HookName, Vec<Tensor>> = HashMap::new();
-    let mut logits_parts = vec![];
-    let pb = progress(seqs.len() as u64, a.m.json, "prompts");
-    for chunk in seqs.chunks(a.batch_size.max(1)) {
-        let batch = Batch::left_padded(chunk, m.pad_id(), m.device())?;
-        let mut hooks = Hooks::new();
-        hooks.capture_all(&names);
-        let which = if a.all_logits {
-            LogitsAt::All
-        } else {
-            LogitsAt::Last
-        };
-        let logits = m
-            .forward(&batch, None, &mut hooks, which)?
-            .context("no logits")?;
-        for h in &names {
-            // Position-aligned and padded to the longest prompt of the whole run.
-            let t = hooks.cache.aligned(h)?;
-            let axis = h.point.pos_axis();
-            let mut t = t.pad_with_zeros(axis, 0, max_len - t.dim(axis)?)?;
-            if matches!(
-                h.point,
-                persona_lens_engine::HookPoint::AttnScores
-                    | persona_lens_engine::HookPoint::AttnPattern
-            ) {
-                t = t.pad_with_zeros(3, 0, max_len - t.dim(3)?)?;
-            }
-            per_hook.entry(*h).or_default().push(t);
-        }
-        if a.all_logits {
-            let rows: Vec<Tensor> = (0..chunk.len())
-                .map(|r| {
-                    let l = logits.get(r)?;
-                    let l = l.narrow(0, batch.pad[r], chunk[r].len())?;
-                    l.pad_with_zeros(0, 0, max_len - chunk[r].len())
-                })
-                .collect::<candle_core::Result<_>>()?;
-            logits_parts.push(Tensor::stack(&rows, 0)?);
-        } else {
-            logits_parts.push(logits);
-        }
-        pb.inc(chunk.len() as u64);
+    if a.batch_size == 0 {
+        bail!("--batch-size 0: give at least 1 prompt per forward call");
     }
+    let lens: Vec<usize> = seqs.iter().map(Vec::len).collect();
+    let pb = progress(seqs.len() as u64, a.m.json, "prompts");
+    let logits_at = if a.all_logits {
+        LogitsAt::All
+    } else {
+        LogitsAt::Last
+    };
+    let (logits, cache) = m.run_with_cache(
+        &seqs,
+        &names,
+        CachePositions::All,
+        logits_at,
+        a.batch_size,
+        |done| pb.set_position(done as u64),
+    )?;
     pb.finish_and_clear();
+    let logits = logits.context("no logits")?;
     let mut tensors: Vec<(String, Tensor)> = vec![];
     for h in &names {
-        tensors.push((
-            h.to_string(),
-            Tensor::cat(&per_hook[h], 0)?
-                .to_dtype(DType::F32)?
-                .contiguous()?,
-        ));
+        tensors.push((h.to_string(), cache.get(h)?));
     }
-    tensors.push((
-        "logits".into(),
-        Tensor::cat(&logits_parts, 0)?.contiguous()?,
-    ));
+    tensors.push(("logits".into(), logits.contiguous()?));
     let mut meta = HashMap::new();
     meta.insert("model".into(), m.info.name.clone());
     meta.insert("model_path".into(), m.info.path.clone());

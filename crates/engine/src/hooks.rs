@@ -300,11 +300,14 @@ pub struct Intervention {
 }
 
 /// Captured activations, by hook name. Each forward call appends one chunk per hook.
-#[derive(Default, Clone)]
+#[derive(Default, Clone, Debug)]
 pub struct ActivationCache {
     chunks: BTreeMap<HookName, Vec<Tensor>>,
     /// Left padding per row for the captured batch.
     pub pad: Vec<usize>,
+    /// Real positions per row where rows are right padded (`Model::run_with_cache`); empty for
+    /// a single forward's cache, whose rows end at the last position.
+    pub lens: Vec<usize>,
 }
 
 impl ActivationCache {
@@ -345,10 +348,16 @@ impl ActivationCache {
         let t = self.get(name)?.get(r)?;
         let pad = self.pad.get(r).copied().unwrap_or(0);
         let axis = name.point.pos_axis() - 1;
-        let len = t.dim(axis)? - pad;
+        let len = match self.lens.get(r) {
+            Some(&l) => l,
+            None => t.dim(axis)? - pad,
+        };
         let t = t.narrow(axis, pad, len)?;
         if matches!(name.point, HookPoint::AttnScores | HookPoint::AttnPattern) {
-            let klen = t.dim(2)? - pad;
+            let klen = match self.lens.get(r) {
+                Some(&l) => l,
+                None => t.dim(2)? - pad,
+            };
             return Ok(t.narrow(2, pad, klen)?);
         }
         Ok(t)

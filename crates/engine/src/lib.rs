@@ -24,6 +24,7 @@ pub mod io;
 pub mod layers;
 pub mod model;
 pub mod registry;
+pub mod run_cache;
 pub mod tokenizer;
 pub mod weights;
 
@@ -38,6 +39,7 @@ pub use model::{
     models_dir, resolve, LoadOptions, Model, ModelInfo, ModelSource, DEFAULT_MODEL, KNOWN_MODELS,
 };
 pub use registry::{registry, RegistryEntry};
+pub use run_cache::CachePositions;
 pub use tokenizer::{read_token_ids, ChatMessage, Tokenizer};
 pub use weights::{Precision, QuantKernel};
 

@@ -660,3 +660,105 @@ fn q_k_hooks_are_before_rotary_and_rot_hooks_after() {
         .iter()
         .all(|n| !matches!(n.point, HookPoint::AttnRotQ | HookPoint::AttnRotK)));
 }
+
+/// `run_with_cache` over prompts of different lengths in batches of 2: every row equals that
+/// prompt run alone (the forward's own cache), `Last` equals `All` at each last position, and the
+/// aligned logits equal the single runs'.
+#[test]
+fn run_with_cache_aligns_batches_like_single_runs() {
+    use persona_lens_engine::CachePositions;
+    let m = load_tiny("tiny-qwen2");
+    let seqs: Vec<Vec<u32>> = vec![
+        (5..17).collect(),
+        (40..45).collect(),
+        (100..109).collect(),
+        vec![7, 8],
+        (200..220).collect(),
+    ];
+    let names = m
+        .resolve_hooks("blocks.1.hook_resid_post,blocks.0.attn.hook_z,blocks.2.attn.hook_pattern")
+        .unwrap();
+    let (logits, all) = m
+        .run_with_cache(&seqs, &names, CachePositions::All, LogitsAt::All, 2, |_| {})
+        .unwrap();
+    let logits = logits.unwrap();
+    let (last_logits, last) = m
+        .run_with_cache(
+            &seqs,
+            &names,
+            CachePositions::Last,
+            LogitsAt::Last,
+            3,
+            |_| {},
+        )
+        .unwrap();
+    let last_logits = last_logits.unwrap();
+    let max_len = 20;
+    for (r, s) in seqs.iter().enumerate() {
+        let batch = Batch::left_padded(std::slice::from_ref(s), 0, m.device()).unwrap();
+        let mut hooks = Hooks::new();
+        hooks.capture_all(&names);
+        let single = m
+            .forward(&batch, None, &mut hooks, LogitsAt::All)
+            .unwrap()
+            .unwrap();
+        for h in &names {
+            let want = hooks.cache.get(h).unwrap().get(0).unwrap();
+            let got = all.row(h, r).unwrap();
+            let d = max_abs_diff(&got, &want);
+            assert!(d < 1e-5, "{h} row {r}: {d}");
+            let full = all.get(h).unwrap();
+            assert_eq!(full.dim(h.point.pos_axis()).unwrap(), max_len, "{h}");
+            // The last position through `Last` is the same vector.
+            let axis = h.point.pos_axis() - 1;
+            let want_last = want.narrow(axis, s.len() - 1, 1).unwrap();
+            let mut got_last = last.get(h).unwrap().get(r).unwrap();
+            if matches!(h.point, HookPoint::AttnPattern) {
+                got_last = got_last.narrow(2, 0, s.len()).unwrap();
+            }
+            assert!(
+                max_abs_diff(&got_last, &want_last) < 1e-5,
+                "{h} last row {r}"
+            );
+        }
+        let got = logits.get(r).unwrap().narrow(0, 0, s.len()).unwrap();
+        assert!(
+            max_abs_diff(&got, &single.get(0).unwrap()) < 1e-4,
+            "logits row {r}"
+        );
+        let got = last_logits.get(r).unwrap();
+        let want = single.get(0).unwrap().get(s.len() - 1).unwrap();
+        assert!(max_abs_diff(&got, &want) < 1e-4, "last logits row {r}");
+        // Zeros past the prompt's end.
+        if s.len() < max_len {
+            let tail = all
+                .get(&names[0])
+                .unwrap()
+                .get(r)
+                .unwrap()
+                .narrow(0, s.len(), max_len - s.len())
+                .unwrap();
+            assert_eq!(
+                tail.abs()
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap(),
+                0.0
+            );
+        }
+    }
+    let e = m
+        .run_with_cache(
+            &seqs,
+            &names,
+            CachePositions::All,
+            LogitsAt::Last,
+            0,
+            |_| {},
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("batch size 0"), "{e}");
+}

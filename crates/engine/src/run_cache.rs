@@ -1,0 +1,130 @@
+//! `Model::run_with_cache`: many prompts through the model in batches, the wanted hooks captured,
+//! every row position-aligned, as one [`ActivationCache`] (TransformerLens's `run_with_cache`).
+
+use crate::error::{EngineError, Result};
+use crate::hooks::{ActivationCache, HookName, HookPoint, Hooks};
+use crate::layers::LogitsAt;
+use crate::{Batch, Model};
+use candle_core::{DType, Tensor};
+use std::collections::BTreeMap;
+
+/// Which positions `run_with_cache` keeps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CachePositions {
+    /// Every prompt position: `[n, max_len, ...]`, index p = prompt position p (BOS included),
+    /// zeros past each prompt's end.
+    All,
+    /// Each prompt's last token only: `[n, 1, ...]` (the position axis kept, of length 1).
+    Last,
+}
+
+impl std::str::FromStr for CachePositions {
+    type Err = EngineError;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "all" => Ok(Self::All),
+            "last" => Ok(Self::Last),
+            o => Err(EngineError::InvalidArgument(format!(
+                "unknown positions '{o}'; use all or last"
+            ))),
+        }
+    }
+}
+
+impl Model {
+    /// Runs `seqs` (token ids) in left-padded batches of `batch_size`, capturing `names`, and
+    /// returns the logits and the activations, f32, position-aligned across batches (see
+    /// [`CachePositions`]). Logits: `[n, vocab]` at each prompt's last token
+    /// ([`LogitsAt::Last`]), `[n, max_len, vocab]` aligned like the activations
+    /// ([`LogitsAt::All`]), or none. `progress` is called with the number of prompts done after
+    /// each batch. Attention scores / patterns (`[n, heads, q, k]`) keep both position axes aligned.
+    pub fn run_with_cache(
+        &self,
+        seqs: &[Vec<u32>],
+        names: &[HookName],
+        positions: CachePositions,
+        logits_at: LogitsAt,
+        batch_size: usize,
+        mut progress: impl FnMut(usize),
+    ) -> Result<(Option<Tensor>, ActivationCache)> {
+        if batch_size == 0 {
+            return Err(EngineError::InvalidArgument(
+                "batch size 0: give at least 1 prompt per forward call".into(),
+            ));
+        }
+        if seqs.is_empty() {
+            return Err(EngineError::EmptyPrompt);
+        }
+        let lens: Vec<usize> = seqs.iter().map(Vec::len).collect();
+        let max_len = lens.iter().copied().max().unwrap_or(0);
+        let mut parts: BTreeMap<HookName, Vec<Tensor>> = BTreeMap::new();
+        let mut logits_parts = Vec::new();
+        let mut done = 0;
+        for chunk in seqs.chunks(batch_size) {
+            let batch = Batch::left_padded(chunk, self.pad_id(), self.device())?;
+            let mut hooks = Hooks::new();
+            hooks.capture_all(names);
+            let logits = self.forward(&batch, None, &mut hooks, logits_at.clone())?;
+            for h in names {
+                let t = hooks.cache.aligned(h)?;
+                let axis = h.point.pos_axis();
+                let two_axes = matches!(h.point, HookPoint::AttnScores | HookPoint::AttnPattern);
+                let t = match positions {
+                    CachePositions::All => {
+                        let mut t = t.pad_with_zeros(axis, 0, max_len - t.dim(axis)?)?;
+                        if two_axes {
+                            t = t.pad_with_zeros(3, 0, max_len - t.dim(3)?)?;
+                        }
+                        t
+                    }
+                    CachePositions::Last => {
+                        let rows = (0..chunk.len())
+                            .map(|r| t.get(r)?.narrow(axis - 1, chunk[r].len() - 1, 1))
+                            .collect::<candle_core::Result<Vec<_>>>()?;
+                        let mut t = Tensor::stack(&rows, 0)?;
+                        if two_axes {
+                            let k = t.dim(3)?;
+                            t = t.pad_with_zeros(3, 0, max_len - k)?;
+                        }
+                        t
+                    }
+                };
+                parts.entry(*h).or_default().push(t.to_dtype(DType::F32)?);
+            }
+            if let Some(logits) = logits {
+                logits_parts.push(match logits_at {
+                    LogitsAt::All => {
+                        let rows = (0..chunk.len())
+                            .map(|r| {
+                                logits
+                                    .get(r)?
+                                    .narrow(0, batch.pad[r], chunk[r].len())?
+                                    .pad_with_zeros(0, 0, max_len - chunk[r].len())
+                            })
+                            .collect::<candle_core::Result<Vec<_>>>()?;
+                        Tensor::stack(&rows, 0)?
+                    }
+                    _ => logits,
+                });
+            }
+            done += chunk.len();
+            progress(done);
+        }
+        let mut cache = ActivationCache::default();
+        for (h, ts) in parts {
+            cache.insert(h, Tensor::cat(&ts, 0)?.contiguous()?);
+        }
+        cache.pad = vec![0; seqs.len()];
+        cache.lens = match positions {
+            CachePositions::All => lens,
+            // One position per row, nothing to trim.
+            CachePositions::Last => vec![],
+        };
+        let logits = match logits_parts.is_empty() {
+            true => None,
+            false => Some(Tensor::cat(&logits_parts, 0)?.contiguous()?),
+        };
+        Ok((logits, cache))
+    }
+}
