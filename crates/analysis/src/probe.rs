@@ -219,6 +219,39 @@ pub struct ProbeOptions {
     pub bootstrap: usize,
 }
 
+impl ProbeOptions {
+    /// Refuses settings that cannot give a meaningful probe, before any work starts: fewer than
+    /// two folds, a non-finite or negative L2 strength, fewer than two classes or a class named
+    /// twice.
+    pub fn validate(&self, classes: &[String]) -> Result<()> {
+        if self.folds < 2 {
+            return Err(AnalysisError::Invalid(format!(
+                "{} fold(s): cross-validation needs at least 2 folds",
+                self.folds
+            )));
+        }
+        if !self.l2.is_finite() || self.l2 < 0.0 {
+            return Err(AnalysisError::Invalid(format!(
+                "L2 strength {}: give a finite number >= 0",
+                self.l2
+            )));
+        }
+        if classes.len() < 2 {
+            return Err(AnalysisError::Invalid(
+                "a probe needs at least two classes".into(),
+            ));
+        }
+        for (i, c) in classes.iter().enumerate() {
+            if classes[..i].contains(c) {
+                return Err(AnalysisError::Invalid(format!(
+                    "class '{c}' is listed twice; give distinct classes"
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
 impl Default for ProbeOptions {
     fn default() -> Self {
         ProbeOptions {
@@ -392,11 +425,7 @@ pub fn probe_layers(
     progress: &(dyn Fn() + Sync),
 ) -> Result<ProbeReport> {
     let t0 = std::time::Instant::now();
-    if classes.len() < 2 {
-        return Err(AnalysisError::Invalid(
-            "a probe needs at least two classes".into(),
-        ));
-    }
+    opts.validate(classes)?;
     let lab = labels_for(h, classes, by_persona);
     let keep: Vec<usize> = (0..lab.len()).filter(|&i| lab[i].is_some()).collect();
     let y: Vec<usize> = keep.iter().map(|&i| lab[i].unwrap_or(0)).collect();

@@ -71,7 +71,7 @@ pub struct HarvestOpts {
     #[arg(long, default_value = "last")]
     pub position: String,
     /// Prompts per forward call.
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = 16, value_parser = crate::at_least_one)]
     pub batch_size: usize,
     /// Output directory (activations are stored and reused here).
     #[arg(long, default_value = "out/probe")]
@@ -179,7 +179,7 @@ pub struct ProbeArgs {
     #[arg(long, default_value_t = 5)]
     pub folds: usize,
     /// L2 strength (standardised features).
-    #[arg(long, default_value_t = 1e-2)]
+    #[arg(long, default_value_t = 1e-2, allow_hyphen_values = true)]
     pub l2: f64,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -256,11 +256,8 @@ pub fn probe_plot(r: &probe::ProbeReport, stem: &Path) -> Result<Vec<PathBuf>> {
     Ok(save_line_chart(&chart, stem)?)
 }
 
-pub fn run_probe(model: &Model, a: &ProbeArgs, quiet: bool) -> Result<probe::ProbeReport> {
-    let ds = a.data.load()?;
-    let chat = a.data.chat(model);
-    let hooks = resid_hooks(model, a.max_layers);
-    let hv = harvest_into(model, &ds, resid_hooks(model, None), chat, &a.h, quiet)?;
+/// The probe's options from its flags, checked (before any model loads or harvest runs).
+fn probe_options(a: &ProbeArgs) -> Result<ProbeOptions> {
     let opts = ProbeOptions {
         l2: a.l2,
         folds: a.folds,
@@ -269,6 +266,16 @@ pub fn run_probe(model: &Model, a: &ProbeArgs, quiet: bool) -> Result<probe::Pro
         control: true,
         bootstrap: 200,
     };
+    opts.validate(&a.classes)?;
+    Ok(opts)
+}
+
+pub fn run_probe(model: &Model, a: &ProbeArgs, quiet: bool) -> Result<probe::ProbeReport> {
+    let opts = probe_options(a)?;
+    let ds = a.data.load()?;
+    let chat = a.data.chat(model);
+    let hooks = resid_hooks(model, a.max_layers);
+    let hv = harvest_into(model, &ds, resid_hooks(model, None), chat, &a.h, quiet)?;
     let names: Vec<String> = hooks.iter().map(|h| h.to_string()).collect();
     let pb = progress(names.len() as u64, quiet, "layers probed");
     let r = probe::probe_layers(&hv, &names, &a.classes, a.by_persona, &opts, &|| pb.inc(1))?;
@@ -279,6 +286,7 @@ pub fn run_probe(model: &Model, a: &ProbeArgs, quiet: bool) -> Result<probe::Pro
 }
 
 pub fn probe(a: ProbeArgs) -> Result<()> {
+    probe_options(&a)?;
     let model = load_model(&a.model)?;
     let quiet = a.h.quiet || a.model.json;
     let r = run_probe(&model, &a, quiet)?;

@@ -82,9 +82,9 @@ pub struct PairArgs {
     pub chat_hook: Option<String>,
     #[arg(long, value_enum, default_value = "auto")]
     pub template: TemplateArg,
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = 16, value_parser = crate::at_least_one)]
     pub batch_size: usize,
-    #[arg(long)]
+    #[arg(long, value_parser = crate::threads)]
     pub threads: Option<usize>,
     #[arg(long)]
     pub quiet: bool,
@@ -267,7 +267,7 @@ pub struct TrainArgs {
     pub dead_after: usize,
     #[arg(long, default_value_t = 1024)]
     pub dict_size: usize,
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = 256, value_parser = crate::at_least_one)]
     pub batch_size: usize,
     #[arg(long, default_value_t = 2000)]
     pub steps: usize,
@@ -286,7 +286,7 @@ pub struct TrainArgs {
     pub resume: bool,
     #[arg(long, default_value = "out/diff/crosscoder")]
     pub out: PathBuf,
-    #[arg(long)]
+    #[arg(long, value_parser = crate::threads)]
     pub threads: Option<usize>,
     #[arg(long)]
     pub quiet: bool,
@@ -701,6 +701,12 @@ pub fn encode(a: EncodeArgs) -> Result<()> {
         .remove("x")
         .with_context(|| format!("{} has no tensor named 'x'", a.input.display()))?
         .to_dtype(DType::F32)?;
+    // ReLU / top-k turn NaN pre-activations into zeros: refuse them instead of encoding them.
+    persona_lens_engine::layers::check_finite(
+        &x,
+        &format!("tensor 'x' of {}", a.input.display()),
+        || "activations to encode must be finite".into(),
+    )?;
     let (features, scaled, recon): (Tensor, Tensor, Tensor) = match &dict {
         Dictionary::CrossCoder(cc) => {
             let f = cc.encode(&x, a.use_threshold)?;

@@ -179,7 +179,7 @@ pub struct CacheArgs {
     #[arg(long)]
     pub all_logits: bool,
     /// Prompts per forward call.
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = 16, value_parser = crate::at_least_one)]
     pub batch_size: usize,
 }
 
@@ -458,7 +458,7 @@ pub struct BenchForwardArgs {
     /// writes them), used as given.
     #[arg(long, value_name = "FILE")]
     pub ids: Option<PathBuf>,
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, value_parser = crate::at_least_one)]
     pub batch_size: usize,
     #[arg(long, default_value_t = 2)]
     pub repeats: usize,

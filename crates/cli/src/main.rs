@@ -106,15 +106,63 @@ pub struct ModelArgs {
     #[arg(long, value_enum, num_args = 0..=1, default_missing_value = "exact")]
     pub quantized: Option<QuantArg>,
     /// Threads for the math kernels (default: all cores).
-    #[arg(long)]
+    #[arg(long, value_parser = threads)]
     pub threads: Option<usize>,
     /// Machine-readable JSON on stdout.
     #[arg(long)]
     pub json: bool,
 }
 
+/// Most threads a run may ask for: more than any machine here has, far below what makes the
+/// thread pool's start-up hang.
+pub const MAX_THREADS: usize = 1024;
+
+/// `--threads`: 1..=MAX_THREADS.
+pub fn threads(s: &str) -> Result<usize, String> {
+    let n: usize = s
+        .parse()
+        .map_err(|_| format!("'{s}' is not a whole number"))?;
+    if n == 0 || n > MAX_THREADS {
+        return Err(format!("{n} threads: give 1 to {MAX_THREADS}"));
+    }
+    Ok(n)
+}
+
+/// A count that must be at least 1 (batch sizes, steps).
+pub fn at_least_one(s: &str) -> Result<usize, String> {
+    let n: usize = s
+        .parse()
+        .map_err(|_| format!("'{s}' is not a whole number"))?;
+    if n == 0 {
+        return Err("0: give at least 1".into());
+    }
+    Ok(n)
+}
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            use clap::error::ErrorKind;
+            if matches!(
+                e.kind(),
+                ErrorKind::DisplayHelp
+                    | ErrorKind::DisplayVersion
+                    | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+            ) {
+                let _ = e.print();
+                return ExitCode::SUCCESS;
+            }
+            // One line, like every other error: clap's first line names the flag and the problem.
+            let text = e.render().to_string();
+            let first = text
+                .lines()
+                .find(|l| !l.trim().is_empty())
+                .unwrap_or("error: bad arguments");
+            eprintln!("{} (see --help)", first.trim_end());
+            return ExitCode::from(2);
+        }
+    };
     study::interrupt_handler(if matches!(cli.cmd, Cmd::Run(_)) {
         "; re-run with --resume to finish"
     } else {

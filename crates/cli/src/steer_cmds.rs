@@ -73,7 +73,7 @@ pub struct GenSpec {
     #[command(flatten)]
     pub sampling: SamplingArgs,
     /// Prompts per batched generation.
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = 8, value_parser = crate::at_least_one)]
     pub batch_size: usize,
 }
 

@@ -70,7 +70,7 @@ pub struct RunArgs {
     #[arg(long)]
     pub seed: Option<u64>,
     /// Threads for the math kernels (default: all cores).
-    #[arg(long)]
+    #[arg(long, value_parser = crate::threads)]
     pub threads: Option<usize>,
     /// Skip steps already finished in --out with the same configuration.
     #[arg(long)]
@@ -110,6 +110,48 @@ pub struct StudyConfig {
     pub ablate: AblateCfg,
     pub steer: SteerCfg,
     pub diff: DiffCfg,
+}
+
+impl StudyConfig {
+    /// Settings that are wrong whatever the model, refused before it loads.
+    pub fn check(&self) -> Result<()> {
+        persona_lens_analysis::probe::ProbeOptions {
+            folds: self.probe.folds,
+            l2: self.probe.l2,
+            ..Default::default()
+        }
+        .validate(&["a".to_string(), "b".to_string()])
+        .context("[probe]")?;
+        for (name, n) in [
+            ("[steer] n_prompts", self.steer.n_prompts),
+            ("[diff] batch_size", self.diff.batch_size),
+            ("[diff] steps", self.diff.steps),
+            ("[diff] dict_size", self.diff.dict_size),
+        ] {
+            if n == 0 {
+                bail!("{name} = 0: give at least 1");
+            }
+        }
+        if let Some(a) = self.steer.alphas.iter().find(|a| !a.is_finite()) {
+            bail!("[steer] alphas: {a} is not a finite number");
+        }
+        Ok(())
+    }
+
+    /// Settings that depend on the model, checked right after it loads and before any step:
+    /// layer indices within its depth.
+    pub fn check_against(&self, n_layers: usize) -> Result<()> {
+        if let Some(&l) = self.steer.layers.iter().find(|&&l| l >= n_layers) {
+            bail!(
+                "[steer] layers: {l} is out of range; the model has {n_layers} blocks (0..={})",
+                n_layers - 1
+            );
+        }
+        if let Some(m) = self.max_layers.filter(|&m| m > n_layers) {
+            bail!("max_layers {m} is more than the model's {n_layers} blocks");
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -317,6 +359,7 @@ impl RunArgs {
             c.max_layers = self.max_layers;
         }
         c.experiment = steps_of(&c.experiment)?;
+        c.check()?;
         Ok(c)
     }
 }
@@ -1572,8 +1615,7 @@ pub fn interrupt_handler(resume_hint: &'static str) {
 pub fn run(a: RunArgs) -> Result<()> {
     let cfg = a.resolve()?;
     let out = cfg.out.clone();
-    std::fs::create_dir_all(&out)
-        .with_context(|| format!("cannot create --out {}", out.display()))?;
+    persona_lens_engine::io::check_output_dir(&out)?;
     let t_all = Instant::now();
     let quiet = a.quiet || a.json;
     let model = load_model(&ModelArgs {
@@ -1584,6 +1626,7 @@ pub fn run(a: RunArgs) -> Result<()> {
         threads: a.threads,
         json: false,
     })?;
+    cfg.check_against(model.config().n_layers)?;
     let mhash = model_hash(&model)?;
     let resolved = toml::to_string_pretty(&cfg)?;
     persona_lens_engine::io::write_atomic(&out.join("config.resolved.toml"), resolved.as_bytes())?;

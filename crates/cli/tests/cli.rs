@@ -816,6 +816,31 @@ fn steering_and_control_vectors() {
             needle,
         );
     }
+    // A strength that overflows the residual stream: one line naming where it broke, not
+    // `<pad>` tokens with exit 0.
+    let mut huge = vec![
+        "steer",
+        "--direction",
+        dirs.as_str(),
+        "--layer",
+        "9",
+        "--alpha",
+        "-1e30",
+        "--norm",
+        "raw",
+        "--n-prompts",
+        "1",
+        "--max-new-tokens",
+        "2",
+        "--quiet",
+    ];
+    huge.extend(small);
+    let huge_out = s("steer_huge");
+    huge.extend(["--out", huge_out.as_str()]);
+    assert_one_line_error(
+        &huge,
+        "non-finite values (NaN or inf) at blocks.9.hook_resid_post",
+    );
     // Patch mode: the expert prompt's activation into the novice prompt changes the answer.
     let patched = steer(
         &dirs,

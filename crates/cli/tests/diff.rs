@@ -188,6 +188,23 @@ fn encode_matches_python_for_every_layout() {
         ],
         "no tensor named 'x'",
     );
+    // NaN activations: refused, not encoded as zeros.
+    let nan = tmp.join("nan.safetensors");
+    let x = Tensor::full(f32::NAN, (3, 2, 16), &Device::Cpu).unwrap();
+    candle_core::safetensors::save(&[("x".to_string(), x)].into_iter().collect(), &nan).unwrap();
+    one_line_error(
+        &[
+            "diff",
+            "encode",
+            "--crosscoder",
+            l1.to_str().unwrap(),
+            "--input",
+            nan.to_str().unwrap(),
+            "--out",
+            o.to_str().unwrap(),
+        ],
+        "non-finite values (NaN or inf) at tensor 'x'",
+    );
     let txt = tmp.join("weights.txt");
     std::fs::write(&txt, "not weights").unwrap();
     one_line_error(

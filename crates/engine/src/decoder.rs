@@ -21,8 +21,8 @@ use crate::config::ModelConfig;
 use crate::error::Result;
 use crate::hooks::{HookCtx, HookName, HookPoint, Hooks};
 use crate::layers::{
-    attention, build_mask, check_ids, fire, positions, softcap, AttnParams, AttnWeights, KvCache,
-    LayerKv, LogitsAt, Mlp, Norm, Rope,
+    attention, build_mask, check_finite, check_ids, fire, positions, softcap, AttnParams,
+    AttnWeights, KvCache, LayerKv, LogitsAt, Mlp, Norm, Rope,
 };
 use crate::weights::{Embedding, Linear};
 use candle_core::{DType, Device, Tensor};
@@ -200,10 +200,12 @@ impl Decoder {
                 .forward(&normed.narrow(1, t - 1, 1)?.squeeze(1)?)?,
             LogitsAt::All => self.lm_head.forward(&normed)?,
         };
-        Ok(Some(softcap(
-            logits.to_dtype(DType::F32)?,
-            self.cfg.final_logit_softcap,
-        )?))
+        let logits = softcap(logits.to_dtype(DType::F32)?, self.cfg.final_logit_softcap)?;
+        check_finite(&logits, "logits", || {
+            "the model's output is not finite (check the weights, the dtype and any interventions)"
+                .into()
+        })?;
+        Ok(Some(logits))
     }
 
     /// One forward call over `ids` `[b, t]` (left padded by `pad[r]` tokens per row). With a KV
@@ -230,6 +232,19 @@ impl Decoder {
         for l in 0..self.blocks.len() {
             let layer_kv = kv.as_deref_mut().map(|c| &mut c.layers[l]);
             x = self.block_forward(l, x, &cc, layer_kv, hooks, &mut ctx)?;
+            if hooks.intervenes() {
+                // Name the first block whose output an edit made non-finite.
+                check_finite(
+                    &x,
+                    &HookName::block(l, HookPoint::ResidPost).to_string(),
+                    || {
+                        format!(
+                            "after the interventions at {}; lower their strength",
+                            hooks.intervened_hooks()
+                        )
+                    },
+                )?;
+            }
         }
         if let Some(c) = kv {
             c.len += t;

@@ -49,6 +49,15 @@ pub enum EngineError {
     EmptyPrompt,
     #[error("prompt of {len} tokens is longer than the context window of {max} tokens")]
     PromptTooLong { len: usize, max: usize },
+    #[error("a {prompt}-token prompt + {new_tokens} new tokens = {} positions, more than the model's context of {max}; ask for at most {} new tokens", prompt + new_tokens, max.saturating_sub(*prompt))]
+    GenerationTooLong {
+        prompt: usize,
+        new_tokens: usize,
+        max: usize,
+    },
+    /// An activation or the logits stopped being finite (an intervention too strong, bad weights).
+    #[error("non-finite values (NaN or inf) at {hook}: {why}")]
+    NonFinite { hook: String, why: String },
     #[error("token id {id} is outside the vocabulary (size {vocab})")]
     TokenOutOfRange { id: u32, vocab: usize },
     #[error("invalid argument: {0}")]

@@ -157,9 +157,16 @@ pub fn generate(
     let batch = Batch::left_padded(prompts, pad_id, model.device())?;
     let max_pos = model.config().max_position;
     let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
-    if longest + opts.max_new_tokens > max_pos {
+    if longest > max_pos {
         return Err(EngineError::PromptTooLong {
-            len: longest + opts.max_new_tokens,
+            len: longest,
+            max: max_pos,
+        });
+    }
+    if longest + opts.max_new_tokens > max_pos {
+        return Err(EngineError::GenerationTooLong {
+            prompt: longest,
+            new_tokens: opts.max_new_tokens,
             max: max_pos,
         });
     }

@@ -453,6 +453,22 @@ impl Hooks {
         self.wanted.get(idx).is_some_and(|m| m & h.point.bit() != 0)
     }
 
+    /// Whether any hook edits activations (then the forward checks that they stay finite).
+    pub fn intervenes(&self) -> bool {
+        !self.interventions.is_empty()
+    }
+
+    /// The hooks that edit activations, comma separated (for error messages).
+    pub fn intervened_hooks(&self) -> String {
+        let mut v: Vec<String> = self
+            .interventions
+            .iter()
+            .map(|i| i.hook.to_string())
+            .collect();
+        v.dedup();
+        v.join(", ")
+    }
+
     pub fn has_intervention(&self, h: HookName) -> bool {
         self.interventions.iter().any(|i| i.hook == h)
     }

@@ -32,6 +32,20 @@ fn interrupted(path: &Path) -> EngineError {
     )
 }
 
+/// Checks, before any work, that results can be written under `dir`: creates it and writes and
+/// removes a probe file. A path under a regular file or on a read-only disk fails here, in one
+/// line, instead of after minutes of model work.
+pub fn check_output_dir(dir: &Path) -> Result<()> {
+    let fail = |e: std::io::Error| {
+        EngineError::InvalidArgument(format!("cannot write results under {}: {e}", dir.display()))
+    };
+    std::fs::create_dir_all(dir).map_err(fail)?;
+    let probe = dir.join(format!(".write-check.{}", std::process::id()));
+    std::fs::write(&probe, b"").map_err(fail)?;
+    std::fs::remove_file(&probe).map_err(fail)?;
+    Ok(())
+}
+
 /// Writes `bytes` to `path` atomically (temp file + fsync + rename).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {

@@ -688,6 +688,22 @@ pub fn check_ids(
     Ok(())
 }
 
+/// An error naming `hook` if `x` holds a NaN or an infinity. `x - x` is NaN exactly where `x`
+/// is not finite, so the sum is NaN iff some entry is, without overflow from large finite values.
+pub fn check_finite(x: &Tensor, hook: &str, why: impl FnOnce() -> String) -> Result<()> {
+    let s = (x - x)?
+        .to_dtype(DType::F32)?
+        .sum_all()?
+        .to_scalar::<f32>()?;
+    if s.is_nan() {
+        return Err(EngineError::NonFinite {
+            hook: hook.to_string(),
+            why: why(),
+        });
+    }
+    Ok(())
+}
+
 /// Applies the final logit soft-cap where the architecture has one.
 pub fn softcap(x: Tensor, cap: Option<f64>) -> Result<Tensor> {
     Ok(match cap {

@@ -346,6 +346,12 @@ impl Model {
         format: &str,
         general_name: Option<String>,
     ) -> Result<Self> {
+        if cfg.n_layers == 0 {
+            return Err(EngineError::InvalidArgument(
+                "the model's config has 0 layers (num_hidden_layers / block_count): nothing to run"
+                    .into(),
+            ));
+        }
         let decoder = match cfg.arch {
             Architecture::Gemma2 => arch::gemma2::load(cfg, &weights)?,
             Architecture::Gemma3 => arch::gemma3::load(cfg, &weights)?,

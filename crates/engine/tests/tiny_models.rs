@@ -762,3 +762,38 @@ fn run_with_cache_aligns_batches_like_single_runs() {
         .to_string();
     assert!(e.contains("batch size 0"), "{e}");
 }
+
+/// An edit that overflows the residual stream is an error naming the first non-finite block
+/// output and the edited hook, not NaN logits that decoding turns into token 0.
+#[test]
+fn non_finite_activations_are_errors_naming_the_hook() {
+    let m = load_tiny("tiny-llama");
+    let batch = Batch::left_padded(&[vec![5, 6, 7, 8]], 0, m.device()).unwrap();
+    let d = m.config().d_model;
+    // Two edits of f32::MAX each: the sum overflows to infinity.
+    let v = Tensor::full(f32::MAX, d, m.device()).unwrap();
+    let mut hooks = Hooks::new();
+    for _ in 0..2 {
+        hooks.intervene(
+            HookName::block(1, HookPoint::ResidPre),
+            persona_lens_engine::Op::Add(v.clone()),
+            persona_lens_engine::Selector::all(),
+        );
+    }
+    let e = m
+        .forward(&batch, None, &mut hooks, LogitsAt::Last)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("at blocks.1.hook_resid_post") && e.contains("blocks.1.hook_resid_pre"),
+        "{e}"
+    );
+    // A large but representable edit is not an error.
+    let mut ok = Hooks::new();
+    ok.intervene(
+        HookName::block(1, HookPoint::ResidPre),
+        persona_lens_engine::Op::Add((v / 1e30).unwrap()),
+        persona_lens_engine::Selector::all(),
+    );
+    m.forward(&batch, None, &mut ok, LogitsAt::Last).unwrap();
+}

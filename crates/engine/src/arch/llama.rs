@@ -73,13 +73,6 @@ fn refuse_mlp_bias(j: &HfJson) -> Result<()> {
 pub fn hf_config(j: &HfJson, arch: Architecture, default_theta: f64) -> Result<ModelConfig> {
     refuse_mlp_bias(j)?;
     let n_layers = j.usize("num_hidden_layers")?;
-    if n_layers == 0 {
-        return Err(EngineError::BadField {
-            file: j.file.clone(),
-            field: "num_hidden_layers".into(),
-            reason: "0: a model needs at least one layer".into(),
-        });
-    }
     let d_model = j.usize("hidden_size")?;
     let n_heads = j.usize("num_attention_heads")?;
     let head_dim = j.usize_or("head_dim", d_model / n_heads)?;
