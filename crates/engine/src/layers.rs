@@ -691,7 +691,8 @@ pub fn check_ids(
 /// An error naming `hook` if `x` holds a NaN or an infinity. `x - x` is NaN exactly where `x`
 /// is not finite, so the sum is NaN iff some entry is, without overflow from large finite values.
 pub fn check_finite(x: &Tensor, hook: &str, why: impl FnOnce() -> String) -> Result<()> {
-    let s = (x - x)?
+    let s = x
+        .broadcast_sub(x)?
         .to_dtype(DType::F32)?
         .sum_all()?
         .to_scalar::<f32>()?;
