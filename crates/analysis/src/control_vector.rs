@@ -53,7 +53,7 @@ pub fn write(path: &Path, cv: &ControlVector) -> Result<()> {
                 cv.layers.keys().next().unwrap_or(&0)
             )));
         }
-        crate::steering::check_direction(v, width)?;
+        crate::direction::check_direction(v, width)?;
         let t = Tensor::from_vec(v.clone(), v.len(), &Device::Cpu)?;
         tensors.push((
             format!("direction.{l}"),

@@ -273,3 +273,26 @@ impl DirectionSet {
         Ok((self.meta.hooks[i].clone(), v))
     }
 }
+
+/// Checks a direction: width, finite, non-zero.
+pub fn check_direction(v: &[f32], d_model: usize) -> Result<()> {
+    if v.len() != d_model {
+        return Err(AnalysisError::Invalid(format!(
+            "direction has width {} but the model's residual stream has {d_model}; use a direction computed on this model",
+            v.len()
+        )));
+    }
+    if v.iter().any(|x| !x.is_finite()) {
+        return Err(AnalysisError::Invalid(
+            "direction contains NaN or infinite values; recompute it with `persona-lens direction`"
+                .into(),
+        ));
+    }
+    if v.iter().all(|&x| x == 0.0) {
+        return Err(AnalysisError::Invalid(
+            "direction is all zeros: it cannot steer; recompute it with `persona-lens direction`"
+                .into(),
+        ));
+    }
+    Ok(())
+}

@@ -486,7 +486,7 @@ impl AblationSetup<'_> {
             let gens = persona_lens_engine::generate(model, &prompts, &opts, &mut h)?;
             for (i, g) in gens.iter().enumerate() {
                 let text = model.tokenizer.decode(&g.generated_ids, true)?;
-                if let Some(grade) = crate::readability::complexity_grade(&text) {
+                if let Some(grade) = persona_lens_rate::readability::complexity_grade(&text) {
                     if i % 2 == 0 {
                         ng.push(grade);
                     } else {

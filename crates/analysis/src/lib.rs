@@ -13,7 +13,6 @@ pub mod npy;
 pub mod patching;
 pub mod path_patching;
 pub mod probe;
-pub mod readability;
 pub mod stats;
 pub mod steering;
 
@@ -28,8 +27,6 @@ pub enum AnalysisError {
     Dataset(String),
     #[error("{0}")]
     Invalid(String),
-    #[error("{0}")]
-    Report(#[from] persona_lens_report::ReportError),
 }
 
 impl From<candle_core::Error> for AnalysisError {

@@ -4,6 +4,7 @@
 //! the hook context, so with the KV cache each position is steered exactly once (when it is
 //! computed) and a full recompute steers the same positions the same way.
 
+pub use crate::direction::check_direction;
 use crate::{AnalysisError, Result};
 use candle_core::{DType, Tensor, D};
 use persona_lens_engine::hooks::HookFn;
@@ -88,29 +89,6 @@ pub enum SteerOp {
     /// (so the question tokens line up when the persona prefix differs in length); one source
     /// per row. Prompt positions only.
     Patch(Vec<Tensor>),
-}
-
-/// Checks a direction: width, finite, non-zero.
-pub fn check_direction(v: &[f32], d_model: usize) -> Result<()> {
-    if v.len() != d_model {
-        return Err(AnalysisError::Invalid(format!(
-            "direction has width {} but the model's residual stream has {d_model}; use a direction computed on this model",
-            v.len()
-        )));
-    }
-    if v.iter().any(|x| !x.is_finite()) {
-        return Err(AnalysisError::Invalid(
-            "direction contains NaN or infinite values; recompute it with `persona-lens direction`"
-                .into(),
-        ));
-    }
-    if v.iter().all(|&x| x == 0.0) {
-        return Err(AnalysisError::Invalid(
-            "direction is all zeros: it cannot steer; recompute it with `persona-lens direction`"
-                .into(),
-        ));
-    }
-    Ok(())
 }
 
 pub fn l2(v: &[f32]) -> f64 {

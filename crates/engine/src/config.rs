@@ -120,7 +120,7 @@ pub struct ModelConfig {
     pub final_logit_softcap: Option<f64>,
     pub tie_word_embeddings: bool,
     /// The MLP's activation.
-    pub activation: crate::layers::Activation,
+    pub activation: Activation,
 }
 
 impl ModelConfig {
@@ -453,6 +453,39 @@ impl<'a> HfJson<'a> {
             theta,
             scaling,
             rotary_dim,
+        })
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Activation {
+    /// Tanh approximation (HF `gelu_pytorch_tanh`, `gelu_new`, `gelu_fast`).
+    GeluTanh,
+    /// Exact erf GELU (HF `gelu`).
+    GeluErf,
+    Silu,
+    Relu,
+}
+
+impl Activation {
+    /// The activation a `config.json` names (`hidden_act` / `hidden_activation` /
+    /// `activation_function`); unknown names are errors rather than a silent substitute.
+    pub fn from_hf(name: &str, file: &str, field: &str) -> Result<Self> {
+        Ok(match name {
+            "gelu_pytorch_tanh" | "gelu_new" | "gelu_fast" => Activation::GeluTanh,
+            "gelu" => Activation::GeluErf,
+            "silu" | "swish" => Activation::Silu,
+            "relu" => Activation::Relu,
+            other => {
+                return Err(EngineError::BadField {
+                    file: file.into(),
+                    field: field.into(),
+                    reason: format!(
+                        "activation '{other}' is not supported (gelu_pytorch_tanh, gelu_new, gelu_fast, gelu, silu, relu)"
+                    ),
+                })
+            }
         })
     }
 }

@@ -71,6 +71,8 @@ pub enum EngineError {
     },
     #[error("json: {0}")]
     Json(#[from] serde_json::Error),
+    #[error("{0}")]
+    Write(#[from] persona_lens_atomic::WriteError),
 }
 
 pub type Result<T> = std::result::Result<T, EngineError>;

@@ -2,6 +2,7 @@
 //! attention with its hook points, the gated MLP, and the KV cache. Each op follows the order of
 //! operations of Hugging Face's eager implementation so that f32 activations agree to float noise.
 
+pub use crate::config::Activation;
 use crate::config::RopeScaling;
 use crate::error::{EngineError, Result};
 use crate::hooks::{HookCtx, HookName, HookPoint, Hooks};
@@ -517,38 +518,7 @@ pub fn attention(
     project(&z)
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Activation {
-    /// Tanh approximation (HF `gelu_pytorch_tanh`, `gelu_new`, `gelu_fast`).
-    GeluTanh,
-    /// Exact erf GELU (HF `gelu`).
-    GeluErf,
-    Silu,
-    Relu,
-}
-
 impl Activation {
-    /// The activation a `config.json` names (`hidden_act` / `hidden_activation` /
-    /// `activation_function`); unknown names are errors rather than a silent substitute.
-    pub fn from_hf(name: &str, file: &str, field: &str) -> Result<Self> {
-        Ok(match name {
-            "gelu_pytorch_tanh" | "gelu_new" | "gelu_fast" => Activation::GeluTanh,
-            "gelu" => Activation::GeluErf,
-            "silu" | "swish" => Activation::Silu,
-            "relu" => Activation::Relu,
-            other => {
-                return Err(EngineError::BadField {
-                    file: file.into(),
-                    field: field.into(),
-                    reason: format!(
-                        "activation '{other}' is not supported (gelu_pytorch_tanh, gelu_new, gelu_fast, gelu, silu, relu)"
-                    ),
-                })
-            }
-        })
-    }
-
     fn apply(&self, x: &Tensor) -> Result<Tensor> {
         Ok(match self {
             // candle's `gelu` is the tanh approximation.

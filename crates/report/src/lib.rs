@@ -1,7 +1,7 @@
 //! Plots for persona-lens results, written as PNG and SVG side by side (atomically), with an
 //! embedded font (DejaVu Sans, Bitstream Vera licence) so rendering needs no system fonts.
 
-use persona_lens_engine::io::write_atomic;
+use persona_lens_atomic::write_atomic;
 use plotters::coord::Shift;
 use plotters::prelude::*;
 use std::path::{Path, PathBuf};
@@ -100,7 +100,7 @@ macro_rules! render_pair {
         let png_path = stem.with_extension("png");
         let svg_path = stem.with_extension("svg");
         $crate::write_png(&png_path, size, &rgb)?;
-        persona_lens_engine::io::write_atomic(&svg_path, svg.as_bytes())
+        persona_lens_atomic::write_atomic(&svg_path, svg.as_bytes())
             .map_err(|e| $crate::ReportError::Io(e.to_string()))?;
         Ok(vec![png_path, svg_path])
     }};
