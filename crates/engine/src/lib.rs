@@ -35,9 +35,7 @@ pub use hooks::{
     all_hooks, resolve_hooks, ActivationCache, HookCtx, HookName, HookPoint, Hooks, Op, Selector,
 };
 pub use layers::{KvCache, LogitsAt};
-pub use model::{
-    models_dir, resolve, LoadOptions, Model, ModelInfo, ModelSource, DEFAULT_MODEL, KNOWN_MODELS,
-};
+pub use model::{models_dir, resolve, LoadOptions, Model, ModelInfo, ModelSource, DEFAULT_MODEL};
 pub use registry::{registry, RegistryEntry};
 pub use run_cache::CachePositions;
 pub use tokenizer::{read_token_ids, ChatMessage, Tokenizer};

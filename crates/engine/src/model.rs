@@ -14,13 +14,6 @@ use serde::Serialize;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-/// Models the project fetches itself (`scripts/fetch-models.sh`): short name -> file name. The
-/// full list of short names, hub ids included, is the registry (`models.toml`).
-pub const KNOWN_MODELS: &[(&str, &str)] = &[
-    ("gemma-3-270m", "gemma-3-270m-q4_k_m.gguf"),
-    ("smollm2-135m-instruct", "SmolLM2-135M-Instruct.Q4_1.gguf"),
-];
-
 /// The default model of the study.
 pub const DEFAULT_MODEL: &str = "gemma-3-270m";
 
