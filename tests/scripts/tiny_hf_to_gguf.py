@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Writes tiny Hugging Face checkpoints (tests/fixtures/tiny-models) as GGUF files the way llama.cpp's
 convert_hf_to_gguf.py lays them out: the same tensor names, metadata keys, llama's q/k row permutation,
-Llama 3's rope scaling as a `rope_freqs` tensor, Phi-3's fused attn_qkv / ffn_up. F32 tensors (and one
+Llama 3's rope scaling as a `rope_freqs` tensor, Phi-3's fused attn_qkv / ffn_up and LongRoPE factors as
+`rope_factors_long` / `rope_factors_short`. F32 tensors (and one
 Q8_0 file for the quantized fused split). No tokenizer: the engine reads ids only.
 
 Usage: python tiny_hf_to_gguf.py FIXTURES_DIR OUT_DIR   (needs numpy, safetensors, gguf)
@@ -97,8 +98,19 @@ def convert(name, arch, out_name, qtype=None):
             w.add_tensor(gname, gguf.quants.quantize(v, qtype), raw_dtype=qtype)
         else:
             w.add_tensor(gname, v)
-    if (c.get("rope_scaling") or {}).get("rope_type") == "llama3":
+    rs = c.get("rope_scaling") or {}
+    if rs.get("rope_type") == "llama3":
         w.add_tensor("rope_freqs.weight", llama3_rope_factors(c, head_dim))
+    if rs.get("rope_type", rs.get("type")) == "longrope":
+        # llama.cpp's Phi3MiniModel: factors as tensors, the original length and the attention
+        # factor (from max / original) in the metadata.
+        orig = c["original_max_position_embeddings"]
+        scale = c["max_position_embeddings"] / orig
+        attn = math.sqrt(1 + math.log(scale) / math.log(orig)) if scale > 1.0 else 1.0
+        w.add_rope_scaling_orig_ctx_len(orig)
+        w.add_rope_scaling_attn_factors(attn)
+        w.add_tensor("rope_factors_long.weight", np.array(rs["long_factor"], dtype=np.float32))
+        w.add_tensor("rope_factors_short.weight", np.array(rs["short_factor"], dtype=np.float32))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -112,3 +124,4 @@ convert("tiny-qwen3", "qwen3", "tiny-qwen3.gguf")
 convert("tiny-phi3", "phi3", "tiny-phi3.gguf")
 convert("tiny-olmo2", "olmo2", "tiny-olmo2.gguf")
 convert("tiny-phi3", "phi3", "tiny-phi3-q8_0.gguf", gguf.GGMLQuantizationType.Q8_0)
+convert("tiny-phi3-longrope", "phi3", "tiny-phi3-longrope.gguf")

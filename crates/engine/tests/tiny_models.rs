@@ -476,6 +476,7 @@ fn gguf_files_of_the_new_families_match_hf() {
         ("tiny-qwen3.gguf", "tiny-qwen3"),
         ("tiny-phi3.gguf", "tiny-phi3"),
         ("tiny-olmo2.gguf", "tiny-olmo2"),
+        ("tiny-phi3-longrope.gguf", "tiny-phi3-longrope"),
     ] {
         let path = fixtures().join("tiny-gguf").join(file);
         let m = Model::load(
@@ -531,6 +532,12 @@ fn gguf_files_of_the_new_families_match_hf() {
             assert!(matches!(
                 m.config().rope_scaling,
                 Some(RopeScaling::FreqFactors { .. })
+            ));
+        }
+        if hf == "tiny-phi3-longrope" {
+            assert!(matches!(
+                m.config().rope_scaling,
+                Some(RopeScaling::Longrope { .. })
             ));
         }
     }

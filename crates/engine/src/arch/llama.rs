@@ -369,34 +369,60 @@ fn block(w: &Weights, cfg: &ModelConfig, layout: &Layout, i: usize) -> Result<Bl
     })
 }
 
-/// llama.cpp stores Llama 3's rope scaling as per-frequency divisors (`rope_freqs.weight`).
+/// Rope scaling that llama.cpp stores as tensors: Llama 3's per-frequency divisors
+/// (`rope_freqs.weight`) and Phi-3.5's LongRoPE factors (`rope_factors_short` / `_long`, with
+/// `{arch}.rope.scaling.original_context_length` and `.attn_factor` in the metadata).
 fn gguf_rope_factors(w: &Weights, cfg: &mut ModelConfig) -> Result<()> {
-    if !w.is_gguf() {
+    let crate::weights::Source::Gguf { content, path, .. } = &w.source else {
         return Ok(());
-    }
-    if w.has("", "rope_factors_long.weight") {
-        return Err(EngineError::InvalidArgument(
-            "this GGUF file uses LongRoPE factors (rope_factors_long), which the GGUF loader does not implement; load the Hugging Face checkpoint instead".into(),
-        ));
-    }
-    if w.has("", "rope_freqs.weight") {
-        let f: Vec<f32> = w.f32("", "rope_freqs.weight")?.to_vec1()?;
-        if f.len() != cfg.rotary_dim / 2 {
+    };
+    let half = cfg.rotary_dim / 2;
+    let factors = |name: &str| -> Result<Vec<f64>> {
+        let f: Vec<f32> = w.f32("", name)?.to_vec1()?;
+        if f.len() != half {
             return Err(EngineError::InvalidArgument(format!(
-                "rope_freqs.weight has {} entries; the rotary dimension {} needs {}",
+                "{name} has {} entries; the rotary dimension {} needs {half}",
                 f.len(),
-                cfg.rotary_dim,
-                cfg.rotary_dim / 2
+                cfg.rotary_dim
             )));
         }
+        Ok(f.into_iter().map(f64::from).collect())
+    };
+    let scaling = if w.has("", "rope_factors_long.weight") {
+        let meta = GgufMeta {
+            md: &content.metadata,
+            file: path.display().to_string(),
+        };
+        let a = cfg.arch.name();
+        let original = meta.f64(&format!("{a}.rope.scaling.original_context_length"))?;
+        // HF's default when the file has none: sqrt(1 + ln(max / original) / ln(original)).
+        let factor = cfg.max_position as f64 / original;
+        let default_attn = if factor <= 1.0 {
+            1.0
+        } else {
+            (1.0 + factor.ln() / original.ln()).sqrt()
+        };
+        Some(RopeScaling::Longrope {
+            short_factor: factors("rope_factors_short.weight")?,
+            long_factor: factors("rope_factors_long.weight")?,
+            original_max_position_embeddings: original,
+            attention_factor: meta
+                .f64_or(&format!("{a}.rope.scaling.attn_factor"), default_attn)?,
+        })
+    } else if w.has("", "rope_freqs.weight") {
+        Some(RopeScaling::FreqFactors {
+            factors: factors("rope_freqs.weight")?,
+        })
+    } else {
+        None
+    };
+    if let Some(s) = scaling {
         if cfg.rope_scaling.is_some() {
             return Err(EngineError::InvalidArgument(
-                "GGUF file has both rope_freqs.weight and a rope scaling type".into(),
+                "GGUF file has both rope factor tensors and a rope scaling type".into(),
             ));
         }
-        cfg.rope_scaling = Some(RopeScaling::FreqFactors {
-            factors: f.into_iter().map(f64::from).collect(),
-        });
+        cfg.rope_scaling = Some(s);
     }
     Ok(())
 }
