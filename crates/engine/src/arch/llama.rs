@@ -138,12 +138,14 @@ pub fn gguf_config(m: &GgufMeta, a: &str, arch: Architecture) -> Result<ModelCon
         "none" => None,
         "linear" if factor != 1.0 => Some(RopeScaling::Linear { factor }),
         "linear" => None,
+        // Phi-3.5: the factors are tensors, read at load time.
+        "longrope" | "su" => None,
         other => {
             return Err(EngineError::BadField {
                 file: m.file.clone(),
                 field: format!("{a}.rope.scaling.type"),
                 reason: format!(
-                    "'{other}' is not supported in GGUF files (none, linear, and Llama 3's rope_freqs); load the Hugging Face checkpoint instead"
+                    "'{other}' is not supported in GGUF files (none, linear, longrope, and Llama 3's rope_freqs); load the Hugging Face checkpoint instead"
                 ),
             })
         }
@@ -388,12 +390,25 @@ fn gguf_rope_factors(w: &Weights, cfg: &mut ModelConfig) -> Result<()> {
         }
         Ok(f.into_iter().map(f64::from).collect())
     };
+    let a = cfg.arch.name();
+    let declared_longrope = {
+        let meta = GgufMeta {
+            md: &content.metadata,
+            file: path.display().to_string(),
+        };
+        let key = format!("{a}.rope.scaling.type");
+        meta.has(&key) && matches!(meta.string(&key)?.as_str(), "longrope" | "su")
+    };
+    if declared_longrope && !w.has("", "rope_factors_long.weight") {
+        return Err(EngineError::InvalidArgument(
+            "GGUF file declares LongRoPE scaling but has no rope_factors_long / rope_factors_short tensors".into(),
+        ));
+    }
     let scaling = if w.has("", "rope_factors_long.weight") {
         let meta = GgufMeta {
             md: &content.metadata,
             file: path.display().to_string(),
         };
-        let a = cfg.arch.name();
         let original = meta.f64(&format!("{a}.rope.scaling.original_context_length"))?;
         // HF's default when the file has none: sqrt(1 + ln(max / original) / ln(original)).
         let factor = cfg.max_position as f64 / original;
