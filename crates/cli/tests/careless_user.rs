@@ -3,46 +3,9 @@
 //! model decides it.
 
 use std::path::PathBuf;
-use std::process::Command;
-use std::time::Instant;
 
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../..")
-        .canonicalize()
-        .unwrap()
-}
-
-fn models() -> PathBuf {
-    match std::env::var_os("PERSONA_LENS_MODELS") {
-        Some(p) if !p.is_empty() => PathBuf::from(p),
-        _ => root().join("models"),
-    }
-}
-
-/// Runs the binary; asserts exit 2, exactly one stderr line starting `error: ` that contains
-/// `needle`, and no panic. Returns the seconds it took.
-fn refused(args: &[&str], needle: &str) -> f64 {
-    let t0 = Instant::now();
-    let out = Command::new(env!("CARGO_BIN_EXE_persona-lens"))
-        .args(args)
-        .env("PERSONA_LENS_MODELS", models())
-        .output()
-        .unwrap();
-    let secs = t0.elapsed().as_secs_f64();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
-    assert!(!err.contains("panicked"), "{args:?}: {err}");
-    let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
-    assert_eq!(lines.len(), 1, "{args:?}: expected one line, got: {err}");
-    assert!(lines[0].starts_with("error: "), "{}", lines[0]);
-    assert!(
-        lines[0].contains(needle),
-        "{args:?}: {:?} lacks {needle:?}",
-        lines[0]
-    );
-    secs
-}
+mod common;
+use common::{assert_one_line_error as refused, root};
 
 fn tmp(name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("pl-careless-{}-{name}", std::process::id()));
@@ -160,7 +123,7 @@ fn study_configs_are_checked_before_the_steps() {
     );
     std::fs::write(&cfg, "[steer]\nlayers = [6, 999]\n").unwrap();
     let out = t.join("o2");
-    let secs = refused(
+    refused(
         &[
             "run",
             "--model",
@@ -177,7 +140,6 @@ fn study_configs_are_checked_before_the_steps() {
         !out.join("probe").exists(),
         "the probe step ran before the check"
     );
-    println!("layer check refused after {secs:.1} s (model load included)");
 }
 
 /// Model-dependent limits: a generation longer than the context names the new tokens, not the

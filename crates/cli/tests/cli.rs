@@ -1,60 +1,15 @@
 //! The `persona-lens` binary: JSON interfaces on the real models and one-line errors on bad input.
 
-use std::path::PathBuf;
 use std::process::Command;
 
+mod common;
 #[path = "../../rate/tests/mock_judge/mod.rs"]
 mod mock_judge;
 
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../..")
-        .canonicalize()
-        .unwrap()
-}
-
-fn models() -> PathBuf {
-    match std::env::var_os("PERSONA_LENS_MODELS") {
-        Some(p) if !p.is_empty() => PathBuf::from(p),
-        _ => root().join("models"),
-    }
-}
-
-fn run(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_persona-lens"))
-        .args(args)
-        .env("PERSONA_LENS_MODELS", models())
-        .env("RUST_BACKTRACE", "1")
-        .output()
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).to_string(),
-        String::from_utf8_lossy(&out.stderr).to_string(),
-    )
-}
+use common::{assert_one_line_error, models, root, run};
 
 fn json(s: &str) -> serde_json::Value {
     serde_json::from_str(s).unwrap_or_else(|e| panic!("not JSON ({e}): {s}"))
-}
-
-/// A bad input: non-zero exit, exactly one line on stderr that names the problem, no panic.
-fn assert_one_line_error(args: &[&str], needle: &str) {
-    let (code, _, err) = run(args);
-    assert_ne!(code, 0, "{args:?} should fail");
-    assert!(!err.contains("panicked"), "{args:?} panicked: {err}");
-    let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
-    assert_eq!(
-        lines.len(),
-        1,
-        "{args:?}: expected one error line, got: {err}"
-    );
-    assert!(lines[0].starts_with("error: "), "{}", lines[0]);
-    assert!(
-        lines[0].contains(needle),
-        "{args:?}: error should mention {needle:?}: {}",
-        lines[0]
-    );
 }
 
 #[test]

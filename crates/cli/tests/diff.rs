@@ -5,58 +5,9 @@
 use candle_core::{Device, Tensor};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../..")
-        .canonicalize()
-        .unwrap()
-}
-
-fn models() -> PathBuf {
-    match std::env::var_os("PERSONA_LENS_MODELS") {
-        Some(p) if !p.is_empty() => PathBuf::from(p),
-        _ => root().join("models"),
-    }
-}
-
-fn run(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_persona-lens"))
-        .args(args)
-        .env("PERSONA_LENS_MODELS", models())
-        .env("RUST_BACKTRACE", "1")
-        .output()
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).to_string(),
-        String::from_utf8_lossy(&out.stderr).to_string(),
-    )
-}
-
-fn ok(args: &[&str]) -> String {
-    let (code, out, err) = run(args);
-    assert_eq!(code, 0, "{args:?} failed: {err}");
-    out
-}
-
-fn one_line_error(args: &[&str], needle: &str) {
-    let (code, _, err) = run(args);
-    assert_ne!(code, 0, "{args:?} should fail");
-    assert!(!err.contains("panicked"), "{args:?} panicked: {err}");
-    let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
-    assert_eq!(
-        lines.len(),
-        1,
-        "{args:?}: expected one error line, got: {err}"
-    );
-    assert!(
-        lines[0].starts_with("error: ") && lines[0].contains(needle),
-        "{args:?}: {}",
-        lines[0]
-    );
-}
+mod common;
+use common::{assert_one_line_error as one_line_error, ok, root};
 
 fn fx() -> PathBuf {
     root().join("tests/fixtures/crosscoders")

@@ -7,19 +7,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../..")
-        .canonicalize()
-        .unwrap()
-}
-
-fn models() -> PathBuf {
-    match std::env::var_os("PERSONA_LENS_MODELS") {
-        Some(p) if !p.is_empty() => PathBuf::from(p),
-        _ => root().join("models"),
-    }
-}
+mod common;
+use common::models;
 
 /// Small settings: every step runs, on few prompts.
 const SMALL: &str = r#"
