@@ -100,8 +100,12 @@ impl SamplingArgs {
 pub struct GenerateArgs {
     #[command(flatten)]
     pub m: ModelArgs,
-    #[arg(long)]
-    pub prompt: String,
+    #[arg(long, required_unless_present = "ids", conflicts_with = "ids")]
+    pub prompt: Option<String>,
+    /// Pre-tokenized prompts instead of --prompt: a JSON list of token-id lists, used as given,
+    /// generated as one batch (with --json, one line per prompt).
+    #[arg(long, value_name = "FILE", conflicts_with = "chat")]
+    pub ids: Option<PathBuf>,
     /// Wrap the prompt in the model's chat template.
     #[arg(long)]
     pub chat: bool,
@@ -121,8 +125,13 @@ pub struct GenerateArgs {
 }
 
 pub fn generate(a: GenerateArgs) -> Result<()> {
+    let given_ids = a.ids.as_deref().map(read_token_ids).transpose()?;
     let m = load_model(&a.m)?;
-    let ids = m.encode_prompt(&a.prompt, a.chat)?;
+    let prompts = match (given_ids, &a.prompt) {
+        (Some(ids), _) => ids,
+        (None, Some(p)) => vec![m.encode_prompt(p, a.chat)?],
+        (None, None) => bail!("give --prompt TEXT or --ids FILE"),
+    };
     let sampling = a.sampling.sampling(a.greedy);
     let opts = GenerateOptions {
         max_new_tokens: a.max_new_tokens,
@@ -135,20 +144,24 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
         use_kv_cache: !a.no_kv_cache,
     };
     let t0 = Instant::now();
-    let g = gen(&m, std::slice::from_ref(&ids), &opts, &mut Hooks::new())?;
-    let g = &g[0];
-    let text = m.tokenizer.decode(&g.generated_ids, false)?;
-    if a.m.json {
-        println!(
-            "{}",
-            json!({"prompt_ids": ids, "generated_ids": g.generated_ids, "text": text})
-        );
-    } else {
-        println!("{text}");
+    let gens = gen(&m, &prompts, &opts, &mut Hooks::new())?;
+    for g in &gens {
+        let text = m.tokenizer.decode(&g.generated_ids, false)?;
+        if a.m.json {
+            println!(
+                "{}",
+                json!({"prompt_ids": g.prompt_ids, "generated_ids": g.generated_ids, "text": text})
+            );
+        } else {
+            println!("{text}");
+        }
+    }
+    if !a.m.json {
         eprintln!(
-            "[{} prompt + {} generated tokens in {:.2} s, model {}]",
-            ids.len(),
-            g.generated_ids.len(),
+            "[{} prompt(s), {} prompt + {} generated tokens in {:.2} s, model {}]",
+            gens.len(),
+            gens.iter().map(|g| g.prompt_ids.len()).sum::<usize>(),
+            gens.iter().map(|g| g.generated_ids.len()).sum::<usize>(),
             t0.elapsed().as_secs_f64(),
             m.info.name
         );

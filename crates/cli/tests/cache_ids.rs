@@ -246,3 +246,68 @@ fn bench_forward_takes_token_ids() {
     assert!(v["tokens_per_s"].as_f64().unwrap() > 0.0, "{v}");
     let _ = std::fs::remove_dir_all(&tmp);
 }
+
+/// `generate --ids` on every tiny model that has HF's greedy continuation: the same 8 tokens,
+/// with the KV cache and (where the frequencies do not depend on the length) with full
+/// recompute.
+#[test]
+fn generate_ids_reproduces_hf_greedy_continuations() {
+    let tiny = root().join("tests/fixtures/tiny-models");
+    let tmp = std::env::temp_dir().join(format!("pl-gen-ids-{}", std::process::id()));
+    std::fs::create_dir_all(&tmp).unwrap();
+    let mut n = 0;
+    for e in std::fs::read_dir(&tiny).unwrap() {
+        let dir = e.unwrap().path();
+        let Ok(g) = candle_core::safetensors::load(dir.join("golden.safetensors"), &Device::Cpu)
+        else {
+            continue;
+        };
+        let Some(want) = g.get("generated_ids") else {
+            continue;
+        };
+        let want: Vec<u32> = want.to_dtype(DType::U32).unwrap().to_vec1().unwrap();
+        let ids: Vec<Vec<u32>> = g["input_ids"]
+            .to_dtype(DType::U32)
+            .unwrap()
+            .to_vec2()
+            .unwrap();
+        let f = tmp.join("ids.json");
+        std::fs::write(&f, serde_json::to_string(&[&ids[0][..12]]).unwrap()).unwrap();
+        let cfg = std::fs::read_to_string(dir.join("config.json")).unwrap();
+        let length_dependent = cfg.contains("\"dynamic\"") || cfg.contains("longrope");
+        let modes: &[&[&str]] = if length_dependent {
+            &[&[]]
+        } else {
+            &[&[], &["--no-kv-cache"]]
+        };
+        for extra in modes {
+            let mut args = vec![
+                "generate",
+                "--model",
+                dir.to_str().unwrap(),
+                "--ids",
+                f.to_str().unwrap(),
+            ];
+            args.extend(["--max-new-tokens", "8", "--greedy", "--no-stop", "--json"]);
+            args.extend(extra.iter());
+            let out = Command::new(env!("CARGO_BIN_EXE_persona-lens"))
+                .args(&args)
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "{args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+            let got: Vec<u32> = serde_json::from_value(v["generated_ids"].clone()).unwrap();
+            assert_eq!(got, want, "{}: {extra:?}", dir.display());
+        }
+        n += 1;
+    }
+    assert!(
+        n >= 11,
+        "expected the second and third tiny sets, found {n} with continuations"
+    );
+    let _ = std::fs::remove_dir_all(&tmp);
+}
