@@ -195,9 +195,12 @@ pub fn rank_heads(
 #[serde(rename_all = "snake_case")]
 pub enum AblationMode {
     Zero,
-    /// The head's z averaged over every position of every dataset prompt.
+    /// The head's z averaged over every position of every dataset prompt except the first
+    /// (BOS / the attention sink, whose z is unlike any other position's).
     Mean,
-    /// The head's z from another dataset prompt (random, seeded), end-aligned by position.
+    /// The head's z from another dataset prompt (random, seeded), end-aligned: a row's last
+    /// position (where metrics are read) gets the donor's last position, the one before it the
+    /// donor's one before, and so on; positions before the donor's start get its first.
     Resample,
 }
 
@@ -219,7 +222,7 @@ impl std::str::FromStr for AblationMode {
 pub struct ZBank {
     /// layer -> prompt -> [t, H, hd]
     pub z: BTreeMap<usize, Vec<Tensor>>,
-    /// layer -> [H, hd]
+    /// layer -> [H, hd], over every prompt position but the first
     pub mean: BTreeMap<usize, Tensor>,
 }
 
@@ -242,9 +245,24 @@ impl ZBank {
                 );
             }
         }
+        Ok(ZBank::from_z(z)?)
+    }
+
+    /// A bank from per-layer, per-prompt z (`[t, H, hd]` each); the mean leaves out position 0.
+    pub fn from_z(z: BTreeMap<usize, Vec<Tensor>>) -> Result<Self> {
         let mut mean = BTreeMap::new();
         for (l, zs) in &z {
-            let all = Tensor::cat(zs, 0)?; // [sum t, H, hd]
+            let rest: Vec<Tensor> = zs
+                .iter()
+                .filter(|t| t.dim(0).is_ok_and(|n| n > 1))
+                .map(|t| t.narrow(0, 1, t.dim(0)? - 1))
+                .collect::<candle_core::Result<_>>()?;
+            if rest.is_empty() {
+                return Err(AnalysisError::Invalid(
+                    "mean ablation needs prompts longer than one token".into(),
+                ));
+            }
+            let all = Tensor::cat(&rest, 0)?; // [sum (t - 1), H, hd]
             mean.insert(*l, all.mean(0)?);
         }
         Ok(ZBank { z, mean })
@@ -294,16 +312,17 @@ pub fn add_ablation(
                 })?;
                 let zs: Vec<Tensor> = donors.iter().map(|&d| bank.z[&l][d].clone()).collect();
                 let f: HookFn = Arc::new(move |x: &Tensor, ctx: &HookCtx| {
-                    // x: [b, t, H, hd]; end-align each donor to its row's real length.
+                    // x: [b, t, H, hd]; end-align each donor to its row's real length so far.
                     let (b, t, _, _) = x.dims4()?;
                     let mut rows = Vec::with_capacity(b);
                     for r in 0..b {
                         let donor = &zs[r % zs.len()];
                         let dl = donor.dim(0)?;
+                        let row_len = (ctx.start + t).saturating_sub(ctx.pad[r]);
                         let mut pos_rows = Vec::with_capacity(t);
                         for i in 0..t {
                             let p = ctx.position(r, i).unwrap_or(0);
-                            pos_rows.push(donor.get(p.min(dl - 1))?);
+                            pos_rows.push(donor.get(end_aligned(p, row_len, dl))?);
                         }
                         rows.push(Tensor::stack(&pos_rows, 0)?);
                     }
@@ -314,6 +333,14 @@ pub fn add_ablation(
         }
     }
     Ok(())
+}
+
+/// The donor position for position `p` of a row of `row_len` positions, end-aligned to a donor
+/// of `donor_len`: the last position maps to the donor's last, earlier ones count back from it,
+/// positions before the donor's start take its first.
+pub fn end_aligned(p: usize, row_len: usize, donor_len: usize) -> usize {
+    let from_end = row_len.saturating_sub(p + 1);
+    (donor_len - 1).saturating_sub(from_end)
 }
 
 /// `n` random head sets of `k` heads each (seeded), excluding none.

@@ -146,7 +146,14 @@ mod tests {
     }
 
     #[test]
-    fn pearson_of_linear_is_one() {
-        assert!((pearson(&[1.0, 2.0, 3.0], &[2.0, 4.0, 6.5]) - 0.9986).abs() < 1e-3);
+    fn pearson_matches_hand_computation() {
+        // Deviations (-1, 0, 1) and (-13/6, -1/6, 7/3): r = 4.5 / sqrt(2 * 61/6) = 0.997949...
+        let want = 4.5 / (2.0f64 * 61.0 / 6.0).sqrt();
+        let r = pearson(&[1.0, 2.0, 3.0], &[2.0, 4.0, 6.5]);
+        assert!((r - want).abs() < 1e-12, "{r} vs {want}");
+        assert!((r - 0.99795).abs() < 1e-5, "{r}");
+        // Exactly linear: 1 and -1.
+        assert!((pearson(&[1.0, 2.0, 3.0], &[3.0, 5.0, 7.0]) - 1.0).abs() < 1e-12);
+        assert!((pearson(&[1.0, 2.0, 3.0], &[7.0, 5.0, 3.0]) + 1.0).abs() < 1e-12);
     }
 }
