@@ -245,7 +245,7 @@ impl ZBank {
                 );
             }
         }
-        Ok(ZBank::from_z(z)?)
+        ZBank::from_z(z)
     }
 
     /// A bank from per-layer, per-prompt z (`[t, H, hd]` each); the mean leaves out position 0.
