@@ -87,14 +87,34 @@ fn golden_sweeps(name: &str) {
     assert_eq!(resid.values.len(), want.len());
     let err = max_abs(&resid.values, &want);
     assert!(err < 1e-3, "{name}: resid_pre sweep max |err| {err}");
-    // Sanity rows: block 0 at the differing position = clean, elsewhere = corrupted exactly.
+    // Sanity rows: block 0 at the differing position = clean, elsewhere = corrupted. The sweep
+    // skips bitwise no-op patches (it fills in the base metric), so those rows are run here for
+    // real, one forward each with the replacement hook in place: a patch that took the source
+    // from the wrong position, or a replacement that disturbed the forward, would move them.
     let seq = p.pair.len();
     let d = p.pair.differing_positions[0];
     assert!((resid.values[d] - p.clean_metric).abs() < 1e-4);
-    for (i, v) in resid.values[..seq].iter().enumerate() {
-        if i != d {
-            assert_eq!(*v, p.corrupted_metric, "position {i}");
-        }
+    let layer0: Vec<_> = SweepKind::ResidPre
+        .variants(m.config().n_layers, m.config().n_heads, seq)
+        .into_iter()
+        .filter(|v| v.layer == 0)
+        .collect();
+    assert_eq!(layer0.len(), seq);
+    let run = p.sweep_one_by_one(&layer0, Direction::Denoise).unwrap();
+    for (i, v) in run.iter().enumerate() {
+        let want = if i == d {
+            p.clean_metric
+        } else {
+            p.corrupted_metric
+        };
+        assert!(
+            (v - want).abs() < 1e-4,
+            "{name}: layer-0 patch at position {i}: {v} vs {want}"
+        );
+        assert!(
+            (v - resid.values[i]).abs() < 1e-4,
+            "{name}: sweep row {i} vs a real run"
+        );
     }
 
     let heads = p
