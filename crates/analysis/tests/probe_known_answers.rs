@@ -6,6 +6,7 @@
 //!   since a probe over the 8 template dims adds the noise of all 8: the same ~0.80 under random
 //!   folds), so a probe that never saw template t cannot read it: held-out templates are at chance;
 //! - `noise`: no signal.
+//!
 //! The control (labels shuffled) must stay at chance on every hook. Bounds come from the plant:
 //! with n = 192 a chance-level accuracy has sd ~0.036, so 0.62 is over 3 sd above 0.5.
 
