@@ -305,7 +305,40 @@ pub struct ProbeReport {
     pub options: ProbeOptions,
     pub n_templates: usize,
     pub layers: Vec<LayerProbe>,
+    /// The lexical baseline: the same probe on the prompts' token counts (bag of tokens), same
+    /// splits. A residual row shows more than string matching only where it beats this.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bag_of_tokens: Option<BaselineProbe>,
     pub seconds: f64,
+}
+
+/// A probe on features that are not activations (the bag-of-tokens baseline).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BaselineProbe {
+    /// Distinct token ids in the prompts (the feature count).
+    pub n_features: usize,
+    pub cv: Metrics,
+    pub template_holdout: Option<Metrics>,
+}
+
+/// Token-count features `[n, n_distinct]` of the prompts `rows` of `token_ids`.
+fn bag_features(token_ids: &[Vec<u32>], rows: &[usize]) -> (Vec<f64>, usize) {
+    let mut vocab: Vec<u32> = rows
+        .iter()
+        .flat_map(|&i| token_ids[i].iter().copied())
+        .collect();
+    vocab.sort_unstable();
+    vocab.dedup();
+    let d = vocab.len();
+    let mut x = vec![0.0; rows.len() * d];
+    for (r, &i) in rows.iter().enumerate() {
+        for t in &token_ids[i] {
+            if let Ok(j) = vocab.binary_search(t) {
+                x[r * d + j] += 1.0;
+            }
+        }
+    }
+    (x, d)
 }
 
 fn pooled(
@@ -424,7 +457,30 @@ pub fn probe_layers(
     opts: &ProbeOptions,
     progress: &(dyn Fn() + Sync),
 ) -> Result<ProbeReport> {
+    probe_layers_with_baseline(h, hooks, classes, by_persona, opts, None, progress)
+}
+
+/// [`probe_layers`] plus the bag-of-tokens baseline on `token_ids` (one id list per harvested
+/// item, in the harvest's order), evaluated on the same folds and template hold-out splits.
+pub fn probe_layers_with_baseline(
+    h: &Harvest,
+    hooks: &[String],
+    classes: &[String],
+    by_persona: bool,
+    opts: &ProbeOptions,
+    token_ids: Option<&[Vec<u32>]>,
+    progress: &(dyn Fn() + Sync),
+) -> Result<ProbeReport> {
     let t0 = std::time::Instant::now();
+    if let Some(ids) = token_ids {
+        if ids.len() != h.meta.items.len() {
+            return Err(AnalysisError::Invalid(format!(
+                "{} token-id lists for a harvest of {} prompts",
+                ids.len(),
+                h.meta.items.len()
+            )));
+        }
+    }
     opts.validate(classes)?;
     let lab = labels_for(h, classes, by_persona);
     let keep: Vec<usize> = (0..lab.len()).filter(|&i| lab[i].is_some()).collect();
@@ -492,6 +548,14 @@ pub fn probe_layers(
             })
         })
         .collect::<Result<_>>()?;
+    let bag_of_tokens = token_ids.map(|ids| {
+        let (x, d) = bag_features(ids, &keep);
+        BaselineProbe {
+            n_features: d,
+            cv: pooled(&x, d, &y, c, &folds, opts),
+            template_holdout: holdout.as_ref().map(|s| pooled(&x, d, &y, c, s, opts)),
+        }
+    });
     let max_class = *counts.values().max().unwrap_or(&0) as f64;
     Ok(ProbeReport {
         model: h.meta.model.clone(),
@@ -505,6 +569,7 @@ pub fn probe_layers(
         options: opts.clone(),
         n_templates,
         layers,
+        bag_of_tokens,
         seconds: t0.elapsed().as_secs_f64(),
     })
 }

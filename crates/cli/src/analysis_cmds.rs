@@ -277,8 +277,30 @@ pub fn run_probe(model: &Model, a: &ProbeArgs, quiet: bool) -> Result<probe::Pro
     let hooks = resid_hooks(model, a.max_layers);
     let hv = harvest_into(model, &ds, resid_hooks(model, None), chat, &a.h, quiet)?;
     let names: Vec<String> = hooks.iter().map(|h| h.to_string()).collect();
+    // The prompts' tokens, in the harvest's order, for the bag-of-tokens baseline.
+    let by_id: std::collections::HashMap<&str, &dataset::PromptItem> =
+        ds.items.iter().map(|i| (i.id.as_str(), i)).collect();
+    let token_ids = hv
+        .meta
+        .items
+        .iter()
+        .map(|it| {
+            let item = by_id
+                .get(it.id.as_str())
+                .with_context(|| format!("harvested prompt {} is not in the dataset", it.id))?;
+            Ok(dataset::encode_item(model, item, chat)?.ids)
+        })
+        .collect::<Result<Vec<_>>>()?;
     let pb = progress(names.len() as u64, quiet, "layers probed");
-    let r = probe::probe_layers(&hv, &names, &a.classes, a.by_persona, &opts, &|| pb.inc(1))?;
+    let r = probe::probe_layers_with_baseline(
+        &hv,
+        &names,
+        &a.classes,
+        a.by_persona,
+        &opts,
+        Some(&token_ids),
+        &|| pb.inc(1),
+    )?;
     pb.finish_and_clear();
     write_json(&a.h.out.join("probe.json"), &r)?;
     probe_plot(&r, &a.h.out.join("probe_accuracy"))?;
@@ -328,6 +350,19 @@ pub fn probe(a: ProbeArgs) -> Result<()> {
                 .unwrap_or("-".into()),
             l.selectivity
                 .map(|v| format!("{v:+.3}"))
+                .unwrap_or("-".into()),
+        );
+    }
+    if let Some(b) = &r.bag_of_tokens {
+        println!(
+            "bag-of-tokens baseline ({} token types): cv {:.3} [{:.3}, {:.3}], held-out {}; a row beats string matching only above it",
+            b.n_features,
+            b.cv.accuracy,
+            b.cv.accuracy_ci95.0,
+            b.cv.accuracy_ci95.1,
+            b.template_holdout
+                .as_ref()
+                .map(|m| format!("{:.3}", m.accuracy))
                 .unwrap_or("-".into()),
         );
     }
