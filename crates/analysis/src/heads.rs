@@ -343,11 +343,19 @@ pub fn end_aligned(p: usize, row_len: usize, donor_len: usize) -> usize {
     (donor_len - 1).saturating_sub(from_end)
 }
 
-/// `n` random head sets of `k` heads each (seeded), excluding none.
-pub fn random_head_sets(model: &Model, k: usize, n: usize, seed: u64) -> Vec<Vec<Head>> {
+/// `n` random head sets of `k` heads each (seeded), drawn from the heads not in `exclude` (the
+/// selected heads: a baseline set that contains them would measure them again).
+pub fn random_head_sets(
+    model: &Model,
+    k: usize,
+    n: usize,
+    seed: u64,
+    exclude: &[Head],
+) -> Vec<Vec<Head>> {
     let cfg = model.config();
     let all: Vec<Head> = (0..cfg.n_layers)
         .flat_map(|l| (0..cfg.n_heads).map(move |h| Head { layer: l, head: h }))
+        .filter(|h| !exclude.contains(h))
         .collect();
     let mut rng = StdRng::seed_from_u64(seed);
     (0..n)

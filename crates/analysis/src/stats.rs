@@ -96,6 +96,30 @@ pub fn bootstrap95(
 }
 
 /// Mean and a normal-approximation 95 % interval of the mean (1.96 standard errors).
+/// The 97.5 % quantile of Student's t with `df` degrees of freedom (two-sided 95 %): tabulated
+/// for df <= 30, Cornish-Fisher expansion beyond (error < 1e-4 there).
+pub fn t975(df: usize) -> f64 {
+    const TABLE: [f64; 30] = [
+        12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160,
+        2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056,
+        2.052, 2.048, 2.045, 2.042,
+    ];
+    if df == 0 {
+        return f64::NAN;
+    }
+    if df <= 30 {
+        return TABLE[df - 1];
+    }
+    let z: f64 = 1.959_963_985;
+    let v = df as f64;
+    let g1 = (z.powi(3) + z) / 4.0;
+    let g2 = (5.0 * z.powi(5) + 16.0 * z.powi(3) + 3.0 * z) / 96.0;
+    let g3 = (3.0 * z.powi(7) + 19.0 * z.powi(5) + 17.0 * z.powi(3) - 15.0 * z) / 384.0;
+    z + g1 / v + g2 / (v * v) + g3 / (v * v * v)
+}
+
+/// Mean and its 95 % interval with Student's t (n - 1 degrees of freedom): for the few values
+/// of a small sample (random head sets, pairs) the normal 1.96 would be far too narrow.
 pub fn mean_ci95(xs: &[f64]) -> (f64, f64, f64) {
     let n = xs.len() as f64;
     if xs.is_empty() {
@@ -106,7 +130,7 @@ pub fn mean_ci95(xs: &[f64]) -> (f64, f64, f64) {
         return (m, m, m);
     }
     let var = xs.iter().map(|x| (x - m).powi(2)).sum::<f64>() / (n - 1.0);
-    let h = 1.96 * (var / n).sqrt();
+    let h = t975(xs.len() - 1) * (var / n).sqrt();
     (m, m - h, m + h)
 }
 
@@ -143,6 +167,30 @@ mod tests {
         let a = auc_binary(&[0.8, 0.4, 0.5, 0.4], &[true, true, false, false]).unwrap();
         assert!((a - 0.625).abs() < 1e-12, "{a}");
         assert_eq!(auc_binary(&[0.1, 0.2], &[true, true]), None);
+    }
+
+    #[test]
+    fn t_quantiles_match_tables() {
+        // Published two-sided 95 % critical values.
+        for (df, want) in [
+            (1, 12.706),
+            (2, 4.303),
+            (10, 2.228),
+            (30, 2.042),
+            (40, 2.021),
+            (60, 2.000),
+            (120, 1.980),
+        ] {
+            assert!(
+                (t975(df) - want).abs() < 1.5e-3,
+                "df {df}: {} vs {want}",
+                t975(df)
+            );
+        }
+        // Three values 1, 2, 3: sd 1, half-width t(2) / sqrt(3).
+        let (m, lo, hi) = mean_ci95(&[1.0, 2.0, 3.0]);
+        assert_eq!(m, 2.0);
+        assert!((hi - m - 4.303 / 3f64.sqrt()).abs() < 1e-9, "{lo} {hi}");
     }
 
     #[test]

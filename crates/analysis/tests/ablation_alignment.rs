@@ -182,3 +182,24 @@ fn mean_ablation_leaves_out_the_first_position() {
         .unwrap();
     assert!(d < 1e-6, "{d}");
 }
+
+/// Random baseline head sets never contain the selected heads, have the selected count, and
+/// depend only on the seed.
+#[test]
+fn random_head_sets_exclude_the_selected_heads() {
+    use persona_lens_analysis::heads::random_head_sets;
+    let m = tiny(); // 3 layers x 4 heads
+    let selected = vec![Head { layer: 0, head: 1 }, Head { layer: 2, head: 3 }];
+    let sets = random_head_sets(&m, 2, 40, 9, &selected);
+    assert_eq!(sets.len(), 40);
+    for s in &sets {
+        assert_eq!(s.len(), 2);
+        assert!(s.iter().all(|h| !selected.contains(h)), "{s:?}");
+    }
+    // 10 eligible heads: over 40 draws every one of them shows up.
+    let mut seen: Vec<Head> = sets.concat();
+    seen.sort();
+    seen.dedup();
+    assert_eq!(seen.len(), 10);
+    assert_eq!(sets, random_head_sets(&m, 2, 40, 9, &selected));
+}

@@ -867,7 +867,7 @@ pub fn ablate_with(model: &Model, a: &AblateArgs, print: bool) -> Result<Value> 
             )?)
         })
         .collect::<Result<_>>()?;
-    let randoms = random_head_sets(model, heads.len(), a.n_random, a.seed);
+    let randoms = random_head_sets(model, heads.len(), a.n_random, a.seed, &heads);
     let mut layers: Vec<usize> = heads
         .iter()
         .chain(randoms.iter().flatten())
