@@ -22,7 +22,7 @@ use crate::error::Result;
 use crate::hooks::{HookCtx, HookName, HookPoint, Hooks};
 use crate::layers::{
     attention, build_mask, check_finite, check_ids, fire, positions, softcap, AttnParams,
-    AttnWeights, KvCache, LayerKv, LogitsAt, Mlp, Norm, Rope,
+    AttnWeights, KvCache, LayerKv, LogitsAt, MaskRef, Mlp, Norm, Rope,
 };
 use crate::weights::{Embedding, Linear};
 use candle_core::{DType, Device, Tensor};
@@ -54,6 +54,9 @@ pub struct Decoder {
     pub rope_global: Option<Rope>,
     pub rope_local: Option<Rope>,
     pub device: Device,
+    /// Calls longer than this many positions compute attention this many query rows at a time
+    /// (memory linear in the prompt instead of quadratic); the numbers are the same.
+    pub attention_block: usize,
 }
 
 /// Rotary tables, masks and attention parameters of one forward call, shared by its blocks.
@@ -64,10 +67,16 @@ pub struct CallCtx {
     pub t: usize,
     cs_global: Option<(Tensor, Tensor)>,
     cs_local: Option<(Tensor, Tensor)>,
-    mask_global: Tensor,
+    /// Whole masks, for calls of at most `attention_block` positions; longer calls build them a
+    /// block of query rows at a time inside attention.
+    mask_global: Option<Tensor>,
     mask_local: Option<Tensor>,
+    block: usize,
     params: AttnParams,
 }
+
+/// Query rows per attention block for long calls (see [`Decoder::attention_block`]).
+pub const DEFAULT_ATTENTION_BLOCK: usize = 512;
 
 impl Decoder {
     /// The per-call tables for `t` new positions after `start` cached ones.
@@ -83,9 +92,14 @@ impl Decoder {
             Some(r) if any_sliding => Some(r.cos_sin(&pos, &self.device)?),
             _ => None,
         };
-        let mask_global = build_mask(pad, start, t, None, &self.device)?;
+        let block = self.attention_block.max(1);
+        let whole = t <= block;
+        let mask_global = match whole {
+            true => Some(build_mask(pad, start, t, None, &self.device)?),
+            false => None,
+        };
         let mask_local = match cfg.sliding_window {
-            Some(w) if any_sliding && w < start + t => {
+            Some(w) if whole && any_sliding && w < start + t => {
                 Some(build_mask(pad, start, t, Some(w), &self.device)?)
             }
             _ => None,
@@ -98,6 +112,7 @@ impl Decoder {
             cs_local,
             mask_global,
             mask_local,
+            block,
             params: AttnParams {
                 n_heads: cfg.n_heads,
                 n_kv_heads: cfg.n_kv_heads,
@@ -149,13 +164,21 @@ impl Decoder {
         let hn = |p| HookName::block(l, p);
         let mut x = fire(hooks, hn(HookPoint::ResidPre), x, ctx)?;
         let h = pre_norm(blk.attn_norm.as_ref(), &x)?;
-        let (cs, mask) = if blk.sliding {
-            (
-                cc.cs_local.as_ref().or(cc.cs_global.as_ref()),
-                cc.mask_local.as_ref().unwrap_or(&cc.mask_global),
-            )
+        let cs = if blk.sliding {
+            cc.cs_local.as_ref().or(cc.cs_global.as_ref())
         } else {
-            (cc.cs_global.as_ref(), &cc.mask_global)
+            cc.cs_global.as_ref()
+        };
+        let window = self.cfg.sliding_window.filter(|_| blk.sliding);
+        let mask = match (&cc.mask_global, &cc.mask_local) {
+            (Some(_), Some(local)) if blk.sliding => MaskRef::Built(local),
+            (Some(global), _) => MaskRef::Built(global),
+            (None, _) => MaskRef::Blocks {
+                pad: &cc.pad,
+                start: cc.start,
+                window,
+                block: cc.block,
+            },
         };
         let a = attention(
             l,

@@ -283,27 +283,56 @@ pub fn build_mask(
     window: Option<usize>,
     device: &Device,
 ) -> Result<Tensor> {
-    let total = start + t;
+    build_mask_block(pad, start, 0..t, 0..start + t, window, device)
+}
+
+/// The rows `rows` (query indices of this call) and columns `keys` (absolute key indices) of
+/// [`build_mask`]: `[b, 1, rows.len(), keys.len()]`.
+pub fn build_mask_block(
+    pad: &[usize],
+    start: usize,
+    rows: std::ops::Range<usize>,
+    keys: std::ops::Range<usize>,
+    window: Option<usize>,
+    device: &Device,
+) -> Result<Tensor> {
+    let (nr, nk) = (rows.len(), keys.len());
     let b = pad.len();
-    let mut m = vec![f32::NEG_INFINITY; b * t * total];
+    let mut m = vec![f32::NEG_INFINITY; b * nr * nk];
     for (r, &p) in pad.iter().enumerate() {
-        for i in 0..t {
+        for (ri, i) in rows.clone().enumerate() {
             let q = start + i;
-            let row = &mut m[(r * t + i) * total..(r * t + i + 1) * total];
-            if q < p {
-                row[q] = 0.0;
-                continue;
-            }
-            let lo = match window {
-                Some(w) => (q + 1).saturating_sub(w).max(p),
-                None => p,
+            let row = &mut m[(r * nr + ri) * nk..(r * nr + ri + 1) * nk];
+            let (lo, hi) = if q < p {
+                (q, q + 1)
+            } else {
+                let lo = match window {
+                    Some(w) => (q + 1).saturating_sub(w).max(p),
+                    None => p,
+                };
+                (lo, q + 1)
             };
-            for v in row.iter_mut().take(q + 1).skip(lo) {
-                *v = 0.0;
+            for k in lo.max(keys.start)..hi.min(keys.end) {
+                row[k - keys.start] = 0.0;
             }
         }
     }
-    Ok(Tensor::from_vec(m, (b, 1, t, total), device)?)
+    Ok(Tensor::from_vec(m, (b, 1, nr, nk), device)?)
+}
+
+/// The attention mask of one layer in one call: built whole (short calls), or built a block of
+/// query rows at a time inside attention, so that long prompts need memory in proportion to the
+/// block, not to the square of the prompt.
+#[derive(Clone, Copy)]
+pub enum MaskRef<'a> {
+    Built(&'a Tensor),
+    Blocks {
+        pad: &'a [usize],
+        start: usize,
+        window: Option<usize>,
+        /// Query rows per block.
+        block: usize,
+    },
 }
 
 /// Keys and values of one layer, `[b, n_kv_heads, cached_len, d_head]`.
@@ -391,7 +420,7 @@ pub fn attention(
     w: &AttnWeights,
     p: &AttnParams,
     cos_sin: Option<&(Tensor, Tensor)>,
-    mask: &Tensor,
+    mask: MaskRef,
     kv: Option<&mut LayerKv>,
     post_norm: Option<&Norm>,
     hooks: &mut Hooks,
@@ -464,20 +493,47 @@ pub fn attention(
     let k = repeat_kv(&k, h / hkv)?;
     let v = repeat_kv(&v, h / hkv)?;
 
-    let mut scores = (q.matmul(&k.t()?)? * p.scale)?;
-    if let Some(cap) = p.softcap {
-        scores = ((scores / cap)?.tanh()? * cap)?;
-    }
-    let scores = scores.broadcast_add(mask)?;
-    let scores = fire(hooks, name(HookPoint::AttnScores), scores, ctx)?;
-    // The fused softmax has no backward; attribution runs (candle autograd) use the composed one.
-    let pattern = if hooks.differentiable {
-        candle_nn::ops::softmax(&scores, D::Minus1)?
-    } else {
-        candle_nn::ops::softmax_last_dim(&scores)?
+    let wants_pattern =
+        hooks.wants(name(HookPoint::AttnScores)) || hooks.wants(name(HookPoint::AttnPattern));
+    let z = match mask {
+        MaskRef::Blocks {
+            pad,
+            start,
+            window,
+            block,
+        } if !wants_pattern && !hooks.differentiable => {
+            blocked_attention(&q, &k, &v, p, pad, start, window, block)?
+        }
+        _ => {
+            let built;
+            let mask = match mask {
+                MaskRef::Built(m) => m,
+                MaskRef::Blocks {
+                    pad, start, window, ..
+                } => {
+                    // A hook wants the whole pattern: build the whole mask for this layer.
+                    built = build_mask(pad, start, t, window, x.device())?;
+                    &built
+                }
+            };
+            let mut scores = (q.matmul(&k.t()?)? * p.scale)?;
+            if let Some(cap) = p.softcap {
+                scores = ((scores / cap)?.tanh()? * cap)?;
+            }
+            let scores = scores.broadcast_add(mask)?;
+            let scores = fire(hooks, name(HookPoint::AttnScores), scores, ctx)?;
+            // The fused softmax has no backward; attribution runs (candle autograd) use the
+            // composed one.
+            let pattern = if hooks.differentiable {
+                candle_nn::ops::softmax(&scores, D::Minus1)?
+            } else {
+                candle_nn::ops::softmax_last_dim(&scores)?
+            };
+            let pattern = fire(hooks, name(HookPoint::AttnPattern), pattern, ctx)?;
+            pattern.matmul(&v)?
+        }
     };
-    let pattern = fire(hooks, name(HookPoint::AttnPattern), pattern, ctx)?;
-    let z = pattern.matmul(&v)?.transpose(1, 2)?.contiguous()?; // [b, t, h, hd]
+    let z = z.transpose(1, 2)?.contiguous()?; // [b, t, h, hd]
     let z = fire(hooks, name(HookPoint::AttnZ), z, ctx)?;
 
     let result_name = name(HookPoint::AttnResult);
@@ -516,6 +572,47 @@ pub fn attention(
     }
     // Not edited: compute the output the exact way (one o_proj matmul), as without the hook.
     project(&z)
+}
+
+/// Attention a block of query rows at a time: `q` `[b, h, t, hd]`, `k` / `v` `[b, h, total, hd]`
+/// (cache included, heads repeated). Each block sees only the keys it can attend to (from the
+/// window's start, or 0, up to its last query), with its slice of the mask built on the spot,
+/// so the scores held at once are `block x keys` instead of `t x total`. Returns `[b, h, t, hd]`.
+#[allow(clippy::too_many_arguments)]
+fn blocked_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    p: &AttnParams,
+    pad: &[usize],
+    start: usize,
+    window: Option<usize>,
+    block: usize,
+) -> Result<Tensor> {
+    let t = q.dim(2)?;
+    let mut out = Vec::with_capacity(t.div_ceil(block.max(1)));
+    let mut i0 = 0;
+    while i0 < t {
+        let i1 = (i0 + block.max(1)).min(t);
+        let lo = match window {
+            // Keys before the first query's window are masked for every row of the block.
+            Some(w) => (start + i0 + 1).saturating_sub(w),
+            None => 0,
+        };
+        let hi = start + i1;
+        let qc = q.narrow(2, i0, i1 - i0)?;
+        let kc = k.narrow(2, lo, hi - lo)?.contiguous()?;
+        let vc = v.narrow(2, lo, hi - lo)?.contiguous()?;
+        let mut scores = (qc.matmul(&kc.t()?)? * p.scale)?;
+        if let Some(cap) = p.softcap {
+            scores = ((scores / cap)?.tanh()? * cap)?;
+        }
+        let mask = build_mask_block(pad, start, i0..i1, lo..hi, window, q.device())?;
+        let pattern = candle_nn::ops::softmax_last_dim(&scores.broadcast_add(&mask)?)?;
+        out.push(pattern.matmul(&vc)?);
+        i0 = i1;
+    }
+    Ok(Tensor::cat(&out, 2)?)
 }
 
 impl Activation {

@@ -804,3 +804,103 @@ fn non_finite_activations_are_errors_naming_the_hook() {
     );
     m.forward(&batch, None, &mut ok, LogitsAt::Last).unwrap();
 }
+
+/// Long calls compute attention a block of query rows at a time: with blocks of 5 rows on the
+/// 24-token reference inputs (left padding, sliding windows, soft-caps, a KV-cache prefix
+/// included) every residual and the logits equal the whole-matrix computation.
+#[test]
+fn blocked_attention_equals_whole_attention() {
+    let tiny = fixtures().join("tiny-models");
+    let mut n = 0;
+    for e in std::fs::read_dir(&tiny).unwrap() {
+        let dir = e.unwrap().path();
+        if !dir.join("golden.safetensors").exists() {
+            continue;
+        }
+        let mut m = Model::load(
+            dir.to_str().unwrap(),
+            &models_dir(),
+            &LoadOptions::default(),
+        )
+        .unwrap();
+        let g =
+            candle_core::safetensors::load(dir.join("golden.safetensors"), &Device::Cpu).unwrap();
+        let pids: Vec<Vec<u32>> = g["padded_input_ids"]
+            .to_dtype(DType::U32)
+            .unwrap()
+            .to_vec2()
+            .unwrap();
+        let batch = Batch {
+            ids: Tensor::new(pids.clone(), m.device()).unwrap(),
+            pad: vec![0, 3],
+            lens: vec![24, 21],
+        };
+        let names = m.resolve_hooks("blocks.*.hook_resid_post").unwrap();
+        let run = |m: &Model| {
+            let mut hooks = Hooks::new();
+            hooks.capture_all(&names);
+            let logits = m
+                .forward(&batch, None, &mut hooks, LogitsAt::All)
+                .unwrap()
+                .unwrap();
+            // A cached prefix of 7 positions, then the other 17 in one (blocked) call.
+            let mut kv = persona_lens_engine::KvCache::new(m.config().n_layers, batch.pad.clone());
+            let head = Batch {
+                ids: batch.ids.narrow(1, 0, 7).unwrap(),
+                ..batch.clone()
+            };
+            let tail = Batch {
+                ids: batch.ids.narrow(1, 7, 17).unwrap(),
+                ..batch.clone()
+            };
+            m.forward(&head, Some(&mut kv), &mut Hooks::new(), LogitsAt::None)
+                .unwrap();
+            let cached = m
+                .forward(&tail, Some(&mut kv), &mut Hooks::new(), LogitsAt::All)
+                .unwrap()
+                .unwrap();
+            (logits, cached, hooks)
+        };
+        let (whole, whole_cached, wh) = run(&m);
+        m.decoder.attention_block = 5;
+        let (blocked, blocked_cached, bh) = run(&m);
+        let name = dir.file_name().unwrap().to_string_lossy().to_string();
+        // Row 1's padding positions are never read; compare real positions.
+        for (a, b) in [(&whole, &blocked), (&whole_cached, &blocked_cached)] {
+            let t = a.dim(1).unwrap();
+            let d0 = max_abs_diff(&a.get(0).unwrap(), &b.get(0).unwrap());
+            let d1 = max_abs_diff(
+                &a.get(1)
+                    .unwrap()
+                    .narrow(
+                        0,
+                        3usize.saturating_sub(24 - t),
+                        t - 3usize.saturating_sub(24 - t),
+                    )
+                    .unwrap(),
+                &b.get(1)
+                    .unwrap()
+                    .narrow(
+                        0,
+                        3usize.saturating_sub(24 - t),
+                        t - 3usize.saturating_sub(24 - t),
+                    )
+                    .unwrap(),
+            );
+            assert!(
+                d0 < 1e-5 && d1 < 1e-5,
+                "{name}: logits differ by {d0} / {d1}"
+            );
+        }
+        for h in &names {
+            let (a, b) = (wh.cache.get(h).unwrap(), bh.cache.get(h).unwrap());
+            let e = rel_l2(
+                &a.get(0).unwrap().flatten_all().unwrap().to_vec1().unwrap(),
+                &b.get(0).unwrap().flatten_all().unwrap().to_vec1().unwrap(),
+            );
+            assert!(e < 1e-6, "{name} {h}: {e}");
+        }
+        n += 1;
+    }
+    assert!(n >= 15, "{n} tiny models");
+}

@@ -233,6 +233,7 @@ pub fn gemma_decoder(
         final_norm,
         lm_head,
         device: w.device.clone(),
+        attention_block: crate::decoder::DEFAULT_ATTENTION_BLOCK,
     })
 }
 

@@ -198,5 +198,6 @@ pub fn load(mut cfg: ModelConfig, w: &Weights) -> Result<Decoder> {
         final_norm,
         lm_head,
         device: w.device.clone(),
+        attention_block: crate::decoder::DEFAULT_ATTENTION_BLOCK,
     })
 }

@@ -471,6 +471,7 @@ pub fn decoder(mut cfg: ModelConfig, w: &Weights, layout: &Layout) -> Result<Dec
         final_norm,
         lm_head,
         device: w.device.clone(),
+        attention_block: crate::decoder::DEFAULT_ATTENTION_BLOCK,
     })
 }
 
