@@ -478,6 +478,10 @@ pub struct BenchForwardArgs {
     /// Also write the prompts' token ids (JSON list of lists) here, for the peer's run.
     #[arg(long)]
     pub dump_ids: Option<PathBuf>,
+    /// Query rows per attention block for calls longer than it (default 512); a value at least
+    /// the prompt length computes the whole score matrix at once (the memory comparison).
+    #[arg(long, value_parser = crate::at_least_one)]
+    pub attention_block: Option<usize>,
 }
 
 /// The benchmark workload: forward over all prompts with the full residual stream captured
@@ -499,7 +503,11 @@ pub fn bench_forward(a: BenchForwardArgs) -> Result<()> {
         }
         None => vec![],
     };
-    let m = load_model(&a.m)?;
+    let mut m = load_model(&a.m)?;
+    if let Some(b) = a.attention_block {
+        m.decoder.attention_block = b;
+    }
+    let m = m;
     let seqs: Vec<Vec<u32>> = match given_ids {
         Some(ids) => ids,
         None => prompts
@@ -535,6 +543,7 @@ pub fn bench_forward(a: BenchForwardArgs) -> Result<()> {
     let v = json!({
         "impl": format!("persona-lens ({})", m.info.precision),
         "batch_size": a.batch_size, "tokens": n_tokens, "seconds": best,
+        "attention_block": m.decoder.attention_block,
         "tokens_per_s": n_tokens as f64 / best,
         "peak_rss_mib": peak_rss_kib().map(|k| k as f64 / 1024.0),
     });
