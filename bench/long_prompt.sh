@@ -12,7 +12,7 @@ trap 'rm -rf "$dir"' EXIT
 python3 -c "
 import json, random
 random.seed(0)
-print(json.dumps([[2] + [random.randrange(1000, 200000) for _ in range($TOKENS - 1)]]))" > "$dir/ids.json"
+print(json.dumps([[2] + [random.randrange(1000, 40000) for _ in range($TOKENS - 1)]]))" > "$dir/ids.json"
 for r in $(seq "$ROUNDS"); do
   for mode in blocked whole; do
     extra=()
