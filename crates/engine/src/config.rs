@@ -294,8 +294,8 @@ fn parse_rope_scaling(p: &HfJson, top: &HfJson, dim: usize) -> Result<Option<Rop
     // a top-level `original_max_position_embeddings` (Phi-3) takes priority.
     let original = || -> Result<f64> {
         match top.opt_f64("original_max_position_embeddings")? {
-            Some(o) if kind != "llama3" => Ok(o),
-            _ => p.f64_or("original_max_position_embeddings", max_pos),
+            Some(o) => Ok(o),
+            None => p.f64_or("original_max_position_embeddings", max_pos),
         }
     };
     let bad = |reason: String| EngineError::BadField {
@@ -355,10 +355,10 @@ fn parse_rope_scaling(p: &HfJson, top: &HfJson, dim: usize) -> Result<Option<Rop
         }
         "longrope" => {
             let original = original()?;
-            let factor = match (top.opt_f64("original_max_position_embeddings")?, p.opt_f64("factor")?) {
-                (Some(o), _) => max_pos / o,
-                (None, Some(f)) => f,
-                (None, None) => max_pos / original,
+            // HF: `factor` if given, else the ratio of the context to the original length.
+            let factor = match p.opt_f64("factor")? {
+                Some(f) => f,
+                None => max_pos / original,
             };
             let attention_factor = match p.opt_f64("attention_factor")? {
                 Some(a) => a,
