@@ -21,7 +21,7 @@ pub use harvest::{Harvest, HarvestSpec, PositionRule};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AnalysisError {
-    #[error("{0}")]
+    #[error(transparent)]
     Engine(#[from] persona_lens_engine::EngineError),
     #[error("dataset: {0}")]
     Dataset(String),

@@ -195,11 +195,15 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             // One line: the innermost cause carries the useful message.
-            let msg = e
-                .chain()
-                .map(|c| c.to_string())
-                .collect::<Vec<_>>()
-                .join(": ");
+            // A cause whose text the line already holds (a wrapper that prints its source) is
+            // said once.
+            let mut parts: Vec<String> = vec![];
+            for c in e.chain().map(|c| c.to_string()) {
+                if !parts.iter().any(|p| p.contains(&c)) {
+                    parts.push(c);
+                }
+            }
+            let msg = parts.join(": ");
             eprintln!("error: {}", msg.replace('\n', " "));
             ExitCode::from(2)
         }

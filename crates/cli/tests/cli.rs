@@ -794,7 +794,7 @@ fn steering_and_control_vectors() {
     huge.extend(["--out", huge_out.as_str()]);
     assert_one_line_error(
         &huge,
-        "non-finite values (NaN or inf) at blocks.9.hook_resid_post",
+        "activations out of range at blocks.10.hook_resid_post",
     );
     // Patch mode: the expert prompt's activation into the novice prompt changes the answer.
     let patched = steer(

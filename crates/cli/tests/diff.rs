@@ -154,7 +154,7 @@ fn encode_matches_python_for_every_layout() {
             "--out",
             o.to_str().unwrap(),
         ],
-        "non-finite values (NaN or inf) at tensor 'x'",
+        "activations out of range at tensor 'x'",
     );
     let txt = tmp.join("weights.txt");
     std::fs::write(&txt, "not weights").unwrap();

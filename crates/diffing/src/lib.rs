@@ -20,13 +20,13 @@ pub use sae::{Sae, SaeActivation};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DiffError {
-    #[error("{0}")]
+    #[error(transparent)]
     Engine(#[from] persona_lens_engine::EngineError),
-    #[error("{0}")]
+    #[error(transparent)]
     Analysis(#[from] persona_lens_analysis::AnalysisError),
     #[error("{0}")]
     Invalid(String),
-    #[error("{0}")]
+    #[error(transparent)]
     Report(#[from] persona_lens_report::ReportError),
 }
 

@@ -21,8 +21,8 @@ use crate::config::ModelConfig;
 use crate::error::Result;
 use crate::hooks::{HookCtx, HookName, HookPoint, Hooks};
 use crate::layers::{
-    attention, build_mask, check_finite, check_ids, fire, positions, softcap, AttnParams,
-    AttnWeights, KvCache, LayerKv, LogitsAt, MaskRef, Mlp, Norm, Rope,
+    attention, build_mask, check_finite, check_ids, check_normable, fire, positions, softcap,
+    AttnParams, AttnWeights, KvCache, LayerKv, LogitsAt, MaskRef, Mlp, Norm, Rope,
 };
 use crate::weights::{Embedding, Linear};
 use candle_core::{DType, Device, Tensor};
@@ -225,8 +225,7 @@ impl Decoder {
         };
         let logits = softcap(logits.to_dtype(DType::F32)?, self.cfg.final_logit_softcap)?;
         check_finite(&logits, "logits", || {
-            "the model's output is not finite (check the weights, the dtype and any interventions)"
-                .into()
+            "check the weights, the dtype and any interventions".into()
         })?;
         Ok(Some(logits))
     }
@@ -256,8 +255,8 @@ impl Decoder {
             let layer_kv = kv.as_deref_mut().map(|c| &mut c.layers[l]);
             x = self.block_forward(l, x, &cc, layer_kv, hooks, &mut ctx)?;
             if hooks.intervenes() {
-                // Name the first block whose output an edit made non-finite.
-                check_finite(
+                // Name the first block whose output an edit pushed out of range.
+                check_normable(
                     &x,
                     &HookName::block(l, HookPoint::ResidPost).to_string(),
                     || {

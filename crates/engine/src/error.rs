@@ -55,9 +55,14 @@ pub enum EngineError {
         new_tokens: usize,
         max: usize,
     },
-    /// An activation or the logits stopped being finite (an intervention too strong, bad weights).
-    #[error("non-finite values (NaN or inf) at {hook}: {why}")]
-    NonFinite { hook: String, why: String },
+    /// An activation or the logits left the range f32 arithmetic can carry (NaN, inf, or values
+    /// whose squares overflow in the next norm): an intervention too strong, bad weights.
+    #[error("activations out of range at {hook}: {what}; {why}")]
+    NonFinite {
+        hook: String,
+        what: String,
+        why: String,
+    },
     #[error("token id {id} is outside the vocabulary (size {vocab})")]
     TokenOutOfRange { id: u32, vocab: usize },
     #[error("invalid argument: {0}")]
@@ -71,7 +76,7 @@ pub enum EngineError {
     },
     #[error("json: {0}")]
     Json(#[from] serde_json::Error),
-    #[error("{0}")]
+    #[error(transparent)]
     Write(#[from] persona_lens_atomic::WriteError),
 }
 

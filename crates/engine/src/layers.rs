@@ -766,6 +766,30 @@ pub fn check_finite(x: &Tensor, hook: &str, why: impl FnOnce() -> String) -> Res
     if s.is_nan() {
         return Err(EngineError::NonFinite {
             hook: hook.to_string(),
+            what: "NaN or inf values".into(),
+            why: why(),
+        });
+    }
+    Ok(())
+}
+
+/// Above this magnitude a residual's square overflows f32, so the next RMSNorm / LayerNorm
+/// divides by infinity and silently outputs zeros (sqrt(f32::MAX) = 1.8e19).
+pub const MAX_NORMABLE: f32 = 1.8e19;
+
+/// [`check_finite`], and also an error where `|x|` exceeds [`MAX_NORMABLE`]: a residual stream
+/// the following norms can no longer scale (every later layer would read zeros).
+pub fn check_normable(x: &Tensor, hook: &str, why: impl Fn() -> String) -> Result<()> {
+    check_finite(x, hook, &why)?;
+    let max = x
+        .abs()?
+        .to_dtype(DType::F32)?
+        .max_all()?
+        .to_scalar::<f32>()?;
+    if max > MAX_NORMABLE {
+        return Err(EngineError::NonFinite {
+            hook: hook.to_string(),
+            what: format!("|values| up to {max:.1e}, whose squares overflow f32 in the next norm"),
             why: why(),
         });
     }

@@ -795,6 +795,22 @@ fn non_finite_activations_are_errors_naming_the_hook() {
         e.contains("at blocks.1.hook_resid_post") && e.contains("blocks.1.hook_resid_pre"),
         "{e}"
     );
+    // A finite edit so large that the next norm's square overflows (the norm would then output
+    // zeros and every later layer read nothing): refused too.
+    let mut huge = Hooks::new();
+    huge.intervene(
+        HookName::block(1, HookPoint::ResidPre),
+        persona_lens_engine::Op::Add(Tensor::full(-1e30f32, d, m.device()).unwrap()),
+        persona_lens_engine::Selector::all(),
+    );
+    let e = m
+        .forward(&batch, None, &mut huge, LogitsAt::Last)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("out of range at blocks.1.hook_resid_post") && e.contains("overflow"),
+        "{e}"
+    );
     // A large but representable edit is not an error.
     let mut ok = Hooks::new();
     ok.intervene(

@@ -14,7 +14,7 @@ use std::sync::OnceLock;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RateError {
-    #[error("{0}")]
+    #[error(transparent)]
     Engine(#[from] persona_lens_engine::EngineError),
     #[error("{0}")]
     Invalid(String),

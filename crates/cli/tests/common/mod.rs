@@ -54,6 +54,15 @@ pub fn assert_one_line_error(args: &[&str], needle: &str) {
         "{args:?}: expected one error line, got: {err}"
     );
     assert!(lines[0].starts_with("error: "), "{}", lines[0]);
+    // Said once: a wrapper that also prints its source would repeat the message.
+    let segs: Vec<&str> = lines[0].split(": ").filter(|s| s.len() > 20).collect();
+    for (i, a) in segs.iter().enumerate() {
+        assert!(
+            !segs[i + 1..].contains(a),
+            "{args:?}: the message repeats itself: {}",
+            lines[0]
+        );
+    }
     assert!(
         lines[0].contains(needle),
         "{args:?}: error should mention {needle:?}: {}",
