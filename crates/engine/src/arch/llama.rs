@@ -120,6 +120,15 @@ pub fn hf_config(j: &HfJson, arch: Architecture, default_theta: f64) -> Result<M
     })
 }
 
+/// HF's Mistral / Phi-3 rule: one sliding-window mask for every layer whenever `sliding_window`
+/// is set (no `layer_types`).
+pub fn slide_every_layer_if_set(j: &HfJson, c: &mut ModelConfig) {
+    if let Some(w) = j.opt("sliding_window").and_then(|x| x.as_u64()) {
+        c.sliding_window = Some(w as usize);
+        c.layer_is_sliding = vec![true; c.n_layers];
+    }
+}
+
 /// The fields every llama.cpp architecture stores under `{a}.` the same way.
 pub fn gguf_config(m: &GgufMeta, a: &str, arch: Architecture) -> Result<ModelConfig> {
     let n_layers = m.usize(&format!("{a}.block_count"))?;

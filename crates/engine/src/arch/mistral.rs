@@ -14,11 +14,7 @@ pub fn config_from_hf(v: &serde_json::Value, file: &str) -> Result<ModelConfig> 
         file: file.into(),
     };
     let mut c = llama::hf_config(&j, Architecture::Mistral, 10_000.0)?;
-    // HF Mistral: one sliding-window mask for every layer whenever `sliding_window` is set.
-    if let Some(w) = j.opt("sliding_window").and_then(|x| x.as_u64()) {
-        c.sliding_window = Some(w as usize);
-        c.layer_is_sliding = vec![true; c.n_layers];
-    }
+    llama::slide_every_layer_if_set(&j, &mut c);
     Ok(c)
 }
 
