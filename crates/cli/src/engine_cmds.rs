@@ -215,9 +215,6 @@ pub fn cache(a: CacheArgs) -> Result<()> {
             .map(|p| m.encode_prompt(p, a.chat))
             .collect::<persona_lens_engine::Result<_>>()?,
     };
-    if a.batch_size == 0 {
-        bail!("--batch-size 0: give at least 1 prompt per forward call");
-    }
     let lens: Vec<usize> = seqs.iter().map(Vec::len).collect();
     let pb = progress(seqs.len() as u64, a.m.json, "prompts");
     let logits_at = if a.all_logits {

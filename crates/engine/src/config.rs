@@ -281,6 +281,16 @@ impl<'a> HfJson<'a> {
     }
 }
 
+/// LongRoPE's default attention factor (HF): `sqrt(1 + ln(factor) / ln(original))`, 1 when the
+/// context is not extended.
+pub fn longrope_attention_factor(factor: f64, original: f64) -> f64 {
+    if factor <= 1.0 {
+        1.0
+    } else {
+        (1.0 + factor.ln() / original.ln()).sqrt()
+    }
+}
+
 /// The scaling named by one rope parameters object (`rope_scaling`, or transformers 5's
 /// `rope_parameters` / one of its per-layer-type entries). `top` is the whole config: HF takes
 /// `max_position_embeddings` and Phi-3's top-level `original_max_position_embeddings` from it.
@@ -362,8 +372,7 @@ fn parse_rope_scaling(p: &HfJson, top: &HfJson, dim: usize) -> Result<Option<Rop
             };
             let attention_factor = match p.opt_f64("attention_factor")? {
                 Some(a) => a,
-                None if factor <= 1.0 => 1.0,
-                None => (1.0 + factor.ln() / original.ln()).sqrt(),
+                None => longrope_attention_factor(factor, original),
             };
             let (short_factor, long_factor) = (p.f64_list("short_factor")?, p.f64_list("long_factor")?);
             for (name, f) in [("short_factor", &short_factor), ("long_factor", &long_factor)] {

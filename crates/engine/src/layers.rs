@@ -72,11 +72,16 @@ pub struct Rope {
     attention_scaling: f32,
 }
 
-/// `1 / base^(2i / dim)` in f32 arithmetic, as torch computes it.
-fn default_inv_freq(base: f32, dim: usize) -> Vec<f32> {
+/// `base^(2i / dim)` for each rotated pair, in f32 arithmetic as torch computes it.
+fn pos_freqs(base: f32, dim: usize) -> Vec<f32> {
     (0..dim / 2)
-        .map(|i| 1.0f32 / base.powf((2 * i) as f32 / dim as f32))
+        .map(|i| base.powf((2 * i) as f32 / dim as f32))
         .collect()
+}
+
+/// `1 / base^(2i / dim)`: the unscaled rotary frequencies.
+fn default_inv_freq(base: f32, dim: usize) -> Vec<f32> {
+    pos_freqs(base, dim).into_iter().map(|p| 1.0 / p).collect()
 }
 
 impl Rope {
@@ -140,14 +145,12 @@ impl Rope {
                 if low == high {
                     high += 0.001;
                 }
-                let pos_freqs: Vec<f32> = (0..dim / 2)
-                    .map(|i| (base as f32).powf((2 * i) as f32 / dim as f32))
-                    .collect();
+                let pos = pos_freqs(base as f32, dim);
                 for (i, f) in inv.iter_mut().enumerate() {
                     let ramp = ((i as f32 - low) / (high - low)).clamp(0.0, 1.0);
                     let extrapolation = 1.0 - ramp;
-                    let interp = 1.0 / (*factor as f32 * pos_freqs[i]);
-                    let extrap = 1.0 / pos_freqs[i];
+                    let interp = 1.0 / (*factor as f32 * pos[i]);
+                    let extrap = 1.0 / pos[i];
                     *f = interp * (1.0 - extrapolation) + extrap * extrapolation;
                 }
                 attention_scaling = *attention_factor as f32;
@@ -158,9 +161,7 @@ impl Rope {
                 attention_factor,
                 ..
             }) => {
-                let shape: Vec<f32> = (0..dim / 2)
-                    .map(|i| (base as f32).powf((2 * i) as f32 / dim as f32))
-                    .collect();
+                let shape = pos_freqs(base as f32, dim);
                 let with = |ext: &[f64]| -> Vec<f32> {
                     shape
                         .iter()

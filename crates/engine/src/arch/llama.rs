@@ -10,7 +10,9 @@
 //! rotary; we undo it at load time (as transformers' GGUF loader does) so that hook_q / hook_k
 //! match Hugging Face's layout. Its other architectures keep HF's row order (NEOX rotary).
 
-use crate::config::{Architecture, GgufMeta, HfJson, ModelConfig, RopeScaling};
+use crate::config::{
+    longrope_attention_factor, Architecture, GgufMeta, HfJson, ModelConfig, RopeScaling,
+};
 use crate::decoder::{Block, Decoder};
 use crate::error::{EngineError, Result};
 use crate::layers::{Activation, AttnWeights, Mlp, Norm, QkNorm, Rope};
@@ -400,32 +402,22 @@ fn gguf_rope_factors(w: &Weights, cfg: &mut ModelConfig) -> Result<()> {
         Ok(f.into_iter().map(f64::from).collect())
     };
     let a = cfg.arch.name();
-    let declared_longrope = {
-        let meta = GgufMeta {
-            md: &content.metadata,
-            file: path.display().to_string(),
-        };
-        let key = format!("{a}.rope.scaling.type");
-        meta.has(&key) && matches!(meta.string(&key)?.as_str(), "longrope" | "su")
+    let meta = GgufMeta {
+        md: &content.metadata,
+        file: path.display().to_string(),
     };
+    let key = format!("{a}.rope.scaling.type");
+    let declared_longrope =
+        meta.has(&key) && matches!(meta.string(&key)?.as_str(), "longrope" | "su");
     if declared_longrope && !w.has("", "rope_factors_long.weight") {
         return Err(EngineError::InvalidArgument(
             "GGUF file declares LongRoPE scaling but has no rope_factors_long / rope_factors_short tensors".into(),
         ));
     }
     let scaling = if w.has("", "rope_factors_long.weight") {
-        let meta = GgufMeta {
-            md: &content.metadata,
-            file: path.display().to_string(),
-        };
         let original = meta.f64(&format!("{a}.rope.scaling.original_context_length"))?;
-        // HF's default when the file has none: sqrt(1 + ln(max / original) / ln(original)).
-        let factor = cfg.max_position as f64 / original;
-        let default_attn = if factor <= 1.0 {
-            1.0
-        } else {
-            (1.0 + factor.ln() / original.ln()).sqrt()
-        };
+        // HF's default when the file has none.
+        let default_attn = longrope_attention_factor(cfg.max_position as f64 / original, original);
         Some(RopeScaling::Longrope {
             short_factor: factors("rope_factors_short.weight")?,
             long_factor: factors("rope_factors_long.weight")?,
