@@ -221,9 +221,8 @@ pub struct ProbeOptions {
 
 impl ProbeOptions {
     /// Refuses settings that cannot give a meaningful probe, before any work starts: fewer than
-    /// two folds, a non-finite or negative L2 strength, fewer than two classes or a class named
-    /// twice.
-    pub fn validate(&self, classes: &[String]) -> Result<()> {
+    /// two folds, a non-finite or negative L2 strength.
+    pub fn validate(&self) -> Result<()> {
         if self.folds < 2 {
             return Err(AnalysisError::Invalid(format!(
                 "{} fold(s): cross-validation needs at least 2 folds",
@@ -236,20 +235,25 @@ impl ProbeOptions {
                 self.l2
             )));
         }
-        if classes.len() < 2 {
-            return Err(AnalysisError::Invalid(
-                "a probe needs at least two classes".into(),
-            ));
-        }
-        for (i, c) in classes.iter().enumerate() {
-            if classes[..i].contains(c) {
-                return Err(AnalysisError::Invalid(format!(
-                    "class '{c}' is listed twice; give distinct classes"
-                )));
-            }
-        }
         Ok(())
     }
+}
+
+/// Refuses a class list a probe cannot separate: fewer than two classes or a class named twice.
+pub fn validate_classes(classes: &[String]) -> Result<()> {
+    if classes.len() < 2 {
+        return Err(AnalysisError::Invalid(
+            "a probe needs at least two classes".into(),
+        ));
+    }
+    for (i, c) in classes.iter().enumerate() {
+        if classes[..i].contains(c) {
+            return Err(AnalysisError::Invalid(format!(
+                "class '{c}' is listed twice; give distinct classes"
+            )));
+        }
+    }
+    Ok(())
 }
 
 impl Default for ProbeOptions {
@@ -481,7 +485,8 @@ pub fn probe_layers_with_baseline(
             )));
         }
     }
-    opts.validate(classes)?;
+    opts.validate()?;
+    validate_classes(classes)?;
     let lab = labels_for(h, classes, by_persona);
     let keep: Vec<usize> = (0..lab.len()).filter(|&i| lab[i].is_some()).collect();
     let y: Vec<usize> = keep.iter().map(|&i| lab[i].unwrap_or(0)).collect();

@@ -266,7 +266,8 @@ fn probe_options(a: &ProbeArgs) -> Result<ProbeOptions> {
         control: true,
         bootstrap: 200,
     };
-    opts.validate(&a.classes)?;
+    opts.validate()?;
+    probe::validate_classes(&a.classes)?;
     Ok(opts)
 }
 

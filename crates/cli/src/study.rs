@@ -120,7 +120,7 @@ impl StudyConfig {
             l2: self.probe.l2,
             ..Default::default()
         }
-        .validate(&["a".to_string(), "b".to_string()])
+        .validate()
         .context("[probe]")?;
         for (name, n) in [
             ("[steer] n_prompts", self.steer.n_prompts),
