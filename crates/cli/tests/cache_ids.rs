@@ -7,18 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 mod common;
-use common::root;
-
-fn run(args: &[&str]) -> (i32, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_persona-lens"))
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stderr).to_string(),
-    )
-}
+use common::{assert_one_line_error, root, run};
 
 fn rel_l2(a: &Tensor, b: &Tensor) -> f64 {
     let a: Vec<f32> = a.flatten_all().unwrap().to_vec1().unwrap();
@@ -73,7 +62,7 @@ fn check(src: &Path, v5: bool, tmp: &Path) -> String {
     std::fs::write(&ids_file, serde_json::to_string(&rows).unwrap()).unwrap();
     let out = tmp.join(format!("{name}-{v5}.safetensors"));
     let dir = model_dir(src, v5, tmp);
-    let (code, err) = run(&[
+    let (code, _, err) = run(&[
         "cache",
         "--model",
         dir.to_str().unwrap(),
@@ -165,61 +154,36 @@ fn cache_ids_bad_files_and_text_without_tokenizer_are_one_line_errors() {
     ] {
         let f = tmp.join("ids.json");
         std::fs::write(&f, body).unwrap();
-        let (code, err) = run(&[
-            "cache",
-            "--model",
-            model.to_str().unwrap(),
-            "--ids",
-            f.to_str().unwrap(),
-            "--hooks",
-            "blocks.0.hook_resid_pre",
-            "--out",
-            out.to_str().unwrap(),
-        ]);
-        assert_eq!(code, 2, "{body}: {err}");
-        let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
-        assert_eq!(lines.len(), 1, "{body}: {err}");
-        assert!(
-            lines[0].starts_with("error: ") && lines[0].contains(needle),
-            "{body}: {err}"
+        assert_one_line_error(
+            &[
+                "cache",
+                "--model",
+                model.to_str().unwrap(),
+                "--ids",
+                f.to_str().unwrap(),
+                "--hooks",
+                "blocks.0.hook_resid_pre",
+                "--out",
+                out.to_str().unwrap(),
+            ],
+            needle,
         );
         assert!(!out.exists(), "{body}: no output on error");
     }
     // Text for a checkpoint without a tokenizer: refused, not turned into id 0.
-    let (code, err) = run(&[
-        "cache",
-        "--model",
-        model.to_str().unwrap(),
-        "--prompt",
-        "hello there",
-        "--hooks",
-        "blocks.0.hook_resid_pre",
-        "--out",
-        out.to_str().unwrap(),
-    ]);
-    assert_eq!(code, 2, "{err}");
-    assert_eq!(err.trim().lines().count(), 1, "{err}");
-    assert!(
-        err.contains("no tokenizer") && err.contains("--ids FILE"),
-        "{err}"
-    );
-    // Text for a checkpoint without a tokenizer: refused, not turned into id 0.
-    let (code, err) = run(&[
-        "cache",
-        "--model",
-        model.to_str().unwrap(),
-        "--prompt",
-        "hello there",
-        "--hooks",
-        "blocks.0.hook_resid_pre",
-        "--out",
-        out.to_str().unwrap(),
-    ]);
-    assert_eq!(code, 2, "{err}");
-    assert_eq!(err.trim().lines().count(), 1, "{err}");
-    assert!(
-        err.contains("no tokenizer") && err.contains("--ids FILE"),
-        "{err}"
+    assert_one_line_error(
+        &[
+            "cache",
+            "--model",
+            model.to_str().unwrap(),
+            "--prompt",
+            "hello there",
+            "--hooks",
+            "blocks.0.hook_resid_pre",
+            "--out",
+            out.to_str().unwrap(),
+        ],
+        "no tokenizer (no tokenizer.json / GGUF vocabulary): give token ids instead of text (--ids FILE)",
     );
     let _ = std::fs::remove_dir_all(&tmp);
 }
