@@ -62,8 +62,18 @@ pub fn compute(
 ) -> Result<DirectionSet> {
     let classes = vec![novice.to_string(), expert.to_string()];
     let lab = labels_for(h, &classes, false);
-    let idx: Vec<usize> = (0..lab.len()).filter(|&i| lab[i].is_some()).collect();
-    let y: Vec<usize> = lab.iter().flatten().copied().collect();
+    // A direction is a selection: fitted on the selection split where the prompts carry splits,
+    // never on lexical controls (they only test).
+    let items = &h.meta.items;
+    let any_split = items.iter().any(|i| i.split.is_some());
+    let idx: Vec<usize> = (0..lab.len())
+        .filter(|&i| {
+            lab[i].is_some()
+                && !items[i].lexical_control
+                && (!any_split || items[i].split == Some(crate::dataset::Split::Select))
+        })
+        .collect();
+    let y: Vec<usize> = idx.iter().filter_map(|&i| lab[i]).collect();
     for (ci, c) in classes.iter().enumerate() {
         if !y.contains(&ci) {
             return Err(AnalysisError::Dataset(format!(

@@ -80,6 +80,14 @@ pub struct HarvestedItem {
     pub topic: String,
     pub template_id: String,
     pub question_id: String,
+    /// Persona pair (built-in) or the file's pair id.
+    #[serde(default)]
+    pub pair_id: String,
+    /// See [`crate::dataset::PromptItem::lexical_control`].
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub lexical_control: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub split: Option<crate::dataset::Split>,
     pub n_tokens: usize,
     /// Token positions `[start, end)` averaged.
     pub positions: (usize, usize),
@@ -164,6 +172,13 @@ pub fn harvest_with(
         let batch = Batch::left_padded(&seqs, model.pad_id(), model.device())?;
         let mut hooks = Hooks::new();
         hooks.capture_all(&spec.hooks);
+        // No logits are read: stop after the last block a captured hook belongs to.
+        hooks.stop_after_block = spec
+            .hooks
+            .iter()
+            .map(|h| h.layer)
+            .collect::<Option<Vec<usize>>>()
+            .and_then(|ls| ls.into_iter().max());
         if let Some(f) = setup {
             f(chunk, &batch, &mut hooks)?;
         }
@@ -202,6 +217,9 @@ pub fn harvest_with(
             persona: it.persona.clone(),
             topic: it.topic.clone(),
             template_id: it.template_id.clone(),
+            pair_id: it.pair_id.clone(),
+            lexical_control: it.lexical_control,
+            split: it.split,
             question_id: it.question_id.clone(),
             n_tokens: e.ids.len(),
             positions: sp,

@@ -3,6 +3,7 @@
 //! harvested activations) and calls the model only through `forward` + hooks.
 
 pub mod attribution;
+pub mod claims;
 pub mod control_vector;
 pub mod dataset;
 pub mod direction;

@@ -1,10 +1,14 @@
 //! Linear probes per layer: L2-regularised (multinomial) logistic regression on standardised
-//! features, fitted with L-BFGS. Evaluated by stratified k-fold CV, by template hold-out (train on
-//! some phrasing templates, test on an unseen one), and against a control task with shuffled labels
-//! and the same capacity (selectivity = CV accuracy - control accuracy, Hewitt & Liang 2019).
+//! features, fitted with L-BFGS. Evaluated by stratified k-fold CV; by what it generalises to,
+//! never training on what it tests: held-out persona paraphrases, held-out questions, held-out
+//! topics, held-out persona pairs (cross-pair transfer), lexical controls (prompts that keep the
+//! other class's key tokens), and selection split -> evaluation split; against a control task
+//! with shuffled labels and the same capacity (selectivity = CV accuracy - control accuracy,
+//! Hewitt & Liang 2019); and beside a bag-of-tokens probe on the same splits.
 
+use crate::dataset::Split;
 use crate::harvest::Harvest;
-use crate::stats::{auc_ovr, bootstrap95, wilson95};
+use crate::stats::{auc_ovr, bootstrap95, cluster_bootstrap95, wilson95};
 use crate::{AnalysisError, Result};
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
@@ -217,6 +221,14 @@ pub struct ProbeOptions {
     pub template_holdout: bool,
     pub control: bool,
     pub bootstrap: usize,
+    /// Also test on held-out questions, topics and persona pairs (where the data has at least
+    /// two of each).
+    #[serde(default = "yes")]
+    pub generalization: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 impl ProbeOptions {
@@ -265,6 +277,7 @@ impl Default for ProbeOptions {
             template_holdout: true,
             control: true,
             bootstrap: 200,
+            generalization: true,
         }
     }
 }
@@ -281,6 +294,41 @@ pub struct Metrics {
     pub auc_ci95: Option<(f64, f64)>,
     pub n_test: usize,
     pub fold_accuracies: Vec<f64>,
+    /// 95 % interval of the accuracy by bootstrap over questions (the cluster: every prompt of a
+    /// question is resampled together).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub accuracy_ci95_by_question: Option<(f64, f64)>,
+    /// Per tested prompt: (index among the probe's prompts, question cluster, correct). In memory
+    /// only, for paired tests between probes on the same prompts (residual vs bag of tokens).
+    #[serde(skip)]
+    pub outcomes: Vec<(usize, usize, bool)>,
+}
+
+/// What a probe reaches on data it never trained on, beyond k-fold CV. Each field is None where
+/// the data cannot test it (fewer than two groups, no lexical controls, no splits).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Generalization {
+    /// Grouped k-fold over questions (topic + question id).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub question_holdout: Option<Metrics>,
+    /// Leave one topic out.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub topic_holdout: Option<Metrics>,
+    /// Leave one persona pair out: trained on the other pairs (child-phd, ...), tested on this one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pair_transfer: Option<Metrics>,
+    /// Trained on every plain prompt, tested on the lexical controls: a string matcher scores
+    /// below chance here, a reader of meaning above.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lexical_controls: Option<Metrics>,
+    /// Trained on the selection split, tested on the evaluation split (new questions and new
+    /// persona paraphrases at once).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub split_transfer: Option<Metrics>,
+    /// Stratified k-fold CV inside the selection split only: what may choose a row without
+    /// looking at the evaluation split.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub select_cv: Option<Metrics>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -294,6 +342,8 @@ pub struct LayerProbe {
     pub control: Option<Metrics>,
     /// CV accuracy minus control accuracy.
     pub selectivity: Option<f64>,
+    #[serde(default)]
+    pub generalization: Generalization,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -323,6 +373,8 @@ pub struct BaselineProbe {
     pub n_features: usize,
     pub cv: Metrics,
     pub template_holdout: Option<Metrics>,
+    #[serde(default)]
+    pub generalization: Generalization,
 }
 
 /// Token-count features `[n, n_distinct]` of the prompts `rows` of `token_ids`.
@@ -352,9 +404,12 @@ fn pooled(
     c: usize,
     splits: &[(Vec<usize>, Vec<usize>)],
     opts: &ProbeOptions,
+    cluster: &[usize],
 ) -> Metrics {
     let mut probs = Vec::new();
     let mut labels = Vec::new();
+    let mut clusters = Vec::new();
+    let mut outcomes = Vec::new();
     let mut fold_acc = Vec::new();
     for (tr, te) in splits {
         let m = LogReg::fit(x, d, y, tr, c, opts.l2);
@@ -363,8 +418,10 @@ fn pooled(
             let p = m.proba(&x[i * d..(i + 1) * d]);
             let arg = argmax(&p);
             right += usize::from(arg == y[i]);
+            outcomes.push((i, cluster[i], arg == y[i]));
             probs.push(p);
             labels.push(y[i]);
+            clusters.push(cluster[i]);
         }
         fold_acc.push(right as f64 / te.len().max(1) as f64);
     }
@@ -381,9 +438,18 @@ fn pooled(
             auc_ovr(&p, &l, c)
         })
     });
+    let by_question = cluster_bootstrap95(&clusters, opts.bootstrap, opts.seed ^ 0xc1, |idx| {
+        let right = idx
+            .iter()
+            .filter(|&&i| argmax(&probs[i]) == labels[i])
+            .count();
+        Some(right as f64 / idx.len().max(1) as f64)
+    });
     Metrics {
         accuracy: correct as f64 / labels.len().max(1) as f64,
         accuracy_ci95: wilson95(correct, labels.len()),
+        accuracy_ci95_by_question: by_question,
+        outcomes,
         auc,
         auc_ci95: auc_ci,
         n_test: labels.len(),
@@ -488,8 +554,18 @@ pub fn probe_layers_with_baseline(
     opts.validate()?;
     validate_classes(classes)?;
     let lab = labels_for(h, classes, by_persona);
-    let keep: Vec<usize> = (0..lab.len()).filter(|&i| lab[i].is_some()).collect();
-    let y: Vec<usize> = keep.iter().map(|&i| lab[i].unwrap_or(0)).collect();
+    let items = &h.meta.items;
+    // Plain prompts train and are tested by CV and hold-outs; lexical controls are only tested.
+    let plain: Vec<usize> = (0..lab.len())
+        .filter(|&i| lab[i].is_some() && !items[i].lexical_control)
+        .collect();
+    let controls: Vec<usize> = (0..lab.len())
+        .filter(|&i| lab[i].is_some() && items[i].lexical_control)
+        .collect();
+    let n_plain = plain.len();
+    let keep: Vec<usize> = plain.iter().chain(&controls).copied().collect();
+    let y_all: Vec<usize> = keep.iter().map(|&i| lab[i].unwrap_or(0)).collect();
+    let y = &y_all[..n_plain];
     let mut counts = BTreeMap::new();
     for (ci, c) in classes.iter().enumerate() {
         let n = y.iter().filter(|&&v| v == ci).count();
@@ -506,20 +582,56 @@ pub fn probe_layers_with_baseline(
         }
         counts.insert(c.clone(), n);
     }
-    let groups: Vec<String> = keep
-        .iter()
-        .map(|&i| h.meta.items[i].template_id.clone())
-        .collect();
-    let n_templates = {
-        let mut g = groups.clone();
-        g.sort();
-        g.dedup();
-        g.len()
-    };
+    let key = |f: &dyn Fn(usize) -> String| -> Vec<String> { keep.iter().map(|&i| f(i)).collect() };
+    let questions = key(&|i| format!("{}/{}", items[i].topic, items[i].question_id));
+    let cluster = dense_ids(&questions);
+    let groups: Vec<String> = key(&|i| items[i].template_id.clone());
+    let n_templates = distinct(&groups[..n_plain]);
     let c = classes.len();
-    let folds = stratified_folds(&y, c, opts.folds, opts.seed);
-    let holdout = (opts.template_holdout && n_templates >= 2).then(|| group_splits(&groups));
-    let mut y_ctrl = y.clone();
+    let folds = stratified_folds(y, c, opts.folds, opts.seed);
+    let holdout =
+        (opts.template_holdout && n_templates >= 2).then(|| group_splits(&groups[..n_plain]));
+    let of_split = |s: Split| -> Vec<usize> {
+        (0..n_plain)
+            .filter(|&r| items[keep[r]].split == Some(s))
+            .collect()
+    };
+    let (sel_rows, eval_rows) = (of_split(Split::Select), of_split(Split::Evaluate));
+    let gen_splits = GeneralizationSplits {
+        question: (opts.generalization && distinct(&questions[..n_plain]) >= 2)
+            .then(|| group_kfold(&questions[..n_plain], opts.folds, opts.seed)),
+        topic: {
+            let topics = key(&|i| items[i].topic.clone());
+            (opts.generalization && distinct(&topics[..n_plain]) >= 2)
+                .then(|| group_splits(&topics[..n_plain]))
+        },
+        pair: {
+            let pairs = key(&|i| items[i].pair_id.clone());
+            (opts.generalization && distinct(&pairs[..n_plain]) >= 2)
+                .then(|| group_splits(&pairs[..n_plain]))
+        },
+        controls: (!controls.is_empty())
+            .then(|| vec![((0..n_plain).collect(), (n_plain..keep.len()).collect())]),
+        split: (!sel_rows.is_empty() && !eval_rows.is_empty())
+            .then(|| vec![(sel_rows.clone(), eval_rows.clone())]),
+        select_cv: {
+            // Folds over the selection rows, mapped back to row indices.
+            let y_sel: Vec<usize> = sel_rows.iter().map(|&r| y[r]).collect();
+            let per_class = (0..c).map(|k| y_sel.iter().filter(|&&v| v == k).count());
+            (!eval_rows.is_empty() && per_class.clone().all(|n| n >= opts.folds)).then(|| {
+                stratified_folds(&y_sel, c, opts.folds, opts.seed)
+                    .into_iter()
+                    .map(|(tr, te)| {
+                        (
+                            tr.iter().map(|&j| sel_rows[j]).collect(),
+                            te.iter().map(|&j| sel_rows[j]).collect(),
+                        )
+                    })
+                    .collect()
+            })
+        },
+    };
+    let mut y_ctrl = y.to_vec();
     y_ctrl.shuffle(&mut StdRng::seed_from_u64(opts.seed ^ 0xc0417));
     let ctrl_folds = stratified_folds(&y_ctrl, c, opts.folds, opts.seed);
     let layers: Vec<LayerProbe> = hooks
@@ -530,26 +642,30 @@ pub fn probe_layers_with_baseline(
                 .iter()
                 .flat_map(|&i| xall[i * d..(i + 1) * d].iter().copied())
                 .collect();
-            let all: Vec<usize> = (0..y.len()).collect();
-            let full = LogReg::fit(&x, d, &y, &all, c, opts.l2);
+            let all: Vec<usize> = (0..n_plain).collect();
+            let full = LogReg::fit(&x, d, y, &all, c, opts.l2);
             let train_right = all
                 .iter()
                 .filter(|&&i| argmax(&full.proba(&x[i * d..(i + 1) * d])) == y[i])
                 .count();
-            let cv = pooled(&x, d, &y, c, &folds, opts);
-            let ho = holdout.as_ref().map(|s| pooled(&x, d, &y, c, s, opts));
+            let cv = pooled(&x, d, y, c, &folds, opts, &cluster);
+            let ho = holdout
+                .as_ref()
+                .map(|s| pooled(&x, d, y, c, s, opts, &cluster));
             let ctrl = opts
                 .control
-                .then(|| pooled(&x, d, &y_ctrl, c, &ctrl_folds, opts));
+                .then(|| pooled(&x, d, &y_ctrl, c, &ctrl_folds, opts, &cluster));
+            let generalization = gen_splits.evaluate(&x, d, &y_all, c, opts, &cluster);
             progress();
             Ok(LayerProbe {
                 hook: hook.clone(),
                 resid_index: resid_index_of(hook),
-                train_accuracy: train_right as f64 / y.len() as f64,
+                train_accuracy: train_right as f64 / n_plain as f64,
                 selectivity: ctrl.as_ref().map(|m| cv.accuracy - m.accuracy),
                 cv,
                 template_holdout: ho,
                 control: ctrl,
+                generalization,
             })
         })
         .collect::<Result<_>>()?;
@@ -557,8 +673,11 @@ pub fn probe_layers_with_baseline(
         let (x, d) = bag_features(ids, &keep);
         BaselineProbe {
             n_features: d,
-            cv: pooled(&x, d, &y, c, &folds, opts),
-            template_holdout: holdout.as_ref().map(|s| pooled(&x, d, &y, c, s, opts)),
+            cv: pooled(&x, d, y, c, &folds, opts, &cluster),
+            template_holdout: holdout
+                .as_ref()
+                .map(|s| pooled(&x, d, y, c, s, opts, &cluster)),
+            generalization: gen_splits.evaluate(&x, d, &y_all, c, opts, &cluster),
         }
     });
     let max_class = *counts.values().max().unwrap_or(&0) as f64;
@@ -569,14 +688,87 @@ pub fn probe_layers_with_baseline(
         dataset_hash: h.meta.dataset_hash.clone(),
         classes: classes.to_vec(),
         class_counts: counts,
-        n_prompts: y.len(),
-        chance_accuracy: max_class / y.len() as f64,
+        n_prompts: n_plain,
+        chance_accuracy: max_class / n_plain as f64,
         options: opts.clone(),
         n_templates,
         layers,
         bag_of_tokens,
         seconds: t0.elapsed().as_secs_f64(),
     })
+}
+
+/// The train / test splits of each [`Generalization`] field (row indices into the probe's rows).
+struct GeneralizationSplits {
+    question: Option<Splits>,
+    topic: Option<Splits>,
+    pair: Option<Splits>,
+    controls: Option<Splits>,
+    split: Option<Splits>,
+    select_cv: Option<Splits>,
+}
+
+type Splits = Vec<(Vec<usize>, Vec<usize>)>;
+
+impl GeneralizationSplits {
+    fn evaluate(
+        &self,
+        x: &[f64],
+        d: usize,
+        y: &[usize],
+        c: usize,
+        opts: &ProbeOptions,
+        cluster: &[usize],
+    ) -> Generalization {
+        let run = |s: &Option<Splits>| s.as_ref().map(|s| pooled(x, d, y, c, s, opts, cluster));
+        Generalization {
+            question_holdout: run(&self.question),
+            topic_holdout: run(&self.topic),
+            pair_transfer: run(&self.pair),
+            lexical_controls: run(&self.controls),
+            split_transfer: run(&self.split),
+            select_cv: run(&self.select_cv),
+        }
+    }
+}
+
+fn distinct(v: &[String]) -> usize {
+    let mut s: Vec<&String> = v.iter().collect();
+    s.sort();
+    s.dedup();
+    s.len()
+}
+
+/// Each string's index among the sorted distinct strings.
+fn dense_ids(v: &[String]) -> Vec<usize> {
+    let mut s: Vec<&String> = v.iter().collect();
+    s.sort();
+    s.dedup();
+    v.iter().map(|x| s.binary_search(&x).unwrap_or(0)).collect()
+}
+
+/// Grouped k-fold: whole groups (e.g. questions) go to one fold (seeded), so no group is in the
+/// training and the test part of a split.
+pub fn group_kfold(groups: &[String], k: usize, seed: u64) -> Vec<(Vec<usize>, Vec<usize>)> {
+    let mut names: Vec<&String> = groups.iter().collect();
+    names.sort();
+    names.dedup();
+    names.shuffle(&mut StdRng::seed_from_u64(seed ^ 0x6b66));
+    let k = k.min(names.len()).max(1);
+    let fold_of: BTreeMap<&String, usize> =
+        names.iter().enumerate().map(|(j, g)| (*g, j % k)).collect();
+    (0..k)
+        .map(|f| {
+            let te: Vec<usize> = (0..groups.len())
+                .filter(|&i| fold_of[&groups[i]] == f)
+                .collect();
+            let tr: Vec<usize> = (0..groups.len())
+                .filter(|&i| fold_of[&groups[i]] != f)
+                .collect();
+            (tr, te)
+        })
+        .filter(|(tr, te)| !tr.is_empty() && !te.is_empty())
+        .collect()
 }
 
 /// `blocks.0.hook_resid_pre` -> 0, `blocks.{l}.hook_resid_post` -> l + 1.

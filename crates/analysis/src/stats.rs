@@ -2,6 +2,7 @@
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+use std::collections::BTreeMap;
 
 /// Wilson score interval (95 %) for `k` successes out of `n`.
 pub fn wilson95(k: usize, n: usize) -> (f64, f64) {
@@ -95,6 +96,72 @@ pub fn bootstrap95(
     Some((q(0.025), q(0.975)))
 }
 
+/// Cluster (block) bootstrap 95 %: resamples whole clusters with replacement (`cluster[i]` is
+/// row i's cluster, e.g. its question) and hands `stat` the rows of the drawn clusters. Prompts of
+/// one question are not independent; resampling them one by one gives intervals that are too
+/// narrow.
+pub fn cluster_bootstrap95(
+    cluster: &[usize],
+    reps: usize,
+    seed: u64,
+    stat: impl Fn(&[usize]) -> Option<f64>,
+) -> Option<(f64, f64)> {
+    let mut ids: Vec<usize> = cluster.to_vec();
+    ids.sort_unstable();
+    ids.dedup();
+    if ids.len() < 2 {
+        return None;
+    }
+    let mut rows: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
+    for (i, &c) in cluster.iter().enumerate() {
+        rows.entry(c).or_default().push(i);
+    }
+    let groups: Vec<&Vec<usize>> = rows.values().collect();
+    bootstrap95(groups.len(), reps, seed, |draw| {
+        let idx: Vec<usize> = draw
+            .iter()
+            .flat_map(|&g| groups[g].iter().copied())
+            .collect();
+        stat(&idx)
+    })
+}
+
+/// Holm's step-down adjustment (family-wise error) of `p`, in the input order.
+pub fn holm(p: &[f64]) -> Vec<f64> {
+    let m = p.len();
+    let mut order: Vec<usize> = (0..m).collect();
+    order.sort_by(|&a, &b| p[a].total_cmp(&p[b]));
+    let mut out = vec![0.0; m];
+    let mut running: f64 = 0.0;
+    for (rank, &i) in order.iter().enumerate() {
+        running = running.max(((m - rank) as f64 * p[i]).min(1.0));
+        out[i] = running;
+    }
+    out
+}
+
+/// Benjamini-Hochberg adjustment (false discovery rate) of `p`, in the input order.
+pub fn benjamini_hochberg(p: &[f64]) -> Vec<f64> {
+    let m = p.len();
+    let mut order: Vec<usize> = (0..m).collect();
+    order.sort_by(|&a, &b| p[a].total_cmp(&p[b]));
+    let mut out = vec![0.0; m];
+    let mut running: f64 = 1.0;
+    for (rank, &i) in order.iter().enumerate().rev() {
+        running = running.min(p[i] * m as f64 / (rank + 1) as f64).min(1.0);
+        out[i] = running;
+    }
+    out
+}
+
+/// One-sided rank p-value of `observed` against a null sample: (1 + #{null >= observed}) /
+/// (1 + n), never 0 (Phipson & Smyth 2010). For a reported maximum (best row, top head), `null`
+/// must hold the maxima of the null runs, not single values.
+pub fn rank_p_value(observed: f64, null: &[f64]) -> f64 {
+    let ge = null.iter().filter(|&&v| v >= observed).count();
+    (1 + ge) as f64 / (1 + null.len()) as f64
+}
+
 /// Mean and a normal-approximation 95 % interval of the mean (1.96 standard errors).
 /// The 97.5 % quantile of Student's t with `df` degrees of freedom (two-sided 95 %): tabulated
 /// for df <= 30, Cornish-Fisher expansion beyond (error < 1e-4 there).
@@ -159,6 +226,54 @@ mod tests {
             (lo - 0.2553).abs() < 5e-4 && (hi - 0.3662).abs() < 5e-4,
             "{lo} {hi}"
         );
+    }
+
+    #[test]
+    fn multiple_comparison_adjustments_match_hand_computed_values() {
+        // Holm: sorted 0.005, 0.01, 0.03, 0.04 times 4, 3, 2, 1 with a running max.
+        let p = [0.01, 0.04, 0.03, 0.005];
+        let h = holm(&p);
+        for (a, b) in h.iter().zip([0.03, 0.06, 0.06, 0.02]) {
+            assert!((a - b).abs() < 1e-12, "holm {h:?}");
+        }
+        // BH: p * 4 / rank with a running min from the top: 0.02, 0.02, 0.04, 0.04.
+        let q = benjamini_hochberg(&p);
+        for (a, b) in q.iter().zip([0.02, 0.04, 0.04, 0.02]) {
+            assert!((a - b).abs() < 1e-12, "bh {q:?}");
+        }
+        assert_eq!(holm(&[0.6, 0.9]), vec![1.0, 1.0]);
+    }
+
+    #[test]
+    fn rank_p_value_counts_the_observed_run() {
+        let null: Vec<f64> = (1..20).map(f64::from).collect();
+        assert!((rank_p_value(19.5, &null) - 0.05).abs() < 1e-12);
+        assert!((rank_p_value(10.0, &null) - 11.0 / 20.0).abs() < 1e-12);
+        assert_eq!(rank_p_value(0.0, &[]), 1.0);
+    }
+
+    #[test]
+    fn cluster_bootstrap_is_as_wide_as_the_clusters_allow() {
+        // 12 clusters of 25 identical rows: the information is 12 values, not 300.
+        let mut rng = StdRng::seed_from_u64(3);
+        let level: Vec<f64> = (0..12).map(|_| rng.random_range(-1.0..1.0)).collect();
+        let cluster: Vec<usize> = (0..300).map(|i| i / 25).collect();
+        let x: Vec<f64> = cluster.iter().map(|&c| level[c]).collect();
+        let mean = |idx: &[usize]| Some(idx.iter().map(|&i| x[i]).sum::<f64>() / idx.len() as f64);
+        let (lo, hi) = cluster_bootstrap95(&cluster, 2000, 1, mean).unwrap();
+        let (nlo, nhi) = bootstrap95(300, 2000, 1, mean).unwrap();
+        let m = level.iter().sum::<f64>() / 12.0;
+        let se = (level.iter().map(|v| (v - m).powi(2)).sum::<f64>() / 12.0 / 12.0).sqrt();
+        let ratio = (hi - lo) / (2.0 * 1.96 * se);
+        assert!(
+            (0.8..1.2).contains(&ratio),
+            "cluster width / expected {ratio}"
+        );
+        assert!(
+            (hi - lo) > 3.0 * (nhi - nlo),
+            "{lo}..{hi} vs rows {nlo}..{nhi}"
+        );
+        assert_eq!(cluster_bootstrap95(&[0, 0, 0], 100, 1, mean), None);
     }
 
     #[test]

@@ -296,6 +296,7 @@ fn heads_rank_and_ablate() {
             n_questions_per_pair: 2,
             templates: vec![0],
             include_neutral: false,
+            include_lexical_controls: false,
         })
         .unwrap(),
         &["physics".to_string()],

@@ -32,9 +32,19 @@ pub struct DatasetArgs {
     /// Questions per topic (0 = all 10).
     #[arg(long, default_value_t = 0)]
     pub n_questions_per_pair: usize,
-    /// Template indices of the built-in set (default: all).
+    /// Persona paraphrase indices of the built-in set (default: all).
     #[arg(long, value_delimiter = ',')]
     pub templates: Vec<usize>,
+    /// Add the built-in lexical controls (prompts that keep the other class's key tokens, e.g.
+    /// "I'm 5 years into my PhD"): probes are tested on them, never trained.
+    #[arg(long)]
+    pub lexical_controls: bool,
+    /// Seed of the selection / evaluation split (questions and persona paraphrases halved).
+    #[arg(long, default_value_t = 0)]
+    pub split_seed: u64,
+    /// Keep only one half: select or evaluate (default: both, marked).
+    #[arg(long)]
+    pub split: Option<dataset::Split>,
     /// Render prompts with the chat template (default: only for instruction-tuned models).
     #[arg(long, conflicts_with = "no_chat")]
     pub chat: bool,
@@ -53,9 +63,15 @@ impl DatasetArgs {
                 n_questions_per_pair: self.n_questions_per_pair,
                 templates: self.templates.clone(),
                 include_neutral: false,
+                include_lexical_controls: self.lexical_controls,
             })?,
         };
-        Ok(dataset::select_pairs(ds, &self.pair_id)?)
+        let mut ds = dataset::select_pairs(ds, &self.pair_id)?;
+        ds.assign_splits(self.split_seed);
+        Ok(match self.split {
+            Some(s) => ds.in_split(s),
+            None => ds,
+        })
     }
     pub fn chat(&self, m: &Model) -> bool {
         if self.chat {
@@ -188,6 +204,9 @@ pub struct ProbeArgs {
     pub template_holdout: bool,
     #[arg(long)]
     pub no_template_holdout: bool,
+    /// Skip the held-out question / topic / persona-pair evaluations.
+    #[arg(long)]
+    pub no_generalization: bool,
 }
 
 pub fn probe_plot(r: &probe::ProbeReport, stem: &Path) -> Result<Vec<PathBuf>> {
@@ -265,6 +284,7 @@ fn probe_options(a: &ProbeArgs) -> Result<ProbeOptions> {
         template_holdout: a.template_holdout && !a.no_template_holdout,
         control: true,
         bootstrap: 200,
+        generalization: !a.no_generalization,
     };
     opts.validate()?;
     probe::validate_classes(&a.classes)?;
@@ -367,12 +387,63 @@ pub fn probe(a: ProbeArgs) -> Result<()> {
                 .unwrap_or("-".into()),
         );
     }
+    print_generalization(&r);
     println!(
         "chance {:.3}; wrote {}/probe.json and probe_accuracy.png/.svg",
         r.chance_accuracy,
         a.h.out.display()
     );
     Ok(())
+}
+
+/// Held-out accuracies per row beside the bag-of-tokens baseline's.
+fn print_generalization(r: &probe::ProbeReport) {
+    type Column = (
+        &'static str,
+        fn(&probe::Generalization) -> Option<&probe::Metrics>,
+    );
+    let cols: [Column; 5] = [
+        ("questions", |g| g.question_holdout.as_ref()),
+        ("topics", |g| g.topic_holdout.as_ref()),
+        ("pairs", |g| g.pair_transfer.as_ref()),
+        ("lex.ctrl", |g| g.lexical_controls.as_ref()),
+        ("sel->eval", |g| g.split_transfer.as_ref()),
+    ];
+    let present: Vec<_> = cols
+        .iter()
+        .filter(|(_, f)| r.layers.iter().any(|l| f(&l.generalization).is_some()))
+        .collect();
+    if present.is_empty() {
+        return;
+    }
+    let cell = |m: Option<&probe::Metrics>| {
+        m.map(|m| format!("{:.3}", m.accuracy))
+            .unwrap_or("-".into())
+    };
+    let mut head = format!("{:>4}", "row");
+    for (name, _) in &present {
+        head += &format!(" {name:>9}");
+    }
+    println!("held-out accuracy (never trained on what it tests):\n{head}");
+    for l in &r.layers {
+        let mut line = format!(
+            "{:>4}",
+            l.resid_index
+                .map(|v| v.to_string())
+                .unwrap_or(l.hook.clone())
+        );
+        for (_, f) in &present {
+            line += &format!(" {:>9}", cell(f(&l.generalization)));
+        }
+        println!("{line}");
+    }
+    if let Some(b) = &r.bag_of_tokens {
+        let mut line = format!("{:>4}", "bag");
+        for (_, f) in &present {
+            line += &format!(" {:>9}", cell(f(&b.generalization)));
+        }
+        println!("{line}");
+    }
 }
 
 // ---------------- direction ----------------

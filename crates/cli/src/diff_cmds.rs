@@ -169,6 +169,7 @@ fn default_corpus(
 ) -> Result<Vec<CorpusItem>> {
     let ds = persona_lens_analysis::dataset::generate(&persona_lens_analysis::GenOptions {
         include_neutral: true,
+        include_lexical_controls: false,
         ..Default::default()
     })?;
     let mut items = corpus::prompt_corpus(&ds, a.max_dataset_items);

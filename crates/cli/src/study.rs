@@ -21,6 +21,7 @@ use crate::steer_cmds::steer_sweep_with;
 use crate::{Cli, Cmd, DtypeArg, ModelArgs};
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser};
+use persona_lens_analysis::claims::Claim;
 use persona_lens_analysis::write_json;
 use persona_lens_engine::{Batch, HookName, HookPoint, Hooks, LogitsAt, Model};
 use persona_lens_report::{save_bar_chart, Bar, BarChart, Document};
@@ -49,6 +50,10 @@ pub struct RunArgs {
     /// Questions per topic in the probe / direction dataset.
     #[arg(long)]
     pub n_questions_per_pair: Option<usize>,
+    /// A dataset file (the crosscoder notes' schema) for the probe and direction steps instead
+    /// of the built-in set; its splits are drawn from the file (by pair id).
+    #[arg(long)]
+    pub dataset: Option<PathBuf>,
     /// Evaluate probes on held-out phrasing templates (the default).
     #[arg(long, overrides_with = "no_template_holdout")]
     pub template_holdout: bool,
@@ -96,8 +101,12 @@ pub struct StudyConfig {
     pub persona_pair: String,
     /// Topic of the lens, head ranking, ablation and steering prompts.
     pub pair_id: String,
-    /// Questions per topic for probes and directions (8 topics x 7 templates x 2 personas each).
+    /// Questions per topic for probes and directions (8 topics x 12 persona paraphrases x 2
+    /// personas each, plus 4 lexical controls per question).
     pub n_questions_per_pair: usize,
+    /// A dataset file for the probe and direction steps (default: the built-in set).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dataset: Option<PathBuf>,
     pub template_holdout: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_layers: Option<usize>,
@@ -134,6 +143,9 @@ impl StudyConfig {
         }
         if let Some(a) = self.steer.alphas.iter().find(|a| !a.is_finite()) {
             bail!("[steer] alphas: {a} is not a finite number");
+        }
+        if let Some(file) = &self.dataset {
+            persona_lens_analysis::dataset::load_file(file)?;
         }
         Ok(())
     }
@@ -232,6 +244,7 @@ impl Default for StudyConfig {
             persona_pair: "child-phd".into(),
             pair_id: "physics".into(),
             n_questions_per_pair: 5,
+            dataset: None,
             template_holdout: true,
             max_layers: None,
             position: "last".into(),
@@ -350,6 +363,9 @@ impl RunArgs {
         if let Some(n) = self.n_questions_per_pair {
             c.n_questions_per_pair = n;
         }
+        if let Some(d) = &self.dataset {
+            c.dataset = Some(d.clone());
+        }
         if self.no_template_holdout {
             c.template_holdout = false;
         } else if self.template_holdout {
@@ -439,6 +455,9 @@ pub struct StepOut {
     pub headlines: Vec<Headline>,
     /// Negative results and failures, written from this step's numbers.
     pub negatives: Vec<String>,
+    /// This step's tested claims (p-values adjusted over the whole run in the summary).
+    #[serde(default)]
+    pub claims: Vec<Claim>,
     pub plots: Vec<Plot>,
     /// Step-specific compact results (see each step).
     pub data: Value,
@@ -500,7 +519,12 @@ fn merged(mut base: Value, extra: &Value) -> Value {
 fn persona_directions(c: &Ctx) -> Result<Value> {
     let mut args = c.base("direction");
     args.extend(dataset_args(c, None, c.cfg.n_questions_per_pair));
+    // The probe's prompts exactly (so its stored activations are reused); the direction itself
+    // is fitted on the selection split only.
     args.extend([
+        "--split-seed".into(),
+        s(c.cfg.seed),
+        "--lexical-controls".into(),
         "--position".into(),
         c.cfg.position.clone(),
         "--out".into(),
@@ -541,12 +565,15 @@ fn novice_expert(pair: &str) -> (String, String) {
 // ---------------- steps ----------------
 
 fn dataset_args(c: &Ctx, topic: Option<&str>, n: usize) -> Vec<String> {
-    let mut v = vec![
-        "--persona-pair".into(),
-        c.cfg.persona_pair.clone(),
-        "--n-questions-per-pair".into(),
-        s(n),
-    ];
+    let mut v = match &c.cfg.dataset {
+        Some(file) => vec!["--dataset".into(), file.display().to_string()],
+        None => vec![
+            "--persona-pair".into(),
+            c.cfg.persona_pair.clone(),
+            "--n-questions-per-pair".into(),
+            s(n),
+        ],
+    };
     if let Some(t) = topic {
         v.extend(["--pair-id".into(), t.to_string()]);
     }
@@ -566,6 +593,9 @@ fn probe_step(c: &Ctx) -> Result<StepOut> {
         s(c.cfg.probe.l2),
         "--seed".into(),
         s(c.cfg.seed),
+        "--split-seed".into(),
+        s(c.cfg.seed),
+        "--lexical-controls".into(),
         "--out".into(),
         dir.display().to_string(),
     ]);
@@ -586,16 +616,24 @@ fn probe_step(c: &Ctx) -> Result<StepOut> {
     let holdout = |l: &persona_lens_analysis::probe::LayerProbe| {
         l.template_holdout.as_ref().unwrap_or(&l.cv).accuracy
     };
-    // The earliest row with the highest accuracy (ties are common at 1.0).
+    // The row is chosen on the selection split alone (CV inside it; the earliest of the best,
+    // ties are common), so the evaluation split can test it.
+    let chooser = |l: &persona_lens_analysis::probe::LayerProbe| {
+        l.generalization
+            .select_cv
+            .as_ref()
+            .map(|m| m.accuracy)
+            .unwrap_or_else(|| holdout(l))
+    };
     let top_acc = r
         .layers
         .iter()
-        .map(holdout)
+        .map(chooser)
         .fold(f64::NEG_INFINITY, f64::max);
     let best = r
         .layers
         .iter()
-        .find(|l| holdout(l) >= top_acc)
+        .find(|l| chooser(l) >= top_acc)
         .context("probe produced no layers")?;
     let row = best.resid_index.unwrap_or(0);
     let first90 = r
@@ -617,24 +655,35 @@ fn probe_step(c: &Ctx) -> Result<StepOut> {
         )
     };
     let eval = if c.cfg.template_holdout {
-        "held-out-template"
+        "held-out-paraphrase"
     } else {
         "cross-validated"
+    };
+    // The headline accuracy: on the evaluation split (new questions and persona paraphrases)
+    // where there is one, else the held-out-paraphrase or CV accuracy.
+    let (reported_metrics, reported) = match &best.generalization.split_transfer {
+        Some(m) => (
+            m,
+            "tested on the evaluation split (new questions and paraphrases)",
+        ),
+        None => (
+            best.template_holdout.as_ref().unwrap_or(&best.cv),
+            "held out by paraphrase or fold",
+        ),
     };
     let mut headlines = vec![Headline {
         id: "probe.best_accuracy".into(),
         label: format!(
-            "best {eval} probe accuracy, {} vs {} (residual row {row})",
+            "probe accuracy, {} vs {}, at residual row {row} chosen on the selection split, {reported}",
             r.classes[0],
             r.classes.get(1).cloned().unwrap_or_default()
         ),
-        value: holdout(best),
+        value: reported_metrics.accuracy,
         unit: "fraction correct".into(),
         ci95: Some(
-            best.template_holdout
-                .as_ref()
-                .unwrap_or(&best.cv)
-                .accuracy_ci95,
+            reported_metrics
+                .accuracy_ci95_by_question
+                .unwrap_or(reported_metrics.accuracy_ci95),
         ),
         provenance: prov(row),
     }];
@@ -677,7 +726,7 @@ fn probe_step(c: &Ctx) -> Result<StepOut> {
         let gap = best.cv.accuracy - holdout(best);
         if gap > 0.05 {
             negatives.push(format!(
-                "At row {row} the probe loses {} accuracy on held-out phrasing templates ({} cross-validated vs {} held-out): part of what it reads is the template, not the persona.",
+                "At row {row} the probe loses {} accuracy on held-out persona paraphrases ({} cross-validated vs {} held-out): part of what it reads is the wording, not the persona.",
                 fmt_num(gap), fmt_num(best.cv.accuracy), fmt_num(holdout(best))
             ));
         }
@@ -693,13 +742,18 @@ fn probe_step(c: &Ctx) -> Result<StepOut> {
     let layers: Vec<Value> = r
         .layers
         .iter()
-        .map(|l| json!({"row": l.resid_index, "cv": l.cv.accuracy, "held_out": l.template_holdout.as_ref().map(|m| m.accuracy), "control": l.control.as_ref().map(|m| m.accuracy)}))
+        .map(|l| json!({"row": l.resid_index, "cv": l.cv.accuracy, "held_out": l.template_holdout.as_ref().map(|m| m.accuracy), "control": l.control.as_ref().map(|m| m.accuracy),
+            "select_cv": l.generalization.select_cv.as_ref().map(|m| m.accuracy),
+            "evaluate": l.generalization.split_transfer.as_ref().map(|m| m.accuracy),
+            "lexical_controls": l.generalization.lexical_controls.as_ref().map(|m| m.accuracy)}))
         .collect();
+    let claims = probe_claims(&r, best, c.cfg.seed);
     Ok(StepOut {
         step: "probe".into(),
         command: args,
         headlines,
         negatives,
+        claims,
         plots: vec![Plot {
             png: "probe/probe_accuracy.png".into(),
             caption: format!("Probe accuracy by residual row ({} vs {}), {} prompts; dashed: train and shuffled-label control; bands: 95 % Wilson intervals.", r.classes[0], r.classes.get(1).cloned().unwrap_or_default(), r.n_prompts),
@@ -711,6 +765,76 @@ fn probe_step(c: &Ctx) -> Result<StepOut> {
                           "norms": dmeta["diff_of_means_norm"]}}),
         ..Default::default()
     })
+}
+
+/// The probe's claims at the row chosen on the selection split, each tested on the evaluation
+/// split's prompts (clustered by question): decodable above chance on new questions and new
+/// persona paraphrases; better than the bag-of-tokens probe there; and right on the lexical
+/// controls more often than the bag of tokens (reads meaning, not key words).
+fn probe_claims(
+    r: &persona_lens_analysis::probe::ProbeReport,
+    best: &persona_lens_analysis::probe::LayerProbe,
+    seed: u64,
+) -> Vec<Claim> {
+    use persona_lens_analysis::claims::{above_chance, clustered_test, paired_differences};
+    let row = best.resid_index.unwrap_or(0);
+    let (nov, exp) = (
+        r.classes.first().cloned().unwrap_or_default(),
+        r.classes.get(1).cloned().unwrap_or_default(),
+    );
+    let g = &best.generalization;
+    let bag = r.bag_of_tokens.as_ref().map(|b| &b.generalization);
+    let mut claims = vec![];
+    let reps = 2000;
+    let analysis = format!(
+        "probe (probe/probe.json, residual row {row}, position {})",
+        r.position_rule
+    );
+    if let Some(ev) = &g.split_transfer {
+        if let Some(t) = clustered_test(&above_chance(&ev.outcomes, r.chance_accuracy), reps, seed)
+        {
+            claims.push(Claim::from_test(
+                "probe.decodable_on_new_questions",
+                format!("A linear probe at residual row {row} (chosen on the selection split) reads {nov} vs {exp} on new questions with new persona paraphrases: accuracy {} against chance {}.", fmt_num(ev.accuracy), fmt_num(r.chance_accuracy)),
+                &analysis,
+                "probe trained on the selection split, tested on the evaluation split; per-prompt correctness minus chance; 95 % interval by bootstrap over questions; one-sided sign-flip permutation of question sums (2000 draws)",
+                "accuracy minus chance (fraction of prompts)",
+                &t,
+            ));
+        }
+        if let Some(bev) = bag.and_then(|b| b.split_transfer.as_ref()) {
+            if let Some(t) =
+                clustered_test(&paired_differences(&ev.outcomes, &bev.outcomes), reps, seed)
+            {
+                claims.push(Claim::from_test(
+                    "probe.beats_bag_of_tokens",
+                    format!("At residual row {row} the probe reads the persona better than a bag-of-tokens probe on the same new prompts ({} vs {}): more than string matching.", fmt_num(ev.accuracy), fmt_num(bev.accuracy)),
+                    &analysis,
+                    "paired per-prompt correctness, residual probe minus bag-of-tokens probe, both trained on the selection split and tested on the evaluation split; bootstrap over questions; sign-flip permutation of question sums",
+                    "accuracy difference (fraction of prompts)",
+                    &t,
+                ));
+            }
+        }
+    }
+    if let (Some(lc), Some(blc)) = (
+        &g.lexical_controls,
+        bag.and_then(|b| b.lexical_controls.as_ref()),
+    ) {
+        if let Some(t) =
+            clustered_test(&paired_differences(&lc.outcomes, &blc.outcomes), reps, seed)
+        {
+            claims.push(Claim::from_test(
+                "probe.reads_meaning_not_key_words",
+                format!("On lexical controls (prompts that keep the other persona's key words, e.g. \"I'm 5 years into my PhD\") the probe at row {row} is right more often than the bag of tokens ({} vs {}).", fmt_num(lc.accuracy), fmt_num(blc.accuracy)),
+                &analysis,
+                "probes trained on every plain prompt, tested on the lexical controls only; paired per-prompt correctness, residual minus bag of tokens; bootstrap over questions; sign-flip permutation of question sums",
+                "accuracy difference (fraction of prompts)",
+                &t,
+            ));
+        }
+    }
+    claims
 }
 
 fn lens_step(c: &Ctx) -> Result<StepOut> {
@@ -960,6 +1084,7 @@ fn head_roles(c: &Ctx, heads: &[(usize, usize)]) -> Result<Vec<Value>> {
         n_questions_per_pair: 1,
         templates: vec![],
         include_neutral: false,
+        include_lexical_controls: false,
     })?;
     let ds = dataset::select_pairs(ds, std::slice::from_ref(&c.cfg.pair_id))?;
     let Some(item) = ds
@@ -1399,6 +1524,7 @@ fn diff_step(c: &Ctx) -> Result<StepOut> {
         n_questions_per_pair: c.cfg.n_questions_per_pair,
         templates: vec![],
         include_neutral: true,
+        include_lexical_controls: false,
     })?;
     let items = corpus::prompt_corpus(&ds, d.max_dataset_items);
     let store_dir = dir.join("store");
@@ -1455,6 +1581,7 @@ fn diff_step(c: &Ctx) -> Result<StepOut> {
             n_questions_per_pair: c.cfg.n_questions_per_pair,
             templates: vec![],
             include_neutral: false,
+            include_lexical_controls: false,
         })?,
         &[],
     )?;
@@ -1745,6 +1872,18 @@ fn build_summary(c: &Ctx, mhash: &str, results: &[StepOut]) -> Result<Value> {
                 .map(move |n| json!({"step": r.step, "text": n}))
         })
         .collect();
+    let mut claims: Vec<Claim> = results.iter().flat_map(|r| r.claims.clone()).collect();
+    persona_lens_analysis::claims::adjust(&mut claims);
+    // An unsupported claim is a negative result, with its numbers, ahead of the steps' own.
+    let negatives: Vec<Value> = claims
+        .iter()
+        .filter(|c| !c.supported)
+        .map(|c| {
+            json!({"step": c.id.split('.').next().unwrap_or(""),
+                   "text": format!("Not supported: {}", claim_sentence(c))})
+        })
+        .chain(negatives)
+        .collect();
     let plots: Vec<&Plot> = results.iter().flat_map(|r| &r.plots).collect();
     let steps: serde_json::Map<String, Value> = results
         .iter()
@@ -1773,6 +1912,7 @@ fn build_summary(c: &Ctx, mhash: &str, results: &[StepOut]) -> Result<Value> {
         "seed": c.cfg.seed,
         "steps_run": results.iter().map(|r| r.step.clone()).collect::<Vec<_>>(),
         "headlines": headlines,
+        "claims": claims,
         "negative_results": negatives,
         "circuit": results.iter().find(|r| r.step == "heads").map(|r| r.data["circuit"].clone()).unwrap_or(json!([])),
         "plots": plots,
@@ -1783,6 +1923,22 @@ fn build_summary(c: &Ctx, mhash: &str, results: &[StepOut]) -> Result<Value> {
     Ok(summary)
 }
 
+/// A claim as the summary and the report write it: the statement, then what the test found.
+pub fn claim_sentence(c: &Claim) -> String {
+    format!(
+        "{} [{}: effect {} ({}), 95 % CI {} to {}, p = {}, Holm-adjusted p = {}, {} questions]",
+        c.statement,
+        c.id,
+        fmt_num(c.effect),
+        c.statistic,
+        fmt_num(c.ci95.0),
+        fmt_num(c.ci95.1),
+        fmt_num(c.p_value),
+        fmt_num(c.p_adjusted),
+        c.n_clusters
+    )
+}
+
 fn hl<'a>(s: &'a Value, id: &str) -> Option<&'a Value> {
     s["headlines"].as_array()?.iter().find(|h| h["id"] == id)
 }
@@ -1791,47 +1947,46 @@ fn shown(h: &Value) -> String {
     fmt_num(f(&h["value"]))
 }
 
-/// 200-300 words, from the numbers: the hook first, then concrete circuit results, then what
-/// failed. Sentences are added by priority until the length is in range.
+/// At most 300 words, from the numbers: the question, the supported claims, the measurements
+/// not yet tested as claims (stated as measurements, without interpretation), then what failed
+/// (unsupported claims first). As long as the findings, no filler.
 pub fn executive_summary(s: &Value) -> String {
     let model = s["model"]["name"].as_str().unwrap_or("the model");
-    let n_layers = s["model"]["n_layers"].as_u64().unwrap_or(0);
     let pair = s["persona_pair"].as_str().unwrap_or("child-phd");
     let (nov, exp) = novice_expert(pair);
-    let mut core: Vec<String> = vec![];
-    let mut extra: Vec<String> = vec![];
-    if let (Some(acc), Some(row)) = (hl(s, "probe.best_accuracy"), hl(s, "probe.best_row")) {
-        let ci = &acc["ci95"];
+    let claims: Vec<Claim> = serde_json::from_value(s["claims"].clone()).unwrap_or_default();
+    let mut core: Vec<String> = vec![format!(
+        "Does {model} keep a model of who it is talking to ({nov} vs {exp})?"
+    )];
+    let supported: Vec<String> = claims
+        .iter()
+        .filter(|c| c.supported)
+        .map(claim_sentence)
+        .collect();
+    if supported.is_empty() && !claims.is_empty() {
         core.push(format!(
-            "Does {model} keep a model of who it is talking to? A linear probe on the last prompt token reads the user's persona ({nov} vs {exp}) with accuracy {} (95 % CI {} to {}) at residual row {} of {}, on phrasing templates it never saw in training.",
-            shown(acc), fmt_num(f(&ci[0])), fmt_num(f(&ci[1])), shown(row), n_layers
+            "None of the {} tested claims is supported at a family-wise 5 % level (Holm).",
+            claims.len()
         ));
-        if let Some(r90) = hl(s, "probe.first_row_90") {
-            extra.push(format!(
-                "The persona becomes decodable at 0.9 accuracy from row {} on.",
-                shown(r90)
-            ));
-        }
-        if let Some(sel) = hl(s, "probe.selectivity") {
-            extra.push(format!("Against a shuffled-label control the probe's selectivity is {}, so the accuracy is not a capacity artefact.", shown(sel)));
-        }
+    } else if !supported.is_empty() {
+        core.push(format!("Supported: {}", supported.join(" ")));
     }
+    let mut measured: Vec<String> = vec![];
     if let Some(g) = hl(s, "lens.final_gap") {
-        let dec = hl(s, "lens.decision_row");
-        core.push(match dec {
+        measured.push(match hl(s, "lens.decision_row") {
             Some(d) => format!(
-                "The logit lens shows when complexity is settled: from row {} the {exp} persona's readout favours technical over simple words more than the {nov} persona's, ending {} logits apart before any answer token is written.",
+                "the logit lens's technical-minus-simple readout separates the personas from row {} and ends {} logits apart",
                 shown(d), shown(g)
             ),
             None => format!(
-                "The logit lens does not show an early decision: the personas' technical-versus-simple readouts end {} logits apart but never separate for good across rows.",
+                "the logit lens's technical-minus-simple readouts end {} logits apart without a row where they separate for good",
                 shown(g)
             ),
         });
     }
     if let Some(h) = hl(s, "patch.resid_last_half_layer") {
-        core.push(format!(
-            "Activation patching of the residual stream at the final position restores half of the {nov} behaviour from layer {} on, which locates the hand-off of persona information to the answer position.",
+        measured.push(format!(
+            "patching the last position's residual stream restores half of the {nov} behaviour from layer {} on",
             shown(h)
         ));
     }
@@ -1847,64 +2002,52 @@ pub fn executive_summary(s: &Value) -> String {
                 )
             })
             .collect();
-        core.push(format!(
-            "Ranking heads by z-patching over prompt pairs names the candidate persona movers {}, with mean restoration scores in brackets.",
+        measured.push(format!(
+            "z-patching ranks the heads {} first (mean restoration scores)",
             names.join(", ")
         ));
-        if let Some(role) = circ[0]["role"].as_str() {
-            extra.push(format!("The top head's hypothesised role: {role}."));
-        }
     }
-    let mut abl = vec![];
     for mode in ["zero", "mean", "resample"] {
         if let (Some(t), Some(r)) = (
             hl(s, &format!("ablate.{mode}.top_gap_change")),
             hl(s, &format!("ablate.{mode}.random_gap_change")),
         ) {
-            abl.push(format!(
-                "{mode}-ablation changes the persona gap by {} logits against {} for random heads",
+            measured.push(format!(
+                "{mode}-ablating the top heads changes the persona gap by {} logits against {} for random heads",
                 shown(t),
                 shown(r)
             ));
         }
     }
-    if !abl.is_empty() {
-        core.push(format!("Causally, {}.", abl.join("; ")));
-    }
-    let steer: Vec<String> = s["headlines"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .filter(|h| {
-                    h["id"]
-                        .as_str()
-                        .is_some_and(|i| i.starts_with("steer.") && i.ends_with("grade_change"))
-                })
-                .map(|h| {
-                    let noise = if h["provenance"]["ci95_overlap"] == json!(true) {
-                        " (within noise: the 95 % intervals overlap)"
-                    } else {
-                        ""
-                    };
-                    format!(
-                        "{} grade levels at layer {}{noise}",
-                        shown(h),
-                        h["provenance"]["layer"]
-                    )
-                })
-                .collect()
-        })
-        .unwrap_or_default();
-    if !steer.is_empty() {
-        core.push(format!(
-            "Adding the {nov}-to-{exp} direction to the residual stream shifts the reading grade of answers to {nov} prompts by {}.",
-            steer.join(" and ")
-        ));
+    if let Some(a) = s["headlines"].as_array() {
+        for h in a.iter().filter(|h| {
+            h["id"]
+                .as_str()
+                .is_some_and(|i| i.starts_with("steer.") && i.ends_with("grade_change"))
+        }) {
+            let noise = if h["provenance"]["ci95_overlap"] == json!(true) {
+                ", within noise"
+            } else {
+                ""
+            };
+            measured.push(format!(
+                "steering at layer {} shifts the reading grade of answers by {}{noise}",
+                h["provenance"]["layer"],
+                shown(h)
+            ));
+        }
     }
     if let Some(t) = hl(s, "diff.top_novice_latent_t") {
-        extra.push(format!(
-            "A crosscoder between {model} and the chat model finds a novice-specific latent with t = {}.",
+        measured.push(format!(
+            "the crosscoder's most novice-specific latent has t = {}",
             shown(t)
+        ));
+    }
+    let mut extra: Vec<String> = vec![];
+    if !measured.is_empty() {
+        extra.push(format!(
+            "Measured but not yet tested as claims: {}.",
+            measured.join("; ")
         ));
     }
     let negs: Vec<String> = s["negative_results"]
@@ -1916,51 +2059,33 @@ pub fn executive_summary(s: &Value) -> String {
         })
         .unwrap_or_default();
     let mut failures: Vec<String> = negs.iter().take(3).cloned().collect();
-    if negs.is_empty() {
-        failures.push("No step produced a negative result under its own checks; the scale of the runs, not the checks, limits these conclusions.".into());
-    }
     let closing = format!(
         "All numbers come from one seeded run ({} prompts per persona class in the probe set, seed {}); the report lists each with its hook, layer, position and file.",
         s["dataset"]["class_counts"].as_object().and_then(|m| m.values().next()).map(|v| v.to_string()).unwrap_or("?".into()),
         s["seed"]
     );
-    let method = "Every result above comes from hooks on an exact re-implementation of the model's forward pass, checked against Hugging Face transformers to float precision, so the interventions are the model's own computation and not an approximation.".to_string();
-    let caveat = format!("These are results for a {n_layers}-layer model; larger models may route the persona differently, and the circuit claims stay hypotheses until ablation and patching agree.");
     let words = |v: &[String]| {
         v.iter()
             .map(|x| x.split_whitespace().count())
             .sum::<usize>()
     };
     let mut text: Vec<String> = core.clone();
-    text.push(format!("What failed: {}", failures.join(" ")));
-    for e in extra.iter().chain([&closing, &method, &caveat]) {
+    if !failures.is_empty() {
+        text.push(format!("What failed: {}", failures.join(" ")));
+    }
+    for e in extra.iter().chain([&closing]) {
         if words(&text) + e.split_whitespace().count() <= 300 {
             text.push(e.clone());
         }
     }
-    // Too long even so: drop failures beyond the first, then extras.
+    // Too long even so: drop failures beyond the first, then everything after the claims.
     while words(&text) > 300 && failures.len() > 1 {
         failures.pop();
         let i = core.len();
         text[i] = format!("What failed: {}", failures.join(" "));
     }
-    while words(&text) > 300 && text.len() > core.len() + 1 {
+    while words(&text) > 300 && text.len() > core.len() {
         text.pop();
-    }
-    while words(&text) > 300 && text.len() > 1 {
-        text.remove(text.len() - 2);
-    }
-    let pads = [
-        "The study asks whether the user model is a single direction that can be read, moved and removed, and each step tests one of those three verbs.".to_string(),
-        "Probing answers whether the persona can be read, patching and ablation whether it is used, and steering whether moving it changes the answer.".to_string(),
-        "Negative results are reported with the same weight as positive ones, because a persona signal that is decodable but unused would look the same to a probe.".to_string(),
-        "Plots, per-step JSON and the exact command of each step sit beside this report, so any number can be traced and re-run on its own.".to_string(),
-    ];
-    for p in pads {
-        if words(&text) >= 200 {
-            break;
-        }
-        text.push(p);
     }
     text.join(" ")
 }
@@ -1983,7 +2108,7 @@ pub fn build_report(s: &Value) -> Document {
         format!("Persona pair `{}`; topic for lens, heads, ablation and steering: `{}`; seed {}.",
             s["persona_pair"].as_str().unwrap_or(""), s["topic"].as_str().unwrap_or(""), s["seed"]),
         match s["dataset"].as_object() {
-            Some(ds) => format!("Probe dataset {} (hash `{}`): {} prompts, class counts {}, {} phrasing templates.",
+            Some(ds) => format!("Probe dataset {} (hash `{}`): {} prompts, class counts {}, {} persona paraphrases.",
                 ds["source"].as_str().unwrap_or(""), ds["hash"].as_str().unwrap_or(""), ds["n_prompts"],
                 ds["class_counts"], ds["n_templates"]),
             None => "No probe step in this run.".into(),
@@ -2039,6 +2164,37 @@ pub fn build_report(s: &Value) -> Document {
         ],
         rows,
     );
+    let claims: Vec<Claim> = serde_json::from_value(s["claims"].clone()).unwrap_or_default();
+    if !claims.is_empty() {
+        d.p("Tested claims (each selected on the selection split and tested on the evaluation split; p-values Holm-adjusted over every claim of the run; supported when the adjusted p is below 0.05 and the effect points the claimed way):");
+        d.table(
+            [
+                "claim",
+                "test",
+                "effect",
+                "95 % CI",
+                "p",
+                "Holm p",
+                "supported",
+            ]
+            .map(String::from)
+            .to_vec(),
+            claims
+                .iter()
+                .map(|c| {
+                    vec![
+                        c.statement.clone(),
+                        c.test.clone(),
+                        format!("{} ({})", fmt_num(c.effect), c.statistic),
+                        format!("[{}, {}]", fmt_num(c.ci95.0), fmt_num(c.ci95.1)),
+                        fmt_num(c.p_value),
+                        fmt_num(c.p_adjusted),
+                        if c.supported { "yes" } else { "no" }.into(),
+                    ]
+                })
+                .collect(),
+        );
+    }
     let plots: Vec<(String, String)> = s["plots"]
         .as_array()
         .map(|a| {

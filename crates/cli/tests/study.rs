@@ -201,7 +201,7 @@ fn whole_study_end_to_end() {
         .iter()
         .map(|p| p["n"].as_u64().unwrap())
         .sum();
-    assert_eq!(n_lens, 14);
+    assert_eq!(n_lens, 24); // 1 question x 12 persona paraphrases x 2 personas
     assert_eq!(lens["prompts_from_probe_activations"], n_lens);
     let acc = headlines
         .iter()
@@ -209,15 +209,48 @@ fn whole_study_end_to_end() {
         .unwrap();
     assert!(acc["value"].as_f64().unwrap() > 0.5, "{acc}");
     assert_eq!(s["circuit"].as_array().unwrap().len(), 3);
-    let words = s["executive_summary"]
-        .as_str()
-        .unwrap()
-        .split_whitespace()
-        .count();
-    assert!(
-        (200..=300).contains(&words),
-        "executive summary of {words} words"
-    );
+    let exec = s["executive_summary"].as_str().unwrap();
+    let words = exec.split_whitespace().count();
+    assert!(words <= 300, "executive summary of {words} words");
+    // Every claim carries its test; a supported one is in the executive summary, an unsupported
+    // one among the negative results, with its numbers.
+    let claims = s["claims"].as_array().unwrap();
+    assert!(claims.len() >= 3, "{} claims", claims.len());
+    let negs = serde_json::to_string(&s["negative_results"]).unwrap();
+    for c in claims {
+        for k in [
+            "id",
+            "statement",
+            "analysis",
+            "test",
+            "statistic",
+            "effect",
+            "ci95",
+            "p_value",
+            "p_adjusted",
+            "supported",
+        ] {
+            assert!(!c[k].is_null(), "claim lacks {k}: {c}");
+        }
+        let p = c["p_value"].as_f64().unwrap();
+        let q = c["p_adjusted"].as_f64().unwrap();
+        assert!(p > 0.0 && q >= p && q <= 1.0, "{c}");
+        let id = c["id"].as_str().unwrap();
+        if c["supported"].as_bool().unwrap() {
+            assert!(exec.contains(id), "supported claim {id} not in the summary");
+        } else {
+            assert!(
+                negs.contains(id),
+                "unsupported claim {id} not a negative result"
+            );
+        }
+    }
+    for filler in [
+        "not a capacity artefact",
+        "Every result above comes from hooks",
+    ] {
+        assert!(!exec.contains(filler), "{filler}");
+    }
 
     // 2. Plots: valid PNG and SVG side by side.
     let plots = s["plots"].as_array().unwrap();
@@ -376,5 +409,103 @@ fn bad_study_inputs_fail_in_one_line() {
         );
         assert!(!err.contains("panicked"));
     }
+    let _ = std::fs::remove_dir_all(&base);
+}
+
+/// The built-in child-phd prompts (1 question per topic, every persona paraphrase) as a dataset
+/// file, one pair per question and paraphrase; with `shuffle`, each pair's novice and expert
+/// prompts are swapped at random (seeded), so the labels say nothing about the text.
+fn pairs_file(path: &Path, shuffle: bool) {
+    use persona_lens_analysis::dataset::{generate, GenOptions};
+    let ds = generate(&GenOptions {
+        persona_pairs: vec!["child-phd".into()],
+        n_questions_per_pair: 1,
+        ..Default::default()
+    })
+    .unwrap();
+    // splitmix64 of the pair's index: independent fair coins (the low bit of a bare xorshift
+    // left the labels correlated with the paraphrase, which the probe duly found).
+    let coin = |i: u64| {
+        let mut z = i.wrapping_add(1).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        (z ^ (z >> 31)) >> 63 == 1
+    };
+    let mut pairs = vec![];
+    for (i, nov) in ds.items.iter().filter(|i| i.class == "novice").enumerate() {
+        let exp = ds
+            .items
+            .iter()
+            .find(|i| i.id == nov.id.replace("/novice", "/expert"))
+            .unwrap();
+        let (a, b) = if shuffle && coin(i as u64) {
+            (exp, nov)
+        } else {
+            (nov, exp)
+        };
+        pairs.push(serde_json::json!({
+            "id": format!("{}-{}-{}", nov.topic, nov.question_id, nov.template_id),
+            "topic": nov.topic,
+            "novice": {"prompt": a.text},
+            "expert": {"prompt": b.text},
+        }));
+    }
+    let file = serde_json::json!({"prompt_pairs": {"expertise_level": pairs}});
+    std::fs::write(path, serde_json::to_string_pretty(&file).unwrap()).unwrap();
+}
+
+/// Known-answer test of the study's claims: the same prompts with their true labels support the
+/// probe's "decodable on new questions" claim; with the labels shuffled across prompts (a null
+/// study) `run` supports no claim and says so in the executive summary.
+#[test]
+fn null_study_supports_no_claim_and_the_real_labels_do() {
+    let base = std::env::temp_dir().join(format!("pl-null-study-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&base);
+    std::fs::create_dir_all(&base).unwrap();
+    let config = base.join("probe.toml");
+    std::fs::write(&config, "seed = 3\nmax_layers = 4\n").unwrap();
+    let mut summaries = vec![];
+    for shuffle in [false, true] {
+        let file = base.join(format!("pairs-{shuffle}.json"));
+        pairs_file(&file, shuffle);
+        let out = base.join(format!("out-{shuffle}"));
+        let o = Command::new(env!("CARGO_BIN_EXE_persona-lens"))
+            .args(["run", "--experiment", "probe", "--quiet", "--config"])
+            .arg(&config)
+            .arg("--out")
+            .arg(&out)
+            .arg("--dataset")
+            .arg(&file)
+            .env("PERSONA_LENS_MODELS", models())
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        summaries.push(read_json(&out.join("summary.json")));
+    }
+    let supported = |s: &serde_json::Value| -> Vec<String> {
+        s["claims"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|c| c["supported"] == true)
+            .map(|c| c["id"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let (real, null) = (&summaries[0], &summaries[1]);
+    for s in [real, null] {
+        println!(
+            "claims: {}",
+            serde_json::to_string_pretty(&s["claims"]).unwrap()
+        );
+    }
+    assert!(
+        supported(real).contains(&"probe.decodable_on_new_questions".to_string()),
+        "true labels: {:?}",
+        supported(real)
+    );
+    assert!(!null["claims"].as_array().unwrap().is_empty());
+    assert_eq!(supported(null), Vec::<String>::new());
+    let exec = null["executive_summary"].as_str().unwrap();
+    assert!(exec.contains("None of the"), "{exec}");
     let _ = std::fs::remove_dir_all(&base);
 }

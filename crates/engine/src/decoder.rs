@@ -18,7 +18,7 @@
 //!   logit soft-cap (Gemma 2).
 
 use crate::config::ModelConfig;
-use crate::error::Result;
+use crate::error::{EngineError, Result};
 use crate::hooks::{HookCtx, HookName, HookPoint, Hooks};
 use crate::layers::{
     attention, build_mask, check_finite, check_ids, check_normable, fire, positions, softcap,
@@ -249,9 +249,20 @@ impl Decoder {
             pad: pad.to_vec(),
             start,
         };
+        let n_run = match hooks.stop_after_block {
+            Some(l) if l + 1 < self.blocks.len() => {
+                if kv.is_some() || !matches!(logits_at, LogitsAt::None) {
+                    return Err(EngineError::InvalidArgument(format!(
+                        "stop_after_block {l} leaves no logits and no whole KV cache; use it only for captures"
+                    )));
+                }
+                l + 1
+            }
+            _ => self.blocks.len(),
+        };
         let mut x = self.embed_ids(ids, hooks, &mut ctx)?;
         let cc = self.call_ctx(pad, start, t)?;
-        for l in 0..self.blocks.len() {
+        for l in 0..n_run {
             let layer_kv = kv.as_deref_mut().map(|c| &mut c.layers[l]);
             x = self.block_forward(l, x, &cc, layer_kv, hooks, &mut ctx)?;
             if hooks.intervenes() {
@@ -267,6 +278,9 @@ impl Decoder {
                     },
                 )?;
             }
+        }
+        if n_run < self.blocks.len() {
+            return Ok(None);
         }
         if let Some(c) = kv {
             c.len += t;

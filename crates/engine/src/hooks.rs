@@ -408,6 +408,9 @@ pub struct Hooks {
     /// Use only ops with a backward pass (for gradients through the forward, e.g. attribution
     /// patching); slightly slower.
     pub differentiable: bool,
+    /// Run blocks `0..=l` only and return no logits (TransformerLens's `stop_at_layer = l + 1`):
+    /// captures of earlier hooks cost only the blocks they need.
+    pub stop_after_block: Option<usize>,
 }
 
 impl Hooks {

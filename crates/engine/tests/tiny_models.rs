@@ -920,3 +920,54 @@ fn blocked_attention_equals_whole_attention() {
     }
     assert!(n >= 15, "{n} tiny models");
 }
+
+/// `stop_after_block` runs the blocks a capture needs and no more: the same activations up to
+/// the stop, nothing captured after it, no logits; asking for logits with it is an error.
+#[test]
+fn stop_after_block_captures_the_same_rows_and_nothing_later() {
+    let dir = fixtures().join("tiny-models").join("tiny-llama");
+    let m = Model::load(
+        dir.to_str().unwrap(),
+        &models_dir(),
+        &LoadOptions::default(),
+    )
+    .unwrap();
+    let n = m.config().n_layers;
+    assert!(n >= 2);
+    let batch = Batch::left_padded(&[vec![1, 5, 9, 3], vec![2, 7]], 0, m.device()).unwrap();
+    let capture = |stop: Option<usize>| {
+        let mut hooks = Hooks::new();
+        for l in 0..n {
+            hooks.capture(HookName::block(l, HookPoint::ResidPost));
+        }
+        hooks.stop_after_block = stop;
+        let out = m.forward(&batch, None, &mut hooks, LogitsAt::None).unwrap();
+        assert!(out.is_none());
+        hooks.cache
+    };
+    let full = capture(None);
+    let early = capture(Some(0));
+    let first = HookName::block(0, HookPoint::ResidPost);
+    let diff = full
+        .get(&first)
+        .unwrap()
+        .sub(&early.get(&first).unwrap())
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert_eq!(diff, 0.0);
+    assert!(early
+        .get(&HookName::block(1, HookPoint::ResidPost))
+        .is_err());
+    let mut hooks = Hooks::new();
+    hooks.stop_after_block = Some(0);
+    let err = m
+        .forward(&batch, None, &mut hooks, LogitsAt::Last)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("stop_after_block"), "{err}");
+}
