@@ -449,18 +449,30 @@ impl AblationSetup<'_> {
         (i + 1 + (i.wrapping_mul(2_654_435_761) >> 7) % (n - 1)) % n
     }
 
-    pub fn run(&self, label: &str, heads: &[Head], mode: AblationMode) -> Result<AblationEffect> {
-        let model = self.model;
-        let ids = self.ids;
-        // 1. Persona gap of the metric.
+    /// The persona gap (metric of the novice prompt minus the expert prompt) of every pair with
+    /// `heads` ablated.
+    fn gaps(&self, heads: &[Head], mode: AblationMode) -> Result<Vec<f64>> {
         let mut gaps = Vec::new();
         for (i, m) in self.metrics.iter().enumerate() {
             let mut h = ablation_hooks(heads, mode, Some(self.bank), &[self.donor(2 * i)])?;
-            let a = metric_with(model, &ids[2 * i], m, &mut h)?;
+            let a = metric_with(self.model, &self.ids[2 * i], m, &mut h)?;
             let mut h = ablation_hooks(heads, mode, Some(self.bank), &[self.donor(2 * i + 1)])?;
-            let b = metric_with(model, &ids[2 * i + 1], m, &mut h)?;
+            let b = metric_with(self.model, &self.ids[2 * i + 1], m, &mut h)?;
             gaps.push((a - b) as f64);
         }
+        Ok(gaps)
+    }
+
+    /// The mean persona gap with `heads` ablated: the cheap part of [`Self::run`], for the many
+    /// random head sets of a baseline.
+    pub fn gap_mean(&self, heads: &[Head], mode: AblationMode) -> Result<f64> {
+        Ok(mean_ci95(&self.gaps(heads, mode)?).0)
+    }
+
+    pub fn run(&self, label: &str, heads: &[Head], mode: AblationMode) -> Result<AblationEffect> {
+        let model = self.model;
+        // 1. Persona gap of the metric.
+        let gaps = self.gaps(heads, mode)?;
         let (gap_mean, lo, hi) = mean_ci95(&gaps);
         // 2. Probes at later layers on the ablated residual stream.
         let items: Vec<PromptItem> = self
@@ -489,6 +501,7 @@ impl AblationSetup<'_> {
             template_holdout: false,
             control: false,
             bootstrap: 50,
+            generalization: false,
             ..Default::default()
         };
         let names: Vec<String> = hooks.iter().map(|h| h.to_string()).collect();
@@ -510,7 +523,7 @@ impl AblationSetup<'_> {
         let n = self.n_generate.min(self.pairs.len());
         let (mut ng, mut eg, mut samples) = (Vec::new(), Vec::new(), Vec::new());
         if n > 0 && self.gen_tokens > 0 {
-            let prompts: Vec<Vec<u32>> = ids[..2 * n].to_vec();
+            let prompts: Vec<Vec<u32>> = self.ids[..2 * n].to_vec();
             let donors: Vec<usize> = (0..2 * n).map(|i| self.donor(i)).collect();
             let mut h = ablation_hooks(heads, mode, Some(self.bank), &donors)?;
             let opts = persona_lens_engine::GenerateOptions {

@@ -894,11 +894,21 @@ pub fn ablate_with(model: &Model, a: &AblateArgs, print: bool) -> Result<Value> 
     let t = Instant::now();
     let mut effects: Vec<AblationEffect> = vec![setup.run("none", &[], AblationMode::Zero)?];
     pb.inc(1);
+    // Every random set's gap (cheap: two forwards per pair); the first few sets also get the
+    // probes and the generated answers of a full run.
+    const FULL_RANDOM_RUNS: usize = 3;
+    let mut random_gaps: Vec<(AblationMode, f64)> = vec![];
     for &m in &modes {
         effects.push(setup.run("top", &heads, m)?);
         pb.inc(1);
         for (i, r) in randoms.iter().enumerate() {
-            effects.push(setup.run(&format!("random{i}"), r, m)?);
+            if i < FULL_RANDOM_RUNS {
+                let e = setup.run(&format!("random{i}"), r, m)?;
+                random_gaps.push((m, e.gap_mean));
+                effects.push(e);
+            } else {
+                random_gaps.push((m, setup.gap_mean(r, m)?));
+            }
             pb.inc(1);
         }
     }
@@ -908,15 +918,24 @@ pub fn ablate_with(model: &Model, a: &AblateArgs, print: bool) -> Result<Value> 
         .iter()
         .map(|&m| {
             let top = effects.iter().find(|e| e.label == "top" && e.mode == m);
-            let rnd: Vec<&AblationEffect> = effects
+            let d: Vec<f64> = random_gaps
                 .iter()
-                .filter(|e| e.label.starts_with("random") && e.mode == m)
+                .filter(|(mode, _)| *mode == m)
+                .map(|(_, g)| g - base.gap_mean)
                 .collect();
-            let d: Vec<f64> = rnd.iter().map(|e| e.gap_mean - base.gap_mean).collect();
             let (rm, rlo, rhi) = persona_lens_analysis::stats::mean_ci95(&d);
+            let top_change = top.map(|e| e.gap_mean - base.gap_mean);
+            // One-sided rank p-value: random sets that close the gap at least as much as the top
+            // heads (a more negative change), among all of them.
+            let rank_p = top_change.map(|t| {
+                let neg: Vec<f64> = d.iter().map(|x| -x).collect();
+                persona_lens_analysis::stats::rank_p_value(-t, &neg)
+            });
             json!({
                 "mode": m,
-                "top_gap_change": top.map(|e| e.gap_mean - base.gap_mean),
+                "top_gap_change": top_change,
+                "random_gap_changes": d,
+                "rank_p_value": rank_p,
                 "random_gap_change_mean": rm, "random_gap_change_ci95": [rlo, rhi],
                 "random_gap_change_min": d.iter().cloned().fold(f64::INFINITY, f64::min),
                 "random_gap_change_max": d.iter().cloned().fold(f64::NEG_INFINITY, f64::max),

@@ -294,7 +294,7 @@ impl Default for AblateCfg {
     fn default() -> Self {
         AblateCfg {
             modes: vec!["zero".into(), "mean".into(), "resample".into()],
-            n_random: 3,
+            n_random: 20,
             n_generate: 2,
             gen_tokens: 24,
         }
@@ -1151,7 +1151,12 @@ fn heads_step(c: &Ctx) -> Result<StepOut> {
         Some(&c.cfg.pair_id),
         h.n_questions_per_pair,
     ));
+    // Heads are ranked on the selection split; the ablate step tests them on the other.
     args.extend([
+        "--split-seed".into(),
+        s(c.cfg.seed),
+        "--split".into(),
+        "select".into(),
         "--top".into(),
         s(h.top),
         "--min-gap".into(),
@@ -1246,6 +1251,10 @@ fn ablate_step(c: &Ctx) -> Result<StepOut> {
         c.cfg.heads.n_questions_per_pair,
     ));
     args.extend([
+        "--split-seed".into(),
+        s(c.cfg.seed),
+        "--split".into(),
+        "evaluate".into(),
         "--from".into(),
         heads_json.display().to_string(),
         "--mode".into(),
@@ -1288,6 +1297,7 @@ fn ablate_step(c: &Ctx) -> Result<StepOut> {
         ),
     }];
     let mut negatives = vec![];
+    let mut claims = vec![];
     let mut bars = vec![];
     for m in out["summary"].as_array().cloned().unwrap_or_default() {
         let mode = m["mode"].as_str().unwrap_or("").to_lowercase();
@@ -1330,6 +1340,35 @@ fn ablate_step(c: &Ctx) -> Result<StepOut> {
             err: None,
             group: 0,
         });
+        let random_changes: Vec<f64> = m["random_gap_changes"]
+            .as_array()
+            .map(|v| v.iter().filter_map(|x| x.as_f64()).collect())
+            .unwrap_or_default();
+        if let (Some(p), true) = (
+            m["rank_p_value"].as_f64(),
+            top.is_finite() && random_changes.len() >= 2,
+        ) {
+            let (rm, lo, hi) = persona_lens_analysis::stats::mean_ci95(&random_changes);
+            claims.push(Claim {
+                id: format!("ablate.{mode}.top_heads_beat_random"),
+                statement: format!(
+                    "{mode}-ablating the top heads ({heads}, ranked on the selection split) closes the persona gap on the evaluation split more than random head sets of the same size: {} vs {} logits on average.",
+                    fmt_num(top), fmt_num(rm)
+                ),
+                analysis: "ablate (ablate/ablate.json)".into(),
+                test: format!(
+                    "rank of the top heads' gap change among {} random head sets of the same size (never containing a top head); one-sided p = (1 + #sets closing the gap at least as much) / (1 + n); interval: t interval of the random sets' mean, minus the top change",
+                    random_changes.len()
+                ),
+                statistic: "mean random-set gap change minus top-heads gap change (logits)".into(),
+                effect: rm - top,
+                ci95: (lo - top, hi - top),
+                p_value: p,
+                p_adjusted: p,
+                supported: false,
+                n_clusters: out["n_pairs"].as_u64().unwrap_or(0) as usize,
+            });
+        }
         if top.is_finite() && top >= rmin && top <= rmax {
             negatives.push(format!(
                 "{mode}-ablating the top heads ({heads}) changes the persona gap by {} logits, inside the range of random head sets ({} to {}): no evidence that these heads matter more than any others.",
@@ -1362,6 +1401,7 @@ fn ablate_step(c: &Ctx) -> Result<StepOut> {
             png: "ablate/gap_change.png".into(),
             caption: "Change of the persona gap when the top heads are ablated, against random head sets of the same size (negative = the gap closes).".into(),
         }],
+        claims,
         data: json!({"heads": heads, "summary": out["summary"], "baseline_gap": base_gap,
             "grade_gap": out["effects"][0]["grade_gap"]}),
         ..Default::default()

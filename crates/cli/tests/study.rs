@@ -19,7 +19,7 @@ seed = 7
 n_questions_per_pair = 1
 
 [heads]
-n_questions_per_pair = 1
+n_questions_per_pair = 2
 top = 3
 
 [ablate]

@@ -8,8 +8,6 @@
 mod common;
 
 use candle_core::{Device, Tensor};
-use persona_lens_analysis::dataset::{generate as gen_dataset, GenOptions};
-use persona_lens_diffing::corpus::from_dataset;
 use persona_lens_diffing::harvest::{
     harvest_paired, middle_resid_post, plant_on_token, CorpusItem, PairedHarvestSpec,
 };
@@ -37,14 +35,27 @@ fn planted_chat_only_feature_is_found_and_resume_is_exact() {
     );
     let trigger = trigger_ids[0];
 
-    let ds = gen_dataset(&GenOptions {
-        n_questions_per_pair: 2,
-        templates: vec![0, 1],
-        ..Default::default()
-    })
+    // A frozen corpus (the first built-in persona dataset's prompts): the crosscoder's known
+    // answer must not move when the persona dataset does.
+    let fixture: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("tests/fixtures/corpus_builtin1.json"),
+        )
+        .unwrap(),
+    )
     .unwrap();
-    let mut corpus: Vec<CorpusItem> = from_dataset(&ds);
-    corpus.truncate(240);
+    let mut corpus: Vec<CorpusItem> = fixture["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|it| CorpusItem {
+            id: it["id"].as_str().unwrap().into(),
+            source: it["source"].as_str().unwrap().into(),
+            text: it["text"].as_str().unwrap().into(),
+        })
+        .collect();
+    assert_eq!(corpus.len(), 240);
     for (i, c) in corpus.iter_mut().enumerate() {
         if i % 3 == 0 {
             c.text = format!("I saw a zebra at the zoo today. {}", c.text);
