@@ -745,7 +745,7 @@ mod tests {
             "persona both before and after the question"
         );
         let controls = ds.items.iter().filter(|i| i.lexical_control).count();
-        assert!(controls >= 4 * 80, "{controls} lexical controls");
+        assert!(controls >= 12 * 4 * 80, "{controls} lexical controls");
         let ids: std::collections::HashSet<_> = ds.items.iter().map(|i| &i.id).collect();
         assert_eq!(ids.len(), ds.items.len());
     }

@@ -295,7 +295,8 @@ pub struct Metrics {
     pub n_test: usize,
     pub fold_accuracies: Vec<f64>,
     /// 95 % interval of the accuracy by bootstrap over questions (the cluster: every prompt of a
-    /// question is resampled together).
+    /// question is resampled together); for the lexical controls the cluster is the control's
+    /// phrasing (a few phrasings repeat over every question, so they are the dependent unit).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub accuracy_ci95_by_question: Option<(f64, f64)>,
     /// Per tested prompt: (index among the probe's prompts, question cluster, correct). In memory
@@ -586,6 +587,7 @@ pub fn probe_layers_with_baseline(
     let questions = key(&|i| format!("{}/{}", items[i].topic, items[i].question_id));
     let cluster = dense_ids(&questions);
     let groups: Vec<String> = key(&|i| items[i].template_id.clone());
+    let phrasing = dense_ids(&groups);
     let n_templates = distinct(&groups[..n_plain]);
     let c = classes.len();
     let folds = stratified_folds(y, c, opts.folds, opts.seed);
@@ -655,7 +657,7 @@ pub fn probe_layers_with_baseline(
             let ctrl = opts
                 .control
                 .then(|| pooled(&x, d, &y_ctrl, c, &ctrl_folds, opts, &cluster));
-            let generalization = gen_splits.evaluate(&x, d, &y_all, c, opts, &cluster);
+            let generalization = gen_splits.evaluate(&x, d, &y_all, c, opts, (&cluster, &phrasing));
             progress();
             Ok(LayerProbe {
                 hook: hook.clone(),
@@ -677,7 +679,7 @@ pub fn probe_layers_with_baseline(
             template_holdout: holdout
                 .as_ref()
                 .map(|s| pooled(&x, d, y, c, s, opts, &cluster)),
-            generalization: gen_splits.evaluate(&x, d, &y_all, c, opts, &cluster),
+            generalization: gen_splits.evaluate(&x, d, &y_all, c, opts, (&cluster, &phrasing)),
         }
     });
     let max_class = *counts.values().max().unwrap_or(&0) as f64;
@@ -718,16 +720,17 @@ impl GeneralizationSplits {
         y: &[usize],
         c: usize,
         opts: &ProbeOptions,
-        cluster: &[usize],
+        (cluster, phrasing): (&[usize], &[usize]),
     ) -> Generalization {
-        let run = |s: &Option<Splits>| s.as_ref().map(|s| pooled(x, d, y, c, s, opts, cluster));
+        let run =
+            |s: &Option<Splits>, cl: &[usize]| s.as_ref().map(|s| pooled(x, d, y, c, s, opts, cl));
         Generalization {
-            question_holdout: run(&self.question),
-            topic_holdout: run(&self.topic),
-            pair_transfer: run(&self.pair),
-            lexical_controls: run(&self.controls),
-            split_transfer: run(&self.split),
-            select_cv: run(&self.select_cv),
+            question_holdout: run(&self.question, cluster),
+            topic_holdout: run(&self.topic, cluster),
+            pair_transfer: run(&self.pair, cluster),
+            lexical_controls: run(&self.controls, phrasing),
+            split_transfer: run(&self.split, cluster),
+            select_cv: run(&self.select_cv, cluster),
         }
     }
 }

@@ -3,10 +3,11 @@
 
 #[path = "../../engine/tests/common/mod.rs"]
 mod common;
+mod shared;
 
 use candle_core::{Device, Tensor};
 use common::{golden_dir, model, read_json};
-use persona_lens_analysis::dataset::{self, GenOptions, PersonaDataset};
+use persona_lens_analysis::dataset::{self, GenOptions};
 use persona_lens_analysis::direction;
 use persona_lens_analysis::harvest::{harvest, harvest_with, Harvest, HarvestSpec, PositionRule};
 use persona_lens_analysis::lens;
@@ -15,6 +16,7 @@ use persona_lens_analysis::resid_rows;
 use persona_lens_engine::{Batch, HookName, HookPoint, Hooks, LogitsAt, Op, Selector};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+use shared::random_label_dataset;
 
 fn lens_matches_golden(name: &str) {
     let m = model(name);
@@ -82,39 +84,12 @@ fn smollm2_logit_lens_matches_golden() {
     lens_matches_golden("smollm2-135m-instruct");
 }
 
-/// Novice prompts only, relabelled at random into classes `a` / `b`: nothing in the text tells
-/// them apart, so only a planted feature can.
-fn random_label_dataset(n_questions: usize, seed: u64) -> PersonaDataset {
-    let ds = dataset::generate(&GenOptions {
-        persona_pairs: vec!["child-phd".into()],
-        n_questions_per_pair: n_questions,
-        templates: vec![0, 1, 2],
-        ..Default::default()
-    })
-    .unwrap()
-    .with_classes(&["novice"]);
-    let mut rng = StdRng::seed_from_u64(seed);
-    let mut items = ds.items;
-    let n = items.len();
-    let mut labels: Vec<bool> = (0..n).map(|i| i < n / 2).collect();
-    for i in (1..n).rev() {
-        labels.swap(i, rng.random_range(0..=i));
-    }
-    for (it, b) in items.iter_mut().zip(labels) {
-        it.class = if b { "b".into() } else { "a".into() };
-    }
-    PersonaDataset {
-        source: "planted-test".into(),
-        items,
-    }
-}
-
 #[test]
 fn probe_and_direction_find_a_planted_feature_from_its_layer_on() {
     let m = model("gemma-3-270m");
     let n_layers = m.config().n_layers;
     let plant_layer = 6; // added at blocks.6.hook_resid_pre = residual row 6
-    let ds = random_label_dataset(6, 7); // 8 topics x 6 questions x 3 templates = 144 prompts
+    let ds = random_label_dataset(6, vec![0, 1, 2], 7); // 8 topics x 6 questions x 3 templates = 144 prompts
     let is_b: Vec<bool> = ds.items.iter().map(|i| i.class == "b").collect();
     let d = m.config().d_model;
     let mut rng = StdRng::seed_from_u64(11);

@@ -10,22 +10,14 @@
 //! The control (labels shuffled) must stay at chance on every hook. Bounds come from the plant:
 //! with n = 192 a chance-level accuracy has sd ~0.036, so 0.62 is over 3 sd above 0.5.
 
+mod shared;
+
 use candle_core::{Device, Tensor};
 use persona_lens_analysis::harvest::{Harvest, HarvestMeta, HarvestedItem, PositionRule};
 use persona_lens_analysis::probe::{probe_layers, ProbeOptions};
 use rand::{rngs::StdRng, SeedableRng};
-use rand_distr_free::normal;
+use shared::normal;
 use std::collections::BTreeMap;
-
-/// Box-Muller, so the test needs no extra crate.
-mod rand_distr_free {
-    use rand::Rng;
-    pub fn normal(rng: &mut impl Rng) -> f32 {
-        let u1: f64 = rng.random_range(1e-12..1.0);
-        let u2: f64 = rng.random_range(0.0..1.0);
-        ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()) as f32
-    }
-}
 
 const TEMPLATES: usize = 8;
 const PER_TEMPLATE: usize = 24;

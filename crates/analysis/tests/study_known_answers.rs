@@ -4,49 +4,19 @@
 
 #[path = "../../engine/tests/common/mod.rs"]
 mod common;
+mod shared;
 
 use candle_core::{Device, Tensor};
 use common::model;
-use persona_lens_analysis::dataset::{self, GenOptions, PersonaDataset};
+use persona_lens_analysis::dataset;
 use persona_lens_analysis::direction;
 use persona_lens_analysis::harvest::{harvest, harvest_with, HarvestSpec, PositionRule};
 use persona_lens_analysis::probe::{probe_layers_with_baseline, ProbeOptions};
 use persona_lens_analysis::resid_rows;
 use persona_lens_engine::{Batch, HookName, HookPoint, Hooks, Op, Selector};
 use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
-
-/// Novice prompts of every paraphrase, relabelled at random into `a` / `b` (balanced): the
-/// text carries no label, so only a planted feature can.
-fn shuffled_labels(n_questions: usize, seed: u64) -> PersonaDataset {
-    let ds = dataset::generate(&GenOptions {
-        persona_pairs: vec!["child-phd".into()],
-        n_questions_per_pair: n_questions,
-        ..Default::default()
-    })
-    .unwrap()
-    .with_classes(&["novice"]);
-    let mut rng = StdRng::seed_from_u64(seed);
-    let mut items = ds.items;
-    let n = items.len();
-    let mut labels: Vec<bool> = (0..n).map(|i| i < n / 2).collect();
-    for i in (1..n).rev() {
-        labels.swap(i, rng.random_range(0..=i));
-    }
-    for (it, b) in items.iter_mut().zip(labels) {
-        it.class = if b { "b".into() } else { "a".into() };
-    }
-    PersonaDataset {
-        source: "planted-test".into(),
-        items,
-    }
-}
-
-fn normal(rng: &mut impl Rng) -> f32 {
-    let u1: f32 = rng.random_range(1e-7f32..1.0);
-    let u2: f32 = rng.random_range(0.0f32..1.0);
-    (-2.0 * u1.ln()).sqrt() * (std::f32::consts::TAU * u2).cos()
-}
+use rand::SeedableRng;
+use shared::{normal, random_label_dataset};
 
 /// A planted linear feature at realistic strength: class b gets +a, class a gets -a along a
 /// random unit direction u at `blocks.L.hook_resid_pre`, plus per-prompt noise N(0, s) along u
@@ -60,7 +30,7 @@ fn planted_feature_at_realistic_strength_is_found_on_held_out_paraphrases_from_i
     let n_layers = m.config().n_layers;
     let d = m.config().d_model;
     let plant = 10;
-    let ds = shuffled_labels(4, 3); // 8 topics x 4 questions x 12 paraphrases = 384 prompts
+    let ds = random_label_dataset(4, vec![], 3); // 8 topics x 4 questions x 12 paraphrases = 384 prompts
     let is_b: Vec<bool> = ds.items.iter().map(|i| i.class == "b").collect();
     let mut rng = StdRng::seed_from_u64(5);
     let mut u: Vec<f32> = (0..d).map(|_| normal(&mut rng)).collect();
@@ -142,6 +112,7 @@ fn planted_feature_at_realistic_strength_is_found_on_held_out_paraphrases_from_i
     .unwrap();
     eprintln!("probe {:?}", t0.elapsed());
     assert_eq!(r.n_templates, 12);
+    let mut found = 0.0f64;
     for l in &r.layers {
         let row = l.resid_index.unwrap();
         let held_out = l.template_holdout.as_ref().unwrap().accuracy;
@@ -149,12 +120,19 @@ fn planted_feature_at_realistic_strength_is_found_on_held_out_paraphrases_from_i
         if row < plant {
             assert!(held_out < 0.6, "row {row} (before the plant): {held_out}");
         } else if row <= plant + 2 {
+            // Each row of the window well above chance and below the ceiling Phi(1.04) = 0.85
+            // (plus sampling slack); the best of them at the 0.75 the issue asks for.
             assert!(
-                (0.7..0.92).contains(&held_out),
+                (0.65..0.92).contains(&held_out),
                 "row {row} (the plant; Phi(1.04) = 0.85 is the ceiling): held-out-paraphrase accuracy {held_out}"
             );
+            found = found.max(held_out);
         }
     }
+    assert!(
+        found >= 0.75,
+        "best held-out accuracy at the plant rows: {found}"
+    );
     let bag = r.bag_of_tokens.as_ref().unwrap();
     let bag_acc = bag.template_holdout.as_ref().unwrap().accuracy;
     assert!(bag_acc < 0.6, "bag of tokens on random labels: {bag_acc}");

@@ -828,7 +828,7 @@ fn probe_claims(
                 "probe.reads_meaning_not_key_words",
                 format!("On lexical controls (prompts that keep the other persona's key words, e.g. \"I'm 5 years into my PhD\") the probe at row {row} is right more often than the bag of tokens ({} vs {}).", fmt_num(lc.accuracy), fmt_num(blc.accuracy)),
                 &analysis,
-                "probes trained on every plain prompt, tested on the lexical controls only; paired per-prompt correctness, residual minus bag of tokens; bootstrap over questions; sign-flip permutation of question sums",
+                "probes trained on every plain prompt, tested on the lexical controls only; paired per-prompt correctness, residual minus bag of tokens; clustered by control phrasing (the phrasings repeat over every question): bootstrap over phrasings, sign-flip permutation of phrasing sums",
                 "accuracy difference (fraction of prompts)",
                 &t,
             ));
