@@ -147,6 +147,10 @@ impl StudyConfig {
         if let Some(file) = &self.dataset {
             persona_lens_analysis::dataset::load_file(file)?;
         }
+        // 0 = every question; one question cannot be split into a ranking and a test half.
+        if self.experiment.iter().any(|e| e == "ablate") && self.heads.n_questions_per_pair == 1 {
+            bail!("[heads] n_questions_per_pair = 1: heads are ranked on half of the questions and ablated on the other half; give at least 2");
+        }
         Ok(())
     }
 

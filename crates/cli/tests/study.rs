@@ -374,6 +374,8 @@ fn bad_study_inputs_fail_in_one_line() {
     std::fs::create_dir_all(&base).unwrap();
     let bad = base.join("bad.toml");
     std::fs::write(&bad, "n_questions_per_pair = 1\nno_such_key = 3\n").unwrap();
+    let one_question = base.join("one_question.toml");
+    std::fs::write(&one_question, "[heads]\nn_questions_per_pair = 1\n").unwrap();
     for (args, needle) in [
         (
             vec!["run", "--experiment", "telepathy", "--out"],
@@ -390,6 +392,17 @@ fn bad_study_inputs_fail_in_one_line() {
         (
             vec!["run", "--quiet", "--experiment", "ablate", "--out"],
             "needs",
+        ),
+        (
+            vec![
+                "run",
+                "--experiment",
+                "heads,ablate",
+                "--config",
+                one_question.to_str().unwrap(),
+                "--out",
+            ],
+            "ranked on half of the questions",
         ),
     ] {
         let out_dir = base.join("o");
