@@ -255,18 +255,22 @@ pub struct GenOptions {
 /// (the smallest over pairs and classes).
 pub fn builtin_catalog() -> (String, Vec<String>, Vec<String>, usize) {
     let b = builtin();
-    let n = b
-        .persona_pairs
-        .values()
-        .flat_map(|p| p.personas.values().map(|q| q.paraphrases.len()))
-        .min()
-        .unwrap_or(0);
+    let n = n_paraphrases(&b);
     (
         b.version,
         b.persona_pairs.keys().cloned().collect(),
         b.topics.keys().cloned().collect(),
         n,
     )
+}
+
+/// Paraphrases every persona has (the smallest count over pairs and classes).
+fn n_paraphrases(b: &BuiltinFile) -> usize {
+    b.persona_pairs
+        .values()
+        .flat_map(|p| p.personas.values().map(|q| q.paraphrases.len()))
+        .min()
+        .unwrap_or(0)
 }
 
 fn upper_first(s: &str) -> String {
@@ -338,7 +342,7 @@ pub fn generate(opts: &GenOptions) -> Result<PersonaDataset> {
         b.persona_pairs.keys().collect(),
     )?;
     check("topic (--pair-id)", &opts.topics, b.topics.keys().collect())?;
-    let (_, _, _, n_paraphrases) = builtin_catalog();
+    let n_paraphrases = n_paraphrases(&b);
     for &t in &opts.templates {
         if t >= n_paraphrases {
             return Err(AnalysisError::Dataset(format!(

@@ -16,7 +16,7 @@ use persona_lens_analysis::resid_rows;
 use persona_lens_engine::{Batch, HookName, HookPoint, Hooks, LogitsAt, Op, Selector};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use shared::random_label_dataset;
+use shared::{mean_norm, random_label_dataset};
 
 fn lens_matches_golden(name: &str) {
     let m = model(name);
@@ -104,17 +104,7 @@ fn probe_and_direction_find_a_planted_feature_from_its_layer_on() {
     };
     // Scale: a fraction of the typical residual norm at the planting row.
     let clean = harvest(&m, &ds, &spec, &|_| {}).unwrap();
-    let row = &clean.acts[&format!("blocks.{plant_layer}.hook_resid_pre")];
-    let mean_norm = row
-        .sqr()
-        .unwrap()
-        .sum(1)
-        .unwrap()
-        .sqrt()
-        .unwrap()
-        .mean_all()
-        .unwrap();
-    let c = 0.5 * mean_norm.to_scalar::<f32>().unwrap();
+    let c = 0.5 * mean_norm(&clean, &format!("blocks.{plant_layer}.hook_resid_pre"));
     let planted =
         Tensor::from_vec(u.iter().map(|x| x * c).collect::<Vec<_>>(), d, &Device::Cpu).unwrap();
     let setup = |rows: &[usize], _b: &Batch, hooks: &mut Hooks| {

@@ -16,7 +16,7 @@ use persona_lens_analysis::resid_rows;
 use persona_lens_engine::{Batch, HookName, HookPoint, Hooks, Op, Selector};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
-use shared::{normal, random_label_dataset};
+use shared::{mean_norm, normal, random_label_dataset};
 
 /// A planted linear feature at realistic strength: class b gets +a, class a gets -a along a
 /// random unit direction u at `blocks.L.hook_resid_pre`, plus per-prompt noise N(0, s) along u
@@ -44,7 +44,6 @@ fn planted_feature_at_realistic_strength_is_found_on_held_out_paraphrases_from_i
         batch_size: 32,
     };
     // Strength from the clean activations: a fifth of the mean residual norm at the row.
-    let t0 = std::time::Instant::now();
     let clean = harvest(
         &m,
         &ds,
@@ -55,20 +54,7 @@ fn planted_feature_at_realistic_strength_is_found_on_held_out_paraphrases_from_i
         &|_| {},
     )
     .unwrap();
-    eprintln!("clean harvest {:?}", t0.elapsed());
-    let row = &clean.acts[&format!("blocks.{plant}.hook_resid_pre")];
-    let mean_norm: f32 = row
-        .sqr()
-        .unwrap()
-        .sum(1)
-        .unwrap()
-        .sqrt()
-        .unwrap()
-        .mean_all()
-        .unwrap()
-        .to_scalar()
-        .unwrap();
-    let a = 0.2 * mean_norm;
+    let a = 0.2 * mean_norm(&clean, &format!("blocks.{plant}.hook_resid_pre"));
     let s = a / 1.04;
     let shift: Vec<f32> = is_b
         .iter()
@@ -86,7 +72,6 @@ fn planted_feature_at_realistic_strength_is_found_on_held_out_paraphrases_from_i
         Ok(())
     };
     let hv = harvest_with(&m, &ds, &spec, Some(&setup), &|_| {}).unwrap();
-    eprintln!("planted harvest {:?}", t0.elapsed());
     let names: Vec<String> = spec.hooks.iter().map(|h| h.to_string()).collect();
     let token_ids: Vec<Vec<u32>> = ds
         .items
@@ -110,7 +95,6 @@ fn planted_feature_at_realistic_strength_is_found_on_held_out_paraphrases_from_i
         &|| {},
     )
     .unwrap();
-    eprintln!("probe {:?}", t0.elapsed());
     assert_eq!(r.n_templates, 12);
     let mut found = 0.0f64;
     for l in &r.layers {

@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 use persona_lens_analysis::dataset::{self, GenOptions, PersonaDataset};
+use persona_lens_analysis::harvest::Harvest;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -42,4 +43,19 @@ pub fn normal(rng: &mut impl Rng) -> f32 {
     let u1: f64 = rng.random_range(1e-12..1.0);
     let u2: f64 = rng.random_range(0.0..1.0);
     ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()) as f32
+}
+
+/// Mean L2 norm of the harvested vectors at `hook` (the scale a planted feature is sized by).
+pub fn mean_norm(h: &Harvest, hook: &str) -> f32 {
+    h.acts[hook]
+        .sqr()
+        .unwrap()
+        .sum(1)
+        .unwrap()
+        .sqrt()
+        .unwrap()
+        .mean_all()
+        .unwrap()
+        .to_scalar()
+        .unwrap()
 }
