@@ -19,7 +19,7 @@
 
 use crate::config::ModelConfig;
 use crate::error::{EngineError, Result};
-use crate::hooks::{HookCtx, HookName, HookPoint, Hooks};
+use crate::hooks::{HookCtx, HookName, HookPoint, Hooks, StandingHooks};
 use crate::layers::{
     attention, build_mask, check_finite, check_ids, check_normable, fire, positions, softcap,
     AttnParams, AttnWeights, KvCache, LayerKv, LogitsAt, MaskRef, Mlp, Norm, Rope,
@@ -57,6 +57,8 @@ pub struct Decoder {
     /// Calls longer than this many positions compute attention this many query rows at a time
     /// (memory linear in the prompt instead of quadratic); the numbers are the same.
     pub attention_block: usize,
+    /// Interventions on every forward until removed ([`crate::Model::add_hook`]).
+    pub standing: StandingHooks,
 }
 
 /// Rotary tables, masks and attention parameters of one forward call, shared by its blocks.
@@ -128,6 +130,16 @@ impl Decoder {
     /// embeddings (GPT-2, `hook_pos_embed`) at each row's positions (counted from its first real
     /// token, as HF does from the attention mask): the input of block 0.
     pub fn embed_ids(&self, ids: &Tensor, hooks: &mut Hooks, ctx: &mut HookCtx) -> Result<Tensor> {
+        self.standing
+            .around(hooks, |hooks| self.embed_ids_inner(ids, hooks, ctx))
+    }
+
+    fn embed_ids_inner(
+        &self,
+        ids: &Tensor,
+        hooks: &mut Hooks,
+        ctx: &mut HookCtx,
+    ) -> Result<Tensor> {
         let mut x = self.embed.lookup(ids)?;
         if let Some(s) = self.embed_scale {
             x = x.broadcast_mul(&Tensor::new(s, &self.device)?)?;
@@ -152,6 +164,21 @@ impl Decoder {
     /// the layer's KV cache if any. Patching runs call this directly to start mid-model.
     #[allow(clippy::too_many_arguments)]
     pub fn block_forward(
+        &self,
+        l: usize,
+        x: Tensor,
+        cc: &CallCtx,
+        layer_kv: Option<&mut LayerKv>,
+        hooks: &mut Hooks,
+        ctx: &mut HookCtx,
+    ) -> Result<Tensor> {
+        self.standing.around(hooks, |hooks| {
+            self.block_forward_inner(l, x, cc, layer_kv, hooks, ctx)
+        })
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn block_forward_inner(
         &self,
         l: usize,
         x: Tensor,
@@ -207,6 +234,17 @@ impl Decoder {
 
     /// The final norm (with `ln_final.hook_normalized`) and logits where asked.
     pub fn head(
+        &self,
+        x: &Tensor,
+        hooks: &mut Hooks,
+        ctx: &mut HookCtx,
+        logits_at: LogitsAt,
+    ) -> Result<Option<Tensor>> {
+        self.standing
+            .around(hooks, |hooks| self.head_inner(x, hooks, ctx, logits_at))
+    }
+
+    fn head_inner(
         &self,
         x: &Tensor,
         hooks: &mut Hooks,

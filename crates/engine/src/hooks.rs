@@ -445,6 +445,15 @@ impl Hooks {
         self
     }
 
+    /// Puts `ivs` before this call's own interventions; returns how many (see [`StandingHooks`]).
+    fn push_front(&mut self, ivs: &[Intervention]) -> usize {
+        for iv in ivs {
+            self.mark(iv.hook);
+        }
+        self.interventions.splice(0..0, ivs.iter().cloned());
+        ivs.len()
+    }
+
     pub fn is_captured(&self, h: &HookName) -> bool {
         self.captures.contains_key(h)
     }
@@ -490,6 +499,64 @@ impl Hooks {
             self.cache.insert(h, x.clone());
         }
         Ok(x)
+    }
+}
+
+/// Interventions that apply to every forward of a model until removed (TransformerLens's
+/// `add_hook(..., is_permanent=True)` and `reset_hooks`): a planted feature or head, a standing
+/// ablation, a steering vector kept on for a session. They run before each call's own
+/// interventions, at every entry point of the decoder (whole forwards, generation with a KV
+/// cache, and the block-by-block runs of patching).
+#[derive(Default)]
+pub struct StandingHooks(std::sync::RwLock<Vec<Intervention>>);
+
+impl StandingHooks {
+    pub fn add(&self, hook: HookName, op: Op, sel: Selector) {
+        self.write().push(Intervention { hook, op, sel });
+    }
+
+    pub fn clear(&self) {
+        self.write().clear();
+    }
+
+    pub fn len(&self) -> usize {
+        self.read().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Vec<Intervention>> {
+        // A panic while holding the lock leaves a valid Vec: keep using it.
+        self.0.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Vec<Intervention>> {
+        self.0.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Runs `f` with the standing interventions added to `hooks` (and removed again after,
+    /// also on error).
+    pub fn around<T>(
+        &self,
+        hooks: &mut Hooks,
+        f: impl FnOnce(&mut Hooks) -> Result<T>,
+    ) -> Result<T> {
+        let n = {
+            let st = self.read();
+            if st.is_empty() {
+                0
+            } else {
+                hooks.push_front(&st)
+            }
+        };
+        if n == 0 {
+            return f(hooks);
+        }
+        let r = f(hooks);
+        hooks.interventions.drain(0..n);
+        r
     }
 }
 

@@ -425,6 +425,18 @@ impl Model {
             .forward(&batch.ids, &batch.pad, kv, hooks, logits)
     }
 
+    /// Adds an intervention to every later forward of this model, until [`Model::reset_hooks`]
+    /// (TransformerLens's permanent hooks): analyses that build their own hooks run on the
+    /// edited model unchanged.
+    pub fn add_hook(&self, hook: crate::HookName, op: crate::Op, sel: crate::Selector) {
+        self.decoder.standing.add(hook, op, sel);
+    }
+
+    /// Removes every intervention added by [`Model::add_hook`].
+    pub fn reset_hooks(&self) {
+        self.decoder.standing.clear();
+    }
+
     /// Token ids of a prompt: raw text with BOS per the model's metadata, or (chat) the chat
     /// template rendered as one user turn with the generation prompt, tokenized without adding
     /// BOS (the template writes its own special tokens).

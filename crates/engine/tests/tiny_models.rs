@@ -971,3 +971,64 @@ fn stop_after_block_captures_the_same_rows_and_nothing_later() {
         .to_string();
     assert!(err.contains("stop_after_block"), "{err}");
 }
+
+/// A standing hook (`Model::add_hook`) acts on every later forward exactly as the same
+/// intervention passed to one call does, including generation with the KV cache, and
+/// `reset_hooks` gives back the unedited model bit for bit.
+#[test]
+fn standing_hooks_act_on_every_forward_until_reset() {
+    let dir = fixtures().join("tiny-models").join("tiny-llama");
+    let m = Model::load(
+        dir.to_str().unwrap(),
+        &models_dir(),
+        &LoadOptions::default(),
+    )
+    .unwrap();
+    let batch = Batch::left_padded(&[vec![1, 5, 9, 3], vec![2, 7]], 0, m.device()).unwrap();
+    let hook = HookName::block(1, HookPoint::AttnZ);
+    let op = || persona_lens_engine::Op::Scale(-2.0);
+    let sel = || persona_lens_engine::Selector::all().heads(vec![1]);
+    let logits = |hooks: &mut Hooks| {
+        m.forward(&batch, None, hooks, LogitsAt::All)
+            .unwrap()
+            .unwrap()
+    };
+    let max_diff = |a: &Tensor, b: &Tensor| {
+        a.sub(b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    };
+    let clean = logits(&mut Hooks::new());
+    let mut per_call = Hooks::new();
+    per_call.intervene(hook, op(), sel());
+    let edited = logits(&mut per_call);
+    assert!(
+        max_diff(&clean, &edited) > 1e-3,
+        "the edit must change the logits"
+    );
+    m.add_hook(hook, op(), sel());
+    assert_eq!(max_diff(&logits(&mut Hooks::new()), &edited), 0.0);
+    // Generation (KV cache, one position per step) sees the edit at every step.
+    let opts = GenerateOptions {
+        max_new_tokens: 6,
+        sampling: persona_lens_engine::Sampling::Greedy,
+        stop_tokens: vec![],
+        use_kv_cache: true,
+    };
+    let with_standing = generate(&m, &[vec![1, 5, 9, 3]], &opts, &mut Hooks::new()).unwrap()[0]
+        .generated_ids
+        .clone();
+    m.reset_hooks();
+    let mut h = Hooks::new();
+    h.intervene(hook, op(), sel());
+    let with_call = generate(&m, &[vec![1, 5, 9, 3]], &opts, &mut h).unwrap()[0]
+        .generated_ids
+        .clone();
+    assert_eq!(with_standing, with_call);
+    assert_eq!(max_diff(&logits(&mut Hooks::new()), &clean), 0.0);
+}

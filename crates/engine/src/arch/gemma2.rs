@@ -234,6 +234,7 @@ pub fn gemma_decoder(
         lm_head,
         device: w.device.clone(),
         attention_block: crate::decoder::DEFAULT_ATTENTION_BLOCK,
+        standing: Default::default(),
     })
 }
 

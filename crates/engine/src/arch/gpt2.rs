@@ -199,5 +199,6 @@ pub fn load(mut cfg: ModelConfig, w: &Weights) -> Result<Decoder> {
         lm_head,
         device: w.device.clone(),
         attention_block: crate::decoder::DEFAULT_ATTENTION_BLOCK,
+        standing: Default::default(),
     })
 }
