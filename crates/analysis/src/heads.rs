@@ -95,6 +95,10 @@ pub fn check_heads(model: &Model, heads: &[Head]) -> Result<()> {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct HeadScore {
     pub head: Head,
+    /// What heads are ranked by: the pooled ratio sum(patched - corrupted) / sum(clean -
+    /// corrupted) over pairs, so a pair with a small gap cannot dominate through its denominator.
+    #[serde(default)]
+    pub pooled: f64,
     /// Mean normalised patching score over pairs, (patched - corrupted) / (clean - corrupted).
     pub mean: f64,
     pub ci95: (f64, f64),
@@ -107,8 +111,11 @@ pub struct HeadRanking {
     pub n_pairs: usize,
     pub n_skipped: usize,
     pub skipped_reasons: Vec<String>,
-    /// Sorted by mean score, highest first.
+    /// Sorted by pooled score, highest first.
     pub heads: Vec<HeadScore>,
+    /// Per pair clean - corrupted metric gap (logits), the pooled ratio's weights.
+    #[serde(default)]
+    pub gaps: Vec<f64>,
     /// `[pair][layer * n_heads + head]` normalised scores.
     pub per_pair: Vec<Vec<f32>>,
     pub pair_ids: Vec<String>,
@@ -132,6 +139,7 @@ pub fn rank_heads(
     let mut per_pair = Vec::new();
     let mut pair_ids = Vec::new();
     let mut metrics = Vec::new();
+    let mut gaps = Vec::new();
     let mut skipped = Vec::new();
     for (i, (nov, exp)) in pairs.iter().enumerate() {
         let pair = PatchPair::suffix_aligned(model, &nov.text, &exp.text, chat)?;
@@ -148,6 +156,7 @@ pub fn rank_heads(
         }
         let sw = p.run_sweep(SweepKind::ZAll, Direction::Denoise, None)?;
         per_pair.push(sw.normalized(p.clean_metric, p.corrupted_metric));
+        gaps.push(gap as f64);
         pair_ids.push(nov.id.clone());
         metrics.push(p.metric.describe(model));
         progress(i + 1);
@@ -164,24 +173,28 @@ pub fn rank_heads(
             let (mean, lo, hi) = mean_ci95(&xs);
             let var = xs.iter().map(|x| (x - mean).powi(2)).sum::<f64>()
                 / (xs.len().saturating_sub(1).max(1)) as f64;
+            // Normalised score x gap = the pair's raw effect (patched - corrupted).
+            let effect: f64 = xs.iter().zip(&gaps).map(|(x, g)| x * g).sum();
             HeadScore {
                 head: Head {
                     layer: j / cfg.n_heads,
                     head: j % cfg.n_heads,
                 },
+                pooled: effect / gaps.iter().sum::<f64>(),
                 mean,
                 ci95: (lo, hi),
                 std: var.sqrt(),
             }
         })
         .collect();
-    heads.sort_by(|a, b| b.mean.total_cmp(&a.mean));
+    heads.sort_by(|a, b| b.pooled.total_cmp(&a.pooled));
     Ok(HeadRanking {
         model: model.info.name.clone(),
         n_pairs: per_pair.len(),
         n_skipped: skipped.len(),
         skipped_reasons: skipped,
         heads,
+        gaps,
         per_pair,
         pair_ids,
         metrics,
@@ -450,17 +463,36 @@ impl AblationSetup<'_> {
     }
 
     /// The persona gap (metric of the novice prompt minus the expert prompt) of every pair with
-    /// `heads` ablated.
+    /// `heads` ablated; prompts run in left-padded batches, each row with its own donor.
     fn gaps(&self, heads: &[Head], mode: AblationMode) -> Result<Vec<f64>> {
-        let mut gaps = Vec::new();
-        for (i, m) in self.metrics.iter().enumerate() {
-            let mut h = ablation_hooks(heads, mode, Some(self.bank), &[self.donor(2 * i)])?;
-            let a = metric_with(self.model, &self.ids[2 * i], m, &mut h)?;
-            let mut h = ablation_hooks(heads, mode, Some(self.bank), &[self.donor(2 * i + 1)])?;
-            let b = metric_with(self.model, &self.ids[2 * i + 1], m, &mut h)?;
-            gaps.push((a - b) as f64);
+        let n = 2 * self.metrics.len();
+        let mut metric = vec![0f64; n];
+        let idx: Vec<usize> = (0..n).collect();
+        for chunk in idx.chunks(16) {
+            let rows: Vec<Vec<u32>> = chunk.iter().map(|&i| self.ids[i].clone()).collect();
+            let donors: Vec<usize> = chunk.iter().map(|&i| self.donor(i)).collect();
+            let mut h = ablation_hooks(heads, mode, Some(self.bank), &donors)?;
+            let b = Batch::left_padded(&rows, self.model.pad_id(), self.model.device())?;
+            let logits: Vec<Vec<f32>> = self
+                .model
+                .forward(&b, None, &mut h, LogitsAt::Last)?
+                .ok_or_else(|| AnalysisError::Invalid("no logits".into()))?
+                .to_dtype(DType::F32)?
+                .to_vec2()?;
+            for (&i, l) in chunk.iter().zip(&logits) {
+                metric[i] = match self.metrics[i / 2] {
+                    Metric::LogitDiff { a, b } => (l[a as usize] - l[b as usize]) as f64,
+                    _ => {
+                        return Err(AnalysisError::Invalid(
+                            "ablation reports use the logit-difference metric".into(),
+                        ))
+                    }
+                };
+            }
         }
-        Ok(gaps)
+        Ok((0..self.metrics.len())
+            .map(|i| metric[2 * i] - metric[2 * i + 1])
+            .collect())
     }
 
     /// The mean persona gap with `heads` ablated: the cheap part of [`Self::run`], for the many

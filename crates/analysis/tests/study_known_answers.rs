@@ -131,3 +131,214 @@ fn planted_feature_at_realistic_strength_is_found_on_held_out_paraphrases_from_i
         "diff of means vs the planted direction: cosine {cos}"
     );
 }
+
+/// Per-row state of the planted mover head: (persona sign, prompt length) of each batch row,
+/// set when the embeddings of a whole prompt go by (a KV-cached step keeps its rows').
+type RowState = std::sync::Arc<std::sync::Mutex<Vec<(f32, usize)>>>;
+
+/// An exact fingerprint of a prompt from its token embeddings `[t, d]` (real positions only).
+fn fingerprint(x: &[Vec<f32>]) -> u64 {
+    let s: f64 = x
+        .iter()
+        .map(|r| r[0] as f64 + 0.5 * r[1] as f64 + 0.25 * r[2] as f64)
+        .sum();
+    s.to_bits()
+}
+
+/// A planted mover head: through standing hooks (`Model::add_hook`), head L20H5's output at the
+/// last prompt position (and every generated one) carries +c v on novice prompts and -c v on
+/// expert prompts, with v the direction in the head's z space that raises the metric most (a
+/// finite-difference gradient) and c sized for a 1.5-logit shift. The prompt's persona is found
+/// from its token embeddings (a fingerprint table), so every forward the analyses make on their
+/// own sees the plant. The blind ranking on the selection split must put the planted head first
+/// (pooled score), and zero-ablating it on the evaluation split must move the persona gap more
+/// than every one of 20 random heads (rank p = 1/21 < 0.05).
+#[test]
+fn planted_mover_head_is_ranked_first_on_one_split_and_its_ablation_beats_random_heads() {
+    use persona_lens_analysis::dataset::{GenOptions, Split};
+    use persona_lens_analysis::heads::{
+        dataset_pairs, metric_with, random_head_sets, rank_heads, AblationMode, AblationSetup,
+        Head, ZBank,
+    };
+    use persona_lens_analysis::patching::Metric;
+    use persona_lens_analysis::stats::rank_p_value;
+    use persona_lens_engine::hooks::HookFn;
+    use std::collections::HashMap;
+    use std::sync::{Arc, Mutex};
+
+    let m = model("smollm2-135m-instruct");
+    let (n_heads, dh) = (m.config().n_heads, m.config().head_dim);
+    let planted = Head { layer: 20, head: 5 };
+    let mut ds = dataset::generate(&GenOptions {
+        persona_pairs: vec!["child-phd".into()],
+        n_questions_per_pair: 2,
+        ..Default::default()
+    })
+    .unwrap();
+    ds.assign_splits(0);
+    let spread = |v: Vec<_>, k: usize| -> Vec<_> {
+        let step = (v.len() / k).max(1);
+        v.into_iter().step_by(step).take(k).collect::<Vec<_>>()
+    };
+    let select = spread(dataset_pairs(&ds.in_split(Split::Select)), 4);
+    let evaluate = spread(dataset_pairs(&ds.in_split(Split::Evaluate)), 6);
+    assert_eq!((select.len(), evaluate.len()), (4, 6));
+    let metric = Metric::logit_diff_words(&m, "simple", "technical").unwrap();
+
+    // The fingerprint table: every prompt of both splits, with its persona's sign.
+    let embed = HookName::global(HookPoint::Embed);
+    let embeddings = |ids: &[u32]| -> Vec<Vec<f32>> {
+        let b = Batch::left_padded(&[ids.to_vec()], m.pad_id(), m.device()).unwrap();
+        let mut h = Hooks::new();
+        h.capture(embed);
+        h.stop_after_block = Some(0);
+        m.forward(&b, None, &mut h, persona_lens_engine::LogitsAt::None)
+            .unwrap();
+        h.cache
+            .get(&embed)
+            .unwrap()
+            .get(0)
+            .unwrap()
+            .to_vec2()
+            .unwrap()
+    };
+    let mut sign: HashMap<u64, f32> = HashMap::new();
+    for (n, e) in select.iter().chain(&evaluate) {
+        for (it, s) in [(n, 1f32), (e, -1f32)] {
+            let ids = m.encode_prompt(&it.text, true).unwrap();
+            sign.insert(fingerprint(&embeddings(&ids)), s);
+        }
+    }
+
+    // v: the metric's finite-difference gradient in head L20H5's z at the last position.
+    let probe_ids = m.encode_prompt(&select[0].0.text, true).unwrap();
+    let last = probe_ids.len() - 1;
+    let z_hook = HookName::block(planted.layer, HookPoint::AttnZ);
+    let base = metric_with(&m, &probe_ids, &metric, &mut Hooks::new()).unwrap();
+    // One batch: row k adds the k-th unit vector.
+    let batch = Batch::left_padded(&vec![probe_ids.clone(); dh], m.pad_id(), m.device()).unwrap();
+    let mut h = Hooks::new();
+    for k in 0..dh {
+        let mut e = vec![0f32; dh];
+        e[k] = 1.0;
+        h.intervene(
+            z_hook,
+            Op::Add(Tensor::from_vec(e, dh, &Device::Cpu).unwrap()),
+            Selector::all()
+                .rows(vec![k])
+                .positions(vec![last])
+                .heads(vec![planted.head]),
+        );
+    }
+    let logits: Vec<Vec<f32>> = m
+        .forward(&batch, None, &mut h, persona_lens_engine::LogitsAt::Last)
+        .unwrap()
+        .unwrap()
+        .to_vec2()
+        .unwrap();
+    let Metric::LogitDiff { a, b } = metric else {
+        unreachable!()
+    };
+    let grad: Vec<f32> = logits
+        .iter()
+        .map(|l| l[a as usize] - l[b as usize] - base)
+        .collect();
+    let gnorm = grad.iter().map(|g| g * g).sum::<f32>().sqrt();
+    let c = 1.5 / gnorm;
+    let v: Vec<f32> = grad.iter().map(|g| g / gnorm * c).collect();
+
+    let state: RowState = Arc::new(Mutex::new(vec![]));
+    let st = state.clone();
+    let read_rows: HookFn = Arc::new(move |x: &Tensor, ctx| {
+        if ctx.start == 0 {
+            let x3: Vec<Vec<Vec<f32>>> = x.to_vec3()?;
+            let rows = x3
+                .iter()
+                .zip(&ctx.pad)
+                .map(|(r, &p)| {
+                    let s = sign.get(&fingerprint(&r[p..])).copied().unwrap_or(0.0);
+                    (s, r.len() - p)
+                })
+                .collect();
+            *st.lock().unwrap() = rows;
+        }
+        Ok(x.clone())
+    });
+    let st = state.clone();
+    let plant: HookFn = Arc::new(move |z: &Tensor, ctx| {
+        let (b, t, h, d) = z.dims4()?;
+        let rows = st.lock().unwrap().clone();
+        let mut add = vec![0f32; b * t * h * d];
+        for r in 0..b {
+            // Batched patch variants of one prompt share its state.
+            let Some(&(s, len)) = rows.get(r.min(rows.len().saturating_sub(1))) else {
+                continue;
+            };
+            for i in 0..t {
+                if ctx.position(r, i).is_some_and(|p| p + 1 >= len) {
+                    let o = ((r * t + i) * h + planted.head) * d;
+                    for k in 0..d {
+                        add[o + k] = s * v[k];
+                    }
+                }
+            }
+        }
+        z + Tensor::from_vec(add, (b, t, h, d), z.device())?
+    });
+    m.add_hook(embed, Op::Func(read_rows), Selector::all());
+    m.add_hook(z_hook, Op::Func(plant), Selector::all());
+
+    // Blind ranking on the selection split.
+    let ranking = rank_heads(
+        &m,
+        &select,
+        true,
+        Some(("simple", "technical")),
+        0.25,
+        &|_| {},
+    )
+    .unwrap();
+    let top: Vec<String> = ranking.heads[..3]
+        .iter()
+        .map(|h| format!("{} {:.3}", h.head, h.pooled))
+        .collect();
+    eprintln!(
+        "top heads (pooled score) on {} selection pairs: {top:?}",
+        ranking.n_pairs
+    );
+    let chosen = ranking.heads[0].head;
+    assert_eq!(chosen, planted, "ranking: {top:?}");
+
+    // Ablation on the evaluation split against 20 random heads.
+    let ids = AblationSetup::prompt_ids(&m, &evaluate, true).unwrap();
+    let bank = ZBank::collect(&m, &ids, &[]).unwrap();
+    let metrics = vec![metric.clone(); evaluate.len()];
+    let setup = AblationSetup {
+        model: &m,
+        pairs: &evaluate,
+        metrics: &metrics,
+        chat: true,
+        ids: &ids,
+        bank: &bank,
+        probe_rows: vec![],
+        n_generate: 0,
+        gen_tokens: 0,
+    };
+    let gap = |heads: &[Head]| setup.gap_mean(heads, AblationMode::Zero).unwrap();
+    let intact = gap(&[]);
+    let change = (gap(&[chosen]) - intact).abs();
+    let random: Vec<f64> = random_head_sets(&m, 1, 20, 7, &[chosen])
+        .iter()
+        .map(|set| (gap(set) - intact).abs())
+        .collect();
+    let p = rank_p_value(change, &random);
+    m.reset_hooks();
+    let max_random = random.iter().cloned().fold(0.0, f64::max);
+    eprintln!(
+        "persona gap {intact:.3} logits over {} evaluation pairs; |change| ablating {chosen}: {change:.3}; random heads up to {max_random:.3}; rank p {p:.4}",
+        evaluate.len()
+    );
+    assert!(n_heads > planted.head);
+    assert!(change > max_random, "{change} vs random {random:?}");
+    assert!(p < 0.05, "p = {p}");
+}

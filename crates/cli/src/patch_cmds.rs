@@ -722,7 +722,7 @@ pub fn heads_with(model: &Model, a: &HeadsArgs, print: bool) -> Result<Value> {
     let cfg = model.config();
     let mut mean = vec![vec![0f64; cfg.n_heads]; cfg.n_layers];
     for h in &r.heads {
-        mean[h.head.layer][h.head.head] = h.mean;
+        mean[h.head.layer][h.head.head] = h.pooled;
     }
     let hm = Heatmap {
         title: format!("persona-mover heads, {} ({} pairs)", model.info.name, r.n_pairs),
@@ -731,7 +731,7 @@ pub fn heads_with(model: &Model, a: &HeadsArgs, print: bool) -> Result<Value> {
         col_labels: (0..cfg.n_heads).map(|h| format!("H{h}")).collect(),
         x_label: "head".into(),
         y_label: "layer".into(),
-        value_label: "mean normalised z-patching score".into(),
+        value_label: "pooled z-patching score".into(),
         caption: format!(
             "{}; attn.hook_z every (suffix-aligned) position, novice -> expert prompt; chat template {chat}",
             model.info.name
@@ -746,7 +746,7 @@ pub fn heads_with(model: &Model, a: &HeadsArgs, print: bool) -> Result<Value> {
         .collect();
     let out = json!({
         "model": model.info.name, "chat": chat, "seconds": secs,
-        "definition": "per pair: corrupted = expert prompt, clean = novice prompt; head z (all positions, suffix-aligned) patched clean -> corrupted; score = (patched - corrupted) / (clean - corrupted) of logit[simple] - logit[technical] at the last position",
+        "definition": "per pair: corrupted = expert prompt, clean = novice prompt; head z (all positions, suffix-aligned) patched clean -> corrupted; score = sum over pairs of (patched - corrupted) / sum of (clean - corrupted) (pooled ratio; `mean` is the mean of per-pair ratios) of logit[simple] - logit[technical] at the last position",
         "top": top, "ranking": r,
     });
     let f = a.out.join("heads.json");
@@ -765,8 +765,9 @@ pub fn heads_with(model: &Model, a: &HeadsArgs, print: bool) -> Result<Value> {
     );
     for h in r.heads.iter().take(a.top.max(5)) {
         println!(
-            "  {:<7} mean {:+.3} [95% CI {:+.3}, {:+.3}]  sd {:.3}",
+            "  {:<7} pooled {:+.3}  mean {:+.3} [95% CI {:+.3}, {:+.3}]  sd {:.3}",
             h.head.to_string(),
+            h.pooled,
             h.mean,
             h.ci95.0,
             h.ci95.1,

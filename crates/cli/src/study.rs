@@ -1174,6 +1174,7 @@ fn heads_step(c: &Ctx) -> Result<StepOut> {
     };
     let out = heads_with(c.model, &ha, false)?;
     let ranking = &out["ranking"];
+    // (layer, head, pooled score, 95 % CI of the mean per-pair ratio)
     let top: Vec<(usize, usize, f64, f64, f64)> = ranking["heads"]
         .as_array()
         .map(|a| {
@@ -1183,7 +1184,7 @@ fn heads_step(c: &Ctx) -> Result<StepOut> {
                     (
                         x["head"]["layer"].as_u64().unwrap_or(0) as usize,
                         x["head"]["head"].as_u64().unwrap_or(0) as usize,
-                        f(&x["mean"]),
+                        f(&x["pooled"]),
                         f(&x["ci95"][0]),
                         f(&x["ci95"][1]),
                     )
@@ -1198,16 +1199,17 @@ fn heads_step(c: &Ctx) -> Result<StepOut> {
     if let Some(&(l, hh, m, lo, hi)) = top.first() {
         headlines.push(Headline {
             id: "heads.top_score".into(),
-            label: format!("mean z-patching score of the top persona-mover head L{l}H{hh} over {n_pairs} pairs"),
+            label: format!("pooled z-patching score (sum of effects over sum of gaps) of the top persona-mover head L{l}H{hh} over {n_pairs} selection-split pairs"),
             value: m,
             unit: "fraction restored".into(),
-            ci95: Some((lo, hi)),
+            ci95: None,
             provenance: c.prov(json!({"hook": format!("blocks.{l}.attn.hook_z"), "layer": l, "head": hh,
+                "split": "select", "mean_ratio_ci95": [lo, hi],
                 "position": "all (suffix-aligned)", "topic": c.cfg.pair_id, "n_pairs": n_pairs, "file": "heads/heads.json"})),
         });
         if lo <= 0.0 {
             negatives.push(format!(
-                "Even the top head L{l}H{hh}'s 95 % interval includes zero ({} to {}): over {n_pairs} pairs no head is a reliable persona mover.",
+                "Even the top head L{l}H{hh}'s per-pair restoration ratios have a 95 % interval that includes zero ({} to {}): over {n_pairs} pairs no head is a reliable persona mover.",
                 fmt_num(lo), fmt_num(hi)
             ));
         }
@@ -1219,7 +1221,7 @@ fn heads_step(c: &Ctx) -> Result<StepOut> {
         .iter()
         .zip(roles.iter().map(Some).chain(std::iter::repeat(None)))
         .map(|(&(l, hh, m, lo, hi), r)| {
-            json!({"head": format!("L{l}H{hh}"), "score": m, "ci95": [lo, hi],
+            json!({"head": format!("L{l}H{hh}"), "score": m, "mean_ratio_ci95": [lo, hi],
                 "persona_attention": r.map(|r| r["persona_attention"].clone()),
                 "role": r.map(|r| r["role"].clone()).unwrap_or(json!("(no persona span to inspect)"))})
         })
@@ -1231,7 +1233,7 @@ fn heads_step(c: &Ctx) -> Result<StepOut> {
         negatives,
         plots: vec![Plot {
             png: "heads/heads.png".into(),
-            caption: format!("Persona-mover heads: mean normalised z-patching score per head over {n_pairs} {} pairs (novice into expert prompt).", c.cfg.pair_id),
+            caption: format!("Persona-mover heads: pooled z-patching score per head (sum of effects over sum of gaps) over {n_pairs} {} selection-split pairs (novice into expert prompt).", c.cfg.pair_id),
         }],
         data: json!({"top": out["top"], "n_pairs": n_pairs, "n_skipped": ranking["n_skipped"], "circuit": circuit, "roles": roles}),
         ..Default::default()
