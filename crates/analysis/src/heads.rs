@@ -598,3 +598,63 @@ impl AblationSetup<'_> {
         })
     }
 }
+
+/// The answer words of a ranking, chosen once on the pairs given (the selection split) and then
+/// fixed for every pair and for the ablation on the other split: a single-token word from
+/// `simple` and one from `technical`, neither among the token ids of any prompt of the pairs
+/// (a word the prompt contains would be scored by copying), maximising the mean over pairs of
+/// the novice-minus-expert difference of `logit[simple] - logit[technical]` at the last position.
+/// Returns the two words and that mean (logits).
+pub fn choose_answers(
+    model: &Model,
+    pairs: &[(PromptItem, PromptItem)],
+    chat: bool,
+    simple: &[String],
+    technical: &[String],
+) -> Result<(String, String, f64)> {
+    let (s, _) = crate::lens::resolve_words(model, simple, false)?;
+    let (t, _) = crate::lens::resolve_words(model, technical, false)?;
+    let mut ids = Vec::new();
+    for (n, e) in pairs {
+        ids.push(model.encode_prompt(&n.text, chat)?);
+        ids.push(model.encode_prompt(&e.text, chat)?);
+    }
+    let in_prompts: std::collections::HashSet<u32> = ids.iter().flatten().copied().collect();
+    let s: Vec<_> = s
+        .into_iter()
+        .filter(|w| !in_prompts.contains(&w.token_id))
+        .collect();
+    let t: Vec<_> = t
+        .into_iter()
+        .filter(|w| !in_prompts.contains(&w.token_id))
+        .collect();
+    if s.is_empty() || t.is_empty() || pairs.is_empty() {
+        return Err(AnalysisError::Invalid(
+            "no single-token answer words absent from the prompts; pass --answer-a/--answer-b"
+                .into(),
+        ));
+    }
+    let mut last: Vec<Vec<f32>> = Vec::with_capacity(ids.len());
+    for chunk in ids.chunks(16) {
+        let b = Batch::left_padded(chunk, model.pad_id(), model.device())?;
+        let l = model
+            .forward(&b, None, &mut Hooks::new(), LogitsAt::Last)?
+            .ok_or_else(|| AnalysisError::Invalid("no logits".into()))?
+            .to_dtype(DType::F32)?;
+        last.extend(l.to_vec2::<f32>()?);
+    }
+    let mut best = (f64::NEG_INFINITY, 0, 0);
+    for (i, a) in s.iter().enumerate() {
+        for (j, b) in t.iter().enumerate() {
+            let d = |l: &[f32]| (l[a.token_id as usize] - l[b.token_id as usize]) as f64;
+            let gap = (0..pairs.len())
+                .map(|p| d(&last[2 * p]) - d(&last[2 * p + 1]))
+                .sum::<f64>()
+                / pairs.len() as f64;
+            if gap > best.0 {
+                best = (gap, i, j);
+            }
+        }
+    }
+    Ok((s[best.1].word.clone(), t[best.2].word.clone(), best.0))
+}

@@ -397,3 +397,63 @@ pub fn dataset_lens_cached(
         prompts_from_cache: n_cached,
     })
 }
+
+/// Per novice/expert pair (same question and paraphrase) of `split` (None: every pair): the
+/// expert prompt's readout minus the novice prompt's, per residual row, with the pair's question
+/// as its cluster (an index). Lexical controls and prompts the lens did not read are left out.
+pub fn paired_readout_gaps(
+    lens: &DatasetLens,
+    ds: &PersonaDataset,
+    split: Option<crate::dataset::Split>,
+) -> Vec<(usize, Vec<f64>)> {
+    let by_id: std::collections::HashMap<&str, &Vec<f64>> = lens
+        .prompts
+        .iter()
+        .map(|(id, _, rows)| (id.as_str(), rows))
+        .collect();
+    let mut clusters: BTreeMap<String, usize> = BTreeMap::new();
+    let mut out = Vec::new();
+    for (n, e) in crate::heads::dataset_pairs(ds) {
+        if n.lexical_control || e.lexical_control {
+            continue;
+        }
+        if split.is_some() && (n.split != split || e.split != split) {
+            continue;
+        }
+        let (Some(rn), Some(re)) = (by_id.get(n.id.as_str()), by_id.get(e.id.as_str())) else {
+            continue;
+        };
+        let key = format!("{}/{}/{}", n.pair_id, n.topic, n.question_id);
+        let next = clusters.len();
+        let c = *clusters.entry(key).or_insert(next);
+        out.push((c, re.iter().zip(rn.iter()).map(|(a, b)| a - b).collect()));
+    }
+    out
+}
+
+/// The paired persona effect on the readout at each residual row: mean expert-minus-novice
+/// difference, its 95 % interval by bootstrap over questions, and the one-sided clustered
+/// p-value of `effect > 0` (see [`crate::claims::clustered_test`]).
+pub fn paired_effects(
+    gaps: &[(usize, Vec<f64>)],
+    reps: usize,
+    seed: u64,
+) -> Vec<Option<crate::claims::ClusteredTest>> {
+    let rows = gaps.first().map(|g| g.1.len()).unwrap_or(0);
+    (0..rows)
+        .map(|r| {
+            let d: Vec<(usize, f64)> = gaps.iter().map(|(c, v)| (*c, v[r])).collect();
+            crate::claims::clustered_test(&d, reps, seed)
+        })
+        .collect()
+}
+
+/// The decision row: the first residual row from which the paired effect's 95 % lower bound
+/// stays above `min_effect` (logits) to the last row. Chosen on one split, reported on another.
+pub fn decision_row(
+    effects: &[Option<crate::claims::ClusteredTest>],
+    min_effect: f64,
+) -> Option<usize> {
+    let above = |r: usize| effects[r].is_some_and(|t| t.ci95.0 > min_effect);
+    (0..effects.len()).find(|&r| (r..effects.len()).all(above))
+}

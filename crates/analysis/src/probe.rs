@@ -326,8 +326,9 @@ pub struct Generalization {
     /// persona paraphrases at once).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub split_transfer: Option<Metrics>,
-    /// Stratified k-fold CV inside the selection split only: what may choose a row without
-    /// looking at the evaluation split.
+    /// K-fold CV inside the selection split only, whole persona paraphrases per fold (stratified
+    /// folds when the split has one phrasing): what may choose a row without looking at the
+    /// evaluation split.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub select_cv: Option<Metrics>,
 }
@@ -620,8 +621,17 @@ pub fn probe_layers_with_baseline(
             // Folds over the selection rows, mapped back to row indices.
             let y_sel: Vec<usize> = sel_rows.iter().map(|&r| y[r]).collect();
             let per_class = (0..c).map(|k| y_sel.iter().filter(|&&v| v == k).count());
+            // Whole persona paraphrases go to one fold when there are several: a row that only
+            // copies the persona's tokens must not win the choice.
+            let sel_groups: Vec<String> = sel_rows.iter().map(|&r| groups[r].clone()).collect();
+            let n_sel_groups = distinct(&sel_groups);
             (!eval_rows.is_empty() && per_class.clone().all(|n| n >= opts.folds)).then(|| {
-                stratified_folds(&y_sel, c, opts.folds, opts.seed)
+                let folds = if n_sel_groups >= 2 {
+                    group_kfold(&sel_groups, opts.folds.min(n_sel_groups), opts.seed)
+                } else {
+                    stratified_folds(&y_sel, c, opts.folds, opts.seed)
+                };
+                folds
                     .into_iter()
                     .map(|(tr, te)| {
                         (

@@ -454,3 +454,146 @@ pub fn load_direction(
         ))),
     }
 }
+
+/// One greedy answer and its scores.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ScoredAnswer {
+    pub text: String,
+    /// Flesch-Kincaid grade (None: too short to score).
+    pub grade: Option<f64>,
+    /// Perplexity under the unsteered model (exp of nats per token), where asked.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub perplexity: Option<f64>,
+}
+
+/// A steering vector against its controls on one set of prompts: the unsteered answers, the
+/// steered answers, and the answers steered by norm-matched random directions.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DirectionVsRandom {
+    pub hook: String,
+    /// L2 norm of the steering vector (alpha included); every random direction has it too.
+    pub norm: f64,
+    pub unsteered: Vec<ScoredAnswer>,
+    pub steered: Vec<ScoredAnswer>,
+    /// `[direction][prompt]` grades under each random direction.
+    pub random_grades: Vec<Vec<Option<f64>>>,
+}
+
+impl DirectionVsRandom {
+    /// Per prompt `(prompt index, steered grade - unsteered grade)` for prompts where both score.
+    pub fn grade_shifts(&self) -> Vec<(usize, f64)> {
+        shifts(
+            &self.unsteered,
+            &self.steered.iter().map(|a| a.grade).collect::<Vec<_>>(),
+        )
+    }
+
+    /// Mean grade shift of each random direction (prompts where both score).
+    pub fn random_mean_shifts(&self) -> Vec<f64> {
+        self.random_grades
+            .iter()
+            .map(|g| {
+                let s = shifts(&self.unsteered, g);
+                s.iter().map(|x| x.1).sum::<f64>() / s.len().max(1) as f64
+            })
+            .collect()
+    }
+}
+
+fn shifts(base: &[ScoredAnswer], other: &[Option<f64>]) -> Vec<(usize, f64)> {
+    base.iter()
+        .zip(other)
+        .enumerate()
+        .filter_map(|(i, (b, o))| Some((i, (*o)? - b.grade?)))
+        .collect()
+}
+
+/// `n` Gaussian random directions `[d]`, each scaled to L2 norm `norm` (seeded).
+pub fn random_directions(d: usize, n: usize, norm: f64, seed: u64) -> Vec<Vec<f32>> {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    (0..n)
+        .map(|_| {
+            let v: Vec<f64> = (0..d)
+                .map(|_| {
+                    // Box-Muller: a standard normal from two uniforms.
+                    let u1: f64 = rng.random_range(1e-12..1.0);
+                    let u2: f64 = rng.random_range(0.0..1.0);
+                    (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
+                })
+                .collect();
+            let n2 = v.iter().map(|x| x * x).sum::<f64>().sqrt();
+            v.iter().map(|x| (x / n2 * norm) as f32).collect()
+        })
+        .collect()
+}
+
+/// Greedy answers to `prompts` unsteered, steered by `vector` (added at `hook`, `positions`), and
+/// steered by `n_random` random directions of the same norm (seeded), graded by Flesch-Kincaid;
+/// the unsteered and steered answers also get their perplexity under the unsteered model.
+#[allow(clippy::too_many_arguments)]
+pub fn steer_against_random(
+    model: &Model,
+    prompts: &[Vec<u32>],
+    hook: HookName,
+    vector: &[f32],
+    positions: SteerPositions,
+    n_random: usize,
+    seed: u64,
+    opts: &persona_lens_engine::GenerateOptions,
+    batch_size: usize,
+    progress: &dyn Fn(usize),
+) -> Result<DirectionVsRandom> {
+    let norm = vector
+        .iter()
+        .map(|x| (*x as f64).powi(2))
+        .sum::<f64>()
+        .sqrt();
+    let answers = |op: Option<&SteerOp>, ppl: bool| -> Result<Vec<ScoredAnswer>> {
+        let gens = steered_generate(
+            model,
+            prompts,
+            op.map(|o| (hook, o, positions)),
+            opts,
+            batch_size,
+            progress,
+        )?;
+        gens.iter()
+            .zip(prompts)
+            .map(|(g, p)| {
+                let text = model.tokenizer.decode(&g.generated_ids, true)?;
+                let perplexity = if ppl {
+                    persona_lens_rate::perplexity(model, p, &g.generated_ids)
+                        .map_err(|e| AnalysisError::Invalid(e.to_string()))?
+                        .map(|x| x.1)
+                } else {
+                    None
+                };
+                Ok(ScoredAnswer {
+                    grade: persona_lens_rate::readability::complexity_grade(&text),
+                    text,
+                    perplexity,
+                })
+            })
+            .collect()
+    };
+    let add = |v: &[f32]| -> Result<SteerOp> { Ok(SteerOp::Add(Tensor::new(v, model.device())?)) };
+    let unsteered = answers(None, true)?;
+    let steered = answers(Some(&add(vector)?), true)?;
+    let random_grades = random_directions(vector.len(), n_random, norm, seed)
+        .iter()
+        .map(|v| {
+            Ok(answers(Some(&add(v)?), false)?
+                .iter()
+                .map(|a| a.grade)
+                .collect())
+        })
+        .collect::<Result<_>>()?;
+    Ok(DirectionVsRandom {
+        hook: hook.to_string(),
+        norm,
+        unsteered,
+        steered,
+        random_grades,
+    })
+}

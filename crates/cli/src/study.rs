@@ -24,12 +24,18 @@ use clap::{Args, Parser};
 use persona_lens_analysis::claims::Claim;
 use persona_lens_analysis::write_json;
 use persona_lens_engine::{Batch, HookName, HookPoint, Hooks, LogitsAt, Model};
-use persona_lens_report::{save_bar_chart, Bar, BarChart, Document};
+use persona_lens_report::{
+    save_bar_chart, save_line_chart, Bar, BarChart, Document, LineChart, Series,
+};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
+
+/// The study's default model: a chat model with its chat template (gemma-3-270m, a base model,
+/// is `--model gemma-3-270m` away).
+pub const STUDY_MODEL: &str = "smollm2-135m-instruct";
 
 pub const ALL_STEPS: [&str; 7] = ["probe", "lens", "patch", "heads", "ablate", "steer", "diff"];
 
@@ -38,7 +44,7 @@ pub struct RunArgs {
     /// Experiments, comma separated: probe, lens, patch, heads, ablate, steer, diff, or all.
     #[arg(long, value_delimiter = ',')]
     pub experiment: Vec<String>,
-    /// Model (default: the config's, else gemma-3-270m).
+    /// Model (default: the config's, else smollm2-135m-instruct, a chat model).
     #[arg(long)]
     pub model: Option<String>,
     /// Where short names are looked up [env: PERSONA_LENS_MODELS; default: ./models].
@@ -180,7 +186,12 @@ pub struct ProbeCfg {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct LensCfg {
+    /// Questions per topic (every topic of the persona pair; the probe's harvest is reused when
+    /// this equals the study's `n_questions_per_pair`).
     pub n_questions_per_pair: usize,
+    /// The effect size (logits of expert-minus-simple readout, expert minus novice persona) a
+    /// row must exceed with its 95 % lower bound to count as the decision row.
+    pub min_effect: f64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -213,10 +224,18 @@ pub struct AblateCfg {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct SteerCfg {
-    /// Layers (block outputs); empty = one third and one half of the depth.
+    /// Layers (block outputs) of the selection sweep; empty = one third and one half of the depth.
     pub layers: Vec<usize>,
     pub alphas: Vec<f64>,
+    /// Novice prompts of the selection sweep (selection split).
     pub n_prompts: usize,
+    /// Novice and expert prompts of the evaluation (evaluation split, distinct questions).
+    pub n_eval_prompts: usize,
+    /// Norm-matched random directions beside the persona direction on the evaluation prompts.
+    pub n_random: usize,
+    /// The sweep's cell is chosen among those whose answers' perplexity stays within this
+    /// factor of the unsteered answers'.
+    pub max_perplexity_ratio: f64,
     pub max_new_tokens: usize,
     pub kind: String,
     pub norm: String,
@@ -226,8 +245,10 @@ pub struct SteerCfg {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct DiffCfg {
-    /// The chat model diffed against the study's model (last-token rows, padded widths).
+    /// The chat model diffed against the study's model when the study's model is a base model.
     pub chat_model: String,
+    /// The base model diffed against the study's model when the study's model is a chat model.
+    pub base_model: String,
     pub dict_size: usize,
     pub steps: usize,
     pub batch_size: usize,
@@ -242,7 +263,8 @@ impl Default for StudyConfig {
     fn default() -> Self {
         StudyConfig {
             experiment: vec!["all".into()],
-            model: persona_lens_engine::DEFAULT_MODEL.into(),
+            // The question is how chat models model their user: the chat model by default.
+            model: STUDY_MODEL.into(),
             out: "out/study".into(),
             seed: 0,
             persona_pair: "child-phd".into(),
@@ -271,16 +293,20 @@ impl Default for LensCfg {
     fn default() -> Self {
         LensCfg {
             n_questions_per_pair: 5,
+            min_effect: 0.5,
         }
     }
 }
 impl Default for PatchCfg {
     fn default() -> Self {
         PatchCfg {
-            clean: "I am a child. Explain the twin paradox simply. The key idea is".into(),
-            corrupted: "I am a physicist. Explain the twin paradox simply. The key idea is".into(),
-            answer_a: "simple".into(),
-            answer_b: "physics".into(),
+            // Equal token counts, no field word in either persona; the chat model's first answer
+            // word: "Imagine" for the child, "The" for the PhD (read off this one pair, so the
+            // patch step reports maps, no claim).
+            clean: "I am a child. Explain the twin paradox to me.".into(),
+            corrupted: "I have a PhD. Explain the twin paradox to me.".into(),
+            answer_a: "Imagine".into(),
+            answer_b: "The".into(),
             sweeps: vec!["resid_pre".into(), "z_last".into()],
         }
     }
@@ -310,6 +336,9 @@ impl Default for SteerCfg {
             layers: vec![],
             alphas: vec![0.0, 2.0, 4.0, 8.0],
             n_prompts: 4,
+            n_eval_prompts: 8,
+            n_random: 20,
+            max_perplexity_ratio: 2.0,
             max_new_tokens: 32,
             kind: "diff_of_means".into(),
             norm: "raw".into(),
@@ -321,6 +350,7 @@ impl Default for DiffCfg {
     fn default() -> Self {
         DiffCfg {
             chat_model: "smollm2-135m-instruct".into(),
+            base_model: "gemma-3-270m".into(),
             dict_size: 256,
             steps: 400,
             batch_size: 64,
@@ -842,14 +872,16 @@ fn probe_claims(
 }
 
 fn lens_step(c: &Ctx) -> Result<StepOut> {
+    use persona_lens_analysis::claims::{clustered_test, ClusteredTest};
+    use persona_lens_analysis::dataset::Split;
+    use persona_lens_analysis::lens::{decision_row, paired_effects, paired_readout_gaps};
     let dir = c.dir("lens");
     let mut args = c.base("lens");
-    args.extend(dataset_args(
-        c,
-        Some(&c.cfg.pair_id),
-        c.cfg.lens.n_questions_per_pair,
-    ));
+    // Every topic: the tracked words are generic, and questions are the clusters of the tests.
+    args.extend(dataset_args(c, None, c.cfg.lens.n_questions_per_pair));
     args.extend([
+        "--split-seed".into(),
+        s(c.cfg.seed),
         "--rule".into(),
         // The lens reads one token; a persona-mean probe harvest cannot serve it.
         if c.cfg.position == "persona_mean" {
@@ -873,71 +905,175 @@ fn lens_step(c: &Ctx) -> Result<StepOut> {
         bail!("internal: lens arguments")
     };
     let r = run_dataset_lens(c.model, &la, c.quiet)?;
+    let ds = la.data.load()?;
     let (nov, exp) = novice_expert(&c.cfg.persona_pair);
-    let get = |name: &str| r.personas.iter().find(|p| p.persona == name);
-    let (Some(pn), Some(pe)) = (get(&nov), get(&exp)) else {
+    let reps = 2000;
+    let min_effect = c.cfg.lens.min_effect;
+    // Paired: per (question, paraphrase), expert persona minus novice persona, per row.
+    let sel = paired_readout_gaps(&r, &ds, Some(Split::Select));
+    let eval = paired_readout_gaps(&r, &ds, Some(Split::Evaluate));
+    let sel_fx = paired_effects(&sel, reps, c.cfg.seed);
+    let eval_fx = paired_effects(&eval, reps, c.cfg.seed);
+    let rows = eval_fx.len();
+    if rows == 0 || eval_fx.iter().any(|t| t.is_none()) {
         bail!(
-            "lens: personas {nov} and {exp} not both found (got {:?})",
-            r.personas.iter().map(|p| &p.persona).collect::<Vec<_>>()
+            "lens: the evaluation split has {} novice/expert pairs over fewer than two questions; raise [lens] n_questions_per_pair",
+            eval.len()
         );
-    };
-    let rows = pe.logit_diff_mean.len();
+    }
+    let fx = |i: usize| -> ClusteredTest { eval_fx[i].expect("checked above") };
     let last = rows - 1;
-    // Decision row: the first row from which the expert persona's expert-minus-simple logit
-    // difference stays above the novice persona's with non-overlapping 95 % intervals.
-    let separated = |i: usize| pe.logit_diff_ci95[i].0 > pn.logit_diff_ci95[i].1;
-    let decision = (1..rows).find(|&i| (i..rows).all(separated));
-    let gap_last = pe.logit_diff_mean[last] - pn.logit_diff_mean[last];
-    let prov = |row: usize| {
+    let decision = decision_row(&sel_fx, min_effect);
+    let prov = |row: usize, split: &str| {
         c.prov(
             json!({"hook": format!("resid row {row} -> ln_final -> unembed"), "resid_row": row,
-            "position": r.position_rule, "dataset_hash": r.dataset_hash, "topic": c.cfg.pair_id,
+            "position": r.position_rule, "dataset_hash": r.dataset_hash, "split": split,
+            "n_pairs": if split == "select" { sel.len() } else { eval.len() },
             "file": "lens/lens.json"}),
         )
     };
+    let metric = "mean logit of expert words minus simple words (logit lens)";
     let mut headlines = vec![Headline {
         id: "lens.final_gap".into(),
         label: format!(
-            "final-row logit lens gap, {exp} minus {nov} persona, of (expert words minus simple words)"
+            "final-row lens readout ({metric}), {exp} minus {nov} persona, paired by question and paraphrase, evaluation split"
         ),
-        value: gap_last,
+        value: fx(last).effect,
         unit: "logits".into(),
-        ci95: None,
-        provenance: prov(last),
+        ci95: Some(fx(last).ci95),
+        provenance: prov(last, "evaluate"),
     }];
+    let paired_test = "per (question, paraphrase): the expert prompt's readout minus the novice prompt's, evaluation split; one-sided sign-flip test of question sums; 95 % CI by bootstrap over questions";
+    let mut claims = vec![Claim::from_test(
+        "lens.persona_moves_final_readout",
+        format!(
+            "At the last residual row the {exp} persona raises the expert-minus-simple word readout above the {nov} persona's on new questions (paired difference {} logits)",
+            fmt_num(fx(last).effect)
+        ),
+        "lens (lens/lens.json)",
+        paired_test,
+        "mean paired difference of the readout (logits)",
+        &fx(last),
+    )];
     let mut negatives = vec![];
     match decision {
-        Some(d) => headlines.push(Headline {
-            id: "lens.decision_row".into(),
-            label: "first residual row from which the personas' lens readouts stay separated (95 % CIs disjoint)".into(),
-            value: d as f64,
-            unit: "row".into(),
-            ci95: None,
-            provenance: prov(d),
-        }),
+        Some(d) => {
+            headlines.push(Headline {
+                id: "lens.decision_row".into(),
+                label: format!("first residual row from which the paired persona effect's 95 % lower bound stays above {} logits (chosen on the selection split)", fmt_num(min_effect)),
+                value: d as f64,
+                unit: "row".into(),
+                ci95: None,
+                provenance: prov(d, "select"),
+            });
+            headlines.push(Headline {
+                id: "lens.decision_row_effect".into(),
+                label: format!(
+                    "paired persona effect on the readout at row {d}, evaluation split"
+                ),
+                value: fx(d).effect,
+                unit: "logits".into(),
+                ci95: Some(fx(d).ci95),
+                provenance: prov(d, "evaluate"),
+            });
+            // Is the row chosen on one half already past the effect size on the other?
+            let excess: Vec<(usize, f64)> =
+                eval.iter().map(|(q, v)| (*q, v[d] - min_effect)).collect();
+            if let Some(t) = clustered_test(&excess, reps, c.cfg.seed) {
+                claims.push(Claim::from_test(
+                    "lens.settled_by_decision_row",
+                    format!(
+                        "By residual row {d} of {last} (chosen on the selection split) the personas' readouts already differ by more than {} logits on new questions (excess {} logits)",
+                        fmt_num(min_effect),
+                        fmt_num(t.effect)
+                    ),
+                    "lens (lens/lens.json)",
+                    &format!("paired difference at row {d} minus {} logits, evaluation split; one-sided sign-flip test of question sums", fmt_num(min_effect)),
+                    "mean paired difference minus the effect size (logits)",
+                    &t,
+                ));
+            }
+        }
         None => negatives.push(format!(
-            "The logit lens never separates the {exp} and {nov} personas for good (95 % intervals overlap at some row up to the last; final gap {} logits): no early decision point on the tracked words.",
-            fmt_num(gap_last)
+            "On the selection split no residual row's paired persona effect stays above {} logits (95 % lower bound) through the last row (final effect {} logits on the evaluation split): no early decision point on the tracked words.",
+            fmt_num(min_effect),
+            fmt_num(fx(last).effect)
         )),
     }
-    if gap_last < 0.0 {
+    if fx(last).effect < 0.0 {
         negatives.push(format!(
-            "At the last row the {exp} persona favours the simple words more than the {nov} persona does (gap {} logits): the tracked words move against the hypothesis.",
-            fmt_num(gap_last)
+            "At the last row the {exp} persona favours the simple words more than the {nov} persona does (paired gap {} logits): the tracked words move against the hypothesis.",
+            fmt_num(fx(last).effect)
         ));
     }
+    // The paired effect per row, both splits.
+    let series = |fxs: &[Option<ClusteredTest>], name: &str, dashed: bool| Series {
+        name: name.into(),
+        x: (0..fxs.len()).map(|i| i as f64).collect(),
+        y: fxs
+            .iter()
+            .map(|t| t.map_or(f64::NAN, |t| t.effect))
+            .collect(),
+        band: Some((
+            fxs.iter()
+                .map(|t| t.map_or(f64::NAN, |t| t.ci95.0))
+                .collect(),
+            fxs.iter()
+                .map(|t| t.map_or(f64::NAN, |t| t.ci95.1))
+                .collect(),
+        )),
+        dashed,
+    };
+    let mut chart_series = vec![series(
+        &eval_fx,
+        &format!("evaluation split ({} pairs)", eval.len()),
+        false,
+    )];
+    if sel_fx.iter().all(|t| t.is_some()) && !sel_fx.is_empty() {
+        chart_series.push(series(
+            &sel_fx,
+            &format!("selection split ({} pairs)", sel.len()),
+            true,
+        ));
+    }
+    save_line_chart(
+        &LineChart {
+            title: format!("Paired persona effect on the logit lens, {}", c.cfg.model),
+            x_label: "residual row".into(),
+            y_label: format!("{exp} minus {nov} readout (logits)"),
+            series: chart_series,
+            y_range: None,
+            hline: Some((min_effect, format!("effect size {}", fmt_num(min_effect)))),
+            caption: format!(
+                "{}; {metric}; position {}; paired by question and paraphrase; bands: 95 % CI by bootstrap over questions; split seed {}",
+                c.cfg.model, r.position_rule, c.cfg.seed
+            ),
+        },
+        &dir.join("paired_effect"),
+    )?;
     Ok(StepOut {
         step: "lens".into(),
         command: args,
         headlines,
         negatives,
-        plots: vec![Plot {
-            png: "lens/logit_diff.png".into(),
-            caption: format!("Logit lens: mean logit of expert words minus simple words at the last prompt token, by residual row, per persona ({} prompts on {}); bands: 95 % CI.", r.prompts.len(), c.cfg.pair_id),
-        }],
+        claims,
+        plots: vec![
+            Plot {
+                png: "lens/paired_effect.png".into(),
+                caption: format!("Logit lens, paired: {exp} minus {nov} persona's readout (expert words minus simple words) per residual row, evaluation split (solid) and selection split (dashed); bands: 95 % CI by bootstrap over questions; line: the decision row's effect size."),
+            },
+            Plot {
+                png: "lens/logit_diff.png".into(),
+                caption: format!("Logit lens: mean logit of expert words minus simple words at the last prompt token, by residual row, per persona ({} prompts, both splits); bands: 95 % CI over prompts.", r.prompts.len()),
+            },
+        ],
         data: json!({"personas": r.personas.iter().map(|p| json!({"persona": p.persona, "n": p.n_prompts, "logit_diff_mean": p.logit_diff_mean})).collect::<Vec<_>>(),
             "expert_words": r.expert_words.iter().map(|w| w.word.clone()).collect::<Vec<_>>(),
             "simple_words": r.simple_words.iter().map(|w| w.word.clone()).collect::<Vec<_>>(),
+            "paired_effect_evaluate": eval_fx.iter().map(|t| t.map(|t| json!({"effect": t.effect, "ci95": [t.ci95.0, t.ci95.1], "p": t.p_value}))).collect::<Vec<_>>(),
+            "paired_effect_select": sel_fx.iter().map(|t| t.map(|t| json!({"effect": t.effect, "ci95": [t.ci95.0, t.ci95.1]}))).collect::<Vec<_>>(),
+            "n_pairs": {"select": sel.len(), "evaluate": eval.len()},
+            "min_effect": min_effect,
             "decision_row": decision, "metric": r.metric, "warnings": r.warnings,
             "prompts_from_probe_activations": r.prompts_from_cache}),
         ..Default::default()
@@ -1172,6 +1308,36 @@ fn heads_step(c: &Ctx) -> Result<StepOut> {
     let Cmd::Heads(ha) = c.parse(&args)? else {
         bail!("internal: heads arguments")
     };
+    // One answer pair for the topic, chosen on the selection pairs, absent from every prompt;
+    // the ablate step reuses it on the evaluation pairs.
+    let sel_pairs = persona_lens_analysis::heads::dataset_pairs(&ha.data.load()?);
+    let words = |base: &[&str], extra: &[&str]| -> Vec<String> {
+        base.iter().chain(extra).map(|w| w.to_string()).collect()
+    };
+    use persona_lens_analysis::patching::{SIMPLE_ANSWERS, TECHNICAL_ANSWERS};
+    let (answer_a, answer_b, answer_gap) = persona_lens_analysis::heads::choose_answers(
+        c.model,
+        &sel_pairs,
+        ha.data.chat(c.model),
+        &words(SIMPLE_ANSWERS, &["Imagine", "Hey", "Sure", "Wow"]),
+        &words(TECHNICAL_ANSWERS, &["The", "In", "technical"]),
+    )?;
+    std::fs::create_dir_all(&dir)?;
+    write_json(
+        &dir.join("answers.json"),
+        &json!({"answer_a": answer_a, "answer_b": answer_b, "split": "select",
+            "mean_persona_gap": answer_gap, "n_pairs": sel_pairs.len(),
+            "rule": "single-token words absent from every prompt of the selection pairs, maximising the mean novice-minus-expert logit difference"}),
+    )?;
+    args.extend([
+        "--answer-a".into(),
+        answer_a.clone(),
+        "--answer-b".into(),
+        answer_b.clone(),
+    ]);
+    let Cmd::Heads(ha) = c.parse(&args)? else {
+        bail!("internal: heads arguments")
+    };
     let out = heads_with(c.model, &ha, false)?;
     let ranking = &out["ranking"];
     // (layer, head, pooled score, 95 % CI of the mean per-pair ratio)
@@ -1204,7 +1370,7 @@ fn heads_step(c: &Ctx) -> Result<StepOut> {
             unit: "fraction restored".into(),
             ci95: None,
             provenance: c.prov(json!({"hook": format!("blocks.{l}.attn.hook_z"), "layer": l, "head": hh,
-                "split": "select", "mean_ratio_ci95": [lo, hi],
+                "split": "select", "mean_ratio_ci95": [lo, hi], "answers": [answer_a, answer_b],
                 "position": "all (suffix-aligned)", "topic": c.cfg.pair_id, "n_pairs": n_pairs, "file": "heads/heads.json"})),
         });
         if lo <= 0.0 {
@@ -1235,7 +1401,8 @@ fn heads_step(c: &Ctx) -> Result<StepOut> {
             png: "heads/heads.png".into(),
             caption: format!("Persona-mover heads: pooled z-patching score per head (sum of effects over sum of gaps) over {n_pairs} {} selection-split pairs (novice into expert prompt).", c.cfg.pair_id),
         }],
-        data: json!({"top": out["top"], "n_pairs": n_pairs, "n_skipped": ranking["n_skipped"], "circuit": circuit, "roles": roles}),
+        data: json!({"top": out["top"], "n_pairs": n_pairs, "n_skipped": ranking["n_skipped"], "circuit": circuit, "roles": roles,
+            "answers": [answer_a, answer_b], "answers_mean_gap_select": answer_gap}),
         ..Default::default()
     })
 }
@@ -1276,6 +1443,14 @@ fn ablate_step(c: &Ctx) -> Result<StepOut> {
         "--out".into(),
         dir.display().to_string(),
     ]);
+    // The answer words the heads were ranked with (chosen on the selection split).
+    let answers: Value = serde_json::from_str(
+        &std::fs::read_to_string(c.dir("heads").join("answers.json"))
+            .context("the ablate step needs heads/answers.json; re-run the heads step")?,
+    )?;
+    if let (Some(x), Some(y)) = (answers["answer_a"].as_str(), answers["answer_b"].as_str()) {
+        args.extend(["--answer-a".into(), x.into(), "--answer-b".into(), y.into()]);
+    }
     c.quiet_flag(&mut args);
     let Cmd::Ablate(aa) = c.parse(&args)? else {
         bail!("internal: ablate arguments")
@@ -1415,6 +1590,12 @@ fn ablate_step(c: &Ctx) -> Result<StepOut> {
 }
 
 fn steer_step(c: &Ctx) -> Result<StepOut> {
+    use persona_lens_analysis::claims::clustered_test;
+    use persona_lens_analysis::stats::rank_p_value;
+    use persona_lens_analysis::steering::{
+        load_direction, mean_resid_norm, scale_direction, steer_against_random, NormConvention,
+        SteerPositions,
+    };
     let dir = c.dir("steer");
     let directions = c.dir("probe").join("directions.safetensors");
     if !directions.exists() {
@@ -1430,8 +1611,19 @@ fn steer_step(c: &Ctx) -> Result<StepOut> {
     } else {
         st.layers.clone()
     };
+    let data_args = |split: &str| {
+        let mut v = dataset_args(c, None, c.cfg.n_questions_per_pair);
+        v.extend([
+            "--split-seed".into(),
+            s(c.cfg.seed),
+            "--split".into(),
+            split.into(),
+        ]);
+        v
+    };
+    // 1. The dose-response sweep on the selection split: it chooses the layer and alpha.
     let mut args = c.base("steer-sweep");
-    args.extend(dataset_args(c, Some(&c.cfg.pair_id), 10));
+    args.extend(data_args("select"));
     args.extend([
         "--direction".into(),
         directions.display().to_string(),
@@ -1471,73 +1663,279 @@ fn steer_step(c: &Ctx) -> Result<StepOut> {
             .and_then(|x| x["measures"].get(key))
             .map(|m| (f(&m[0]), f(&m[1]), f(&m[2])))
     };
-    let amax = st.alphas.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
     let a0 = st.alphas.iter().cloned().fold(f64::INFINITY, f64::min);
     let mut headlines = vec![];
     let mut negatives = vec![];
+    // The fluent cell with the largest grade change (selection split).
+    let mut best: Option<(usize, f64, f64, f64)> = None; // layer, alpha, grade change, ppl ratio
+    let mut least_broken: Option<(usize, f64, f64, f64)> = None;
     for &l in &layers {
-        let (Some(g0), Some(g1)) = (
+        let (Some(g0), Some(p0)) = (
             measure(l, a0, "flesch_kincaid_grade"),
-            measure(l, amax, "flesch_kincaid_grade"),
+            measure(l, a0, "perplexity"),
         ) else {
             continue;
         };
-        let prov = c.prov(
-            json!({"hook": format!("blocks.{l}.hook_resid_post"), "layer": l,
-            "direction": "probe/directions.safetensors", "kind": st.kind, "norm": st.norm,
-            "alpha": amax, "n_prompts": st.n_prompts, "file": "steer/steer_sweep.json"}),
-        );
-        headlines.push(Headline {
-            id: format!("steer.layer{l}.grade_change"),
-            label: format!("Flesch-Kincaid grade change of novice-prompt answers steered at layer {l}, alpha {} vs {}", fmt_num(amax), fmt_num(a0)),
-            value: g1.0 - g0.0,
-            unit: "US grade levels".into(),
-            ci95: None,
-            provenance: prov.clone(),
-        });
-        let overlap = g1.1 <= g0.2 && g0.1 <= g1.2;
-        if let Some(h) = headlines.last_mut() {
-            h.provenance["ci95_overlap"] = json!(overlap);
-        }
-        if overlap {
-            negatives.push(format!(
-                "Steering at layer {l} with alpha {} does not move the answers' grade beyond noise ({} to {} grade; 95 % intervals overlap).",
-                fmt_num(amax), fmt_num(g0.0), fmt_num(g1.0)
-            ));
-        }
-        if let (Some(p0), Some(p1)) = (measure(l, a0, "perplexity"), measure(l, amax, "perplexity"))
-        {
-            let ratio = p1.0 / p0.0;
-            headlines.push(Headline {
-                id: format!("steer.layer{l}.perplexity_ratio"),
-                label: format!(
-                    "perplexity of steered answers (layer {l}, alpha {}) relative to alpha {}",
-                    fmt_num(amax),
-                    fmt_num(a0)
-                ),
-                value: ratio,
-                unit: "ratio".into(),
-                ci95: None,
-                provenance: prov,
-            });
-            if ratio > 2.0 {
-                negatives.push(format!(
-                    "At layer {l} alpha {} the answers' perplexity is {}x the unsteered one: the grade change there comes with broken text (circuit failure, not a cleaner expert answer).",
-                    fmt_num(amax), fmt_num(ratio)
-                ));
+        for &a in st.alphas.iter().filter(|&&a| a > a0 && a > 0.0) {
+            let (Some(g), Some(p)) = (
+                measure(l, a, "flesch_kincaid_grade"),
+                measure(l, a, "perplexity"),
+            ) else {
+                continue;
+            };
+            let cell = (l, a, g.0 - g0.0, p.0 / p0.0);
+            if cell.3 <= st.max_perplexity_ratio {
+                if best.is_none_or(|b| cell.2 > b.2) {
+                    best = Some(cell);
+                }
+            } else if least_broken.is_none_or(|b| cell.3 < b.3) {
+                least_broken = Some(cell);
             }
         }
     }
+    let chosen = match (best, least_broken) {
+        (Some(b), _) => b,
+        (None, Some(b)) => {
+            negatives.push(format!(
+                "No steering cell of the selection sweep keeps the answers' perplexity within {}x of the unsteered answers'; the least broken one (layer {}, alpha {}, {}x) is evaluated.",
+                fmt_num(st.max_perplexity_ratio), b.0, fmt_num(b.1), fmt_num(b.3)
+            ));
+            b
+        }
+        (None, None) => bail!(
+            "steer: the sweep needs alpha {} and at least one larger alpha with scored answers; check [steer] alphas",
+            fmt_num(a0)
+        ),
+    };
+    let (layer, alpha, sel_change, sel_ppl) = chosen;
+    let sweep_prov = c.prov(json!({"hook": format!("blocks.{layer}.hook_resid_post"), "layer": layer,
+        "alpha": alpha, "split": "select", "n_prompts": st.n_prompts, "file": "steer/steer_sweep.json"}));
+    headlines.push(Headline {
+        id: "steer.select.grade_change".into(),
+        label: format!("Flesch-Kincaid grade change of novice-prompt answers at the chosen cell (layer {layer}, alpha {}), selection split", fmt_num(alpha)),
+        value: sel_change,
+        unit: "US grade levels".into(),
+        ci95: None,
+        provenance: merged(sweep_prov.clone(), &json!({"perplexity_ratio": sel_ppl})),
+    });
+
+    // 2. The chosen cell on new prompts (evaluation split), beside random directions.
+    let mut eargs = c.base("steer");
+    eargs.extend(data_args("evaluate"));
+    eargs.extend([
+        "--layer".into(),
+        s(layer),
+        "--n-prompts".into(),
+        s(st.n_eval_prompts),
+        "--max-new-tokens".into(),
+        s(st.max_new_tokens),
+    ]);
+    let Cmd::Steer(ea) = c.parse(&eargs)? else {
+        bail!("internal: steer arguments")
+    };
+    let chat = ea.data.chat(c.model);
+    let novice = crate::steer_cmds::steer_prompts(&ea.data, &ea.gen)?;
+    let mut expert_gen = ea.gen.clone();
+    expert_gen.persona = "expert".into();
+    let expert = crate::steer_cmds::steer_prompts(&ea.data, &expert_gen)?;
+    let encode = |ps: &[persona_lens_analysis::steering::SteerPrompt]| -> Result<Vec<Vec<u32>>> {
+        Ok(ps
+            .iter()
+            .map(|p| c.model.encode_prompt(&p.text, chat))
+            .collect::<std::result::Result<_, _>>()?)
+    };
+    let (nov_ids, exp_ids) = (encode(&novice)?, encode(&expert)?);
+    let d = load_direction(&directions, Some(layer), false, st.kind.parse()?, n)?;
+    let mrn = mean_resid_norm(c.model, &nov_ids, d.hook)?;
+    let v: Vec<f32> = scale_direction(&d.vector, NormConvention::parse(&st.norm)?, Some(mrn))?
+        .iter()
+        .map(|x| (*x as f64 * alpha) as f32)
+        .collect();
+    let opts = crate::steer_cmds::gen_options(c.model, &ea.gen);
+    let total = (nov_ids.len() * (2 + st.n_random) + exp_ids.len() * 2) as u64;
+    let pb = crate::engine_cmds::progress(total, c.quiet, "evaluation answers");
+    let toward_expert = steer_against_random(
+        c.model,
+        &nov_ids,
+        d.hook,
+        &v,
+        SteerPositions::All,
+        st.n_random,
+        c.cfg.seed,
+        &opts,
+        8,
+        &|k| pb.inc(k as u64),
+    )?;
+    let minus: Vec<f32> = v.iter().map(|x| -x).collect();
+    let toward_novice = steer_against_random(
+        c.model,
+        &exp_ids,
+        d.hook,
+        &minus,
+        SteerPositions::All,
+        0,
+        c.cfg.seed,
+        &opts,
+        8,
+        &|k| pb.inc(k as u64),
+    )?;
+    pb.finish_and_clear();
+    let reps = 2000;
+    let eval_prov = c.prov(
+        json!({"hook": d.hook.to_string(), "layer": layer, "alpha": alpha,
+        "direction": "probe/directions.safetensors", "kind": st.kind, "norm": st.norm,
+        "split": "evaluate", "n_prompts": nov_ids.len(), "n_random": st.n_random,
+        "max_new_tokens": st.max_new_tokens, "file": "steer/evaluation.json"}),
+    );
+    let mut claims = vec![];
+    let shifts = toward_expert.grade_shifts();
+    let randoms = toward_expert.random_mean_shifts();
+    let mut sorted = randoms.clone();
+    sorted.sort_by(f64::total_cmp);
+    let q = |p: f64| -> f64 {
+        if sorted.is_empty() {
+            f64::NAN
+        } else {
+            sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+        }
+    };
+    let random_median = q(0.5);
+    if let Some(t) = clustered_test(&shifts, reps, c.cfg.seed) {
+        headlines.push(Headline {
+            id: "steer.eval.grade_change".into(),
+            label: format!("Flesch-Kincaid grade change of answers to new novice prompts steered toward {} (layer {layer}, alpha {}), evaluation split", novice_expert(&c.cfg.persona_pair).1, fmt_num(alpha)),
+            value: t.effect,
+            unit: "US grade levels".into(),
+            ci95: Some(t.ci95),
+            provenance: eval_prov.clone(),
+        });
+        claims.push(Claim::from_test(
+            "steer.raises_grade_on_new_prompts",
+            format!("Steering along the persona direction (layer {layer}, alpha {}, chosen on the selection split) raises the reading grade of answers to new novice prompts (by {} grade levels)", fmt_num(alpha), fmt_num(t.effect)),
+            "steer (steer/evaluation.json)",
+            "per prompt: steered minus unsteered Flesch-Kincaid grade of greedy answers, evaluation split, one question per prompt; one-sided sign-flip test; 95 % CI by bootstrap over questions",
+            "mean grade change (US grade levels)",
+            &t,
+        ));
+        if !randoms.is_empty() {
+            let p = rank_p_value(t.effect, &randoms);
+            headlines.push(Headline {
+                id: "steer.eval.random_grade_change".into(),
+                label: format!("median grade change under {} norm-matched random directions (same prompts, layer, norm); interval: their 2.5-97.5 % range", randoms.len()),
+                value: random_median,
+                unit: "US grade levels".into(),
+                ci95: Some((q(0.025), q(0.975))),
+                provenance: eval_prov.clone(),
+            });
+            claims.push(Claim {
+                id: "steer.beats_random_directions".into(),
+                statement: format!("The persona direction raises the answers' grade more than random directions of the same norm do ({} vs a median {} grade levels over {} random directions)", fmt_num(t.effect), fmt_num(random_median), randoms.len()),
+                analysis: "steer (steer/evaluation.json)".into(),
+                test: format!("rank of the persona direction's mean grade change among {} norm-matched Gaussian random directions on the same evaluation prompts: p = (1 + #random >= observed) / (1 + n)", randoms.len()),
+                statistic: "mean grade change minus the random directions' median (US grade levels); CI: the persona direction's clustered CI minus that median".into(),
+                effect: t.effect - random_median,
+                ci95: (t.ci95.0 - random_median, t.ci95.1 - random_median),
+                p_value: p,
+                p_adjusted: p,
+                supported: false,
+                n_clusters: t.n_clusters,
+            });
+        }
+    } else {
+        negatives.push(format!("Steering could not be evaluated: fewer than two evaluation prompts had gradable answers ({} prompts, {} new tokens).", nov_ids.len(), st.max_new_tokens));
+    }
+    let lowered: Vec<(usize, f64)> = toward_novice
+        .grade_shifts()
+        .into_iter()
+        .map(|(i, x)| (i, -x))
+        .collect();
+    if let Some(t) = clustered_test(&lowered, reps, c.cfg.seed) {
+        headlines.push(Headline {
+            id: "steer.eval.toward_novice_grade_drop".into(),
+            label: format!("Flesch-Kincaid grade drop of answers to new expert prompts steered toward {} (minus the same vector), evaluation split", novice_expert(&c.cfg.persona_pair).0),
+            value: t.effect,
+            unit: "US grade levels".into(),
+            ci95: Some(t.ci95),
+            provenance: eval_prov.clone(),
+        });
+        claims.push(Claim::from_test(
+            "steer.toward_novice_lowers_grade",
+            format!("Steering the other way (minus the same vector) lowers the reading grade of answers to new expert prompts (by {} grade levels)", fmt_num(t.effect)),
+            "steer (steer/evaluation.json)",
+            "per prompt: unsteered minus steered Flesch-Kincaid grade of greedy answers to expert prompts, evaluation split; one-sided sign-flip test; 95 % CI by bootstrap over questions",
+            "mean grade drop (US grade levels)",
+            &t,
+        ));
+    }
+    let mean_ppl = |a: &[persona_lens_analysis::steering::ScoredAnswer]| {
+        let v: Vec<f64> = a.iter().filter_map(|x| x.perplexity).collect();
+        v.iter().sum::<f64>() / v.len().max(1) as f64
+    };
+    let ratio = mean_ppl(&toward_expert.steered) / mean_ppl(&toward_expert.unsteered);
+    headlines.push(Headline {
+        id: "steer.eval.perplexity_ratio".into(),
+        label: "mean perplexity of the steered answers over the unsteered answers' (unsteered model), evaluation split".into(),
+        value: ratio,
+        unit: "ratio".into(),
+        ci95: None,
+        provenance: eval_prov.clone(),
+    });
+    if ratio > st.max_perplexity_ratio {
+        negatives.push(format!(
+            "On the evaluation prompts the steered answers' perplexity is {}x the unsteered answers': the grade change comes with broken text.",
+            fmt_num(ratio)
+        ));
+    }
+    persona_lens_analysis::write_json(
+        &dir.join("evaluation.json"),
+        &json!({"layer": layer, "alpha": alpha, "hook": d.hook.to_string(), "split": "evaluate",
+            "novice_prompts": novice.iter().map(|p| &p.id).collect::<Vec<_>>(),
+            "expert_prompts": expert.iter().map(|p| &p.id).collect::<Vec<_>>(),
+            "toward_expert": toward_expert, "toward_novice": toward_novice,
+            "random_mean_shifts": randoms}),
+    )?;
+    // The persona direction among the random ones.
+    let mut bars = vec![Bar {
+        label: "persona direction".into(),
+        value: shifts.iter().map(|x| x.1).sum::<f64>() / shifts.len().max(1) as f64,
+        err: None,
+        group: 0,
+    }];
+    let mut ranked: Vec<(usize, f64)> = randoms.iter().cloned().enumerate().collect();
+    ranked.sort_by(|a, b| b.1.total_cmp(&a.1));
+    bars.extend(ranked.iter().map(|(i, v)| Bar {
+        label: format!("random {}", i + 1),
+        value: *v,
+        err: None,
+        group: 1,
+    }));
+    save_bar_chart(
+        &BarChart {
+            title: format!("Grade change: persona direction vs random directions, {}", c.cfg.model),
+            x_label: "mean Flesch-Kincaid grade change of answers (US grade levels)".into(),
+            bars,
+            groups: vec!["persona direction".into(), "norm-matched random".into()],
+            caption: format!(
+                "{}; {} at alpha {} (norm {}); {} new novice prompts (evaluation split); greedy, {} new tokens; seed {}",
+                c.cfg.model, d.hook, fmt_num(alpha), fmt_num(toward_expert.norm), nov_ids.len(), st.max_new_tokens, c.cfg.seed
+            ),
+        },
+        &dir.join("vs_random"),
+    )?;
     Ok(StepOut {
         step: "steer".into(),
         command: args,
         headlines,
         negatives,
+        claims,
         plots: vec![
-            Plot { png: "steer/dose_response_grade.png".into(), caption: "Dose-response: Flesch-Kincaid grade of greedy answers to novice prompts against steering alpha (child-to-PhD direction), one line per layer; bands: bootstrap 95 % CI.".into() },
-            Plot { png: "steer/dose_response_fluency.png".into(), caption: "Fluency: perplexity of the steered answers under the unsteered model against alpha.".into() },
+            Plot { png: "steer/vs_random.png".into(), caption: "Steering on new prompts: the persona direction's mean grade change of answers beside norm-matched random directions (evaluation split).".into() },
+            Plot { png: "steer/dose_response_grade.png".into(), caption: "Selection sweep: Flesch-Kincaid grade of greedy answers to novice prompts against steering alpha, one line per layer (selection split); bands: bootstrap 95 % CI.".into() },
+            Plot { png: "steer/dose_response_fluency.png".into(), caption: "Selection sweep: perplexity of the steered answers under the unsteered model against alpha.".into() },
         ],
-        data: json!({"layers": layers, "alphas": st.alphas, "cells": cells}),
+        data: json!({"layers": layers, "alphas": st.alphas, "cells": cells,
+            "chosen": {"layer": layer, "alpha": alpha, "select_grade_change": sel_change, "select_perplexity_ratio": sel_ppl},
+            "evaluation_command": eargs}),
         ..Default::default()
     })
 }
@@ -1550,20 +1948,37 @@ fn diff_step(c: &Ctx) -> Result<StepOut> {
     use persona_lens_diffing::train::{train as run_train, Objective, TrainConfig};
     let dir = c.dir("diff");
     let d = &c.cfg.diff;
-    let chat = load_model(&ModelArgs {
-        model: d.chat_model.clone(),
+    // The study's model is one side; the configured partner of the other kind is the other.
+    let study_is_chat = c.model.is_chat_model();
+    let partner_name = if study_is_chat {
+        d.base_model.clone()
+    } else {
+        d.chat_model.clone()
+    };
+    let partner = load_model(&ModelArgs {
+        model: partner_name.clone(),
         models_dir: c.models_dir.clone(),
         dtype: DtypeArg::F32,
         quantized: None,
         threads: c.threads,
         json: false,
     })?;
-    let models = [c.model, &chat];
+    let (base, chat) = if study_is_chat {
+        (&partner, c.model)
+    } else {
+        (c.model, &partner)
+    };
+    let (base_name, chat_name) = if study_is_chat {
+        (partner_name.as_str(), c.cfg.model.as_str())
+    } else {
+        (c.cfg.model.as_str(), partner_name.as_str())
+    };
+    let models = [base, chat];
     let hooks = [
-        persona_lens_diffing::harvest::middle_resid_post(c.model),
-        persona_lens_diffing::harvest::middle_resid_post(&chat),
+        persona_lens_diffing::harvest::middle_resid_post(base),
+        persona_lens_diffing::harvest::middle_resid_post(chat),
     ];
-    let template = [c.model.is_chat_model(), chat.is_chat_model()];
+    let template = [base.is_chat_model(), chat.is_chat_model()];
     let ds = persona_lens_analysis::dataset::generate(&persona_lens_analysis::GenOptions {
         persona_pairs: vec![c.cfg.persona_pair.clone()],
         topics: vec![],
@@ -1649,11 +2064,9 @@ fn diff_step(c: &Ctx) -> Result<StepOut> {
         }
     })?;
     let prov = |extra: Value| {
-        let v = c.prov(
-            json!({"base_model": c.cfg.model, "chat_model": d.chat_model,
+        let v = c.prov(json!({"base_model": base_name, "chat_model": chat_name,
             "hooks": [hooks[0].to_string(), hooks[1].to_string()], "position": "last",
-            "dict_size": d.dict_size, "steps": d.steps, "file": "diff/analysis/summary.json"}),
-        );
+            "dict_size": d.dict_size, "steps": d.steps, "file": "diff/analysis/summary.json"}));
         merged(v, &extra)
     };
     let mut headlines = vec![Headline {
@@ -1701,12 +2114,10 @@ fn diff_step(c: &Ctx) -> Result<StepOut> {
             }
         }
     }
-    if c.model.config().arch != chat.config().arch
-        || c.model.config().d_model != chat.config().d_model
-    {
+    if base.config().arch != chat.config().arch || base.config().d_model != chat.config().d_model {
         negatives.push(format!(
             "The diffed models differ in architecture and width ({} d={} vs {} d={}): decoder cosines and Latent Scaling between their spaces are not meaningful, only per-model activations and Δ_norm are.",
-            c.cfg.model, c.model.config().d_model, d.chat_model, chat.config().d_model
+            base_name, base.config().d_model, chat_name, chat.config().d_model
         ));
     }
     let mut plots = vec![];
@@ -1726,7 +2137,7 @@ fn diff_step(c: &Ctx) -> Result<StepOut> {
         step: "diff".into(),
         command: vec![
             "diff harvest / diff train / diff analyze (library calls; see diff/analysis/summary.json)".into(),
-            format!("--base-model {} --chat-model {} --dict-size {} --steps {} --batch-size {} --l1-coeff {} --seed {}", c.cfg.model, d.chat_model, d.dict_size, d.steps, d.batch_size, d.l1_coeff, c.cfg.seed),
+            format!("--base-model {} --chat-model {} --dict-size {} --steps {} --batch-size {} --l1-coeff {} --seed {}", base_name, chat_name, d.dict_size, d.steps, d.batch_size, d.l1_coeff, c.cfg.seed),
         ],
         headlines,
         negatives,
@@ -1951,7 +2362,9 @@ fn build_summary(c: &Ctx, mhash: &str, results: &[StepOut]) -> Result<Value> {
         "objective": format!("Find out whether {} builds an internal model of its user's expertise ({nov} vs {exp}), where in the network it lives, and whether it settles the complexity of its answer before writing a word.", c.cfg.model),
         "model": {"name": c.cfg.model, "sha256": mhash, "arch": cfgm.arch.name(), "n_layers": cfgm.n_layers,
                   "d_model": cfgm.d_model, "n_heads": cfgm.n_heads, "format": c.model.info.format,
-                  "precision": c.model.info.precision, "chat_template": c.model.is_chat_model()},
+                  "precision": c.model.info.precision, "chat_template": c.model.is_chat_model(),
+                  "kind": if c.model.is_chat_model() { "chat" } else { "base" },
+                  "weight_types": c.model.info.tensor_types},
         "dataset": dataset,
         "persona_pair": c.cfg.persona_pair,
         "topic": c.cfg.pair_id,
@@ -2001,8 +2414,27 @@ pub fn executive_summary(s: &Value) -> String {
     let pair = s["persona_pair"].as_str().unwrap_or("child-phd");
     let (nov, exp) = novice_expert(pair);
     let claims: Vec<Claim> = serde_json::from_value(s["claims"].clone()).unwrap_or_default();
+    let kind = match s["model"]["kind"].as_str() {
+        Some("chat") => "a chat model, prompts in its chat template",
+        Some("base") => "a base model, raw-text prompts",
+        _ => "a model",
+    };
+    let weights: Vec<String> = s["model"]["weight_types"]
+        .as_object()
+        .map(|m| m.keys().cloned().collect())
+        .unwrap_or_default();
+    let weights = if weights.is_empty() {
+        String::new()
+    } else {
+        format!(
+            "; {} weights ({}), computed as {}",
+            s["model"]["format"].as_str().unwrap_or(""),
+            weights.join(", "),
+            s["model"]["precision"].as_str().unwrap_or("")
+        )
+    };
     let mut core: Vec<String> = vec![format!(
-        "Does {model} keep a model of who it is talking to ({nov} vs {exp})?"
+        "Does {model} ({kind}{weights}) keep a model of who it is talking to ({nov} vs {exp})?"
     )];
     let supported: Vec<String> = claims
         .iter()
@@ -2018,18 +2450,6 @@ pub fn executive_summary(s: &Value) -> String {
         core.push(format!("Supported: {}", supported.join(" ")));
     }
     let mut measured: Vec<String> = vec![];
-    if let Some(g) = hl(s, "lens.final_gap") {
-        measured.push(match hl(s, "lens.decision_row") {
-            Some(d) => format!(
-                "the logit lens's technical-minus-simple readout separates the personas from row {} and ends {} logits apart",
-                shown(d), shown(g)
-            ),
-            None => format!(
-                "the logit lens's technical-minus-simple readouts end {} logits apart without a row where they separate for good",
-                shown(g)
-            ),
-        });
-    }
     if let Some(h) = hl(s, "patch.resid_last_half_layer") {
         measured.push(format!(
             "patching the last position's residual stream restores half of the {nov} behaviour from layer {} on",
@@ -2049,7 +2469,7 @@ pub fn executive_summary(s: &Value) -> String {
             })
             .collect();
         measured.push(format!(
-            "z-patching ranks the heads {} first (mean restoration scores)",
+            "z-patching on the selection split ranks the heads {} first (pooled restoration scores)",
             names.join(", ")
         ));
     }
@@ -2062,24 +2482,6 @@ pub fn executive_summary(s: &Value) -> String {
                 "{mode}-ablating the top heads changes the persona gap by {} logits against {} for random heads",
                 shown(t),
                 shown(r)
-            ));
-        }
-    }
-    if let Some(a) = s["headlines"].as_array() {
-        for h in a.iter().filter(|h| {
-            h["id"]
-                .as_str()
-                .is_some_and(|i| i.starts_with("steer.") && i.ends_with("grade_change"))
-        }) {
-            let noise = if h["provenance"]["ci95_overlap"] == json!(true) {
-                ", within noise"
-            } else {
-                ""
-            };
-            measured.push(format!(
-                "steering at layer {} shifts the reading grade of answers by {}{noise}",
-                h["provenance"]["layer"],
-                shown(h)
             ));
         }
     }

@@ -32,6 +32,8 @@ gen_tokens = 8
 layers = [6]
 alphas = [0.0, 4.0]
 n_prompts = 2
+n_eval_prompts = 3
+n_random = 3
 max_new_tokens = 12
 bootstrap = 200
 
@@ -174,7 +176,7 @@ fn whole_study_end_to_end() {
     for h in headlines {
         assert!(h["value"].is_number(), "{h}");
         assert!(!h["unit"].as_str().unwrap().is_empty(), "{h}");
-        assert_eq!(h["provenance"]["model"], "gemma-3-270m", "{h}");
+        assert_eq!(h["provenance"]["model"], "smollm2-135m-instruct", "{h}");
         assert_eq!(h["provenance"]["seed"], 7, "{h}");
         assert!(h["provenance"]["file"].is_string(), "{h}");
     }
@@ -188,7 +190,8 @@ fn whole_study_end_to_end() {
         "patch.clean_minus_corrupted",
         "heads.top_score",
         "ablate.baseline_gap",
-        "steer.layer6.grade_change",
+        "steer.select.grade_change",
+        "steer.eval.perplexity_ratio",
         "diff.fve",
     ] {
         assert!(ids.contains(&id), "missing headline {id}: {ids:?}");
@@ -201,7 +204,7 @@ fn whole_study_end_to_end() {
         .iter()
         .map(|p| p["n"].as_u64().unwrap())
         .sum();
-    assert_eq!(n_lens, 24); // 1 question x 12 persona paraphrases x 2 personas
+    assert_eq!(n_lens, 192); // 8 topics x 1 question x 12 persona paraphrases x 2 personas
     assert_eq!(lens["prompts_from_probe_activations"], n_lens);
     let acc = headlines
         .iter()
@@ -215,7 +218,21 @@ fn whole_study_end_to_end() {
     // Every claim carries its test; a supported one is in the executive summary, an unsupported
     // one among the negative results, with its numbers.
     let claims = s["claims"].as_array().unwrap();
-    assert!(claims.len() >= 3, "{} claims", claims.len());
+    assert!(claims.len() >= 4, "{} claims", claims.len());
+    let claim_ids: Vec<&str> = claims.iter().map(|c| c["id"].as_str().unwrap()).collect();
+    for id in [
+        "probe.decodable_on_new_questions",
+        "probe.beats_bag_of_tokens",
+        "lens.persona_moves_final_readout",
+    ] {
+        assert!(claim_ids.contains(&id), "missing claim {id}: {claim_ids:?}");
+    }
+    // The report says which kind of model it studied, and how its weights were stored.
+    assert_eq!(s["model"]["kind"], "chat");
+    assert!(
+        exec.contains("a chat model") && exec.contains("Q4_1"),
+        "{exec}"
+    );
     let negs = serde_json::to_string(&s["negative_results"]).unwrap();
     for c in claims {
         for k in [
