@@ -801,6 +801,11 @@ pub struct AblateArgs {
     /// Random head sets of the same size (baseline).
     #[arg(long, default_value_t = 5)]
     pub n_random: usize,
+    /// Random head sets for the first --mode (default: --n-random): the mode whose rank p-value
+    /// is tested, so it can reach below 1 / (1 + n-random). Sets beyond the first three get
+    /// only the gap (two forwards per pair).
+    #[arg(long)]
+    pub n_random_primary: Option<usize>,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     #[arg(long, requires = "answer_b")]
@@ -868,7 +873,14 @@ pub fn ablate_with(model: &Model, a: &AblateArgs, print: bool) -> Result<Value> 
             )?)
         })
         .collect::<Result<_>>()?;
-    let randoms = random_head_sets(model, heads.len(), a.n_random, a.seed, &heads);
+    let n_primary = a.n_random_primary.unwrap_or(a.n_random);
+    let randoms = random_head_sets(
+        model,
+        heads.len(),
+        a.n_random.max(n_primary),
+        a.seed,
+        &heads,
+    );
     let mut layers: Vec<usize> = heads
         .iter()
         .chain(randoms.iter().flatten())
@@ -890,7 +902,8 @@ pub fn ablate_with(model: &Model, a: &AblateArgs, print: bool) -> Result<Value> 
         n_generate: a.n_generate,
         gen_tokens: a.gen_tokens,
     };
-    let total = 1 + modes.len() * (1 + randoms.len());
+    let n_sets = |mi: usize| if mi == 0 { n_primary } else { a.n_random };
+    let total = 1 + (0..modes.len()).map(|mi| 1 + n_sets(mi)).sum::<usize>();
     let pb = progress(total as u64, quiet, "ablation runs");
     let t = Instant::now();
     let mut effects: Vec<AblationEffect> = vec![setup.run("none", &[], AblationMode::Zero)?];
@@ -899,10 +912,10 @@ pub fn ablate_with(model: &Model, a: &AblateArgs, print: bool) -> Result<Value> 
     // probes and the generated answers of a full run.
     const FULL_RANDOM_RUNS: usize = 3;
     let mut random_gaps: Vec<(AblationMode, f64)> = vec![];
-    for &m in &modes {
+    for (mi, &m) in modes.iter().enumerate() {
         effects.push(setup.run("top", &heads, m)?);
         pb.inc(1);
-        for (i, r) in randoms.iter().enumerate() {
+        for (i, r) in randoms.iter().take(n_sets(mi)).enumerate() {
             if i < FULL_RANDOM_RUNS {
                 let e = setup.run(&format!("random{i}"), r, m)?;
                 random_gaps.push((m, e.gap_mean));

@@ -25,6 +25,7 @@ top = 3
 [ablate]
 modes = ["zero"]
 n_random = 2
+n_random_test = 2
 n_generate = 1
 gen_tokens = 8
 
