@@ -166,7 +166,8 @@ fn planted_mover_head_is_ranked_first_on_one_split_and_its_ablation_beats_random
     use std::collections::HashMap;
     use std::sync::{Arc, Mutex};
 
-    let m = model("smollm2-135m-instruct");
+    // A private copy: standing hooks on the shared copy would reach tests running beside this one.
+    let m = common::private_model("smollm2-135m-instruct");
     let (n_heads, dh) = (m.config().n_heads, m.config().head_dim);
     let planted = Head { layer: 20, head: 5 };
     let mut ds = dataset::generate(&GenOptions {

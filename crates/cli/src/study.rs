@@ -2464,17 +2464,41 @@ fn build_summary(c: &Ctx, mhash: &str, results: &[StepOut]) -> Result<Value> {
 /// A claim as the summary and the report write it: the statement, then what the test found.
 pub fn claim_sentence(c: &Claim) -> String {
     format!(
-        "{} [{}: effect {} ({}), 95 % CI {} to {}, p = {}, Holm-adjusted p = {}, {} questions]",
+        "{} [{}: effect {} ({}), 95 % CI {} to {}, p = {}, Holm-adjusted p = {}, {} clusters]",
         c.statement,
         c.id,
         fmt_num(c.effect),
         c.statistic,
         fmt_num(c.ci95.0),
         fmt_num(c.ci95.1),
-        fmt_num(c.p_value),
-        fmt_num(c.p_adjusted),
+        fmt_p(c.p_value),
+        fmt_p(c.p_adjusted),
         c.n_clusters
     )
+}
+
+/// A claim in the executive summary: the statement and its numbers, without the test's wording
+/// (the report's claims table has it), so that several supported claims fit in 300 words.
+pub fn claim_brief(c: &Claim) -> String {
+    format!(
+        "{} ({}: effect {}, 95 % CI {} to {}, Holm-adjusted p = {}).",
+        c.statement.trim_end_matches('.'),
+        c.id,
+        fmt_num(c.effect),
+        fmt_num(c.ci95.0),
+        fmt_num(c.ci95.1),
+        fmt_p(c.p_adjusted)
+    )
+}
+
+/// A p-value as the report writes it: three decimals, or two significant digits below 0.001
+/// (a permutation p is never 0).
+pub fn fmt_p(p: f64) -> String {
+    if p.is_finite() && p > 0.0 && p < 0.001 {
+        format!("{p:.1e}")
+    } else {
+        fmt_num(p)
+    }
 }
 
 fn hl<'a>(s: &'a Value, id: &str) -> Option<&'a Value> {
@@ -2518,7 +2542,7 @@ pub fn executive_summary(s: &Value) -> String {
     let supported: Vec<String> = claims
         .iter()
         .filter(|c| c.supported)
-        .map(claim_sentence)
+        .map(claim_brief)
         .collect();
     if supported.is_empty() && !claims.is_empty() {
         core.push(format!(
@@ -2714,8 +2738,8 @@ pub fn build_report(s: &Value) -> Document {
                         c.test.clone(),
                         format!("{} ({})", fmt_num(c.effect), c.statistic),
                         format!("[{}, {}]", fmt_num(c.ci95.0), fmt_num(c.ci95.1)),
-                        fmt_num(c.p_value),
-                        fmt_num(c.p_adjusted),
+                        fmt_p(c.p_value),
+                        fmt_p(c.p_adjusted),
                         if c.supported { "yes" } else { "no" }.into(),
                     ]
                 })
@@ -2817,4 +2841,63 @@ pub fn build_report(s: &Value) -> Document {
     d.h(1, "Reproduce");
     d.p("Re-run with `persona-lens run --config config.resolved.toml` (the resolved configuration of this run, beside this report). Each step's stand-alone command is in `run.json` and `<step>/step.json`.");
     d
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn claim(id: &str, supported: bool, p: f64) -> Claim {
+        Claim {
+            id: id.into(),
+            statement: format!(
+                "The study finds {id} on new questions with new persona paraphrases"
+            ),
+            analysis: "test".into(),
+            test: "a clustered one-sided sign-flip test of question sums, a long description"
+                .into(),
+            statistic: "mean paired difference (logits)".into(),
+            effect: 0.5,
+            ci95: (0.25, 0.75),
+            p_value: p,
+            p_adjusted: p * 10.0,
+            supported,
+            n_clusters: 20,
+        }
+    }
+
+    /// Supported claims are stated with their numbers and ids (the test's wording stays in the
+    /// report), small p-values are not printed as 0, and five supported claims plus failures
+    /// fit in 300 words.
+    #[test]
+    fn executive_summary_states_each_supported_claim_briefly() {
+        let claims: Vec<Claim> = (0..5)
+            .map(|i| claim(&format!("step.claim_{i}"), true, 0.0005))
+            .chain([claim("step.failed", false, 0.4)])
+            .collect();
+        let s = json!({
+            "model": {"name": "m", "kind": "chat", "format": "gguf", "precision": "f32",
+                      "weight_types": {"Q4_1": 10}},
+            "persona_pair": "child-phd",
+            "claims": claims,
+            "negative_results": [{"text": format!("Not supported: {}", claim_sentence(&claims[5]))}],
+            "dataset": {"class_counts": {"novice": 10}},
+            "seed": 0,
+            "headlines": [],
+        });
+        let exec = executive_summary(&s);
+        let words = exec.split_whitespace().count();
+        assert!(words <= 300, "{words} words: {exec}");
+        for c in &claims[..5] {
+            assert!(exec.contains(&c.id), "{exec}");
+        }
+        assert!(exec.contains("Holm-adjusted p = 0.005"), "{exec}");
+        assert!(!exec.contains("p = 0.000"), "{exec}");
+        assert!(
+            exec.contains("a chat model") && exec.contains("Q4_1"),
+            "{exec}"
+        );
+        assert_eq!(fmt_p(0.0005), "5.0e-4");
+        assert_eq!(fmt_p(0.0476), "0.048");
+    }
 }

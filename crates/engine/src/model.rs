@@ -427,7 +427,7 @@ impl Model {
 
     /// Adds an intervention to every later forward of this model, until [`Model::reset_hooks`]
     /// (TransformerLens's permanent hooks): analyses that build their own hooks run on the
-    /// edited model unchanged.
+    /// edited model unchanged. Every thread using this model sees them: edit a private copy.
     pub fn add_hook(&self, hook: crate::HookName, op: crate::Op, sel: crate::Selector) {
         self.decoder.standing.add(hook, op, sel);
     }

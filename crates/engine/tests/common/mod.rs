@@ -51,6 +51,18 @@ static SMOL: Slot = OnceLock::new();
 static GEMMA_Q: Slot = OnceLock::new();
 static SMOL_Q: Slot = OnceLock::new();
 
+/// A private copy of the real model (f32, dequantized), for a test that edits the model with
+/// standing hooks: the shared copy of [`model`] is used by tests running in parallel.
+#[allow(dead_code)]
+pub fn private_model(name: &str) -> Model {
+    let opts = LoadOptions {
+        precision: Precision::Dense(candle_core::DType::F32),
+        ..Default::default()
+    };
+    Model::load(name, &models_dir(), &opts)
+        .unwrap_or_else(|e| panic!("cannot load real model {name}: {e} (run `make models` first)"))
+}
+
 /// The real model, loaded once per test binary (f32, dequantized).
 pub fn model(name: &str) -> Arc<Model> {
     model_with(name, false)
