@@ -1,7 +1,7 @@
 //! Steering: `steer` (steered generation runs), `control-vector` (llama.cpp export / import).
 
-use crate::analysis_cmds::DatasetArgs;
-use crate::engine_cmds::{load_model, progress, SamplingArgs};
+use crate::analysis_jobs::DatasetArgs;
+use crate::engine_jobs::{load_model, progress, SamplingArgs};
 use crate::ModelArgs;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};

@@ -14,13 +14,15 @@
 //! identical file. Interrupting (SIGINT/SIGTERM) deletes in-flight temp files before exiting;
 //! `--resume` then skips every step whose `step.json` matches the current config.
 
-use crate::analysis_cmds::{direction_with, run_dataset_lens, run_probe};
-use crate::engine_cmds::load_model;
-use crate::patch_cmds::{ablate_with, heads_with, patch_with};
-use crate::steer_cmds::steer_sweep_with;
-use crate::{Cli, Cmd, DtypeArg, ModelArgs};
+use crate::analysis_jobs::{
+    direction_with, run_dataset_lens, run_probe, DirectionArgs, LensArgs, ProbeArgs,
+};
+use crate::engine_jobs::load_model;
+use crate::patch_jobs::{ablate_with, heads_with, patch_with, AblateArgs, HeadsArgs, PatchArgs};
+use crate::steer_jobs::{steer_sweep_with, SteerArgs, SteerSweepArgs};
+use crate::{DtypeArg, ModelArgs};
 use anyhow::{bail, Context, Result};
-use clap::{Args, Parser};
+use clap::{Args, FromArgMatches};
 use persona_lens_analysis::claims::Claim;
 use persona_lens_analysis::write_json;
 use persona_lens_engine::{Batch, HookName, HookPoint, Hooks, LogitsAt, Model};
@@ -517,12 +519,10 @@ impl Ctx<'_> {
         self.out.join(step)
     }
     /// Parses a subcommand's arguments exactly as the command line would.
-    fn parse(&self, args: &[String]) -> Result<Cmd> {
-        let mut v = vec!["persona-lens".to_string()];
-        v.extend(args.iter().cloned());
-        Ok(Cli::try_parse_from(&v)
-            .map_err(|e| anyhow::anyhow!("internal: step arguments {args:?}: {e}"))?
-            .cmd)
+    /// `args[0]` is the subcommand's name (from `base`).
+    fn parse<T: Args + FromArgMatches>(&self, args: &[String]) -> Result<T> {
+        crate::spec::parse(&args[1..])
+            .map_err(|e| anyhow::anyhow!("internal: step arguments {args:?}: {e}"))
     }
     fn base(&self, cmd: &str) -> Vec<String> {
         let mut v = vec![cmd.to_string(), "--model".into(), self.cfg.model.clone()];
@@ -574,9 +574,7 @@ fn persona_directions(c: &Ctx) -> Result<Value> {
         "--align-probe-index".into(),
     ]);
     c.quiet_flag(&mut args);
-    let Cmd::Direction(da) = c.parse(&args)? else {
-        bail!("internal: direction arguments")
-    };
+    let da: DirectionArgs = c.parse(&args)?;
     direction_with(c.model, &da, false)
 }
 
@@ -646,9 +644,7 @@ fn probe_step(c: &Ctx) -> Result<StepOut> {
         args.extend(["--max-layers".into(), s(l)]);
     }
     c.quiet_flag(&mut args);
-    let Cmd::Probe(pa) = c.parse(&args)? else {
-        bail!("internal: probe arguments")
-    };
+    let pa: ProbeArgs = c.parse(&args)?;
     let r = run_probe(c.model, &pa, c.quiet)?;
     let n = c.model.config().n_layers;
     let dmeta = persona_directions(c)?;
@@ -907,9 +903,7 @@ fn lens_step(c: &Ctx) -> Result<StepOut> {
         args.extend(["--activations".into(), probe_dir.display().to_string()]);
     }
     c.quiet_flag(&mut args);
-    let Cmd::Lens(la) = c.parse(&args)? else {
-        bail!("internal: lens arguments")
-    };
+    let la: LensArgs = c.parse(&args)?;
     let r = run_dataset_lens(c.model, &la, c.quiet)?;
     let ds = la.data.load()?;
     let (nov, exp) = novice_expert(&c.cfg.persona_pair);
@@ -1105,9 +1099,7 @@ fn patch_step(c: &Ctx) -> Result<StepOut> {
         dir.display().to_string(),
     ]);
     c.quiet_flag(&mut args);
-    let Cmd::Patch(pa) = c.parse(&args)? else {
-        bail!("internal: patch arguments")
-    };
+    let pa: PatchArgs = c.parse(&args)?;
     let (out, _files) = patch_with(c.model, &pa)?;
     write_json(&dir.join("patching.json"), &out)?;
     let clean = f(&out["clean_metric"]);
@@ -1311,9 +1303,7 @@ fn heads_step(c: &Ctx) -> Result<StepOut> {
         dir.display().to_string(),
     ]);
     c.quiet_flag(&mut args);
-    let Cmd::Heads(ha) = c.parse(&args)? else {
-        bail!("internal: heads arguments")
-    };
+    let ha: HeadsArgs = c.parse(&args)?;
     // One answer pair for the topic, chosen on the selection pairs, absent from every prompt;
     // the ablate step reuses it on the evaluation pairs.
     let sel_pairs = persona_lens_analysis::heads::dataset_pairs(&ha.data.load()?);
@@ -1341,9 +1331,7 @@ fn heads_step(c: &Ctx) -> Result<StepOut> {
         "--answer-b".into(),
         answer_b.clone(),
     ]);
-    let Cmd::Heads(ha) = c.parse(&args)? else {
-        bail!("internal: heads arguments")
-    };
+    let ha: HeadsArgs = c.parse(&args)?;
     let out = heads_with(c.model, &ha, false)?;
     let ranking = &out["ranking"];
     // (layer, head, pooled score, 95 % CI of the mean per-pair ratio)
@@ -1460,9 +1448,7 @@ fn ablate_step(c: &Ctx) -> Result<StepOut> {
         args.extend(["--answer-a".into(), x.into(), "--answer-b".into(), y.into()]);
     }
     c.quiet_flag(&mut args);
-    let Cmd::Ablate(aa) = c.parse(&args)? else {
-        bail!("internal: ablate arguments")
-    };
+    let aa: AblateArgs = c.parse(&args)?;
     let out = ablate_with(c.model, &aa, false)?;
     let heads = join(
         &out["heads"]
@@ -1659,9 +1645,7 @@ fn steer_step(c: &Ctx) -> Result<StepOut> {
         dir.display().to_string(),
     ]);
     c.quiet_flag(&mut args);
-    let Cmd::SteerSweep(sa) = c.parse(&args)? else {
-        bail!("internal: steer-sweep arguments")
-    };
+    let sa: SteerSweepArgs = c.parse(&args)?;
     let out = steer_sweep_with(c.model, &sa, false)?;
     let cells = out["cells"].as_array().cloned().unwrap_or_default();
     let measure = |layer: usize, alpha: f64, key: &str| -> Option<(f64, f64, f64)> {
@@ -1740,14 +1724,12 @@ fn steer_step(c: &Ctx) -> Result<StepOut> {
         "--max-new-tokens".into(),
         s(st.max_new_tokens),
     ]);
-    let Cmd::Steer(ea) = c.parse(&eargs)? else {
-        bail!("internal: steer arguments")
-    };
+    let ea: SteerArgs = c.parse(&eargs)?;
     let chat = ea.data.chat(c.model);
-    let novice = crate::steer_cmds::steer_prompts(&ea.data, &ea.gen)?;
+    let novice = crate::steer_jobs::steer_prompts(&ea.data, &ea.gen)?;
     let mut expert_gen = ea.gen.clone();
     expert_gen.persona = "expert".into();
-    let expert = crate::steer_cmds::steer_prompts(&ea.data, &expert_gen)?;
+    let expert = crate::steer_jobs::steer_prompts(&ea.data, &expert_gen)?;
     let encode = |ps: &[persona_lens_analysis::steering::SteerPrompt]| -> Result<Vec<Vec<u32>>> {
         Ok(ps
             .iter()
@@ -1761,9 +1743,9 @@ fn steer_step(c: &Ctx) -> Result<StepOut> {
         .iter()
         .map(|x| (*x as f64 * alpha) as f32)
         .collect();
-    let opts = crate::steer_cmds::gen_options(c.model, &ea.gen);
+    let opts = crate::steer_jobs::gen_options(c.model, &ea.gen);
     let total = (nov_ids.len() * (2 + st.n_random) + exp_ids.len() * 2) as u64;
-    let pb = crate::engine_cmds::progress(total, c.quiet, "evaluation answers");
+    let pb = crate::engine_jobs::progress(total, c.quiet, "evaluation answers");
     let toward_expert = steer_against_random(
         c.model,
         &nov_ids,
@@ -2076,7 +2058,7 @@ fn diff_step(c: &Ctx) -> Result<StepOut> {
         shard_rows: 50_000,
         setup: [None, None],
     };
-    let pb = crate::engine_cmds::progress(items.len() as u64, c.quiet, "samples (both models)");
+    let pb = crate::engine_jobs::progress(items.len() as u64, c.quiet, "samples (both models)");
     let mut meta = harvest_paired(models, &items, &spec, &store_dir, &|n| pb.inc(n as u64))?;
     pb.finish_and_clear();
     meta.corpus = "study: persona dataset + verification + sycophancy prompts".into();
@@ -2103,7 +2085,7 @@ fn diff_step(c: &Ctx) -> Result<StepOut> {
     let cc_dir = dir.join("crosscoder");
     let ckpt = cc_dir.join("checkpoint");
     let _ = std::fs::remove_dir_all(&ckpt); // a step is re-run whole
-    let pb = crate::engine_cmds::progress(d.steps as u64, c.quiet, "crosscoder steps");
+    let pb = crate::engine_jobs::progress(d.steps as u64, c.quiet, "crosscoder steps");
     let trained = run_train(&store, &tcfg, &ckpt, false, None, &|st| {
         pb.set_position(st.step as u64 + 1)
     })?;

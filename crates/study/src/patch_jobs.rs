@@ -1,7 +1,7 @@
 //! Causal analyses: `patch` (activation patching sweeps), `attrib`, `path-patch`, `heads`, `ablate`.
 
-use crate::analysis_cmds::DatasetArgs;
-use crate::engine_cmds::{load_model, progress};
+use crate::analysis_jobs::DatasetArgs;
+use crate::engine_jobs::{load_model, progress};
 use crate::ModelArgs;
 use anyhow::{bail, Result};
 use clap::Args;

@@ -1,6 +1,6 @@
 //! Dataset analyses: harvest, probe, direction, lens.
 
-use crate::engine_cmds::{load_model, progress};
+use crate::engine_jobs::{load_model, progress};
 use crate::ModelArgs;
 use anyhow::{bail, Context, Result};
 use clap::Args;

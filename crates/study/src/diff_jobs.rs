@@ -1,7 +1,7 @@
 //! `persona-lens diff ...`: crosscoder model diffing (base vs chat).
 
-use crate::analysis_cmds::DatasetArgs;
-use crate::engine_cmds::{load_model, progress};
+use crate::analysis_jobs::DatasetArgs;
+use crate::engine_jobs::{load_model, progress};
 use crate::{DtypeArg, ModelArgs};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};

@@ -1,0 +1,84 @@
+//! `persona-lens-study`: the jobs every front end calls (the command line, the tests, later the
+//! Python module and the server) and the whole study (`study::run`).
+//!
+//! Each job takes a typed spec: one struct per analysis that the command line parses (clap),
+//! the study's TOML config deserialises (serde) and `spec::command` writes back as the
+//! equivalent stand-alone command for provenance. Defaults live once, on the spec (`spec::defaults`
+//! reads them off it). Jobs load nothing themselves when given a model (`*_with` functions), so
+//! the study loads its model once.
+
+pub mod analysis_jobs;
+pub mod diff_jobs;
+pub mod engine_jobs;
+pub mod patch_jobs;
+pub mod spec;
+pub mod steer_jobs;
+pub mod study;
+
+use clap::{Args, ValueEnum};
+use std::path::PathBuf;
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum DtypeArg {
+    F32,
+    Bf16,
+    F16,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum QuantArg {
+    /// Quantized weights in memory, f32 activations (dequantized chunk by chunk): exact.
+    Exact,
+    /// candle's quantized kernels (8-bit activations, llama.cpp numerics): fastest.
+    Native,
+}
+
+/// Options every model-using command takes.
+#[derive(Args, Clone, Debug)]
+pub struct ModelArgs {
+    /// A .gguf file, a Hugging Face model directory, a registry short name
+    /// (`persona-lens models`: gemma-3-270m, gemma-2-2b-it, ...) or a hub id (org/name).
+    #[arg(long, default_value = persona_lens_engine::DEFAULT_MODEL)]
+    pub model: String,
+    /// Where short names are looked up [env: PERSONA_LENS_MODELS; default: ./models].
+    #[arg(long)]
+    pub models_dir: Option<PathBuf>,
+    /// Dense weight precision (default f32, what the golden references use).
+    #[arg(long, value_enum, default_value = "f32")]
+    pub dtype: DtypeArg,
+    /// Keep GGUF blocks in memory (`exact`: f32 activations; `native`: candle's quantized kernels).
+    #[arg(long, value_enum, num_args = 0..=1, default_missing_value = "exact")]
+    pub quantized: Option<QuantArg>,
+    /// Threads for the math kernels (default: all cores).
+    #[arg(long, value_parser = threads)]
+    pub threads: Option<usize>,
+    /// Machine-readable JSON on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Most threads a run may ask for: more than any machine here has, far below what makes the
+/// thread pool's start-up hang.
+pub const MAX_THREADS: usize = 1024;
+
+/// `--threads`: 1..=MAX_THREADS.
+pub fn threads(s: &str) -> Result<usize, String> {
+    let n: usize = s
+        .parse()
+        .map_err(|_| format!("'{s}' is not a whole number"))?;
+    if n == 0 || n > MAX_THREADS {
+        return Err(format!("{n} threads: give 1 to {MAX_THREADS}"));
+    }
+    Ok(n)
+}
+
+/// A count that must be at least 1 (batch sizes, steps).
+pub fn at_least_one(s: &str) -> Result<usize, String> {
+    let n: usize = s
+        .parse()
+        .map_err(|_| format!("'{s}' is not a whole number"))?;
+    if n == 0 {
+        return Err("0: give at least 1".into());
+    }
+    Ok(n)
+}
