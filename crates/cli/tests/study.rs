@@ -481,7 +481,9 @@ fn pairs_file(path: &Path, shuffle: bool) {
 
 /// Known-answer test of the study's claims: the same prompts with their true labels support the
 /// probe's "decodable on new questions" claim; with the labels shuffled across prompts (a null
-/// study) `run` supports no claim and says so in the executive summary.
+/// study) `run` supports no claim and says so in the executive summary. The real-label study
+/// also runs as a library call (`persona_lens_study::study::run`), whose summary must equal the
+/// binary's byte for byte.
 #[test]
 fn null_study_supports_no_claim_and_the_real_labels_do() {
     let base = std::env::temp_dir().join(format!("pl-null-study-{}", std::process::id()));
@@ -516,6 +518,21 @@ fn null_study_supports_no_claim_and_the_real_labels_do() {
             .map(|c| c["id"].as_str().unwrap().to_string())
             .collect()
     };
+    // The same study as a library call, without the binary: the summary is byte-identical.
+    let lib_out = base.join("out-lib");
+    let mut spec: persona_lens_study::study::RunArgs = persona_lens_study::spec::defaults();
+    spec.experiment = vec!["probe".into()];
+    spec.quiet = true;
+    spec.config = Some(config.clone());
+    spec.out = Some(lib_out.clone());
+    spec.dataset = Some(base.join("pairs-false.json"));
+    spec.models_dir = Some(models());
+    persona_lens_study::study::run(spec).unwrap();
+    let summary_bytes = |dir: &Path| std::fs::read(dir.join("summary.json")).unwrap();
+    assert!(
+        summary_bytes(&lib_out) == summary_bytes(&base.join("out-false")),
+        "the library call's summary.json differs from the binary's"
+    );
     let (real, null) = (&summaries[0], &summaries[1]);
     for s in [real, null] {
         println!(
