@@ -9,6 +9,8 @@ use std::time::{Duration, Instant};
 
 mod common;
 use common::models;
+// The report's number format: the library's own, so the check compares like with like.
+use persona_lens_study::study::fmt_num;
 
 /// Small settings: every step runs, on few prompts.
 const SMALL: &str = r#"
@@ -70,21 +72,6 @@ fn read_json(p: &Path) -> serde_json::Value {
         &std::fs::read_to_string(p).unwrap_or_else(|e| panic!("{}: {e}", p.display())),
     )
     .unwrap_or_else(|e| panic!("{} is not valid JSON: {e}", p.display()))
-}
-
-fn fmt_num(v: f64) -> String {
-    // The report's number format (study::fmt_num).
-    if !v.is_finite() {
-        return "n/a".into();
-    }
-    if v == v.round() && v.abs() < 1e6 {
-        return format!("{v:.0}");
-    }
-    if v.abs() >= 100.0 {
-        format!("{v:.1}")
-    } else {
-        format!("{v:.3}")
-    }
 }
 
 fn check_png(p: &Path) {
@@ -297,6 +284,22 @@ fn whole_study_end_to_end() {
             html.contains(&format!("<td>{v}</td>")),
             "report.html lacks {v} ({label})"
         );
+    }
+    // The circuit table: each head's score and the 95 % interval of its restoration ratios.
+    for c in s["circuit"].as_array().unwrap() {
+        let head = c["head"].as_str().unwrap();
+        let row = md
+            .lines()
+            .find(|l| l.starts_with(&format!("| {head} |")))
+            .unwrap_or_else(|| panic!("report.md has no circuit row for {head}"));
+        let ci = &c["mean_ratio_ci95"];
+        let want = format!(
+            "| {} | [{}, {}] |",
+            fmt_num(c["score"].as_f64().unwrap()),
+            fmt_num(ci[0].as_f64().unwrap()),
+            fmt_num(ci[1].as_f64().unwrap())
+        );
+        assert!(row.contains(&want), "circuit row {row} lacks {want}");
     }
     for sec in [
         "Objective",

@@ -32,6 +32,7 @@ use persona_lens_report::{
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -486,6 +487,98 @@ pub struct Plot {
     /// PNG path relative to the study folder (an SVG sits beside it).
     pub png: String,
     pub caption: String,
+}
+
+/// The study's `summary.json`, typed: the executive summary and the report read its fields, not
+/// string keys. Fields are in alphabetical order, the file's key order before it was typed.
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+pub struct Summary {
+    /// The heads step's top heads with their hypothesised roles (empty without that step).
+    pub circuit: Vec<CircuitHead>,
+    pub claims: Vec<Claim>,
+    /// The probe step's dataset (absent without that step).
+    pub dataset: Option<DatasetFacts>,
+    pub executive_summary: String,
+    pub headlines: Vec<Headline>,
+    pub model: ModelFacts,
+    /// Unsupported claims first, then each step's own negative findings.
+    pub negative_results: Vec<NegativeResult>,
+    pub objective: String,
+    pub persona_pair: String,
+    pub plots: Vec<Plot>,
+    pub schema: String,
+    pub seed: u64,
+    /// Each step's compact results (see the step).
+    pub steps: BTreeMap<String, Value>,
+    pub steps_run: Vec<String>,
+    pub tool: String,
+    pub topic: String,
+}
+
+/// The model a study ran on.
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+pub struct ModelFacts {
+    pub arch: String,
+    pub chat_template: bool,
+    pub d_model: usize,
+    pub format: String,
+    /// `chat` or `base`.
+    pub kind: String,
+    pub n_heads: usize,
+    pub n_layers: usize,
+    pub name: String,
+    pub precision: String,
+    pub sha256: String,
+    /// GGUF tensor types and how many tensors of each.
+    pub weight_types: BTreeMap<String, usize>,
+}
+
+/// The probe step's dataset (read from its step data, where the keys carry a `dataset_` prefix).
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+pub struct DatasetFacts {
+    pub class_counts: BTreeMap<String, usize>,
+    #[serde(alias = "dataset_hash")]
+    pub hash: String,
+    pub n_prompts: usize,
+    pub n_templates: usize,
+    #[serde(alias = "dataset_source")]
+    pub source: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+pub struct NegativeResult {
+    pub step: String,
+    pub text: String,
+}
+
+/// A top head of the heads step with the role read from its attention.
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+pub struct CircuitHead {
+    /// `L{layer}H{head}`.
+    pub head: String,
+    /// 95 % interval of the per-pair restoration ratios' mean.
+    pub mean_ratio_ci95: (f64, f64),
+    /// Share of the last position's attention on the persona tokens (absent when no persona
+    /// span was found to inspect).
+    pub persona_attention: Option<f64>,
+    pub role: String,
+    /// Pooled z-patching score (fraction restored).
+    pub score: f64,
+}
+
+/// Where a head attends at the last position of a novice prompt, and the role that suggests.
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+pub struct HeadRole {
+    pub head: String,
+    pub head_index: usize,
+    pub layer: usize,
+    pub persona_attention: f64,
+    pub persona_positions: (usize, usize),
+    pub prompt: String,
+    pub role: String,
+    pub top_attention: f64,
+    pub top_position: usize,
+    pub top_token: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, Default)]
@@ -1214,7 +1307,7 @@ fn patch_step(c: &Ctx) -> Result<StepOut> {
 
 /// Where a head at the last position looks: share of attention on the persona tokens and the
 /// most attended token, on the first novice prompt of the topic.
-fn head_roles(c: &Ctx, heads: &[(usize, usize)]) -> Result<Vec<Value>> {
+fn head_roles(c: &Ctx, heads: &[(usize, usize)]) -> Result<Vec<HeadRole>> {
     use persona_lens_analysis::dataset;
     let ds = dataset::generate(&persona_lens_analysis::GenOptions {
         persona_pairs: vec![c.cfg.persona_pair.clone()],
@@ -1273,9 +1366,18 @@ fn head_roles(c: &Ctx, heads: &[(usize, usize)]) -> Result<Vec<Value>> {
         } else {
             format!("reads {tok:?} (position {top}, {:.0} % of attention) more than the persona tokens ({:.0} %): a downstream or question-reading head", topv * 100.0, persona * 100.0)
         };
-        out.push(json!({"head": format!("L{l}H{h}"), "layer": l, "head_index": h,
-            "persona_attention": persona, "top_token": tok, "top_position": top, "top_attention": topv,
-            "role": role, "prompt": item.text, "persona_positions": [p0, p1]}));
+        out.push(HeadRole {
+            head: format!("L{l}H{h}"),
+            head_index: h,
+            layer: l,
+            persona_attention: persona,
+            persona_positions: (p0, p1),
+            prompt: item.text.clone(),
+            role,
+            top_attention: topv,
+            top_position: top,
+            top_token: tok,
+        });
     }
     Ok(out)
 }
@@ -1377,13 +1479,15 @@ fn heads_step(c: &Ctx) -> Result<StepOut> {
     if n_pairs == 0 {
         negatives.push("No prompt pair had a large enough persona gap for head ranking.".into());
     }
-    let circuit: Vec<Value> = top
+    let circuit: Vec<CircuitHead> = top
         .iter()
         .zip(roles.iter().map(Some).chain(std::iter::repeat(None)))
-        .map(|(&(l, hh, m, lo, hi), r)| {
-            json!({"head": format!("L{l}H{hh}"), "score": m, "mean_ratio_ci95": [lo, hi],
-                "persona_attention": r.map(|r| r["persona_attention"].clone()),
-                "role": r.map(|r| r["role"].clone()).unwrap_or(json!("(no persona span to inspect)"))})
+        .map(|(&(l, hh, m, lo, hi), r)| CircuitHead {
+            head: format!("L{l}H{hh}"),
+            mean_ratio_ci95: (lo, hi),
+            persona_attention: r.map(|r| r.persona_attention),
+            role: r.map_or("(no persona span to inspect)".into(), |r| r.role.clone()),
+            score: m,
         })
         .collect();
     Ok(StepOut {
@@ -2379,67 +2483,71 @@ fn print_table(results: &[StepOut]) {
 
 // ---------------- summary and report ----------------
 
-fn build_summary(c: &Ctx, mhash: &str, results: &[StepOut]) -> Result<Value> {
+fn build_summary(c: &Ctx, mhash: &str, results: &[StepOut]) -> Result<Summary> {
     let cfgm = c.model.config();
-    let headlines: Vec<&Headline> = results.iter().flat_map(|r| &r.headlines).collect();
-    let negatives: Vec<Value> = results
-        .iter()
-        .flat_map(|r| {
-            r.negatives
-                .iter()
-                .map(move |n| json!({"step": r.step, "text": n}))
-        })
-        .collect();
     let mut claims: Vec<Claim> = results.iter().flat_map(|r| r.claims.clone()).collect();
     persona_lens_analysis::claims::adjust(&mut claims);
     // An unsupported claim is a negative result, with its numbers, ahead of the steps' own.
-    let negatives: Vec<Value> = claims
+    let negative_results: Vec<NegativeResult> = claims
         .iter()
         .filter(|c| !c.supported)
-        .map(|c| {
-            json!({"step": c.id.split('.').next().unwrap_or(""),
-                   "text": format!("Not supported: {}", claim_sentence(c))})
+        .map(|c| NegativeResult {
+            step: c.id.split('.').next().unwrap_or("").into(),
+            text: format!("Not supported: {}", claim_sentence(c)),
         })
-        .chain(negatives)
+        .chain(results.iter().flat_map(|r| {
+            r.negatives.iter().map(move |n| NegativeResult {
+                step: r.step.clone(),
+                text: n.clone(),
+            })
+        }))
         .collect();
-    let plots: Vec<&Plot> = results.iter().flat_map(|r| &r.plots).collect();
-    let steps: serde_json::Map<String, Value> = results
-        .iter()
-        .map(|r| (r.step.clone(), r.data.clone()))
-        .collect();
-    let dataset = results
-        .iter()
-        .find(|r| r.step == "probe")
-        .map(|r| {
-            json!({"source": r.data["dataset_source"], "hash": r.data["dataset_hash"],
-            "n_prompts": r.data["n_prompts"], "class_counts": r.data["class_counts"],
-            "n_templates": r.data["n_templates"]})
-        })
-        .unwrap_or(json!(null));
+    let step_data = |step: &str| results.iter().find(|r| r.step == step).map(|r| &r.data);
+    let dataset = step_data("probe")
+        .map(DatasetFacts::deserialize)
+        .transpose()
+        .context("internal: the probe step's dataset facts")?;
+    let circuit = step_data("heads")
+        .map(|d| Vec::<CircuitHead>::deserialize(&d["circuit"]))
+        .transpose()
+        .context("internal: the heads step's circuit")?
+        .unwrap_or_default();
     let (nov, exp) = novice_expert(&c.cfg.persona_pair);
-    let mut summary = json!({
-        "schema": "persona-lens study summary 1",
-        "tool": format!("persona-lens {}", env!("CARGO_PKG_VERSION")),
-        "objective": format!("Find out whether {} builds an internal model of its user's expertise ({nov} vs {exp}), where in the network it lives, and whether it settles the complexity of its answer before writing a word.", c.cfg.model),
-        "model": {"name": c.cfg.model, "sha256": mhash, "arch": cfgm.arch.name(), "n_layers": cfgm.n_layers,
-                  "d_model": cfgm.d_model, "n_heads": cfgm.n_heads, "format": c.model.info.format,
-                  "precision": c.model.info.precision, "chat_template": c.model.is_chat_model(),
-                  "kind": if c.model.is_chat_model() { "chat" } else { "base" },
-                  "weight_types": c.model.info.tensor_types},
-        "dataset": dataset,
-        "persona_pair": c.cfg.persona_pair,
-        "topic": c.cfg.pair_id,
-        "seed": c.cfg.seed,
-        "steps_run": results.iter().map(|r| r.step.clone()).collect::<Vec<_>>(),
-        "headlines": headlines,
-        "claims": claims,
-        "negative_results": negatives,
-        "circuit": results.iter().find(|r| r.step == "heads").map(|r| r.data["circuit"].clone()).unwrap_or(json!([])),
-        "plots": plots,
-        "steps": steps,
-    });
-    let exec = executive_summary(&summary);
-    summary["executive_summary"] = json!(exec);
+    let chat = c.model.is_chat_model();
+    let mut summary = Summary {
+        circuit,
+        claims,
+        dataset,
+        executive_summary: String::new(),
+        headlines: results.iter().flat_map(|r| r.headlines.clone()).collect(),
+        model: ModelFacts {
+            arch: cfgm.arch.name().into(),
+            chat_template: chat,
+            d_model: cfgm.d_model,
+            format: c.model.info.format.clone(),
+            kind: if chat { "chat" } else { "base" }.into(),
+            n_heads: cfgm.n_heads,
+            n_layers: cfgm.n_layers,
+            name: c.cfg.model.clone(),
+            precision: c.model.info.precision.clone(),
+            sha256: mhash.into(),
+            weight_types: c.model.info.tensor_types.clone(),
+        },
+        negative_results,
+        objective: format!("Find out whether {} builds an internal model of its user's expertise ({nov} vs {exp}), where in the network it lives, and whether it settles the complexity of its answer before writing a word.", c.cfg.model),
+        persona_pair: c.cfg.persona_pair.clone(),
+        plots: results.iter().flat_map(|r| r.plots.clone()).collect(),
+        schema: "persona-lens study summary 1".into(),
+        seed: c.cfg.seed,
+        steps: results
+            .iter()
+            .map(|r| (r.step.clone(), r.data.clone()))
+            .collect(),
+        steps_run: results.iter().map(|r| r.step.clone()).collect(),
+        tool: format!("persona-lens {}", env!("CARGO_PKG_VERSION")),
+        topic: c.cfg.pair_id.clone(),
+    };
+    summary.executive_summary = executive_summary(&summary);
     Ok(summary)
 }
 
@@ -2483,39 +2591,31 @@ pub fn fmt_p(p: f64) -> String {
     }
 }
 
-fn hl<'a>(s: &'a Value, id: &str) -> Option<&'a Value> {
-    s["headlines"].as_array()?.iter().find(|h| h["id"] == id)
-}
-
-fn shown(h: &Value) -> String {
-    fmt_num(f(&h["value"]))
+fn hl<'a>(s: &'a Summary, id: &str) -> Option<&'a Headline> {
+    s.headlines.iter().find(|h| h.id == id)
 }
 
 /// At most 300 words, from the numbers: the question, the supported claims, the measurements
 /// not yet tested as claims (stated as measurements, without interpretation), then what failed
 /// (unsupported claims first). As long as the findings, no filler.
-pub fn executive_summary(s: &Value) -> String {
-    let model = s["model"]["name"].as_str().unwrap_or("the model");
-    let pair = s["persona_pair"].as_str().unwrap_or("child-phd");
-    let (nov, exp) = novice_expert(pair);
-    let claims: Vec<Claim> = serde_json::from_value(s["claims"].clone()).unwrap_or_default();
-    let kind = match s["model"]["kind"].as_str() {
-        Some("chat") => "a chat model, prompts in its chat template",
-        Some("base") => "a base model, raw-text prompts",
+pub fn executive_summary(s: &Summary) -> String {
+    let model = &s.model.name;
+    let (nov, exp) = novice_expert(&s.persona_pair);
+    let claims = &s.claims;
+    let kind = match s.model.kind.as_str() {
+        "chat" => "a chat model, prompts in its chat template",
+        "base" => "a base model, raw-text prompts",
         _ => "a model",
     };
-    let weights: Vec<String> = s["model"]["weight_types"]
-        .as_object()
-        .map(|m| m.keys().cloned().collect())
-        .unwrap_or_default();
+    let weights: Vec<String> = s.model.weight_types.keys().cloned().collect();
     let weights = if weights.is_empty() {
         String::new()
     } else {
         format!(
             "; {} weights ({}), computed as {}",
-            s["model"]["format"].as_str().unwrap_or(""),
+            s.model.format,
             weights.join(", "),
-            s["model"]["precision"].as_str().unwrap_or("")
+            s.model.precision
         )
     };
     let mut core: Vec<String> = vec![format!(
@@ -2538,20 +2638,15 @@ pub fn executive_summary(s: &Value) -> String {
     if let Some(h) = hl(s, "patch.resid_last_half_layer") {
         measured.push(format!(
             "patching the last position's residual stream restores half of the {nov} behaviour from layer {} on",
-            shown(h)
+            h.shown()
         ));
     }
-    if let Some(circ) = s["circuit"].as_array().filter(|c| !c.is_empty()) {
-        let names: Vec<String> = circ
+    if !s.circuit.is_empty() {
+        let names: Vec<String> = s
+            .circuit
             .iter()
             .take(3)
-            .map(|c| {
-                format!(
-                    "{} ({})",
-                    c["head"].as_str().unwrap_or("?"),
-                    fmt_num(f(&c["score"]))
-                )
-            })
+            .map(|c| format!("{} ({})", c.head, fmt_num(c.score)))
             .collect();
         measured.push(format!(
             "z-patching on the selection split ranks the heads {} first (pooled restoration scores)",
@@ -2565,15 +2660,15 @@ pub fn executive_summary(s: &Value) -> String {
         ) {
             measured.push(format!(
                 "{mode}-ablating the top heads changes the persona gap by {} logits against {} for random heads",
-                shown(t),
-                shown(r)
+                t.shown(),
+                r.shown()
             ));
         }
     }
     if let Some(t) = hl(s, "diff.top_novice_latent_t") {
         measured.push(format!(
             "the crosscoder's most novice-specific latent has t = {}",
-            shown(t)
+            t.shown()
         ));
     }
     let mut extra: Vec<String> = vec![];
@@ -2583,19 +2678,16 @@ pub fn executive_summary(s: &Value) -> String {
             measured.join("; ")
         ));
     }
-    let negs: Vec<String> = s["negative_results"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .filter_map(|n| n["text"].as_str().map(String::from))
-                .collect()
-        })
-        .unwrap_or_default();
-    let mut failures: Vec<String> = negs.iter().take(3).cloned().collect();
+    let mut failures: Vec<String> = s
+        .negative_results
+        .iter()
+        .take(3)
+        .map(|n| n.text.clone())
+        .collect();
     let closing = format!(
         "All numbers come from one seeded run ({} prompts per persona class in the probe set, seed {}); the report lists each with its hook, layer, position and file.",
-        s["dataset"]["class_counts"].as_object().and_then(|m| m.values().next()).map(|v| v.to_string()).unwrap_or("?".into()),
-        s["seed"]
+        s.dataset.as_ref().and_then(|d| d.class_counts.values().next()).map_or("?".into(), |v| v.to_string()),
+        s.seed
     );
     let words = |v: &[String]| {
         v.iter()
@@ -2623,70 +2715,62 @@ pub fn executive_summary(s: &Value) -> String {
     text.join(" ")
 }
 
-pub fn build_report(s: &Value) -> Document {
-    let model = s["model"]["name"].as_str().unwrap_or("?");
+pub fn build_report(s: &Summary) -> Document {
+    let model = &s.model.name;
     let mut d = Document::new(format!("Persona study: {model}"));
     d.h(1, "Executive summary");
-    d.p(s["executive_summary"].as_str().unwrap_or(""));
+    d.p(&s.executive_summary);
     d.h(1, "1. Objective");
-    d.p(s["objective"].as_str().unwrap_or(""));
+    d.p(&s.objective);
     d.h(1, "2. Model and dataset");
-    let m = &s["model"];
+    let m = &s.model;
     d.list(vec![
         format!("Model `{model}` ({}, {} layers, d_model {}, {} heads), {} weights computed in {}; sha256 `{}`.",
-            m["arch"].as_str().unwrap_or(""), m["n_layers"], m["d_model"], m["n_heads"],
-            m["format"].as_str().unwrap_or(""), m["precision"].as_str().unwrap_or(""),
-            m["sha256"].as_str().unwrap_or("")),
-        format!("Chat template applied: {}.", m["chat_template"]),
+            m.arch, m.n_layers, m.d_model, m.n_heads, m.format, m.precision, m.sha256),
+        format!("Chat template applied: {}.", m.chat_template),
         format!("Persona pair `{}`; topic for lens, heads, ablation and steering: `{}`; seed {}.",
-            s["persona_pair"].as_str().unwrap_or(""), s["topic"].as_str().unwrap_or(""), s["seed"]),
-        match s["dataset"].as_object() {
+            s.persona_pair, s.topic, s.seed),
+        match &s.dataset {
             Some(ds) => format!("Probe dataset {} (hash `{}`): {} prompts, class counts {}, {} persona paraphrases.",
-                ds["source"].as_str().unwrap_or(""), ds["hash"].as_str().unwrap_or(""), ds["n_prompts"],
-                ds["class_counts"], ds["n_templates"]),
+                ds.source, ds.hash, ds.n_prompts, json!(ds.class_counts), ds.n_templates),
             None => "No probe step in this run.".into(),
         },
-        format!("Steps run: {}.", s["steps_run"].as_array().map(|a| a.iter().filter_map(|x| x.as_str()).collect::<Vec<_>>().join(", ")).unwrap_or_default()),
+        format!("Steps run: {}.", s.steps_run.join(", ")),
     ]);
     d.h(1, "3. Key results");
-    let rows: Vec<Vec<String>> = s["headlines"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .map(|h| {
-                    let ci = h["ci95"]
-                        .as_array()
-                        .map(|c| format!("[{}, {}]", fmt_num(f(&c[0])), fmt_num(f(&c[1]))))
-                        .unwrap_or("-".into());
-                    let p = &h["provenance"];
-                    let mut prov = vec![];
-                    for k in [
-                        "hook",
-                        "layer",
-                        "resid_row",
-                        "head",
-                        "position",
-                        "topic",
-                        "file",
-                    ] {
-                        if let Some(v) = p.get(k) {
-                            prov.push(format!(
-                                "{k} {}",
-                                v.as_str().map(String::from).unwrap_or(v.to_string())
-                            ));
-                        }
-                    }
-                    vec![
-                        h["label"].as_str().unwrap_or("").to_string(),
-                        shown(h),
-                        h["unit"].as_str().unwrap_or("").to_string(),
-                        ci,
-                        prov.join("; "),
-                    ]
-                })
-                .collect()
+    let rows: Vec<Vec<String>> = s
+        .headlines
+        .iter()
+        .map(|h| {
+            let ci = h.ci95.map_or("-".into(), |(lo, hi)| {
+                format!("[{}, {}]", fmt_num(lo), fmt_num(hi))
+            });
+            let mut prov = vec![];
+            for k in [
+                "hook",
+                "layer",
+                "resid_row",
+                "head",
+                "position",
+                "topic",
+                "file",
+            ] {
+                if let Some(v) = h.provenance.get(k) {
+                    prov.push(format!(
+                        "{k} {}",
+                        v.as_str().map(String::from).unwrap_or(v.to_string())
+                    ));
+                }
+            }
+            vec![
+                h.label.clone(),
+                h.shown(),
+                h.unit.clone(),
+                ci,
+                prov.join("; "),
+            ]
         })
-        .unwrap_or_default();
+        .collect();
     d.table(
         vec![
             "result".into(),
@@ -2697,7 +2781,7 @@ pub fn build_report(s: &Value) -> Document {
         ],
         rows,
     );
-    let claims: Vec<Claim> = serde_json::from_value(s["claims"].clone()).unwrap_or_default();
+    let claims = &s.claims;
     if !claims.is_empty() {
         d.p("Tested claims (each selected on the selection split and tested on the evaluation split; p-values Holm-adjusted over every claim of the run; supported when the adjusted p is below 0.05 and the effect points the claimed way):");
         d.table(
@@ -2728,19 +2812,11 @@ pub fn build_report(s: &Value) -> Document {
                 .collect(),
         );
     }
-    let plots: Vec<(String, String)> = s["plots"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .map(|p| {
-                    (
-                        p["png"].as_str().unwrap_or("").to_string(),
-                        p["caption"].as_str().unwrap_or("").to_string(),
-                    )
-                })
-                .collect()
-        })
-        .unwrap_or_default();
+    let plots: Vec<(String, String)> = s
+        .plots
+        .iter()
+        .map(|p| (p.png.clone(), p.caption.clone()))
+        .collect();
     // The logit-difference plot first: it is the study's main figure.
     for (png, cap) in plots.iter().filter(|(p, _)| p.starts_with("lens/")) {
         d.image(png.clone(), "logit difference by layer", cap.clone());
@@ -2752,7 +2828,7 @@ pub fn build_report(s: &Value) -> Document {
         d.image(png.clone(), png.clone(), cap.clone());
     }
     d.h(1, "4. Evidence of circuitry");
-    let circ = s["circuit"].as_array().cloned().unwrap_or_default();
+    let circ = &s.circuit;
     if circ.is_empty() {
         d.p("No head ranking in this run.");
     } else {
@@ -2768,18 +2844,16 @@ pub fn build_report(s: &Value) -> Document {
             circ.iter()
                 .map(|c| {
                     vec![
-                        c["head"].as_str().unwrap_or("").to_string(),
-                        fmt_num(f(&c["score"])),
+                        c.head.clone(),
+                        fmt_num(c.score),
                         format!(
                             "[{}, {}]",
-                            fmt_num(f(&c["ci95"][0])),
-                            fmt_num(f(&c["ci95"][1]))
+                            fmt_num(c.mean_ratio_ci95.0),
+                            fmt_num(c.mean_ratio_ci95.1)
                         ),
-                        c["persona_attention"]
-                            .as_f64()
-                            .map(|v| format!("{:.0} %", v * 100.0))
-                            .unwrap_or("-".into()),
-                        c["role"].as_str().unwrap_or("").to_string(),
+                        c.persona_attention
+                            .map_or("-".into(), |v| format!("{:.0} %", v * 100.0)),
+                        c.role.clone(),
                     ]
                 })
                 .collect(),
@@ -2791,20 +2865,11 @@ pub fn build_report(s: &Value) -> Document {
         d.image(png.clone(), png.clone(), cap.clone());
     }
     d.h(1, "5. Failures and negative results");
-    let negs: Vec<String> = s["negative_results"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .map(|n| {
-                    format!(
-                        "**{}**: {}",
-                        n["step"].as_str().unwrap_or(""),
-                        n["text"].as_str().unwrap_or("")
-                    )
-                })
-                .collect()
-        })
-        .unwrap_or_default();
+    let negs: Vec<String> = s
+        .negative_results
+        .iter()
+        .map(|n| format!("**{}**: {}", n.step, n.text))
+        .collect();
     if negs.is_empty() {
         d.p("No step's checks flagged a negative result in this run.");
     } else {
@@ -2857,16 +2922,27 @@ mod tests {
             .map(|i| claim(&format!("step.claim_{i}"), true, 0.0005))
             .chain([claim("step.failed", false, 0.4)])
             .collect();
-        let s = json!({
-            "model": {"name": "m", "kind": "chat", "format": "gguf", "precision": "f32",
-                      "weight_types": {"Q4_1": 10}},
-            "persona_pair": "child-phd",
-            "claims": claims,
-            "negative_results": [{"text": format!("Not supported: {}", claim_sentence(&claims[5]))}],
-            "dataset": {"class_counts": {"novice": 10}},
-            "seed": 0,
-            "headlines": [],
-        });
+        let s = Summary {
+            model: ModelFacts {
+                name: "m".into(),
+                kind: "chat".into(),
+                format: "gguf".into(),
+                precision: "f32".into(),
+                weight_types: [("Q4_1".to_string(), 10)].into(),
+                ..Default::default()
+            },
+            persona_pair: "child-phd".into(),
+            negative_results: vec![NegativeResult {
+                step: "step".into(),
+                text: format!("Not supported: {}", claim_sentence(&claims[5])),
+            }],
+            claims: claims.clone(),
+            dataset: Some(DatasetFacts {
+                class_counts: [("novice".to_string(), 10)].into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
         let exec = executive_summary(&s);
         let words = exec.split_whitespace().count();
         assert!(words <= 300, "{words} words: {exec}");
