@@ -217,6 +217,17 @@ pub enum AblationMode {
     Resample,
 }
 
+impl AblationMode {
+    /// The name `FromStr` reads and the results write (`zero`, `mean`, `resample`).
+    pub fn name(self) -> &'static str {
+        match self {
+            AblationMode::Zero => "zero",
+            AblationMode::Mean => "mean",
+            AblationMode::Resample => "resample",
+        }
+    }
+}
+
 impl std::str::FromStr for AblationMode {
     type Err = AnalysisError;
     fn from_str(s: &str) -> Result<Self> {
@@ -657,4 +668,22 @@ pub fn choose_answers(
         }
     }
     Ok((s[best.1].word.clone(), t[best.2].word.clone(), best.0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::AblationMode;
+
+    /// One name per mode: what `FromStr` reads, `name` gives and the result files write.
+    #[test]
+    fn ablation_mode_names_round_trip() {
+        for m in [
+            AblationMode::Zero,
+            AblationMode::Mean,
+            AblationMode::Resample,
+        ] {
+            assert_eq!(m.name().parse::<AblationMode>().unwrap(), m);
+            assert_eq!(serde_json::to_value(m).unwrap(), m.name());
+        }
+    }
 }

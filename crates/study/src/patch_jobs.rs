@@ -11,7 +11,9 @@ use persona_lens_analysis::patching::{
 use persona_lens_analysis::{npy, write_json};
 use persona_lens_engine::Model;
 use persona_lens_report::heatmap::{save_heatmap, Heatmap};
+use serde::Serialize;
 use serde_json::{json, Value};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -705,7 +707,20 @@ pub fn heads(a: HeadsArgs) -> Result<()> {
 
 /// Head ranking on a loaded model; writes heads.json and the heatmap; prints unless `print` is
 /// false. Returns heads.json's content.
-pub fn heads_with(model: &Model, a: &HeadsArgs, print: bool) -> Result<Value> {
+/// What `heads` writes to `heads.json` (fields in alphabetical order: the file's key order).
+#[derive(Debug, Clone, Serialize)]
+pub struct HeadsResult {
+    /// Prompts in the chat template.
+    pub chat: bool,
+    pub definition: String,
+    pub model: String,
+    pub ranking: persona_lens_analysis::heads::HeadRanking,
+    pub seconds: f64,
+    /// The first `--top` heads of the ranking, as `L{layer}H{head}`.
+    pub top: Vec<String>,
+}
+
+pub fn heads_with(model: &Model, a: &HeadsArgs, print: bool) -> Result<HeadsResult> {
     use persona_lens_analysis::heads::rank_heads;
     let pairs = load_pairs(&a.data)?;
     let chat = a.data.chat(model);
@@ -744,11 +759,15 @@ pub fn heads_with(model: &Model, a: &HeadsArgs, print: bool) -> Result<Value> {
         .take(a.top)
         .map(|h| h.head.to_string())
         .collect();
-    let out = json!({
-        "model": model.info.name, "chat": chat, "seconds": secs,
-        "definition": "per pair: corrupted = expert prompt, clean = novice prompt; head z (all positions, suffix-aligned) patched clean -> corrupted; score = sum over pairs of (patched - corrupted) / sum of (clean - corrupted) (pooled ratio; `mean` is the mean of per-pair ratios) of logit[simple] - logit[technical] at the last position",
-        "top": top, "ranking": r,
-    });
+    let out = HeadsResult {
+        chat,
+        definition: "per pair: corrupted = expert prompt, clean = novice prompt; head z (all positions, suffix-aligned) patched clean -> corrupted; score = sum over pairs of (patched - corrupted) / sum of (clean - corrupted) (pooled ratio; `mean` is the mean of per-pair ratios) of logit[simple] - logit[technical] at the last position".into(),
+        model: model.info.name.clone(),
+        ranking: r,
+        seconds: secs,
+        top: top.clone(),
+    };
+    let r = &out.ranking;
     let f = a.out.join("heads.json");
     write_json(&f, &out)?;
     files.push(f);
@@ -756,7 +775,7 @@ pub fn heads_with(model: &Model, a: &HeadsArgs, print: bool) -> Result<Value> {
         return Ok(out);
     }
     if a.model.json {
-        println!("{out}");
+        println!("{}", serde_json::to_string(&out)?);
         return Ok(out);
     }
     println!(
@@ -828,8 +847,47 @@ pub fn ablate(a: AblateArgs) -> Result<()> {
     ablate_with(&model, &a, true).map(|_| ())
 }
 
+/// One ablation mode's top heads against random head sets of the same size (gap changes in
+/// logits; negative = the persona gap closes). Fields in alphabetical order (the file's).
+#[derive(Debug, Clone, Serialize)]
+pub struct AblationModeSummary {
+    pub mode: persona_lens_analysis::heads::AblationMode,
+    pub random_gap_change_ci95: (f64, f64),
+    pub random_gap_change_max: f64,
+    pub random_gap_change_mean: f64,
+    pub random_gap_change_min: f64,
+    pub random_gap_changes: Vec<f64>,
+    /// One-sided rank p-value of the top heads' change among the random sets' (closing the gap
+    /// at least as much counts against the top heads).
+    pub rank_p_value: Option<f64>,
+    pub top_gap_change: Option<f64>,
+}
+
+/// What `ablate` writes to `ablate.json` (fields in alphabetical order: the file's key order).
+#[derive(Debug, Clone, Serialize)]
+pub struct AblateResult {
+    pub chat: bool,
+    pub definitions: BTreeMap<String, String>,
+    /// `effects[0]` is the unablated run (`label` none), then per mode the top heads and the
+    /// random sets that got a full run.
+    pub effects: Vec<persona_lens_analysis::heads::AblationEffect>,
+    pub heads: Vec<String>,
+    pub model: String,
+    pub n_pairs: usize,
+    pub seconds: f64,
+    pub seed: u64,
+    pub summary: Vec<AblationModeSummary>,
+}
+
+impl AblateResult {
+    /// The persona gap without ablation (logits).
+    pub fn baseline(&self) -> &persona_lens_analysis::heads::AblationEffect {
+        &self.effects[0]
+    }
+}
+
 /// Head ablation on a loaded model; writes ablate.json; prints unless `print` is false.
-pub fn ablate_with(model: &Model, a: &AblateArgs, print: bool) -> Result<Value> {
+pub fn ablate_with(model: &Model, a: &AblateArgs, print: bool) -> Result<AblateResult> {
     use persona_lens_analysis::heads::{
         check_heads, random_head_sets, AblationEffect, AblationMode, AblationSetup, Head, ZBank,
     };
@@ -928,7 +986,7 @@ pub fn ablate_with(model: &Model, a: &AblateArgs, print: bool) -> Result<Value> 
     }
     pb.finish_and_clear();
     let base = &effects[0];
-    let summary: Vec<Value> = modes
+    let summary: Vec<AblationModeSummary> = modes
         .iter()
         .map(|&m| {
             let top = effects.iter().find(|e| e.label == "top" && e.mode == m);
@@ -945,28 +1003,39 @@ pub fn ablate_with(model: &Model, a: &AblateArgs, print: bool) -> Result<Value> 
                 let neg: Vec<f64> = d.iter().map(|x| -x).collect();
                 persona_lens_analysis::stats::rank_p_value(-t, &neg)
             });
-            json!({
-                "mode": m,
-                "top_gap_change": top_change,
-                "random_gap_changes": d,
-                "rank_p_value": rank_p,
-                "random_gap_change_mean": rm, "random_gap_change_ci95": [rlo, rhi],
-                "random_gap_change_min": d.iter().cloned().fold(f64::INFINITY, f64::min),
-                "random_gap_change_max": d.iter().cloned().fold(f64::NEG_INFINITY, f64::max),
-            })
+            AblationModeSummary {
+                mode: m,
+                random_gap_change_ci95: (rlo, rhi),
+                random_gap_change_max: d.iter().cloned().fold(f64::NEG_INFINITY, f64::max),
+                random_gap_change_mean: rm,
+                random_gap_change_min: d.iter().cloned().fold(f64::INFINITY, f64::min),
+                random_gap_changes: d,
+                rank_p_value: rank_p,
+                top_gap_change: top_change,
+            }
         })
         .collect();
-    let out = json!({
-        "model": model.info.name, "chat": chat, "heads": heads.iter().map(|h| h.to_string()).collect::<Vec<_>>(),
-        "n_pairs": pairs.len(), "seconds": t.elapsed().as_secs_f64(), "seed": a.seed,
-        "definitions": {
-            "gap": "metric(novice prompt) - metric(expert prompt), metric = logit[simple] - logit[technical] at the last position (logits); a persona-mover ablation shrinks it",
-            "probe_accuracy": "novice vs expert logistic probe, 5-fold CV accuracy, last token, per residual row",
-            "grade_gap": "Flesch-Kincaid grade of greedy answers to expert prompts minus novice prompts",
-        },
-        "summary": summary,
-        "effects": effects,
-    });
+    let definitions = [
+        ("gap", "metric(novice prompt) - metric(expert prompt), metric = logit[simple] - logit[technical] at the last position (logits); a persona-mover ablation shrinks it"),
+        ("probe_accuracy", "novice vs expert logistic probe, 5-fold CV accuracy, last token, per residual row"),
+        ("grade_gap", "Flesch-Kincaid grade of greedy answers to expert prompts minus novice prompts"),
+    ];
+    let seconds = t.elapsed().as_secs_f64();
+    let out = AblateResult {
+        chat,
+        definitions: definitions
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        effects,
+        heads: heads.iter().map(|h| h.to_string()).collect(),
+        model: model.info.name.clone(),
+        n_pairs: pairs.len(),
+        seconds,
+        seed: a.seed,
+        summary,
+    };
+    let (effects, base) = (&out.effects, out.baseline());
     std::fs::create_dir_all(&a.out)?;
     let f = a.out.join("ablate.json");
     write_json(&f, &out)?;
@@ -974,7 +1043,7 @@ pub fn ablate_with(model: &Model, a: &AblateArgs, print: bool) -> Result<Value> 
         return Ok(out);
     }
     if a.model.json {
-        println!("{out}");
+        println!("{}", serde_json::to_string(&out)?);
         return Ok(out);
     }
     println!(
@@ -992,7 +1061,7 @@ pub fn ablate_with(model: &Model, a: &AblateArgs, print: bool) -> Result<Value> 
         "  {:<10}{:<10}{:>12}{:>12}{:>12}  probe acc by row",
         "heads", "mode", "gap", "Δgap", "grade gap"
     );
-    for e in &effects {
+    for e in effects {
         println!(
             "  {:<10}{:<10}{:>+12.3}{:>+12.3}{:>12}  {}",
             e.label,

@@ -1435,26 +1435,15 @@ fn heads_step(c: &Ctx) -> Result<StepOut> {
     ]);
     let ha: HeadsArgs = c.parse(&args)?;
     let out = heads_with(c.model, &ha, false)?;
-    let ranking = &out["ranking"];
+    let ranking = &out.ranking;
     // (layer, head, pooled score, 95 % CI of the mean per-pair ratio)
-    let top: Vec<(usize, usize, f64, f64, f64)> = ranking["heads"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .take(h.top)
-                .map(|x| {
-                    (
-                        x["head"]["layer"].as_u64().unwrap_or(0) as usize,
-                        x["head"]["head"].as_u64().unwrap_or(0) as usize,
-                        f(&x["pooled"]),
-                        f(&x["ci95"][0]),
-                        f(&x["ci95"][1]),
-                    )
-                })
-                .collect()
-        })
-        .unwrap_or_default();
-    let n_pairs = ranking["n_pairs"].as_u64().unwrap_or(0);
+    let top: Vec<(usize, usize, f64, f64, f64)> = ranking
+        .heads
+        .iter()
+        .take(h.top)
+        .map(|x| (x.head.layer, x.head.head, x.pooled, x.ci95.0, x.ci95.1))
+        .collect();
+    let n_pairs = ranking.n_pairs;
     let roles = head_roles(c, &top.iter().map(|t| (t.0, t.1)).collect::<Vec<_>>())?;
     let mut headlines = vec![];
     let mut negatives = vec![];
@@ -1499,7 +1488,7 @@ fn heads_step(c: &Ctx) -> Result<StepOut> {
             png: "heads/heads.png".into(),
             caption: format!("Persona-mover heads: pooled z-patching score per head (sum of effects over sum of gaps) over {n_pairs} {} selection-split pairs (novice into expert prompt).", c.cfg.pair_id),
         }],
-        data: json!({"top": out["top"], "n_pairs": n_pairs, "n_skipped": ranking["n_skipped"], "circuit": circuit, "roles": roles,
+        data: json!({"top": out.top, "n_pairs": n_pairs, "n_skipped": ranking.n_skipped, "circuit": circuit, "roles": roles,
             "answers": [answer_a, answer_b], "answers_mean_gap_select": answer_gap}),
         ..Default::default()
     })
@@ -1554,17 +1543,8 @@ fn ablate_step(c: &Ctx) -> Result<StepOut> {
     c.quiet_flag(&mut args);
     let aa: AblateArgs = c.parse(&args)?;
     let out = ablate_with(c.model, &aa, false)?;
-    let heads = join(
-        &out["heads"]
-            .as_array()
-            .map(|v| {
-                v.iter()
-                    .filter_map(|x| x.as_str().map(String::from))
-                    .collect::<Vec<_>>()
-            })
-            .unwrap_or_default(),
-    );
-    let base_gap = out["effects"][0]["gap_mean"].as_f64().unwrap_or(f64::NAN);
+    let heads = join(&out.heads);
+    let base_gap = out.baseline().gap_mean;
     let mut headlines = vec![Headline {
         id: "ablate.baseline_gap".into(),
         label: "persona gap without ablation: metric(novice) minus metric(expert)".into(),
@@ -1578,13 +1558,10 @@ fn ablate_step(c: &Ctx) -> Result<StepOut> {
     let mut negatives = vec![];
     let mut claims = vec![];
     let mut bars = vec![];
-    for m in out["summary"].as_array().cloned().unwrap_or_default() {
-        let mode = m["mode"].as_str().unwrap_or("").to_lowercase();
-        let top = f(&m["top_gap_change"]);
-        let (rmin, rmax) = (
-            f(&m["random_gap_change_min"]),
-            f(&m["random_gap_change_max"]),
-        );
+    for m in &out.summary {
+        let mode = m.mode.name().to_string();
+        let top = m.top_gap_change.unwrap_or(f64::NAN);
+        let (rmin, rmax) = (m.random_gap_change_min, m.random_gap_change_max);
         headlines.push(Headline {
             id: format!("ablate.{mode}.top_gap_change"),
             label: format!("change of the persona gap when the top heads ({heads}) are {mode}-ablated"),
@@ -1598,12 +1575,9 @@ fn ablate_step(c: &Ctx) -> Result<StepOut> {
             label: format!(
                 "mean change of the persona gap for random head sets of the same size ({mode})"
             ),
-            value: f(&m["random_gap_change_mean"]),
+            value: m.random_gap_change_mean,
             unit: "logits".into(),
-            ci95: Some((
-                f(&m["random_gap_change_ci95"][0]),
-                f(&m["random_gap_change_ci95"][1]),
-            )),
+            ci95: Some(m.random_gap_change_ci95),
             provenance: c
                 .prov(json!({"mode": mode, "n_random": a.n_random, "file": "ablate/ablate.json"})),
         });
@@ -1615,21 +1589,18 @@ fn ablate_step(c: &Ctx) -> Result<StepOut> {
         });
         bars.push(Bar {
             label: format!("random heads, {mode}"),
-            value: f(&m["random_gap_change_mean"]),
+            value: m.random_gap_change_mean,
             err: None,
             group: 0,
         });
-        let random_changes: Vec<f64> = m["random_gap_changes"]
-            .as_array()
-            .map(|v| v.iter().filter_map(|x| x.as_f64()).collect())
-            .unwrap_or_default();
+        let random_changes = &m.random_gap_changes;
         // Only the first mode is tested (the others are correlated re-measurements of the
         // same heads, described beside it).
         if let (Some(p), true) = (
-            m["rank_p_value"].as_f64(),
+            m.rank_p_value,
             top.is_finite() && random_changes.len() >= 2 && a.modes.first() == Some(&mode),
         ) {
-            let (rm, lo, hi) = persona_lens_analysis::stats::mean_ci95(&random_changes);
+            let (rm, lo, hi) = persona_lens_analysis::stats::mean_ci95(random_changes);
             claims.push(Claim {
                 id: format!("ablate.{mode}.top_heads_beat_random"),
                 statement: format!(
@@ -1647,13 +1618,13 @@ fn ablate_step(c: &Ctx) -> Result<StepOut> {
                 p_value: p,
                 p_adjusted: p,
                 supported: false,
-                n_clusters: out["n_pairs"].as_u64().unwrap_or(0) as usize,
+                n_clusters: out.n_pairs,
             });
         }
         if top.is_finite() && top >= rmin && top <= rmax {
             negatives.push(format!(
-                "{mode}-ablating the top heads ({heads}) changes the persona gap by {} logits, inside the range of random head sets ({} to {}): no evidence that these heads matter more than any others.",
-                fmt_num(top), fmt_num(rmin), fmt_num(rmax)
+                "{mode}-ablating the top heads ({heads}) changes the persona gap by {} logits, inside the range of random head sets ({} to {}; rank p = {}): by this measure these heads are not set apart from random ones.",
+                fmt_num(top), fmt_num(rmin), fmt_num(rmax), m.rank_p_value.map_or("n/a".into(), fmt_p)
             ));
         } else if top.is_finite() && top > 0.0 {
             negatives.push(format!(
@@ -1683,8 +1654,8 @@ fn ablate_step(c: &Ctx) -> Result<StepOut> {
             caption: "Change of the persona gap when the top heads are ablated, against random head sets of the same size (negative = the gap closes).".into(),
         }],
         claims,
-        data: json!({"heads": heads, "summary": out["summary"], "baseline_gap": base_gap,
-            "grade_gap": out["effects"][0]["grade_gap"]}),
+        data: json!({"heads": heads, "summary": out.summary, "baseline_gap": base_gap,
+            "grade_gap": out.baseline().grade_gap}),
         ..Default::default()
     })
 }
