@@ -209,9 +209,69 @@ pub fn patch(a: PatchArgs) -> Result<()> {
     finish(&out, json_file, files, a.model.json)
 }
 
-/// The patching sweeps on a loaded model: the result JSON and the files written (not yet
+/// One prompt of a patching pair: text, token ids and token strings.
+#[derive(Debug, Clone, Serialize)]
+pub struct PatchPrompt {
+    pub ids: Vec<u32>,
+    pub text: String,
+    pub tokens: Vec<String>,
+}
+
+/// What the metric reads (`spec` is the typed metric).
+#[derive(Debug, Clone, Serialize)]
+pub struct PatchMetric {
+    pub description: String,
+    pub position: String,
+    pub spec: Metric,
+    pub units: String,
+}
+
+/// One sweep: raw metric values and their normalised restoration, `[layer][position or head]`.
+#[derive(Debug, Clone, Serialize)]
+pub struct SweepResult {
+    pub axes: Vec<String>,
+    /// `clean` or `noising` direction name.
+    pub direction: String,
+    /// The hook patched, with `{layer}` for the row.
+    pub hook: String,
+    pub n_patches: usize,
+    pub n_patches_run: usize,
+    /// (patched - corrupted) / (clean - corrupted): 1 = clean behaviour, 0 = corrupted.
+    pub normalized: Vec<Vec<f32>>,
+    pub seconds: f64,
+    pub shape: Vec<usize>,
+    /// The sweep kind's name (`resid_pre`, `z_last`, ...).
+    pub sweep: String,
+    pub values: Vec<Vec<f32>>,
+}
+
+/// What `patch` writes to `patching.json` (fields in alphabetical order: the file's key order).
+#[derive(Debug, Clone, Serialize)]
+pub struct PatchResult {
+    pub chat: bool,
+    pub clean: PatchPrompt,
+    /// The same as `clean_metric` when the metric is a logit difference (older readers).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub clean_logit_diff: Option<f32>,
+    pub clean_metric: f32,
+    pub corrupted: PatchPrompt,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub corrupted_logit_diff: Option<f32>,
+    pub corrupted_metric: f32,
+    pub differing_positions: Vec<usize>,
+    pub implementation: String,
+    pub metric: PatchMetric,
+    pub model: String,
+    pub seconds: f64,
+    /// By `{sweep}_{direction}`.
+    pub sweeps: BTreeMap<String, SweepResult>,
+    /// The first sweep's values (older readers).
+    pub values: Option<Vec<Vec<f32>>>,
+}
+
+/// The patching sweeps on a loaded model: the result and the files written (not yet
 /// `patching.json`).
-pub fn patch_with(model: &Model, a: &PatchArgs) -> Result<(Value, Vec<PathBuf>)> {
+pub fn patch_with(model: &Model, a: &PatchArgs) -> Result<(PatchResult, Vec<PathBuf>)> {
     let kinds = parse_kinds(&a.sweep)?;
     let dirs = parse_dir(&a.direction)?;
     let (pair, metric) = a.pair.resolve(model)?;
@@ -219,8 +279,8 @@ pub fn patch_with(model: &Model, a: &PatchArgs) -> Result<(Value, Vec<PathBuf>)>
     let p = Patcher::new(model, pair, metric)?;
     let cfg = model.config();
     let quiet = a.quiet || a.model.json;
-    let mut sweeps = serde_json::Map::new();
-    let mut first: Option<Value> = None;
+    let mut sweeps = BTreeMap::new();
+    let mut first: Option<Vec<Vec<f32>>> = None;
     let mut files = Vec::new();
     for &dir in &dirs {
         for &kind in &kinds {
@@ -247,18 +307,26 @@ pub fn patch_with(model: &Model, a: &PatchArgs) -> Result<(Value, Vec<PathBuf>)>
             let rows = sw.rows();
             let name = format!("{}_{}", kind.name(), dir_name(dir));
             if first.is_none() {
-                first = Some(json!(rows));
+                first = Some(rows.clone());
             }
             sweeps.insert(
                 name.clone(),
-                json!({
-                    "sweep": kind.name(), "direction": dir_name(dir), "shape": sw.shape,
-                    "axes": sw.axes, "values": rows,
-                    "normalized": sw.normalized(p.clean_metric, p.corrupted_metric)
-                        .chunks(*sw.shape.last().unwrap_or(&1)).map(|c| c.to_vec()).collect::<Vec<_>>(),
-                    "n_patches": sw.values.len(), "n_patches_run": sw.n_run, "seconds": secs,
-                    "hook": format!("blocks.{{layer}}.{}", kind.point().suffix()),
-                }),
+                SweepResult {
+                    axes: sw.axes.clone(),
+                    direction: dir_name(dir).into(),
+                    hook: format!("blocks.{{layer}}.{}", kind.point().suffix()),
+                    n_patches: sw.values.len(),
+                    n_patches_run: sw.n_run,
+                    normalized: sw
+                        .normalized(p.clean_metric, p.corrupted_metric)
+                        .chunks(*sw.shape.last().unwrap_or(&1))
+                        .map(|c| c.to_vec())
+                        .collect(),
+                    seconds: secs,
+                    shape: sw.shape.clone(),
+                    sweep: kind.name().into(),
+                    values: rows,
+                },
             );
             if !a.no_files {
                 std::fs::create_dir_all(&a.out)?;
@@ -272,35 +340,47 @@ pub fn patch_with(model: &Model, a: &PatchArgs) -> Result<(Value, Vec<PathBuf>)>
             }
         }
     }
-    let tok = |ids: &[u32]| {
-        ids.iter()
+    let prompt = |text: &str, ids: &[u32]| PatchPrompt {
+        ids: ids.to_vec(),
+        text: text.into(),
+        tokens: ids
+            .iter()
             .map(|&i| model.tokenizer.id_to_token(i))
-            .collect::<Vec<_>>()
+            .collect(),
     };
-    let mut out = json!({
-        "model": model.info.name,
-        "clean": {"text": p.pair.clean_text, "ids": p.pair.clean_ids, "tokens": tok(&p.pair.clean_ids)},
-        "corrupted": {"text": p.pair.corrupted_text, "ids": p.pair.corrupted_ids, "tokens": tok(&p.pair.corrupted_ids)},
-        "differing_positions": p.pair.differing_positions,
-        "chat": p.pair.chat,
-        "metric": {"spec": p.metric, "description": p.metric.describe(model), "units": p.metric.units(), "position": "last"},
-        "clean_metric": p.clean_metric,
-        "corrupted_metric": p.corrupted_metric,
-        "values": first.unwrap_or(Value::Null),
-        "sweeps": sweeps,
-        "implementation": if a.one_by_one { "one forward per patch" } else { "batched incremental (shared prefix keys/values, rows join at their layer)" },
-        "seconds": t0.elapsed().as_secs_f64(),
-    });
-    if matches!(p.metric, Metric::LogitDiff { .. }) {
-        out["clean_logit_diff"] = json!(p.clean_metric);
-        out["corrupted_logit_diff"] = json!(p.corrupted_metric);
-    }
+    let logit_diff = matches!(p.metric, Metric::LogitDiff { .. });
+    let out = PatchResult {
+        chat: p.pair.chat,
+        clean: prompt(&p.pair.clean_text, &p.pair.clean_ids),
+        clean_logit_diff: logit_diff.then_some(p.clean_metric),
+        clean_metric: p.clean_metric,
+        corrupted: prompt(&p.pair.corrupted_text, &p.pair.corrupted_ids),
+        corrupted_logit_diff: logit_diff.then_some(p.corrupted_metric),
+        corrupted_metric: p.corrupted_metric,
+        differing_positions: p.pair.differing_positions.clone(),
+        implementation: if a.one_by_one {
+            "one forward per patch"
+        } else {
+            "batched incremental (shared prefix keys/values, rows join at their layer)"
+        }
+        .into(),
+        metric: PatchMetric {
+            description: p.metric.describe(model),
+            position: "last".into(),
+            spec: p.metric.clone(),
+            units: p.metric.units().into(),
+        },
+        model: model.info.name.clone(),
+        seconds: t0.elapsed().as_secs_f64(),
+        sweeps,
+        values: first,
+    };
     Ok((out, files))
 }
 
 /// Writes the result JSON (unless `--no-files`), then prints it (`--json`) or the files written.
-fn finish(
-    out: &Value,
+fn finish<T: Serialize>(
+    out: &T,
     json_file: Option<PathBuf>,
     mut files: Vec<PathBuf>,
     json: bool,
@@ -310,7 +390,7 @@ fn finish(
         files.push(f);
     }
     if json {
-        println!("{out}");
+        println!("{}", serde_json::to_string(out)?);
     } else if !files.is_empty() {
         println!("wrote {}", files.len());
         for f in files {

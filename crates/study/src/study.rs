@@ -1195,8 +1195,7 @@ fn patch_step(c: &Ctx) -> Result<StepOut> {
     let pa: PatchArgs = c.parse(&args)?;
     let (out, _files) = patch_with(c.model, &pa)?;
     write_json(&dir.join("patching.json"), &out)?;
-    let clean = f(&out["clean_metric"]);
-    let corrupted = f(&out["corrupted_metric"]);
+    let (clean, corrupted) = (out.clean_metric as f64, out.corrupted_metric as f64);
     let prov = |hook: &str, extra: Value| {
         let v = c.prov(json!({"hook": hook, "position": "last", "clean": p.clean, "corrupted": p.corrupted,
             "metric": format!("logit[{}] - logit[{}]", p.answer_a, p.answer_b), "file": "patch/patching.json"}));
@@ -1216,40 +1215,28 @@ fn patch_step(c: &Ctx) -> Result<StepOut> {
     let mut negatives = vec![];
     let mut plots = vec![];
     let mut data = json!({"clean_metric": clean, "corrupted_metric": corrupted,
-        "differing_positions": out["differing_positions"]});
+        "differing_positions": out.differing_positions});
     if (clean - corrupted).abs() < 0.1 {
         negatives.push(format!(
             "The persona swap barely moves the metric (clean {} vs corrupted {} logits): patching effects on this pair are measured against a gap of {} logits and are noisy.",
             fmt_num(clean), fmt_num(corrupted), fmt_num(clean - corrupted)
         ));
     }
-    let sweeps = out["sweeps"].as_object().cloned().unwrap_or_default();
-    for (name, sw) in &sweeps {
+    for (name, sw) in &out.sweeps {
         plots.push(Plot {
             png: format!("patch/{name}.png"),
             caption: format!("Activation patching {name}: normalised restoration (1 = clean behaviour, 0 = corrupted) of the logit difference, clean run into corrupted."),
         });
-        let norm: Vec<Vec<f64>> = sw["normalized"]
-            .as_array()
-            .map(|r| {
-                r.iter()
-                    .map(|row| {
-                        row.as_array()
-                            .map(|x| x.iter().map(f).collect())
-                            .unwrap_or_default()
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
+        let norm = &sw.normalized;
         if norm.is_empty() {
             continue;
         }
-        let kind = sw["sweep"].as_str().unwrap_or("");
+        let kind = sw.sweep.as_str();
         if kind == "resid_pre" {
             // Last position: from which layer does patching the residual restore most of it?
-            let lastcol: Vec<f64> = norm
+            let lastcol: Vec<f32> = norm
                 .iter()
-                .map(|r| *r.last().unwrap_or(&f64::NAN))
+                .map(|r| *r.last().unwrap_or(&f32::NAN))
                 .collect();
             let half = lastcol.iter().position(|&v| v >= 0.5);
             data["resid_pre_last_position"] = json!(lastcol);
@@ -1269,8 +1256,8 @@ fn patch_step(c: &Ctx) -> Result<StepOut> {
             let mut best = (0usize, 0usize, f64::NEG_INFINITY);
             for (l, row) in norm.iter().enumerate() {
                 for (h, &v) in row.iter().enumerate() {
-                    if v.is_finite() && v > best.2 {
-                        best = (l, h, v);
+                    if v.is_finite() && v as f64 > best.2 {
+                        best = (l, h, v as f64);
                     }
                 }
             }
