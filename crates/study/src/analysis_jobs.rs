@@ -481,7 +481,11 @@ pub fn direction(a: DirectionArgs) -> Result<()> {
 
 /// Persona directions on a loaded model; writes directions.safetensors/.json (and the .npy
 /// export with --layer); prints unless `print` is false. Returns the directions' metadata.
-pub fn direction_with(model: &Model, a: &DirectionArgs, print: bool) -> Result<serde_json::Value> {
+pub fn direction_with(
+    model: &Model,
+    a: &DirectionArgs,
+    print: bool,
+) -> Result<direction::DirectionMeta> {
     let quiet = a.h.quiet || a.model.json;
     let ds = a.data.load()?;
     ds.require_classes(&[&a.novice_class, &a.expert_class])?;
@@ -516,13 +520,12 @@ pub fn direction_with(model: &Model, a: &DirectionArgs, print: bool) -> Result<s
         write_json(&a.h.out.join("persona_direction.json"), &side)?;
         exported = Some((hook, r, p));
     }
-    let meta = serde_json::to_value(&set.meta)?;
     if !print {
-        return Ok(meta);
+        return Ok(set.meta);
     }
     if a.model.json {
         println!("{}", serde_json::to_string(&set.meta)?);
-        return Ok(meta);
+        return Ok(set.meta);
     }
     println!(
         "persona directions ({} - {}) for {} residual rows, model {}, position {}",
@@ -548,7 +551,7 @@ pub fn direction_with(model: &Model, a: &DirectionArgs, print: bool) -> Result<s
     if let Some((hook, r, p)) = exported {
         println!("exported {} (row {r} = {hook}) to {}", a.kind, p.display());
     }
-    Ok(meta)
+    Ok(set.meta)
 }
 
 // ---------------- lens ----------------

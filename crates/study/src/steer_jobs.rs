@@ -927,13 +927,38 @@ pub fn steer_sweep(a: SteerSweepArgs) -> Result<()> {
     steer_sweep_with(&model, &a, true).map(|_| ())
 }
 
-/// The dose-response sweep on a loaded model (which also scores fluency); writes its files,
-/// prints unless `print` is false, and returns steer_sweep.json's content.
+/// What `steer-sweep` writes to `steer_sweep.json` (fields in alphabetical order: the file's).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct SteerSweepResult {
+    pub alphas: Vec<f64>,
+    pub caption: String,
+    /// Per (layer, alpha): every measure's mean and bootstrap 95 % interval.
+    pub cells: Vec<persona_lens_rate::CellSummary>,
+    pub chat: bool,
+    pub layers: Vec<usize>,
+    pub model: String,
+    pub n_prompts: usize,
+    pub seconds: f64,
+}
+
+impl SteerSweepResult {
+    /// A measure's (mean, CI low, CI high) in the cell at `layer` and `alpha`.
+    pub fn measure(&self, layer: usize, alpha: f64, name: &str) -> Option<(f64, f64, f64)> {
+        self.cells
+            .iter()
+            .find(|c| c.layer == layer as i64 && (c.alpha - alpha).abs() < 1e-9)
+            .and_then(|c| c.measures.get(name))
+            .map(|&(m, lo, hi, _)| (m, lo, hi))
+    }
+}
+
+/// The dose-response sweep on a loaded model (which also scores fluency); writes its files and
+/// prints unless `print` is false.
 pub fn steer_sweep_with(
     model: &Model,
     a: &SteerSweepArgs,
     print: bool,
-) -> Result<serde_json::Value> {
+) -> Result<SteerSweepResult> {
     let chat = a.data.chat(model);
     let prompts = steer_prompts(&a.data, &a.gen)?;
     let quiet = a.quiet || a.model.json;
@@ -964,9 +989,17 @@ pub fn steer_sweep_with(
         a.gen.max_new_tokens
     );
     let files = dose_response_plots(&summary, &model.info.name, &caption, &a.out)?;
-    let result = json!({"model": model.info.name, "layers": a.steer.layer, "alphas": a.steer.alpha,
-        "n_prompts": prompts.len(), "chat": chat, "caption": caption,
-        "seconds": t.elapsed().as_secs_f64(), "cells": summary});
+    let result = SteerSweepResult {
+        alphas: a.steer.alpha.clone(),
+        caption,
+        cells: summary,
+        chat,
+        layers: a.steer.layer.clone(),
+        model: model.info.name.clone(),
+        n_prompts: prompts.len(),
+        seconds: t.elapsed().as_secs_f64(),
+    };
+    let summary = &result.cells;
     persona_lens_analysis::write_json(&a.out.join("steer_sweep.json"), &result)?;
     if !print {
         return Ok(result);
@@ -981,7 +1014,7 @@ pub fn steer_sweep_with(
         records.len(),
         t.elapsed().as_secs_f64()
     );
-    print_summary(&summary);
+    print_summary(summary);
     for f in files {
         println!("  {}", f.display());
     }

@@ -489,6 +489,18 @@ pub struct Plot {
     pub caption: String,
 }
 
+/// The answer words the heads step chose (`heads/answers.json`), which the ablate step reuses.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AnswerChoice {
+    pub answer_a: String,
+    pub answer_b: String,
+    /// Mean novice-minus-expert logit difference of the pair on the selection split (logits).
+    pub mean_persona_gap: Option<f64>,
+    pub n_pairs: usize,
+    pub rule: String,
+    pub split: String,
+}
+
 /// The study's `summary.json`, typed: the executive summary and the report read its fields, not
 /// string keys. Fields are in alphabetical order, the file's key order before it was typed.
 #[derive(Debug, Clone, Serialize, Deserialize, Default)]
@@ -649,7 +661,7 @@ fn merged(mut base: Value, extra: &Value) -> Value {
 
 /// Persona directions from the probe step's activations (steering reads them), with the middle
 /// row exported as `persona_direction.npy`. Returns the directions' metadata.
-fn persona_directions(c: &Ctx) -> Result<Value> {
+fn persona_directions(c: &Ctx) -> Result<persona_lens_analysis::direction::DirectionMeta> {
     let mut args = c.base("direction");
     args.extend(dataset_args(c, None, c.cfg.n_questions_per_pair));
     // The probe's prompts exactly (so its stored activations are reused); the direction itself
@@ -680,10 +692,6 @@ fn join<T: ToString>(v: &[T]) -> String {
         .map(|x| x.to_string())
         .collect::<Vec<_>>()
         .join(",")
-}
-
-fn f(v: &Value) -> f64 {
-    v.as_f64().unwrap_or(f64::NAN)
 }
 
 fn novice_expert(pair: &str) -> (String, String) {
@@ -891,7 +899,7 @@ fn probe_step(c: &Ctx) -> Result<StepOut> {
             "dataset_hash": r.dataset_hash, "dataset_source": r.dataset_source, "position": r.position_rule,
             "chance": r.chance_accuracy, "n_templates": r.n_templates, "layers": layers,
             "direction": {"file": "probe/persona_direction.npy", "resid_row": n / 2,
-                          "norms": dmeta["diff_of_means_norm"]}}),
+                          "norms": dmeta.diff_of_means_norm}}),
         ..Default::default()
     })
 }
@@ -1410,9 +1418,14 @@ fn heads_step(c: &Ctx) -> Result<StepOut> {
     std::fs::create_dir_all(&dir)?;
     write_json(
         &dir.join("answers.json"),
-        &json!({"answer_a": answer_a, "answer_b": answer_b, "split": "select",
-            "mean_persona_gap": answer_gap, "n_pairs": sel_pairs.len(),
-            "rule": "single-token words absent from every prompt of the selection pairs, maximising the mean novice-minus-expert logit difference"}),
+        &AnswerChoice {
+            answer_a: answer_a.clone(),
+            answer_b: answer_b.clone(),
+            mean_persona_gap: Some(answer_gap),
+            n_pairs: sel_pairs.len(),
+            rule: "single-token words absent from every prompt of the selection pairs, maximising the mean novice-minus-expert logit difference".into(),
+            split: "select".into(),
+        },
     )?;
     args.extend([
         "--answer-a".into(),
@@ -1520,13 +1533,23 @@ fn ablate_step(c: &Ctx) -> Result<StepOut> {
         dir.display().to_string(),
     ]);
     // The answer words the heads were ranked with (chosen on the selection split).
-    let answers: Value = serde_json::from_str(
-        &std::fs::read_to_string(c.dir("heads").join("answers.json"))
+    let answers_file = c.dir("heads").join("answers.json");
+    let answers: AnswerChoice = serde_json::from_str(
+        &std::fs::read_to_string(&answers_file)
             .context("the ablate step needs heads/answers.json; re-run the heads step")?,
-    )?;
-    if let (Some(x), Some(y)) = (answers["answer_a"].as_str(), answers["answer_b"].as_str()) {
-        args.extend(["--answer-a".into(), x.into(), "--answer-b".into(), y.into()]);
-    }
+    )
+    .with_context(|| {
+        format!(
+            "{} is damaged; re-run the heads step",
+            answers_file.display()
+        )
+    })?;
+    args.extend([
+        "--answer-a".into(),
+        answers.answer_a,
+        "--answer-b".into(),
+        answers.answer_b,
+    ]);
     c.quiet_flag(&mut args);
     let aa: AblateArgs = c.parse(&args)?;
     let out = ablate_with(c.model, &aa, false)?;
@@ -1709,16 +1732,7 @@ fn steer_step(c: &Ctx) -> Result<StepOut> {
     c.quiet_flag(&mut args);
     let sa: SteerSweepArgs = c.parse(&args)?;
     let out = steer_sweep_with(c.model, &sa, false)?;
-    let cells = out["cells"].as_array().cloned().unwrap_or_default();
-    let measure = |layer: usize, alpha: f64, key: &str| -> Option<(f64, f64, f64)> {
-        cells
-            .iter()
-            .find(|x| {
-                x["layer"].as_i64() == Some(layer as i64) && (f(&x["alpha"]) - alpha).abs() < 1e-9
-            })
-            .and_then(|x| x["measures"].get(key))
-            .map(|m| (f(&m[0]), f(&m[1]), f(&m[2])))
-    };
+    let measure = |layer: usize, alpha: f64, key: &str| out.measure(layer, alpha, key);
     let a0 = st.alphas.iter().cloned().fold(f64::INFINITY, f64::min);
     let mut headlines = vec![];
     let mut negatives = vec![];
@@ -2056,7 +2070,7 @@ fn steer_step(c: &Ctx) -> Result<StepOut> {
             Plot { png: "steer/dose_response_grade.png".into(), caption: "Selection sweep: Flesch-Kincaid grade of greedy answers to novice prompts against steering alpha, one line per layer (selection split); bands: bootstrap 95 % CI.".into() },
             Plot { png: "steer/dose_response_fluency.png".into(), caption: "Selection sweep: perplexity of the steered answers under the unsteered model against alpha.".into() },
         ],
-        data: json!({"layers": layers, "alphas": st.alphas, "cells": cells,
+        data: json!({"layers": layers, "alphas": st.alphas, "cells": out.cells,
             "chosen": {"layer": layer, "alpha": alpha, "select_grade_change": sel_change, "select_perplexity_ratio": sel_ppl},
             "evaluation_command": eargs}),
         ..Default::default()
