@@ -16,7 +16,7 @@ use serde_json::json;
 use std::path::{Path, PathBuf};
 
 /// Which prompts: the built-in generator (default) or a user file.
-#[derive(Args, Clone, Debug)]
+#[derive(Args, Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct DatasetArgs {
     /// A dataset JSON in the crosscoder notes' schema (`prompt_pairs.expertise_level[]`, ...).
     /// Default: the built-in persona dataset.
@@ -81,7 +81,7 @@ impl DatasetArgs {
     }
 }
 
-#[derive(Args, Clone, Debug)]
+#[derive(Args, Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct HarvestOpts {
     /// Position rule: last, question_last_token or persona_mean.
     #[arg(long, default_value = "last")]
@@ -175,7 +175,7 @@ pub fn harvest(a: HarvestArgs) -> Result<()> {
 
 // ---------------- probe ----------------
 
-#[derive(Args)]
+#[derive(Args, Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct ProbeArgs {
     #[command(flatten)]
     pub model: ModelArgs,
@@ -448,7 +448,7 @@ fn print_generalization(r: &probe::ProbeReport) {
 
 // ---------------- direction ----------------
 
-#[derive(Args)]
+#[derive(Args, Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct DirectionArgs {
     #[command(flatten)]
     pub model: ModelArgs,
@@ -556,7 +556,7 @@ pub fn direction_with(
 
 // ---------------- lens ----------------
 
-#[derive(Args)]
+#[derive(Args, Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct LensArgs {
     #[command(flatten)]
     pub model: ModelArgs,

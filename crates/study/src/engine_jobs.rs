@@ -68,7 +68,7 @@ pub fn tokenize(a: TokenizeArgs) -> Result<()> {
 }
 
 /// Sampling settings shared by every generating command (greedy unless --temperature).
-#[derive(Args, Clone, Debug)]
+#[derive(Args, Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct SamplingArgs {
     /// Sample with this temperature (default greedy).
     #[arg(long)]

@@ -18,14 +18,16 @@ pub mod study;
 use clap::{Args, ValueEnum};
 use std::path::PathBuf;
 
-#[derive(Clone, Copy, Debug, ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, ValueEnum, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum DtypeArg {
     F32,
     Bf16,
     F16,
 }
 
-#[derive(Clone, Copy, Debug, ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, ValueEnum, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum QuantArg {
     /// Quantized weights in memory, f32 activations (dequantized chunk by chunk): exact.
     Exact,
@@ -34,7 +36,7 @@ pub enum QuantArg {
 }
 
 /// Options every model-using command takes.
-#[derive(Args, Clone, Debug)]
+#[derive(Args, Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct ModelArgs {
     /// A .gguf file, a Hugging Face model directory, a registry short name
     /// (`persona-lens models`: gemma-3-270m, gemma-2-2b-it, ...) or a hub id (org/name).

@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 /// The prompt pair and metric every causal command takes.
-#[derive(Args, Clone, Debug)]
+#[derive(Args, Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct PairArgs {
     /// Clean prompt (the behaviour to restore), e.g. "I am a child. Explain ...".
     #[arg(long, requires = "corrupted")]
@@ -176,7 +176,7 @@ pub fn sweep_heatmap(model: &Model, p: &Patcher, s: &Sweep, stem: &Path) -> Resu
 
 // ---------------- patch ----------------
 
-#[derive(Args)]
+#[derive(Args, Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct PatchArgs {
     #[command(flatten)]
     pub model: ModelArgs,
@@ -741,7 +741,7 @@ pub fn attrib(a: AttribArgs) -> Result<()> {
 
 // ---------------- heads ----------------
 
-#[derive(Args)]
+#[derive(Args, Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct HeadsArgs {
     #[command(flatten)]
     pub model: ModelArgs,
@@ -882,7 +882,7 @@ pub fn heads_with(model: &Model, a: &HeadsArgs, print: bool) -> Result<HeadsResu
 
 // ---------------- ablate ----------------
 
-#[derive(Args)]
+#[derive(Args, Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct AblateArgs {
     #[command(flatten)]
     pub model: ModelArgs,

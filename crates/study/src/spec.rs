@@ -58,3 +58,84 @@ fn scalar(v: &Value) -> String {
         other => other.to_string(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{analysis_jobs, patch_jobs, steer_jobs, study};
+    use serde::de::DeserializeOwned;
+    use std::fmt::Debug;
+
+    /// Every value changed away from what it was: flags set, numbers and strings changed,
+    /// lists grown. Keys in `skip` (values a parser restricts) stay as they are.
+    fn perturb(v: &mut Value, skip: &[&str]) {
+        match v {
+            Value::Bool(b) => *b = !*b,
+            Value::Number(n) => {
+                *v = match n.as_u64() {
+                    Some(u) => Value::from(u + 2),
+                    None => Value::from(n.as_f64().unwrap_or(0.0) + 0.25),
+                }
+            }
+            Value::String(s) => s.push_str("-x"),
+            Value::Array(items) => {
+                if let Some(first) = items.first().cloned() {
+                    let mut extra = first;
+                    perturb(&mut extra, skip);
+                    items.push(extra);
+                }
+            }
+            Value::Object(m) => {
+                for (k, x) in m.iter_mut() {
+                    if !skip.contains(&k.as_str()) {
+                        perturb(x, skip);
+                    }
+                }
+            }
+            Value::Null => {}
+        }
+    }
+
+    /// A spec parsed from `args`, then changed in every field, written back as a command and
+    /// parsed again: the same spec.
+    fn round_trip<T>(args: &[&str], skip: &[&str])
+    where
+        T: Args + FromArgMatches + Serialize + DeserializeOwned + PartialEq + Debug,
+    {
+        let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        let spec: T = parse(&args).unwrap();
+        assert_eq!(parse::<T>(&command(&spec)).unwrap(), spec);
+        let mut v = serde_json::to_value(&spec).unwrap();
+        perturb(&mut v, skip);
+        let changed: T = serde_json::from_value(v).unwrap();
+        assert_ne!(changed, spec, "the perturbation changed nothing");
+        let cmd = command(&changed);
+        let back: T = parse(&cmd).unwrap_or_else(|e| panic!("{cmd:?} does not parse: {e}"));
+        assert_eq!(back, changed, "{cmd:?}");
+    }
+
+    // Values a parser restricts to a set; one of each pair of flags that exclude each other
+    // (`chat` / `no_chat`); the `--template-holdout` / `--no-template-holdout` pair, where the
+    // last one given wins (two fields, one setting).
+    const SKIP: &[&str] = &[
+        "dtype",
+        "no_chat",
+        "split",
+        "quantized",
+        "template_holdout",
+        "no_template_holdout",
+    ];
+
+    #[test]
+    fn each_spec_is_the_command_it_writes() {
+        round_trip::<analysis_jobs::ProbeArgs>(&["--split", "evaluate"], SKIP);
+        round_trip::<analysis_jobs::DirectionArgs>(&["--layer", "3"], SKIP);
+        round_trip::<analysis_jobs::LensArgs>(&[], SKIP);
+        round_trip::<patch_jobs::PatchArgs>(&[], SKIP);
+        round_trip::<patch_jobs::HeadsArgs>(&["--answer-a", "a", "--answer-b", "b"], SKIP);
+        round_trip::<patch_jobs::AblateArgs>(&["--heads", "L1H2"], SKIP);
+        round_trip::<steer_jobs::SteerArgs>(&["--layer", "3", "--alpha", "2"], SKIP);
+        round_trip::<steer_jobs::SteerSweepArgs>(&["--layer", "3,6"], SKIP);
+        round_trip::<study::RunArgs>(&["--experiment", "probe,lens"], SKIP);
+    }
+}

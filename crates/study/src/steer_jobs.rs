@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 /// Which direction, where, and how strong.
-#[derive(Args, Clone, Debug)]
+#[derive(Args, Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct SteerSpec {
     /// Direction file: directions.safetensors or persona_direction.npy from `persona-lens
     /// direction`, or a llama.cpp control vector (.gguf).
@@ -56,7 +56,7 @@ pub struct SteerSpec {
 }
 
 /// Prompts and generation settings.
-#[derive(Args, Clone, Debug)]
+#[derive(Args, Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct GenSpec {
     /// Prompts file: a JSON list of strings or of {"text", "persona", "id", "topic"}, or a
     /// .txt file with one prompt per line. Default: the persona dataset (--persona class).
@@ -77,7 +77,7 @@ pub struct GenSpec {
     pub batch_size: usize,
 }
 
-#[derive(Args)]
+#[derive(Args, Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct SteerArgs {
     #[command(flatten)]
     pub model: ModelArgs,
@@ -568,7 +568,7 @@ pub fn control_vector(a: ControlVectorArgs) -> Result<()> {
 
 // ---------------- rate ----------------
 
-#[derive(Args, Clone, Debug)]
+#[derive(Args, Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct RateOpts {
     /// Model for fluency (perplexity of each answer under the unsteered model); default: the
     /// records' model.
@@ -833,7 +833,7 @@ pub fn rate(a: RateArgs) -> Result<()> {
 
 // ---------------- steer-sweep ----------------
 
-#[derive(Args)]
+#[derive(Args, Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct SteerSweepArgs {
     #[command(flatten)]
     pub model: ModelArgs,

@@ -42,7 +42,7 @@ pub const STUDY_MODEL: &str = "smollm2-135m-instruct";
 
 pub const ALL_STEPS: [&str; 7] = ["probe", "lens", "patch", "heads", "ablate", "steer", "diff"];
 
-#[derive(Args)]
+#[derive(Args, Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct RunArgs {
     /// Experiments, comma separated: probe, lens, patch, heads, ablate, steer, diff, or all.
     #[arg(long, value_delimiter = ',')]
