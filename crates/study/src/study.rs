@@ -17,10 +17,13 @@
 use crate::analysis_jobs::{
     direction_with, run_dataset_lens, run_probe, DirectionArgs, LensArgs, ProbeArgs,
 };
+use crate::analysis_jobs::{DatasetArgs, HarvestOpts};
 use crate::engine_jobs::load_model;
-use crate::patch_jobs::{ablate_with, heads_with, patch_with, AblateArgs, HeadsArgs, PatchArgs};
+use crate::patch_jobs::{
+    ablate_with, heads_with, patch_with, AblateArgs, HeadsArgs, PairArgs, PatchArgs,
+};
 use crate::steer_jobs::{steer_sweep_with, SteerArgs, SteerSweepArgs};
-use crate::{DtypeArg, ModelArgs};
+use crate::{spec, DtypeArg, ModelArgs};
 use anyhow::{bail, Context, Result};
 use clap::{Args, FromArgMatches};
 use persona_lens_analysis::claims::Claim;
@@ -623,23 +626,36 @@ impl Ctx<'_> {
     fn dir(&self, step: &str) -> PathBuf {
         self.out.join(step)
     }
-    /// Parses a subcommand's arguments exactly as the command line would.
-    /// `args[0]` is the subcommand's name (from `base`).
-    fn parse<T: Args + FromArgMatches>(&self, args: &[String]) -> Result<T> {
-        crate::spec::parse(&args[1..])
-            .map_err(|e| anyhow::anyhow!("internal: step arguments {args:?}: {e}"))
-    }
-    fn base(&self, cmd: &str) -> Vec<String> {
-        let mut v = vec![cmd.to_string(), "--model".into(), self.cfg.model.clone()];
-        if let Some(d) = &self.models_dir {
-            v.extend(["--models-dir".into(), d.display().to_string()]);
+    /// The model every step runs on (loaded once; the spec names it for provenance).
+    fn model_args(&self) -> ModelArgs {
+        ModelArgs {
+            model: self.cfg.model.clone(),
+            models_dir: self.models_dir.clone(),
+            ..spec::defaults()
         }
+    }
+    /// The study's prompts: its dataset file, else the built-in set for its persona pair
+    /// (`n` questions per topic), optionally one topic.
+    fn dataset(&self, topic: Option<&str>, n: usize) -> DatasetArgs {
+        let mut d: DatasetArgs = spec::defaults();
+        match &self.cfg.dataset {
+            Some(file) => d.dataset = Some(file.clone()),
+            None => {
+                d.persona_pair = self.cfg.persona_pair.split(',').map(String::from).collect();
+                d.n_questions_per_pair = n;
+            }
+        }
+        if let Some(t) = topic {
+            d.pair_id = vec![t.to_string()];
+        }
+        d
+    }
+    /// The stand-alone command that runs `spec` alone (`persona-lens <sub> ...`), recorded as
+    /// the step's provenance.
+    fn command<T: Serialize>(&self, sub: &str, spec: &T) -> Vec<String> {
+        let mut v = vec![sub.to_string()];
+        v.extend(spec::command(spec));
         v
-    }
-    fn quiet_flag(&self, v: &mut Vec<String>) {
-        if self.quiet {
-            v.push("--quiet".into());
-        }
     }
     fn prov(&self, extra: Value) -> Value {
         merged(
@@ -662,29 +678,33 @@ fn merged(mut base: Value, extra: &Value) -> Value {
 /// Persona directions from the probe step's activations (steering reads them), with the middle
 /// row exported as `persona_direction.npy`. Returns the directions' metadata.
 fn persona_directions(c: &Ctx) -> Result<persona_lens_analysis::direction::DirectionMeta> {
-    let mut args = c.base("direction");
-    args.extend(dataset_args(c, None, c.cfg.n_questions_per_pair));
     // The probe's prompts exactly (so its stored activations are reused); the direction itself
     // is fitted on the selection split only.
-    args.extend([
-        "--split-seed".into(),
-        s(c.cfg.seed),
-        "--lexical-controls".into(),
-        "--position".into(),
-        c.cfg.position.clone(),
-        "--out".into(),
-        c.dir("probe").display().to_string(),
-        "--layer".into(),
-        s(c.model.config().n_layers / 2),
-        "--align-probe-index".into(),
-    ]);
-    c.quiet_flag(&mut args);
-    let da: DirectionArgs = c.parse(&args)?;
+    let da = DirectionArgs {
+        model: c.model_args(),
+        data: DatasetArgs {
+            split_seed: c.cfg.seed,
+            lexical_controls: true,
+            ..c.dataset(None, c.cfg.n_questions_per_pair)
+        },
+        h: HarvestOpts {
+            position: c.cfg.position.clone(),
+            out: c.dir("probe"),
+            quiet: c.quiet,
+            ..spec::defaults()
+        },
+        layer: Some(c.model.config().n_layers / 2),
+        align_probe_index: true,
+        ..spec::defaults()
+    };
     direction_with(c.model, &da, false)
 }
 
-fn s(x: impl ToString) -> String {
-    x.to_string()
+/// A steering spec at `layers` with every other field at its command-line default (the layers
+/// are the one setting a steering command requires).
+fn steer_defaults<T: Args + FromArgMatches>(layers: &[usize]) -> Result<T> {
+    spec::parse(&["--layer".to_string(), join(layers)])
+        .map_err(|e| anyhow::anyhow!("internal: steering defaults: {e}"))
 }
 
 fn join<T: ToString>(v: &[T]) -> String {
@@ -703,49 +723,29 @@ fn novice_expert(pair: &str) -> (String, String) {
 
 // ---------------- steps ----------------
 
-fn dataset_args(c: &Ctx, topic: Option<&str>, n: usize) -> Vec<String> {
-    let mut v = match &c.cfg.dataset {
-        Some(file) => vec!["--dataset".into(), file.display().to_string()],
-        None => vec![
-            "--persona-pair".into(),
-            c.cfg.persona_pair.clone(),
-            "--n-questions-per-pair".into(),
-            s(n),
-        ],
-    };
-    if let Some(t) = topic {
-        v.extend(["--pair-id".into(), t.to_string()]);
-    }
-    v
-}
-
 fn probe_step(c: &Ctx) -> Result<StepOut> {
     let dir = c.dir("probe");
-    let mut args = c.base("probe");
-    args.extend(dataset_args(c, None, c.cfg.n_questions_per_pair));
-    args.extend([
-        "--position".into(),
-        c.cfg.position.clone(),
-        "--folds".into(),
-        s(c.cfg.probe.folds),
-        "--l2".into(),
-        s(c.cfg.probe.l2),
-        "--seed".into(),
-        s(c.cfg.seed),
-        "--split-seed".into(),
-        s(c.cfg.seed),
-        "--lexical-controls".into(),
-        "--out".into(),
-        dir.display().to_string(),
-    ]);
-    if !c.cfg.template_holdout {
-        args.push("--no-template-holdout".into());
-    }
-    if let Some(l) = c.cfg.max_layers {
-        args.extend(["--max-layers".into(), s(l)]);
-    }
-    c.quiet_flag(&mut args);
-    let pa: ProbeArgs = c.parse(&args)?;
+    let pa = ProbeArgs {
+        model: c.model_args(),
+        data: DatasetArgs {
+            split_seed: c.cfg.seed,
+            lexical_controls: true,
+            ..c.dataset(None, c.cfg.n_questions_per_pair)
+        },
+        h: HarvestOpts {
+            position: c.cfg.position.clone(),
+            out: dir.clone(),
+            quiet: c.quiet,
+            ..spec::defaults()
+        },
+        folds: c.cfg.probe.folds,
+        l2: c.cfg.probe.l2,
+        seed: c.cfg.seed,
+        no_template_holdout: !c.cfg.template_holdout,
+        max_layers: c.cfg.max_layers,
+        ..spec::defaults()
+    };
+    let args = c.command("probe", &pa);
     let r = run_probe(c.model, &pa, c.quiet)?;
     let n = c.model.config().n_layers;
     let dmeta = persona_directions(c)?;
@@ -979,32 +979,31 @@ fn lens_step(c: &Ctx) -> Result<StepOut> {
     use persona_lens_analysis::dataset::Split;
     use persona_lens_analysis::lens::{decision_row, paired_effects, paired_readout_gaps};
     let dir = c.dir("lens");
-    let mut args = c.base("lens");
-    // Every topic: the tracked words are generic, and questions are the clusters of the tests.
-    args.extend(dataset_args(c, None, c.cfg.lens.n_questions_per_pair));
-    args.extend([
-        "--split-seed".into(),
-        s(c.cfg.seed),
-        "--rule".into(),
+    // The probe step's activations hold every residual row of these prompts: no new forwards.
+    let probe_dir = c.dir("probe");
+    let la = LensArgs {
+        model: c.model_args(),
+        // Every topic: the tracked words are generic, and questions are the clusters of the
+        // tests.
+        data: DatasetArgs {
+            split_seed: c.cfg.seed,
+            ..c.dataset(None, c.cfg.lens.n_questions_per_pair)
+        },
         // The lens reads one token; a persona-mean probe harvest cannot serve it.
-        if c.cfg.position == "persona_mean" {
+        rule: if c.cfg.position == "persona_mean" {
             "last".into()
         } else {
             c.cfg.position.clone()
         },
-        "--out".into(),
-        dir.display().to_string(),
-    ]);
-    // The probe step's activations hold every residual row of these prompts: no new forwards.
-    let probe_dir = c.dir("probe");
-    if probe_dir
-        .join(persona_lens_analysis::harvest::ACTS_FILE)
-        .exists()
-    {
-        args.extend(["--activations".into(), probe_dir.display().to_string()]);
-    }
-    c.quiet_flag(&mut args);
-    let la: LensArgs = c.parse(&args)?;
+        out: dir.clone(),
+        activations: probe_dir
+            .join(persona_lens_analysis::harvest::ACTS_FILE)
+            .exists()
+            .then_some(probe_dir),
+        quiet: c.quiet,
+        ..spec::defaults()
+    };
+    let args = c.command("lens", &la);
     let r = run_dataset_lens(c.model, &la, c.quiet)?;
     let ds = la.data.load()?;
     let (nov, exp) = novice_expert(&c.cfg.persona_pair);
@@ -1184,23 +1183,21 @@ fn lens_step(c: &Ctx) -> Result<StepOut> {
 fn patch_step(c: &Ctx) -> Result<StepOut> {
     let dir = c.dir("patch");
     let p = &c.cfg.patch;
-    let mut args = c.base("patch");
-    args.extend([
-        "--clean".into(),
-        p.clean.clone(),
-        "--corrupted".into(),
-        p.corrupted.clone(),
-        "--answer-a".into(),
-        p.answer_a.clone(),
-        "--answer-b".into(),
-        p.answer_b.clone(),
-        "--sweep".into(),
-        join(&p.sweeps),
-        "--out".into(),
-        dir.display().to_string(),
-    ]);
-    c.quiet_flag(&mut args);
-    let pa: PatchArgs = c.parse(&args)?;
+    let pa = PatchArgs {
+        model: c.model_args(),
+        pair: PairArgs {
+            clean: Some(p.clean.clone()),
+            corrupted: Some(p.corrupted.clone()),
+            answer_a: Some(p.answer_a.clone()),
+            answer_b: Some(p.answer_b.clone()),
+            ..spec::defaults()
+        },
+        sweep: p.sweeps.clone(),
+        out: dir.clone(),
+        quiet: c.quiet,
+        ..spec::defaults()
+    };
+    let args = c.command("patch", &pa);
     let (out, _files) = patch_with(c.model, &pa)?;
     write_json(&dir.join("patching.json"), &out)?;
     let (clean, corrupted) = (out.clean_metric as f64, out.corrupted_metric as f64);
@@ -1380,27 +1377,20 @@ fn head_roles(c: &Ctx, heads: &[(usize, usize)]) -> Result<Vec<HeadRole>> {
 fn heads_step(c: &Ctx) -> Result<StepOut> {
     let dir = c.dir("heads");
     let h = &c.cfg.heads;
-    let mut args = c.base("heads");
-    args.extend(dataset_args(
-        c,
-        Some(&c.cfg.pair_id),
-        h.n_questions_per_pair,
-    ));
     // Heads are ranked on the selection split; the ablate step tests them on the other.
-    args.extend([
-        "--split-seed".into(),
-        s(c.cfg.seed),
-        "--split".into(),
-        "select".into(),
-        "--top".into(),
-        s(h.top),
-        "--min-gap".into(),
-        s(h.min_gap),
-        "--out".into(),
-        dir.display().to_string(),
-    ]);
-    c.quiet_flag(&mut args);
-    let ha: HeadsArgs = c.parse(&args)?;
+    let mut ha = HeadsArgs {
+        model: c.model_args(),
+        data: DatasetArgs {
+            split_seed: c.cfg.seed,
+            split: Some(persona_lens_analysis::dataset::Split::Select),
+            ..c.dataset(Some(&c.cfg.pair_id), h.n_questions_per_pair)
+        },
+        top: h.top,
+        min_gap: h.min_gap as f32,
+        out: dir.clone(),
+        quiet: c.quiet,
+        ..spec::defaults()
+    };
     // One answer pair for the topic, chosen on the selection pairs, absent from every prompt;
     // the ablate step reuses it on the evaluation pairs.
     let sel_pairs = persona_lens_analysis::heads::dataset_pairs(&ha.data.load()?);
@@ -1427,13 +1417,9 @@ fn heads_step(c: &Ctx) -> Result<StepOut> {
             split: "select".into(),
         },
     )?;
-    args.extend([
-        "--answer-a".into(),
-        answer_a.clone(),
-        "--answer-b".into(),
-        answer_b.clone(),
-    ]);
-    let ha: HeadsArgs = c.parse(&args)?;
+    ha.answer_a = Some(answer_a.clone());
+    ha.answer_b = Some(answer_b.clone());
+    let args = c.command("heads", &ha);
     let out = heads_with(c.model, &ha, false)?;
     let ranking = &out.ranking;
     // (layer, head, pooled score, 95 % CI of the mean per-pair ratio)
@@ -1504,34 +1490,6 @@ fn ablate_step(c: &Ctx) -> Result<StepOut> {
         );
     }
     let a = &c.cfg.ablate;
-    let mut args = c.base("ablate");
-    args.extend(dataset_args(
-        c,
-        Some(&c.cfg.pair_id),
-        c.cfg.heads.n_questions_per_pair,
-    ));
-    args.extend([
-        "--split-seed".into(),
-        s(c.cfg.seed),
-        "--split".into(),
-        "evaluate".into(),
-        "--from".into(),
-        heads_json.display().to_string(),
-        "--mode".into(),
-        join(&a.modes),
-        "--n-random".into(),
-        s(a.n_random),
-        "--n-random-primary".into(),
-        s(a.n_random_test.max(a.n_random)),
-        "--seed".into(),
-        s(c.cfg.seed),
-        "--n-generate".into(),
-        s(a.n_generate),
-        "--gen-tokens".into(),
-        s(a.gen_tokens),
-        "--out".into(),
-        dir.display().to_string(),
-    ]);
     // The answer words the heads were ranked with (chosen on the selection split).
     let answers_file = c.dir("heads").join("answers.json");
     let answers: AnswerChoice = serde_json::from_str(
@@ -1544,14 +1502,27 @@ fn ablate_step(c: &Ctx) -> Result<StepOut> {
             answers_file.display()
         )
     })?;
-    args.extend([
-        "--answer-a".into(),
-        answers.answer_a,
-        "--answer-b".into(),
-        answers.answer_b,
-    ]);
-    c.quiet_flag(&mut args);
-    let aa: AblateArgs = c.parse(&args)?;
+    let aa = AblateArgs {
+        model: c.model_args(),
+        data: DatasetArgs {
+            split_seed: c.cfg.seed,
+            split: Some(persona_lens_analysis::dataset::Split::Evaluate),
+            ..c.dataset(Some(&c.cfg.pair_id), c.cfg.heads.n_questions_per_pair)
+        },
+        from: heads_json,
+        mode: a.modes.clone(),
+        n_random: a.n_random,
+        n_random_primary: Some(a.n_random_test.max(a.n_random)),
+        seed: c.cfg.seed,
+        n_generate: a.n_generate,
+        gen_tokens: a.gen_tokens,
+        answer_a: Some(answers.answer_a),
+        answer_b: Some(answers.answer_b),
+        out: dir.clone(),
+        quiet: c.quiet,
+        ..spec::defaults()
+    };
+    let args = c.command("ablate", &aa);
     let out = ablate_with(c.model, &aa, false)?;
     let heads = join(&out.heads);
     let base_gap = out.baseline().gap_mean;
@@ -1692,45 +1663,31 @@ fn steer_step(c: &Ctx) -> Result<StepOut> {
     } else {
         st.layers.clone()
     };
-    let data_args = |split: &str| {
-        let mut v = dataset_args(c, None, c.cfg.n_questions_per_pair);
-        v.extend([
-            "--split-seed".into(),
-            s(c.cfg.seed),
-            "--split".into(),
-            split.into(),
-        ]);
-        v
+    use persona_lens_analysis::dataset::Split;
+    let data = |split: Split| DatasetArgs {
+        split_seed: c.cfg.seed,
+        split: Some(split),
+        ..c.dataset(None, c.cfg.n_questions_per_pair)
     };
     // 1. The dose-response sweep on the selection split: it chooses the layer and alpha.
-    let mut args = c.base("steer-sweep");
-    args.extend(data_args("select"));
-    args.extend([
-        "--direction".into(),
-        directions.display().to_string(),
-        "--layer".into(),
-        join(&layers),
-        "--alpha".into(),
-        join(&st.alphas),
-        "--kind".into(),
-        st.kind.clone(),
-        "--norm".into(),
-        st.norm.clone(),
-        "--n-prompts".into(),
-        s(st.n_prompts),
-        "--max-new-tokens".into(),
-        s(st.max_new_tokens),
-        "--bootstrap".into(),
-        s(st.bootstrap),
-        "--rate-seed".into(),
-        s(c.cfg.seed),
-        "--seed".into(),
-        s(c.cfg.seed),
-        "--out".into(),
-        dir.display().to_string(),
-    ]);
-    c.quiet_flag(&mut args);
-    let sa: SteerSweepArgs = c.parse(&args)?;
+    let sa = {
+        let mut sa: SteerSweepArgs = steer_defaults(&layers)?;
+        sa.model = c.model_args();
+        sa.data = data(Split::Select);
+        sa.steer.direction = directions.clone();
+        sa.steer.alpha = st.alphas.clone();
+        sa.steer.kind = st.kind.clone();
+        sa.steer.norm = st.norm.clone();
+        sa.gen.n_prompts = st.n_prompts;
+        sa.gen.max_new_tokens = st.max_new_tokens;
+        sa.gen.sampling.seed = c.cfg.seed;
+        sa.rate.bootstrap = st.bootstrap;
+        sa.rate.rate_seed = c.cfg.seed;
+        sa.out = dir.clone();
+        sa.quiet = c.quiet;
+        sa
+    };
+    let args = c.command("steer-sweep", &sa);
     let out = steer_sweep_with(c.model, &sa, false)?;
     let measure = |layer: usize, alpha: f64, key: &str| out.measure(layer, alpha, key);
     let a0 = st.alphas.iter().cloned().fold(f64::INFINITY, f64::min);
@@ -1790,17 +1747,14 @@ fn steer_step(c: &Ctx) -> Result<StepOut> {
     });
 
     // 2. The chosen cell on new prompts (evaluation split), beside random directions.
-    let mut eargs = c.base("steer");
-    eargs.extend(data_args("evaluate"));
-    eargs.extend([
-        "--layer".into(),
-        s(layer),
-        "--n-prompts".into(),
-        s(st.n_eval_prompts),
-        "--max-new-tokens".into(),
-        s(st.max_new_tokens),
-    ]);
-    let ea: SteerArgs = c.parse(&eargs)?;
+    let ea = {
+        let mut ea: SteerArgs = steer_defaults(&[layer])?;
+        ea.model = c.model_args();
+        ea.data = data(Split::Evaluate);
+        ea.gen.n_prompts = st.n_eval_prompts;
+        ea.gen.max_new_tokens = st.max_new_tokens;
+        ea
+    };
     let chat = ea.data.chat(c.model);
     let novice = crate::steer_jobs::steer_prompts(&ea.data, &ea.gen)?;
     let mut expert_gen = ea.gen.clone();
@@ -2072,7 +2026,7 @@ fn steer_step(c: &Ctx) -> Result<StepOut> {
         ],
         data: json!({"layers": layers, "alphas": st.alphas, "cells": out.cells,
             "chosen": {"layer": layer, "alpha": alpha, "select_grade_change": sel_change, "select_perplexity_ratio": sel_ppl},
-            "evaluation_command": eargs}),
+            "evaluation_command": c.command("steer", &ea)}),
         ..Default::default()
     })
 }
