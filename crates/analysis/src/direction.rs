@@ -196,12 +196,63 @@ impl std::str::FromStr for DirectionKind {
     }
 }
 
-/// The residual row a `--layer` value names (see the module docs).
-pub fn resid_row_for_layer(layer: usize, align_probe_index: bool) -> usize {
-    if align_probe_index {
-        layer
-    } else {
-        layer + 1
+/// Where a direction is read or applied: the output of a block, or a residual row counted like
+/// HF's `hidden_states` (row 0 = the embeddings, row L + 1 = block L's output). Two numberings of
+/// one stream; a bare `usize` cannot say which it is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LayerRef {
+    /// Block L's output (`blocks.L.hook_resid_post`, residual row L + 1): llama.cpp's
+    /// control-vector convention and `--layer L`'s default.
+    BlockOutput(usize),
+    /// Residual row R (`blocks.R.hook_resid_pre`; the last row is the last block's output): the
+    /// index the probes report, `--layer L --align-probe-index`.
+    ResidRow(usize),
+}
+
+impl LayerRef {
+    /// The layer a command line names: `--layer L`, with or without `--align-probe-index`.
+    pub fn from_flag(layer: usize, align_probe_index: bool) -> Self {
+        if align_probe_index {
+            LayerRef::ResidRow(layer)
+        } else {
+            LayerRef::BlockOutput(layer)
+        }
+    }
+
+    /// The residual row (HF `hidden_states` index).
+    pub fn row(self) -> usize {
+        match self {
+            LayerRef::BlockOutput(l) => l + 1,
+            LayerRef::ResidRow(r) => r,
+        }
+    }
+
+    /// The block whose output this is (None for row 0, the embeddings).
+    pub fn block(self) -> Option<usize> {
+        self.row().checked_sub(1)
+    }
+
+    /// The hook that holds this row in a model of `n_layers` blocks (the names of
+    /// [`crate::resid_rows`]), or an error that gives the valid range.
+    pub fn hook(self, n_layers: usize) -> Result<persona_lens_engine::HookName> {
+        crate::resid_rows(n_layers)
+            .get(self.row())
+            .copied()
+            .ok_or_else(|| {
+                AnalysisError::Invalid(format!(
+                    "{self} is out of range: the model has {n_layers} blocks (block outputs 0..={}, residual rows 0..={n_layers})",
+                    n_layers.saturating_sub(1)
+                ))
+            })
+    }
+}
+
+impl std::fmt::Display for LayerRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            LayerRef::BlockOutput(l) => write!(f, "the output of block {l}"),
+            LayerRef::ResidRow(r) => write!(f, "residual row {r}"),
+        }
     }
 }
 
@@ -305,4 +356,35 @@ pub fn check_direction(v: &[f32], d_model: usize) -> Result<()> {
         ));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::LayerRef;
+
+    /// Block L's output is residual row L + 1 and, in a 4-block model, `blocks.{L+1}.hook_resid_pre`
+    /// (the last block's is its `hook_resid_post`); rows past the last are errors that give the
+    /// range, without naming a command-line flag.
+    #[test]
+    fn block_outputs_and_residual_rows_are_one_stream() {
+        let n = 4;
+        assert_eq!(LayerRef::from_flag(2, false), LayerRef::BlockOutput(2));
+        assert_eq!(LayerRef::from_flag(2, true), LayerRef::ResidRow(2));
+        assert_eq!(LayerRef::BlockOutput(2).row(), 3);
+        assert_eq!(LayerRef::ResidRow(2).row(), 2);
+        assert_eq!(LayerRef::ResidRow(0).block(), None);
+        assert_eq!(LayerRef::ResidRow(3).block(), Some(2));
+        let hook = |l: LayerRef| l.hook(n).unwrap().to_string();
+        assert_eq!(hook(LayerRef::BlockOutput(1)), "blocks.2.hook_resid_pre");
+        assert_eq!(hook(LayerRef::ResidRow(2)), "blocks.2.hook_resid_pre");
+        assert_eq!(hook(LayerRef::BlockOutput(3)), "blocks.3.hook_resid_post");
+        assert_eq!(hook(LayerRef::ResidRow(4)), "blocks.3.hook_resid_post");
+        let e = LayerRef::BlockOutput(4).hook(n).unwrap_err().to_string();
+        assert!(e.contains("the output of block 4 is out of range"), "{e}");
+        assert!(
+            e.contains("block outputs 0..=3, residual rows 0..=4"),
+            "{e}"
+        );
+        assert!(!e.contains("--"), "{e}");
+    }
 }

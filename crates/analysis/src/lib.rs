@@ -1,5 +1,7 @@
 //! persona-lens analyses: the persona dataset, activation harvesting, per-layer probes, persona
-//! directions and the logit lens. Each analysis is a function over an activation cache (or
+//! directions, the logit lens, activation / path / attribution patching, head ranking and
+//! ablation, steering and llama.cpp control vectors, and the statistics and claims the study
+//! reports (`stats`, `claims`). Each analysis is a function over an activation cache (or
 //! harvested activations) and calls the model only through `forward` + hooks.
 
 pub mod attribution;

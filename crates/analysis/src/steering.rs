@@ -5,6 +5,7 @@
 //! computed) and a full recompute steers the same positions the same way.
 
 pub use crate::direction::check_direction;
+use crate::direction::LayerRef;
 use crate::{AnalysisError, Result};
 use candle_core::{DType, Tensor, D};
 use persona_lens_engine::hooks::HookFn;
@@ -343,30 +344,16 @@ pub struct LoadedDirection {
     pub source: String,
 }
 
-/// The hook of residual row `row`, or a clear error for an unknown layer.
-pub fn row_hook(row: usize, layer_arg: usize, n_layers: usize) -> Result<HookName> {
-    crate::resid_rows(n_layers)
-        .get(row)
-        .copied()
-        .ok_or_else(|| {
-            AnalysisError::Invalid(format!(
-                "--layer {layer_arg} is out of range: the model has {n_layers} blocks (--layer 0..{}; with --align-probe-index 0..={n_layers})",
-                n_layers - 1
-            ))
-        })
-}
-
 /// Loads a direction from `persona-lens direction` output (`directions.safetensors`, needs
 /// `layer`; `persona_direction.npy` with its JSON sidecar) or a llama.cpp control vector
-/// (`.gguf`, needs `layer`). `layer` follows `persona-lens direction`'s convention.
+/// (`.gguf`, needs `layer`, a block output).
 pub fn load_direction(
     path: &std::path::Path,
-    layer: Option<usize>,
-    align_probe_index: bool,
+    layer: Option<LayerRef>,
     kind: crate::direction::DirectionKind,
     n_layers: usize,
 ) -> Result<LoadedDirection> {
-    use crate::direction::{resid_row_for_layer, DirectionSet};
+    use crate::direction::DirectionSet;
     let ext = path
         .extension()
         .and_then(|e| e.to_str())
@@ -374,14 +361,11 @@ pub fn load_direction(
         .to_ascii_lowercase();
     let need_layer = || {
         AnalysisError::Invalid(format!(
-            "{} holds a direction per layer; choose one with --layer L",
+            "{} holds a direction per layer; choose a layer",
             path.display()
         ))
     };
-    let row_of = |l: usize| -> Result<(usize, HookName)> {
-        let r = resid_row_for_layer(l, align_probe_index);
-        Ok((r, row_hook(r, l, n_layers)?))
-    };
+    let row_of = |l: LayerRef| -> Result<(usize, HookName)> { Ok((l.row(), l.hook(n_layers)?)) };
     match ext.as_str() {
         "safetensors" => {
             let l = layer.ok_or_else(need_layer)?;
@@ -415,10 +399,10 @@ pub fn load_direction(
                 .map(|r| r as usize);
             let (row, hook) = match (layer, side_row) {
                 (Some(l), _) => row_of(l)?,
-                (None, Some(r)) => (r, row_hook(r, r, n_layers)?),
+                (None, Some(r)) => row_of(LayerRef::ResidRow(r))?,
                 (None, None) => {
                     return Err(AnalysisError::Invalid(format!(
-                        "{} has no sidecar {} naming its layer; give --layer L",
+                        "{} has no sidecar {} naming its layer; choose a layer",
                         path.display(),
                         side.display()
                     )))
@@ -432,13 +416,19 @@ pub fn load_direction(
             })
         }
         "gguf" => {
-            let l = layer.ok_or_else(need_layer)?;
+            let at = layer.ok_or_else(need_layer)?;
+            // llama.cpp adds direction.{l} to the output of block l = residual row l + 1.
+            let l = at.block().ok_or_else(|| {
+                AnalysisError::Invalid(format!(
+                    "{}: a control vector acts on a block's output; {at} is the embeddings",
+                    path.display()
+                ))
+            })?;
             let cv = crate::control_vector::read(path)?;
             let v = cv.layer(l)?;
-            // llama.cpp adds direction.{l} to the output of block l = residual row l + 1.
-            let row = l + 1;
+            let (row, hook) = row_of(at)?;
             Ok(LoadedDirection {
-                hook: row_hook(row, l, n_layers)?,
+                hook,
                 row,
                 vector: v,
                 source: format!(

@@ -5,7 +5,7 @@ use crate::ModelArgs;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use persona_lens_analysis::dataset::{self, GenOptions, PersonaDataset};
-use persona_lens_analysis::direction::{self, resid_row_for_layer, DirectionKind};
+use persona_lens_analysis::direction::{self, DirectionKind, LayerRef};
 use persona_lens_analysis::harvest::{Harvest, HarvestSpec, PositionRule};
 use persona_lens_analysis::lens::{self, DEFAULT_EXPERT_WORDS, DEFAULT_SIMPLE_WORDS};
 use persona_lens_analysis::probe::{self, ProbeOptions};
@@ -491,7 +491,9 @@ pub fn direction_with(
     ds.require_classes(&[&a.novice_class, &a.expert_class])?;
     let kind: DirectionKind = a.kind.parse()?;
     let n = model.config().n_layers;
-    let row = a.layer.map(|l| resid_row_for_layer(l, a.align_probe_index));
+    let row = a
+        .layer
+        .map(|l| LayerRef::from_flag(l, a.align_probe_index).row());
     if let (Some(l), Some(r)) = (a.layer, row) {
         if r > n {
             bail!(

@@ -1,11 +1,19 @@
 //! `persona-lens-study`: the jobs every front end calls (the command line, the tests, later the
 //! Python module and the server) and the whole study (`study::run`).
 //!
-//! Each job takes a typed spec: one struct per analysis that the command line parses (clap),
-//! the study's TOML config deserialises (serde) and `spec::command` writes back as the
-//! equivalent stand-alone command for provenance. Defaults live once, on the spec (`spec::defaults`
-//! reads them off it). Jobs load nothing themselves when given a model (`*_with` functions), so
-//! the study loads its model once.
+//! Each job takes a typed spec: one struct per analysis that the command line parses (clap), that
+//! is a serde value (written, read, compared), and that `spec::command` writes back as the
+//! equivalent stand-alone command for provenance (a test checks that parsing it gives the same
+//! spec). Defaults live once, on the spec's command-line definition (`spec::defaults`). Jobs given
+//! a loaded model (`*_with`) return typed results (`HeadsResult`, `AblateResult`, `PatchResult`,
+//! `SteerSweepResult`, ...) and load nothing, so the study loads its model once: `study::run`
+//! builds each step's spec from its TOML config (`StudyConfig`) by struct update and reads the
+//! results' fields into a typed `Summary`.
+//!
+//! Modules: `engine_jobs` (tokenize, generate, cache, inspect, models, bench-forward),
+//! `analysis_jobs` (harvest, probe, direction, lens), `patch_jobs` (patch, path-patch, attrib,
+//! heads, ablate), `steer_jobs` (steer, rate, steer-sweep, control vectors), `diff_jobs`
+//! (crosscoder diffing), `study` (`run`), `spec`.
 
 pub mod analysis_jobs;
 pub mod diff_jobs;

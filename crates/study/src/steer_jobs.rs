@@ -254,29 +254,21 @@ pub fn run_steering(
         .layer
         .iter()
         .map(|&l| {
+            // `--layer` with `--align-probe-index` is typed once, here.
+            let at =
+                persona_lens_analysis::direction::LayerRef::from_flag(l, spec.align_probe_index);
             if patch {
-                let row = persona_lens_analysis::direction::resid_row_for_layer(
-                    l,
-                    spec.align_probe_index,
-                );
-                let hook = persona_lens_analysis::steering::row_hook(row, l, cfg.n_layers)?;
                 return Ok((
                     l,
                     LoadedDirection {
-                        hook,
-                        row,
+                        hook: at.hook(cfg.n_layers)?,
+                        row: at.row(),
                         vector: vec![1.0; cfg.d_model],
                         source: "paired prompt activations (patch)".into(),
                     },
                 ));
             }
-            let d = load_direction(
-                &spec.direction,
-                Some(l),
-                spec.align_probe_index,
-                kind,
-                cfg.n_layers,
-            )?;
+            let d = load_direction(&spec.direction, Some(at), kind, cfg.n_layers)?;
             check_direction(&d.vector, cfg.d_model)?;
             Ok((l, d))
         })
@@ -486,7 +478,12 @@ pub fn control_vector(a: ControlVectorArgs) -> Result<()> {
                 if l == 0 {
                     bail!("llama.cpp control vectors cannot steer block 0's output (direction.0 is invalid); use --layer 1 or later");
                 }
-                let d = load_direction(&a.direction, Some(l), false, kind, cfg.n_layers)?;
+                let d = load_direction(
+                    &a.direction,
+                    Some(persona_lens_analysis::direction::LayerRef::BlockOutput(l)),
+                    kind,
+                    cfg.n_layers,
+                )?;
                 check_direction(&d.vector, cfg.d_model)?;
                 let mrn = if ids.is_empty() {
                     None

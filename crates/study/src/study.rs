@@ -1767,7 +1767,14 @@ fn steer_step(c: &Ctx) -> Result<StepOut> {
             .collect::<std::result::Result<_, _>>()?)
     };
     let (nov_ids, exp_ids) = (encode(&novice)?, encode(&expert)?);
-    let d = load_direction(&directions, Some(layer), false, st.kind.parse()?, n)?;
+    let d = load_direction(
+        &directions,
+        Some(persona_lens_analysis::direction::LayerRef::BlockOutput(
+            layer,
+        )),
+        st.kind.parse()?,
+        n,
+    )?;
     let mrn = mean_resid_norm(c.model, &nov_ids, d.hook)?;
     let v: Vec<f32> = scale_direction(&d.vector, NormConvention::parse(&st.norm)?, Some(mrn))?
         .iter()
