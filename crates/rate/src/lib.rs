@@ -165,48 +165,83 @@ pub struct Scores {
     pub fluency_model: String,
 }
 
-/// A record's key (prompt, layer, alpha, mode): unique within one steer run.
-pub fn record_key(r: &serde_json::Value) -> String {
-    format!(
-        "{}|{}|{}|{}",
-        r["prompt_id"].as_str().unwrap_or(""),
-        r["layer"],
-        r["alpha"],
-        r["mode"].as_str().unwrap_or("")
-    )
+/// A generated answer to rate: the fields of a `patched_outputs.jsonl` line (from `persona-lens
+/// steer`) that the autorater reads; other fields are ignored. Only `text` is required.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Answer {
+    pub text: String,
+    /// The model that wrote it (the default fluency model).
+    #[serde(default)]
+    pub model: Option<String>,
+    #[serde(default)]
+    pub prompt_id: String,
+    #[serde(default)]
+    pub persona: String,
+    #[serde(default)]
+    pub topic: String,
+    #[serde(default)]
+    pub prompt: String,
+    /// Steering layer and strength (None: not a steering record).
+    #[serde(default)]
+    pub layer: Option<i64>,
+    #[serde(default)]
+    pub alpha: Option<f64>,
+    #[serde(default)]
+    pub mode: String,
+    /// Token ids of the prompt and of the answer (for fluency; empty: no fluency).
+    #[serde(default)]
+    pub prompt_ids: Vec<u32>,
+    #[serde(default)]
+    pub generated_ids: Vec<u32>,
 }
 
-/// Scores one record (a `patched_outputs.jsonl` line); `model` gives fluency.
-pub fn score_record(r: &serde_json::Value, model: Option<&Model>) -> Result<Scores> {
-    let text = r["text"]
-        .as_str()
-        .ok_or_else(|| RateError::Invalid("record has no 'text'".into()))?;
-    let topic = r["topic"].as_str().unwrap_or("");
+impl Answer {
+    /// The answer's key (prompt, layer, alpha, mode): unique within one steer run. Numbers are
+    /// written as JSON writes them (`2.0`, `null`), the keys of existing `scores.jsonl` files.
+    pub fn key(&self) -> String {
+        format!(
+            "{}|{}|{}|{}",
+            self.prompt_id,
+            json(&self.layer),
+            json(&self.alpha),
+            self.mode
+        )
+    }
+
+    /// The alpha = 0 (unsteered) answer of the same prompt, layer and mode has this key.
+    pub fn cell_key(&self) -> String {
+        format!("{}|{}|{}", self.prompt_id, json(&self.layer), self.mode)
+    }
+
+    pub fn is_unsteered(&self) -> bool {
+        self.alpha == Some(0.0)
+    }
+}
+
+/// An optional number as JSON writes it.
+fn json<T: Serialize>(x: &Option<T>) -> String {
+    serde_json::to_string(x).unwrap_or_default()
+}
+
+/// Scores one answer; `model` gives fluency.
+pub fn score_record(r: &Answer, model: Option<&Model>) -> Result<Scores> {
+    let text = &r.text;
+    let topic = r.topic.as_str();
     let c = readability::counts(text);
-    let ids = |k: &str| -> Vec<u32> {
-        r[k].as_array()
-            .map(|a| {
-                a.iter()
-                    .filter_map(|x| x.as_u64())
-                    .map(|x| x as u32)
-                    .collect()
-            })
-            .unwrap_or_default()
-    };
     let (nll, ppl) = match model {
-        Some(m) => match perplexity(m, &ids("prompt_ids"), &ids("generated_ids"))? {
+        Some(m) => match perplexity(m, &r.prompt_ids, &r.generated_ids)? {
             Some((n, p)) => (Some(n), Some(p)),
             None => (None, None),
         },
         None => (None, None),
     };
     Ok(Scores {
-        key: record_key(r),
-        prompt_id: r["prompt_id"].as_str().unwrap_or("").into(),
-        persona: r["persona"].as_str().unwrap_or("").into(),
+        key: r.key(),
+        prompt_id: r.prompt_id.clone(),
+        persona: r.persona.clone(),
         topic: topic.into(),
-        layer: r["layer"].as_i64().unwrap_or(-1),
-        alpha: r["alpha"].as_f64().unwrap_or(f64::NAN),
+        layer: r.layer.unwrap_or(-1),
+        alpha: r.alpha.unwrap_or(f64::NAN),
         readability: readability::readability(&c),
         counts: c,
         lexical: lexical(text, topic),
@@ -301,4 +336,25 @@ pub fn summarize(scores: &[Scores], n_boot: usize, seed: u64) -> Vec<CellSummary
             }
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Answer;
+
+    /// A `patched_outputs.jsonl` line reads as an `Answer` (extra fields ignored), and its key is
+    /// the one `scores.jsonl` files already hold (numbers as JSON writes them), so `rate` resumes
+    /// across versions.
+    #[test]
+    fn answers_read_steering_records_with_their_old_keys() {
+        let line = r#"{"model":"m","prompt_id":"physics/q1/t0/novice","persona":"novice","topic":"physics","prompt":"Why?","chat":true,"layer":6,"hook":"blocks.6.hook_resid_post","alpha":2.0,"mode":"add","positions":"all","text":"Because.","prompt_ids":[1,2],"generated_ids":[3]}"#;
+        let a: Answer = serde_json::from_str(line).unwrap();
+        assert_eq!(a.key(), "physics/q1/t0/novice|6|2.0|add");
+        assert_eq!(a.generated_ids, vec![3]);
+        assert!(!a.is_unsteered());
+        let b: Answer = serde_json::from_str(r#"{"text":"t","alpha":0.0}"#).unwrap();
+        assert_eq!(b.key(), "|null|0.0|");
+        assert!(b.is_unsteered());
+        assert!(serde_json::from_str::<Answer>(r#"{"prompt_id":"p"}"#).is_err());
+    }
 }

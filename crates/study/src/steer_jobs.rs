@@ -614,7 +614,7 @@ pub struct RateArgs {
     pub quiet: bool,
 }
 
-fn read_records(p: &Path) -> Result<Vec<serde_json::Value>> {
+fn read_records(p: &Path) -> Result<Vec<persona_lens_rate::Answer>> {
     let s = std::fs::read_to_string(p).with_context(|| {
         format!(
             "cannot read {}; make it with `persona-lens steer`",
@@ -632,7 +632,13 @@ fn read_records(p: &Path) -> Result<Vec<serde_json::Value>> {
                 i + 1
             );
         }
-        v.push(r);
+        v.push(serde_json::from_value(r).with_context(|| {
+            format!(
+                "{} line {}: not a steering record; rate reads patched_outputs.jsonl from `persona-lens steer`",
+                p.display(),
+                i + 1
+            )
+        })?);
     }
     if v.is_empty() {
         bail!("{} holds no records", p.display());
@@ -642,7 +648,7 @@ fn read_records(p: &Path) -> Result<Vec<serde_json::Value>> {
 
 /// Scores every record (resuming from a previous partial run) and summarises per (layer, alpha).
 pub fn rate_records(
-    records: &[serde_json::Value],
+    records: &[persona_lens_rate::Answer],
     out: &Path,
     o: &RateOpts,
     quiet: bool,
@@ -652,7 +658,7 @@ pub fn rate_records(
     Vec<persona_lens_rate::CellSummary>,
 )> {
     use persona_lens_rate::judge::{Judge, JudgeConfig};
-    use persona_lens_rate::{record_key, score_record, summarize, Scores};
+    use persona_lens_rate::{score_record, summarize, Answer, Scores};
     use std::io::Write;
     std::fs::create_dir_all(out)?;
     let final_path = out.join("scores.jsonl");
@@ -673,7 +679,7 @@ pub fn rate_records(
     }
     let todo = records
         .iter()
-        .filter(|r| !done.contains_key(&record_key(r)))
+        .filter(|r| !done.contains_key(&r.key()))
         .count();
     let loaded;
     let model: Option<&Model> = if o.no_fluency || todo == 0 {
@@ -685,7 +691,7 @@ pub fn rate_records(
         let name = o
             .fluency_model
             .clone()
-            .or_else(|| records[0]["model"].as_str().map(String::from))
+            .or_else(|| records[0].model.clone())
             .context("records name no model; give --fluency-model M or --no-fluency")?;
         loaded = load_model(&ModelArgs {
             model: name,
@@ -711,12 +717,10 @@ pub fn rate_records(
         _ => None,
     };
     // alpha = 0 answers per (prompt, layer, mode): the judge's baseline.
-    let cell_key =
-        |r: &serde_json::Value| format!("{}|{}|{}", r["prompt_id"], r["layer"], r["mode"]);
-    let baseline: std::collections::HashMap<String, &serde_json::Value> = records
+    let baseline: std::collections::HashMap<String, &Answer> = records
         .iter()
-        .filter(|r| r["alpha"].as_f64() == Some(0.0))
-        .map(|r| (cell_key(r), r))
+        .filter(|r| r.is_unsteered())
+        .map(|r| (r.cell_key(), r))
         .collect();
     let mut f = std::fs::OpenOptions::new()
         .create(true)
@@ -725,25 +729,20 @@ pub fn rate_records(
     let pb = progress(todo as u64, quiet, "records rated");
     let mut scores = Vec::with_capacity(records.len());
     for r in records {
-        let key = record_key(r);
+        let key = r.key();
         if let Some(s) = done.get(&key) {
             scores.push(s.clone());
             continue;
         }
         let mut s = score_record(r, model)?;
         if let Some(j) = judge.as_mut() {
-            if r["alpha"].as_f64() != Some(0.0) {
+            if !r.is_unsteered() {
                 let b = baseline
-                    .get(&cell_key(r))
+                    .get(&r.cell_key())
                     .with_context(|| {
                         format!("no alpha = 0 answer for {key}: the judge compares against it; include alpha 0 in the steer run")
                     })?;
-                s.judge_win = Some(j.compare(
-                    &o.judge_persona,
-                    r["prompt"].as_str().unwrap_or(""),
-                    r["text"].as_str().unwrap_or(""),
-                    b["text"].as_str().unwrap_or(""),
-                )?);
+                s.judge_win = Some(j.compare(&o.judge_persona, &r.prompt, &r.text, &b.text)?);
             }
         }
         writeln!(f, "{}", serde_json::to_string(&s)?)?;
@@ -963,11 +962,12 @@ pub fn steer_sweep_with(
     let records = run_steering(model, &prompts, chat, &a.steer, &a.gen, quiet)?;
     std::fs::create_dir_all(&a.out)?;
     write_jsonl(&a.out.join("patched_outputs.jsonl"), &records)?;
-    let values: Vec<serde_json::Value> = records
+    // The steering records as the autorater reads them (the same fields, typed).
+    let answers: Vec<persona_lens_rate::Answer> = records
         .iter()
-        .map(serde_json::to_value)
+        .map(|r| serde_json::to_value(r).and_then(serde_json::from_value))
         .collect::<std::result::Result<_, _>>()?;
-    let (_, summary) = rate_records(&values, &a.out, &a.rate, quiet, Some(model))?;
+    let (_, summary) = rate_records(&answers, &a.out, &a.rate, quiet, Some(model))?;
     let caption = format!(
         "{}; direction {} ({}, norm {}); positions {}; {} prompts ({}), greedy={}, seed {}, {} new tokens; chat template {chat}; bands: bootstrap 95 % CI",
         model.info.name,
