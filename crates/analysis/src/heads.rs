@@ -670,6 +670,102 @@ pub fn choose_answers(
     Ok((s[best.1].word.clone(), t[best.2].word.clone(), best.0))
 }
 
+// ---------------- head roles ----------------
+
+/// Where a head attends at the last position of a novice prompt, and the role that suggests.
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+pub struct HeadRole {
+    pub head: String,
+    pub head_index: usize,
+    pub layer: usize,
+    pub persona_attention: f64,
+    pub persona_positions: (usize, usize),
+    pub prompt: String,
+    pub role: String,
+    pub top_attention: f64,
+    pub top_position: usize,
+    pub top_token: String,
+}
+
+/// Where a head at the last position looks: share of attention on the persona tokens and the
+/// most attended token, on the first novice prompt of `topic` (built-in prompts of `persona_pair`);
+/// a head reading the persona is a "persona mover". Empty when no prompt marks its persona span.
+pub fn head_roles(
+    model: &Model,
+    persona_pair: &str,
+    topic: &str,
+    heads: &[Head],
+) -> Result<Vec<HeadRole>> {
+    use crate::dataset;
+    let ds = dataset::generate(&crate::GenOptions {
+        persona_pairs: vec![persona_pair.to_string()],
+        topics: vec![],
+        n_questions_per_pair: 1,
+        templates: vec![],
+        include_neutral: false,
+        include_lexical_controls: false,
+    })?;
+    let ds = dataset::select_pairs(ds, &[topic.to_string()])?;
+    let Some(item) = ds
+        .items
+        .iter()
+        .find(|i| i.class == "novice" && i.persona_span.is_some())
+    else {
+        return Ok(vec![]);
+    };
+    let chat = model.is_chat_model();
+    let span = item.persona_span.unwrap_or((0, 0));
+    let (ids, spans) = model.encode_prompt_spans(&item.text, chat, &[span])?;
+    let (p0, p1) = spans[0].unwrap_or((0, 0));
+    let batch = Batch::left_padded(std::slice::from_ref(&ids), model.pad_id(), model.device())?;
+    let mut hooks = Hooks::new();
+    for &Head { layer: l, .. } in heads {
+        hooks.capture(HookName::block(l, HookPoint::AttnPattern));
+    }
+    model.forward(&batch, None, &mut hooks, LogitsAt::None)?;
+    let t = ids.len();
+    let mut out = vec![];
+    for &Head { layer: l, head: h } in heads {
+        let pat = hooks
+            .cache
+            .get(&HookName::block(l, HookPoint::AttnPattern))?;
+        // [1, heads, q, k] -> the last query's row
+        let row: Vec<f32> = pat.get(0)?.get(h)?.get(t - 1)?.to_vec1()?;
+        let persona: f64 = row[p0..p1].iter().map(|&x| x as f64).sum();
+        let (top, topv) = row
+            .iter()
+            .enumerate()
+            .max_by(|a, b| a.1.total_cmp(b.1))
+            .map(|(i, &v)| (i, v as f64))
+            .unwrap_or((0, 0.0));
+        let tok = model.tokenizer.id_to_token(ids[top]);
+        let bos = top == 0;
+        let role = if persona >= 0.2 {
+            format!(
+                "persona mover: {:.0} % of its last-position attention is on the persona tokens",
+                persona * 100.0
+            )
+        } else if bos {
+            format!("mostly attends to the first token ({:.0} %, an attention sink); its effect comes from small shifts, not from reading the persona", topv * 100.0)
+        } else {
+            format!("reads {tok:?} (position {top}, {:.0} % of attention) more than the persona tokens ({:.0} %): a downstream or question-reading head", topv * 100.0, persona * 100.0)
+        };
+        out.push(HeadRole {
+            head: format!("L{l}H{h}"),
+            head_index: h,
+            layer: l,
+            persona_attention: persona,
+            persona_positions: (p0, p1),
+            prompt: item.text.clone(),
+            role,
+            top_attention: topv,
+            top_position: top,
+            top_token: tok,
+        });
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::AblationMode;

@@ -28,7 +28,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, FromArgMatches};
 use persona_lens_analysis::claims::Claim;
 use persona_lens_analysis::write_json;
-use persona_lens_engine::{Batch, HookName, HookPoint, Hooks, LogitsAt, Model};
+use persona_lens_engine::Model;
 use persona_lens_report::{
     save_bar_chart, save_line_chart, Bar, BarChart, Document, LineChart, Series,
 };
@@ -579,21 +579,6 @@ pub struct CircuitHead {
     pub role: String,
     /// Pooled z-patching score (fraction restored).
     pub score: f64,
-}
-
-/// Where a head attends at the last position of a novice prompt, and the role that suggests.
-#[derive(Debug, Clone, Serialize, Deserialize, Default)]
-pub struct HeadRole {
-    pub head: String,
-    pub head_index: usize,
-    pub layer: usize,
-    pub persona_attention: f64,
-    pub persona_positions: (usize, usize),
-    pub prompt: String,
-    pub role: String,
-    pub top_attention: f64,
-    pub top_position: usize,
-    pub top_token: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, Default)]
@@ -1297,83 +1282,6 @@ fn patch_step(c: &Ctx) -> Result<StepOut> {
     })
 }
 
-/// Where a head at the last position looks: share of attention on the persona tokens and the
-/// most attended token, on the first novice prompt of the topic.
-fn head_roles(c: &Ctx, heads: &[(usize, usize)]) -> Result<Vec<HeadRole>> {
-    use persona_lens_analysis::dataset;
-    let ds = dataset::generate(&persona_lens_analysis::GenOptions {
-        persona_pairs: vec![c.cfg.persona_pair.clone()],
-        topics: vec![],
-        n_questions_per_pair: 1,
-        templates: vec![],
-        include_neutral: false,
-        include_lexical_controls: false,
-    })?;
-    let ds = dataset::select_pairs(ds, std::slice::from_ref(&c.cfg.pair_id))?;
-    let Some(item) = ds
-        .items
-        .iter()
-        .find(|i| i.class == "novice" && i.persona_span.is_some())
-    else {
-        return Ok(vec![]);
-    };
-    let chat = c.model.is_chat_model();
-    let span = item.persona_span.unwrap_or((0, 0));
-    let (ids, spans) = c.model.encode_prompt_spans(&item.text, chat, &[span])?;
-    let (p0, p1) = spans[0].unwrap_or((0, 0));
-    let batch = Batch::left_padded(
-        std::slice::from_ref(&ids),
-        c.model.pad_id(),
-        c.model.device(),
-    )?;
-    let mut hooks = Hooks::new();
-    for &(l, _) in heads {
-        hooks.capture(HookName::block(l, HookPoint::AttnPattern));
-    }
-    c.model.forward(&batch, None, &mut hooks, LogitsAt::None)?;
-    let t = ids.len();
-    let mut out = vec![];
-    for &(l, h) in heads {
-        let pat = hooks
-            .cache
-            .get(&HookName::block(l, HookPoint::AttnPattern))?;
-        // [1, heads, q, k] -> the last query's row
-        let row: Vec<f32> = pat.get(0)?.get(h)?.get(t - 1)?.to_vec1()?;
-        let persona: f64 = row[p0..p1].iter().map(|&x| x as f64).sum();
-        let (top, topv) = row
-            .iter()
-            .enumerate()
-            .max_by(|a, b| a.1.total_cmp(b.1))
-            .map(|(i, &v)| (i, v as f64))
-            .unwrap_or((0, 0.0));
-        let tok = c.model.tokenizer.id_to_token(ids[top]);
-        let bos = top == 0;
-        let role = if persona >= 0.2 {
-            format!(
-                "persona mover: {:.0} % of its last-position attention is on the persona tokens",
-                persona * 100.0
-            )
-        } else if bos {
-            format!("mostly attends to the first token ({:.0} %, an attention sink); its effect comes from small shifts, not from reading the persona", topv * 100.0)
-        } else {
-            format!("reads {tok:?} (position {top}, {:.0} % of attention) more than the persona tokens ({:.0} %): a downstream or question-reading head", topv * 100.0, persona * 100.0)
-        };
-        out.push(HeadRole {
-            head: format!("L{l}H{h}"),
-            head_index: h,
-            layer: l,
-            persona_attention: persona,
-            persona_positions: (p0, p1),
-            prompt: item.text.clone(),
-            role,
-            top_attention: topv,
-            top_position: top,
-            top_token: tok,
-        });
-    }
-    Ok(out)
-}
-
 fn heads_step(c: &Ctx) -> Result<StepOut> {
     let dir = c.dir("heads");
     let h = &c.cfg.heads;
@@ -1430,7 +1338,17 @@ fn heads_step(c: &Ctx) -> Result<StepOut> {
         .map(|x| (x.head.layer, x.head.head, x.pooled, x.ci95.0, x.ci95.1))
         .collect();
     let n_pairs = ranking.n_pairs;
-    let roles = head_roles(c, &top.iter().map(|t| (t.0, t.1)).collect::<Vec<_>>())?;
+    let roles = persona_lens_analysis::heads::head_roles(
+        c.model,
+        &c.cfg.persona_pair,
+        &c.cfg.pair_id,
+        &top.iter()
+            .map(|t| persona_lens_analysis::heads::Head {
+                layer: t.0,
+                head: t.1,
+            })
+            .collect::<Vec<_>>(),
+    )?;
     let mut headlines = vec![];
     let mut negatives = vec![];
     if let Some(&(l, hh, m, lo, hi)) = top.first() {
