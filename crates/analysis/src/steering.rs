@@ -344,6 +344,135 @@ pub struct LoadedDirection {
     pub source: String,
 }
 
+/// How a steering grid changes the residual stream.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SteerMode {
+    /// `x + alpha v`.
+    Add,
+    /// Project the direction out (alpha ignored).
+    Ablate,
+    /// The paired prompt's whole activation at the layer, end-aligned, prompt positions only.
+    Patch,
+}
+
+impl SteerMode {
+    pub fn name(self) -> &'static str {
+        match self {
+            SteerMode::Add => "add",
+            SteerMode::Ablate => "ablate",
+            SteerMode::Patch => "patch",
+        }
+    }
+}
+
+impl std::str::FromStr for SteerMode {
+    type Err = AnalysisError;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "add" => Ok(SteerMode::Add),
+            "ablate" => Ok(SteerMode::Ablate),
+            "patch" => Ok(SteerMode::Patch),
+            o => Err(AnalysisError::Invalid(format!(
+                "unknown steering mode '{o}'; use add, ablate or patch"
+            ))),
+        }
+    }
+}
+
+/// A layer x alpha steering experiment: per layer value the direction loaded there (for
+/// `Patch`, one that only names the hook), the strengths, and how they act.
+pub struct SteerGrid<'a> {
+    /// (the layer value the records report, the direction at it)
+    pub directions: Vec<(usize, LoadedDirection)>,
+    /// Strengths (ablate and patch run once, at 1).
+    pub alphas: Vec<f64>,
+    pub mode: SteerMode,
+    pub norm: NormConvention,
+    pub positions: SteerPositions,
+    pub gen: &'a persona_lens_engine::GenerateOptions,
+    pub batch_size: usize,
+    /// The sampling seed, recorded with each answer.
+    pub seed: u64,
+}
+
+/// Runs the grid over the prompts: one steered generation per (layer, alpha, prompt), records
+/// in that order. `progress` is told of each finished generation.
+pub fn run_grid(
+    model: &Model,
+    prompts: &[SteerPrompt],
+    chat: bool,
+    grid: &SteerGrid,
+    progress: &dyn Fn(usize),
+) -> Result<Vec<SteerRecord>> {
+    let ids: Vec<Vec<u32>> = prompts
+        .iter()
+        .map(|p| model.encode_prompt(&p.text, chat))
+        .collect::<std::result::Result<_, _>>()?;
+    let sampling = serde_json::to_value(&grid.gen.sampling)
+        .map_err(|e| AnalysisError::Invalid(format!("sampling options: {e}")))?;
+    let mut records = Vec::new();
+    for (layer, d) in &grid.directions {
+        let mrn = mean_resid_norm(model, &ids, d.hook)?;
+        let scaled = scale_direction(&d.vector, grid.norm, Some(mrn))?;
+        let scale = l2(&scaled);
+        for &alpha in &grid.alphas {
+            let op = match grid.mode {
+                SteerMode::Patch => {
+                    let texts: Vec<String> = prompts
+                        .iter()
+                        .map(|p| p.paired_text.clone().unwrap_or_default())
+                        .collect();
+                    SteerOp::Patch(source_activations(model, &texts, chat, d.hook)?)
+                }
+                SteerMode::Ablate => {
+                    let unit = scale_direction(&d.vector, NormConvention::Unit, None)?;
+                    SteerOp::Ablate(Tensor::new(unit.as_slice(), model.device())?)
+                }
+                SteerMode::Add => {
+                    let v: Vec<f32> = scaled.iter().map(|x| (*x as f64 * alpha) as f32).collect();
+                    SteerOp::Add(Tensor::new(v.as_slice(), model.device())?)
+                }
+            };
+            let gens = steered_generate(
+                model,
+                &ids,
+                Some((d.hook, &op, grid.positions)),
+                grid.gen,
+                grid.batch_size,
+                progress,
+            )?;
+            for (p, g) in prompts.iter().zip(gens) {
+                let text = model.tokenizer.decode(&g.generated_ids, true)?;
+                records.push(SteerRecord {
+                    model: model.info.name.clone(),
+                    prompt_id: p.id.clone(),
+                    persona: p.persona.clone(),
+                    topic: p.topic.clone(),
+                    prompt: p.text.clone(),
+                    chat,
+                    layer: *layer,
+                    hook: d.hook.to_string(),
+                    alpha,
+                    mode: grid.mode.name().into(),
+                    positions: grid.positions.name().into(),
+                    norm: grid.norm.name().into(),
+                    direction_scale: scale,
+                    mean_resid_norm: mrn,
+                    direction_source: d.source.clone(),
+                    seed: grid.seed,
+                    sampling: sampling.clone(),
+                    max_new_tokens: grid.gen.max_new_tokens,
+                    prompt_ids: g.prompt_ids,
+                    stopped_on_eos: g.stopped_on.is_some(),
+                    generated_ids: g.generated_ids,
+                    text,
+                });
+            }
+        }
+    }
+    Ok(records)
+}
+
 /// Loads a direction from `persona-lens direction` output (`directions.safetensors`, needs
 /// `layer`; `persona_direction.npy` with its JSON sidecar) or a llama.cpp control vector
 /// (`.gguf`, needs `layer`, a block output).

@@ -7,8 +7,9 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 use persona_lens_analysis::direction::DirectionKind;
 use persona_lens_analysis::steering::{
-    check_direction, l2, load_direction, mean_resid_norm, scale_direction, steered_generate,
-    LoadedDirection, NormConvention, SteerOp, SteerPositions, SteerPrompt, SteerRecord,
+    check_direction, l2, load_direction, mean_resid_norm, run_grid, scale_direction,
+    LoadedDirection, NormConvention, SteerGrid, SteerMode, SteerPositions, SteerPrompt,
+    SteerRecord,
 };
 use persona_lens_engine::{GenerateOptions, Model};
 use serde_json::json;
@@ -217,12 +218,11 @@ pub fn run_steering(
     let kind: DirectionKind = spec.kind.parse()?;
     let conv = NormConvention::parse(&spec.norm)?;
     let rule = SteerPositions::parse(&spec.positions)?;
-    let (ablate, patch) = match spec.mode.as_str() {
-        "add" => (false, false),
-        "ablate" => (true, false),
-        "patch" => (false, true),
-        o => bail!("unknown --mode '{o}'; use add, ablate or patch"),
-    };
+    let mode: SteerMode = spec
+        .mode
+        .parse()
+        .map_err(|_| anyhow::anyhow!("unknown --mode '{}'; use add, ablate or patch", spec.mode))?;
+    let (ablate, patch) = (mode == SteerMode::Ablate, mode == SteerMode::Patch);
     if patch && rule != SteerPositions::Prompt {
         bail!("--mode patch replaces prompt activations only; add --positions prompt");
     }
@@ -237,10 +237,6 @@ pub fn run_steering(
             spec.direction.display()
         );
     }
-    let ids: Vec<Vec<u32>> = prompts
-        .iter()
-        .map(|p| model.encode_prompt(&p.text, chat))
-        .collect::<std::result::Result<_, _>>()?;
     let opts = gen_options(model, gen);
     let alphas: Vec<f64> = if ablate || patch {
         vec![1.0]
@@ -275,64 +271,17 @@ pub fn run_steering(
         .collect::<Result<_>>()?;
     let total = (dirs.len() * alphas.len() * prompts.len()) as u64;
     let pb = progress(total, quiet, "steered generations");
-    let mut records = Vec::new();
-    for (layer, d) in &dirs {
-        let mrn = mean_resid_norm(model, &ids, d.hook)?;
-        let scaled = scale_direction(&d.vector, conv, Some(mrn))?;
-        let scale = l2(&scaled);
-        for &alpha in &alphas {
-            let op = if patch {
-                let texts: Vec<String> = prompts
-                    .iter()
-                    .map(|p| p.paired_text.clone().unwrap_or_default())
-                    .collect();
-                SteerOp::Patch(persona_lens_analysis::steering::source_activations(
-                    model, &texts, chat, d.hook,
-                )?)
-            } else if ablate {
-                let unit = scale_direction(&d.vector, NormConvention::Unit, None)?;
-                SteerOp::Ablate(candle_core::Tensor::new(unit.as_slice(), model.device())?)
-            } else {
-                let v: Vec<f32> = scaled.iter().map(|x| (*x as f64 * alpha) as f32).collect();
-                SteerOp::Add(candle_core::Tensor::new(v.as_slice(), model.device())?)
-            };
-            let gens = steered_generate(
-                model,
-                &ids,
-                Some((d.hook, &op, rule)),
-                &opts,
-                gen.batch_size,
-                &|n| pb.inc(n as u64),
-            )?;
-            for (p, g) in prompts.iter().zip(gens) {
-                let text = model.tokenizer.decode(&g.generated_ids, true)?;
-                records.push(SteerRecord {
-                    model: model.info.name.clone(),
-                    prompt_id: p.id.clone(),
-                    persona: p.persona.clone(),
-                    topic: p.topic.clone(),
-                    prompt: p.text.clone(),
-                    chat,
-                    layer: *layer,
-                    hook: d.hook.to_string(),
-                    alpha,
-                    mode: spec.mode.clone(),
-                    positions: rule.name().into(),
-                    norm: conv.name().into(),
-                    direction_scale: scale,
-                    mean_resid_norm: mrn,
-                    direction_source: d.source.clone(),
-                    seed: gen.sampling.seed,
-                    sampling: serde_json::to_value(&opts.sampling)?,
-                    max_new_tokens: gen.max_new_tokens,
-                    prompt_ids: g.prompt_ids,
-                    stopped_on_eos: g.stopped_on.is_some(),
-                    generated_ids: g.generated_ids,
-                    text,
-                });
-            }
-        }
-    }
+    let grid = SteerGrid {
+        directions: dirs,
+        alphas,
+        mode,
+        norm: conv,
+        positions: rule,
+        gen: &opts,
+        batch_size: gen.batch_size,
+        seed: gen.sampling.seed,
+    };
+    let records = run_grid(model, prompts, chat, &grid, &|n| pb.inc(n as u64))?;
     pb.finish_and_clear();
     Ok(records)
 }
