@@ -803,3 +803,18 @@ pub fn ablation_against_random(
         gap_intact: m(&e0) - m(&n0),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::SteerMode;
+
+    /// One name per mode: what `FromStr` reads and the records write; anything else is refused.
+    #[test]
+    fn steer_mode_names_round_trip() {
+        for m in [SteerMode::Add, SteerMode::Ablate, SteerMode::Patch] {
+            assert_eq!(m.name().parse::<SteerMode>().unwrap(), m);
+        }
+        let e = "nudge".parse::<SteerMode>().unwrap_err().to_string();
+        assert!(e.contains("use add, ablate or patch"), "{e}");
+    }
+}
