@@ -299,6 +299,25 @@ pub struct SteerRecord {
     pub stopped_on_eos: bool,
 }
 
+impl SteerRecord {
+    /// The record as the autorater reads it.
+    pub fn answer(&self) -> persona_lens_rate::Answer {
+        persona_lens_rate::Answer {
+            text: self.text.clone(),
+            model: Some(self.model.clone()),
+            prompt_id: self.prompt_id.clone(),
+            persona: self.persona.clone(),
+            topic: self.topic.clone(),
+            prompt: self.prompt.clone(),
+            layer: Some(self.layer as i64),
+            alpha: Some(self.alpha),
+            mode: self.mode.clone(),
+            prompt_ids: self.prompt_ids.clone(),
+            generated_ids: self.generated_ids.clone(),
+        }
+    }
+}
+
 /// Generates for `prompts` (batches of `batch_size`) with `op` at `hook` (None = unsteered).
 pub fn steered_generate(
     model: &Model,
@@ -806,7 +825,39 @@ pub fn ablation_against_random(
 
 #[cfg(test)]
 mod tests {
-    use super::SteerMode;
+    use super::{SteerMode, SteerRecord};
+
+    /// The autorater's view of a record equals what it reads from the record's JSON line.
+    #[test]
+    fn a_record_answers_as_its_json_line_reads() {
+        let r = SteerRecord {
+            model: "m".into(),
+            prompt_id: "physics/q1/t0/novice".into(),
+            persona: "novice".into(),
+            topic: "physics".into(),
+            prompt: "Why is the sky blue?".into(),
+            chat: true,
+            layer: 6,
+            hook: "blocks.7.hook_resid_pre".into(),
+            alpha: 2.5,
+            mode: "add".into(),
+            positions: "all".into(),
+            norm: "raw".into(),
+            direction_scale: 1.0,
+            mean_resid_norm: 2.0,
+            direction_source: "d".into(),
+            seed: 3,
+            sampling: serde_json::json!({"greedy": true}),
+            max_new_tokens: 8,
+            prompt_ids: vec![1, 2, 3],
+            generated_ids: vec![4, 5],
+            text: "Because light scatters.".into(),
+            stopped_on_eos: false,
+        };
+        let line = serde_json::to_string(&r).unwrap();
+        let read: persona_lens_rate::Answer = serde_json::from_str(&line).unwrap();
+        assert_eq!(r.answer(), read);
+    }
 
     /// One name per mode: what `FromStr` reads and the records write; anything else is refused.
     #[test]

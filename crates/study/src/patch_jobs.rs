@@ -785,8 +785,6 @@ pub fn heads(a: HeadsArgs) -> Result<()> {
     heads_with(&model, &a, true).map(|_| ())
 }
 
-/// Head ranking on a loaded model; writes heads.json and the heatmap; prints unless `print` is
-/// false. Returns heads.json's content.
 /// What `heads` writes to `heads.json` (fields in alphabetical order: the file's key order).
 #[derive(Debug, Clone, Serialize)]
 pub struct HeadsResult {
@@ -800,6 +798,8 @@ pub struct HeadsResult {
     pub top: Vec<String>,
 }
 
+/// Head ranking on a loaded model; writes heads.json and the heatmap; prints unless `print` is
+/// false. Returns heads.json's content.
 pub fn heads_with(model: &Model, a: &HeadsArgs, print: bool) -> Result<HeadsResult> {
     use persona_lens_analysis::heads::rank_heads;
     let pairs = load_pairs(&a.data)?;

@@ -911,11 +911,7 @@ pub fn steer_sweep_with(
     let records = run_steering(model, &prompts, chat, &a.steer, &a.gen, quiet)?;
     std::fs::create_dir_all(&a.out)?;
     write_jsonl(&a.out.join("patched_outputs.jsonl"), &records)?;
-    // The steering records as the autorater reads them (the same fields, typed).
-    let answers: Vec<persona_lens_rate::Answer> = records
-        .iter()
-        .map(|r| serde_json::to_value(r).and_then(serde_json::from_value))
-        .collect::<std::result::Result<_, _>>()?;
+    let answers: Vec<persona_lens_rate::Answer> = records.iter().map(|r| r.answer()).collect();
     let (_, summary) = rate_records(&answers, &a.out, &a.rate, quiet, Some(model))?;
     let caption = format!(
         "{}; direction {} ({}, norm {}); positions {}; {} prompts ({}), greedy={}, seed {}, {} new tokens; chat template {chat}; bands: bootstrap 95 % CI",

@@ -1,6 +1,6 @@
 //! `persona-lens run`: the seed's `run_all.py` as one command. The model is loaded once; each
-//! experiment is the same code as its own subcommand (its argument list is recorded, so every
-//! step can be re-run alone), activations are harvested once and reused, and the results are
+//! experiment is the same code as its own subcommand, run on a typed spec (recorded as the
+//! equivalent stand-alone command, so every step can be re-run alone), activations are harvested once and reused, and the results are
 //! gathered into `summary.json`, `report.md` and a self-contained `report.html`.
 //!
 //! Layout of `--out DIR`:
@@ -1342,11 +1342,11 @@ fn heads_step(c: &Ctx) -> Result<StepOut> {
         c.model,
         &c.cfg.persona_pair,
         &c.cfg.pair_id,
-        &top.iter()
-            .map(|t| persona_lens_analysis::heads::Head {
-                layer: t.0,
-                head: t.1,
-            })
+        &ranking
+            .heads
+            .iter()
+            .take(h.top)
+            .map(|x| x.head)
             .collect::<Vec<_>>(),
     )?;
     let mut headlines = vec![];
