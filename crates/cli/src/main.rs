@@ -83,12 +83,7 @@ fn main() -> ExitCode {
                 return ExitCode::SUCCESS;
             }
             // One line, like every other error: clap's first line names the flag and the problem.
-            let text = e.render().to_string();
-            let first = text
-                .lines()
-                .find(|l| !l.trim().is_empty())
-                .unwrap_or("error: bad arguments");
-            eprintln!("{} (see --help)", first.trim_end());
+            eprintln!("{} (see --help)", persona_lens_study::spec::error_line(&e));
             return ExitCode::from(2);
         }
     };
@@ -124,16 +119,7 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             // One line: the innermost cause carries the useful message.
-            // A cause whose text the line already holds (a wrapper that prints its source) is
-            // said once.
-            let mut parts: Vec<String> = vec![];
-            for c in e.chain().map(|c| c.to_string()) {
-                if !parts.iter().any(|p| p.contains(&c)) {
-                    parts.push(c);
-                }
-            }
-            let msg = parts.join(": ");
-            eprintln!("error: {}", msg.replace('\n', " "));
+            eprintln!("error: {}", persona_lens_study::one_line(&e));
             ExitCode::from(2)
         }
     }

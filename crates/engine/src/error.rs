@@ -65,6 +65,8 @@ pub enum EngineError {
     },
     #[error("token id {id} is outside the vocabulary (size {vocab})")]
     TokenOutOfRange { id: u32, vocab: usize },
+    #[error("interrupted")]
+    Interrupted,
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
     #[error("{0}")]

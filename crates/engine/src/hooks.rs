@@ -507,10 +507,27 @@ impl Hooks {
 /// ablation, a steering vector kept on for a session. They run before each call's own
 /// interventions, at every entry point of the decoder (whole forwards, generation with a KV
 /// cache, and the block-by-block runs of patching).
+///
+/// The same entry points read the model's interrupt flag ([`crate::Model::interrupt`]): a front
+/// end that runs work on another thread (the Python module, on Ctrl-C) stops it at the next
+/// block with [`EngineError::Interrupted`].
 #[derive(Default)]
-pub struct StandingHooks(std::sync::RwLock<Vec<Intervention>>);
+pub struct StandingHooks {
+    hooks: std::sync::RwLock<Vec<Intervention>>,
+    interrupted: std::sync::atomic::AtomicBool,
+}
 
 impl StandingHooks {
+    /// Makes every later entry point fail with [`EngineError::Interrupted`] until cleared.
+    pub fn set_interrupted(&self, on: bool) {
+        self.interrupted
+            .store(on, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    pub fn is_interrupted(&self) -> bool {
+        self.interrupted.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
     pub fn add(&self, hook: HookName, op: Op, sel: Selector) {
         self.write().push(Intervention { hook, op, sel });
     }
@@ -529,11 +546,11 @@ impl StandingHooks {
 
     fn read(&self) -> std::sync::RwLockReadGuard<'_, Vec<Intervention>> {
         // A panic while holding the lock leaves a valid Vec: keep using it.
-        self.0.read().unwrap_or_else(|e| e.into_inner())
+        self.hooks.read().unwrap_or_else(|e| e.into_inner())
     }
 
     fn write(&self) -> std::sync::RwLockWriteGuard<'_, Vec<Intervention>> {
-        self.0.write().unwrap_or_else(|e| e.into_inner())
+        self.hooks.write().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Runs `f` with the standing interventions added to `hooks` (and removed again after,
@@ -543,6 +560,9 @@ impl StandingHooks {
         hooks: &mut Hooks,
         f: impl FnOnce(&mut Hooks) -> Result<T>,
     ) -> Result<T> {
+        if self.is_interrupted() {
+            return Err(EngineError::Interrupted);
+        }
         let n = {
             let st = self.read();
             if st.is_empty() {

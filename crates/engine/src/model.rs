@@ -437,6 +437,13 @@ impl Model {
         self.decoder.standing.clear();
     }
 
+    /// Stops work on this model from another thread: from now on every forward (whole, KV-cached
+    /// step, or patching's block-by-block run) fails with [`EngineError::Interrupted`] at its
+    /// next block, until `interrupt(false)`. What a front end does on Ctrl-C.
+    pub fn interrupt(&self, on: bool) {
+        self.decoder.standing.set_interrupted(on);
+    }
+
     /// Token ids of a prompt: raw text with BOS per the model's metadata, or (chat) the chat
     /// template rendered as one user turn with the generation prompt, tokenized without adding
     /// BOS (the template writes its own special tokens).

@@ -1032,3 +1032,41 @@ fn standing_hooks_act_on_every_forward_until_reset() {
     assert_eq!(with_standing, with_call);
     assert_eq!(max_diff(&logits(&mut Hooks::new()), &clean), 0.0);
 }
+
+/// `Model::interrupt` stops every entry point (whole forwards, KV-cached generation) with
+/// `EngineError::Interrupted` until cleared, and leaves the model's numbers untouched.
+#[test]
+fn an_interrupted_model_refuses_work_until_cleared() {
+    let dir = fixtures().join("tiny-models").join("tiny-llama");
+    let m = Model::load(
+        dir.to_str().unwrap(),
+        &models_dir(),
+        &LoadOptions::default(),
+    )
+    .unwrap();
+    let batch = Batch::left_padded(&[vec![1, 5, 9, 3]], 0, m.device()).unwrap();
+    let run = || m.forward(&batch, None, &mut Hooks::new(), LogitsAt::All);
+    let before = run().unwrap().unwrap();
+    m.interrupt(true);
+    assert!(matches!(
+        run(),
+        Err(persona_lens_engine::EngineError::Interrupted)
+    ));
+    let opts = GenerateOptions::default();
+    assert!(matches!(
+        generate(&m, &[vec![1, 5, 9, 3]], &opts, &mut Hooks::new()),
+        Err(persona_lens_engine::EngineError::Interrupted)
+    ));
+    m.interrupt(false);
+    let after = run().unwrap().unwrap();
+    let diff = after
+        .sub(&before)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert_eq!(diff, 0.0);
+}

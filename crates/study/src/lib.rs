@@ -92,3 +92,16 @@ pub fn at_least_one(s: &str) -> Result<usize, String> {
     }
     Ok(n)
 }
+
+/// An error as one line, as every front end shows it (`error: ` is the front end's): the
+/// chain of causes joined by `: `, a cause whose text the line already holds (a wrapper that
+/// prints its source) said once, line breaks folded.
+pub fn one_line(e: &anyhow::Error) -> String {
+    let mut parts: Vec<String> = vec![];
+    for c in e.chain().map(|c| c.to_string()) {
+        if !parts.iter().any(|p| p.contains(&c)) {
+            parts.push(c);
+        }
+    }
+    parts.join(": ").replace('\n', " ")
+}

@@ -13,6 +13,17 @@ pub fn parse<T: Args + FromArgMatches>(args: &[String]) -> Result<T, clap::Error
     T::from_arg_matches(&m)
 }
 
+/// A bad argument list as one line: clap's first line, which names the flag and the problem
+/// (`error: invalid value '0' for '--batch-size <BATCH_SIZE>': 0: give at least 1`).
+pub fn error_line(e: &clap::Error) -> String {
+    let text = e.render().to_string();
+    text.lines()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or("error: bad arguments")
+        .trim_end()
+        .to_string()
+}
+
 /// `T` with every field at its default (the command line's defaults: one source).
 pub fn defaults<T: Args + FromArgMatches>() -> T {
     parse(&[]).expect("every spec parses with no arguments")
