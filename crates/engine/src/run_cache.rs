@@ -2,7 +2,7 @@
 //! every row position-aligned, as one [`ActivationCache`] (TransformerLens's `run_with_cache`).
 
 use crate::error::{EngineError, Result};
-use crate::hooks::{ActivationCache, HookName, HookPoint, Hooks};
+use crate::hooks::{ActivationCache, HookName, HookPoint, Hooks, Intervention};
 use crate::layers::LogitsAt;
 use crate::{Batch, Model};
 use candle_core::{DType, Tensor};
@@ -46,6 +46,24 @@ impl Model {
         positions: CachePositions,
         logits_at: LogitsAt,
         batch_size: usize,
+        progress: impl FnMut(usize),
+    ) -> Result<(Option<Tensor>, ActivationCache)> {
+        self.run_with_hooks(seqs, &[], names, positions, logits_at, batch_size, progress)
+    }
+
+    /// [`Model::run_with_cache`] with interventions on every batch (TransformerLens's
+    /// `run_with_hooks`). A selector's `rows` index `seqs` (the whole input, not a batch): each
+    /// batch gets the rows that fall in it, renumbered; an intervention with no row in a batch
+    /// is left out of it. Positions are prompt positions, as everywhere.
+    #[allow(clippy::too_many_arguments)]
+    pub fn run_with_hooks(
+        &self,
+        seqs: &[Vec<u32>],
+        interventions: &[Intervention],
+        names: &[HookName],
+        positions: CachePositions,
+        logits_at: LogitsAt,
+        batch_size: usize,
         mut progress: impl FnMut(usize),
     ) -> Result<(Option<Tensor>, ActivationCache)> {
         if batch_size == 0 {
@@ -56,6 +74,16 @@ impl Model {
         if seqs.is_empty() {
             return Err(EngineError::EmptyPrompt);
         }
+        for iv in interventions {
+            if let Some(r) = iv.sel.rows.iter().flatten().find(|&&r| r >= seqs.len()) {
+                return Err(EngineError::InvalidArgument(format!(
+                    "hook '{}' selects row {r}, but there are {} prompts (rows 0..={})",
+                    iv.hook,
+                    seqs.len(),
+                    seqs.len() - 1
+                )));
+            }
+        }
         let lens: Vec<usize> = seqs.iter().map(Vec::len).collect();
         let max_len = lens.iter().copied().max().unwrap_or(0);
         let mut parts: BTreeMap<HookName, Vec<Tensor>> = BTreeMap::new();
@@ -65,6 +93,21 @@ impl Model {
             let batch = Batch::left_padded(chunk, self.pad_id(), self.device())?;
             let mut hooks = Hooks::new();
             hooks.capture_all(names);
+            for iv in interventions {
+                let mut sel = iv.sel.clone();
+                if let Some(rows) = &iv.sel.rows {
+                    let local: Vec<usize> = rows
+                        .iter()
+                        .filter(|&&r| r >= done && r < done + chunk.len())
+                        .map(|&r| r - done)
+                        .collect();
+                    if local.is_empty() {
+                        continue;
+                    }
+                    sel.rows = Some(local);
+                }
+                hooks.intervene(iv.hook, iv.op.clone(), sel);
+            }
             let logits = self.forward(&batch, None, &mut hooks, logits_at.clone())?;
             for h in names {
                 let t = hooks.cache.aligned(h)?;

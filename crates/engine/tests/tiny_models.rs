@@ -1070,3 +1070,89 @@ fn an_interrupted_model_refuses_work_until_cleared() {
         .unwrap();
     assert_eq!(diff, 0.0);
 }
+
+/// `run_with_hooks` selects rows of the whole input: batched in ones or in threes, an edit of
+/// prompt 2 lands on prompt 2 only, equal to one forward of that prompt with the edit.
+#[test]
+fn run_with_hooks_rows_index_the_whole_input_across_batches() {
+    let dir = fixtures().join("tiny-models").join("tiny-llama");
+    let m = Model::load(
+        dir.to_str().unwrap(),
+        &models_dir(),
+        &LoadOptions::default(),
+    )
+    .unwrap();
+    let seqs = vec![
+        vec![1, 5, 9, 3],
+        vec![2, 7],
+        vec![4, 4, 8],
+        vec![6, 1, 2, 3, 5],
+    ];
+    let iv = persona_lens_engine::Intervention {
+        hook: HookName::block(0, HookPoint::ResidPost),
+        op: persona_lens_engine::Op::Scale(3.0),
+        sel: persona_lens_engine::Selector::all().rows(vec![2]),
+    };
+    let run = |bs: usize, ivs: &[persona_lens_engine::Intervention]| {
+        m.run_with_hooks(
+            &seqs,
+            ivs,
+            &[],
+            persona_lens_engine::CachePositions::Last,
+            LogitsAt::Last,
+            bs,
+            |_| {},
+        )
+        .unwrap()
+        .0
+        .unwrap()
+    };
+    let row = |t: &Tensor, r: usize| t.get(r).unwrap().to_vec1::<f32>().unwrap();
+    for bs in [1, 3] {
+        // Same batching, so untouched rows are equal bit for bit.
+        let clean = run(bs, &[]);
+        let edited = run(bs, std::slice::from_ref(&iv));
+        for r in [0, 1, 3] {
+            assert_eq!(
+                row(&edited, r),
+                row(&clean, r),
+                "row {r} at batch size {bs}"
+            );
+        }
+        let mut alone = Hooks::new();
+        alone.intervene(iv.hook, iv.op.clone(), persona_lens_engine::Selector::all());
+        let b = Batch::left_padded(&seqs[2..3], 0, m.device()).unwrap();
+        let want = m
+            .forward(&b, None, &mut alone, LogitsAt::Last)
+            .unwrap()
+            .unwrap();
+        let (got, want) = (row(&edited, 2), row(&want, 0));
+        let diff = got
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(diff < 1e-4, "prompt 2 at batch size {bs}: {diff}");
+        assert_ne!(got, row(&clean, 2));
+    }
+    let bad = persona_lens_engine::Intervention {
+        sel: persona_lens_engine::Selector::all().rows(vec![4]),
+        ..iv
+    };
+    let err = m
+        .run_with_hooks(
+            &seqs,
+            &[bad],
+            &[],
+            persona_lens_engine::CachePositions::Last,
+            LogitsAt::Last,
+            2,
+            |_| {},
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("selects row 4, but there are 4 prompts"),
+        "{err}"
+    );
+}
