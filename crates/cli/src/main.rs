@@ -113,7 +113,7 @@ fn main() -> ExitCode {
         Cmd::SteerSweep(a) => steer_jobs::steer_sweep(a),
         Cmd::ControlVector(a) => steer_jobs::control_vector(a),
         Cmd::Diff(c) => diff_jobs::run(c),
-        Cmd::Run(a) => study::run(a),
+        Cmd::Run(a) => study::run(a).map(|_| ()),
     };
     match res {
         Ok(()) => ExitCode::SUCCESS,

@@ -502,6 +502,15 @@ impl Hooks {
     }
 }
 
+/// Set by [`interrupt_all`]: every model's next entry point fails.
+static INTERRUPT_ALL: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// [`crate::Model::interrupt`] for every model of the process (a front end's Ctrl-C while a
+/// job runs models it loaded itself, such as the whole study).
+pub fn interrupt_all(on: bool) {
+    INTERRUPT_ALL.store(on, std::sync::atomic::Ordering::SeqCst);
+}
+
 /// Interventions that apply to every forward of a model until removed (TransformerLens's
 /// `add_hook(..., is_permanent=True)` and `reset_hooks`): a planted feature or head, a standing
 /// ablation, a steering vector kept on for a session. They run before each call's own
@@ -526,6 +535,7 @@ impl StandingHooks {
 
     pub fn is_interrupted(&self) -> bool {
         self.interrupted.load(std::sync::atomic::Ordering::SeqCst)
+            || INTERRUPT_ALL.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     pub fn add(&self, hook: HookName, op: Op, sel: Selector) {

@@ -32,7 +32,7 @@ pub use config::{Architecture, ModelConfig};
 pub use error::{EngineError, Result};
 pub use generate::{generate, GenerateOptions, Generation, Sampling};
 pub use hooks::{
-    all_hooks, resolve_hooks, ActivationCache, HookCtx, HookFn, HookName, HookPoint, Hooks,
+    all_hooks, interrupt_all, resolve_hooks, ActivationCache, HookCtx, HookFn, HookName, HookPoint, Hooks,
     Intervention, Op, Selector,
 };
 pub use layers::{KvCache, LogitsAt};

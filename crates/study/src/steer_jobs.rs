@@ -297,33 +297,65 @@ pub fn write_jsonl<T: serde::Serialize>(path: &Path, rows: &[T]) -> Result<()> {
     Ok(())
 }
 
-pub fn steer(a: SteerArgs) -> Result<()> {
-    let model = load_model(&a.model)?;
-    let chat = a.data.chat(&model);
+/// What `steer` writes to `steer.json` (fields in alphabetical order: the file's key order).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct SteerRun {
+    pub alphas: Vec<f64>,
+    pub chat: bool,
+    pub direction: PathBuf,
+    pub layers: Vec<usize>,
+    pub mode: String,
+    pub model: String,
+    pub n_prompts: usize,
+    pub norm: String,
+    pub output: PathBuf,
+    pub positions: String,
+    pub records: usize,
+    pub seconds: f64,
+}
+
+/// The steering grid on a loaded model: its records (also written to
+/// `patched_outputs.jsonl`) and the run's summary (`steer.json`).
+pub fn steer_with(model: &Model, a: &SteerArgs) -> Result<(Vec<SteerRecord>, SteerRun)> {
+    let chat = a.data.chat(model);
     let prompts = steer_prompts(&a.data, &a.gen)?;
     let quiet = a.quiet || a.model.json;
     let t = Instant::now();
-    let records = run_steering(&model, &prompts, chat, &a.steer, &a.gen, quiet)?;
+    let records = run_steering(model, &prompts, chat, &a.steer, &a.gen, quiet)?;
     let secs = t.elapsed().as_secs_f64();
     std::fs::create_dir_all(&a.out)?;
     let f = a.out.join("patched_outputs.jsonl");
     write_jsonl(&f, &records)?;
-    let summary = json!({
-        "model": model.info.name, "chat": chat, "n_prompts": prompts.len(),
-        "layers": a.steer.layer, "alphas": a.steer.alpha, "mode": a.steer.mode,
-        "norm": a.steer.norm, "positions": a.steer.positions,
-        "direction": a.steer.direction, "records": records.len(), "seconds": secs,
-        "output": f,
-    });
+    let summary = SteerRun {
+        model: model.info.name.clone(),
+        chat,
+        n_prompts: prompts.len(),
+        layers: a.steer.layer.clone(),
+        alphas: a.steer.alpha.clone(),
+        mode: a.steer.mode.clone(),
+        norm: a.steer.norm.clone(),
+        positions: a.steer.positions.clone(),
+        direction: a.steer.direction.clone(),
+        records: records.len(),
+        seconds: secs,
+        output: f,
+    };
     persona_lens_analysis::write_json(&a.out.join("steer.json"), &summary)?;
+    Ok((records, summary))
+}
+
+pub fn steer(a: SteerArgs) -> Result<()> {
+    let model = load_model(&a.model)?;
+    let (records, summary) = steer_with(&model, &a)?;
+    let (f, n_prompts, secs) = (&summary.output, summary.n_prompts, summary.seconds);
     if a.model.json {
-        println!("{summary}");
+        println!("{}", serde_json::to_string(&summary)?);
         return Ok(());
     }
     println!(
         "{} steered generations ({} prompts x {} layers x {} alphas) on {} in {secs:.1} s",
         records.len(),
-        prompts.len(),
+        n_prompts,
         a.steer.layer.len(),
         if a.steer.mode != "add" {
             1

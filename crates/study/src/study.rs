@@ -2212,7 +2212,8 @@ pub fn interrupt_handler(resume_hint: &'static str) {
     });
 }
 
-pub fn run(a: RunArgs) -> Result<()> {
+/// Runs (or resumes) the study and returns its summary (also written to `summary.json`).
+pub fn run(a: RunArgs) -> Result<Summary> {
     let cfg = a.resolve()?;
     let out = cfg.out.clone();
     persona_lens_engine::io::check_output_dir(&out)?;
@@ -2307,7 +2308,7 @@ pub fn run(a: RunArgs) -> Result<()> {
     write_json(&out.join("run.json"), &run_info)?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&summary)?);
-        return Ok(());
+        return Ok(summary);
     }
     print_table(&results);
     println!(
@@ -2316,7 +2317,7 @@ pub fn run(a: RunArgs) -> Result<()> {
         t_all.elapsed().as_secs_f64(),
         out.display()
     );
-    Ok(())
+    Ok(summary)
 }
 
 fn print_table(results: &[StepOut]) {

@@ -1,0 +1,169 @@
+//! The study crate's jobs from Python: keyword arguments become the job's command-line flags and
+//! are parsed by the same parser (same defaults, same checks, same messages); the job runs on
+//! the Python model; its typed result comes back as JSON for the Python layer to wrap.
+
+use crate::compute;
+use crate::model::{clap_err, PyModel};
+use clap::{Args, FromArgMatches};
+use persona_lens_study::{analysis_jobs, patch_jobs, spec, steer_jobs, study, ModelArgs};
+use pyo3::prelude::*;
+use pyo3::types::{PyBool, PyDict, PyList, PyString, PyTuple};
+use serde::Serialize;
+
+/// Model options belong to `persona_lens.Model(...)`, not to a job.
+const MODEL_KEYS: [&str; 6] = ["model", "models_dir", "dtype", "quantized", "threads", "json"];
+
+fn scalar(v: &Bound<'_, PyAny>) -> PyResult<String> {
+    if let Ok(s) = v.cast::<PyString>() {
+        return Ok(s.to_cow()?.into_owned());
+    }
+    Ok(v.str()?.to_cow()?.into_owned())
+}
+
+/// `key=value` pairs as flags: True -> `--key`; False -> left out, or `--no-key` where the spec
+/// has that flag; None -> left out; lists -> comma separated; anything else -> str().
+fn argv<T: Args + FromArgMatches + Serialize>(
+    kwargs: Option<&Bound<'_, PyDict>>,
+    job: &str,
+) -> PyResult<Vec<String>> {
+    let cmd = T::augment_args(clap::Command::new("job"));
+    let has_flag = |id: &str| cmd.get_arguments().any(|a| a.get_id() == id);
+    let mut out = vec![];
+    let Some(kwargs) = kwargs else {
+        return Ok(out);
+    };
+    for (k, v) in kwargs.iter() {
+        let key: String = k.extract()?;
+        if MODEL_KEYS.contains(&key.as_str()) {
+            return Err(crate::PersonaLensError::new_err(format!(
+                "{job}: '{key}' is a model option; pass it to persona_lens.Model(...)"
+            )));
+        }
+        let flag = format!("--{}", key.replace('_', "-"));
+        if v.is_none() {
+            continue;
+        }
+        if v.is_instance_of::<PyBool>() {
+            let on: bool = v.extract()?;
+            // `chat=False` means "not chat" where the spec has `--no-chat` (the model's own
+            // default otherwise), as `template_holdout=False` means `--no-template-holdout`.
+            let has_no = has_flag(&format!("no_{key}"));
+            match (on, has_no) {
+                (true, _) => out.push(flag),
+                (false, true) => out.push(format!("--no-{}", key.replace('_', "-"))),
+                (false, false) => {}
+            }
+            continue;
+        }
+        if v.is_instance_of::<PyList>() || v.is_instance_of::<PyTuple>() {
+            let items: Vec<String> = v
+                .try_iter()?
+                .map(|i| scalar(&i?))
+                .collect::<PyResult<_>>()?;
+            out.push(format!("{flag}={}", items.join(",")));
+            continue;
+        }
+        out.push(format!("{flag}={}", scalar(&v)?));
+    }
+    Ok(out)
+}
+
+/// The job's spec from keyword arguments, on the model's own options.
+fn spec_for<T: Args + FromArgMatches + Serialize>(
+    kwargs: Option<&Bound<'_, PyDict>>,
+    job: &str,
+) -> PyResult<T> {
+    let args = argv::<T>(kwargs, job)?;
+    spec::parse::<T>(&args).map_err(clap_err)
+}
+
+fn json<T: Serialize>(v: &T) -> anyhow::Result<String> {
+    Ok(serde_json::to_string(v)?)
+}
+
+/// Runs job `job` on `model` with `kwargs` (its flags as keyword arguments); returns its typed
+/// result as JSON.
+#[pyfunction]
+#[pyo3(signature = (model, job, kwargs=None))]
+pub fn run_job(
+    py: Python<'_>,
+    model: &PyModel,
+    job: &str,
+    kwargs: Option<&Bound<'_, PyDict>>,
+) -> PyResult<String> {
+    let m = &model.model;
+    let margs: ModelArgs = model.args.clone();
+    macro_rules! job {
+        ($t:ty, |$a:ident| $body:expr) => {{
+            let mut $a: $t = spec_for::<$t>(kwargs, job)?;
+            $a.model = margs;
+            compute(py, move || $body)
+        }};
+    }
+    match job {
+        "probe" => job!(analysis_jobs::ProbeArgs, |a| {
+            let quiet = a.h.quiet;
+            json(&analysis_jobs::run_probe(m, &a, quiet)?)
+        }),
+        "direction" => job!(analysis_jobs::DirectionArgs, |a| json(
+            &analysis_jobs::direction_with(m, &a, false)?
+        )),
+        "lens" => job!(analysis_jobs::LensArgs, |a| {
+            let quiet = a.quiet;
+            json(&analysis_jobs::run_dataset_lens(m, &a, quiet)?)
+        }),
+        "patch" => job!(patch_jobs::PatchArgs, |a| {
+            let (r, _files) = patch_jobs::patch_with(m, &a)?;
+            if !a.no_files {
+                persona_lens_analysis::write_json(&a.out.join("patching.json"), &r)?;
+            }
+            json(&r)
+        }),
+        "heads" => job!(patch_jobs::HeadsArgs, |a| json(&patch_jobs::heads_with(
+            m, &a, false
+        )?)),
+        "ablate" => job!(patch_jobs::AblateArgs, |a| json(&patch_jobs::ablate_with(
+            m, &a, false
+        )?)),
+        "steer" => job!(steer_jobs::SteerArgs, |a| {
+            let (records, run) = steer_jobs::steer_with(m, &a)?;
+            json(&serde_json::json!({"records": records, "run": run}))
+        }),
+        "steer_sweep" => job!(steer_jobs::SteerSweepArgs, |a| json(
+            &steer_jobs::steer_sweep_with(m, &a, false)?
+        )),
+        other => Err(crate::PersonaLensError::new_err(format!(
+            "unknown job '{other}'; use probe, direction, lens, patch, heads, ablate, steer or steer_sweep"
+        ))),
+    }
+}
+
+/// The whole study (`persona-lens run`): keyword arguments are its flags (`config`, `out`,
+/// `experiment`, `model`, `resume`, ...); returns `summary.json` as JSON.
+#[pyfunction]
+#[pyo3(signature = (kwargs=None))]
+pub fn run_study(py: Python<'_>, kwargs: Option<&Bound<'_, PyDict>>) -> PyResult<String> {
+    let args = argv::<study::RunArgs>(kwargs.filter(|_| false), "run_study")?;
+    // The study takes its model by name: only `json` stays out.
+    let mut args = args;
+    if let Some(kw) = kwargs {
+        for (k, v) in kw.iter() {
+            let key: String = k.extract()?;
+            if key == "json" {
+                continue;
+            }
+            let one = PyDict::new(py);
+            one.set_item(&key, v)?;
+            if key == "model" || key == "models_dir" || key == "threads" {
+                let val = scalar(&one.get_item(&key)?.expect("set"))?;
+                if !one.get_item(&key)?.expect("set").is_none() {
+                    args.push(format!("--{}={val}", key.replace('_', "-")));
+                }
+                continue;
+            }
+            args.extend(argv::<study::RunArgs>(Some(&one), "run_study")?);
+        }
+    }
+    let a: study::RunArgs = spec::parse(&args).map_err(clap_err)?;
+    compute(py, move || json(&study::run(a)?))
+}

@@ -1,0 +1,205 @@
+"""persona_lens from Python against the command line on the same inputs, on real weights
+(SmolLM2-135M-Instruct, Q4_1 GGUF, computed as f32)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import persona_lens as pl
+from conftest import MODEL, ROOT, cli, read_safetensors
+
+PROMPTS = ["I am a child. Why is the sky blue?", "I have a PhD in physics. Why is the sky blue?"]
+SMALL = {"n_questions_per_pair": 1, "templates": [0], "pair_id": ["physics", "biology"]}
+SMALL_FLAGS = ["--n-questions-per-pair", "1", "--templates", "0", "--pair-id", "physics,biology"]
+
+
+def test_cache_arrays_are_bitwise_the_cache_commands(model, tmp_path):
+    hooks = "blocks.*.hook_resid_post,blocks.2.attn.hook_pattern,hook_embed"
+    out = tmp_path / "c.safetensors"
+    args = ["cache", "--model", MODEL, "--chat", "--hooks", hooks, "--out", str(out)]
+    for p in PROMPTS:
+        args += ["--prompt", p]
+    cli(*args)
+    want = read_safetensors(out)
+    logits, cache = model.run_with_cache(PROMPTS, names=hooks, chat=True)
+    assert set(cache.keys()) | {"logits"} == set(want)
+    assert len(cache) == 32
+    for name in cache:
+        got = cache[name]
+        assert got.dtype == np.float32 and got.shape == want[name].shape, name
+        np.testing.assert_array_equal(got, want[name], err_msg=name)
+    np.testing.assert_array_equal(logits, want["logits"])
+    # TransformerLens's indexing: (short name, layer), negative layers, globals by short name.
+    assert cache["resid_post", 3] is cache["blocks.3.hook_resid_post"]
+    assert cache["resid_post", -1] is cache["blocks.29.hook_resid_post"]
+    assert cache["pattern", 2] is cache["blocks.2.attn.hook_pattern"]
+    assert cache["embed"] is cache["hook_embed"]
+    assert cache.stack("resid_post").shape == (30, *want["blocks.0.hook_resid_post"].shape)
+    assert ("resid_post", 3) in cache and ("mlp_out", 3) not in cache
+    with pytest.raises(KeyError, match="not cached"):
+        cache["mlp_out", 3]
+    assert cache.prompt_lengths == [len(model.tokenize(p, chat=True)) for p in PROMPTS]
+    # positions="last" is each prompt's last row of the full cache.
+    _, last = model.run_with_cache(PROMPTS, names="blocks.5.hook_resid_post", chat=True, positions="last")
+    full = cache["resid_post", 5]
+    for r, n in enumerate(cache.prompt_lengths):
+        np.testing.assert_array_equal(last["resid_post", 5][r, 0], full[r, n - 1])
+
+
+def test_a_python_hook_that_adds_a_vector_equals_the_builtin_add(model):
+    v = np.random.default_rng(0).standard_normal(model.cfg["d_model"]).astype(np.float32)
+    hook = "blocks.4.hook_resid_post"
+    clean = model.run_with_hooks(PROMPTS, chat=True)
+    fast = model.run_with_hooks(PROMPTS, chat=True, fwd_hooks=[(hook, pl.add(v))])
+    seen = []
+
+    def add_v(x, h):
+        seen.append((h.name, x.shape))
+        return x + v
+
+    slow = model.run_with_hooks(PROMPTS, chat=True, fwd_hooks=[(hook, add_v)])
+    assert np.abs(fast - clean).max() > 0.1, "the vector must move the logits"
+    np.testing.assert_array_equal(slow, fast)
+    assert [n for n, _ in seen] == [hook]
+    # Editing in place and returning None is the same edit.
+    def add_in_place(x, h):
+        x += v
+
+    np.testing.assert_array_equal(model.run_with_hooks(PROMPTS, chat=True, fwd_hooks=[(hook, add_in_place)]), fast)
+    # Row selectors index the prompts given, across batches.
+    one = model.run_with_hooks(PROMPTS, chat=True, batch_size=1, fwd_hooks=[(hook, pl.add(v, rows=[1]))])
+    np.testing.assert_array_equal(one[0], model.run_with_hooks(PROMPTS[:1], chat=True)[0])
+    np.testing.assert_allclose(one[1], fast[1], atol=1e-4)
+    # A Python exception inside a hook comes back as itself.
+    def boom(x, h):
+        raise ZeroDivisionError("inside the hook")
+
+    with pytest.raises(ZeroDivisionError, match="inside the hook"):
+        model.run_with_hooks(PROMPTS, fwd_hooks=[(hook, boom)])
+
+
+def test_a_probe_equals_the_probe_command(model, tmp_path):
+    flags = ["--max-layers", "4", "--folds", "2", "--quiet", *SMALL_FLAGS]
+    cli("probe", "--model", MODEL, "--out", str(tmp_path / "cli"), *flags)
+    want = json.loads((tmp_path / "cli" / "probe.json").read_text())
+    r = pl.probe(model, max_layers=4, folds=2, quiet=True, out=str(tmp_path / "py"), **SMALL)
+    got = r.to_dict()
+    for d in (got, want):
+        d.pop("seconds", None)
+    assert got == want
+    assert isinstance(r.layers, pl.Result) or isinstance(r.layers, (list, np.ndarray))
+
+
+def test_a_patch_sweep_equals_the_patch_command(model, tmp_path):
+    pair = ["--clean", "I am a child. Explain the sun", "--corrupted", "I am a physicist. Explain the sun",
+            "--answer-a", "simple", "--answer-b", "physics", "--sweep", "resid_pre", "--no-chat"]
+    cli("patch", "--model", MODEL, "--out", str(tmp_path / "cli"), "--quiet", *pair)
+    want = json.loads((tmp_path / "cli" / "patching.json").read_text())
+    r = pl.patch(model, clean="I am a child. Explain the sun", corrupted="I am a physicist. Explain the sun",
+                 answer_a="simple", answer_b="physics", sweep=["resid_pre"], chat=False, quiet=True,
+                 out=str(tmp_path / "py"))
+    got = r.to_dict()
+    for d in [got, want, *got["sweeps"].values(), *want["sweeps"].values()]:
+        d.pop("seconds", None)
+    assert got == want
+    values = np.asarray(got["sweeps"]["resid_pre_denoise"]["values"])
+    assert values.shape == (30, len(got["clean"]["ids"]))
+
+
+def test_a_steered_generation_equals_the_steer_command(model, tmp_path):
+    cli("direction", "--model", MODEL, "--out", str(tmp_path / "dir"), "--quiet", *SMALL_FLAGS)
+    d = str(tmp_path / "dir" / "directions.safetensors")
+    common = ["--direction", d, "--layer", "9", "--alpha", "0,6", "--max-new-tokens", "10", "--n-prompts", "2"]
+    cli("steer", "--model", MODEL, "--out", str(tmp_path / "cli"), "--quiet", *common, *SMALL_FLAGS)
+    want = [json.loads(l) for l in (tmp_path / "cli" / "patched_outputs.jsonl").read_text().splitlines()]
+    r = pl.steer(model, direction=d, layer=[9], alpha=[0, 6], max_new_tokens=10, n_prompts=2, quiet=True,
+                 out=str(tmp_path / "py"), **SMALL)
+    assert r.to_dict()["records"] == want
+    texts = {rec["alpha"]: rec["text"] for rec in want if rec["prompt_id"] == want[0]["prompt_id"]}
+    assert texts[0] != texts[6], "alpha 6 must change the generation"
+    # The same edit by hand: generate with an add op of alpha * the stored (raw) direction.
+    rec = next(x for x in want if x["alpha"] == 6)
+    unsteered = model.generate(rec["prompt"], chat=True, max_new_tokens=10)
+    assert unsteered == next(x["text"] for x in want if x["alpha"] == 0 and x["prompt_id"] == rec["prompt_id"])
+
+
+def test_bad_inputs_raise_the_command_lines_message(model, tmp_path):
+    r = cli("tokenize", "--model", "no-such-model", "hi", ok=False)
+    with pytest.raises(pl.PersonaLensError) as e:
+        pl.Model("no-such-model")
+    assert r.stderr.strip() == f"error: {e.value}"
+    r = cli("probe", "--model", MODEL, "--batch-size", "0", ok=False)
+    with pytest.raises(pl.PersonaLensError) as e:
+        pl.probe(model, batch_size=0)
+    assert r.stderr.strip() == f"error: {e.value} (see --help)"
+    r = cli("patch", "--model", MODEL, "--clean", "I am a child. Hi", "--corrupted",
+            "I am a theoretical physicist. Hi", "--answer-a", "simple", "--answer-b", "physics", "--no-files", ok=False)
+    with pytest.raises(pl.PersonaLensError) as e:
+        pl.patch(model, clean="I am a child. Hi", corrupted="I am a theoretical physicist. Hi",
+                 answer_a="simple", answer_b="physics", no_files=True)
+    assert r.stderr.strip() == f"error: {e.value}"
+    with pytest.raises(pl.PersonaLensError, match="out of range"):
+        model.run_with_cache("hi", names="blocks.30.hook_resid_post")
+    with pytest.raises(pl.PersonaLensError, match="model option"):
+        pl.probe(model, dtype="bf16")
+    with pytest.raises(pl.PersonaLensError, match="outside the vocabulary"):
+        model.run_with_cache([[1, 10**6]])
+
+
+def test_ctrl_c_interrupts_a_long_call_and_the_model_still_works(model):
+    before = model.run_with_hooks(PROMPTS[:1])
+    many = [f"Question {i}: why is the sky blue? " * 4 for i in range(2000)]
+    timer = threading.Timer(1.0, lambda: os.kill(os.getpid(), signal.SIGINT))
+    t0 = time.time()
+    timer.start()
+    with pytest.raises(KeyboardInterrupt):
+        model.run_with_cache(many, names="blocks.0.hook_resid_post", batch_size=1)
+    elapsed = time.time() - t0
+    assert elapsed < 10, f"took {elapsed:.1f} s to stop"
+    np.testing.assert_array_equal(model.run_with_hooks(PROMPTS[:1]), before)
+
+
+def test_the_gil_is_released_during_compute(model):
+    ticks = []
+    stop = threading.Event()
+
+    def tick():
+        while not stop.is_set():
+            ticks.append(1)
+            time.sleep(0.001)
+
+    th = threading.Thread(target=tick)
+    th.start()
+    t0 = time.time()
+    model.run_with_cache([p * 8 for p in PROMPTS] * 8, names="blocks.*.hook_resid_post")
+    took = time.time() - t0
+    stop.set()
+    th.join()
+    # A thread starved of the GIL would tick about once per switch interval (5 ms) at best.
+    assert took > 0.2 and len(ticks) > took * 100, (len(ticks), took)
+
+
+def test_the_study_returns_the_summary_the_command_writes(tmp_path):
+    flags = dict(experiment="probe", model=MODEL, n_questions_per_pair=1, max_layers=3, quiet=True)
+    cli("run", "--experiment", "probe", "--model", MODEL, "--n-questions-per-pair", "1", "--max-layers", "3",
+        "--quiet", "--out", str(tmp_path / "cli"))
+    s = pl.run_study(out=str(tmp_path / "py"), **flags)
+    want = (tmp_path / "cli" / "summary.json").read_bytes()
+    assert (tmp_path / "py" / "summary.json").read_bytes() == want
+    assert s.to_dict() == json.loads(want)
+
+
+def test_the_notebook_example_runs(tmp_path):
+    r = subprocess.run([sys.executable, str(ROOT / "examples" / "notebook.py"), "--out", str(tmp_path)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "probe: best held-out row" in r.stdout
+    assert (tmp_path / "resid_norms.png").exists() or "matplotlib not installed" in r.stdout
