@@ -3,7 +3,7 @@ MODELS ?= $(or $(PERSONA_LENS_MODELS),models)
 export PERSONA_LENS_MODELS := $(abspath $(MODELS))
 BIN := target/release/persona-lens
 
-.PHONY: demo test models build lint bench clean-out check-report
+.PHONY: demo test test-python python models build lint bench clean-out check-report
 
 models:
 	scripts/fetch-models.sh $(MODELS)
@@ -21,9 +21,27 @@ $(TOOLS_PY):
 	python3 -m venv .venv-tools
 	.venv-tools/bin/pip install --quiet gguf
 
+# The Python package's venv: maturin builds the extension into it, pytest runs its tests,
+# matplotlib lets the notebook example draw.
+PY_VENV := .venv-py
+PY := $(PY_VENV)/bin/python
+$(PY):
+	python3 -m venv $(PY_VENV)
+	$(PY_VENV)/bin/pip install --quiet maturin pytest numpy matplotlib
+
+# `import persona_lens` in .venv-py (an editable install of crates/py, built by maturin).
+python: $(PY)
+	cd crates/py && VIRTUAL_ENV=$(abspath $(PY_VENV)) PATH=$(abspath $(PY_VENV))/bin:$$PATH maturin develop --quiet
+
 # The test suite on the real models (fetched first). Dependencies are optimised in the test profile.
 test: models $(TOOLS_PY)
 	PERSONA_LENS_PYTHON=$(abspath $(TOOLS_PY)) cargo test --workspace -- --test-threads 2
+	$(MAKE) test-python
+
+# The Python package against the command line built from the same sources.
+test-python: models python
+	cargo build -p persona-lens
+	$(PY) -m pytest crates/py/tests -q
 
 lint:
 	cargo fmt --all --check

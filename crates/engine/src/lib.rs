@@ -32,8 +32,8 @@ pub use config::{Architecture, ModelConfig};
 pub use error::{EngineError, Result};
 pub use generate::{generate, GenerateOptions, Generation, Sampling};
 pub use hooks::{
-    all_hooks, interrupt_all, resolve_hooks, ActivationCache, HookCtx, HookFn, HookName, HookPoint, Hooks,
-    Intervention, Op, Selector,
+    all_hooks, interrupt_all, resolve_hooks, ActivationCache, HookCtx, HookFn, HookName, HookPoint,
+    Hooks, Intervention, Op, Selector,
 };
 pub use layers::{KvCache, LogitsAt};
 pub use model::{models_dir, resolve, LoadOptions, Model, ModelInfo, ModelSource, DEFAULT_MODEL};

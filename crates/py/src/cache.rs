@@ -60,7 +60,13 @@ impl PyActivationCache {
                 let n_layers = self
                     .arrays
                     .iter()
-                    .filter_map(|(n, _)| n.strip_prefix("blocks.")?.split('.').next()?.parse::<i64>().ok())
+                    .filter_map(|(n, _)| {
+                        n.strip_prefix("blocks.")?
+                            .split('.')
+                            .next()?
+                            .parse::<i64>()
+                            .ok()
+                    })
                     .max()
                     .map_or(0, |m| m + 1);
                 // Negative layers count from the end, as in Python.
@@ -79,7 +85,12 @@ impl PyActivationCache {
     }
 
     fn missing(&self, what: &str) -> PyErr {
-        let have: Vec<&str> = self.arrays.iter().take(4).map(|(n, _)| n.as_str()).collect();
+        let have: Vec<&str> = self
+            .arrays
+            .iter()
+            .take(4)
+            .map(|(n, _)| n.as_str())
+            .collect();
         PyKeyError::new_err(format!(
             "'{what}' was not cached ({} hooks cached: {}{}); pass it in names= to run_with_cache",
             self.arrays.len(),

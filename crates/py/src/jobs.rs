@@ -11,7 +11,14 @@ use pyo3::types::{PyBool, PyDict, PyList, PyString, PyTuple};
 use serde::Serialize;
 
 /// Model options belong to `persona_lens.Model(...)`, not to a job.
-const MODEL_KEYS: [&str; 6] = ["model", "models_dir", "dtype", "quantized", "threads", "json"];
+const MODEL_KEYS: [&str; 6] = [
+    "model",
+    "models_dir",
+    "dtype",
+    "quantized",
+    "threads",
+    "json",
+];
 
 fn scalar(v: &Bound<'_, PyAny>) -> PyResult<String> {
     if let Ok(s) = v.cast::<PyString>() {

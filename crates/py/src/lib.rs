@@ -36,9 +36,12 @@ fn take_hook_error() -> Option<PyErr> {
 
 /// A library error as the Python exception carrying the command line's one-line message.
 pub(crate) fn py_err(e: anyhow::Error) -> PyErr {
-    let interrupted = e
-        .chain()
-        .any(|c| matches!(c.downcast_ref::<EngineError>(), Some(EngineError::Interrupted)));
+    let interrupted = e.chain().any(|c| {
+        matches!(
+            c.downcast_ref::<EngineError>(),
+            Some(EngineError::Interrupted)
+        )
+    });
     if interrupted {
         return PyKeyboardInterrupt::new_err("interrupted");
     }
@@ -93,10 +96,7 @@ pub(crate) fn compute<T: Send>(
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add("PersonaLensError", m.py().get_type::<PersonaLensError>())?;
-    m.add(
-        "DEFAULT_MODEL",
-        persona_lens_engine::DEFAULT_MODEL,
-    )?;
+    m.add("DEFAULT_MODEL", persona_lens_engine::DEFAULT_MODEL)?;
     m.add_class::<model::PyModel>()?;
     m.add_class::<cache::PyActivationCache>()?;
     m.add_class::<ops::PyHookOp>()?;

@@ -45,7 +45,10 @@ impl PyModel {
             ));
         }
         if items[0].is_instance_of::<PyString>() {
-            return items.iter().map(|i| encode(&i.extract::<String>()?)).collect();
+            return items
+                .iter()
+                .map(|i| encode(&i.extract::<String>()?))
+                .collect();
         }
         if chat {
             return Err(PersonaLensError::new_err(
@@ -75,7 +78,10 @@ impl PyModel {
         Ok(seqs)
     }
 
-    fn hook_names(&self, names: Option<&Bound<'_, PyAny>>) -> PyResult<Vec<persona_lens_engine::HookName>> {
+    fn hook_names(
+        &self,
+        names: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<Vec<persona_lens_engine::HookName>> {
         let pattern = match names {
             None => "*".to_string(),
             Some(n) if n.is_instance_of::<PyString>() => n.extract()?,
@@ -99,7 +105,9 @@ impl PyModel {
         batch_size: usize,
         logits: Option<&str>,
     ) -> PyResult<(Py<PyAny>, Option<PyActivationCache>)> {
-        let positions: CachePositions = positions.parse().map_err(|e: persona_lens_engine::EngineError| crate::py_err(e.into()))?;
+        let positions: CachePositions = positions
+            .parse()
+            .map_err(|e: persona_lens_engine::EngineError| crate::py_err(e.into()))?;
         let logits_at = match logits {
             Some("last") => LogitsAt::Last,
             Some("all") => LogitsAt::All,
@@ -117,10 +125,22 @@ impl PyModel {
         }
         let seqs = self.seqs(input, chat)?;
         let ivs = interventions(fwd_hooks, self.model.config().n_layers)?;
-        let names = if cache { self.hook_names(names)? } else { vec![] };
+        let names = if cache {
+            self.hook_names(names)?
+        } else {
+            vec![]
+        };
         let m = &self.model;
         let (lg, c) = compute(py, || {
-            Ok(m.run_with_hooks(&seqs, &ivs, &names, positions, logits_at, batch_size, |_| {})?)
+            Ok(m.run_with_hooks(
+                &seqs,
+                &ivs,
+                &names,
+                positions,
+                logits_at,
+                batch_size,
+                |_| {},
+            )?)
         })?;
         let lg = match lg {
             Some(t) => to_numpy(py, &t)?.unbind(),
@@ -131,7 +151,12 @@ impl PyModel {
         }
         let arrays = names
             .iter()
-            .map(|h| Ok((h.to_string(), to_numpy(py, &c.get(h).map_err(|e| crate::py_err(e.into()))?)?.unbind())))
+            .map(|h| {
+                Ok((
+                    h.to_string(),
+                    to_numpy(py, &c.get(h).map_err(|e| crate::py_err(e.into()))?)?.unbind(),
+                ))
+            })
             .collect::<PyResult<Vec<_>>>()?;
         let cache = PyActivationCache {
             arrays,
@@ -160,14 +185,12 @@ impl PyModel {
     ) -> PyResult<Self> {
         // The command line's parser: the same checks and the same messages.
         let mut argv = vec!["--model".to_string(), name_or_path, "--dtype".into(), dtype];
-        match quantized {
-            None => {}
-            Some(q) if q.is_instance_of::<pyo3::types::PyBool>() => {
-                if q.extract::<bool>()? {
-                    argv.push("--quantized".into());
-                }
+        if let Some(q) = quantized {
+            if !q.is_instance_of::<pyo3::types::PyBool>() {
+                argv.push(format!("--quantized={}", q.str()?));
+            } else if q.extract::<bool>()? {
+                argv.push("--quantized".into());
             }
-            Some(q) => argv.push(format!("--quantized={}", q.str()?)),
         }
         if let Some(t) = threads {
             argv.extend(["--threads".into(), t.to_string()]);
@@ -229,7 +252,9 @@ impl PyModel {
 
     /// Each id's token string.
     fn to_str_tokens(&self, ids: Vec<u32>) -> Vec<String> {
-        ids.iter().map(|&i| self.model.tokenizer.id_to_token(i)).collect()
+        ids.iter()
+            .map(|&i| self.model.tokenizer.id_to_token(i))
+            .collect()
     }
 
     /// Text of token ids (special tokens skipped unless `skip_special=False`).
@@ -270,7 +295,9 @@ impl PyModel {
         batch_size: usize,
         logits: Option<&str>,
     ) -> PyResult<(Py<PyAny>, PyActivationCache)> {
-        let (lg, c) = self.run(py, input, None, names, true, positions, chat, batch_size, logits)?;
+        let (lg, c) = self.run(
+            py, input, None, names, true, positions, chat, batch_size, logits,
+        )?;
         Ok((lg, c.expect("cache asked for")))
     }
 
@@ -293,7 +320,17 @@ impl PyModel {
         batch_size: usize,
         logits: Option<&str>,
     ) -> PyResult<Py<PyAny>> {
-        let (lg, c) = self.run(py, input, fwd_hooks, names, return_cache, positions, chat, batch_size, logits)?;
+        let (lg, c) = self.run(
+            py,
+            input,
+            fwd_hooks,
+            names,
+            return_cache,
+            positions,
+            chat,
+            batch_size,
+            logits,
+        )?;
         match c {
             Some(c) => Ok((lg, c).into_pyobject(py)?.into_any().unbind()),
             None => Ok(lg),
@@ -361,7 +398,10 @@ impl PyModel {
     /// Keeps an op on every later forward of this model (TransformerLens's permanent hooks),
     /// in every call and every analysis, until `reset_hooks()`.
     fn add_hook(&self, name: &str, op: &Bound<'_, PyAny>) -> PyResult<()> {
-        let pair = pyo3::types::PyTuple::new(op.py(), [name.into_pyobject(op.py())?.into_any(), op.clone()])?;
+        let pair = pyo3::types::PyTuple::new(
+            op.py(),
+            [name.into_pyobject(op.py())?.into_any(), op.clone()],
+        )?;
         let list = PyList::new(op.py(), [pair])?;
         for iv in interventions(Some(list.as_any()), self.model.config().n_layers)? {
             self.model.add_hook(iv.hook, iv.op, iv.sel);
@@ -374,4 +414,3 @@ impl PyModel {
         self.model.reset_hooks();
     }
 }
-

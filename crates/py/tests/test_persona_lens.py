@@ -95,7 +95,7 @@ def test_a_probe_equals_the_probe_command(model, tmp_path):
     for d in (got, want):
         d.pop("seconds", None)
     assert got == want
-    assert isinstance(r.layers, pl.Result) or isinstance(r.layers, (list, np.ndarray))
+    assert r.n_prompts == want["n_prompts"] and len(r.layers) == 5
 
 
 def test_a_patch_sweep_equals_the_patch_command(model, tmp_path):
@@ -125,9 +125,15 @@ def test_a_steered_generation_equals_the_steer_command(model, tmp_path):
     assert r.to_dict()["records"] == want
     texts = {rec["alpha"]: rec["text"] for rec in want if rec["prompt_id"] == want[0]["prompt_id"]}
     assert texts[0] != texts[6], "alpha 6 must change the generation"
-    # The same edit by hand: generate with an add op of alpha * the stored (raw) direction.
+    # The same edit by hand: `generate` with an add op of alpha x the stored difference of
+    # means at the record's hook (block 9's output = residual row 10), at every position.
     rec = next(x for x in want if x["alpha"] == 6)
+    assert rec["hook"] == "blocks.10.hook_resid_pre" and rec["norm"] == "raw"
+    dom = read_safetensors(tmp_path / "dir" / "directions.safetensors")["diff_of_means"][10]
+    by_hand = model.generate(rec["prompt"], chat=True, max_new_tokens=10,
+                             fwd_hooks=[(rec["hook"], pl.add(6 * dom))])
     unsteered = model.generate(rec["prompt"], chat=True, max_new_tokens=10)
+    assert by_hand == rec["text"]
     assert unsteered == next(x["text"] for x in want if x["alpha"] == 0 and x["prompt_id"] == rec["prompt_id"])
 
 
