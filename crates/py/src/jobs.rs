@@ -8,7 +8,6 @@ use clap::{Args, FromArgMatches};
 use persona_lens_study::{analysis_jobs, patch_jobs, spec, steer_jobs, study, ModelArgs};
 use pyo3::prelude::*;
 use pyo3::types::{PyBool, PyDict, PyList, PyString, PyTuple};
-use serde::Serialize;
 
 /// Model options belong to `persona_lens.Model(...)`, not to a job.
 const MODEL_KEYS: [&str; 6] = [
@@ -29,7 +28,7 @@ fn scalar(v: &Bound<'_, PyAny>) -> PyResult<String> {
 
 /// `key=value` pairs as flags: True -> `--key`; False -> left out, or `--no-key` where the spec
 /// has that flag; None -> left out; lists -> comma separated; anything else -> str().
-fn argv<T: Args + FromArgMatches + Serialize>(
+fn argv<T: Args + FromArgMatches>(
     kwargs: Option<&Bound<'_, PyDict>>,
     job: &str,
 ) -> PyResult<Vec<String>> {
@@ -76,7 +75,7 @@ fn argv<T: Args + FromArgMatches + Serialize>(
 }
 
 /// The job's spec from keyword arguments, on the model's own options.
-fn spec_for<T: Args + FromArgMatches + Serialize>(
+fn spec_for<T: Args + FromArgMatches>(
     kwargs: Option<&Bound<'_, PyDict>>,
     job: &str,
 ) -> PyResult<T> {
@@ -84,7 +83,7 @@ fn spec_for<T: Args + FromArgMatches + Serialize>(
     spec::parse::<T>(&args).map_err(clap_err)
 }
 
-fn json<T: Serialize>(v: &T) -> anyhow::Result<String> {
+fn json<T: serde::Serialize>(v: &T) -> anyhow::Result<String> {
     Ok(serde_json::to_string(v)?)
 }
 
@@ -126,6 +125,16 @@ pub fn run_job(
             }
             json(&r)
         }),
+        "path_patch" => job!(patch_jobs::PathPatchArgs, |a| {
+            let (r, _files) = patch_jobs::path_patch_with(m, &a)?;
+            if !a.no_files {
+                persona_lens_analysis::write_json(&a.out.join("path_patch.json"), &r)?;
+            }
+            json(&r)
+        }),
+        "attrib" => job!(patch_jobs::AttribArgs, |a| json(
+            &patch_jobs::attrib_with(m, &a)?.0
+        )),
         "heads" => job!(patch_jobs::HeadsArgs, |a| json(&patch_jobs::heads_with(
             m, &a, false
         )?)),
@@ -140,7 +149,7 @@ pub fn run_job(
             &steer_jobs::steer_sweep_with(m, &a, false)?
         )),
         other => Err(crate::PersonaLensError::new_err(format!(
-            "unknown job '{other}'; use probe, direction, lens, patch, heads, ablate, steer or steer_sweep"
+            "unknown job '{other}'; use probe, direction, lens, patch, path_patch, attrib, heads, ablate, steer or steer_sweep"
         ))),
     }
 }

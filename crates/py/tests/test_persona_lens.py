@@ -114,6 +114,32 @@ def test_a_patch_sweep_equals_the_patch_command(model, tmp_path):
     assert values.shape == (30, len(got["clean"]["ids"]))
 
 
+def _drop_seconds(v):
+    """Timings differ run to run: every key ending in 'seconds' removed, recursively."""
+    if isinstance(v, dict):
+        return {k: _drop_seconds(x) for k, x in v.items() if not k.endswith("seconds")}
+    if isinstance(v, list):
+        return [_drop_seconds(x) for x in v]
+    return v
+
+
+def test_path_patching_and_attribution_equal_their_commands(model, tmp_path):
+    pair = dict(clean="I am a child. Explain the sun", corrupted="I am a physicist. Explain the sun",
+                answer_a="simple", answer_b="physics", chat=False, quiet=True)
+    flags = ["--clean", pair["clean"], "--corrupted", pair["corrupted"], "--answer-a", "simple",
+             "--answer-b", "physics", "--no-chat", "--quiet"]
+    cli("path-patch", "--model", MODEL, "--senders", "L10H0,L12H3,L20H8", "--out", str(tmp_path / "cli"), *flags)
+    want = json.loads((tmp_path / "cli" / "path_patch.json").read_text())
+    got = pl.path_patch(model, senders=["L10H0", "L12H3", "L20H8"], out=str(tmp_path / "py"), **pair).to_dict()
+    assert _drop_seconds(got) == _drop_seconds(want)
+    assert len(got["runs"]["denoise"]["values"]) == 3
+    cli("attrib", "--model", MODEL, "--sweep", "resid_pre", "--out", str(tmp_path / "cli"), *flags)
+    want = json.loads((tmp_path / "cli" / "attribution.json").read_text())
+    got = pl.attrib(model, sweep=["resid_pre"], out=str(tmp_path / "py"), **pair).to_dict()
+    assert _drop_seconds(got) == _drop_seconds(want)
+    assert "agreement" in got["sweeps"]["resid_pre"]
+
+
 def test_a_steered_generation_equals_the_steer_command(model, tmp_path):
     cli("direction", "--model", MODEL, "--out", str(tmp_path / "dir"), "--quiet", *SMALL_FLAGS)
     d = str(tmp_path / "dir" / "directions.safetensors")

@@ -435,7 +435,7 @@ fn summarize(model: &Model, p: &Patcher, s: &Sweep, secs: f64) {
 
 // ---------------- path-patch ----------------
 
-#[derive(Args)]
+#[derive(Args, Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct PathPatchArgs {
     #[command(flatten)]
     pub model: ModelArgs,
@@ -467,15 +467,26 @@ pub struct PathPatchArgs {
 }
 
 pub fn path_patch(a: PathPatchArgs) -> Result<()> {
+    let model = load_model(&a.model)?;
+    let (out, files) = path_patch_with(&model, &a)?;
+    let json_file = (!a.no_files).then(|| a.out.join("path_patch.json"));
+    finish(&out, json_file, files, a.model.json)
+}
+
+/// Path patching on a loaded model: what `path_patch.json` holds and the files written (not yet
+/// `path_patch.json`).
+pub fn path_patch_with(
+    model: &Model,
+    a: &PathPatchArgs,
+) -> Result<(serde_json::Value, Vec<PathBuf>)> {
     use persona_lens_analysis::heads::Head;
     use persona_lens_analysis::path_patching::{
         all_senders, path_patch, path_patch_one_by_one, Receivers,
     };
-    let model = load_model(&a.model)?;
     let dirs = parse_dir(&a.direction)?;
     let receivers = Receivers::parse(&a.receivers, &a.receiver_input)?;
-    let (pair, metric) = a.pair.resolve(&model)?;
-    let p = Patcher::new(&model, pair, metric)?;
+    let (pair, metric) = a.pair.resolve(model)?;
+    let p = Patcher::new(model, pair, metric)?;
     let cfg = model.config();
     let senders: Vec<Head> = if a.senders.is_empty() {
         all_senders(&p, &receivers)
@@ -529,7 +540,7 @@ pub fn path_patch(a: PathPatchArgs) -> Result<()> {
                 dir_name(dir),
                 model.info.name,
                 receivers.describe(),
-                p.metric.describe(&model),
+                p.metric.describe(model),
                 p.clean_metric,
                 p.corrupted_metric,
                 senders.len()
@@ -571,7 +582,7 @@ pub fn path_patch(a: PathPatchArgs) -> Result<()> {
                 caption: format!(
                     "{}; sender attn.hook_z every position; other heads and MLPs frozen; metric {}; clean {:.3}, corrupted {:.3} {}",
                     model.info.name,
-                    p.metric.describe(&model),
+                    p.metric.describe(model),
                     p.clean_metric,
                     p.corrupted_metric,
                     p.metric.units()
@@ -597,7 +608,7 @@ pub fn path_patch(a: PathPatchArgs) -> Result<()> {
         "clean": {"text": p.pair.clean_text, "ids": p.pair.clean_ids},
         "corrupted": {"text": p.pair.corrupted_text, "ids": p.pair.corrupted_ids},
         "chat": p.pair.chat,
-        "metric": {"spec": p.metric, "description": p.metric.describe(&model), "units": p.metric.units(), "position": "last"},
+        "metric": {"spec": p.metric, "description": p.metric.describe(model), "units": p.metric.units(), "position": "last"},
         "clean_metric": p.clean_metric,
         "corrupted_metric": p.corrupted_metric,
         "receivers": receivers,
@@ -606,13 +617,12 @@ pub fn path_patch(a: PathPatchArgs) -> Result<()> {
         "implementation": if a.one_by_one { "two full forwards per sender" } else { "batched from the cached base run" },
         "runs": runs,
     });
-    let json_file = (!a.no_files).then(|| a.out.join("path_patch.json"));
-    finish(&out, json_file, files, a.model.json)
+    Ok((out, files))
 }
 
 // ---------------- attrib ----------------
 
-#[derive(Args)]
+#[derive(Args, Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct AttribArgs {
     #[command(flatten)]
     pub model: ModelArgs,
@@ -645,15 +655,27 @@ pub struct AttribArgs {
 }
 
 pub fn attrib(a: AttribArgs) -> Result<()> {
-    use persona_lens_analysis::attribution::{agreement, attribute};
     let model = load_model(&a.model)?;
+    let (out, files) = attrib_with(&model, &a)?;
+    if a.model.json {
+        println!("{out}");
+    } else if !files.is_empty() {
+        println!("wrote {} files to {}", files.len(), a.out.display());
+    }
+    Ok(())
+}
+
+/// Attribution patching on a loaded model: what `attribution.json` holds (written unless
+/// --no-files) and the files written.
+pub fn attrib_with(model: &Model, a: &AttribArgs) -> Result<(serde_json::Value, Vec<PathBuf>)> {
+    use persona_lens_analysis::attribution::{agreement, attribute};
     let kinds = parse_kinds(&a.sweep)?;
     let dir = match parse_dir(&a.direction)?.as_slice() {
         [d] => *d,
         _ => bail!("attrib takes one --direction: denoise or noise"),
     };
-    let (pair, metric) = a.pair.resolve(&model)?;
-    let p = Patcher::new(&model, pair, metric)?;
+    let (pair, metric) = a.pair.resolve(model)?;
+    let p = Patcher::new(model, pair, metric)?;
     let t = Instant::now();
     let est = attribute(&p, &kinds, dir)?;
     let attr_secs = t.elapsed().as_secs_f64();
@@ -667,7 +689,7 @@ pub fn attrib(a: AttribArgs) -> Result<()> {
             "attribution patching on {} ({}), metric {}: clean {:.4}, corrupted {:.4}; one forward + backward in {attr_secs:.2} s",
             model.info.name,
             dir_name(dir),
-            p.metric.describe(&model),
+            p.metric.describe(model),
             p.clean_metric,
             p.corrupted_metric
         );
@@ -712,7 +734,7 @@ pub fn attrib(a: AttribArgs) -> Result<()> {
             let f = a.out.join(format!("{name}.npy"));
             npy::write(&f, &e.delta, &e.shape)?;
             files.push(f);
-            files.extend(sweep_heatmap(&model, &p, &sw, &a.out.join(&name))?);
+            files.extend(sweep_heatmap(model, &p, &sw, &a.out.join(&name))?);
         }
         sweeps.insert(e.kind.name().into(), entry);
     }
@@ -720,7 +742,7 @@ pub fn attrib(a: AttribArgs) -> Result<()> {
         "model": model.info.name,
         "clean": {"text": p.pair.clean_text, "ids": p.pair.clean_ids},
         "corrupted": {"text": p.pair.corrupted_text, "ids": p.pair.corrupted_ids},
-        "metric": {"spec": p.metric, "description": p.metric.describe(&model), "units": p.metric.units()},
+        "metric": {"spec": p.metric, "description": p.metric.describe(model), "units": p.metric.units()},
         "clean_metric": p.clean_metric, "corrupted_metric": p.corrupted_metric,
         "method": "attribution patching: (source - base) . d metric / d activation, one forward + one backward (candle autograd)",
         "attribution_seconds": attr_secs,
@@ -731,12 +753,7 @@ pub fn attrib(a: AttribArgs) -> Result<()> {
         write_json(&f, &out)?;
         files.push(f);
     }
-    if a.model.json {
-        println!("{out}");
-    } else if !files.is_empty() {
-        println!("wrote {} files to {}", files.len(), a.out.display());
-    }
-    Ok(())
+    Ok((out, files))
 }
 
 // ---------------- heads ----------------

@@ -40,7 +40,8 @@ from . import _native
 
 __all__ = [
     "DEFAULT_MODEL", "ActivationCache", "Hook", "HookOp", "Model", "PersonaLensError", "Result",
-    "add", "replace", "scale", "zero", "probe", "direction", "lens", "patch", "heads", "ablate",
+    "add", "replace", "scale", "zero", "probe", "direction", "lens", "patch", "path_patch", "attrib",
+    "heads", "ablate",
     "steer", "steer_sweep", "run_study", "__version__",
 ]
 
@@ -116,6 +117,18 @@ def patch(model: Model, **kwargs: Any) -> Result:
     """Activation patching sweeps between a clean and a corrupted prompt (``persona-lens
     patch``: ``clean``, ``corrupted``, ``sweep``, ``direction``, ...)."""
     return _job("patch", model, kwargs)
+
+
+def path_patch(model: Model, **kwargs: Any) -> Result:
+    """Path patching from sender heads to receivers (``persona-lens path-patch``: ``receivers``,
+    ``senders``, ...). Writes path_patch.json under ``out``."""
+    return _job("path_patch", model, kwargs)
+
+
+def attrib(model: Model, **kwargs: Any) -> Result:
+    """Attribution patching (one forward + backward) against the real sweep (``persona-lens
+    attrib``). Writes attribution.json under ``out``."""
+    return _job("attrib", model, kwargs)
 
 
 def heads(model: Model, **kwargs: Any) -> Result:
