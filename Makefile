@@ -31,7 +31,7 @@ $(PY):
 
 # `import persona_lens` in .venv-py (an editable install of crates/py, built by maturin).
 python: $(PY)
-	cd crates/py && VIRTUAL_ENV=$(abspath $(PY_VENV)) PATH=$(abspath $(PY_VENV))/bin:$$PATH maturin develop --quiet
+	cd crates/py && VIRTUAL_ENV=$(abspath $(PY_VENV)) PATH=$(abspath $(PY_VENV))/bin:$$PATH maturin develop
 
 # The test suite on the real models (fetched first). Dependencies are optimised in the test profile.
 test: models $(TOOLS_PY)
