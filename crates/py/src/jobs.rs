@@ -31,6 +31,7 @@ fn scalar(v: &Bound<'_, PyAny>) -> PyResult<String> {
 fn argv<T: Args + FromArgMatches>(
     kwargs: Option<&Bound<'_, PyDict>>,
     job: &str,
+    refused: &[&str],
 ) -> PyResult<Vec<String>> {
     let cmd = T::augment_args(clap::Command::new("job"));
     let has_flag = |id: &str| cmd.get_arguments().any(|a| a.get_id() == id);
@@ -40,7 +41,7 @@ fn argv<T: Args + FromArgMatches>(
     };
     for (k, v) in kwargs.iter() {
         let key: String = k.extract()?;
-        if MODEL_KEYS.contains(&key.as_str()) {
+        if refused.contains(&key.as_str()) {
             return Err(crate::PersonaLensError::new_err(format!(
                 "{job}: '{key}' is a model option; pass it to persona_lens.Model(...)"
             )));
@@ -79,7 +80,7 @@ fn spec_for<T: Args + FromArgMatches>(
     kwargs: Option<&Bound<'_, PyDict>>,
     job: &str,
 ) -> PyResult<T> {
-    let args = argv::<T>(kwargs, job)?;
+    let args = argv::<T>(kwargs, job, &MODEL_KEYS)?;
     spec::parse::<T>(&args).map_err(clap_err)
 }
 
@@ -159,27 +160,10 @@ pub fn run_job(
 #[pyfunction]
 #[pyo3(signature = (kwargs=None))]
 pub fn run_study(py: Python<'_>, kwargs: Option<&Bound<'_, PyDict>>) -> PyResult<String> {
-    let args = argv::<study::RunArgs>(kwargs.filter(|_| false), "run_study")?;
-    // The study takes its model by name: only `json` stays out.
-    let mut args = args;
-    if let Some(kw) = kwargs {
-        for (k, v) in kw.iter() {
-            let key: String = k.extract()?;
-            if key == "json" {
-                continue;
-            }
-            let one = PyDict::new(py);
-            one.set_item(&key, v)?;
-            if key == "model" || key == "models_dir" || key == "threads" {
-                let val = scalar(&one.get_item(&key)?.expect("set"))?;
-                if !one.get_item(&key)?.expect("set").is_none() {
-                    args.push(format!("--{}={val}", key.replace('_', "-")));
-                }
-                continue;
-            }
-            args.extend(argv::<study::RunArgs>(Some(&one), "run_study")?);
-        }
-    }
-    let a: study::RunArgs = spec::parse(&args).map_err(clap_err)?;
+    // The study loads its own model: its model flags are its own. `json` only changes what the
+    // command prints; the summary comes back as the return value.
+    let args = argv::<study::RunArgs>(kwargs, "run_study", &[])?;
+    let mut a: study::RunArgs = spec::parse(&args).map_err(clap_err)?;
+    a.json = false;
     compute(py, move || json(&study::run(a)?))
 }
