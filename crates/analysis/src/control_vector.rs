@@ -12,7 +12,7 @@ use candle_core::{Device, Tensor};
 use std::collections::BTreeMap;
 use std::path::Path;
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct ControlVector {
     /// The model family the vector was made for (llama.cpp checks nothing; a hint for people).
     pub model_hint: String,

@@ -5,7 +5,9 @@
 use crate::compute;
 use crate::model::{clap_err, PyModel};
 use clap::{Args, FromArgMatches};
-use persona_lens_study::{analysis_jobs, patch_jobs, spec, steer_jobs, study, ModelArgs};
+use persona_lens_study::{
+    analysis_jobs, diff_jobs, patch_jobs, spec, steer_jobs, study, ModelArgs,
+};
 use pyo3::prelude::*;
 use pyo3::types::{PyBool, PyDict, PyList, PyString, PyTuple};
 
@@ -166,4 +168,76 @@ pub fn run_study(py: Python<'_>, kwargs: Option<&Bound<'_, PyDict>>) -> PyResult
     let mut a: study::RunArgs = spec::parse(&args).map_err(clap_err)?;
     a.json = false;
     compute(py, move || json(&study::run(a)?))
+}
+
+/// A command that loads its own model(s) (`rate`, `control-vector export|import`, the `diff`
+/// commands): keyword arguments are its flags, model flags included; returns its typed result
+/// as JSON.
+#[pyfunction]
+#[pyo3(signature = (command, kwargs=None))]
+pub fn run_command(
+    py: Python<'_>,
+    command: &str,
+    kwargs: Option<&Bound<'_, PyDict>>,
+) -> PyResult<String> {
+    macro_rules! cmd {
+        ($t:ty, |$a:ident| $body:expr) => {{
+            let args = argv::<$t>(kwargs, command, &[])?;
+            #[allow(unused_mut)] // only some commands adjust their spec
+            let mut $a: $t = spec::parse(&args).map_err(clap_err)?;
+            compute(py, move || $body)
+        }};
+    }
+    match command {
+        "rate" => cmd!(steer_jobs::RateArgs, |a| {
+            // the result is the return value: nothing to print
+            a.json = true;
+            json(&steer_jobs::rate_with(&a)?)
+        }),
+        "control_vector_export" => cmd!(steer_jobs::CvExportArgs, |a| json(
+            &steer_jobs::cv_export_with(&a)?
+        )),
+        "control_vector_import" => cmd!(steer_jobs::CvImportArgs, |a| json(
+            &steer_jobs::cv_import_with(&a)?
+        )),
+        "diff_harvest" => cmd!(diff_jobs::HarvestArgs, |a| json(&diff_jobs::harvest_with(
+            &a
+        )?)),
+        "diff_train" => cmd!(diff_jobs::TrainArgs, |a| json(&diff_jobs::train_with(&a)?)),
+        "diff_analyze" => cmd!(diff_jobs::AnalyzeArgs, |a| {
+            a.json = true;
+            json(&diff_jobs::analyze_with(&a)?)
+        }),
+        "diff_verify" => cmd!(diff_jobs::VerifyArgs, |a| json(&diff_jobs::verify_with(
+            &a
+        )?)),
+        other => Err(crate::PersonaLensError::new_err(format!(
+            "unknown command '{other}'; use rate, control_vector_export, control_vector_import, diff_harvest, diff_train, diff_analyze or diff_verify"
+        ))),
+    }
+}
+
+/// `diff encode` on arrays: `x` is (batch, n_models, d) for a crosscoder, (batch, d) for an SAE;
+/// returns (features, scaled_features, reconstruction) as numpy float32 arrays.
+#[pyfunction]
+#[pyo3(signature = (crosscoder, x, use_threshold=true))]
+pub fn encode<'py>(
+    py: Python<'py>,
+    crosscoder: std::path::PathBuf,
+    x: &Bound<'py, PyAny>,
+    use_threshold: bool,
+) -> PyResult<Bound<'py, PyTuple>> {
+    let x = crate::ops::tensor_from(x)?;
+    let e = compute(py, move || {
+        let dict = persona_lens_diffing::load_dictionary(&crosscoder)?;
+        diff_jobs::encode_tensor(&dict, &x, use_threshold, "x")
+    })?;
+    PyTuple::new(
+        py,
+        [
+            crate::ops::to_numpy(py, &e.features)?,
+            crate::ops::to_numpy(py, &e.scaled_features)?,
+            crate::ops::to_numpy(py, &e.reconstruction)?,
+        ],
+    )
 }

@@ -107,5 +107,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(ops::scale, m)?)?;
     m.add_function(wrap_pyfunction!(jobs::run_job, m)?)?;
     m.add_function(wrap_pyfunction!(jobs::run_study, m)?)?;
+    m.add_function(wrap_pyfunction!(jobs::run_command, m)?)?;
+    m.add_function(wrap_pyfunction!(jobs::encode, m)?)?;
     Ok(())
 }

@@ -161,6 +161,24 @@ def test_a_steered_generation_equals_the_steer_command(model, tmp_path):
     unsteered = model.generate(rec["prompt"], chat=True, max_new_tokens=10)
     assert by_hand == rec["text"]
     assert unsteered == next(x["text"] for x in want if x["alpha"] == 0 and x["prompt_id"] == rec["prompt_id"])
+    # rate: the same scores and cell summaries as the command on the same records.
+    patched = str(tmp_path / "cli" / "patched_outputs.jsonl")
+    cli("rate", "--input", patched, "--out", str(tmp_path / "rate_cli"), "--quiet")
+    rated = pl.rate(input=patched, out=str(tmp_path / "rate_py"))
+    want_scores = [json.loads(l) for l in (tmp_path / "rate_cli" / "scores.jsonl").read_text().splitlines()]
+    assert rated.to_dict()["scores"] == want_scores and len(want_scores) == len(want)
+    assert all(s["perplexity"] > 1 for s in want_scores), "fluency was scored"
+    assert rated.to_dict()["cells"] == json.loads((tmp_path / "rate_cli" / "rating_summary.json").read_text())["cells"]
+    # control vectors: Python's export writes the command's bytes; import reads them back.
+    cv_flags = ["--direction", d, "--layer", "9,10", "--alpha", "2", "--norm", "unit"]
+    cli("control-vector", "export", "--model", MODEL, "--out", str(tmp_path / "cv_cli.gguf"), *cv_flags)
+    cv = pl.control_vector_export(model=MODEL, direction=d, layer=[9, 10], alpha=2, norm="unit",
+                                  out=str(tmp_path / "cv_py.gguf"))
+    assert (tmp_path / "cv_py.gguf").read_bytes() == (tmp_path / "cv_cli.gguf").read_bytes()
+    back = pl.control_vector_import(input=str(tmp_path / "cv_cli.gguf"))
+    assert back.to_dict() == cv.to_dict() and sorted(back.to_dict()["layers"]) == ["10", "9"]
+    v9 = np.asarray(back.to_dict()["layers"]["9"])
+    assert abs(np.linalg.norm(v9) - 2.0) < 1e-5, "unit norm times alpha 2"
 
 
 def test_bad_inputs_raise_the_command_lines_message(model, tmp_path):
@@ -235,3 +253,55 @@ def test_the_notebook_example_runs(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert "probe: best held-out row" in r.stdout
     assert (tmp_path / "resid_norms.png").exists() or "matplotlib not installed" in r.stdout
+
+
+FIXTURES = ROOT / "tests" / "fixtures" / "crosscoders"
+
+
+def test_diff_commands_equal_the_command_line(tmp_path):
+    """harvest -> train -> verify -> encode through Python and through the command line on the
+    same small corpus: the same store bytes, loss curve, verification and codes."""
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join([
+        "I am five years old. Why is the sky blue?", "As a physicist, explain why the sky is blue.",
+        "My grandmother asked me how rainbows form.", "Explain entropy to a graduate student.",
+        "What is photosynthesis?", "I'm a nurse. How do vaccines work?",
+    ]) + "\n")
+    h = {"corpus": str(corpus), "shard_rows": 4}
+    hflags = ["--corpus", str(corpus), "--shard-rows", "4", "--quiet"]
+    cli("diff", "harvest", "--out", str(tmp_path / "store_cli"), *hflags)
+    meta = pl.diff_harvest(out=str(tmp_path / "store_py"), quiet=True, **h).to_dict()
+    files = sorted(p.name for p in (tmp_path / "store_cli").iterdir())
+    assert files == sorted(p.name for p in (tmp_path / "store_py").iterdir()) and len(meta["shards"]) == 2
+    for f in files:
+        if f.endswith(".safetensors"):
+            assert (tmp_path / "store_cli" / f).read_bytes() == (tmp_path / "store_py" / f).read_bytes(), f
+    assert meta["rows"] == 6 and meta["dims"] == [640, 576]
+    t = {"dict_size": 16, "steps": 12, "batch_size": 4, "warmup_steps": 2, "checkpoint_every": 6}
+    tflags = [x for k, v in t.items() for x in (f"--{k.replace('_', '-')}", str(v))]
+    cli("diff", "train", "--store", str(tmp_path / "store_cli"), "--out", str(tmp_path / "cc_cli"), "--quiet", *tflags)
+    tr = pl.diff_train(store=str(tmp_path / "store_cli"), out=str(tmp_path / "cc_py"), quiet=True, **t).to_dict()
+    want_log = json.loads((tmp_path / "cc_cli" / "train_log.json").read_text())
+    assert tr["log"] == want_log["log"] and len(tr["log"]) == 12 and tr["config"] == want_log["config"]
+    w_cli, w_py = (read_safetensors(tmp_path / d / "model.safetensors") for d in ("cc_cli", "cc_py"))
+    assert set(w_cli) == set(w_py)
+    for k in w_cli:
+        np.testing.assert_array_equal(w_py[k], w_cli[k], err_msg=k)
+    cli("diff", "verify", "--crosscoder", str(tmp_path / "cc_cli"), "--latent", "0,3", "--out", str(tmp_path / "v_cli"))
+    v = pl.diff_verify(crosscoder=str(tmp_path / "cc_cli"), latent=[0, 3], out=str(tmp_path / "v_py"))
+    assert v.to_dict()["latents"] == json.loads((tmp_path / "v_cli" / "verification.json").read_text())
+    with pytest.raises(pl.PersonaLensError, match="out of range"):
+        pl.diff_verify(crosscoder=str(tmp_path / "cc_cli"), latent=[16], out=str(tmp_path / "v_bad"))
+    # encode: numpy in, numpy out, equal to the command's file and to dictionary_learning's
+    # saved outputs for the same input (the fixture the CLI test checks to 1e-5).
+    cc = FIXTURES / "batchtopk" / "model.safetensors"
+    io = read_safetensors(FIXTURES / "io.safetensors")
+    cli("diff", "encode", "--crosscoder", str(cc), "--input", str(FIXTURES / "io.safetensors"),
+        "--out", str(tmp_path / "enc.safetensors"))
+    got = pl.diff_encode(cc, io["x"])
+    want_enc = read_safetensors(tmp_path / "enc.safetensors")
+    for k in ("features", "scaled_features", "reconstruction"):
+        np.testing.assert_array_equal(got[k], want_enc[k], err_msg=k)
+    assert np.abs(got["features"] - io["batchtopk.encode_threshold"]).max() <= 1e-5
+    with pytest.raises(pl.PersonaLensError, match="out of range"):
+        pl.diff_encode(cc, np.full_like(io["x"], np.nan))

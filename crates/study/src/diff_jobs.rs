@@ -188,13 +188,31 @@ fn default_corpus(
 }
 
 pub fn harvest(a: HarvestArgs) -> Result<()> {
+    let t0 = std::time::Instant::now();
+    let meta = harvest_with(&a)?;
+    println!(
+        "{} rows ({:?} alignment, d = {} padded from {:?}) from {} samples in {} shards, {:.1} s -> {}",
+        meta.rows,
+        meta.alignment,
+        meta.d,
+        meta.dims,
+        meta.samples.len(),
+        meta.shards.len(),
+        t0.elapsed().as_secs_f64(),
+        a.out.display()
+    );
+    Ok(())
+}
+
+/// Harvests the pair over the corpus into `a.out`; returns the manifest it wrote.
+pub fn harvest_with(a: &HarvestArgs) -> Result<persona_lens_diffing::paired::PairedMeta> {
     let p = a.pair.load()?;
     let mut items = vec![];
     for f in &a.corpus {
         items.extend(corpus::from_file(f)?);
     }
     if a.corpus.is_empty() || a.with_default_corpus {
-        items.extend(default_corpus(&p.models, p.template, &a)?);
+        items.extend(default_corpus(&p.models, p.template, a)?);
     }
     let spec = PairedHarvestSpec {
         hooks: p.hooks,
@@ -209,7 +227,6 @@ pub fn harvest(a: HarvestArgs) -> Result<()> {
         setup: [None, None],
     };
     let pb = progress(items.len() as u64, a.pair.quiet, "samples");
-    let t0 = std::time::Instant::now();
     let mut meta = harvest_paired([&p.models[0], &p.models[1]], &items, &spec, &a.out, &|n| {
         pb.inc(n as u64)
     })?;
@@ -228,18 +245,7 @@ pub fn harvest(a: HarvestArgs) -> Result<()> {
         &a.out.join(persona_lens_diffing::paired::MANIFEST),
         &bytes,
     )?;
-    println!(
-        "{} rows ({:?} alignment, d = {} padded from {:?}) from {} samples in {} shards, {:.1} s -> {}",
-        meta.rows,
-        meta.alignment,
-        meta.d,
-        meta.dims,
-        meta.samples.len(),
-        meta.shards.len(),
-        t0.elapsed().as_secs_f64(),
-        a.out.display()
-    );
-    Ok(())
+    Ok(meta)
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -293,7 +299,41 @@ pub struct TrainArgs {
     pub quiet: bool,
 }
 
+/// What `diff train` reports (`train_log.json`).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct TrainReport {
+    pub config: TrainConfig,
+    pub store: String,
+    pub models: Vec<String>,
+    pub hooks: Vec<String>,
+    pub rows: usize,
+    pub resumed_from: usize,
+    /// Wall time of this run (s).
+    pub seconds_this_run: f64,
+    /// Training rows per second in this run.
+    pub rows_per_second: f64,
+    pub log: Vec<persona_lens_diffing::train::StepLog>,
+}
+
 pub fn train(a: TrainArgs) -> Result<()> {
+    let r = train_with(&a)?;
+    let last = r.log.last().context("no steps")?;
+    println!(
+        "trained {} steps ({} this run, {:.0} rows/s): loss {:.4}, FVE {:.3}, L0 {:.1}, dead {:.2} -> {}",
+        r.config.steps,
+        r.config.steps - r.resumed_from,
+        r.rows_per_second,
+        last.loss,
+        last.fve,
+        last.l0,
+        last.dead_fraction,
+        a.out.display()
+    );
+    Ok(())
+}
+
+/// Trains a crosscoder on `a.store` into `a.out` (weights, checkpoint, `train_log.json`, plot).
+pub fn train_with(a: &TrainArgs) -> Result<TrainReport> {
     if let Some(t) = a.threads {
         std::env::set_var("RAYON_NUM_THREADS", t.to_string());
     }
@@ -345,17 +385,19 @@ pub fn train(a: TrainArgs) -> Result<()> {
     pb.finish_and_clear();
     let cc = out.crosscoder;
     cc.save(&a.out)?;
-    let bytes = serde_json::to_vec_pretty(&serde_json::json!({
-        "config": cfg,
-        "store": a.store.display().to_string(),
-        "models": store.meta.models,
-        "hooks": store.meta.hooks,
-        "rows": store.meta.rows,
-        "resumed_from": out.resumed_from,
-        "seconds_this_run": out.seconds,
-        "rows_per_second": ((cfg.steps - out.resumed_from) * cfg.batch_size) as f64 / out.seconds.max(1e-9),
-        "log": out.log,
-    }))?;
+    let report = TrainReport {
+        config: cfg.clone(),
+        store: a.store.display().to_string(),
+        models: store.meta.models.clone(),
+        hooks: store.meta.hooks.clone(),
+        rows: store.meta.rows,
+        resumed_from: out.resumed_from,
+        seconds_this_run: out.seconds,
+        rows_per_second: ((cfg.steps - out.resumed_from) * cfg.batch_size) as f64
+            / out.seconds.max(1e-9),
+        log: out.log.clone(),
+    };
+    let bytes = serde_json::to_vec_pretty(&report)?;
     persona_lens_engine::io::write_atomic(&a.out.join("train_log.json"), &bytes)?;
     let series = |name: &str, f: &dyn Fn(&persona_lens_diffing::train::StepLog) -> f64| Series {
         name: name.into(),
@@ -385,19 +427,7 @@ pub fn train(a: TrainArgs) -> Result<()> {
         },
         &a.out.join("training"),
     )?;
-    let last = out.log.last().context("no steps")?;
-    println!(
-        "trained {} steps ({} this run, {:.0} rows/s): loss {:.4}, FVE {:.3}, L0 {:.1}, dead {:.2} -> {}",
-        cfg.steps,
-        cfg.steps - out.resumed_from,
-        ((cfg.steps - out.resumed_from) * cfg.batch_size) as f64 / out.seconds.max(1e-9),
-        last.loss,
-        last.fve,
-        last.l0,
-        last.dead_fraction,
-        a.out.display()
-    );
-    Ok(())
+    Ok(report)
 }
 
 fn load_crosscoder(p: &Path) -> Result<CrossCoder> {
@@ -455,6 +485,18 @@ pub struct AnalyzeArgs {
 }
 
 pub fn analyze(a: AnalyzeArgs) -> Result<()> {
+    let s = analyze_with(&a)?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&s)?);
+        return Ok(());
+    }
+    print!("{}", persona_lens_diffing::analyze::report_md(&s));
+    println!("\nwrote {}", a.out.display());
+    Ok(())
+}
+
+/// Runs the analysis into `a.out` (summary.json, plots, report.md); returns the summary.
+pub fn analyze_with(a: &AnalyzeArgs) -> Result<persona_lens_diffing::analyze::Summary> {
     let p = a.pair.load()?;
     let ds = a.ds.load()?;
     let cc = match &a.crosscoder {
@@ -489,18 +531,17 @@ pub fn analyze(a: AnalyzeArgs) -> Result<()> {
         seed: a.seed,
     };
     let quiet = a.pair.quiet || a.json;
-    let s = run_analyze([&p.models[0], &p.models[1]], &ds, &spec, &a.out, &|step| {
-        if !quiet {
-            eprintln!("… {step}");
-        }
-    })?;
-    if a.json {
-        println!("{}", serde_json::to_string_pretty(&s)?);
-        return Ok(());
-    }
-    print!("{}", persona_lens_diffing::analyze::report_md(&s));
-    println!("\nwrote {}", a.out.display());
-    Ok(())
+    Ok(run_analyze(
+        [&p.models[0], &p.models[1]],
+        &ds,
+        &spec,
+        &a.out,
+        &|step| {
+            if !quiet {
+                eprintln!("… {step}");
+            }
+        },
+    )?)
 }
 
 #[derive(Args)]
@@ -567,6 +608,36 @@ fn read_prompts(p: &Path) -> Result<Vec<(String, String)>> {
 }
 
 pub fn verify(a: VerifyArgs) -> Result<()> {
+    let results = verify_with(&a)?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&results)?);
+        return Ok(());
+    }
+    for r in &results {
+        println!(
+            "latent {}: {}/{} pass ({})",
+            r.feature_idx, r.passed, r.checked, r.rule
+        );
+        for row in &r.rows {
+            println!(
+                "  {} [{:8}] {:+.4} | {}",
+                match row.pass {
+                    Some(true) => "✓",
+                    Some(false) => "✗",
+                    None => " ",
+                },
+                row.expected,
+                row.activation,
+                row.prompt
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Verifies the chosen latents on the prompts; writes `verification.json` and one bar plot per
+/// latent into `a.out` and returns the results.
+pub fn verify_with(a: &VerifyArgs) -> Result<Vec<persona_lens_diffing::persona::Verification>> {
     let p = a.pair.load()?;
     let cc = load_crosscoder(&a.crosscoder)?;
     check_width(&cc, &p)?;
@@ -648,30 +719,7 @@ pub fn verify(a: VerifyArgs) -> Result<()> {
     }
     let bytes = serde_json::to_vec_pretty(&results)?;
     persona_lens_engine::io::write_atomic(&a.out.join("verification.json"), &bytes)?;
-    if a.json {
-        println!("{}", serde_json::to_string_pretty(&results)?);
-        return Ok(());
-    }
-    for r in &results {
-        println!(
-            "latent {}: {}/{} pass ({})",
-            r.feature_idx, r.passed, r.checked, r.rule
-        );
-        for row in &r.rows {
-            println!(
-                "  {} [{:8}] {:+.4} | {}",
-                match row.pass {
-                    Some(true) => "✓",
-                    Some(false) => "✗",
-                    None => " ",
-                },
-                row.expected,
-                row.activation,
-                row.prompt
-            );
-        }
-    }
-    Ok(())
+    Ok(results)
 }
 
 #[derive(Args)]
@@ -700,37 +748,25 @@ pub fn encode(a: EncodeArgs) -> Result<()> {
     })?;
     let x = t
         .remove("x")
-        .with_context(|| format!("{} has no tensor named 'x'", a.input.display()))?
-        .to_dtype(DType::F32)?;
-    // ReLU / top-k turn NaN pre-activations into zeros: refuse them instead of encoding them.
-    persona_lens_engine::layers::check_finite(
+        .with_context(|| format!("{} has no tensor named 'x'", a.input.display()))?;
+    let e = encode_tensor(
+        &dict,
         &x,
+        a.use_threshold,
         &format!("tensor 'x' of {}", a.input.display()),
-        || "activations to encode must be finite".into(),
     )?;
-    let (features, scaled, recon): (Tensor, Tensor, Tensor) = match &dict {
-        Dictionary::CrossCoder(cc) => {
-            let f = cc.encode(&x, a.use_threshold)?;
-            let s = f.broadcast_mul(&cc.feature_scale()?)?;
-            // `forward` always uses the threshold, as Python's does
-            let r = cc.forward(&x)?;
-            (f, s, r)
-        }
-        Dictionary::Sae(s) => {
-            let f = s.encode(&x)?;
-            let r = s.decode(&f)?;
-            (f.clone(), f, r)
-        }
-    };
     let mut md = HashMap::new();
     md.insert("dictionary".to_string(), dict.describe());
     md.insert("source".to_string(), a.crosscoder.display().to_string());
     md.insert("use_threshold".to_string(), a.use_threshold.to_string());
     persona_lens_engine::io::save_safetensors(
         &[
-            ("features".to_string(), features.contiguous()?),
-            ("scaled_features".to_string(), scaled.contiguous()?),
-            ("reconstruction".to_string(), recon.contiguous()?),
+            ("features".to_string(), e.features.contiguous()?),
+            (
+                "scaled_features".to_string(),
+                e.scaled_features.contiguous()?,
+            ),
+            ("reconstruction".to_string(), e.reconstruction.contiguous()?),
         ],
         md,
         &a.out,
@@ -742,4 +778,48 @@ pub fn encode(a: EncodeArgs) -> Result<()> {
         dict.describe()
     );
     Ok(())
+}
+
+/// A dictionary's codes for a batch of activations.
+pub struct Encoded {
+    /// (batch, dict_size): the latent activations as the dictionary defines them.
+    pub features: Tensor,
+    /// Features times the decoder norms (crosscoders); the features themselves for SAEs.
+    pub scaled_features: Tensor,
+    /// The dictionary's reconstruction of `x`, same shape as `x`.
+    pub reconstruction: Tensor,
+}
+
+/// Encodes `x` ((batch, n_models, d) for crosscoders, (batch, d) for SAEs) with `dict`;
+/// `what` names `x` in errors.
+pub fn encode_tensor(
+    dict: &Dictionary,
+    x: &Tensor,
+    use_threshold: bool,
+    what: &str,
+) -> Result<Encoded> {
+    let x = x.to_dtype(DType::F32)?;
+    // ReLU / top-k turn NaN pre-activations into zeros: refuse them instead of encoding them.
+    persona_lens_engine::layers::check_finite(&x, what, || {
+        "activations to encode must be finite".into()
+    })?;
+    let (features, scaled_features, reconstruction) = match dict {
+        Dictionary::CrossCoder(cc) => {
+            let f = cc.encode(&x, use_threshold)?;
+            let s = f.broadcast_mul(&cc.feature_scale()?)?;
+            // `forward` always uses the threshold, as Python's does
+            let r = cc.forward(&x)?;
+            (f, s, r)
+        }
+        Dictionary::Sae(s) => {
+            let f = s.encode(&x)?;
+            let r = s.decode(&f)?;
+            (f.clone(), f, r)
+        }
+    };
+    Ok(Encoded {
+        features,
+        scaled_features,
+        reconstruction,
+    })
 }

@@ -434,62 +434,10 @@ pub struct CvImportArgs {
 }
 
 pub fn control_vector(a: ControlVectorArgs) -> Result<()> {
-    use persona_lens_analysis::control_vector::{self as cv, ControlVector};
     match a.cmd {
         ControlVectorCmd::Export(a) => {
-            let a = *a;
-            let model = load_model(&a.model)?;
-            let cfg = model.config();
-            let kind: DirectionKind = a.kind.parse()?;
+            let c = cv_export_with(&a)?;
             let conv = NormConvention::parse(&a.norm)?;
-            let chat = a.data.chat(&model);
-            let mut layers = std::collections::BTreeMap::new();
-            let ids: Vec<Vec<u32>> = if conv == NormConvention::MeanResid {
-                a.data
-                    .load()?
-                    .items
-                    .iter()
-                    .take(64)
-                    .map(|it| model.encode_prompt(&it.text, chat))
-                    .collect::<std::result::Result<_, _>>()?
-            } else {
-                vec![]
-            };
-            for &l in &a.layer {
-                if l == 0 {
-                    bail!("llama.cpp control vectors cannot steer block 0's output (direction.0 is invalid); use --layer 1 or later");
-                }
-                let d = load_direction(
-                    &a.direction,
-                    Some(persona_lens_analysis::direction::LayerRef::BlockOutput(l)),
-                    kind,
-                    cfg.n_layers,
-                )?;
-                check_direction(&d.vector, cfg.d_model)?;
-                let mrn = if ids.is_empty() {
-                    None
-                } else {
-                    Some(mean_resid_norm(&model, &ids, d.hook)?)
-                };
-                let v = scale_direction(&d.vector, conv, mrn)?;
-                layers.insert(l, v.iter().map(|x| (*x as f64 * a.alpha) as f32).collect());
-            }
-            let hint = format!("{:?}", cfg.arch).to_lowercase();
-            let c = ControlVector {
-                model_hint: hint,
-                layers,
-            };
-            if let Some(p) = a.out.parent() {
-                std::fs::create_dir_all(p)?;
-            }
-            cv::write(&a.out, &c)?;
-            let back = cv::read(&a.out)?;
-            if back != c {
-                bail!(
-                    "control vector {} did not read back identical",
-                    a.out.display()
-                );
-            }
             println!(
                 "wrote {} (controlvector, model hint {}, layers {:?}, alpha {}, norm {}); read back identical",
                 a.out.display(),
@@ -501,25 +449,11 @@ pub fn control_vector(a: ControlVectorArgs) -> Result<()> {
             Ok(())
         }
         ControlVectorCmd::Import(a) => {
-            let c = cv::read(&a.input)?;
-            let norms: Vec<(usize, f64)> = c.layers.iter().map(|(l, v)| (*l, l2(v))).collect();
-            if let Some(l) = a.layer {
-                let v = c.layer(l)?;
-                let out = a.out.clone().unwrap_or_else(|| {
-                    PathBuf::from(format!("out/steer/control_vector_layer{l}.npy"))
-                });
-                if let Some(p) = out.parent() {
-                    std::fs::create_dir_all(p)?;
-                }
-                persona_lens_analysis::npy::write(&out, &v, &[v.len()])?;
-                persona_lens_analysis::write_json(
-                    &out.with_extension("json"),
-                    &json!({"file": out.file_name().map(|f| f.to_string_lossy().to_string()),
-                        "hook": format!("blocks.{l}.hook_resid_post"), "resid_index": l + 1,
-                        "layer_arg": l, "source": a.input, "norm": l2(&v)}),
-                )?;
+            let c = cv_import_with(&a)?;
+            if let Some(out) = cv_layer_out(&a) {
                 println!("wrote {}", out.display());
             }
+            let norms: Vec<(usize, f64)> = c.layers.iter().map(|(l, v)| (*l, l2(v))).collect();
             if a.json {
                 println!(
                     "{}",
@@ -542,6 +476,99 @@ pub fn control_vector(a: ControlVectorArgs) -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// Writes the directions as a llama.cpp control vector at `a.out` (read back and compared);
+/// returns it.
+pub fn cv_export_with(
+    a: &CvExportArgs,
+) -> Result<persona_lens_analysis::control_vector::ControlVector> {
+    use persona_lens_analysis::control_vector::{self as cv, ControlVector};
+    let model = load_model(&a.model)?;
+    let cfg = model.config();
+    let kind: DirectionKind = a.kind.parse()?;
+    let conv = NormConvention::parse(&a.norm)?;
+    let chat = a.data.chat(&model);
+    let mut layers = std::collections::BTreeMap::new();
+    let ids: Vec<Vec<u32>> = if conv == NormConvention::MeanResid {
+        a.data
+            .load()?
+            .items
+            .iter()
+            .take(64)
+            .map(|it| model.encode_prompt(&it.text, chat))
+            .collect::<std::result::Result<_, _>>()?
+    } else {
+        vec![]
+    };
+    for &l in &a.layer {
+        if l == 0 {
+            bail!("llama.cpp control vectors cannot steer block 0's output (direction.0 is invalid); use --layer 1 or later");
+        }
+        let d = load_direction(
+            &a.direction,
+            Some(persona_lens_analysis::direction::LayerRef::BlockOutput(l)),
+            kind,
+            cfg.n_layers,
+        )?;
+        check_direction(&d.vector, cfg.d_model)?;
+        let mrn = if ids.is_empty() {
+            None
+        } else {
+            Some(mean_resid_norm(&model, &ids, d.hook)?)
+        };
+        let v = scale_direction(&d.vector, conv, mrn)?;
+        layers.insert(l, v.iter().map(|x| (*x as f64 * a.alpha) as f32).collect());
+    }
+    let hint = format!("{:?}", cfg.arch).to_lowercase();
+    let c = ControlVector {
+        model_hint: hint,
+        layers,
+    };
+    if let Some(p) = a.out.parent() {
+        std::fs::create_dir_all(p)?;
+    }
+    cv::write(&a.out, &c)?;
+    let back = cv::read(&a.out)?;
+    if back != c {
+        bail!(
+            "control vector {} did not read back identical",
+            a.out.display()
+        );
+    }
+    Ok(c)
+}
+
+/// Reads a control vector; with `a.layer`, also writes that layer as .npy (+ JSON sidecar).
+pub fn cv_import_with(
+    a: &CvImportArgs,
+) -> Result<persona_lens_analysis::control_vector::ControlVector> {
+    use persona_lens_analysis::control_vector as cv;
+    let c = cv::read(&a.input)?;
+    if let (Some(l), Some(out)) = (a.layer, cv_layer_out(a)) {
+        let v = c.layer(l)?;
+        if let Some(p) = out.parent() {
+            std::fs::create_dir_all(p)?;
+        }
+        persona_lens_analysis::npy::write(&out, &v, &[v.len()])?;
+        persona_lens_analysis::write_json(
+            &out.with_extension("json"),
+            &json!({"file": out.file_name().map(|f| f.to_string_lossy().to_string()),
+                "hook": format!("blocks.{l}.hook_resid_post"), "resid_index": l + 1,
+                "layer_arg": l, "source": a.input, "norm": l2(&v)}),
+        )?;
+    }
+    Ok(c)
+}
+
+/// Where `control-vector import --layer L` writes that layer.
+fn cv_layer_out(a: &CvImportArgs) -> Option<PathBuf> {
+    let l = a.layer?;
+    Some(
+        a.out
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(format!("out/steer/control_vector_layer{l}.npy"))),
+    )
 }
 
 // ---------------- rate ----------------
@@ -784,16 +811,37 @@ fn print_summary(summary: &[persona_lens_rate::CellSummary]) {
     }
 }
 
-pub fn rate(a: RateArgs) -> Result<()> {
-    let records = read_records(&a.input)?;
-    let out = a.out.clone().unwrap_or_else(|| {
+/// `rate`'s result: one score per record and the per-(layer, alpha) summary with bootstrap
+/// intervals (also written as scores.jsonl and rating_summary.json).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct RateResult {
+    pub scores: Vec<persona_lens_rate::Scores>,
+    pub cells: Vec<persona_lens_rate::CellSummary>,
+}
+
+fn rate_out(a: &RateArgs) -> PathBuf {
+    a.out.clone().unwrap_or_else(|| {
         a.input
             .parent()
             .map(Path::to_path_buf)
             .unwrap_or_else(|| PathBuf::from("."))
-    });
+    })
+}
+
+/// Rates the records of `a.input` into `rate_out(a)` (resuming a partial run).
+pub fn rate_with(a: &RateArgs) -> Result<RateResult> {
+    let records = read_records(&a.input)?;
     let quiet = a.quiet || a.json;
-    let (scores, summary) = rate_records(&records, &out, &a.opts, quiet, None)?;
+    let (scores, cells) = rate_records(&records, &rate_out(a), &a.opts, quiet, None)?;
+    Ok(RateResult { scores, cells })
+}
+
+pub fn rate(a: RateArgs) -> Result<()> {
+    let out = rate_out(&a);
+    let RateResult {
+        scores,
+        cells: summary,
+    } = rate_with(&a)?;
     if a.json {
         println!("{}", json!({"records": scores.len(), "cells": summary}));
         return Ok(());

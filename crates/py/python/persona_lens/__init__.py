@@ -42,7 +42,9 @@ __all__ = [
     "DEFAULT_MODEL", "ActivationCache", "Hook", "HookOp", "Model", "PersonaLensError", "Result",
     "add", "replace", "scale", "zero", "probe", "direction", "lens", "patch", "path_patch", "attrib",
     "heads", "ablate",
-    "steer", "steer_sweep", "run_study", "__version__",
+    "steer", "steer_sweep", "rate", "control_vector_export", "control_vector_import",
+    "diff_harvest", "diff_train", "diff_analyze", "diff_verify", "diff_encode", "run_study",
+    "__version__",
 ]
 
 
@@ -159,3 +161,58 @@ def run_study(config: Any = None, **kwargs: Any) -> Result:
     if config is not None:
         kwargs["config"] = config
     return Result("study", json.loads(_native.run_study(kwargs)))
+
+
+def _command(kind: str, kwargs: Dict[str, Any]) -> Any:
+    return json.loads(_native.run_command(kind, kwargs))
+
+
+def rate(**kwargs: Any) -> Result:
+    """Scores steered answers (``persona-lens rate``: ``input`` is a patched_outputs.jsonl;
+    readability grades, fluency under the unsteered model, an optional judge): ``scores`` (one
+    per record, as scores.jsonl) and ``cells`` (per layer and alpha with bootstrap intervals)."""
+    return Result("rate", _command("rate", kwargs))
+
+
+def control_vector_export(**kwargs: Any) -> Result:
+    """Directions as a llama.cpp control vector (``persona-lens control-vector export``; it
+    loads ``model``). Returns ``model_hint`` and ``layers`` (block -> scaled direction)."""
+    return Result("control_vector", _command("control_vector_export", kwargs))
+
+
+def control_vector_import(**kwargs: Any) -> Result:
+    """Reads a llama.cpp control vector (``persona-lens control-vector import``); with
+    ``layer=L`` also writes that layer as .npy. Returns ``model_hint`` and ``layers``."""
+    return Result("control_vector", _command("control_vector_import", kwargs))
+
+
+def diff_harvest(**kwargs: Any) -> Result:
+    """Paired activations of a base and a chat model (``persona-lens diff harvest``); returns
+    the store's manifest."""
+    return Result("diff_harvest", _command("diff_harvest", kwargs))
+
+
+def diff_train(**kwargs: Any) -> Result:
+    """Trains a crosscoder on a paired store (``persona-lens diff train``); returns
+    train_log.json (``config``, ``log`` per step, ``rows_per_second``)."""
+    return Result("diff_train", _command("diff_train", kwargs))
+
+
+def diff_analyze(**kwargs: Any) -> Result:
+    """Delta_norm classes, Latent Scaling, persona latents and their verification
+    (``persona-lens diff analyze``); returns summary.json."""
+    return Result("diff_analyze", _command("diff_analyze", kwargs))
+
+
+def diff_verify(**kwargs: Any) -> Result:
+    """Verification prompts for chosen latents (``persona-lens diff verify``): ``latents``, one
+    entry per latent as in verification.json."""
+    return Result("diff_verify", {"latents": _command("diff_verify", kwargs)})
+
+
+def diff_encode(crosscoder: Any, x: Any, use_threshold: bool = True) -> Dict[str, Any]:
+    """A crosscoder's (or SAE's) codes for activations ``x`` ((batch, n_models, d), or
+    (batch, d) for an SAE), as ``persona-lens diff encode`` computes them: ``features``,
+    ``scaled_features`` and ``reconstruction`` as float32 arrays."""
+    f, s, r = _native.encode(str(crosscoder), x, use_threshold)
+    return {"features": f, "scaled_features": s, "reconstruction": r}
