@@ -422,7 +422,7 @@ pub fn report_md(s: &Summary) -> String {
         }
         let cs = s.latent_scaling.iter().filter(|l| l.chat_specific).count();
         r.push_str(&format!(
-            "\nLatent Scaling over {} chat-only latents: {cs} chat-specific (ν^ε < 0.3 and ν^r < 0.3).\n\n",
+            "\nLatent Scaling over {} chat-only latents: {cs} chat-specific (|ν^ε| < 0.3 and |ν^r| < 0.3 with β_chat > 0, targets as in Minder et al.'s compute_scalers.py).\n\n",
             s.latent_scaling.len()
         ));
     }

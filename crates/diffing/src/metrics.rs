@@ -4,12 +4,16 @@
 //!   `½ · ((‖d_chat‖ − ‖d_base‖) / max(‖d_base‖, ‖d_chat‖) + 1)`: 0 = base-only, 1 = chat-only,
 //!   0.5 = equal norms. Classes: chat-only ≥ 0.9, base-only ≤ 0.1, shared 0.4–0.6, else other.
 //! - decoder cosine between a latent's base and chat decoder vectors (meaningful for shared ones).
-//! - Latent Scaling (Minder, Dumas et al. 2025), closed form: for latent j and model m,
-//!   `β = Σ_i f_i ⟨d, y_i⟩ / (‖d‖² Σ_i f_i²)` with `d` the latent's chat decoder vector and `y_i`
-//!   model m's normalised activation's reconstruction error with latent j's own contribution
-//!   added back (ε) or its reconstruction without latent j (r). ν = β_base / β_chat; a chat-only
-//!   latent is "chat-specific" when ν^ε < 0.3 and ν^r < 0.3 (the base model neither holds that
-//!   direction in what the crosscoder misses nor in what it reconstructs).
+//! - Latent Scaling (Minder, Dumas et al. 2025), closed form as in the authors'
+//!   `compute_scalers.py` / `closed_form_scalars`: for latent j and model m,
+//!   `β = ⟨d, Σ_i f_i y_i⟩ / (‖d‖² Σ_i f_i²)` (argmin_β Σ_i ‖β f_i d − y_i‖²) with `d` the
+//!   latent's chat decoder vector and `y_i` one of two targets in the normalised space:
+//!   ε, model m's activation minus its reconstruction without latent j's own contribution
+//!   (`x_m − (x̂_m − f_j d_{m,j})`, the error with the latent added back), and r, model m's full
+//!   reconstruction `x̂_m`. ν = β_base / β_chat. ν is undefined when β_chat ≤ 0 (the chat model
+//!   itself does not hold the direction: the ratio says nothing); a chat-only latent is
+//!   "chat-specific" when both ν are defined and |ν^ε| < 0.3 and |ν^r| < 0.3 (a strongly
+//!   negative ν means the base model holds the direction, anti-aligned: not chat-specific).
 
 use crate::crosscoder::CrossCoder;
 use crate::Result;
@@ -124,13 +128,25 @@ pub struct LatentScaling {
     pub beta_error_chat: f64,
     pub beta_recon_base: f64,
     pub beta_recon_chat: f64,
-    /// ν^ε = β^ε_base / β^ε_chat.
+    /// ν^ε = β^ε_base / β^ε_chat; NaN (null in JSON) when β^ε_chat ≤ 0.
     pub nu_error: f64,
-    /// ν^r = β^r_base / β^r_chat.
+    /// ν^r = β^r_base / β^r_chat; NaN (null in JSON) when β^r_chat ≤ 0.
     pub nu_recon: f64,
     pub chat_specific: bool,
     /// Examples where the latent fired.
     pub n_active: usize,
+}
+
+/// |ν| below this (both targets) marks a chat-only latent chat-specific (Minder et al.'s cut).
+pub const NU_CHAT_SPECIFIC: f64 = 0.3;
+
+/// ν = β_base / β_chat, NaN unless β_chat > 0 (NaN compares false, so it never passes).
+fn nu(beta_base: f64, beta_chat: f64) -> f64 {
+    if beta_chat > 0.0 && beta_base.is_finite() {
+        beta_base / beta_chat
+    } else {
+        f64::NAN
+    }
 }
 
 /// Latent Scaling for `latents` over activations `x` `(N, 2, d)`.
@@ -164,7 +180,7 @@ pub fn latent_scaling(
             let dm = cc.w_dec.get(m)?.get(j)?; // this model's own decoder vector for latent j
             let own = fj.matmul(&dm.unsqueeze(0)?)?; // (N, d): latent j's contribution
             let e_m = (err.narrow(1, m, 1)?.squeeze(1)? + &own)?;
-            let r_m = (recon.narrow(1, m, 1)?.squeeze(1)? - &own)?;
+            let r_m = recon.narrow(1, m, 1)?.squeeze(1)?;
             for (k, y) in [e_m, r_m].iter().enumerate() {
                 let proj = to_f64(&y.matmul(&dchat.unsqueeze(1)?)?.squeeze(1)?)?;
                 let num: f64 = proj.iter().zip(&fjv).map(|(p, f)| p * f).sum();
@@ -175,8 +191,8 @@ pub fn latent_scaling(
                 };
             }
         }
-        let nu_e = betas[0][0] / betas[0][1];
-        let nu_r = betas[1][0] / betas[1][1];
+        let nu_e = nu(betas[0][0], betas[0][1]);
+        let nu_r = nu(betas[1][0], betas[1][1]);
         out.push(LatentScaling {
             latent: j,
             beta_error_base: betas[0][0],
@@ -185,7 +201,7 @@ pub fn latent_scaling(
             beta_recon_chat: betas[1][1],
             nu_error: nu_e,
             nu_recon: nu_r,
-            chat_specific: nu_e.is_finite() && nu_r.is_finite() && nu_e < 0.3 && nu_r < 0.3,
+            chat_specific: nu_e.abs() < NU_CHAT_SPECIFIC && nu_r.abs() < NU_CHAT_SPECIFIC,
             n_active,
         });
     }
