@@ -31,6 +31,17 @@ pub struct Claim {
     pub supported: bool,
     /// Clusters (questions) behind the test.
     pub n_clusters: usize,
+    /// Further conditions the claim needs besides its test (e.g. "Δ_norm ≥ 0.9"), each with
+    /// whether it held; a claim is supported only when all hold.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+}
+
+/// A condition of a claim beyond its statistical test.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Condition {
+    pub what: String,
+    pub holds: bool,
 }
 
 /// A one-sided test that the mean of per-prompt differences is above 0, clustered by question.
@@ -125,17 +136,19 @@ impl Claim {
             p_adjusted: t.p_value,
             supported: false,
             n_clusters: t.n_clusters,
+            conditions: vec![],
         }
     }
 }
 
 /// Holm-adjusts the p-values over all `claims` and marks a claim supported when its adjusted
-/// p-value is below [`ALPHA`] and its effect points the claimed way (> 0).
+/// p-value is below [`ALPHA`], its effect points the claimed way (> 0) and all its conditions
+/// hold.
 pub fn adjust(claims: &mut [Claim]) {
     let p: Vec<f64> = claims.iter().map(|c| c.p_value).collect();
     for (c, q) in claims.iter_mut().zip(holm(&p)) {
         c.p_adjusted = q;
-        c.supported = q < ALPHA && c.effect > 0.0;
+        c.supported = q < ALPHA && c.effect > 0.0 && c.conditions.iter().all(|k| k.holds);
     }
 }
 

@@ -295,9 +295,9 @@ fn harvest_train_analyze_verify_on_real_models() {
         "--pair-id",
         "physics",
         "--n-questions-per-pair",
-        "2",
+        "6",
         "--templates",
-        "0,1",
+        "0,1,2,3",
         "--n-verify",
         "1",
         "--out",
@@ -306,7 +306,24 @@ fn harvest_train_analyze_verify_on_real_models() {
         "--quiet",
     ]);
     let s: serde_json::Value = serde_json::from_str(&s).unwrap();
-    assert_eq!(s["n_pairs_analyzed"], 4);
+    // 6 questions x 4 templates: half of the questions and half of the templates rank (3 x 2
+    // pairs), the other halves test (3 x 2); mixed pairs are in neither split.
+    assert_eq!(s["n_pairs_select"], 6);
+    assert_eq!(s["n_pairs_evaluate"], 6);
+    assert_eq!(s["n_pairs_analyzed"], 12);
+    assert_eq!(s["top_candidates"][0]["held_out"]["n_pairs"], 6);
+    assert!(s["exploratory"]
+        .as_str()
+        .unwrap()
+        .contains("widths 640 vs 576"));
+    let null = &s["top_null"];
+    assert_eq!(null["feature_idx"], s["top_candidates"][0]["feature_idx"]);
+    assert!(null["p_value"].as_f64().unwrap() > 0.0 && null["p_value"].as_f64().unwrap() <= 1.0);
+    // the one verified candidate's claim is never supported on a different-family pair
+    for c in s["claims"].as_array().unwrap() {
+        assert_eq!(c["supported"], false, "{c}");
+        assert!(c["statement"].as_str().unwrap().starts_with("Exploratory"));
+    }
     assert_eq!(s["cross_coder_available"], true);
     let counts = &s["latent_classes"]["counts"];
     let total: u64 = ["base_only", "chat_only", "shared", "other"]
@@ -315,7 +332,8 @@ fn harvest_train_analyze_verify_on_real_models() {
         .sum();
     assert_eq!(total, 64);
     let v = &s["verification"][0];
-    assert_eq!(v["rows"].as_array().unwrap().len(), 19);
+    assert_eq!(v["rows"].as_array().unwrap().len(), 27);
+    assert_eq!(v["n_neutral"], 12);
     let summary: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(an.join("summary.json")).unwrap()).unwrap();
     assert_eq!(summary["top_candidates"], s["top_candidates"]);
@@ -372,9 +390,9 @@ fn harvest_train_analyze_verify_on_real_models() {
         "--pair-id",
         "physics",
         "--n-questions-per-pair",
-        "1",
+        "4",
         "--templates",
-        "0",
+        "0,1",
         "--n-verify",
         "1",
         "--out",
@@ -386,6 +404,27 @@ fn harvest_train_analyze_verify_on_real_models() {
     assert_eq!(f["cross_coder_available"], false);
     assert_eq!(f["feature_type"], "Dimension");
     assert!(f["top_candidates"][0]["feature_idx"].as_u64().unwrap() < 576);
+    assert_eq!(
+        f["claims"],
+        serde_json::json!([]),
+        "no crosscoder, no latent claims"
+    );
+    // one question cannot be split into a ranking and a test half
+    one_line_error(
+        &[
+            "diff",
+            "analyze",
+            "--pair-id",
+            "physics",
+            "--n-questions-per-pair",
+            "1",
+            "--templates",
+            "0",
+            "--out",
+            tmp.join("direct1").to_str().unwrap(),
+        ],
+        "at least 2 pairs",
+    );
     // bad: a crosscoder of another width
     one_line_error(
         &[

@@ -7,10 +7,12 @@ use crate::harvest::{harvest_paired, CorpusItem, PairedHarvestSpec};
 use crate::metrics::{latent_scaling, DecoderMetrics, LatentClass, LatentScaling};
 use crate::paired::{Alignment, PairedStore};
 use crate::persona::{
-    codes_for, consistency, direct_codes, max_activating, pair_differences, verify, Candidate,
-    Example, Verification,
+    codes_for, consistency, direct_codes, max_activating, max_mean_null, pair_differences,
+    pair_key, verify, Candidate, Example, MaxNull, PairDiff, Verification,
 };
 use crate::Result;
+use persona_lens_analysis::claims::{adjust, clustered_test, Claim, Condition};
+use persona_lens_analysis::dataset::Split;
 use persona_lens_analysis::PersonaDataset;
 use persona_lens_engine::{HookName, Model};
 use persona_lens_report::{save_bar_chart, save_histogram, Bar, BarChart, Histogram};
@@ -43,12 +45,29 @@ pub struct ClassSummary {
 
 #[derive(Debug, Clone, Serialize)]
 pub struct CandidateRow {
+    /// Ranked on the `select` split's pairs.
     #[serde(flatten)]
     pub candidate: Candidate,
     pub rel_norm_diff: Option<f64>,
     pub class: Option<LatentClass>,
     pub decoder_cosine: Option<f64>,
+    /// The same latent on the held-out `evaluate` split's pairs.
+    pub held_out: Option<HeldOut>,
 }
+
+/// A latent's novice − expert difference on held-out pairs: mean, bootstrap interval over
+/// questions, one-sided sign-flip p by question.
+#[derive(Debug, Clone, Serialize)]
+pub struct HeldOut {
+    pub mean: f64,
+    pub ci95: (f64, f64),
+    pub p_value: f64,
+    pub n_pairs: usize,
+    pub n_clusters: usize,
+}
+
+/// Permutations / bootstrap draws behind the held-out tests and the max-over-latents null.
+pub const REPS: usize = 2000;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Summary {
@@ -60,6 +79,18 @@ pub struct Summary {
     pub dataset: String,
     pub dataset_hash: String,
     pub n_pairs_analyzed: usize,
+    /// Pairs that ranked the latents (`select` questions and paraphrases) and pairs that tested
+    /// them (`evaluate`); no question or paraphrase is in both.
+    pub n_pairs_select: usize,
+    pub n_pairs_evaluate: usize,
+    /// The top latent's selection-split mean against the null of the maximum over all latents.
+    pub top_null: Option<MaxNull>,
+    /// Why the pair is exploratory (different architecture, width or tokenizer: latents cannot
+    /// be read as chat tuning); None for a comparable base/chat pair.
+    pub exploratory: Option<String>,
+    /// "latent #k is a chat-only user-model latent", one per verified candidate, with its
+    /// held-out test and conditions (Δ_norm, Latent Scaling, verification, a comparable pair).
+    pub claims: Vec<Claim>,
     pub cross_coder_available: bool,
     pub crosscoder: Option<String>,
     pub feature_type: String,
@@ -186,12 +217,31 @@ pub fn analyze(
         _ => (None, None, vec![]),
     };
 
-    // --- novice vs expert pairs
+    // --- novice vs expert pairs: rank on `select`, test on `evaluate`
     progress("persona pairs");
-    let items: Vec<&persona_lens_analysis::PromptItem> = ds
+    let mut split_ds = ds.clone();
+    split_ds.assign_splits(spec.seed);
+    let items: Vec<&persona_lens_analysis::PromptItem> = split_ds
         .items
         .iter()
-        .filter(|i| i.class == "novice" || i.class == "expert")
+        .filter(|i| (i.class == "novice" || i.class == "expert") && i.split.is_some())
+        .collect();
+    // pair -> (split, question cluster)
+    let mut questions: Vec<String> = items
+        .iter()
+        .map(|i| format!("{}/{}", i.topic, i.question_id))
+        .collect();
+    questions.sort();
+    questions.dedup();
+    let pair_info: BTreeMap<String, (Split, usize)> = items
+        .iter()
+        .filter_map(|i| {
+            let q = format!("{}/{}", i.topic, i.question_id);
+            Some((
+                pair_key(&i.id),
+                (i.split?, questions.binary_search(&q).ok()?),
+            ))
+        })
         .collect();
     let corpus: Vec<CorpusItem> = items
         .iter()
@@ -213,15 +263,42 @@ pub fn analyze(
         None => direct_codes(&x, chat_dim, &ids)?,
     };
     let diffs = pair_differences(&codes, "novice", "expert");
-    if diffs.is_empty() {
-        return crate::invalid("no novice/expert prompt pairs in the dataset (ids must differ only in their last /class part)");
+    let in_split = |want: Split| -> (Vec<PairDiff>, Vec<usize>) {
+        diffs
+            .iter()
+            .filter_map(|d| match pair_info.get(&d.pair) {
+                Some(&(s, q)) if s == want => Some((d.clone(), q)),
+                _ => None,
+            })
+            .unzip()
+    };
+    let (sel, sel_q) = in_split(Split::Select);
+    let (eval, eval_q) = in_split(Split::Evaluate);
+    if sel.len() < 2 {
+        return too_few_pairs(sel.len(), diffs.len());
     }
-    let cands = consistency(&diffs, spec.top_k);
+    let cands = consistency(&sel, spec.top_k);
+    let top_null = max_mean_null(&sel, &sel_q, REPS, spec.seed);
+    let held_out = |j: usize| -> Option<HeldOut> {
+        let d: Vec<(usize, f64)> = eval
+            .iter()
+            .zip(&eval_q)
+            .map(|(p, &q)| (q, p.diff[j]))
+            .collect();
+        clustered_test(&d, REPS, spec.seed ^ j as u64).map(|t| HeldOut {
+            mean: t.effect,
+            ci95: t.ci95,
+            p_value: t.p_value,
+            n_pairs: t.n,
+            n_clusters: t.n_clusters,
+        })
+    };
     let row = |c: &Candidate| CandidateRow {
         candidate: c.clone(),
         rel_norm_diff: metrics.as_ref().map(|m| m.rel_norm_diff[c.feature_idx]),
         class: metrics.as_ref().map(|m| m.class[c.feature_idx]),
         decoder_cosine: metrics.as_ref().map(|m| m.cosine[c.feature_idx]),
+        held_out: held_out(c.feature_idx),
     };
     let top: Vec<CandidateRow> = cands.iter().take(20).map(row).collect();
     let top_expert: Vec<CandidateRow> = cands.iter().rev().take(10).map(row).collect();
@@ -233,8 +310,8 @@ pub fn analyze(
     plots.extend(save_bar_chart(
         &BarChart {
             title: format!(
-                "Top {feature_type}s more active for novice users (mean ± sd over {} pairs)",
-                diffs.len()
+                "Top {feature_type}s more active for novice users (mean ± sd over {} selection-split pairs)",
+                sel.len()
             ),
             x_label: format!(
                 "mean differential score, novice − expert ({})",
@@ -290,7 +367,7 @@ pub fn analyze(
     let mut verification = vec![];
     for c in cands.iter().take(spec.n_verify) {
         let acts: Vec<f64> = vcodes.iter().map(|p| p.values[c.feature_idx]).collect();
-        let v = verify(c.feature_idx, &vp, &acts);
+        let v = verify(c.feature_idx, &vp, &acts, spec.seed);
         plots.extend(save_bar_chart(
             &BarChart {
                 title: format!(
@@ -364,6 +441,77 @@ pub fn analyze(
         _ => BTreeMap::new(),
     };
 
+    // --- claims: one per verified candidate, supported only when every diffing test agrees
+    let exploratory = exploratory_reason(models);
+    let mut claims = vec![];
+    if let Some(m) = metrics.as_ref() {
+        for v in &verification {
+            let j = v.feature_idx;
+            let Some(h) = held_out(j) else { continue };
+            let ls = scaling.iter().find(|l| l.latent == j);
+            let fmt = |x: f64| {
+                if x.is_finite() {
+                    format!("{x:.2}")
+                } else {
+                    "undefined".into()
+                }
+            };
+            let conditions = vec![
+                Condition {
+                    what: match &exploratory {
+                        None => "a comparable base/chat pair (same architecture, width and tokenizer)".into(),
+                        Some(why) => format!("a comparable base/chat pair: no, {why}"),
+                    },
+                    holds: exploratory.is_none(),
+                },
+                Condition {
+                    what: format!("chat-only decoder: Δ_norm {:.3} ≥ 0.9", m.rel_norm_diff[j]),
+                    holds: m.class[j] == LatentClass::ChatOnly,
+                },
+                Condition {
+                    what: match ls {
+                        Some(l) => format!(
+                            "Latent Scaling chat-specific: |ν^ε| = {} and |ν^r| = {} below 0.3",
+                            fmt(l.nu_error.abs()),
+                            fmt(l.nu_recon.abs())
+                        ),
+                        None => "Latent Scaling chat-specific: not computed (no paired store, or not a chat-only latent)".into(),
+                    },
+                    holds: ls.is_some_and(|l| l.chat_specific),
+                },
+                Condition {
+                    what: format!(
+                        "held-out verification prompts: {}/{} ACTIVATE above the NEUTRAL 95th percentile, {}/{} SILENT at or below, permutation p = {:.3}",
+                        v.activate_passed, v.n_activate, v.silent_passed, v.n_silent, v.p_value
+                    ),
+                    holds: v.verified,
+                },
+            ];
+            claims.push(Claim {
+                id: format!("diff.latent_{j}.chat_only_user_model"),
+                statement: format!(
+                    "{}Latent #{j} is a chat-only user-model latent: it is more active for novice than for expert users on held-out persona pairs (mean difference {:.3}).",
+                    if exploratory.is_some() { "Exploratory (not a base/chat pair of one model): " } else { "" },
+                    h.mean
+                ),
+                analysis: "diff analyze (summary.json)".into(),
+                test: format!(
+                    "ranked on {} selection-split pairs, tested on {} held-out pairs ({} questions): sign-flip permutation by question of the mean novice − expert activation ({REPS} draws), bootstrap CI over questions; supported only when every condition holds",
+                    sel.len(), h.n_pairs, h.n_clusters
+                ),
+                statistic: "mean novice − expert scaled latent activation on held-out pairs".into(),
+                effect: h.mean,
+                ci95: h.ci95,
+                p_value: h.p_value,
+                p_adjusted: h.p_value,
+                supported: false,
+                n_clusters: h.n_clusters,
+                conditions,
+            });
+        }
+        adjust(&mut claims);
+    }
+
     let summary = Summary {
         base_model: models[0].info.name.clone(),
         chat_model: models[1].info.name.clone(),
@@ -372,7 +520,12 @@ pub fn analyze(
         alignment: Alignment::Last,
         dataset: ds.source.clone(),
         dataset_hash: ds.hash(),
-        n_pairs_analyzed: diffs.len(),
+        n_pairs_analyzed: sel.len() + eval.len(),
+        n_pairs_select: sel.len(),
+        n_pairs_evaluate: eval.len(),
+        top_null,
+        exploratory,
+        claims,
         cross_coder_available: spec.crosscoder.is_some(),
         crosscoder: spec.crosscoder.as_ref().map(|(_, d)| d.clone()),
         feature_type: feature_type.into(),
@@ -403,13 +556,101 @@ pub fn analyze(
     Ok(summary)
 }
 
+fn too_few_pairs<T>(n_select: usize, n_all: usize) -> Result<T> {
+    crate::invalid(format!(
+        "{n_select} novice/expert pairs in the selection split (of {n_all} in all): give more questions or templates (--n-questions-per-pair, --templates) so that both splits hold at least 2 pairs"
+    ))
+}
+
+/// Checks, before any model runs, that `ds` splits into at least 2 novice/expert pairs to rank
+/// latents on (the same split as [`analyze`]).
+pub fn check_splits(ds: &PersonaDataset, seed: u64) -> Result<()> {
+    let mut d = ds.clone();
+    d.assign_splits(seed);
+    let pairs = |want: Option<Split>| {
+        let mut keys: Vec<String> = d
+            .items
+            .iter()
+            .filter(|i| i.class == "novice" && (want.is_none() || i.split == want))
+            .map(|i| pair_key(&i.id))
+            .collect();
+        keys.sort();
+        keys.dedup();
+        keys.len()
+    };
+    let n_select = pairs(Some(Split::Select));
+    if n_select < 2 {
+        return too_few_pairs(n_select, pairs(None));
+    }
+    Ok(())
+}
+
+/// Why a pair of models cannot be read as base vs chat tuning of one model: a different
+/// architecture, width or tokenizer. None for a comparable pair.
+pub fn exploratory_reason(models: [&Model; 2]) -> Option<String> {
+    let (a, b) = (models[0].config(), models[1].config());
+    let mut why = vec![];
+    if a.arch != b.arch {
+        why.push(format!("architectures {:?} vs {:?}", a.arch, b.arch));
+    }
+    if a.d_model != b.d_model {
+        why.push(format!("widths {} vs {}", a.d_model, b.d_model));
+    }
+    let probe = "Hello, I am a physicist. Why is the sky blue?";
+    let same_tok = a.vocab_size == b.vocab_size
+        && models[0].tokenizer.encode(probe, false).ok()
+            == models[1].tokenizer.encode(probe, false).ok();
+    if !same_tok {
+        why.push("different tokenizers".into());
+    }
+    if why.is_empty() {
+        None
+    } else {
+        Some(format!(
+            "{} and {} differ ({}): each paired row holds different tokens in different models, so Δ_norm separates the models, not chat tuning",
+            models[0].info.name,
+            models[1].info.name,
+            why.join(", ")
+        ))
+    }
+}
+
 /// A short Markdown report written from the numbers.
 pub fn report_md(s: &Summary) -> String {
     let mut r = String::new();
     r.push_str(&format!(
-        "# Model diffing: {} (base) vs {} (chat)\n\nHooks {} / {}; {} novice/expert pairs; features: {}s ({}).\n\n",
-        s.base_model, s.chat_model, s.hooks[0], s.hooks[1], s.n_pairs_analyzed, s.feature_type, s.units
+        "# Model diffing: {} (base) vs {} (chat)\n\nHooks {} / {}; {} novice/expert pairs ({} rank the {}s, {} held out to test them; no question or paraphrase in both); features: {}s ({}).\n\n",
+        s.base_model, s.chat_model, s.hooks[0], s.hooks[1], s.n_pairs_analyzed, s.n_pairs_select,
+        s.feature_type.to_lowercase(), s.n_pairs_evaluate, s.feature_type, s.units
     ));
+    if let Some(why) = &s.exploratory {
+        r.push_str(&format!(
+            "**Exploratory run.** {why}. No claim about chat tuning is made from it; diff a base model against its own chat version (e.g. smollm2-135m vs smollm2-135m-instruct) for that.\n\n"
+        ));
+    }
+    if !s.claims.is_empty() {
+        r.push_str("## Claims\n\n");
+        for c in &s.claims {
+            r.push_str(&format!(
+                "- **{}** {} (held-out mean {:.4}, 95 % CI {:.4} to {:.4}, p = {:.4}, Holm-adjusted {:.4})\n",
+                if c.supported { "Supported:" } else { "Not supported:" },
+                c.statement,
+                c.effect,
+                c.ci95.0,
+                c.ci95.1,
+                c.p_value,
+                c.p_adjusted
+            ));
+            for k in &c.conditions {
+                r.push_str(&format!(
+                    "  - {} {}\n",
+                    if k.holds { "✓" } else { "✗" },
+                    k.what
+                ));
+            }
+        }
+        r.push('\n');
+    }
     if let Some(c) = &s.latent_classes {
         r.push_str("## Latent classes\n\n| class | latents |\n|---|---:|\n");
         for (k, v) in &c.counts {
@@ -426,10 +667,24 @@ pub fn report_md(s: &Summary) -> String {
             s.latent_scaling.len()
         ));
     }
-    r.push_str(&format!("## Top candidate 'user is a novice' {}s\n\n| {} | mean (novice − expert) | sd | pairs > 0 | in top-k | t | Δ_norm | class |\n|---:|---:|---:|---:|---:|---:|---:|---|\n", s.feature_type, s.feature_type));
-    for c in s.top_candidates.iter().take(10) {
+    if let Some(n) = &s.top_null {
         r.push_str(&format!(
-            "| {} | {:.4} | {:.4} | {:.2} | {}/{} | {:.1} | {} | {} |\n",
+            "The top {} on the selection split (#{}, mean {:.4}) against the maximum over all {} {}s under sign flips by question: null 95th percentile {:.4}, p = {:.4} ({} draws, {} questions).\n\n",
+            s.feature_type.to_lowercase(), n.feature_idx, n.observed, n.n_features,
+            s.feature_type.to_lowercase(), n.null_q95, n.p_value, n.reps, n.n_clusters
+        ));
+    }
+    r.push_str(&format!("## Top candidate 'user is a novice' {}s\n\nRanked on the selection split; the held-out columns test the same {} on the evaluate split.\n\n| {} | mean (novice − expert) | sd | pairs > 0 | in top-k | t | held-out mean [95 % CI] | held-out p | Δ_norm | class |\n|---:|---:|---:|---:|---:|---:|---|---:|---:|---|\n", s.feature_type, s.feature_type.to_lowercase(), s.feature_type));
+    for c in s.top_candidates.iter().take(10) {
+        let (ho, hp) = match &c.held_out {
+            Some(h) => (
+                format!("{:.4} [{:.4}, {:.4}]", h.mean, h.ci95.0, h.ci95.1),
+                format!("{:.4}", h.p_value),
+            ),
+            None => ("-".into(), "-".into()),
+        };
+        r.push_str(&format!(
+            "| {} | {:.4} | {:.4} | {:.2} | {}/{} | {:.1} | {ho} | {hp} | {} | {} |\n",
             c.candidate.feature_idx,
             c.candidate.mean_score,
             c.candidate.std_score,
@@ -445,8 +700,11 @@ pub fn report_md(s: &Summary) -> String {
     }
     for v in &s.verification {
         r.push_str(&format!(
-            "\n## Verification of {} #{}: {}/{} pass\n\n| expected | activation | pass | prompt |\n|---|---:|---|---|\n",
-            s.feature_type, v.feature_idx, v.passed, v.checked
+            "\n## Verification of {} #{}: {} ({}/{} pass; bar {}; mean ACTIVATE − SILENT {:.4}, permutation p = {:.4})\n\n{}.\n\n| expected | activation | pass | prompt |\n|---|---:|---|---|\n",
+            s.feature_type, v.feature_idx, if v.verified { "verified" } else { "not verified" },
+            v.passed, v.checked,
+            v.threshold.map(|t| format!("{t:.4}")).unwrap_or("none (no NEUTRAL prompts)".into()),
+            v.statistic, v.p_value, v.rule
         ));
         for row in &v.rows {
             r.push_str(&format!(

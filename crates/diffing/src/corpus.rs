@@ -116,6 +116,15 @@ pub fn verification_prompts() -> Vec<(&'static str, &'static str)> {
         ("NEUTRAL", "Explain photosynthesis."),
         ("NEUTRAL", "How does gravity work?"),
         ("NEUTRAL", "Why do volcanoes erupt?"),
+        // persona-lens's own: enough plain questions for a 95th-percentile bar
+        ("NEUTRAL", "What is a black hole?"),
+        ("NEUTRAL", "How do magnets work?"),
+        ("NEUTRAL", "Why is the ocean salty?"),
+        ("NEUTRAL", "How do plants grow?"),
+        ("NEUTRAL", "What causes earthquakes?"),
+        ("NEUTRAL", "How does the internet work?"),
+        ("NEUTRAL", "What is DNA?"),
+        ("NEUTRAL", "Why do we have seasons?"),
     ]
 }
 
@@ -200,13 +209,7 @@ pub fn prompt_corpus(ds: &PersonaDataset, max_dataset_items: usize) -> Vec<Corpu
             .map(|i| items[(i as f64 * step) as usize].clone())
             .collect();
     }
-    for (i, (e, p)) in verification_prompts().iter().enumerate() {
-        items.push(CorpusItem {
-            id: format!("verify/{i}/{e}"),
-            source: "verification".into(),
-            text: p.to_string(),
-        });
-    }
+    // The verification prompts are held out: a latent is verified on text it was never trained on.
     for (i, (b, n)) in sycophancy_pairs().iter().enumerate() {
         for (c, t) in [("biased", b), ("neutral", n)] {
             items.push(CorpusItem {

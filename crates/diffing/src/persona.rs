@@ -122,7 +122,7 @@ pub fn consistency(diffs: &[PairDiff], top_k: usize) -> Vec<Candidate> {
     out
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct VerificationRow {
     pub expected: String,
     pub prompt: String,
@@ -131,32 +131,71 @@ pub struct VerificationRow {
     pub pass: Option<bool>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct Verification {
     pub feature_idx: usize,
     pub rows: Vec<VerificationRow>,
+    /// ACTIVATE and SILENT prompts that passed, of `checked`.
     pub passed: usize,
     pub checked: usize,
-    /// The SILENT bar: 10 % of the largest ACTIVATE activation.
-    pub silent_threshold: f64,
+    pub n_activate: usize,
+    pub activate_passed: usize,
+    pub n_silent: usize,
+    pub silent_passed: usize,
+    pub n_neutral: usize,
+    /// The bar: the 95th percentile (linear interpolation) of the latent's activation on the
+    /// NEUTRAL prompts; None without NEUTRAL prompts (then nothing verifies).
+    pub threshold: Option<f64>,
+    /// mean(ACTIVATE) − mean(SILENT), in the latent's units.
+    pub statistic: f64,
+    /// One-sided permutation p of `statistic` over the ACTIVATE/SILENT labels:
+    /// (1 + #{T_perm >= T}) / (1 + permutations).
+    pub p_value: f64,
+    pub permutations: usize,
+    /// Median ACTIVATE activation above the bar, median SILENT at or below it, and p < 0.05.
+    /// (Medians, not every prompt: SILENT prompts a latent ignores are distributed like NEUTRAL
+    /// ones, so about one in twenty of them exceeds NEUTRAL's 95th percentile by chance.)
+    pub verified: bool,
     pub rule: String,
 }
 
-/// Pass/fail per prompt: ACTIVATE passes when the feature is active (> 0); SILENT passes when it
-/// stays below 10 % of the largest ACTIVATE activation (the notebook used an absolute 0.1, which
-/// depends on the feature's scale).
+/// The q-quantile of `v` (linear interpolation between order statistics, numpy's default).
+pub fn quantile(v: &[f64], q: f64) -> Option<f64> {
+    if v.is_empty() {
+        return None;
+    }
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    let pos = q.clamp(0.0, 1.0) * (s.len() - 1) as f64;
+    let (lo, hi) = (pos.floor() as usize, pos.ceil() as usize);
+    Some(s[lo] + (s[hi] - s[lo]) * (pos - lo as f64))
+}
+
+/// Permutations behind a verification p-value.
+pub const VERIFY_PERMUTATIONS: usize = 2000;
+
+/// Verifies one latent on labelled prompts (`(expected, prompt)`, expected ACTIVATE, SILENT or
+/// NEUTRAL). The bar comes from the NEUTRAL prompts (what the latent does on a plain question),
+/// not from the latent's own scale: ACTIVATE passes above the 95th percentile of NEUTRAL, SILENT
+/// passes at or below it. The p-value permutes the ACTIVATE/SILENT labels (seeded), so a latent
+/// that fires the same on novice and expert cues cannot verify however large it is.
 pub fn verify(
     feature_idx: usize,
     prompts: &[(String, String)],
     activations: &[f64],
+    seed: u64,
 ) -> Verification {
-    let max_act = prompts
-        .iter()
-        .zip(activations)
-        .filter(|((e, _), _)| e == "ACTIVATE")
-        .map(|(_, &a)| a)
-        .fold(0.0, f64::max);
-    let bar = 0.1 * max_act;
+    use rand::{seq::SliceRandom, SeedableRng};
+    let of = |kind: &str| -> Vec<f64> {
+        prompts
+            .iter()
+            .zip(activations)
+            .filter(|((e, _), _)| e == kind)
+            .map(|(_, &a)| a)
+            .collect()
+    };
+    let (act, sil, neu) = (of("ACTIVATE"), of("SILENT"), of("NEUTRAL"));
+    let bar = quantile(&neu, 0.95);
     let rows: Vec<VerificationRow> = prompts
         .iter()
         .zip(activations)
@@ -164,22 +203,56 @@ pub fn verify(
             expected: e.clone(),
             prompt: p.clone(),
             activation: a,
-            pass: match e.as_str() {
-                "ACTIVATE" => Some(a > 0.0),
-                "SILENT" => Some(a <= bar),
+            pass: match (e.as_str(), bar) {
+                ("ACTIVATE", Some(b)) => Some(a > b),
+                ("SILENT", Some(b)) => Some(a <= b),
+                ("ACTIVATE" | "SILENT", None) => Some(false),
                 _ => None,
             },
         })
         .collect();
-    let checked = rows.iter().filter(|r| r.pass.is_some()).count();
-    let passed = rows.iter().filter(|r| r.pass == Some(true)).count();
+    let count = |kind: &str| {
+        rows.iter()
+            .filter(|r| r.expected == kind && r.pass == Some(true))
+            .count()
+    };
+    let (activate_passed, silent_passed) = (count("ACTIVATE"), count("SILENT"));
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
+    let statistic = mean(&act) - mean(&sil);
+    let mut pooled: Vec<f64> = act.iter().chain(&sil).copied().collect();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ feature_idx as u64);
+    let mut at_least = 0usize;
+    for _ in 0..VERIFY_PERMUTATIONS {
+        pooled.shuffle(&mut rng);
+        let (a, s) = pooled.split_at(act.len());
+        if mean(a) - mean(s) >= statistic - 1e-12 {
+            at_least += 1;
+        }
+    }
+    let p_value = (1 + at_least) as f64 / (1 + VERIFY_PERMUTATIONS) as f64;
+    let verified = match (bar, quantile(&act, 0.5), quantile(&sil, 0.5)) {
+        (Some(b), Some(ma), Some(ms)) => ma > b && ms <= b && p_value < 0.05,
+        _ => false,
+    };
     Verification {
         feature_idx,
+        passed: activate_passed + silent_passed,
+        checked: act.len() + sil.len(),
+        n_activate: act.len(),
+        activate_passed,
+        n_silent: sil.len(),
+        silent_passed,
+        n_neutral: neu.len(),
         rows,
-        passed,
-        checked,
-        silent_threshold: bar,
-        rule: "ACTIVATE passes if activation > 0; SILENT passes if activation <= 0.1 x the largest ACTIVATE activation; NEUTRAL is reported only".into(),
+        threshold: bar,
+        statistic,
+        p_value,
+        permutations: VERIFY_PERMUTATIONS,
+        verified,
+        rule: format!(
+            "bar = 95th percentile of the activation on {} NEUTRAL prompts; ACTIVATE passes above it, SILENT at or below it; verified when the median ACTIVATE activation is above the bar, the median SILENT one at or below it, and the permutation p of mean(ACTIVATE) − mean(SILENT) over {VERIFY_PERMUTATIONS} label shuffles is below 0.05",
+            neu.len()
+        ),
     }
 }
 
@@ -304,4 +377,176 @@ pub fn direct_codes(
 ) -> Result<Vec<PromptCodes>> {
     let chat = x.narrow(1, 1, 1)?.squeeze(1)?.narrow(1, 0, chat_dim)?;
     rows_to_codes(&chat, ids)
+}
+
+/// The selection effect of taking the best of many features: the null distribution of the
+/// maximum over features of the mean `a − b`, by flipping the sign of whole clusters' (questions')
+/// differences (exchangeable under the null of no persona effect in any feature).
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+pub struct MaxNull {
+    /// The observed maximum over features of the mean difference.
+    pub observed: f64,
+    pub feature_idx: usize,
+    /// 95th percentile of the null maximum.
+    pub null_q95: f64,
+    /// (1 + #{null max >= observed}) / (1 + reps).
+    pub p_value: f64,
+    pub reps: usize,
+    pub n_features: usize,
+    pub n_clusters: usize,
+}
+
+/// [`MaxNull`] for pair differences `diffs` whose clusters are `cluster[i]`; None without
+/// pairs.
+pub fn max_mean_null(
+    diffs: &[PairDiff],
+    cluster: &[usize],
+    reps: usize,
+    seed: u64,
+) -> Option<MaxNull> {
+    use rand::{Rng, SeedableRng};
+    let n = diffs.len();
+    let f = diffs.first()?.diff.len();
+    let mut ids: Vec<usize> = cluster.to_vec();
+    ids.sort();
+    ids.dedup();
+    let mut sums = vec![vec![0f64; f]; ids.len()];
+    for (d, c) in diffs.iter().zip(cluster) {
+        let k = ids.binary_search(c).ok()?;
+        for (s, v) in sums[k].iter_mut().zip(&d.diff) {
+            *s += v;
+        }
+    }
+    let max_mean = |signs: &[f64]| -> (f64, usize) {
+        let mut best = (f64::NEG_INFINITY, 0);
+        for j in 0..f {
+            let m = sums.iter().zip(signs).map(|(s, g)| g * s[j]).sum::<f64>() / n as f64;
+            if m > best.0 {
+                best = (m, j);
+            }
+        }
+        best
+    };
+    let (observed, feature_idx) = max_mean(&vec![1.0; ids.len()]);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ 0x6d61_786e);
+    let mut null: Vec<f64> = (0..reps)
+        .map(|_| {
+            let signs: Vec<f64> = (0..ids.len())
+                .map(|_| if rng.random_bool(0.5) { 1.0 } else { -1.0 })
+                .collect();
+            max_mean(&signs).0
+        })
+        .collect();
+    let ge = null.iter().filter(|&&v| v >= observed - 1e-12).count();
+    null.sort_by(f64::total_cmp);
+    Some(MaxNull {
+        observed,
+        feature_idx,
+        null_q95: quantile(&null, 0.95).unwrap_or(f64::NAN),
+        p_value: (1 + ge) as f64 / (1 + reps) as f64,
+        reps,
+        n_features: f,
+        n_clusters: ids.len(),
+    })
+}
+
+#[cfg(test)]
+mod verification_tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+
+    fn prompts(n_act: usize, n_sil: usize, n_neu: usize) -> Vec<(String, String)> {
+        let mut v = vec![];
+        for (kind, n) in [("ACTIVATE", n_act), ("SILENT", n_sil), ("NEUTRAL", n_neu)] {
+            for i in 0..n {
+                v.push((kind.to_string(), format!("{kind} {i}")));
+            }
+        }
+        v
+    }
+
+    #[test]
+    fn verification_passes_a_selective_latent_and_fails_unselective_ones() {
+        let p = prompts(8, 7, 12);
+        let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+        let mut noise = |s: f64| rng.random_range(0.0..s);
+        // selective: ACTIVATE ~ 5, SILENT and NEUTRAL ~ 0-1
+        let acts: Vec<f64> = p
+            .iter()
+            .map(|(e, _)| {
+                if e == "ACTIVATE" {
+                    5.0 + noise(1.0)
+                } else {
+                    noise(1.0)
+                }
+            })
+            .collect();
+        let v = verify(0, &p, &acts, 0);
+        assert!(v.verified, "{v:?}");
+        assert!(v.p_value < 0.01 && v.activate_passed == 8, "{v:?}");
+        // SILENT is distributed like NEUTRAL: some exceed its 95th percentile by chance
+        assert!(v.silent_passed >= 3, "{v:?}");
+        assert_eq!((v.n_neutral, v.checked), (12, 15));
+        // fires on everything, however strongly: ACTIVATE is not above NEUTRAL's bar
+        let acts: Vec<f64> = p.iter().map(|_| 50.0 + noise(1.0)).collect();
+        let v = verify(1, &p, &acts, 0);
+        assert!(!v.verified && v.p_value > 0.05, "{v:?}");
+        // the old rule's pass (ACTIVATE > 0, SILENT below 10 % of ACTIVATE's max) is not enough:
+        // NEUTRAL questions fire as much as ACTIVATE ones
+        let acts: Vec<f64> = p
+            .iter()
+            .map(|(e, _)| if e == "SILENT" { 0.0 } else { 5.0 + noise(1.0) })
+            .collect();
+        let v = verify(2, &p, &acts, 0);
+        assert!(!v.verified && v.activate_passed < 4, "{v:?}");
+        // perfectly separated but only 3 vs 3 prompts: the smallest possible permutation p is
+        // 1/20, so it cannot verify
+        let p3 = prompts(3, 3, 4);
+        let v = verify(
+            4,
+            &p3,
+            &[1.03, 1.02, 1.01, 0.99, 0.98, 0.97, 1.0, 1.0, 1.0, 1.0],
+            0,
+        );
+        assert!(v.activate_passed == 3 && v.silent_passed == 3, "{v:?}");
+        assert!(v.p_value >= 0.04 && !v.verified, "{v:?}");
+        // no NEUTRAL prompts: no bar, nothing verifies
+        let p2 = prompts(3, 3, 0);
+        let v = verify(3, &p2, &[5.0, 5.0, 5.0, 0.0, 0.0, 0.0], 0);
+        assert!(v.threshold.is_none() && !v.verified);
+    }
+
+    #[test]
+    fn the_max_over_features_null_separates_a_planted_feature_from_noise() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+        let make = |rng: &mut rand::rngs::StdRng, effect: f64| -> (Vec<PairDiff>, Vec<usize>) {
+            let (mut d, mut q) = (vec![], vec![]);
+            for c in 0..10 {
+                for k in 0..3 {
+                    let mut diff: Vec<f64> =
+                        (0..200).map(|_| rng.random_range(-1.0..1.0)).collect();
+                    diff[17] += effect;
+                    d.push(PairDiff {
+                        pair: format!("{c}/{k}"),
+                        diff,
+                    });
+                    q.push(c);
+                }
+            }
+            (d, q)
+        };
+        let (d, q) = make(&mut rng, 1.0);
+        let n = max_mean_null(&d, &q, 500, 1).unwrap();
+        assert_eq!(n.feature_idx, 17);
+        assert!(n.p_value < 0.01 && n.observed > n.null_q95, "{n:?}");
+        // pure noise: the best of 200 features is what chance gives
+        let rejected = (0..40)
+            .filter(|&s| {
+                let (d, q) = make(&mut rng, 0.0);
+                max_mean_null(&d, &q, 200, s).unwrap().p_value < 0.05
+            })
+            .count();
+        assert!(rejected <= 8, "{rejected} of 40 null runs rejected");
+        assert_eq!(quantile(&[1.0, 2.0, 3.0, 4.0, 5.0], 0.95), Some(4.8));
+    }
 }

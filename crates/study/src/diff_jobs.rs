@@ -497,8 +497,9 @@ pub fn analyze(a: AnalyzeArgs) -> Result<()> {
 
 /// Runs the analysis into `a.out` (summary.json, plots, report.md); returns the summary.
 pub fn analyze_with(a: &AnalyzeArgs) -> Result<persona_lens_diffing::analyze::Summary> {
-    let p = a.pair.load()?;
     let ds = a.ds.load()?;
+    persona_lens_diffing::analyze::check_splits(&ds, a.seed)?;
+    let p = a.pair.load()?;
     let cc = match &a.crosscoder {
         Some(c) => {
             let cc = load_crosscoder(c)?;
@@ -557,6 +558,9 @@ pub struct VerifyArgs {
     /// "EXPECTED<TAB>prompt"; default: the notebook's list plus persona-lens's own.
     #[arg(long)]
     pub prompts: Option<PathBuf>,
+    /// Seed of the verification's label permutations.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
     #[arg(long, default_value = "out/diff/verify")]
     pub out: PathBuf,
     #[arg(long)]
@@ -615,8 +619,17 @@ pub fn verify(a: VerifyArgs) -> Result<()> {
     }
     for r in &results {
         println!(
-            "latent {}: {}/{} pass ({})",
-            r.feature_idx, r.passed, r.checked, r.rule
+            "latent {}: {} ({}/{} pass, permutation p = {:.4}; {})",
+            r.feature_idx,
+            if r.verified {
+                "verified"
+            } else {
+                "not verified"
+            },
+            r.passed,
+            r.checked,
+            r.p_value,
+            r.rule
         );
         for row in &r.rows {
             println!(
@@ -685,12 +698,18 @@ pub fn verify_with(a: &VerifyArgs) -> Result<Vec<persona_lens_diffing::persona::
     for &l in &a.latent {
         let v: Vec<f32> = acts.narrow(1, l, 1)?.squeeze(1)?.to_vec1()?;
         let v: Vec<f64> = v.into_iter().map(f64::from).collect();
-        let r = verify_rows(l, &prompts, &v);
+        let r = verify_rows(l, &prompts, &v, a.seed);
         save_bar_chart(
             &BarChart {
                 title: format!(
-                    "Verification: latent #{l} ({}/{} pass)",
-                    r.passed, r.checked
+                    "Verification: latent #{l} ({}/{} pass, {})",
+                    r.passed,
+                    r.checked,
+                    if r.verified {
+                        "verified"
+                    } else {
+                        "not verified"
+                    }
                 ),
                 x_label: format!("latent #{l} activation (scaled)"),
                 bars: r

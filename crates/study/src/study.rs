@@ -163,6 +163,11 @@ impl StudyConfig {
         if self.experiment.iter().any(|e| e == "ablate") && self.heads.n_questions_per_pair == 1 {
             bail!("[heads] n_questions_per_pair = 1: heads are ranked on half of the questions and ablated on the other half; give at least 2");
         }
+        if self.experiment.iter().any(|e| e == "diff" || e == "all")
+            && self.diff.n_questions_per_pair == 1
+        {
+            bail!("[diff] n_questions_per_pair = 1: latents are ranked on half of the questions and tested on the other half; give at least 2");
+        }
         Ok(())
     }
 
@@ -266,6 +271,9 @@ pub struct DiffCfg {
     pub l1_coeff: f64,
     /// Persona-dataset prompts in the training corpus (0 = all of the study's dataset).
     pub max_dataset_items: usize,
+    /// Questions per persona pair for ranking latents and testing them on held-out questions
+    /// (half each): at least 2.
+    pub n_questions_per_pair: usize,
     pub top_k: usize,
     pub n_verify: usize,
 }
@@ -368,6 +376,7 @@ impl Default for DiffCfg {
             batch_size: 64,
             l1_coeff: 0.02,
             max_dataset_items: 0,
+            n_questions_per_pair: 6,
             top_k: 10,
             n_verify: 3,
         }
@@ -1518,6 +1527,7 @@ fn ablate_step(c: &Ctx) -> Result<StepOut> {
                 p_adjusted: p,
                 supported: false,
                 n_clusters: out.n_pairs,
+                conditions: vec![],
             });
         }
         if top.is_finite() && top >= rmin && top <= rmax {
@@ -1786,6 +1796,7 @@ fn steer_step(c: &Ctx) -> Result<StepOut> {
                 p_adjusted: p,
                 supported: false,
                 n_clusters: t.n_clusters,
+                conditions: vec![],
             });
         }
     } else {
@@ -1879,6 +1890,7 @@ fn steer_step(c: &Ctx) -> Result<StepOut> {
             p_adjusted: p,
             supported: false,
             n_clusters: t.n_clusters,
+            conditions: vec![],
         });
     }
     let mean_ppl = |a: &[persona_lens_analysis::steering::ScoredAnswer]| {
@@ -2016,7 +2028,8 @@ fn diff_step(c: &Ctx) -> Result<StepOut> {
     let pb = crate::engine_jobs::progress(items.len() as u64, c.quiet, "samples (both models)");
     let mut meta = harvest_paired(models, &items, &spec, &store_dir, &|n| pb.inc(n as u64))?;
     pb.finish_and_clear();
-    meta.corpus = "study: persona dataset + verification + sycophancy prompts".into();
+    meta.corpus =
+        "study: persona dataset + sycophancy prompts (verification prompts held out)".into();
     persona_lens_engine::io::write_atomic(
         &store_dir.join(persona_lens_diffing::paired::MANIFEST),
         &serde_json::to_vec_pretty(&meta)?,
@@ -2055,7 +2068,7 @@ fn diff_step(c: &Ctx) -> Result<StepOut> {
         persona_lens_analysis::dataset::generate(&persona_lens_analysis::GenOptions {
             persona_pairs: vec![c.cfg.persona_pair.clone()],
             topics: vec![],
-            n_questions_per_pair: c.cfg.n_questions_per_pair,
+            n_questions_per_pair: d.n_questions_per_pair,
             templates: vec![],
             include_neutral: false,
             include_lexical_controls: false,
@@ -2098,14 +2111,35 @@ fn diff_step(c: &Ctx) -> Result<StepOut> {
         headlines.push(Headline {
             id: "diff.top_novice_latent_t".into(),
             label: format!(
-                "t statistic of the top novice-minus-expert latent #{} ({} pairs)",
+                "t statistic of the top novice-minus-expert latent #{} on the selection split ({} pairs)",
                 top.candidate.feature_idx, top.candidate.n_pairs
             ),
             value: top.candidate.t,
             unit: "t".into(),
             ci95: None,
-            provenance: prov(json!({"latent": top.candidate.feature_idx})),
+            provenance: prov(json!({"latent": top.candidate.feature_idx, "split": "select"})),
         });
+        if let Some(h) = &top.held_out {
+            headlines.push(Headline {
+                id: "diff.top_latent_held_out".into(),
+                label: format!(
+                    "latent #{}'s novice − expert activation on {} held-out pairs (p = {:.3})",
+                    top.candidate.feature_idx, h.n_pairs, h.p_value
+                ),
+                value: h.mean,
+                unit: "scaled latent activation".into(),
+                ci95: Some(h.ci95),
+                provenance: prov(json!({"latent": top.candidate.feature_idx, "split": "evaluate"})),
+            });
+        }
+        if let Some(n) = &sm.top_null {
+            if n.p_value >= 0.05 {
+                negatives.push(format!(
+                    "The top latent's selection-split mean ({:.4}) is no larger than the best of {} latents is by chance (sign flips by question: null 95th percentile {:.4}, p = {:.3}): ranking alone does not single it out.",
+                    n.observed, n.n_features, n.null_q95, n.p_value
+                ));
+            }
+        }
         if let Some(v) = sm
             .verification
             .iter()
@@ -2114,26 +2148,33 @@ fn diff_step(c: &Ctx) -> Result<StepOut> {
             headlines.push(Headline {
                 id: "diff.top_latent_verification".into(),
                 label: format!(
-                    "verification prompts passed by latent #{} (of {})",
-                    v.feature_idx, v.checked
+                    "held-out verification prompts passed by latent #{} (of {}; {})",
+                    v.feature_idx,
+                    v.checked,
+                    if v.verified {
+                        "verified"
+                    } else {
+                        "not verified"
+                    }
                 ),
                 value: v.passed as f64,
                 unit: "prompts".into(),
                 ci95: None,
-                provenance: prov(json!({"latent": v.feature_idx, "rule": v.rule})),
+                provenance: prov(
+                    json!({"latent": v.feature_idx, "rule": v.rule, "p_value": v.p_value}),
+                ),
             });
-            if (v.passed as f64) < 0.75 * v.checked as f64 {
+            if !v.verified {
                 negatives.push(format!(
-                    "The top novice latent #{} passes only {} of {} verification prompts: it detects the dataset's persona phrasings rather than a general 'user is a novice' feature.",
-                    v.feature_idx, v.passed, v.checked
+                    "The top novice latent #{} does not verify on prompts it was never trained or ranked on: {}/{} ACTIVATE prompts above the NEUTRAL 95th percentile, {}/{} SILENT at or below it, permutation p = {:.3}. It tracks the dataset's persona phrasings, not a general 'user is a novice' feature.",
+                    v.feature_idx, v.activate_passed, v.n_activate, v.silent_passed, v.n_silent, v.p_value
                 ));
             }
         }
     }
-    if base.config().arch != chat.config().arch || base.config().d_model != chat.config().d_model {
+    if let Some(why) = &sm.exploratory {
         negatives.push(format!(
-            "The diffed models differ in architecture and width ({} d={} vs {} d={}): decoder cosines and Latent Scaling between their spaces are not meaningful, only per-model activations and Δ_norm are.",
-            base_name, base.config().d_model, chat_name, chat.config().d_model
+            "Exploratory diffing only: {why}. No latent is claimed as a product of chat tuning; diff a base model against its own chat version for that."
         ));
     }
     let mut plots = vec![];
@@ -2160,7 +2201,10 @@ fn diff_step(c: &Ctx) -> Result<StepOut> {
         plots,
         data: json!({"rows": store.meta.rows, "latent_classes": sm.latent_classes, "final_step": last,
             "top_candidates": sm.top_candidates.iter().take(5).collect::<Vec<_>>(),
-            "verification": sm.verification.iter().map(|v| json!({"latent": v.feature_idx, "passed": v.passed, "checked": v.checked})).collect::<Vec<_>>()}),
+            "n_pairs_select": sm.n_pairs_select, "n_pairs_evaluate": sm.n_pairs_evaluate,
+            "top_null": sm.top_null, "exploratory": sm.exploratory,
+            "verification": sm.verification.iter().map(|v| json!({"latent": v.feature_idx, "passed": v.passed, "checked": v.checked, "verified": v.verified, "p_value": v.p_value})).collect::<Vec<_>>()}),
+        claims: sm.claims.clone(),
         ..Default::default()
     })
 }
@@ -2762,6 +2806,7 @@ mod tests {
             p_adjusted: p * 10.0,
             supported,
             n_clusters: 20,
+            conditions: vec![],
         }
     }
 
