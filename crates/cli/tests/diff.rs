@@ -461,3 +461,63 @@ fn harvest_train_analyze_verify_on_real_models() {
     );
     let _ = std::fs::remove_dir_all(&tmp);
 }
+
+#[test]
+fn a_pair_with_one_tokenizer_reads_the_chat_ids_per_token() {
+    // No base/chat twin is on this machine: the same chat model on both sides has the matched
+    // pair's defining property (one tokenizer, one width), so `--template auto` must feed both
+    // the chat template's ids and pair rows per token.
+    let tmp = std::env::temp_dir().join(format!("pl-diff-twin-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).unwrap();
+    let corpus = tmp.join("corpus.txt");
+    std::fs::write(&corpus, "Why is the sky blue?\nI am five. What is rain?\n").unwrap();
+    let store = tmp.join("store");
+    ok(&[
+        "diff",
+        "harvest",
+        "--base-model",
+        "smollm2-135m-instruct",
+        "--chat-model",
+        "smollm2-135m-instruct",
+        "--corpus",
+        corpus.to_str().unwrap(),
+        "--out",
+        store.to_str().unwrap(),
+        "--quiet",
+    ]);
+    let meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(store.join("paired.json")).unwrap()).unwrap();
+    assert_eq!(meta["alignment"], "tokens");
+    assert_eq!(meta["chat_template"], serde_json::json!([true, true]));
+    let samples = meta["samples"].as_array().unwrap();
+    assert_eq!(samples.len(), 2);
+    // the chat template wraps each question in more than ten tokens, all paired
+    assert!(meta["rows"].as_u64().unwrap() > 20, "{}", meta["rows"]);
+    // both sides read the same ids: the paired rows are equal
+    let x = load(&store.join("shard_00000.safetensors"))["acts"].clone();
+    let diff = (x.narrow(1, 0, 1).unwrap() - x.narrow(1, 1, 1).unwrap())
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert_eq!(diff, 0.0);
+    // and a different-family pair cannot be forced onto shared ids
+    one_line_error(
+        &[
+            "diff",
+            "harvest",
+            "--template",
+            "shared",
+            "--corpus",
+            corpus.to_str().unwrap(),
+            "--out",
+            tmp.join("bad").to_str().unwrap(),
+        ],
+        "shared token ids need one tokenizer",
+    );
+    let _ = std::fs::remove_dir_all(&tmp);
+}

@@ -23,6 +23,8 @@ use std::path::Path;
 pub struct AnalyzeSpec<'a> {
     pub hooks: [HookName; 2],
     pub chat_template: [bool; 2],
+    /// Both models read the chat model's ids (see [`PairedHarvestSpec::shared_ids`]).
+    pub shared_ids: bool,
     pub alignment: Option<Alignment>,
     pub batch_size: usize,
     /// Crosscoder (None: the notebook's direct activation comparison).
@@ -118,6 +120,7 @@ pub fn rows_of(
     let hs = PairedHarvestSpec {
         hooks: spec.hooks,
         chat_template: spec.chat_template,
+        shared_ids: spec.shared_ids,
         // prompts are compared at their last token (the notebook's per-prompt vectors)
         alignment: Some(Alignment::Last),
         batch_size: spec.batch_size,

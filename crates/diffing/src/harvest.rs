@@ -28,6 +28,10 @@ pub struct PairedHarvestSpec<'a> {
     /// One hook per model (models may have different depths).
     pub hooks: [HookName; 2],
     pub chat_template: [bool; 2],
+    /// Tokenise each sample once, with the chat model (index 1, its `chat_template` setting),
+    /// and feed those ids to both models: a base/chat pair of one model then reads the same
+    /// tokens and pairs per token (Minder et al.). Needs the same tokenizer.
+    pub shared_ids: bool,
     /// None = per token when possible, else last token.
     pub alignment: Option<Alignment>,
     pub batch_size: usize,
@@ -51,13 +55,27 @@ pub fn harvest_paired(
     if corpus.is_empty() {
         return invalid("the corpus is empty; give --corpus FILE or use the default corpus");
     }
+    if spec.shared_ids && models[0].config().vocab_size != models[1].config().vocab_size {
+        return invalid(format!(
+            "shared token ids need one tokenizer, but {} and {} have vocabularies of {} and {}; use each model's own template (--template auto with a different-family pair)",
+            models[0].info.name,
+            models[1].info.name,
+            models[0].config().vocab_size,
+            models[1].config().vocab_size
+        ));
+    }
     let ids: Vec<[Vec<u32>; 2]> = corpus
         .iter()
         .map(|c| -> Result<[Vec<u32>; 2]> {
-            Ok([
-                models[0].encode_prompt(&c.text, spec.chat_template[0])?,
-                models[1].encode_prompt(&c.text, spec.chat_template[1])?,
-            ])
+            let chat = models[1].encode_prompt(&c.text, spec.chat_template[1])?;
+            Ok(if spec.shared_ids {
+                [chat.clone(), chat]
+            } else {
+                [
+                    models[0].encode_prompt(&c.text, spec.chat_template[0])?,
+                    chat,
+                ]
+            })
         })
         .collect::<Result<_>>()?;
     let dims = [models[0].config().d_model, models[1].config().d_model];

@@ -103,6 +103,7 @@ fn planted_chat_only_feature_is_found_and_resume_is_exact() {
     let plant = plant_on_token(hook, trigger, direction.clone(), total_std, true);
     let store_dir = tmp("store");
     let spec = PairedHarvestSpec {
+        shared_ids: false,
         hooks: [hook, hook],
         chat_template: [false, false],
         alignment: None,

@@ -20,6 +20,10 @@ pub struct RegistryEntry {
     pub params: String,
     pub chat: bool,
     pub role: String,
+    /// The same model on the other side of chat tuning (same tokenizer and width): the matched
+    /// partner for model diffing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub twin: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -49,6 +53,18 @@ pub fn parse_registry(text: &str) -> Result<Vec<RegistryEntry>> {
                 field: e.name.clone(),
                 reason: format!("unknown arch '{}'", e.arch),
             });
+        }
+        if let Some(t) = &e.twin {
+            let back = f.model.iter().find(|o| &o.name == t);
+            if back.and_then(|o| o.twin.as_deref()) != Some(e.name.as_str())
+                || back.is_some_and(|o| o.chat == e.chat)
+            {
+                return Err(EngineError::BadField {
+                    file: "models.toml".into(),
+                    field: e.name.clone(),
+                    reason: format!("twin '{t}' must be listed, name it back, and be the other side of chat tuning"),
+                });
+            }
         }
         if e.hub.is_none() && e.file.is_none() {
             return Err(EngineError::BadField {
@@ -119,6 +135,15 @@ mod tests {
             lookup("llama-3.2-1b-instruct").unwrap().hub.as_deref(),
             Some("meta-llama/Llama-3.2-1B-Instruct")
         );
+        // the matched diffing partners the crosscoder issue names
+        for (a, b) in [
+            ("smollm2-135m", "smollm2-135m-instruct"),
+            ("gemma-3-270m", "gemma-3-270m-it"),
+            ("gemma-2-2b", "gemma-2-2b-it"),
+        ] {
+            assert_eq!(lookup(a).unwrap().twin.as_deref(), Some(b));
+            assert_eq!(lookup(b).unwrap().twin.as_deref(), Some(a));
+        }
     }
 
     #[test]
@@ -140,5 +165,10 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("unknown arch 'mamba'"));
+        let one_way = "[[model]]\nname='a'\nhub='x/a'\narch='llama'\nparams='1'\nchat=false\nrole=''\ntwin='b'\n[[model]]\nname='b'\nhub='x/b'\narch='llama'\nparams='1'\nchat=true\nrole=''\n";
+        assert!(parse_registry(one_way)
+            .unwrap_err()
+            .to_string()
+            .contains("twin 'b'"));
     }
 }

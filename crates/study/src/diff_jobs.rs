@@ -48,8 +48,12 @@ pub fn run(c: DiffCmd) -> Result<()> {
 
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq)]
 pub enum TemplateArg {
-    /// The chat template for an instruction-tuned model, raw text for a base model.
+    /// A base/chat pair of one model (same tokenizer and width): both read the chat model's
+    /// template ids, paired per token. Otherwise the chat template for an instruction-tuned
+    /// model, raw text for a base model.
     Auto,
+    /// Both read the chat model's ids through its template (needs one tokenizer).
+    Shared,
     /// Raw text for both (needed for per-token pairing of a base/chat pair).
     None,
     /// The chat template for both.
@@ -94,6 +98,8 @@ pub struct Pair {
     pub models: [Model; 2],
     pub hooks: [HookName; 2],
     pub template: [bool; 2],
+    /// Both models read the chat model's token ids (a base/chat pair of one model).
+    pub shared_ids: bool,
 }
 
 impl PairArgs {
@@ -119,15 +125,24 @@ impl PairArgs {
             hook(&models[0], &self.base_hook)?,
             hook(&models[1], &self.chat_hook)?,
         ];
-        let template = match self.template {
-            TemplateArg::None => [false, false],
-            TemplateArg::Both => [true, true],
-            TemplateArg::Auto => [models[0].is_chat_model(), models[1].is_chat_model()],
+        let comparable =
+            persona_lens_diffing::analyze::exploratory_reason([&models[0], &models[1]]).is_none();
+        let (template, shared_ids) = match self.template {
+            TemplateArg::None => ([false, false], false),
+            TemplateArg::Both => ([true, true], false),
+            TemplateArg::Shared => ([true, true], true),
+            // a base/chat pair of one model reads the chat model's rendering, token for token
+            TemplateArg::Auto if comparable => ([true, true], true),
+            TemplateArg::Auto => (
+                [models[0].is_chat_model(), models[1].is_chat_model()],
+                false,
+            ),
         };
         Ok(Pair {
             models,
             hooks,
             template,
+            shared_ids,
         })
     }
 }
@@ -215,6 +230,7 @@ pub fn harvest_with(a: &HarvestArgs) -> Result<persona_lens_diffing::paired::Pai
         items.extend(default_corpus(&p.models, p.template, a)?);
     }
     let spec = PairedHarvestSpec {
+        shared_ids: p.shared_ids,
         hooks: p.hooks,
         chat_template: p.template,
         alignment: match a.align {
@@ -513,6 +529,7 @@ pub fn analyze_with(a: &AnalyzeArgs) -> Result<persona_lens_diffing::analyze::Su
         None => None,
     };
     let spec = AnalyzeSpec {
+        shared_ids: p.shared_ids,
         hooks: p.hooks,
         chat_template: p.template,
         alignment: Some(Alignment::Last),
@@ -677,6 +694,7 @@ pub fn verify_with(a: &VerifyArgs) -> Result<Vec<persona_lens_diffing::persona::
         })
         .collect();
     let spec = AnalyzeSpec {
+        shared_ids: p.shared_ids,
         hooks: p.hooks,
         chat_template: p.template,
         alignment: Some(Alignment::Last),

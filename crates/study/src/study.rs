@@ -1976,21 +1976,43 @@ fn diff_step(c: &Ctx) -> Result<StepOut> {
     use persona_lens_diffing::train::{train as run_train, Objective, TrainConfig};
     let dir = c.dir("diff");
     let d = &c.cfg.diff;
-    // The study's model is one side; the configured partner of the other kind is the other.
+    // The study's model is one side. The other is its registry twin (the same model on the other
+    // side of chat tuning) when that loads here; otherwise the configured partner, and the run is
+    // exploratory.
     let study_is_chat = c.model.is_chat_model();
-    let partner_name = if study_is_chat {
+    let configured = if study_is_chat {
         d.base_model.clone()
     } else {
         d.chat_model.clone()
     };
-    let partner = load_model(&ModelArgs {
-        model: partner_name.clone(),
-        models_dir: c.models_dir.clone(),
-        dtype: DtypeArg::F32,
-        quantized: None,
-        threads: c.threads,
-        json: false,
-    })?;
+    let load = |name: &str| {
+        load_model(&ModelArgs {
+            model: name.to_string(),
+            models_dir: c.models_dir.clone(),
+            dtype: DtypeArg::F32,
+            quantized: None,
+            threads: c.threads,
+            json: false,
+        })
+    };
+    let twin = persona_lens_engine::registry::lookup(&c.model.info.name)
+        .or_else(|| persona_lens_engine::registry::lookup(&c.cfg.model))
+        .and_then(|e| e.twin.clone());
+    let mut partner_note = None;
+    let (partner_name, partner) = match twin {
+        Some(t) if t != configured => match load(&t) {
+            Ok(m) => (t, m),
+            Err(e) => {
+                partner_note = Some(format!(
+                    "The matched partner of {} ({t}, same tokenizer and width) is not on this machine ({}); diffed against {configured} instead.",
+                    c.cfg.model,
+                    crate::one_line(&e)
+                ));
+                (configured.clone(), load(&configured)?)
+            }
+        },
+        _ => (configured.clone(), load(&configured)?),
+    };
     let (base, chat) = if study_is_chat {
         (&partner, c.model)
     } else {
@@ -2006,7 +2028,15 @@ fn diff_step(c: &Ctx) -> Result<StepOut> {
         persona_lens_diffing::harvest::middle_resid_post(base),
         persona_lens_diffing::harvest::middle_resid_post(chat),
     ];
-    let template = [base.is_chat_model(), chat.is_chat_model()];
+    // A base/chat pair of one model reads the chat model's template ids, paired per token
+    // (Minder et al.); a pair of different families gets one row per prompt at each model's
+    // last token, each model reading its own rendering.
+    let comparable = persona_lens_diffing::analyze::exploratory_reason(models).is_none();
+    let template = if comparable {
+        [true, true]
+    } else {
+        [base.is_chat_model(), chat.is_chat_model()]
+    };
     let ds = persona_lens_analysis::dataset::generate(&persona_lens_analysis::GenOptions {
         persona_pairs: vec![c.cfg.persona_pair.clone()],
         topics: vec![],
@@ -2020,7 +2050,12 @@ fn diff_step(c: &Ctx) -> Result<StepOut> {
     let spec = PairedHarvestSpec {
         hooks,
         chat_template: template,
-        alignment: Some(Alignment::Last),
+        shared_ids: comparable,
+        alignment: Some(if comparable {
+            Alignment::Tokens
+        } else {
+            Alignment::Last
+        }),
         batch_size: 16,
         shard_rows: 50_000,
         setup: [None, None],
@@ -2078,6 +2113,7 @@ fn diff_step(c: &Ctx) -> Result<StepOut> {
     let aspec = AnalyzeSpec {
         hooks,
         chat_template: template,
+        shared_ids: comparable,
         alignment: Some(Alignment::Last),
         batch_size: 16,
         crosscoder: Some((&trained.crosscoder, "diff/crosscoder".into())),
@@ -2094,7 +2130,8 @@ fn diff_step(c: &Ctx) -> Result<StepOut> {
     })?;
     let prov = |extra: Value| {
         let v = c.prov(json!({"base_model": base_name, "chat_model": chat_name,
-            "hooks": [hooks[0].to_string(), hooks[1].to_string()], "position": "last",
+            "hooks": [hooks[0].to_string(), hooks[1].to_string()],
+            "position": if comparable { "training: every token of the chat model's rendering; latents: last prompt token" } else { "last" },
             "dict_size": d.dict_size, "steps": d.steps, "file": "diff/analysis/summary.json"}));
         merged(v, &extra)
     };
@@ -2171,6 +2208,9 @@ fn diff_step(c: &Ctx) -> Result<StepOut> {
                 ));
             }
         }
+    }
+    if let Some(note) = partner_note {
+        negatives.push(note);
     }
     if let Some(why) = &sm.exploratory {
         negatives.push(format!(
