@@ -261,6 +261,22 @@ fn harvest_train_analyze_verify_on_real_models() {
         "--quiet",
     ]);
     assert!(train.contains("trained 60 steps"), "{train}");
+    // 10 % of the samples held out by default: the validation numbers come from them and the
+    // training rows are the rest
+    let log: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(cc.join("train_log.json")).unwrap()).unwrap();
+    let val = &log["validation"];
+    let held = val["samples"].as_u64().unwrap();
+    assert!((3..=40).contains(&held), "{val}");
+    assert_eq!(
+        val["rows"].as_u64().unwrap(),
+        held,
+        "one row per sample (last-token pairs)"
+    );
+    assert_eq!(log["train_rows"].as_u64().unwrap() + held, rows);
+    let fve = val["fve"].as_f64().unwrap();
+    assert!(fve.is_finite() && fve < 1.0, "{val}");
+    assert_eq!(log["config"]["objective"]["kind"], "batch_top_k");
     for f in [
         "model.safetensors",
         "config.json",

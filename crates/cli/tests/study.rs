@@ -44,7 +44,9 @@ bootstrap = 200
 dict_size = 64
 steps = 40
 batch_size = 32
+k = 8
 max_dataset_items = 24
+n_questions_per_pair = 4
 top_k = 5
 n_verify = 2
 "#;

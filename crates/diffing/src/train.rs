@@ -55,6 +55,10 @@ pub struct TrainConfig {
     pub target_rms: f64,
     /// Initial norm of each (model, latent) decoder vector.
     pub dec_init_norm: f64,
+    /// Fraction of the store's samples (whole samples, chosen by a seeded hash of their ids)
+    /// held out of training; FVE, L0 and dead fraction are reported on them. 0 = none.
+    #[serde(default)]
+    pub validation_fraction: f64,
 }
 
 impl TrainConfig {
@@ -71,8 +75,105 @@ impl TrainConfig {
             normaliser_rows: 20_000,
             target_rms: 1.0,
             dec_init_norm: 0.1,
+            validation_fraction: 0.1,
         }
     }
+}
+
+/// Whether sample `id` is held out for validation: a seeded hash of the id below `fraction`.
+pub fn is_validation_sample(id: &str, fraction: f64, seed: u64) -> bool {
+    use sha2::{Digest, Sha256};
+    if fraction <= 0.0 {
+        return false;
+    }
+    let h = Sha256::digest(format!("{seed}/{id}").as_bytes());
+    let v = u64::from_le_bytes(h[..8].try_into().expect("8 bytes"));
+    (v as f64 / u64::MAX as f64) < fraction
+}
+
+/// The store's rows split by sample: training row offsets within each shard, and the global
+/// indices of the validation rows.
+fn split_rows(store: &PairedStore, fraction: f64, seed: u64) -> (Vec<Vec<u32>>, Vec<usize>) {
+    let mut is_val = vec![false; store.meta.rows];
+    for s in &store.meta.samples {
+        if is_validation_sample(&s.id, fraction, seed) {
+            let end = (s.first_row + s.n_rows).min(store.meta.rows);
+            is_val[s.first_row.min(end)..end].fill(true);
+        }
+    }
+    let mut train = vec![];
+    let mut start = 0usize;
+    for sh in &store.meta.shards {
+        train.push(
+            (0..sh.rows)
+                .filter(|&r| !is_val[start + r])
+                .map(|r| r as u32)
+                .collect(),
+        );
+        start += sh.rows;
+    }
+    let val = (0..store.meta.rows).filter(|&r| is_val[r]).collect();
+    (train, val)
+}
+
+/// The trained crosscoder on the held-out samples' rows (normalised units, as in training).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Validation {
+    pub samples: usize,
+    pub rows: usize,
+    pub fve: f64,
+    pub mse: f64,
+    /// Mean active latents per row (inference encoding: the learned threshold for BatchTopK).
+    pub l0: f64,
+    /// Latents that never fire on the validation rows.
+    pub dead_fraction: f64,
+}
+
+/// Evaluates `cc` on rows `rows` (global indices) of `store`.
+pub fn validate(
+    cc: &CrossCoder,
+    store: &PairedStore,
+    rows: &[usize],
+) -> Result<Option<Validation>> {
+    if rows.is_empty() {
+        return Ok(None);
+    }
+    // contiguous runs of rows, read once each
+    let mut parts = vec![];
+    let mut i = 0;
+    while i < rows.len() {
+        let mut j = i + 1;
+        while j < rows.len() && rows[j] == rows[j - 1] + 1 {
+            j += 1;
+        }
+        parts.push(store.rows(rows[i], j - i)?);
+        i = j;
+    }
+    let x = Tensor::cat(&parts, 0)?.to_dtype(DType::F32)?;
+    let xn = cc.normalize(&x)?;
+    let f = cc.encode(&x, true)?;
+    let recon = cc.normalize(&cc.forward(&x)?)?;
+    let n = x.dim(0)?;
+    let mse = (&xn - &recon)?.sqr()?.sum_all()?.to_scalar::<f32>()? as f64 / n as f64;
+    let active = f.gt(0f32)?.to_dtype(DType::F32)?;
+    let l0 = active.sum_all()?.to_scalar::<f32>()? as f64 / n as f64;
+    let fired: Vec<f32> = active.max(0)?.to_vec1()?;
+    let dead_fraction =
+        fired.iter().filter(|&&v| v == 0.0).count() as f64 / fired.len().max(1) as f64;
+    let samples = store
+        .meta
+        .samples
+        .iter()
+        .filter(|s| rows.binary_search(&s.first_row).is_ok())
+        .count();
+    Ok(Some(Validation {
+        samples,
+        rows: n,
+        fve: crate::metrics::fve(&xn, &recon)?,
+        mse,
+        l0,
+        dead_fraction,
+    }))
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -90,6 +191,8 @@ pub struct StepLog {
 
 /// The batch order: (seed, step) -> rows, visiting one shard at a time.
 struct Sampler {
+    /// Training row offsets within each shard (validation rows left out).
+    keep: Vec<Vec<u32>>,
     shard_rows: Vec<usize>,
     total: usize,
     seed: u64,
@@ -98,10 +201,11 @@ struct Sampler {
 }
 
 impl Sampler {
-    fn new(store: &PairedStore, seed: u64) -> Self {
-        let shard_rows: Vec<usize> = store.meta.shards.iter().map(|s| s.rows).collect();
+    fn new(keep: Vec<Vec<u32>>, seed: u64) -> Self {
+        let shard_rows: Vec<usize> = keep.iter().map(Vec::len).collect();
         let total = shard_rows.iter().sum();
         Self {
+            keep,
             shard_rows,
             total,
             seed,
@@ -121,14 +225,14 @@ impl Sampler {
     fn load(&mut self, store: &PairedStore, epoch: usize, shard: usize) -> Result<&Tensor> {
         if self.loaded.as_ref().map(|(k, _)| *k) != Some((epoch, shard)) {
             let t = store.shard(shard)?;
-            let mut perm: Vec<u32> = (0..t.dim(0)? as u32).collect();
+            let mut perm: Vec<u32> = self.keep[shard].clone();
             let mut rng = rand::rngs::StdRng::seed_from_u64(
                 self.seed
                     ^ ((epoch as u64) << 32)
                     ^ (shard as u64 + 1).wrapping_mul(0xD1B5_4A32_D192_ED03),
             );
             perm.shuffle(&mut rng);
-            let idx = Tensor::from_vec(perm, t.dim(0)?, &Device::Cpu)?;
+            let idx = Tensor::from_vec(perm, self.keep[shard].len(), &Device::Cpu)?;
             self.loaded = Some(((epoch, shard), t.index_select(&idx, 0)?));
         }
         Ok(&self.loaded.as_ref().expect("just loaded").1)
@@ -231,6 +335,10 @@ pub struct TrainOutcome {
     /// Whether training reached `config.steps` (false when stopped by `stop_after`).
     pub finished: bool,
     pub seconds: f64,
+    /// Rows training drew from (the store less the validation samples).
+    pub train_rows: usize,
+    /// The final crosscoder on the held-out samples (None without any).
+    pub validation: Option<Validation>,
 }
 
 const CKPT_TENSORS: &str = "checkpoint.safetensors";
@@ -252,6 +360,13 @@ pub fn train(
     let (n, d, f) = (store.n_models(), store.meta.d, cfg.dict_size);
     if cfg.batch_size == 0 || cfg.steps == 0 || f == 0 {
         return invalid("batch size, steps and dict size must be positive");
+    }
+    if let Objective::BatchTopK { k, .. } = cfg.objective {
+        if k == 0 || k > f {
+            return invalid(format!(
+                "BatchTopK's k = {k} must be from 1 to the dictionary size {f}; give a smaller --k or a larger --dict-size"
+            ));
+        }
     }
     // Real-width masks: padded coordinates of a narrower model keep zero weights.
     let mut mask = vec![0f32; n * d];
@@ -353,7 +468,14 @@ pub fn train(
     };
     log.truncate(start);
 
-    let mut sampler = Sampler::new(store, cfg.seed);
+    let (keep, val_rows) = split_rows(store, cfg.validation_fraction, cfg.seed);
+    if keep.iter().all(Vec::is_empty) {
+        return invalid(format!(
+            "no training rows left after holding out {:.0} % of the samples for validation; give a larger corpus or a smaller --validation-fraction",
+            100.0 * cfg.validation_fraction
+        ));
+    }
+    let mut sampler = Sampler::new(keep, cfg.seed);
     let (b1, b2, eps) = (0.9f64, 0.999f64, 1e-8f64);
     let decay_start = cfg.steps - cfg.steps / 5;
     let end = match stop_after {
@@ -617,11 +739,14 @@ pub fn train(
         layout: Layout::Fresh,
         metadata,
     };
+    let validation = validate(&cc, store, &val_rows)?;
     Ok(TrainOutcome {
         crosscoder: cc,
         log,
         resumed_from: start,
         finished: end == cfg.steps,
         seconds: t0.elapsed().as_secs_f64(),
+        train_rows: sampler.total,
+        validation,
     })
 }

@@ -73,6 +73,7 @@ fn both_objectives_learn_sparse_structure_and_save() {
         normaliser_rows: 100_000,
         target_rms: 1.0,
         dec_init_norm: 0.1,
+        validation_fraction: 0.0,
     };
     let x = st.all().unwrap();
     for objective in [

@@ -34,7 +34,7 @@ def read_safetensors(path: Path) -> dict:
     (n,) = struct.unpack("<Q", raw[:8])
     header = json.loads(raw[8 : 8 + n])
     data = raw[8 + n :]
-    dtypes = {"F32": np.float32, "F16": np.float16, "I64": np.int64, "U32": np.uint32}
+    dtypes = {"F32": np.float32, "F16": np.float16, "I64": np.int64, "I32": np.int32, "U32": np.uint32}
     out = {}
     for name, info in header.items():
         if name == "__metadata__":

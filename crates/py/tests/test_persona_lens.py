@@ -277,7 +277,7 @@ def test_diff_commands_equal_the_command_line(tmp_path):
         if f.endswith(".safetensors"):
             assert (tmp_path / "store_cli" / f).read_bytes() == (tmp_path / "store_py" / f).read_bytes(), f
     assert meta["rows"] == 6 and meta["dims"] == [640, 576]
-    t = {"dict_size": 16, "steps": 12, "batch_size": 4, "warmup_steps": 2, "checkpoint_every": 6}
+    t = {"dict_size": 16, "k": 4, "steps": 12, "batch_size": 4, "warmup_steps": 2, "checkpoint_every": 6}
     tflags = [x for k, v in t.items() for x in (f"--{k.replace('_', '-')}", str(v))]
     cli("diff", "train", "--store", str(tmp_path / "store_cli"), "--out", str(tmp_path / "cc_cli"), "--quiet", *tflags)
     tr = pl.diff_train(store=str(tmp_path / "store_cli"), out=str(tmp_path / "cc_py"), quiet=True, **t).to_dict()

@@ -275,7 +275,9 @@ pub struct TrainArgs {
     /// A paired store from `diff harvest`.
     #[arg(long, default_value = "out/diff/store")]
     pub store: PathBuf,
-    #[arg(long, value_enum, default_value = "l1")]
+    /// BatchTopK by default (Minder et al.'s recommendation: L1 crosscoders invent chat-only
+    /// latents); L1 stays available.
+    #[arg(long, value_enum, default_value = "batchtopk")]
     pub objective: ObjectiveArg,
     #[arg(long, default_value_t = 0.02)]
     pub l1_coeff: f64,
@@ -302,6 +304,10 @@ pub struct TrainArgs {
     pub checkpoint_every: usize,
     #[arg(long, default_value_t = 0.1)]
     pub dec_init_norm: f64,
+    /// Fraction of the store's samples held out of training (whole samples); FVE, L0 and dead
+    /// fraction are reported on them.
+    #[arg(long, default_value_t = 0.1, value_parser = crate::fraction)]
+    pub validation_fraction: f64,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Continue from the checkpoint in --out (same settings and data).
@@ -329,22 +335,36 @@ pub struct TrainReport {
     /// Training rows per second in this run.
     pub rows_per_second: f64,
     pub log: Vec<persona_lens_diffing::train::StepLog>,
+    /// Rows training drew from, and per latent (at least 20 for a dictionary this size).
+    pub train_rows: usize,
+    pub rows_per_latent: f64,
+    /// The final crosscoder on the held-out samples.
+    pub validation: Option<persona_lens_diffing::train::Validation>,
 }
 
 pub fn train(a: TrainArgs) -> Result<()> {
     let r = train_with(&a)?;
     let last = r.log.last().context("no steps")?;
     println!(
-        "trained {} steps ({} this run, {:.0} rows/s): loss {:.4}, FVE {:.3}, L0 {:.1}, dead {:.2} -> {}",
+        "trained {} steps ({} this run, {:.0} rows/s) on {} rows ({:.1} per latent): last batch loss {:.4}, FVE {:.3}, L0 {:.1}, dead {:.2} -> {}",
         r.config.steps,
         r.config.steps - r.resumed_from,
         r.rows_per_second,
+        r.train_rows,
+        r.rows_per_latent,
         last.loss,
         last.fve,
         last.l0,
         last.dead_fraction,
         a.out.display()
     );
+    match &r.validation {
+        Some(v) => println!(
+            "validation ({} held-out samples, {} rows): FVE {:.3}, L0 {:.1}, dead {:.2}",
+            v.samples, v.rows, v.fve, v.l0, v.dead_fraction
+        ),
+        None => println!("validation: none (no held-out samples)"),
+    }
     Ok(())
 }
 
@@ -376,6 +396,7 @@ pub fn train_with(a: &TrainArgs) -> Result<TrainReport> {
         normaliser_rows: 100_000,
         target_rms: 1.0,
         dec_init_norm: a.dec_init_norm,
+        validation_fraction: a.validation_fraction,
     };
     let ckpt = a.out.join("checkpoint");
     if !a.resume && ckpt.join("checkpoint.json").exists() {
@@ -412,6 +433,9 @@ pub fn train_with(a: &TrainArgs) -> Result<TrainReport> {
         rows_per_second: ((cfg.steps - out.resumed_from) * cfg.batch_size) as f64
             / out.seconds.max(1e-9),
         log: out.log.clone(),
+        train_rows: out.train_rows,
+        rows_per_latent: out.train_rows as f64 / cfg.dict_size as f64,
+        validation: out.validation.clone(),
     };
     let bytes = serde_json::to_vec_pretty(&report)?;
     persona_lens_engine::io::write_atomic(&a.out.join("train_log.json"), &bytes)?;

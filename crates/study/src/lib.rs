@@ -93,6 +93,17 @@ pub fn at_least_one(s: &str) -> Result<usize, String> {
     Ok(n)
 }
 
+/// A fraction in [0, 1) (a held-out share).
+pub fn fraction(s: &str) -> Result<f64, String> {
+    let v: f64 = s.parse().map_err(|_| format!("'{s}' is not a number"))?;
+    if !(0.0..1.0).contains(&v) {
+        return Err(format!(
+            "{v}: give a fraction from 0 up to (not including) 1"
+        ));
+    }
+    Ok(v)
+}
+
 /// An error as one line, as every front end shows it (`error: ` is the front end's): the
 /// chain of causes joined by `: `, a cause whose text the line already holds (a wrapper that
 /// prints its source) said once, line breaks folded.

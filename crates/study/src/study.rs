@@ -163,6 +163,18 @@ impl StudyConfig {
         if self.experiment.iter().any(|e| e == "ablate") && self.heads.n_questions_per_pair == 1 {
             bail!("[heads] n_questions_per_pair = 1: heads are ranked on half of the questions and ablated on the other half; give at least 2");
         }
+        if !matches!(self.diff.objective.as_str(), "batchtopk" | "l1") {
+            bail!(
+                "[diff] objective = '{}': use batchtopk or l1",
+                self.diff.objective
+            );
+        }
+        if !(0.0..1.0).contains(&self.diff.validation_fraction) {
+            bail!(
+                "[diff] validation_fraction = {}: give a fraction from 0 up to (not including) 1",
+                self.diff.validation_fraction
+            );
+        }
         if self.experiment.iter().any(|e| e == "diff" || e == "all")
             && self.diff.n_questions_per_pair == 1
         {
@@ -268,7 +280,13 @@ pub struct DiffCfg {
     pub dict_size: usize,
     pub steps: usize,
     pub batch_size: usize,
+    /// `batchtopk` (Minder et al.'s recommendation) or `l1`.
+    pub objective: String,
+    /// BatchTopK's active latents per row.
+    pub k: usize,
     pub l1_coeff: f64,
+    /// Samples held out of training for FVE, L0 and dead fraction.
+    pub validation_fraction: f64,
     /// Persona-dataset prompts in the training corpus (0 = all of the study's dataset).
     pub max_dataset_items: usize,
     /// Questions per persona pair for ranking latents and testing them on held-out questions
@@ -374,7 +392,10 @@ impl Default for DiffCfg {
             dict_size: 256,
             steps: 400,
             batch_size: 64,
+            objective: "batchtopk".into(),
+            k: 32,
             l1_coeff: 0.02,
+            validation_fraction: 0.1,
             max_dataset_items: 0,
             n_questions_per_pair: 6,
             top_k: 10,
@@ -2071,8 +2092,17 @@ fn diff_step(c: &Ctx) -> Result<StepOut> {
     )?;
     let store = PairedStore::open(&store_dir)?;
     let tcfg = TrainConfig {
-        objective: Objective::L1 {
-            l1_coeff: d.l1_coeff,
+        objective: if d.objective == "l1" {
+            Objective::L1 {
+                l1_coeff: d.l1_coeff,
+            }
+        } else {
+            Objective::BatchTopK {
+                k: d.k,
+                aux_k: (d.dict_size / 4).max(1),
+                aux_alpha: 1.0 / 32.0,
+                dead_after: 10 * d.batch_size.max(1000),
+            }
         },
         dict_size: d.dict_size,
         batch_size: d.batch_size,
@@ -2084,6 +2114,7 @@ fn diff_step(c: &Ctx) -> Result<StepOut> {
         normaliser_rows: 100_000,
         target_rms: 1.0,
         dec_init_norm: 0.1,
+        validation_fraction: d.validation_fraction,
     };
     let cc_dir = dir.join("crosscoder");
     let ckpt = cc_dir.join("checkpoint");
@@ -2135,15 +2166,35 @@ fn diff_step(c: &Ctx) -> Result<StepOut> {
             "dict_size": d.dict_size, "steps": d.steps, "file": "diff/analysis/summary.json"}));
         merged(v, &extra)
     };
-    let mut headlines = vec![Headline {
-        id: "diff.fve".into(),
-        label: "crosscoder fraction of variance explained (last training batch)".into(),
-        value: last.fve,
-        unit: "fraction".into(),
-        ci95: None,
-        provenance: prov(json!({"rows": store.meta.rows})),
+    let mut headlines = vec![match &trained.validation {
+        Some(v) => Headline {
+            id: "diff.fve".into(),
+            label: format!(
+                "crosscoder fraction of variance explained on {} held-out samples ({} rows; L0 {:.1}, dead {:.2})",
+                v.samples, v.rows, v.l0, v.dead_fraction
+            ),
+            value: v.fve,
+            unit: "fraction".into(),
+            ci95: None,
+            provenance: prov(json!({"rows": v.rows, "split": "validation samples"})),
+        },
+        None => Headline {
+            id: "diff.fve".into(),
+            label: "crosscoder fraction of variance explained (last training batch: no held-out samples)".into(),
+            value: last.fve,
+            unit: "fraction".into(),
+            ci95: None,
+            provenance: prov(json!({"rows": store.meta.rows, "split": "training batch"})),
+        },
     }];
     let mut negatives = vec![];
+    let rows_per_latent = trained.train_rows as f64 / d.dict_size as f64;
+    if rows_per_latent < 20.0 {
+        negatives.push(format!(
+            "The crosscoder saw {} training rows for {} latents ({:.1} per latent, fewer than 20): too little data for a dictionary this size, so its latents are not reliable units; harvest more text (per-token rows of a matched pair give this cheaply) or shrink [diff] dict_size.",
+            trained.train_rows, d.dict_size, rows_per_latent
+        ));
+    }
     if let Some(top) = sm.top_candidates.first() {
         headlines.push(Headline {
             id: "diff.top_novice_latent_t".into(),
@@ -2234,12 +2285,13 @@ fn diff_step(c: &Ctx) -> Result<StepOut> {
         step: "diff".into(),
         command: vec![
             "diff harvest / diff train / diff analyze (library calls; see diff/analysis/summary.json)".into(),
-            format!("--base-model {} --chat-model {} --dict-size {} --steps {} --batch-size {} --l1-coeff {} --seed {}", base_name, chat_name, d.dict_size, d.steps, d.batch_size, d.l1_coeff, c.cfg.seed),
+            format!("--base-model {} --chat-model {} --dict-size {} --steps {} --batch-size {} --objective {} --k {} --l1-coeff {} --validation-fraction {} --seed {}", base_name, chat_name, d.dict_size, d.steps, d.batch_size, d.objective, d.k, d.l1_coeff, d.validation_fraction, c.cfg.seed),
         ],
         headlines,
         negatives,
         plots,
-        data: json!({"rows": store.meta.rows, "latent_classes": sm.latent_classes, "final_step": last,
+        data: json!({"rows": store.meta.rows, "train_rows": trained.train_rows, "rows_per_latent": rows_per_latent,
+            "validation": trained.validation, "alignment": store.meta.alignment, "latent_classes": sm.latent_classes, "final_step": last,
             "top_candidates": sm.top_candidates.iter().take(5).collect::<Vec<_>>(),
             "n_pairs_select": sm.n_pairs_select, "n_pairs_evaluate": sm.n_pairs_evaluate,
             "top_null": sm.top_null, "exploratory": sm.exploratory,
@@ -2489,8 +2541,20 @@ fn build_summary(c: &Ctx, mhash: &str, results: &[StepOut]) -> Result<Summary> {
 
 /// A claim as the summary and the report write it: the statement, then what the test found.
 pub fn claim_sentence(c: &Claim) -> String {
+    let conditions = if c.conditions.is_empty() {
+        String::new()
+    } else {
+        format!(
+            "; conditions: {}",
+            c.conditions
+                .iter()
+                .map(|k| format!("{} ({})", k.what, if k.holds { "holds" } else { "fails" }))
+                .collect::<Vec<_>>()
+                .join("; ")
+        )
+    };
     format!(
-        "{} [{}: effect {} ({}), 95 % CI {} to {}, p = {}, Holm-adjusted p = {}, {} clusters]",
+        "{} [{}: effect {} ({}), 95 % CI {} to {}, p = {}, Holm-adjusted p = {}, {} clusters{conditions}]",
         c.statement,
         c.id,
         fmt_num(c.effect),
@@ -2719,7 +2783,7 @@ pub fn build_report(s: &Summary) -> Document {
     );
     let claims = &s.claims;
     if !claims.is_empty() {
-        d.p("Tested claims (each selected on the selection split and tested on the evaluation split; p-values Holm-adjusted over every claim of the run; supported when the adjusted p is below 0.05 and the effect points the claimed way):");
+        d.p("Tested claims (each selected on the selection split and tested on the evaluation split; p-values Holm-adjusted over every claim of the run; supported when the adjusted p is below 0.05, the effect points the claimed way and every listed condition holds):");
         d.table(
             [
                 "claim",
