@@ -1,12 +1,16 @@
-"""Python overhead on the forward workload: persona_lens.Model.run_with_cache vs the CLI's
-`bench-forward`, same token ids, same hooks (hook_embed + every hook_resid_post), same batch
+"""Python overhead on the forward workload: persona_lens.Model.run_with_cache against the CLI's
+`bench-forward` on the same token ids, hooks (hook_embed + every hook_resid_post) and batch
 sizes, alternating over rounds in one invocation; medians and ratios printed.
 
-    make python && .venv-py/bin/python bench/python_overhead.py [--model smollm2-135m-instruct] [--rounds 3]
+    cargo build --release -p persona-lens
+    (cd crates/py && maturin develop --release)   # into .venv-py, as `make python` does in debug
+    .venv-py/bin/python bench/python_overhead.py [--model smollm2-135m-instruct] [--rounds 5]
 
-The CLI times its forward loop inside the process (one warm-up, then one timed pass per run);
-Python times one `run_with_cache` call per round after one warm-up call, so the Python side also
-pays for what the CLI skips: position-aligning the cache and copying it into numpy arrays.
+Two CLI peers, each timed inside the process (one warm-up, one timed pass per run):
+`bench-forward --run-with-cache` runs the library call Python wraps (`Model::run_with_cache`, a
+position-aligned cache of all prompts): Python / that = the Python layer's overhead. Plain
+`bench-forward` drops each batch's captures: rust run_with_cache / that = what assembling the
+cache costs any front end. Python times one `run_with_cache` call per round after a warm-up.
 """
 
 import argparse
@@ -37,17 +41,26 @@ names = "hook_embed,blocks.*.hook_resid_post"
 
 print(f"model {args.model} ({model.cfg['precision']}), {len(ids)} prompts, {n_tokens} tokens, "
       f"{args.rounds} rounds, CLI {args.bin}, persona_lens {pl.__version__}")
-print(f"{'batch':>5} {'CLI tok/s':>10} {'Python tok/s':>13} {'Python / CLI':>13} {'overhead':>9}")
+print(f"{'batch':>5} {'forward tok/s':>14} {'CLI rwc tok/s':>14} {'Python tok/s':>13} "
+      f"{'Python / CLI rwc':>17} {'overhead':>9} {'rwc / forward':>14}")
+
+
+def cli_run(bs, extra):
+    out = subprocess.run([args.bin, "bench-forward", "--model", args.model, "--ids", str(ids_file),
+                          "--batch-size", str(bs), "--repeats", "1", "--json", *extra],
+                         check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])["tokens_per_s"]
+
+
 for bs in (1, 16):
     model.run_with_cache(ids, names=names, batch_size=bs)  # warm-up
-    cli, py = [], []
+    fwd, rwc, py = [], [], []
     for _ in range(args.rounds):
-        out = subprocess.run([args.bin, "bench-forward", "--model", args.model, "--ids", str(ids_file),
-                              "--batch-size", str(bs), "--repeats", "1", "--json"],
-                             check=True, capture_output=True, text=True).stdout
-        cli.append(json.loads(out.strip().splitlines()[-1])["tokens_per_s"])
+        fwd.append(cli_run(bs, []))
+        rwc.append(cli_run(bs, ["--run-with-cache"]))
         t0 = time.perf_counter()
         model.run_with_cache(ids, names=names, batch_size=bs)
         py.append(n_tokens / (time.perf_counter() - t0))
-    c, p = statistics.median(cli), statistics.median(py)
-    print(f"{bs:>5} {c:>10.1f} {p:>13.1f} {p / c:>12.3f}x {100 * (1 - p / c):>8.1f}%")
+    f, c, p = (statistics.median(v) for v in (fwd, rwc, py))
+    print(f"{bs:>5} {f:>14.1f} {c:>14.1f} {p:>13.1f} {p / c:>16.3f}x {100 * (1 - p / c):>8.1f}% "
+          f"{c / f:>13.3f}x")

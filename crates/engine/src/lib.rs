@@ -38,7 +38,7 @@ pub use hooks::{
 pub use layers::{KvCache, LogitsAt};
 pub use model::{models_dir, resolve, LoadOptions, Model, ModelInfo, ModelSource, DEFAULT_MODEL};
 pub use registry::{registry, RegistryEntry};
-pub use run_cache::CachePositions;
+pub use run_cache::{CachePositions, OwnedActivation};
 pub use tokenizer::{read_token_ids, ChatMessage, Tokenizer};
 pub use weights::{Precision, QuantKernel};
 

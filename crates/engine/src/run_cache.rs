@@ -64,8 +64,44 @@ impl Model {
         positions: CachePositions,
         logits_at: LogitsAt,
         batch_size: usize,
-        mut progress: impl FnMut(usize),
+        progress: impl FnMut(usize),
     ) -> Result<(Option<Tensor>, ActivationCache)> {
+        let (logits, owned) = self.run_with_hooks_owned(
+            seqs,
+            interventions,
+            names,
+            positions,
+            logits_at,
+            batch_size,
+            progress,
+        )?;
+        let mut cache = ActivationCache::default();
+        for a in owned {
+            // `from_vec` takes the buffer as the tensor's storage: no copy
+            cache.insert(a.hook, Tensor::from_vec(a.data, a.shape, self.device())?);
+        }
+        cache.pad = vec![0; seqs.len()];
+        cache.lens = match positions {
+            CachePositions::All => seqs.iter().map(Vec::len).collect(),
+            // One position per row, nothing to trim.
+            CachePositions::Last => vec![],
+        };
+        Ok((logits, cache))
+    }
+
+    /// [`Model::run_with_hooks`] with each hook's activations as an owned f32 buffer, assembled
+    /// across batches with one copy: a front end hands the buffer on (to numpy) without another.
+    #[allow(clippy::too_many_arguments)]
+    pub fn run_with_hooks_owned(
+        &self,
+        seqs: &[Vec<u32>],
+        interventions: &[Intervention],
+        names: &[HookName],
+        positions: CachePositions,
+        logits_at: LogitsAt,
+        batch_size: usize,
+        mut progress: impl FnMut(usize),
+    ) -> Result<(Option<Tensor>, Vec<OwnedActivation>)> {
         if batch_size == 0 {
             return Err(EngineError::InvalidArgument(
                 "batch size 0: give at least 1 prompt per forward call".into(),
@@ -154,20 +190,44 @@ impl Model {
             done += chunk.len();
             progress(done);
         }
-        let mut cache = ActivationCache::default();
-        for (h, ts) in parts {
-            cache.insert(h, Tensor::cat(&ts, 0)?.contiguous()?);
+        let mut owned = Vec::with_capacity(parts.len());
+        for (hook, ts) in parts {
+            let (data, shape) = concat_rows(&ts)?;
+            owned.push(OwnedActivation { hook, data, shape });
         }
-        cache.pad = vec![0; seqs.len()];
-        cache.lens = match positions {
-            CachePositions::All => lens,
-            // One position per row, nothing to trim.
-            CachePositions::Last => vec![],
-        };
         let logits = match logits_parts.is_empty() {
             true => None,
             false => Some(Tensor::cat(&logits_parts, 0)?.contiguous()?),
         };
-        Ok((logits, cache))
+        Ok((logits, owned))
     }
+}
+
+/// One hook's activations, position-aligned across batches, as an owned row-major f32 buffer.
+pub struct OwnedActivation {
+    pub hook: HookName,
+    pub data: Vec<f32>,
+    pub shape: Vec<usize>,
+}
+
+/// `parts` (f32, equal trailing dims) concatenated along axis 0 into one owned buffer, copying
+/// each part once.
+fn concat_rows(parts: &[Tensor]) -> Result<(Vec<f32>, Vec<usize>)> {
+    let mut shape = parts.first().map(|t| t.dims().to_vec()).unwrap_or_default();
+    if let Some(first) = shape.first_mut() {
+        *first = parts.iter().map(|t| t.dims()[0]).sum();
+    }
+    let mut data = Vec::with_capacity(shape.iter().product());
+    for p in parts {
+        let p = p.contiguous()?;
+        let (storage, layout) = p.storage_and_layout();
+        match &*storage {
+            candle_core::Storage::Cpu(cpu) => {
+                let o = layout.start_offset();
+                data.extend_from_slice(&cpu.as_slice::<f32>()?[o..o + p.elem_count()]);
+            }
+            _ => data.extend(p.flatten_all()?.to_vec1::<f32>()?),
+        }
+    }
+    Ok((data, shape))
 }

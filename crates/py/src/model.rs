@@ -3,6 +3,7 @@
 use crate::cache::PyActivationCache;
 use crate::ops::{interventions, to_numpy};
 use crate::{compute, PersonaLensError};
+use numpy::PyArrayMethods;
 use persona_lens_engine::{
     generate, CachePositions, GenerateOptions, Hooks, LogitsAt, Model, DEFAULT_MODEL,
 };
@@ -131,8 +132,8 @@ impl PyModel {
             vec![]
         };
         let m = &self.model;
-        let (lg, c) = compute(py, || {
-            Ok(m.run_with_hooks(
+        let (lg, owned) = compute(py, || {
+            Ok(m.run_with_hooks_owned(
                 &seqs,
                 &ivs,
                 &names,
@@ -149,13 +150,17 @@ impl PyModel {
         if !cache {
             return Ok((lg, None));
         }
+        // The engine's buffers become numpy's: no copy beyond assembling the cache.
+        let mut by_hook: std::collections::HashMap<_, _> =
+            owned.into_iter().map(|a| (a.hook, a)).collect();
         let arrays = names
             .iter()
             .map(|h| {
-                Ok((
-                    h.to_string(),
-                    to_numpy(py, &c.get(h).map_err(|e| crate::py_err(e.into()))?)?.unbind(),
-                ))
+                let a = by_hook.remove(h).ok_or_else(|| {
+                    crate::PersonaLensError::new_err(format!("internal: no activations for {h}"))
+                })?;
+                let arr = numpy::PyArray1::from_vec(py, a.data).reshape(a.shape.as_slice())?;
+                Ok((h.to_string(), arr.into_any().unbind()))
             })
             .collect::<PyResult<Vec<_>>>()?;
         let cache = PyActivationCache {

@@ -479,6 +479,10 @@ pub struct BenchForwardArgs {
     /// the prompt length computes the whole score matrix at once (the memory comparison).
     #[arg(long, value_parser = crate::at_least_one)]
     pub attention_block: Option<usize>,
+    /// Time the library's `Model::run_with_cache` (a position-aligned cache of all prompts, as
+    /// the Python package returns it) instead of forwards whose captures are dropped.
+    #[arg(long)]
+    pub run_with_cache: bool,
 }
 
 /// The benchmark workload: forward over all prompts with the full residual stream captured
@@ -522,6 +526,17 @@ pub fn bench_forward(a: BenchForwardArgs) -> Result<()> {
             .map(|l| HookName::block(l, persona_lens_engine::HookPoint::ResidPost)),
     );
     let run_once = || -> Result<()> {
+        if a.run_with_cache {
+            m.run_with_cache(
+                &seqs,
+                &names,
+                persona_lens_engine::CachePositions::All,
+                LogitsAt::Last,
+                a.batch_size,
+                |_| {},
+            )?;
+            return Ok(());
+        }
         for chunk in seqs.chunks(a.batch_size.max(1)) {
             let batch = Batch::left_padded(chunk, m.pad_id(), m.device())?;
             let mut hooks = Hooks::new();
@@ -539,6 +554,7 @@ pub fn bench_forward(a: BenchForwardArgs) -> Result<()> {
     }
     let v = json!({
         "impl": format!("persona-lens ({})", m.info.precision),
+        "mode": if a.run_with_cache { "run_with_cache" } else { "forward" },
         "batch_size": a.batch_size, "tokens": n_tokens, "seconds": best,
         "attention_block": m.decoder.attention_block,
         "tokens_per_s": n_tokens as f64 / best,
