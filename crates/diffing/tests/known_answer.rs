@@ -2,6 +2,9 @@
 //! direction that switches on only at a trigger token (through the hook API). A crosscoder
 //! trained on A vs B must find a B-only latent (Δ_norm ≥ 0.9) whose B decoder is the planted
 //! direction (cosine ≥ 0.9) and which fires on the trigger, while shared latents stay near 0.5.
+//! The latent is also chosen blind, as `diff analyze` ranks: chat-only class, then the persona
+//! statistic on prompt pairs whose "novice" side carries the trigger; the planted direction only
+//! checks that choice.
 //! Also: a killed-and-resumed training run reproduces the uninterrupted run's loss curve.
 
 #[path = "../../engine/tests/common/mod.rs"]
@@ -13,6 +16,7 @@ use persona_lens_diffing::harvest::{
 };
 use persona_lens_diffing::metrics::{DecoderMetrics, LatentClass};
 use persona_lens_diffing::paired::{Alignment, PairedStore};
+use persona_lens_diffing::persona::{codes_for, consistency, pair_differences};
 use persona_lens_diffing::train::{train, Objective, TrainConfig};
 use persona_lens_engine::{Batch, Hooks, LogitsAt};
 use rand::{Rng, SeedableRng};
@@ -204,6 +208,68 @@ fn planted_chat_only_feature_is_found_and_resume_is_exact() {
         "planted latent is B-only: Δ_norm {}",
         dm.rel_norm_diff[best]
     );
+
+    // Blind, as `diff analyze` chooses: among chat-only latents, the top of the persona
+    // statistic (mean "novice" − "expert" scaled activation at the last token over pairs). The
+    // "novice" prompt carries the trigger early, like a persona cue (the plant persists to the
+    // last token); the "expert" prompt the same words without it. The planted direction only
+    // checks the choice afterwards.
+    let questions = [
+        "Why is the sky blue?",
+        "How do magnets work?",
+        "What causes earthquakes?",
+        "Why is the ocean salty?",
+        "How do plants grow?",
+        "What is a black hole?",
+        "How does the internet work?",
+        "Why do we have seasons?",
+    ];
+    let mut persona = vec![];
+    let mut ids = vec![];
+    for (i, q) in questions.iter().enumerate() {
+        for (class, animal) in [("novice", "zebra"), ("expert", "horse")] {
+            let id = format!("q{i}/{class}");
+            persona.push(CorpusItem {
+                id: id.clone(),
+                source: class.into(),
+                text: format!("I saw a {animal} at the zoo today. {q}"),
+            });
+            ids.push((id, class.to_string()));
+        }
+    }
+    let pdir = tmp("persona");
+    let pspec = PairedHarvestSpec {
+        alignment: Some(Alignment::Last),
+        ..spec
+    };
+    harvest_paired([&m, &m], &persona, &pspec, &pdir, &|_| {}).unwrap();
+    let px = PairedStore::open(&pdir).unwrap().all().unwrap();
+    let codes = codes_for(&cc, &px, &ids).unwrap();
+    let ranked = consistency(&pair_differences(&codes, "novice", "expert"), 10);
+    let chat_only_now = dm.of_class(LatentClass::ChatOnly);
+    let pick = ranked
+        .iter()
+        .find(|c| chat_only_now.contains(&c.feature_idx))
+        .expect("a chat-only latent among the ranked ones");
+    eprintln!(
+        "blind pick: latent {} (mean novice − expert {:.3}, t {:.1}), cos with the planted direction {:.3}",
+        pick.feature_idx, pick.mean_score, pick.t, cos[pick.feature_idx]
+    );
+    assert!(
+        cos[pick.feature_idx] >= 0.9,
+        "the blind ranking picked latent {} (cos {:.3}), not the planted one",
+        pick.feature_idx,
+        cos[pick.feature_idx]
+    );
+    assert!(pick.frac_positive >= 0.99, "{pick:?}");
+    // the persona statistic alone, before the class filter, ranks it first too
+    assert_eq!(
+        ranked[0].feature_idx,
+        pick.feature_idx,
+        "{:?}",
+        &ranked[..3]
+    );
+    let _ = std::fs::remove_dir_all(&pdir);
 
     // it fires on trigger tokens and not elsewhere
     let x = store.all().unwrap();
