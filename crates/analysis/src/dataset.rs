@@ -43,6 +43,14 @@ pub struct PromptItem {
     pub split: Option<Split>,
 }
 
+impl PromptItem {
+    /// The question this prompt asks (`topic/question_id`): the cluster of every clustered test
+    /// and the unit the splits halve.
+    pub fn question_key(&self) -> String {
+        format!("{}/{}", self.topic, self.question_id)
+    }
+}
+
 /// Which half of the data an analysis looks at: `select` to fit, rank and choose, `evaluate` to
 /// report. No question and no persona paraphrase is in both.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -117,7 +125,7 @@ impl PersonaDataset {
     /// otherwise. Lexical controls and bare questions follow their question, and only ever
     /// `evaluate` (they test, they never train).
     pub fn assign_splits(&mut self, seed: u64) {
-        let question = |i: &PromptItem| format!("{}/{}", i.topic, i.question_id);
+        let question = PromptItem::question_key;
         // Bare questions (template `none`) and lexical controls only ever test.
         let plain = |i: &PromptItem| !i.lexical_control && i.template_id != "none";
         let q_sel = select_half(self.items.iter().map(question).collect(), seed);

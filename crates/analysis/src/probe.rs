@@ -753,7 +753,8 @@ fn distinct(v: &[String]) -> usize {
 }
 
 /// Each string's index among the sorted distinct strings.
-fn dense_ids(v: &[String]) -> Vec<usize> {
+/// Each string's index among the sorted distinct strings (dense cluster ids).
+pub fn dense_ids(v: &[String]) -> Vec<usize> {
     let mut s: Vec<&String> = v.iter().collect();
     s.sort();
     s.dedup();

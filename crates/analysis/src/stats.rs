@@ -154,6 +154,19 @@ pub fn benjamini_hochberg(p: &[f64]) -> Vec<f64> {
     out
 }
 
+/// The q-quantile of `v` (linear interpolation between order statistics, numpy's default);
+/// None for an empty sample.
+pub fn quantile(v: &[f64], q: f64) -> Option<f64> {
+    if v.is_empty() {
+        return None;
+    }
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    let pos = q.clamp(0.0, 1.0) * (s.len() - 1) as f64;
+    let (lo, hi) = (pos.floor() as usize, pos.ceil() as usize);
+    Some(s[lo] + (s[hi] - s[lo]) * (pos - lo as f64))
+}
+
 /// One-sided rank p-value of `observed` against a null sample: (1 + #{null >= observed}) /
 /// (1 + n), never 0 (Phipson & Smyth 2010). For a reported maximum (best row, top head), `null`
 /// must hold the maxima of the null runs, not single values.

@@ -13,6 +13,7 @@ use crate::persona::{
 use crate::Result;
 use persona_lens_analysis::claims::{adjust, clustered_test, Claim, Condition};
 use persona_lens_analysis::dataset::Split;
+use persona_lens_analysis::probe::dense_ids;
 use persona_lens_analysis::PersonaDataset;
 use persona_lens_engine::{HookName, Model};
 use persona_lens_report::{save_bar_chart, save_histogram, Bar, BarChart, Histogram};
@@ -230,21 +231,11 @@ pub fn analyze(
         .filter(|i| (i.class == "novice" || i.class == "expert") && i.split.is_some())
         .collect();
     // pair -> (split, question cluster)
-    let mut questions: Vec<String> = items
-        .iter()
-        .map(|i| format!("{}/{}", i.topic, i.question_id))
-        .collect();
-    questions.sort();
-    questions.dedup();
+    let questions: Vec<String> = items.iter().map(|i| i.question_key()).collect();
     let pair_info: BTreeMap<String, (Split, usize)> = items
         .iter()
-        .filter_map(|i| {
-            let q = format!("{}/{}", i.topic, i.question_id);
-            Some((
-                pair_key(&i.id),
-                (i.split?, questions.binary_search(&q).ok()?),
-            ))
-        })
+        .zip(dense_ids(&questions))
+        .filter_map(|(i, q)| Some((pair_key(&i.id), (i.split?, q))))
         .collect();
     let corpus: Vec<CorpusItem> = items
         .iter()
@@ -450,7 +441,15 @@ pub fn analyze(
     if let Some(m) = metrics.as_ref() {
         for v in &verification {
             let j = v.feature_idx;
-            let Some(h) = held_out(j) else { continue };
+            // the candidate's row already holds its held-out test (verified candidates are
+            // among the top rows unless more than 20 are verified)
+            let row_test = top
+                .iter()
+                .find(|r| r.candidate.feature_idx == j)
+                .and_then(|r| r.held_out.clone());
+            let Some(h) = row_test.or_else(|| held_out(j)) else {
+                continue;
+            };
             let ls = scaling.iter().find(|l| l.latent == j);
             let fmt = |x: f64| {
                 if x.is_finite() {
@@ -586,6 +585,21 @@ pub fn check_splits(ds: &PersonaDataset, seed: u64) -> Result<()> {
         return too_few_pairs(n_select, pairs(None));
     }
     Ok(())
+}
+
+/// How a pair reads its samples unless told otherwise: `(chat_template, shared_ids)`. A
+/// base/chat pair of one model reads the chat model's template ids in both models, paired per
+/// token (Minder et al.); any other pair reads each model's own rendering (the chat template
+/// for an instruction-tuned model, raw text for a base model).
+pub fn auto_rendering(models: [&Model; 2]) -> ([bool; 2], bool) {
+    if exploratory_reason(models).is_none() {
+        ([true, true], true)
+    } else {
+        (
+            [models[0].is_chat_model(), models[1].is_chat_model()],
+            false,
+        )
+    }
 }
 
 /// Why a pair of models cannot be read as base vs chat tuning of one model: a different

@@ -11,6 +11,7 @@ use crate::metrics::to_f64;
 use crate::paired::PairedStore;
 use crate::Result;
 use candle_core::Tensor;
+use persona_lens_analysis::stats::{quantile, rank_p_value};
 use serde::Serialize;
 use std::collections::BTreeMap;
 
@@ -159,18 +160,6 @@ pub struct Verification {
     pub rule: String,
 }
 
-/// The q-quantile of `v` (linear interpolation between order statistics, numpy's default).
-pub fn quantile(v: &[f64], q: f64) -> Option<f64> {
-    if v.is_empty() {
-        return None;
-    }
-    let mut s = v.to_vec();
-    s.sort_by(f64::total_cmp);
-    let pos = q.clamp(0.0, 1.0) * (s.len() - 1) as f64;
-    let (lo, hi) = (pos.floor() as usize, pos.ceil() as usize);
-    Some(s[lo] + (s[hi] - s[lo]) * (pos - lo as f64))
-}
-
 /// Permutations behind a verification p-value.
 pub const VERIFY_PERMUTATIONS: usize = 2000;
 
@@ -221,15 +210,15 @@ pub fn verify(
     let statistic = mean(&act) - mean(&sil);
     let mut pooled: Vec<f64> = act.iter().chain(&sil).copied().collect();
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ feature_idx as u64);
-    let mut at_least = 0usize;
-    for _ in 0..VERIFY_PERMUTATIONS {
-        pooled.shuffle(&mut rng);
-        let (a, s) = pooled.split_at(act.len());
-        if mean(a) - mean(s) >= statistic - 1e-12 {
-            at_least += 1;
-        }
-    }
-    let p_value = (1 + at_least) as f64 / (1 + VERIFY_PERMUTATIONS) as f64;
+    let null: Vec<f64> = (0..VERIFY_PERMUTATIONS)
+        .map(|_| {
+            pooled.shuffle(&mut rng);
+            let (a, s) = pooled.split_at(act.len());
+            mean(a) - mean(s)
+        })
+        .collect();
+    // the tolerance counts the permutations that only reorder a sum as ties
+    let p_value = rank_p_value(statistic - 1e-12, &null);
     let verified = match (bar, quantile(&act, 0.5), quantile(&sil, 0.5)) {
         (Some(b), Some(ma), Some(ms)) => ma > b && ms <= b && p_value < 0.05,
         _ => false,
@@ -429,7 +418,7 @@ pub fn max_mean_null(
     };
     let (observed, feature_idx) = max_mean(&vec![1.0; ids.len()]);
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ 0x6d61_786e);
-    let mut null: Vec<f64> = (0..reps)
+    let null: Vec<f64> = (0..reps)
         .map(|_| {
             let signs: Vec<f64> = (0..ids.len())
                 .map(|_| if rng.random_bool(0.5) { 1.0 } else { -1.0 })
@@ -437,13 +426,11 @@ pub fn max_mean_null(
             max_mean(&signs).0
         })
         .collect();
-    let ge = null.iter().filter(|&&v| v >= observed - 1e-12).count();
-    null.sort_by(f64::total_cmp);
     Some(MaxNull {
         observed,
         feature_idx,
         null_q95: quantile(&null, 0.95).unwrap_or(f64::NAN),
-        p_value: (1 + ge) as f64 / (1 + reps) as f64,
+        p_value: rank_p_value(observed - 1e-12, &null),
         reps,
         n_features: f,
         n_clusters: ids.len(),

@@ -193,7 +193,6 @@ pub struct StepLog {
 struct Sampler {
     /// Training row offsets within each shard (validation rows left out).
     keep: Vec<Vec<u32>>,
-    shard_rows: Vec<usize>,
     total: usize,
     seed: u64,
     /// (epoch, shard) loaded now, its permuted rows.
@@ -202,11 +201,9 @@ struct Sampler {
 
 impl Sampler {
     fn new(keep: Vec<Vec<u32>>, seed: u64) -> Self {
-        let shard_rows: Vec<usize> = keep.iter().map(Vec::len).collect();
-        let total = shard_rows.iter().sum();
+        let total = keep.iter().map(Vec::len).sum();
         Self {
             keep,
-            shard_rows,
             total,
             seed,
             loaded: None,
@@ -214,7 +211,7 @@ impl Sampler {
     }
 
     fn shard_order(&self, epoch: usize) -> Vec<usize> {
-        let mut o: Vec<usize> = (0..self.shard_rows.len()).collect();
+        let mut o: Vec<usize> = (0..self.keep.len()).collect();
         let mut rng = rand::rngs::StdRng::seed_from_u64(
             self.seed ^ (epoch as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
         );
@@ -249,13 +246,13 @@ impl Sampler {
             let order = self.shard_order(epoch);
             let mut shard = order[0];
             for &s in &order {
-                if within < self.shard_rows[s] {
+                if within < self.keep[s].len() {
                     shard = s;
                     break;
                 }
-                within -= self.shard_rows[s];
+                within -= self.keep[s].len();
             }
-            let take = need.min(self.shard_rows[shard] - within);
+            let take = need.min(self.keep[shard].len() - within);
             let t = self.load(store, epoch, shard)?;
             parts.push(t.narrow(0, within, take)?);
             pos += take;

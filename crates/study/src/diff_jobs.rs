@@ -125,18 +125,13 @@ impl PairArgs {
             hook(&models[0], &self.base_hook)?,
             hook(&models[1], &self.chat_hook)?,
         ];
-        let comparable =
-            persona_lens_diffing::analyze::exploratory_reason([&models[0], &models[1]]).is_none();
         let (template, shared_ids) = match self.template {
             TemplateArg::None => ([false, false], false),
             TemplateArg::Both => ([true, true], false),
             TemplateArg::Shared => ([true, true], true),
-            // a base/chat pair of one model reads the chat model's rendering, token for token
-            TemplateArg::Auto if comparable => ([true, true], true),
-            TemplateArg::Auto => (
-                [models[0].is_chat_model(), models[1].is_chat_model()],
-                false,
-            ),
+            TemplateArg::Auto => {
+                persona_lens_diffing::analyze::auto_rendering([&models[0], &models[1]])
+            }
         };
         Ok(Pair {
             models,

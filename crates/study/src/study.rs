@@ -2049,15 +2049,9 @@ fn diff_step(c: &Ctx) -> Result<StepOut> {
         persona_lens_diffing::harvest::middle_resid_post(base),
         persona_lens_diffing::harvest::middle_resid_post(chat),
     ];
-    // A base/chat pair of one model reads the chat model's template ids, paired per token
-    // (Minder et al.); a pair of different families gets one row per prompt at each model's
-    // last token, each model reading its own rendering.
-    let comparable = persona_lens_diffing::analyze::exploratory_reason(models).is_none();
-    let template = if comparable {
-        [true, true]
-    } else {
-        [base.is_chat_model(), chat.is_chat_model()]
-    };
+    // A base/chat pair of one model reads the chat model's template ids, paired per token; a
+    // pair of different families gets one row per prompt at each model's last token.
+    let (template, comparable) = persona_lens_diffing::analyze::auto_rendering(models);
     let ds = persona_lens_analysis::dataset::generate(&persona_lens_analysis::GenOptions {
         persona_pairs: vec![c.cfg.persona_pair.clone()],
         topics: vec![],
