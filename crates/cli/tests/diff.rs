@@ -332,6 +332,12 @@ fn harvest_train_analyze_verify_on_real_models() {
         .as_str()
         .unwrap()
         .contains("widths 640 vs 576"));
+    // a different-family pair gets no per-token KL or PCA of differences, and says why
+    assert!(s["baselines"]["per_token_kl"].is_null() && s["baselines"]["pca"].is_null());
+    assert!(s["baselines"]["not_computed"]
+        .as_str()
+        .unwrap()
+        .contains("same token ids"));
     let null = &s["top_null"];
     assert_eq!(null["feature_idx"], s["top_candidates"][0]["feature_idx"]);
     assert!(null["p_value"].as_f64().unwrap() > 0.0 && null["p_value"].as_f64().unwrap() <= 1.0);

@@ -1,6 +1,7 @@
 //! `persona-lens diff analyze`: everything the crosscoder notebook asks for, in one pass, written
 //! as `summary.json` (the notebook's fields plus provenance), plots and `report.md`.
 
+use crate::baselines::{pca_of_differences, per_token_kl, KlBaseline, PcaBaseline};
 use crate::corpus::{sycophancy_pairs, verification_prompts};
 use crate::crosscoder::CrossCoder;
 use crate::harvest::{harvest_paired, CorpusItem, PairedHarvestSpec};
@@ -69,6 +70,18 @@ pub struct HeldOut {
     pub n_clusters: usize,
 }
 
+/// The cheap diffing baselines on the persona prompts (see [`crate::baselines`]): computed
+/// when both models read the same ids and have the same width, else `not_computed` says why.
+#[derive(Debug, Clone, Serialize)]
+pub struct Baselines {
+    pub per_token_kl: Option<KlBaseline>,
+    pub pca: Option<PcaBaseline>,
+    pub not_computed: Option<String>,
+}
+
+/// Top examples kept per baseline.
+const BASELINE_EXAMPLES: usize = 10;
+
 /// Permutations / bootstrap draws behind the held-out tests and the max-over-latents null.
 pub const REPS: usize = 2000;
 
@@ -107,6 +120,7 @@ pub struct Summary {
     pub sycophancy_top: Vec<Candidate>,
     pub n_sycophancy_pairs: usize,
     pub max_activating: BTreeMap<usize, Vec<Example>>,
+    pub baselines: Baselines,
     pub plots: Vec<String>,
     pub seed: u64,
     pub tool: String,
@@ -337,6 +351,47 @@ pub fn analyze(
         &out.join("user_model_candidates"),
     )?);
 
+    // --- cheap baselines on the same persona prompts
+    let widths = [models[0].config().d_model, models[1].config().d_model];
+    let baselines = if spec.shared_ids && widths[0] == widths[1] {
+        progress("baselines: per-token KL, PCA of differences");
+        let labels: Vec<(String, String, String)> = items
+            .iter()
+            .map(|i| (i.id.clone(), i.class.clone(), i.text.clone()))
+            .collect();
+        Baselines {
+            per_token_kl: Some(per_token_kl(
+                models,
+                &corpus,
+                spec.chat_template[1],
+                [None, None],
+                spec.batch_size,
+                BASELINE_EXAMPLES,
+            )?),
+            pca: Some(pca_of_differences(
+                &x,
+                widths[0],
+                &labels,
+                ("novice", "expert"),
+                3,
+                BASELINE_EXAMPLES,
+            )?),
+            not_computed: None,
+        }
+    } else {
+        Baselines {
+            per_token_kl: None,
+            pca: None,
+            not_computed: Some(format!(
+                "per-token KL and PCA of differences need both models to read the same token ids at the same width (a base/chat pair of one model); {}",
+                match exploratory_reason(models) {
+                    Some(why) => why,
+                    None => "this run gave each model its own rendering".into(),
+                }
+            )),
+        }
+    };
+
     // --- verification
     progress("verification");
     let vp: Vec<(String, String)> = verification_prompts()
@@ -544,6 +599,7 @@ pub fn analyze(
         sycophancy_top,
         n_sycophancy_pairs: sdiffs.len(),
         max_activating: max_act,
+        baselines,
         plots: plots
             .iter()
             .filter_map(|p| p.file_name().map(|n| n.to_string_lossy().to_string()))
@@ -737,6 +793,7 @@ pub fn report_md(s: &Summary) -> String {
             ));
         }
     }
+    r.push_str(&baselines_md(&s.baselines));
     r.push_str(&format!(
         "\n## Sycophancy triggers ({} biased/neutral pairs)\n\n",
         s.n_sycophancy_pairs
@@ -750,6 +807,61 @@ pub fn report_md(s: &Summary) -> String {
             c.std_score,
             100.0 * c.frac_positive
         ));
+    }
+    r
+}
+
+/// The report's section on the cheap baselines.
+fn baselines_md(b: &Baselines) -> String {
+    let mut r = String::from("\n## Cheap baselines (per-token KL, PCA of differences)\n\n");
+    if let Some(why) = &b.not_computed {
+        r.push_str(&format!("Not computed: {why}.\n"));
+    }
+    if let Some(k) = &b.per_token_kl {
+        r.push_str(&format!(
+            "{} over {} positions of {} persona prompts: mean {:.4}; by class {}.\n\n| KL (nats) | prompt | class | context (→ next token) |\n|---:|---|---|---|\n",
+            k.statistic,
+            k.n_tokens,
+            k.n_samples,
+            k.mean_kl_nats,
+            k.mean_kl_by_class
+                .iter()
+                .map(|(c, v)| format!("{c} {v:.4}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+        for t in &k.top {
+            r.push_str(&format!(
+                "| {:.4} | {} | {} | {} |\n",
+                t.kl_nats,
+                t.sample,
+                t.class,
+                t.context.replace('|', "\\|").replace('\n', "⏎")
+            ));
+        }
+        r.push('\n');
+    }
+    if let Some(p) = &b.pca {
+        r.push_str(&format!(
+            "{} over {} prompts (total variance {:.4}):\n\n| PC | variance share | mean projection by class | top prompt |\n|---:|---:|---|---|\n",
+            p.statistic, p.n_rows, p.total_variance
+        ));
+        for c in &p.components {
+            r.push_str(&format!(
+                "| {} | {:.3} | {} | {} |\n",
+                c.index + 1,
+                c.explained_variance_ratio,
+                c.mean_projection_by_class
+                    .iter()
+                    .map(|(k, v)| format!("{k} {v:.3}"))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                c.top_positive
+                    .first()
+                    .map(|e| format!("{} ({})", e.sample, e.class))
+                    .unwrap_or_default()
+            ));
+        }
     }
     r
 }

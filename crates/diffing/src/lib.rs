@@ -4,6 +4,7 @@
 //! candle; and the model-diffing analyses (relative decoder norms, Latent Scaling, persona latents).
 
 pub mod analyze;
+pub mod baselines;
 pub mod corpus;
 pub mod crosscoder;
 pub mod harvest;

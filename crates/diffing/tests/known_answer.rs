@@ -11,6 +11,7 @@
 mod common;
 
 use candle_core::{Device, Tensor};
+use persona_lens_diffing::baselines::{pca_of_differences, per_token_kl};
 use persona_lens_diffing::harvest::{
     harvest_paired, middle_resid_post, plant_on_token, CorpusItem, PairedHarvestSpec,
 };
@@ -270,6 +271,67 @@ fn planted_chat_only_feature_is_found_and_resume_is_exact() {
         &ranked[..3]
     );
     let _ = std::fs::remove_dir_all(&pdir);
+
+    // The cheap baselines see the same plant. PCA of B − A on the persona prompts: the first
+    // component is the planted direction, carried by the trigger ("novice") prompts.
+    let labels: Vec<(String, String, String)> = persona
+        .iter()
+        .map(|c| (c.id.clone(), c.source.clone(), c.text.clone()))
+        .collect();
+    let pca = pca_of_differences(&px, d, &labels, ("novice", "expert"), 3, 5).unwrap();
+    let pc1 = &pca.components[0];
+    let pc_cos: f32 = pc1.direction.iter().zip(&v).map(|(a, b)| a * b).sum();
+    eprintln!(
+        "PCA of B − A: PC1 explains {:.3}, |cos| with the planted direction {:.4}, mean projection {:?}",
+        pc1.explained_variance_ratio,
+        pc_cos.abs(),
+        pc1.mean_projection_by_class
+    );
+    assert!(
+        pc_cos.abs() >= 0.99,
+        "PC1 is the planted direction: {pc_cos}"
+    );
+    assert!(pc1.explained_variance_ratio >= 0.9, "{pc1:?}");
+    assert!(
+        pc1.top_positive.iter().all(|e| e.class == "novice"),
+        "{pc1:?}"
+    );
+    // per-token KL: B differs from A only from the trigger on
+    let kl = per_token_kl([&m, &m], &persona, false, [None, Some(&plant)], 8, 10).unwrap();
+    eprintln!(
+        "per-token KL(B ‖ A): mean {:.4} nats over {} tokens, by class {:?}; top {:?}",
+        kl.mean_kl_nats,
+        kl.n_tokens,
+        kl.mean_kl_by_class,
+        kl.top
+            .iter()
+            .take(3)
+            .map(|t| (&t.context, t.kl_nats))
+            .collect::<Vec<_>>()
+    );
+    assert!(
+        kl.mean_kl_by_class["expert"] < 1e-6,
+        "{:?}",
+        kl.mean_kl_by_class
+    );
+    assert!(
+        kl.mean_kl_by_class["novice"] > 0.01,
+        "{:?}",
+        kl.mean_kl_by_class
+    );
+    for t in &kl.top {
+        let ids = m
+            .encode_prompt(
+                &persona.iter().find(|c| c.id == t.sample).unwrap().text,
+                false,
+            )
+            .unwrap();
+        let at = ids
+            .iter()
+            .position(|&i| i == trigger)
+            .expect("a trigger prompt");
+        assert!(t.position >= at, "top KL before the trigger: {t:?}");
+    }
 
     // it fires on trigger tokens and not elsewhere
     let x = store.all().unwrap();

@@ -2254,6 +2254,44 @@ fn diff_step(c: &Ctx) -> Result<StepOut> {
             }
         }
     }
+    if let Some(k) = &sm.baselines.per_token_kl {
+        headlines.push(Headline {
+            id: "diff.per_token_kl".into(),
+            label: format!(
+                "mean per-token KL(chat ‖ base) on {} persona prompts (novice {:.4}, expert {:.4})",
+                k.n_samples,
+                k.mean_kl_by_class
+                    .get("novice")
+                    .copied()
+                    .unwrap_or(f64::NAN),
+                k.mean_kl_by_class
+                    .get("expert")
+                    .copied()
+                    .unwrap_or(f64::NAN)
+            ),
+            value: k.mean_kl_nats,
+            unit: "nats".into(),
+            ci95: None,
+            provenance: prov(json!({"positions": k.n_tokens, "baseline": "per-token KL"})),
+        });
+    }
+    if let Some(pc1) = sm.baselines.pca.as_ref().and_then(|p| p.components.first()) {
+        headlines.push(Headline {
+            id: "diff.pca_pc1_share".into(),
+            label: format!(
+                "variance share of the first principal component of chat − base on the persona prompts (mean projection {})",
+                pc1.mean_projection_by_class
+                    .iter()
+                    .map(|(c, v)| format!("{c} {v:.3}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+            value: pc1.explained_variance_ratio,
+            unit: "fraction".into(),
+            ci95: None,
+            provenance: prov(json!({"baseline": "PCA of differences", "position": "last prompt token"})),
+        });
+    }
     if let Some(note) = partner_note {
         negatives.push(note);
     }
@@ -2288,7 +2326,7 @@ fn diff_step(c: &Ctx) -> Result<StepOut> {
             "validation": trained.validation, "alignment": store.meta.alignment, "latent_classes": sm.latent_classes, "final_step": last,
             "top_candidates": sm.top_candidates.iter().take(5).collect::<Vec<_>>(),
             "n_pairs_select": sm.n_pairs_select, "n_pairs_evaluate": sm.n_pairs_evaluate,
-            "top_null": sm.top_null, "exploratory": sm.exploratory,
+            "top_null": sm.top_null, "exploratory": sm.exploratory, "baselines": sm.baselines,
             "verification": sm.verification.iter().map(|v| json!({"latent": v.feature_idx, "passed": v.passed, "checked": v.checked, "verified": v.verified, "p_value": v.p_value})).collect::<Vec<_>>()}),
         claims: sm.claims.clone(),
         ..Default::default()
