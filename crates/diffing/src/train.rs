@@ -262,8 +262,14 @@ impl Sampler {
     }
 }
 
-/// Mean and std per (model, dim) over the first `max_rows` rows, in f64.
-pub fn activation_stats(store: &PairedStore, max_rows: usize) -> Result<(Tensor, Tensor)> {
+/// Mean and std per (model, dim) over the first `max_rows` rows, in f64; with `rows`, only
+/// those row offsets of each shard (the training rows: validation samples must not set the
+/// normalisation they are evaluated in).
+pub fn activation_stats(
+    store: &PairedStore,
+    max_rows: usize,
+    rows: Option<&[Vec<u32>]>,
+) -> Result<(Tensor, Tensor)> {
     let (n, d) = (store.n_models(), store.meta.d);
     let mut sum = vec![0f64; n * d];
     let mut sq = vec![0f64; n * d];
@@ -272,7 +278,16 @@ pub fn activation_stats(store: &PairedStore, max_rows: usize) -> Result<(Tensor,
         if count >= max_rows {
             break;
         }
-        let t = store.shard(i)?;
+        let t = match rows {
+            Some(r) if r[i].len() < store.meta.shards[i].rows => {
+                if r[i].is_empty() {
+                    continue;
+                }
+                let idx = Tensor::new(r[i].as_slice(), &Device::Cpu)?;
+                store.shard(i)?.index_select(&idx, 0)?
+            }
+            _ => store.shard(i)?,
+        };
         let take = t.dim(0)?.min(max_rows - count);
         let v: Vec<f32> = t.narrow(0, 0, take)?.flatten_all()?.to_vec1()?;
         for r in 0..take {
@@ -373,7 +388,14 @@ pub fn train(
         }
     }
     let mask_nd = Tensor::from_vec(mask, (n, d), &dev)?;
-    let (mean, std) = activation_stats(store, cfg.normaliser_rows)?;
+    let (keep, val_rows) = split_rows(store, cfg.validation_fraction, cfg.seed);
+    if keep.iter().all(Vec::is_empty) {
+        return invalid(format!(
+            "no training rows left after holding out {:.0} % of the samples for validation; give a larger corpus or a smaller --validation-fraction",
+            100.0 * cfg.validation_fraction
+        ));
+    }
+    let (mean, std) = activation_stats(store, cfg.normaliser_rows, Some(&keep))?;
     let normaliser = Normaliser::from_stats(mean, std, cfg.target_rms)?;
 
     let ckpt_t = ckpt_dir.join(CKPT_TENSORS);
@@ -465,13 +487,6 @@ pub fn train(
     };
     log.truncate(start);
 
-    let (keep, val_rows) = split_rows(store, cfg.validation_fraction, cfg.seed);
-    if keep.iter().all(Vec::is_empty) {
-        return invalid(format!(
-            "no training rows left after holding out {:.0} % of the samples for validation; give a larger corpus or a smaller --validation-fraction",
-            100.0 * cfg.validation_fraction
-        ));
-    }
     let mut sampler = Sampler::new(keep, cfg.seed);
     let (b1, b2, eps) = (0.9f64, 0.999f64, 1e-8f64);
     let decay_start = cfg.steps - cfg.steps / 5;

@@ -162,3 +162,88 @@ fn both_objectives_learn_sparse_structure_and_save() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The normaliser's mean and std come from the training samples only: held-out samples are
+/// evaluated in a normalisation they did not set. Validation rows here sit at 100, training rows
+/// at 1 ± 0.5, so one leaked validation row moves the mean.
+#[test]
+fn normaliser_statistics_exclude_validation_samples() {
+    use persona_lens_diffing::paired::SampleInfo;
+    use persona_lens_diffing::train::is_validation_sample;
+    let dir = std::env::temp_dir().join(format!("pl-train-norm-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let (d, n, fraction, seed) = (4usize, 200usize, 0.2, 9u64);
+    let meta = PairedMeta {
+        models: vec!["a".into(), "b".into()],
+        model_paths: vec![],
+        hooks: vec!["h".into(), "h".into()],
+        chat_template: vec![false, false],
+        alignment: Alignment::Last,
+        dims: vec![d, d],
+        d,
+        rows: 0,
+        shards: vec![],
+        samples: vec![],
+        corpus: "synthetic".into(),
+        tool: "test".into(),
+    };
+    let mut w = PairedWriter::new(&dir, 64, meta).unwrap();
+    let (mut train_sum, mut n_train) = (0f64, 0usize);
+    for i in 0..n {
+        let id = format!("s{i}");
+        let val = is_validation_sample(&id, fraction, seed);
+        let x: f32 = if val {
+            100.0
+        } else {
+            1.0 + if i % 2 == 0 { 0.5 } else { -0.5 }
+        };
+        if !val {
+            train_sum += x as f64;
+            n_train += 1;
+        }
+        w.meta.samples.push(SampleInfo {
+            id,
+            source: "s".into(),
+            text: String::new(),
+            first_row: i,
+            n_rows: 1,
+            tokens: vec![],
+        });
+        w.push(Tensor::full(x, (1, 2, d), &Device::Cpu).unwrap())
+            .unwrap();
+    }
+    w.finish().unwrap();
+    let st = PairedStore::open(&dir).unwrap();
+    assert!(
+        n_train > 100 && n_train < n,
+        "both splits hold samples: {n_train}"
+    );
+    let cfg = TrainConfig {
+        objective: Objective::L1 { l1_coeff: 0.1 },
+        dict_size: 8,
+        batch_size: 16,
+        steps: 1,
+        lr: 1e-3,
+        warmup_steps: 1,
+        seed,
+        checkpoint_every: 0,
+        normaliser_rows: 100_000,
+        target_rms: 1.0,
+        dec_init_norm: 0.1,
+        validation_fraction: fraction,
+    };
+    let out = train(&st, &cfg, &dir.join("ck"), false, None, &|_| {}).unwrap();
+    let norm = out
+        .crosscoder
+        .normaliser
+        .expect("a trained crosscoder keeps its normaliser");
+    let mean: Vec<f32> = norm.mean.flatten_all().unwrap().to_vec1().unwrap();
+    let want = train_sum / n_train as f64;
+    for m in mean {
+        assert!(
+            (m as f64 - want).abs() < 1e-4,
+            "normaliser mean {m} vs the training rows' mean {want}"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
