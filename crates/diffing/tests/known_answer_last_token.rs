@@ -229,8 +229,9 @@ fn planted_chat_only_feature_is_found_on_the_last_token_across_widths_with_batch
             .map(|c| (c.feature_idx, c.mean_score))
             .collect::<Vec<_>>()
     );
-    for c in ranked.iter().take(4) {
-        let j = c.feature_idx;
+    // cosine of a latent's B decoder (B's real width) with the planted direction: read only
+    // after the blind pick, and in the diagnostics below
+    let plant_cos = |j: usize| -> f32 {
         let b: Vec<f32> = cc
             .w_dec
             .get(1)
@@ -242,11 +243,15 @@ fn planted_chat_only_feature_is_found_on_the_last_token_across_widths_with_batch
             .to_vec1()
             .unwrap();
         let nb = b.iter().map(|x| x * x).sum::<f32>().sqrt();
+        b.iter().zip(&v).map(|(a, b)| a * b).sum::<f32>() / nb
+    };
+    for c in ranked.iter().take(4) {
+        let j = c.feature_idx;
         eprintln!(
             "  latent {j}: mean {:.3}, Δ_norm {:.3}, cos {:.3}",
             c.mean_score,
             dm.rel_norm_diff[j],
-            b.iter().zip(&v).map(|(a, b)| a * b).sum::<f32>() / nb
+            plant_cos(j)
         );
     }
     eprintln!("harvest and training: {:.1} s", t0.elapsed().as_secs_f64());
@@ -258,18 +263,7 @@ fn planted_chat_only_feature_is_found_on_the_last_token_across_widths_with_batch
 
     // Checked only now against the plant: B's decoder (its real width) is the planted
     // direction, A's decoder is near zero.
-    let b_dec: Vec<f32> = cc
-        .w_dec
-        .get(1)
-        .unwrap()
-        .get(j)
-        .unwrap()
-        .narrow(0, 0, d_b)
-        .unwrap()
-        .to_vec1()
-        .unwrap();
-    let norm = b_dec.iter().map(|x| x * x).sum::<f32>().sqrt();
-    let cos = b_dec.iter().zip(&v).map(|(a, b)| a * b).sum::<f32>() / norm;
+    let cos = plant_cos(j);
     eprintln!(
         "blind pick: latent {j} (mean novice − expert {:.3}, t {:.1}); cos with the planted direction {cos:.3}, Δ_norm {:.3}",
         pick.mean_score, pick.t, dm.rel_norm_diff[j]
