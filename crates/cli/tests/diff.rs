@@ -543,3 +543,126 @@ fn a_pair_with_one_tokenizer_reads_the_chat_ids_per_token() {
     );
     let _ = std::fs::remove_dir_all(&tmp);
 }
+
+/// Every row of a store, in manifest order (whatever files hold them), and the manifest.
+fn store_rows(store: &Path) -> (Tensor, serde_json::Value) {
+    let meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(store.join("paired.json")).unwrap()).unwrap();
+    let parts: Vec<Tensor> = meta["shards"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| load(&store.join(s["file"].as_str().unwrap()))["acts"].clone())
+        .collect();
+    (Tensor::cat(&parts, 0).unwrap(), meta)
+}
+
+#[test]
+fn a_harvest_in_parts_equals_the_unsharded_store_bitwise_and_resumes() {
+    let tmp = std::env::temp_dir().join(format!("pl-diff-parts-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).unwrap();
+    let corpus = tmp.join("corpus.txt");
+    let lines: Vec<String> = (0..10)
+        .map(|i| format!("Question {i}: why does water boil at {} degrees?", 90 + i))
+        .collect();
+    std::fs::write(&corpus, lines.join("\n")).unwrap();
+    let harvest = |out: &Path, extra: &[&str]| -> String {
+        let mut args = vec![
+            "diff",
+            "harvest",
+            "--base-model",
+            "smollm2-135m-instruct",
+            "--chat-model",
+            "smollm2-135m-instruct",
+            "--corpus",
+            corpus.to_str().unwrap(),
+            "--batch-size",
+            "4",
+            "--shard-rows",
+            "16",
+            "--threads",
+            "1",
+            "--out",
+            out.to_str().unwrap(),
+            "--quiet",
+        ];
+        args.extend_from_slice(extra);
+        ok(&args)
+    };
+    let whole = tmp.join("whole");
+    harvest(&whole, &[]);
+    let parts = tmp.join("parts");
+    // Parts finish in any order; the manifest appears with the last one.
+    let out = harvest(&parts, &["--shard", "2/3"]);
+    assert!(out.contains("not finished yet"), "{out}");
+    // A partial store lists what is missing (training can start from it).
+    let listed = ok(&["diff", "manifest", "--store", parts.to_str().unwrap()]);
+    assert!(
+        listed.contains("1 of 3 parts") && listed.contains("[0, 1]"),
+        "{listed}"
+    );
+    harvest(&parts, &["--shard", "0/3"]);
+    let out = harvest(&parts, &["--shard", "1/3"]);
+    assert!(out.contains("all 3 parts finished"), "{out}");
+
+    let (a, ma) = store_rows(&whole);
+    let (b, mb) = store_rows(&parts);
+    assert_eq!(ma["alignment"], "tokens");
+    assert!(
+        mb["shards"].as_array().unwrap().len() > 3,
+        "parts split into files"
+    );
+    assert_eq!(a.dims(), b.dims());
+    let bits = |t: &Tensor| -> Vec<u32> {
+        t.flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+            .iter()
+            .map(|x| x.to_bits())
+            .collect()
+    };
+    assert_eq!(
+        bits(&a),
+        bits(&b),
+        "the parts' rows are the unsharded rows, bitwise"
+    );
+    assert_eq!(ma["samples"], mb["samples"]);
+    let sharding = &mb["sharding"];
+    assert_eq!(sharding["missing"], serde_json::json!([]));
+    let ranges: Vec<(u64, u64)> = sharding["parts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            (
+                p["first_sample"].as_u64().unwrap(),
+                p["n_samples"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(ranges, vec![(0, 4), (4, 4), (8, 2)]);
+
+    // --resume skips a finished part, and harvests again a part whose file was damaged.
+    let out = harvest(&parts, &["--shard", "1/3", "--resume"]);
+    assert!(out.contains("skipped"), "{out}");
+    let damaged = parts.join(sharding["parts"][0]["files"][0]["file"].as_str().unwrap());
+    std::fs::write(&damaged, b"not a safetensors file").unwrap();
+    let out = harvest(&parts, &["--shard", "0/3", "--resume"]);
+    assert!(!out.contains("skipped"), "{out}");
+    assert_eq!(bits(&store_rows(&parts).0), bits(&a));
+
+    one_line_error(
+        &[
+            "diff",
+            "harvest",
+            "--shard",
+            "3/3",
+            "--out",
+            tmp.join("x").to_str().unwrap(),
+        ],
+        "is not a shard",
+    );
+    let _ = std::fs::remove_dir_all(&tmp);
+}

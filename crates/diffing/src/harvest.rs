@@ -7,10 +7,12 @@
 //! to the wider model, so models with different tokenizers and widths can still be diffed.
 
 use crate::paired::{Alignment, PairedMeta, PairedWriter, SampleInfo};
+use crate::shards::{corpus_sha256, PartManifest, ShardSpec};
 use crate::{invalid, Result};
 use candle_core::Tensor;
 use persona_lens_engine::{Batch, HookName, HookPoint, Hooks, LogitsAt, Model};
 use serde::{Deserialize, Serialize};
+use std::ops::Range;
 use std::path::Path;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -52,119 +54,177 @@ pub fn harvest_paired(
     out: &Path,
     progress: &dyn Fn(usize),
 ) -> Result<PairedMeta> {
-    if corpus.is_empty() {
-        return invalid("the corpus is empty; give --corpus FILE or use the default corpus");
-    }
-    if spec.shared_ids && models[0].config().vocab_size != models[1].config().vocab_size {
-        return invalid(format!(
-            "shared token ids need one tokenizer, but {} and {} have vocabularies of {} and {}; use each model's own template (--template auto with a different-family pair)",
-            models[0].info.name,
-            models[1].info.name,
-            models[0].config().vocab_size,
-            models[1].config().vocab_size
-        ));
-    }
-    let ids: Vec<[Vec<u32>; 2]> = corpus
-        .iter()
-        .map(|c| -> Result<[Vec<u32>; 2]> {
-            let chat = models[1].encode_prompt(&c.text, spec.chat_template[1])?;
-            Ok(if spec.shared_ids {
-                [chat.clone(), chat]
-            } else {
-                [
-                    models[0].encode_prompt(&c.text, spec.chat_template[0])?,
-                    chat,
-                ]
-            })
-        })
-        .collect::<Result<_>>()?;
-    let dims = [models[0].config().d_model, models[1].config().d_model];
-    let same_tokens = dims[0] == dims[1] && ids.iter().all(|p| p[0] == p[1]);
-    let alignment = match spec.alignment {
-        Some(Alignment::Tokens) if !same_tokens => {
-            return invalid(
-                "per-token pairing needs both models to see the same token ids and have the same width; use --align last",
-            )
-        }
-        Some(a) => a,
-        None if same_tokens => Alignment::Tokens,
-        None => Alignment::Last,
-    };
-    let d = dims[0].max(dims[1]);
-    let meta = PairedMeta {
-        models: models.iter().map(|m| m.info.name.clone()).collect(),
-        model_paths: models.iter().map(|m| m.info.path.clone()).collect(),
-        hooks: spec.hooks.iter().map(|h| h.to_string()).collect(),
-        chat_template: spec.chat_template.to_vec(),
-        alignment,
-        dims: dims.to_vec(),
-        d,
-        rows: 0,
-        shards: vec![],
-        samples: vec![],
-        corpus: String::new(),
-        tool: format!("persona-lens {}", env!("CARGO_PKG_VERSION")),
-    };
-    let mut w = PairedWriter::new(out, spec.shard_rows, meta)?;
-    let bs = spec.batch_size.max(1);
-    let tok = &models[0].tokenizer;
-    for (ci, chunk) in corpus.chunks(bs).enumerate() {
-        let base = ci * bs;
-        // rows per model for this chunk: Vec over samples of (rows, d_m)
-        let mut per_model: Vec<Vec<Tensor>> = vec![vec![], vec![]];
-        for m in 0..2 {
-            let seqs: Vec<Vec<u32>> = (0..chunk.len()).map(|i| ids[base + i][m].clone()).collect();
-            let batch = Batch::left_padded(&seqs, models[m].pad_id(), models[m].device())?;
-            let mut hooks = Hooks::new();
-            hooks.capture(spec.hooks[m]);
-            if let Some(f) = spec.setup[m] {
-                f(&seqs, &batch, &mut hooks)?;
-            }
-            models[m].forward(&batch, None, &mut hooks, LogitsAt::None)?;
-            let full = hooks.cache.get(&spec.hooks[m])?; // (b, t, d_m)
-            for (r, s) in seqs.iter().enumerate() {
-                let row = full.get(r)?.narrow(0, batch.pad[r], s.len())?;
-                let rows = match alignment {
-                    Alignment::Tokens => {
-                        row.narrow(0, 1.min(s.len() - 1), s.len() - 1.min(s.len() - 1))?
-                    }
-                    Alignment::Last => row.narrow(0, s.len() - 1, 1)?,
-                };
-                let rows = if dims[m] < d {
-                    rows.pad_with_zeros(1, 0, d - dims[m])?
-                } else {
-                    rows
-                };
-                per_model[m].push(rows.to_dtype(candle_core::DType::F32)?);
-            }
-        }
-        for (i, item) in chunk.iter().enumerate() {
-            let a = &per_model[0][i];
-            let b = &per_model[1][i];
-            let n = a.dim(0)?;
-            let pair = Tensor::stack(&[a, b], 1)?; // (rows, 2, d)
-            let toks: Vec<String> = match alignment {
-                Alignment::Tokens => ids[base + i][0][1..]
-                    .iter()
-                    .map(|&t| tok.id_to_token(t))
-                    .collect(),
-                Alignment::Last => {
-                    vec![tok.id_to_token(*ids[base + i][0].last().expect("non-empty"))]
-                }
-            };
-            w.meta.samples.push(SampleInfo {
-                id: item.id.clone(),
-                source: item.source.clone(),
-                text: item.text.clone(),
-                first_row: w.meta.rows,
-                n_rows: n,
-                tokens: toks,
-            });
-            w.push(pair)?;
-        }
-        progress(chunk.len());
-    }
+    let plan = Plan::new(models, corpus, spec)?;
+    let mut w = PairedWriter::new(out, spec.shard_rows, plan.meta.clone())?;
+    plan.write_rows(models, corpus, spec, 0..corpus.len(), &mut w, progress)?;
     w.finish()
+}
+
+/// Part `shard` of [`harvest_paired`]: the part's samples (see [`crate::shards`]) into its own
+/// files and `part-IIIII-of-NNNNN.json` in `out`. Every part reads the whole corpus's token ids
+/// first, so all parts choose the same alignment; `corpus_label` is recorded as the store's
+/// corpus.
+pub fn harvest_paired_part(
+    models: [&Model; 2],
+    corpus: &[CorpusItem],
+    spec: &PairedHarvestSpec,
+    shard: ShardSpec,
+    corpus_label: &str,
+    out: &Path,
+    progress: &dyn Fn(usize),
+) -> Result<PartManifest> {
+    let mut plan = Plan::new(models, corpus, spec)?;
+    plan.meta.corpus = corpus_label.to_string();
+    let range = shard.sample_range(corpus.len(), spec.batch_size);
+    let mut w = PairedWriter::part(out, spec.shard_rows, plan.meta.clone(), shard)?;
+    plan.write_rows(models, corpus, spec, range.clone(), &mut w, progress)?;
+    w.finish_part(shard, range, corpus_sha256(corpus), corpus.len())
+}
+
+/// The whole corpus's token ids and the store's header, decided before any row is written.
+struct Plan {
+    ids: Vec<[Vec<u32>; 2]>,
+    alignment: Alignment,
+    dims: [usize; 2],
+    meta: PairedMeta,
+}
+
+impl Plan {
+    fn new(models: [&Model; 2], corpus: &[CorpusItem], spec: &PairedHarvestSpec) -> Result<Self> {
+        if corpus.is_empty() {
+            return invalid("the corpus is empty; give --corpus FILE or use the default corpus");
+        }
+        if spec.shared_ids && models[0].config().vocab_size != models[1].config().vocab_size {
+            return invalid(format!(
+                "shared token ids need one tokenizer, but {} and {} have vocabularies of {} and {}; use each model's own template (--template auto with a different-family pair)",
+                models[0].info.name,
+                models[1].info.name,
+                models[0].config().vocab_size,
+                models[1].config().vocab_size
+            ));
+        }
+        let ids: Vec<[Vec<u32>; 2]> = corpus
+            .iter()
+            .map(|c| -> Result<[Vec<u32>; 2]> {
+                let chat = models[1].encode_prompt(&c.text, spec.chat_template[1])?;
+                Ok(if spec.shared_ids {
+                    [chat.clone(), chat]
+                } else {
+                    [
+                        models[0].encode_prompt(&c.text, spec.chat_template[0])?,
+                        chat,
+                    ]
+                })
+            })
+            .collect::<Result<_>>()?;
+        let dims = [models[0].config().d_model, models[1].config().d_model];
+        let same_tokens = dims[0] == dims[1] && ids.iter().all(|p| p[0] == p[1]);
+        let alignment = match spec.alignment {
+            Some(Alignment::Tokens) if !same_tokens => {
+                return invalid(
+                    "per-token pairing needs both models to see the same token ids and have the same width; use --align last",
+                )
+            }
+            Some(a) => a,
+            None if same_tokens => Alignment::Tokens,
+            None => Alignment::Last,
+        };
+        let d = dims[0].max(dims[1]);
+        let meta = PairedMeta {
+            models: models.iter().map(|m| m.info.name.clone()).collect(),
+            model_paths: models.iter().map(|m| m.info.path.clone()).collect(),
+            hooks: spec.hooks.iter().map(|h| h.to_string()).collect(),
+            chat_template: spec.chat_template.to_vec(),
+            alignment,
+            dims: dims.to_vec(),
+            d,
+            rows: 0,
+            shards: vec![],
+            samples: vec![],
+            corpus: String::new(),
+            tool: format!("persona-lens {}", env!("CARGO_PKG_VERSION")),
+            sharding: None,
+        };
+        Ok(Self {
+            ids,
+            alignment,
+            dims,
+            meta,
+        })
+    }
+
+    /// Samples `range` (starting on a batch boundary) in batches of the spec's size.
+    fn write_rows(
+        &self,
+        models: [&Model; 2],
+        corpus: &[CorpusItem],
+        spec: &PairedHarvestSpec,
+        range: Range<usize>,
+        w: &mut PairedWriter,
+        progress: &dyn Fn(usize),
+    ) -> Result<()> {
+        let (ids, alignment, dims, d) = (&self.ids, self.alignment, self.dims, self.meta.d);
+        let bs = spec.batch_size.max(1);
+        let tok = &models[0].tokenizer;
+        for (ci, chunk) in corpus[range.clone()].chunks(bs).enumerate() {
+            let base = range.start + ci * bs;
+            // rows per model for this chunk: Vec over samples of (rows, d_m)
+            let mut per_model: Vec<Vec<Tensor>> = vec![vec![], vec![]];
+            for m in 0..2 {
+                let seqs: Vec<Vec<u32>> =
+                    (0..chunk.len()).map(|i| ids[base + i][m].clone()).collect();
+                let batch = Batch::left_padded(&seqs, models[m].pad_id(), models[m].device())?;
+                let mut hooks = Hooks::new();
+                hooks.capture(spec.hooks[m]);
+                if let Some(f) = spec.setup[m] {
+                    f(&seqs, &batch, &mut hooks)?;
+                }
+                models[m].forward(&batch, None, &mut hooks, LogitsAt::None)?;
+                let full = hooks.cache.get(&spec.hooks[m])?; // (b, t, d_m)
+                for (r, s) in seqs.iter().enumerate() {
+                    let row = full.get(r)?.narrow(0, batch.pad[r], s.len())?;
+                    let rows = match alignment {
+                        Alignment::Tokens => {
+                            row.narrow(0, 1.min(s.len() - 1), s.len() - 1.min(s.len() - 1))?
+                        }
+                        Alignment::Last => row.narrow(0, s.len() - 1, 1)?,
+                    };
+                    let rows = if dims[m] < d {
+                        rows.pad_with_zeros(1, 0, d - dims[m])?
+                    } else {
+                        rows
+                    };
+                    per_model[m].push(rows.to_dtype(candle_core::DType::F32)?);
+                }
+            }
+            for (i, item) in chunk.iter().enumerate() {
+                let a = &per_model[0][i];
+                let b = &per_model[1][i];
+                let n = a.dim(0)?;
+                let pair = Tensor::stack(&[a, b], 1)?; // (rows, 2, d)
+                let toks: Vec<String> = match alignment {
+                    Alignment::Tokens => ids[base + i][0][1..]
+                        .iter()
+                        .map(|&t| tok.id_to_token(t))
+                        .collect(),
+                    Alignment::Last => {
+                        vec![tok.id_to_token(*ids[base + i][0].last().expect("non-empty"))]
+                    }
+                };
+                w.meta.samples.push(SampleInfo {
+                    id: item.id.clone(),
+                    source: item.source.clone(),
+                    text: item.text.clone(),
+                    first_row: w.meta.rows,
+                    n_rows: n,
+                    tokens: toks,
+                });
+                w.push(pair)?;
+            }
+            progress(chunk.len());
+        }
+        Ok(())
+    }
 }
 
 /// "Model B = model A + a planted feature": adds `alpha · direction` at `hook` on the position

@@ -13,6 +13,7 @@ pub mod metrics;
 pub mod paired;
 pub mod persona;
 pub mod sae;
+pub mod shards;
 pub mod train;
 
 pub use crosscoder::{CodeNormalization, CrossCoder, Normaliser, Sparsity};

@@ -58,11 +58,16 @@ pub struct PairedMeta {
     pub samples: Vec<SampleInfo>,
     pub corpus: String,
     pub tool: String,
+    /// Set when the store was harvested in parts (`diff harvest --shard I/N`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sharding: Option<crate::shards::Sharding>,
 }
 
 /// Writes rows into shards of `shard_rows`, then the manifest (atomically, last).
 pub struct PairedWriter {
     dir: PathBuf,
+    /// Row files go under this folder of `dir` ("" = `dir` itself; a part's own folder).
+    sub: String,
     shard_rows: usize,
     pending: Vec<Tensor>,
     pending_rows: usize,
@@ -76,11 +81,28 @@ impl PairedWriter {
         })?;
         Ok(Self {
             dir: dir.to_path_buf(),
+            sub: String::new(),
             shard_rows: shard_rows.max(1),
             pending: Vec::new(),
             pending_rows: 0,
             meta,
         })
+    }
+
+    /// A writer of part `shard`: row files under the part's own folder.
+    pub fn part(
+        dir: &Path,
+        shard_rows: usize,
+        meta: PairedMeta,
+        shard: crate::shards::ShardSpec,
+    ) -> Result<Self> {
+        let sub = shard.name();
+        std::fs::create_dir_all(dir.join(&sub)).map_err(|e| {
+            crate::DiffError::Invalid(format!("cannot create {}: {e}", dir.join(&sub).display()))
+        })?;
+        let mut w = Self::new(dir, shard_rows, meta)?;
+        w.sub = format!("{sub}/");
+        Ok(w)
     }
 
     /// Appends `(rows, n_models, d)` rows.
@@ -115,7 +137,11 @@ impl PairedWriter {
             vec![]
         };
         self.pending_rows = rest;
-        let file = format!("shard_{:05}.safetensors", self.meta.shards.len());
+        let file = format!(
+            "{}shard_{:05}.safetensors",
+            self.sub,
+            self.meta.shards.len()
+        );
         persona_lens_engine::io::save_safetensors(
             &[("acts".to_string(), shard.contiguous()?)],
             HashMap::new(),
@@ -132,6 +158,51 @@ impl PairedWriter {
             .map_err(|e| crate::DiffError::Invalid(e.to_string()))?;
         persona_lens_engine::io::write_atomic(&self.dir.join(MANIFEST), &bytes)?;
         Ok(self.meta)
+    }
+
+    /// Ends part `shard` (samples `samples` of a corpus with hash `corpus_sha256`): flushes its
+    /// rows, hashes its files and writes `part-IIIII-of-NNNNN.json` atomically, last.
+    pub fn finish_part(
+        mut self,
+        shard: crate::shards::ShardSpec,
+        samples: std::ops::Range<usize>,
+        corpus_sha256: String,
+        corpus_samples: usize,
+    ) -> Result<crate::shards::PartManifest> {
+        let rest = self.pending_rows;
+        self.flush(rest)?;
+        let files = self
+            .meta
+            .shards
+            .iter()
+            .map(|s| -> Result<crate::shards::PartFile> {
+                Ok(crate::shards::PartFile {
+                    file: s.file.clone(),
+                    rows: s.rows,
+                    sha256: crate::shards::file_sha256(&self.dir.join(&s.file))?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let m = crate::shards::PartManifest {
+            part: crate::shards::PartInfo {
+                index: shard.index,
+                count: shard.count,
+                first_sample: samples.start,
+                n_samples: samples.len(),
+                rows: self.meta.rows,
+                files,
+            },
+            meta: self.meta,
+            corpus_sha256,
+            corpus_samples,
+        };
+        let bytes =
+            serde_json::to_vec_pretty(&m).map_err(|e| crate::DiffError::Invalid(e.to_string()))?;
+        persona_lens_engine::io::write_atomic(
+            &self.dir.join(format!("{}.json", shard.name())),
+            &bytes,
+        )?;
+        Ok(m)
     }
 }
 

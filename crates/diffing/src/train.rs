@@ -10,8 +10,10 @@
 //! - Inputs are normalised first (dictionary_learning's normaliser, target RMS 1, statistics over
 //!   the first `normaliser_rows` rows).
 //! - Adam (β = 0.9, 0.999), linear LR warm-up then constant, linear decay to 0 over the last 20 %.
-//! - The batch order is a pure function of (seed, step): each epoch visits shards in a seeded
-//!   order and rows in a seeded order within each shard, one shard in memory at a time. Together
+//! - The batch order is a pure function of (seed, step): the store's rows are cut into chunks of
+//!   `chunk_rows` global rows (whatever files hold them, so a store harvested in parts by many
+//!   workers trains exactly as the unsharded one); each epoch visits chunks in a seeded order and
+//!   rows in a seeded order within each chunk, one chunk in memory at a time. Together
 //!   with checkpoints of parameters, Adam moments, dead-latent counters, threshold and the loss
 //!   log, a run killed and resumed reproduces the uninterrupted run's loss curve.
 
@@ -59,7 +61,18 @@ pub struct TrainConfig {
     /// held out of training; FVE, L0 and dead fraction are reported on them. 0 = none.
     #[serde(default)]
     pub validation_fraction: f64,
+    /// Rows in memory at a time: the sampler's unit (see the module docs).
+    #[serde(default = "default_chunk_rows")]
+    pub chunk_rows: usize,
 }
+
+fn default_chunk_rows() -> usize {
+    DEFAULT_CHUNK_ROWS
+}
+
+/// The default `chunk_rows`: `diff harvest`'s default rows per file, so an unsharded store's
+/// chunks are its files.
+pub const DEFAULT_CHUNK_ROWS: usize = 50_000;
 
 impl TrainConfig {
     pub fn default_l1() -> Self {
@@ -76,6 +89,7 @@ impl TrainConfig {
             target_rms: 1.0,
             dec_init_norm: 0.1,
             validation_fraction: 0.1,
+            chunk_rows: DEFAULT_CHUNK_ROWS,
         }
     }
 }
@@ -91,9 +105,22 @@ pub fn is_validation_sample(id: &str, fraction: f64, seed: u64) -> bool {
     (v as f64 / u64::MAX as f64) < fraction
 }
 
-/// The store's rows split by sample: training row offsets within each shard, and the global
+/// The store's rows cut into chunks of `chunk_rows` (global row ranges; the last may be shorter).
+pub fn chunks(store: &PairedStore, chunk_rows: usize) -> Vec<std::ops::Range<usize>> {
+    let c = chunk_rows.max(1);
+    (0..store.meta.rows.div_ceil(c))
+        .map(|i| i * c..((i + 1) * c).min(store.meta.rows))
+        .collect()
+}
+
+/// The store's rows split by sample: training row offsets within each chunk, and the global
 /// indices of the validation rows.
-fn split_rows(store: &PairedStore, fraction: f64, seed: u64) -> (Vec<Vec<u32>>, Vec<usize>) {
+fn split_rows(
+    store: &PairedStore,
+    fraction: f64,
+    seed: u64,
+    chunk_rows: usize,
+) -> (Vec<Vec<u32>>, Vec<usize>) {
     let mut is_val = vec![false; store.meta.rows];
     for s in &store.meta.samples {
         if is_validation_sample(&s.id, fraction, seed) {
@@ -101,17 +128,15 @@ fn split_rows(store: &PairedStore, fraction: f64, seed: u64) -> (Vec<Vec<u32>>, 
             is_val[s.first_row.min(end)..end].fill(true);
         }
     }
-    let mut train = vec![];
-    let mut start = 0usize;
-    for sh in &store.meta.shards {
-        train.push(
-            (0..sh.rows)
-                .filter(|&r| !is_val[start + r])
+    let train = chunks(store, chunk_rows)
+        .into_iter()
+        .map(|c| {
+            (0..c.len())
+                .filter(|&r| !is_val[c.start + r])
                 .map(|r| r as u32)
-                .collect(),
-        );
-        start += sh.rows;
-    }
+                .collect()
+        })
+        .collect();
     let val = (0..store.meta.rows).filter(|&r| is_val[r]).collect();
     (train, val)
 }
@@ -189,20 +214,23 @@ pub struct StepLog {
     pub lr: f64,
 }
 
-/// The batch order: (seed, step) -> rows, visiting one shard at a time.
+/// The batch order: (seed, step) -> rows, visiting one chunk at a time.
 struct Sampler {
-    /// Training row offsets within each shard (validation rows left out).
+    /// The chunks' global row ranges.
+    chunks: Vec<std::ops::Range<usize>>,
+    /// Training row offsets within each chunk (validation rows left out).
     keep: Vec<Vec<u32>>,
     total: usize,
     seed: u64,
-    /// (epoch, shard) loaded now, its permuted rows.
+    /// (epoch, chunk) loaded now, its permuted rows.
     loaded: Option<((usize, usize), Tensor)>,
 }
 
 impl Sampler {
-    fn new(keep: Vec<Vec<u32>>, seed: u64) -> Self {
+    fn new(chunks: Vec<std::ops::Range<usize>>, keep: Vec<Vec<u32>>, seed: u64) -> Self {
         let total = keep.iter().map(Vec::len).sum();
         Self {
+            chunks,
             keep,
             total,
             seed,
@@ -221,7 +249,8 @@ impl Sampler {
 
     fn load(&mut self, store: &PairedStore, epoch: usize, shard: usize) -> Result<&Tensor> {
         if self.loaded.as_ref().map(|(k, _)| *k) != Some((epoch, shard)) {
-            let t = store.shard(shard)?;
+            let c = &self.chunks[shard];
+            let t = store.rows(c.start, c.len())?;
             let mut perm: Vec<u32> = self.keep[shard].clone();
             let mut rng = rand::rngs::StdRng::seed_from_u64(
                 self.seed
@@ -263,30 +292,31 @@ impl Sampler {
 }
 
 /// Mean and std per (model, dim) over the first `max_rows` rows, in f64; with `rows`, only
-/// those row offsets of each shard (the training rows: validation samples must not set the
-/// normalisation they are evaluated in).
+/// those row offsets of each chunk of `chunk_rows` (the training rows: validation samples must
+/// not set the normalisation they are evaluated in).
 pub fn activation_stats(
     store: &PairedStore,
     max_rows: usize,
     rows: Option<&[Vec<u32>]>,
+    chunk_rows: usize,
 ) -> Result<(Tensor, Tensor)> {
     let (n, d) = (store.n_models(), store.meta.d);
     let mut sum = vec![0f64; n * d];
     let mut sq = vec![0f64; n * d];
     let mut count = 0usize;
-    for i in 0..store.meta.shards.len() {
+    for (i, c) in chunks(store, chunk_rows).into_iter().enumerate() {
         if count >= max_rows {
             break;
         }
         let t = match rows {
-            Some(r) if r[i].len() < store.meta.shards[i].rows => {
+            Some(r) if r[i].len() < c.len() => {
                 if r[i].is_empty() {
                     continue;
                 }
                 let idx = Tensor::new(r[i].as_slice(), &Device::Cpu)?;
-                store.shard(i)?.index_select(&idx, 0)?
+                store.rows(c.start, c.len())?.index_select(&idx, 0)?
             }
-            _ => store.shard(i)?,
+            _ => store.rows(c.start, c.len())?,
         };
         let take = t.dim(0)?.min(max_rows - count);
         let v: Vec<f32> = t.narrow(0, 0, take)?.flatten_all()?.to_vec1()?;
@@ -337,6 +367,26 @@ struct CheckpointMeta {
     threshold: f64,
     log: Vec<StepLog>,
     store_rows: usize,
+    /// A store harvested in parts: its finished parts (index, count, file hashes).
+    #[serde(default)]
+    store_parts: Vec<PartKey>,
+}
+
+type PartKey = (usize, usize, Vec<String>);
+
+fn store_parts(store: &PairedStore) -> Vec<PartKey> {
+    store.meta.sharding.as_ref().map_or(vec![], |s| {
+        s.parts
+            .iter()
+            .map(|p| {
+                (
+                    p.index,
+                    p.count,
+                    p.files.iter().map(|f| f.sha256.clone()).collect(),
+                )
+            })
+            .collect()
+    })
 }
 
 pub struct TrainOutcome {
@@ -344,6 +394,8 @@ pub struct TrainOutcome {
     pub log: Vec<StepLog>,
     /// Step this run started from (0, or the checkpoint's).
     pub resumed_from: usize,
+    /// Rows of the store the checkpoint was made on, when the store has gained parts since.
+    pub store_grew_from: Option<usize>,
     /// Whether training reached `config.steps` (false when stopped by `stop_after`).
     pub finished: bool,
     pub seconds: f64,
@@ -388,33 +440,41 @@ pub fn train(
         }
     }
     let mask_nd = Tensor::from_vec(mask, (n, d), &dev)?;
-    let (keep, val_rows) = split_rows(store, cfg.validation_fraction, cfg.seed);
+    let (keep, val_rows) = split_rows(store, cfg.validation_fraction, cfg.seed, cfg.chunk_rows);
     if keep.iter().all(Vec::is_empty) {
         return invalid(format!(
             "no training rows left after holding out {:.0} % of the samples for validation; give a larger corpus or a smaller --validation-fraction",
             100.0 * cfg.validation_fraction
         ));
     }
-    let (mean, std) = activation_stats(store, cfg.normaliser_rows, Some(&keep))?;
-    let normaliser = Normaliser::from_stats(mean, std, cfg.target_rms)?;
-
     let ckpt_t = ckpt_dir.join(CKPT_TENSORS);
     let ckpt_m = ckpt_dir.join(CKPT_META);
     let mut start = 0usize;
     let mut threshold = -1.0f64;
     let mut log: Vec<StepLog> = Vec::new();
     let mut tensors: Option<HashMap<String, Tensor>> = None;
+    let mut store_grew_from = None;
     if resume && ckpt_m.exists() {
         let meta: CheckpointMeta = serde_json::from_str(
             &std::fs::read_to_string(&ckpt_m)
                 .map_err(|e| crate::DiffError::Invalid(format!("{}: {e}", ckpt_m.display())))?,
         )
         .map_err(|e| crate::DiffError::Invalid(format!("{}: {e}", ckpt_m.display())))?;
-        if meta.config != *cfg || meta.store_rows != store.meta.rows {
+        // A store harvested in parts may have gained parts since the checkpoint: training goes
+        // on over the larger store (its batch order from here on is the larger store's) with
+        // the checkpoint's normaliser.
+        let parts_now = store_parts(store);
+        let grew = !meta.store_parts.is_empty()
+            && store.meta.rows > meta.store_rows
+            && meta.store_parts.iter().all(|p| parts_now.contains(p));
+        if meta.config != *cfg || !(meta.store_rows == store.meta.rows || grew) {
             return invalid(format!(
                 "the checkpoint in {} was made with other settings or data; use the same flags, or drop --resume to start over",
                 ckpt_dir.display()
             ));
+        }
+        if grew {
+            store_grew_from = Some(meta.store_rows);
         }
         let t = candle_core::safetensors::load(&ckpt_t, &dev).map_err(|e| {
             crate::DiffError::Invalid(format!(
@@ -428,6 +488,17 @@ pub fn train(
         log = meta.log;
         tensors = Some(t);
     }
+    let normaliser = match tensors
+        .as_ref()
+        .and_then(|t| Some((t.get("normaliser.mean")?, t.get("normaliser.std")?)))
+    {
+        Some((mean, std)) => Normaliser::from_stats(mean.clone(), std.clone(), cfg.target_rms)?,
+        None => {
+            let (mean, std) =
+                activation_stats(store, cfg.normaliser_rows, Some(&keep), cfg.chunk_rows)?;
+            Normaliser::from_stats(mean, std, cfg.target_rms)?
+        }
+    };
     let (params, mut adam_m, mut adam_v, mut since_fired) = match &tensors {
         Some(t) => {
             let g = |k: &str| -> Result<Tensor> {
@@ -487,7 +558,7 @@ pub fn train(
     };
     log.truncate(start);
 
-    let mut sampler = Sampler::new(keep, cfg.seed);
+    let mut sampler = Sampler::new(chunks(store, cfg.chunk_rows), keep, cfg.seed);
     let (b1, b2, eps) = (0.9f64, 0.999f64, 1e-8f64);
     let decay_start = cfg.steps - cfg.steps / 5;
     let end = match stop_after {
@@ -510,6 +581,8 @@ pub fn train(
             t.push((format!("adam_v.{k}"), v[i].clone()));
         }
         t.push(("since_fired".into(), since.clone()));
+        t.push(("normaliser.mean".into(), normaliser.mean.clone()));
+        t.push(("normaliser.std".into(), normaliser.std.clone()));
         persona_lens_engine::io::save_safetensors(&t, HashMap::new(), &ckpt_t)?;
         // The meta file is written last: it names a step whose tensors are already on disk.
         let meta = CheckpointMeta {
@@ -518,6 +591,7 @@ pub fn train(
             threshold,
             log: log.to_vec(),
             store_rows: store.meta.rows,
+            store_parts: store_parts(store),
         };
         let bytes =
             serde_json::to_vec(&meta).map_err(|e| crate::DiffError::Invalid(e.to_string()))?;
@@ -756,6 +830,7 @@ pub fn train(
         crosscoder: cc,
         log,
         resumed_from: start,
+        store_grew_from,
         finished: end == cfg.steps,
         seconds: t0.elapsed().as_secs_f64(),
         train_rows: sampler.total,

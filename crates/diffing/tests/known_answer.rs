@@ -155,6 +155,7 @@ fn planted_chat_only_feature_is_found_and_resume_is_exact() {
         target_rms: 1.0,
         dec_init_norm: 0.1,
         validation_fraction: 0.0,
+        chunk_rows: 2000,
     };
     let ck = tmp("ckpt");
     let t0 = std::time::Instant::now();

@@ -175,6 +175,7 @@ fn planted_chat_only_feature_is_found_on_the_last_token_across_widths_with_batch
         target_rms: 1.0,
         dec_init_norm: 0.1,
         validation_fraction: 0.15,
+        chunk_rows: 200,
     };
     let out = train(&store, &cfg, &tmp("ckpt"), false, None, &|_| {}).unwrap();
     let val = out.validation.clone().expect("validation samples");

@@ -32,6 +32,7 @@ fn store(dir: &std::path::Path) -> PairedStore {
         samples: vec![],
         corpus: "synthetic".into(),
         tool: "test".into(),
+        sharding: None,
     };
     let mut w = PairedWriter::new(dir, 2500, meta).unwrap();
     let mut v = vec![0f32; rows * 2 * d];
@@ -74,6 +75,7 @@ fn both_objectives_learn_sparse_structure_and_save() {
         target_rms: 1.0,
         dec_init_norm: 0.1,
         validation_fraction: 0.0,
+        chunk_rows: 2500,
     };
     let x = st.all().unwrap();
     for objective in [
@@ -186,6 +188,7 @@ fn normaliser_statistics_exclude_validation_samples() {
         samples: vec![],
         corpus: "synthetic".into(),
         tool: "test".into(),
+        sharding: None,
     };
     let mut w = PairedWriter::new(&dir, 64, meta).unwrap();
     let (mut train_sum, mut n_train) = (0f64, 0usize);
@@ -231,6 +234,7 @@ fn normaliser_statistics_exclude_validation_samples() {
         target_rms: 1.0,
         dec_init_norm: 0.1,
         validation_fraction: fraction,
+        chunk_rows: 64,
     };
     let out = train(&st, &cfg, &dir.join("ck"), false, None, &|_| {}).unwrap();
     let norm = out

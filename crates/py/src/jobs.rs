@@ -211,8 +211,11 @@ pub fn run_command(
         "diff_verify" => cmd!(diff_jobs::VerifyArgs, |a| json(&diff_jobs::verify_with(
             &a
         )?)),
+        "diff_manifest" => cmd!(diff_jobs::ManifestArgs, |a| json(
+            &diff_jobs::manifest_with(&a)?
+        )),
         other => Err(crate::PersonaLensError::new_err(format!(
-            "unknown command '{other}'; use rate, control_vector_export, control_vector_import, diff_harvest, diff_train, diff_analyze or diff_verify"
+            "unknown command '{other}'; use rate, control_vector_export, control_vector_import, diff_harvest, diff_manifest, diff_train, diff_analyze or diff_verify"
         ))),
     }
 }
@@ -238,6 +241,69 @@ pub fn encode<'py>(
             crate::ops::to_numpy(py, &e.features)?,
             crate::ops::to_numpy(py, &e.scaled_features)?,
             crate::ops::to_numpy(py, &e.reconstruction)?,
+        ],
+    )
+}
+
+/// A worker's harvester (`diff harvest`'s flags as keyword arguments): loads the model pair and
+/// builds the corpus once, then harvests the parts it is given (`part("I/N", out, resume)`).
+#[pyclass(module = "persona_lens._native", name = "PairHarvester", frozen)]
+pub struct PyPairHarvester {
+    inner: std::sync::Arc<diff_jobs::PairHarvester>,
+}
+
+#[pymethods]
+impl PyPairHarvester {
+    #[new]
+    #[pyo3(signature = (kwargs=None))]
+    fn new(py: Python<'_>, kwargs: Option<&Bound<'_, PyDict>>) -> PyResult<Self> {
+        let args = argv::<diff_jobs::HarvestArgs>(kwargs, "PairHarvester", &[])?;
+        let a: diff_jobs::HarvestArgs = spec::parse(&args).map_err(clap_err)?;
+        let h = compute(py, move || diff_jobs::PairHarvester::new(&a))?;
+        Ok(Self {
+            inner: std::sync::Arc::new(h),
+        })
+    }
+
+    /// Samples in the corpus.
+    #[getter]
+    fn n_samples(&self) -> usize {
+        self.inner.n_samples()
+    }
+
+    /// Harvests part `shard` ("I/N") into `out`; with `resume`, a finished part is skipped.
+    /// Returns what was written as JSON (the part, and the store's manifest once complete).
+    #[pyo3(signature = (shard, out, resume=true))]
+    fn part(
+        &self,
+        py: Python<'_>,
+        shard: &str,
+        out: std::path::PathBuf,
+        resume: bool,
+    ) -> PyResult<String> {
+        let shard: persona_lens_diffing::shards::ShardSpec = shard
+            .parse()
+            .map_err(|e: String| crate::PersonaLensError::new_err(e))?;
+        let h = self.inner.clone();
+        compute(py, move || json(&h.part(shard, &out, resume)?))
+    }
+}
+
+/// A paired store's rows, (rows, n_models, d) float32, and its manifest as JSON.
+#[pyfunction]
+pub fn read_store<'py>(
+    py: Python<'py>,
+    store: std::path::PathBuf,
+) -> PyResult<Bound<'py, PyTuple>> {
+    let (acts, meta) = compute(py, move || {
+        let s = persona_lens_diffing::paired::PairedStore::open(&store)?;
+        Ok((s.all()?, json(&s.meta)?))
+    })?;
+    PyTuple::new(
+        py,
+        [
+            crate::ops::to_numpy(py, &acts)?.into_any(),
+            PyString::new(py, &meta).into_any(),
         ],
     )
 }

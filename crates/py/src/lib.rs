@@ -109,5 +109,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(jobs::run_study, m)?)?;
     m.add_function(wrap_pyfunction!(jobs::run_command, m)?)?;
     m.add_function(wrap_pyfunction!(jobs::encode, m)?)?;
+    m.add_function(wrap_pyfunction!(jobs::read_store, m)?)?;
+    m.add_class::<jobs::PyPairHarvester>()?;
     Ok(())
 }

@@ -9,10 +9,11 @@ use clap::{Args, Subcommand, ValueEnum};
 use persona_lens_diffing::analyze::{analyze as run_analyze, rows_of, AnalyzeSpec};
 use persona_lens_diffing::corpus;
 use persona_lens_diffing::harvest::{
-    harvest_paired, middle_resid_post, CorpusItem, PairedHarvestSpec,
+    harvest_paired, harvest_paired_part, middle_resid_post, CorpusItem, PairedHarvestSpec,
 };
 use persona_lens_diffing::paired::{Alignment, PairedStore};
 use persona_lens_diffing::persona::verify as verify_rows;
+use persona_lens_diffing::shards::ShardSpec;
 use persona_lens_diffing::train::{train as run_train, Objective, TrainConfig};
 use persona_lens_diffing::{load_dictionary, CrossCoder, Dictionary};
 use persona_lens_engine::{HookName, Model};
@@ -24,6 +25,8 @@ use std::path::{Path, PathBuf};
 pub enum DiffCmd {
     /// Run both models on a corpus and store paired activations (shards) at a hook.
     Harvest(HarvestArgs),
+    /// Join the finished parts of a harvest made with --shard I/N into `paired.json`.
+    Manifest(ManifestArgs),
     /// Train an L1 or BatchTopK crosscoder on a paired store (checkpoints, --resume).
     Train(TrainArgs),
     /// Δ_norm classes, Latent Scaling, novice-vs-expert latents, verification, sycophancy,
@@ -39,6 +42,7 @@ pub enum DiffCmd {
 pub fn run(c: DiffCmd) -> Result<()> {
     match c {
         DiffCmd::Harvest(a) => harvest(a),
+        DiffCmd::Manifest(a) => manifest(a),
         DiffCmd::Train(a) => train(a),
         DiffCmd::Analyze(a) => analyze(a),
         DiffCmd::Verify(a) => verify(a),
@@ -142,7 +146,7 @@ impl PairArgs {
     }
 }
 
-#[derive(Args)]
+#[derive(Args, Clone)]
 pub struct HarvestArgs {
     #[command(flatten)]
     pub pair: PairArgs,
@@ -166,6 +170,15 @@ pub struct HarvestArgs {
     /// Rows per shard file.
     #[arg(long, default_value_t = 50_000)]
     pub shard_rows: usize,
+    /// Harvest only part I of N (0-based) into --out, e.g. `--shard 0/4`, one per worker; the
+    /// parts of N workers together equal the unsharded store bitwise. `paired.json` is written
+    /// when the last part finishes (or by `diff manifest`).
+    #[arg(long)]
+    pub shard: Option<persona_lens_diffing::shards::ShardSpec>,
+    /// Skip the work already on disk: a finished part (its JSON there and its files' hashes
+    /// intact), or an unsharded store whose `paired.json` is there.
+    #[arg(long)]
+    pub resume: bool,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     #[arg(long, default_value = "out/diff/store")]
@@ -199,64 +212,233 @@ fn default_corpus(
 
 pub fn harvest(a: HarvestArgs) -> Result<()> {
     let t0 = std::time::Instant::now();
-    let meta = harvest_with(&a)?;
-    println!(
-        "{} rows ({:?} alignment, d = {} padded from {:?}) from {} samples in {} shards, {:.1} s -> {}",
-        meta.rows,
-        meta.alignment,
-        meta.d,
-        meta.dims,
-        meta.samples.len(),
-        meta.shards.len(),
-        t0.elapsed().as_secs_f64(),
-        a.out.display()
-    );
+    let out = harvest_with(&a)?;
+    let secs = t0.elapsed().as_secs_f64();
+    match &out {
+        Harvested::Store(meta) => println!(
+            "{} rows ({:?} alignment, d = {} padded from {:?}) from {} samples in {} shards, {secs:.1} s -> {}",
+            meta.rows,
+            meta.alignment,
+            meta.d,
+            meta.dims,
+            meta.samples.len(),
+            meta.shards.len(),
+            a.out.display()
+        ),
+        Harvested::Part { part, skipped, manifest } => {
+            println!(
+                "part {}/{}: samples {}..{}, {} rows in {} files{}, {secs:.1} s -> {}",
+                part.part.index,
+                part.part.count,
+                part.part.first_sample,
+                part.part.first_sample + part.part.n_samples,
+                part.part.rows,
+                part.part.files.len(),
+                if *skipped { " (finished before: skipped)" } else { "" },
+                a.out.display()
+            );
+            match manifest {
+                Some(m) => println!(
+                    "all {} parts finished: {} rows -> {}",
+                    part.part.count,
+                    m.rows,
+                    a.out.join(persona_lens_diffing::paired::MANIFEST).display()
+                ),
+                None => println!("other parts are not finished yet; `persona-lens diff manifest --store {}` lists them", a.out.display()),
+            }
+        }
+    }
     Ok(())
 }
 
-/// Harvests the pair over the corpus into `a.out`; returns the manifest it wrote.
-pub fn harvest_with(a: &HarvestArgs) -> Result<persona_lens_diffing::paired::PairedMeta> {
-    let p = a.pair.load()?;
-    let mut items = vec![];
-    for f in &a.corpus {
-        items.extend(corpus::from_file(f)?);
+/// What a harvest wrote.
+#[derive(Debug, Clone, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Harvested {
+    /// The whole store (`paired.json`).
+    Store(Box<persona_lens_diffing::paired::PairedMeta>),
+    /// One part; `manifest` once every part is finished (this one was the last).
+    Part {
+        part: Box<persona_lens_diffing::shards::PartManifest>,
+        skipped: bool,
+        manifest: Option<Box<persona_lens_diffing::paired::PairedMeta>>,
+    },
+}
+
+/// The pair loaded and the corpus built once: what a worker keeps between the parts it harvests.
+pub struct PairHarvester {
+    pair: Pair,
+    items: Vec<CorpusItem>,
+    corpus_label: String,
+    args: HarvestArgs,
+}
+
+impl PairHarvester {
+    pub fn new(a: &HarvestArgs) -> Result<Self> {
+        let pair = a.pair.load()?;
+        let mut items = vec![];
+        for f in &a.corpus {
+            items.extend(corpus::from_file(f)?);
+        }
+        if a.corpus.is_empty() || a.with_default_corpus {
+            items.extend(default_corpus(&pair.models, pair.template, a)?);
+        }
+        let corpus_label = if a.corpus.is_empty() {
+            "builtin".into()
+        } else {
+            a.corpus
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(",")
+        };
+        Ok(Self {
+            pair,
+            items,
+            corpus_label,
+            args: a.clone(),
+        })
     }
-    if a.corpus.is_empty() || a.with_default_corpus {
-        items.extend(default_corpus(&p.models, p.template, a)?);
+
+    pub fn n_samples(&self) -> usize {
+        self.items.len()
     }
-    let spec = PairedHarvestSpec {
-        shared_ids: p.shared_ids,
-        hooks: p.hooks,
-        chat_template: p.template,
-        alignment: match a.align {
-            AlignArg::Auto => None,
-            AlignArg::Tokens => Some(Alignment::Tokens),
-            AlignArg::Last => Some(Alignment::Last),
-        },
-        batch_size: a.pair.batch_size,
-        shard_rows: a.shard_rows,
-        setup: [None, None],
-    };
-    let pb = progress(items.len() as u64, a.pair.quiet, "samples");
-    let mut meta = harvest_paired([&p.models[0], &p.models[1]], &items, &spec, &a.out, &|n| {
-        pb.inc(n as u64)
-    })?;
-    pb.finish_and_clear();
-    meta.corpus = if a.corpus.is_empty() {
-        "builtin".into()
-    } else {
-        a.corpus
-            .iter()
-            .map(|p| p.display().to_string())
-            .collect::<Vec<_>>()
-            .join(",")
-    };
-    let bytes = serde_json::to_vec_pretty(&meta)?;
-    persona_lens_engine::io::write_atomic(
-        &a.out.join(persona_lens_diffing::paired::MANIFEST),
-        &bytes,
-    )?;
-    Ok(meta)
+
+    fn spec(&self) -> PairedHarvestSpec<'static> {
+        PairedHarvestSpec {
+            shared_ids: self.pair.shared_ids,
+            hooks: self.pair.hooks,
+            chat_template: self.pair.template,
+            alignment: match self.args.align {
+                AlignArg::Auto => None,
+                AlignArg::Tokens => Some(Alignment::Tokens),
+                AlignArg::Last => Some(Alignment::Last),
+            },
+            batch_size: self.args.pair.batch_size,
+            shard_rows: self.args.shard_rows,
+            setup: [None, None],
+        }
+    }
+
+    fn models(&self) -> [&Model; 2] {
+        [&self.pair.models[0], &self.pair.models[1]]
+    }
+
+    /// The whole store into `out`.
+    pub fn store(&self, out: &Path) -> Result<persona_lens_diffing::paired::PairedMeta> {
+        let pb = progress(self.items.len() as u64, self.args.pair.quiet, "samples");
+        let mut meta = harvest_paired(self.models(), &self.items, &self.spec(), out, &|n| {
+            pb.inc(n as u64)
+        })?;
+        pb.finish_and_clear();
+        meta.corpus = self.corpus_label.clone();
+        let bytes = serde_json::to_vec_pretty(&meta)?;
+        persona_lens_engine::io::write_atomic(
+            &out.join(persona_lens_diffing::paired::MANIFEST),
+            &bytes,
+        )?;
+        Ok(meta)
+    }
+
+    /// Part `shard` into `out` (skipped when `resume` finds it finished); writes `paired.json`
+    /// when every part is finished.
+    pub fn part(&self, shard: ShardSpec, out: &Path, resume: bool) -> Result<Harvested> {
+        let sha = persona_lens_diffing::shards::corpus_sha256(&self.items);
+        let done = if resume {
+            persona_lens_diffing::shards::finished_part(out, shard, &sha)?
+        } else {
+            None
+        };
+        let skipped = done.is_some();
+        let part = match done {
+            Some(p) => p,
+            None => {
+                let range = shard.sample_range(self.items.len(), self.args.pair.batch_size);
+                let pb = progress(range.len() as u64, self.args.pair.quiet, "samples");
+                let p = harvest_paired_part(
+                    self.models(),
+                    &self.items,
+                    &self.spec(),
+                    shard,
+                    &self.corpus_label,
+                    out,
+                    &|n| pb.inc(n as u64),
+                )?;
+                pb.finish_and_clear();
+                p
+            }
+        };
+        // Every worker that sees all parts finished writes the same manifest (atomically), so
+        // whichever finishes last, the store is complete.
+        let joined = persona_lens_diffing::shards::join_parts(out)?;
+        let manifest = match &joined.sharding {
+            Some(s) if s.missing.is_empty() => {
+                Some(Box::new(persona_lens_diffing::shards::write_manifest(out)?))
+            }
+            _ => None,
+        };
+        Ok(Harvested::Part {
+            part: Box::new(part),
+            skipped,
+            manifest,
+        })
+    }
+}
+
+/// Harvests the pair over the corpus into `a.out` (the whole store, or part `--shard I/N`).
+pub fn harvest_with(a: &HarvestArgs) -> Result<Harvested> {
+    if a.resume && a.shard.is_none() {
+        if let Ok(s) = PairedStore::open(&a.out) {
+            if s.meta.sharding.is_none() {
+                return Ok(Harvested::Store(Box::new(s.meta)));
+            }
+        }
+    }
+    let h = PairHarvester::new(a)?;
+    match a.shard {
+        None => Ok(Harvested::Store(Box::new(h.store(&a.out)?))),
+        Some(shard) => h.part(shard, &a.out, a.resume),
+    }
+}
+
+#[derive(Args, Clone, Debug)]
+pub struct ManifestArgs {
+    /// The store folder the parts were harvested into.
+    #[arg(long, default_value = "out/diff/store")]
+    pub store: PathBuf,
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `diff manifest`: joins the finished parts into `paired.json` (also a partial store, with the
+/// missing parts listed, which training can start from and `--resume` on as parts arrive).
+pub fn manifest_with(a: &ManifestArgs) -> Result<persona_lens_diffing::paired::PairedMeta> {
+    Ok(persona_lens_diffing::shards::write_manifest(&a.store)?)
+}
+
+pub fn manifest(a: ManifestArgs) -> Result<()> {
+    let m = manifest_with(&a)?;
+    let s = m.sharding.as_ref().expect("a joined store has parts");
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&m)?);
+        return Ok(());
+    }
+    println!(
+        "{} of {} parts, {} rows from {} samples -> {}{}",
+        s.parts.len(),
+        s.count,
+        m.rows,
+        m.samples.len(),
+        a.store
+            .join(persona_lens_diffing::paired::MANIFEST)
+            .display(),
+        if s.missing.is_empty() {
+            String::new()
+        } else {
+            format!(" (partial: parts {:?} not finished)", s.missing)
+        }
+    );
+    Ok(())
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -305,9 +487,14 @@ pub struct TrainArgs {
     pub validation_fraction: f64,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Continue from the checkpoint in --out (same settings and data).
+    /// Continue from the checkpoint in --out (same settings and data, or a store harvested in
+    /// parts that has gained parts since).
     #[arg(long)]
     pub resume: bool,
+    /// Store rows in memory at a time; the batch order depends on it (and on the seed), not on
+    /// how the store is split into files.
+    #[arg(long, default_value_t = persona_lens_diffing::train::DEFAULT_CHUNK_ROWS, value_parser = crate::at_least_one)]
+    pub chunk_rows: usize,
     #[arg(long, default_value = "out/diff/crosscoder")]
     pub out: PathBuf,
     #[arg(long, value_parser = crate::threads)]
@@ -325,6 +512,9 @@ pub struct TrainReport {
     pub hooks: Vec<String>,
     pub rows: usize,
     pub resumed_from: usize,
+    /// Rows of the store at the checkpoint, when the store (harvested in parts) grew since.
+    #[serde(default)]
+    pub store_grew_from: Option<usize>,
     /// Wall time of this run (s).
     pub seconds_this_run: f64,
     /// Training rows per second in this run.
@@ -392,6 +582,7 @@ pub fn train_with(a: &TrainArgs) -> Result<TrainReport> {
         target_rms: 1.0,
         dec_init_norm: a.dec_init_norm,
         validation_fraction: a.validation_fraction,
+        chunk_rows: a.chunk_rows,
     };
     let ckpt = a.out.join("checkpoint");
     if !a.resume && ckpt.join("checkpoint.json").exists() {
@@ -424,6 +615,7 @@ pub fn train_with(a: &TrainArgs) -> Result<TrainReport> {
         hooks: store.meta.hooks.clone(),
         rows: store.meta.rows,
         resumed_from: out.resumed_from,
+        store_grew_from: out.store_grew_from,
         seconds_this_run: out.seconds,
         rows_per_second: ((cfg.steps - out.resumed_from) * cfg.batch_size) as f64
             / out.seconds.max(1e-9),

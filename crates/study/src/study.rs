@@ -2109,6 +2109,7 @@ fn diff_step(c: &Ctx) -> Result<StepOut> {
         target_rms: 1.0,
         dec_init_norm: 0.1,
         validation_fraction: d.validation_fraction,
+        chunk_rows: persona_lens_diffing::train::DEFAULT_CHUNK_ROWS,
     };
     let cc_dir = dir.join("crosscoder");
     let ckpt = cc_dir.join("checkpoint");
