@@ -22,12 +22,12 @@ $(TOOLS_PY):
 	.venv-tools/bin/pip install --quiet gguf
 
 # The Python package's venv: maturin builds the extension into it, pytest runs its tests,
-# matplotlib lets the notebook example draw.
+# matplotlib lets the notebook example draw, Ray runs persona_lens.distributed.
 PY_VENV := .venv-py
 PY := $(PY_VENV)/bin/python
 $(PY):
 	python3 -m venv $(PY_VENV)
-	$(PY_VENV)/bin/pip install --quiet maturin pytest numpy matplotlib
+	$(PY_VENV)/bin/pip install --quiet maturin pytest numpy matplotlib "ray>=2.40,<3"
 
 # `import persona_lens` in .venv-py (an editable install of crates/py, built by maturin).
 python: $(PY)

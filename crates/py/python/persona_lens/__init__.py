@@ -19,7 +19,7 @@ message. Long calls release the GIL; Ctrl-C stops them at the model's next block
 from __future__ import annotations
 
 import json
-from typing import Any, Dict
+from typing import Any, Dict, Tuple
 
 import numpy as np
 
@@ -29,6 +29,7 @@ from ._native import (  # noqa: F401
     Hook,
     HookOp,
     Model,
+    PairHarvester,
     PersonaLensError,
     __version__,
     add,
@@ -43,7 +44,7 @@ __all__ = [
     "add", "replace", "scale", "zero", "probe", "direction", "lens", "patch", "path_patch", "attrib",
     "heads", "ablate",
     "steer", "steer_sweep", "rate", "control_vector_export", "control_vector_import",
-    "diff_harvest", "diff_train", "diff_analyze", "diff_verify", "diff_encode", "run_study",
+    "diff_harvest", "diff_manifest", "read_store", "PairHarvester", "diff_train", "diff_analyze", "diff_verify", "diff_encode", "run_study",
     "__version__",
 ]
 
@@ -188,8 +189,26 @@ def control_vector_import(**kwargs: Any) -> Result:
 
 def diff_harvest(**kwargs: Any) -> Result:
     """Paired activations of a base and a chat model (``persona-lens diff harvest``); returns
-    the store's manifest."""
-    return Result("diff_harvest", _command("diff_harvest", kwargs))
+    the store's manifest. With ``shard="I/N"`` it harvests part I of N only and returns
+    ``{"part": ..., "skipped": ..., "manifest": ...}`` (the manifest once every part is
+    finished); :mod:`persona_lens.distributed` hands the parts to Ray workers."""
+    r = _command("diff_harvest", kwargs)
+    if "store" in r:
+        return Result("diff_harvest", r["store"])
+    return Result("diff_harvest_part", r["part"])
+
+
+def diff_manifest(**kwargs: Any) -> Result:
+    """Joins the finished parts of a harvest in parts into ``paired.json``
+    (``persona-lens diff manifest``; ``store=DIR``); a partial store lists its missing parts."""
+    return Result("diff_manifest", _command("diff_manifest", kwargs))
+
+
+def read_store(store: Any) -> Tuple[np.ndarray, Dict[str, Any]]:
+    """A paired store's rows as one float32 array ``(rows, n_models, d)``, in manifest order
+    (whatever files or parts hold them), and its manifest (``paired.json``) as a dict."""
+    acts, meta = _native.read_store(str(store))
+    return acts, json.loads(meta)
 
 
 def diff_train(**kwargs: Any) -> Result:

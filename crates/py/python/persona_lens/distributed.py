@@ -51,10 +51,13 @@ class _Worker:
 
     def part(self, shard: str, out: str, resume: bool) -> Dict[str, Any]:
         t0 = time.time()
-        result = json.loads(self.harvester.part(shard, out, resume))
-        result["seconds"] = time.time() - t0
-        result["pid"] = os.getpid()
-        return result
+        r = json.loads(self.harvester.part(shard, out, resume))["part"]
+        return {
+            "part": r["part"]["part"],
+            "skipped": r["skipped"],
+            "seconds": time.time() - t0,
+            "pid": os.getpid(),
+        }
 
 
 def harvest(
