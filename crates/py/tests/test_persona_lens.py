@@ -247,6 +247,22 @@ def test_the_study_returns_the_summary_the_command_writes(tmp_path):
     assert s.to_dict() == json.loads(want)
 
 
+def test_ctrl_c_interrupts_the_study_and_leaves_no_half_written_file(tmp_path):
+    """The study loads its own model; Ctrl-C (a real SIGINT) still stops it at that model's next
+    block, raises KeyboardInterrupt, and leaves no temp file and no summary behind."""
+    timer = threading.Timer(3.0, lambda: os.kill(os.getpid(), signal.SIGINT))
+    t0 = time.time()
+    timer.start()
+    with pytest.raises(KeyboardInterrupt):
+        pl.run_study(out=str(tmp_path / "study"), experiment="probe", model=MODEL, quiet=True)
+    elapsed = time.time() - t0
+    timer.cancel()
+    assert elapsed < 15, f"took {elapsed:.1f} s to stop"
+    left = [p.name for p in (tmp_path / "study").rglob("*")] if (tmp_path / "study").exists() else []
+    assert not [n for n in left if n.endswith(".tmp")], left
+    assert "summary.json" not in left, left
+
+
 def test_the_notebook_example_runs(tmp_path):
     r = subprocess.run([sys.executable, str(ROOT / "examples" / "notebook.py"), "--out", str(tmp_path)],
                        capture_output=True, text=True, timeout=600)
