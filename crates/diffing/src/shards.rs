@@ -168,10 +168,16 @@ pub fn finished_part(
 /// come from one corpus, one part count and one harvest setting; missing parts are listed.
 pub fn write_manifest(dir: &Path) -> Result<PairedMeta> {
     let meta = join_parts(dir)?;
-    let bytes =
-        serde_json::to_vec_pretty(&meta).map_err(|e| crate::DiffError::Invalid(e.to_string()))?;
-    persona_lens_engine::io::write_atomic(&dir.join(MANIFEST), &bytes)?;
+    save_manifest(dir, &meta)?;
     Ok(meta)
+}
+
+/// Writes `meta` (from [`join_parts`]) as `dir`'s `paired.json`, atomically.
+pub fn save_manifest(dir: &Path, meta: &PairedMeta) -> Result<()> {
+    let bytes =
+        serde_json::to_vec_pretty(meta).map_err(|e| crate::DiffError::Invalid(e.to_string()))?;
+    persona_lens_engine::io::write_atomic(&dir.join(MANIFEST), &bytes)?;
+    Ok(())
 }
 
 /// The store the finished parts in `dir` make, without writing it.

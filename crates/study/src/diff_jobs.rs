@@ -371,11 +371,15 @@ impl PairHarvester {
         // Every worker that sees all parts finished writes the same manifest (atomically), so
         // whichever finishes last, the store is complete.
         let joined = persona_lens_diffing::shards::join_parts(out)?;
-        let manifest = match &joined.sharding {
-            Some(s) if s.missing.is_empty() => {
-                Some(Box::new(persona_lens_diffing::shards::write_manifest(out)?))
-            }
-            _ => None,
+        let complete = joined
+            .sharding
+            .as_ref()
+            .is_some_and(|s| s.missing.is_empty());
+        let manifest = if complete {
+            persona_lens_diffing::shards::save_manifest(out, &joined)?;
+            Some(Box::new(joined))
+        } else {
+            None
         };
         Ok(Harvested::Part {
             part: Box::new(part),
