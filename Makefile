@@ -3,7 +3,7 @@ MODELS ?= $(or $(PERSONA_LENS_MODELS),models)
 export PERSONA_LENS_MODELS := $(abspath $(MODELS))
 BIN := target/release/persona-lens
 
-.PHONY: demo test test-python python models build lint bench clean-out check-report
+.PHONY: demo test test-python python models build lint bench clean-out check-report dashboard
 
 models:
 	scripts/fetch-models.sh $(MODELS)
@@ -15,6 +15,13 @@ build:
 demo: models build
 	scripts/demo.sh $(BIN) out/demo
 
+# The live dashboard on the default chat model: probes trained once (out/dashboard-probes), then
+# `persona-lens serve` on http://127.0.0.1:7878/.
+DASH_MODEL ?= smollm2-135m-instruct
+dashboard: models build
+	[ -f out/dashboard-probes/probe_weights.json ] || $(BIN) probe --model $(DASH_MODEL) --out out/dashboard-probes
+	$(BIN) serve --model $(DASH_MODEL) --probes out/dashboard-probes
+
 # Python with the `gguf` package: the tests read exported control vectors with llama.cpp's reader.
 TOOLS_PY := .venv-tools/bin/python
 $(TOOLS_PY):
@@ -22,12 +29,13 @@ $(TOOLS_PY):
 	.venv-tools/bin/pip install --quiet gguf
 
 # The Python package's venv: maturin builds the extension into it, pytest runs its tests,
-# matplotlib lets the notebook example draw, Ray runs persona_lens.distributed.
+# matplotlib lets the notebook example draw, Ray runs persona_lens.distributed, selenium drives
+# Debian's chromium in the dashboard test.
 PY_VENV := .venv-py
 PY := $(PY_VENV)/bin/python
 $(PY):
 	python3 -m venv $(PY_VENV)
-	$(PY_VENV)/bin/pip install --quiet maturin pytest numpy matplotlib "ray>=2.40,<3"
+	$(PY_VENV)/bin/pip install --quiet maturin pytest numpy matplotlib "ray>=2.40,<3" "selenium>=4.20,<5"
 
 # `import persona_lens` in .venv-py (an editable install of crates/py, built by maturin).
 python: $(PY)
@@ -38,10 +46,11 @@ test: models $(TOOLS_PY)
 	PERSONA_LENS_PYTHON=$(abspath $(TOOLS_PY)) cargo test --workspace -- --test-threads 2
 	$(MAKE) test-python
 
-# The Python package against the command line built from the same sources.
+# The Python package against the command line built from the same sources; the dashboard
+# (`persona-lens serve`) over HTTP and in headless Chromium.
 test-python: models python
 	cargo build -p persona-lens
-	$(PY) -m pytest crates/py/tests -q
+	$(PY) -m pytest crates/py/tests crates/serve/tests -q
 
 lint:
 	cargo fmt --all --check

@@ -18,6 +18,7 @@ pub mod path_patching;
 pub mod probe;
 pub mod stats;
 pub mod steering;
+pub mod user_model;
 
 pub use dataset::{EncodedPrompt, GenOptions, PersonaDataset, PromptItem};
 pub use harvest::{Harvest, HarvestSpec, PositionRule};

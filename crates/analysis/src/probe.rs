@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
 /// A fitted probe: standardisation (train statistics) + softmax regression.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct LogReg {
     pub n_classes: usize,
     pub d: usize,
@@ -346,6 +346,14 @@ pub struct LayerProbe {
     pub selectivity: Option<f64>,
     #[serde(default)]
     pub generalization: Generalization,
+    /// The probe fitted on every training prompt (what `probe_weights.json` saves; not in
+    /// `probe.json`).
+    #[serde(skip)]
+    pub fit: Option<LogReg>,
+    /// Mean raw activation of each class's training prompts (`[class][d]`): the persona
+    /// direction of this row is `class_means[1] - class_means[0]`.
+    #[serde(skip)]
+    pub class_means: Vec<Vec<f64>>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -668,6 +676,16 @@ pub fn probe_layers_with_baseline(
                 .control
                 .then(|| pooled(&x, d, &y_ctrl, c, &ctrl_folds, opts, &cluster));
             let generalization = gen_splits.evaluate(&x, d, &y_all, c, opts, (&cluster, &phrasing));
+            let mut class_means = vec![vec![0.0; d]; c];
+            for (i, &k) in y.iter().enumerate() {
+                for (m, v) in class_means[k].iter_mut().zip(&x[i * d..(i + 1) * d]) {
+                    *m += v;
+                }
+            }
+            for (k, m) in class_means.iter_mut().enumerate() {
+                let n = y.iter().filter(|&&v| v == k).count() as f64;
+                m.iter_mut().for_each(|v| *v /= n);
+            }
             progress();
             Ok(LayerProbe {
                 hook: hook.clone(),
@@ -678,6 +696,8 @@ pub fn probe_layers_with_baseline(
                 template_holdout: ho,
                 control: ctrl,
                 generalization,
+                fit: Some(full),
+                class_means,
             })
         })
         .collect::<Result<_>>()?;

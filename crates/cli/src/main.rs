@@ -3,7 +3,9 @@
 //! binary only parses, dispatches and turns an error into one line.
 
 use clap::{Parser, Subcommand};
-use persona_lens_study::{analysis_jobs, diff_jobs, engine_jobs, patch_jobs, steer_jobs, study};
+use persona_lens_study::{
+    analysis_jobs, conversation_jobs, diff_jobs, engine_jobs, patch_jobs, steer_jobs, study,
+};
 use std::process::ExitCode;
 
 #[derive(Parser)]
@@ -37,6 +39,9 @@ enum Cmd {
     Probe(analysis_jobs::ProbeArgs),
     /// Persona directions per layer (difference of means, probe weights), safetensors + npy.
     Direction(analysis_jobs::DirectionArgs),
+    /// Multi-turn: saved probes' read-outs at every token of each conversation, and belief
+    /// revision after a contradicting cue (tokens to cross over, rows that carry the update).
+    Conversation(conversation_jobs::ConversationArgs),
     /// Logit lens: one prompt's top-k per layer, or tracked words per persona over the dataset.
     Lens(analysis_jobs::LensArgs),
     /// Activation patching sweeps (resid_pre/mid, attn_out, mlp_out by layer x position; head z
@@ -66,6 +71,9 @@ enum Cmd {
     /// The whole study in one command (probe, lens, patch, heads, ablate, steer, diff): one
     /// model load, summary.json, report.md and a self-contained report.html.
     Run(study::RunArgs),
+    /// The live user-model dashboard: chat in the browser with probe read-outs at every token,
+    /// persona-direction sliders, grade and perplexity beside each answer (127.0.0.1 by default).
+    Serve(persona_lens_serve::ServeArgs),
 }
 
 fn main() -> ExitCode {
@@ -87,11 +95,15 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    study::interrupt_handler(if matches!(cli.cmd, Cmd::Run(_)) {
-        "; re-run with --resume to finish"
-    } else {
-        ""
-    });
+    // The server stops on Ctrl-C itself (graceful shutdown); every other command gets the
+    // handler that interrupts the models and removes half-written files.
+    if !matches!(cli.cmd, Cmd::Serve(_)) {
+        study::interrupt_handler(if matches!(cli.cmd, Cmd::Run(_)) {
+            "; re-run with --resume to finish"
+        } else {
+            ""
+        });
+    }
     let res = match cli.cmd {
         Cmd::Tokenize(a) => engine_jobs::tokenize(a),
         Cmd::Generate(a) => engine_jobs::generate(a),
@@ -103,6 +115,7 @@ fn main() -> ExitCode {
         Cmd::Probe(a) => analysis_jobs::probe(a),
         Cmd::Direction(a) => analysis_jobs::direction(a),
         Cmd::Lens(a) => analysis_jobs::lens(a),
+        Cmd::Conversation(a) => conversation_jobs::conversation(a),
         Cmd::Patch(a) => patch_jobs::patch(a),
         Cmd::PathPatch(a) => patch_jobs::path_patch(a),
         Cmd::Attrib(a) => patch_jobs::attrib(a),
@@ -114,6 +127,7 @@ fn main() -> ExitCode {
         Cmd::ControlVector(a) => steer_jobs::control_vector(a),
         Cmd::Diff(c) => diff_jobs::run(c),
         Cmd::Run(a) => study::run(a).map(|_| ()),
+        Cmd::Serve(a) => persona_lens_serve::serve(a),
     };
     match res {
         Ok(()) => ExitCode::SUCCESS,

@@ -324,6 +324,11 @@ pub fn run_probe(model: &Model, a: &ProbeArgs, quiet: bool) -> Result<probe::Pro
     )?;
     pb.finish_and_clear();
     write_json(&a.h.out.join("probe.json"), &r)?;
+    // The fitted probes, loadable by `conversation` and `serve --probes`.
+    persona_lens_analysis::user_model::ProbeWeights::from_report(&r, chat)?.save(
+        &a.h.out
+            .join(persona_lens_analysis::user_model::PROBE_WEIGHTS_FILE),
+    )?;
     probe_plot(&r, &a.h.out.join("probe_accuracy"))?;
     Ok(r)
 }
@@ -389,7 +394,7 @@ pub fn probe(a: ProbeArgs) -> Result<()> {
     }
     print_generalization(&r);
     println!(
-        "chance {:.3}; wrote {}/probe.json and probe_accuracy.png/.svg",
+        "chance {:.3}; wrote {}/probe.json, probe_weights.json and probe_accuracy.png/.svg",
         r.chance_accuracy,
         a.h.out.display()
     );

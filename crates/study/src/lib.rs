@@ -16,6 +16,7 @@
 //! (crosscoder diffing), `study` (`run`), `spec`.
 
 pub mod analysis_jobs;
+pub mod conversation_jobs;
 pub mod diff_jobs;
 pub mod engine_jobs;
 pub mod patch_jobs;
