@@ -2,8 +2,9 @@
 //! directions, the logit lens, activation / path / attribution patching, head ranking and
 //! ablation, steering and llama.cpp control vectors, the statistics and claims the study reports
 //! (`stats`, `claims`), and the user model over conversations (`user_model`: saved probes,
-//! read-out trajectories, belief revision, answers with streamed read-outs). Each analysis is a function over an activation cache (or
-//! harvested activations) and calls the model only through `forward` + hooks.
+//! read-out trajectories, belief revision, answers with streamed read-outs). Each analysis is a
+//! function over an activation cache (or harvested activations) and calls the model only through
+//! `forward` + hooks.
 
 pub mod attribution;
 pub mod claims;
