@@ -717,6 +717,159 @@ pub struct Steer {
     pub vector: Vec<f32>,
 }
 
+/// Largest steering strength, in units of the row's mean residual norm.
+pub const MAX_STRENGTH: f64 = 8.0;
+
+/// Steering along an attribute's persona direction, as a dashboard slider or `conversation
+/// --steer ATTRIBUTE=STRENGTH[@ROW]` gives it: `strength` times the row's mean residual norm
+/// along the unit persona direction (towards the attribute's last class when positive).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct SteerSpec {
+    pub attribute: String,
+    /// Residual row (default: the row the attribute is read at).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hook: Option<String>,
+    pub strength: f64,
+}
+
+impl std::str::FromStr for SteerSpec {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        let (attribute, rest) = s.rsplit_once('=').ok_or_else(|| {
+            format!("steer '{s}': write ATTRIBUTE=STRENGTH[@ROW], e.g. novice/expert=-0.5@blocks.15.hook_resid_pre")
+        })?;
+        let (strength, hook) = match rest.split_once('@') {
+            Some((v, h)) => (v, Some(h.to_string())),
+            None => (rest, None),
+        };
+        let strength: f64 = strength
+            .trim()
+            .parse()
+            .map_err(|_| format!("steer '{s}': strength '{strength}' is not a number"))?;
+        let spec = SteerSpec {
+            attribute: attribute.trim().to_string(),
+            hook,
+            strength,
+        };
+        spec.check_strength()?;
+        Ok(spec)
+    }
+}
+
+impl std::fmt::Display for SteerSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}={}", self.attribute, self.strength)?;
+        if let Some(h) = &self.hook {
+            write!(f, "@{h}")?;
+        }
+        Ok(())
+    }
+}
+
+impl SteerSpec {
+    pub fn check_strength(&self) -> std::result::Result<(), String> {
+        if !self.strength.is_finite() || self.strength.abs() > MAX_STRENGTH {
+            return Err(format!(
+                "strength {} for '{}': give a number in [-{MAX_STRENGTH}, {MAX_STRENGTH}]",
+                self.strength, self.attribute
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Prompts that measure the residual norm steering is scaled by (content-neutral).
+pub const NORM_PROMPTS: &[&str] = &[
+    "Can you tell me how rain forms?",
+    "What is a good way to learn a new language?",
+    "Explain why the sky looks blue.",
+    "How do plants make their food?",
+];
+
+/// Mean residual norm at `hook` over [`NORM_PROMPTS`] (steering's unit).
+pub fn steering_norm(model: &Model, hook: HookName) -> Result<f64> {
+    let chat = model.is_chat_model();
+    let prompts: Vec<Vec<u32>> = NORM_PROMPTS
+        .iter()
+        .map(|p| model.encode_prompt(p, chat))
+        .collect::<std::result::Result<_, _>>()?;
+    crate::steering::mean_resid_norm(model, &prompts, hook)
+}
+
+/// The vector of `spec` (None for strength 0); `norm` gives a row's mean residual norm.
+pub fn steer_vector(
+    model: &Model,
+    weights: &[ProbeWeights],
+    spec: &SteerSpec,
+    norm: &mut dyn FnMut(HookName) -> Result<f64>,
+) -> Result<Option<Steer>> {
+    spec.check_strength().map_err(AnalysisError::Invalid)?;
+    let w = weights
+        .iter()
+        .find(|w| w.attribute == spec.attribute)
+        .ok_or_else(|| {
+            AnalysisError::Invalid(format!(
+                "no attribute '{}' to steer along; the probes know: {}",
+                spec.attribute,
+                weights
+                    .iter()
+                    .map(|w| w.attribute.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ))
+        })?;
+    if spec.strength == 0.0 {
+        return Ok(None);
+    }
+    let row = spec.hook.clone().unwrap_or_else(|| w.selected_hook.clone());
+    let probe = w.at(&row).ok_or_else(|| {
+        AnalysisError::Invalid(format!(
+            "'{}' has no persona direction at {row}; pick a row its probes read",
+            spec.attribute
+        ))
+    })?;
+    let hook = HookName::parse(&row, model.config().n_layers)?;
+    let dir = probe.persona_direction();
+    let n = crate::steering::l2(&dir);
+    if n == 0.0 {
+        return Err(AnalysisError::Invalid(format!(
+            "'{}' has a zero persona direction at {row}",
+            spec.attribute
+        )));
+    }
+    let scale = spec.strength * norm(hook)? / n;
+    Ok(Some(Steer {
+        hook,
+        vector: dir.iter().map(|&v| (v as f64 * scale) as f32).collect(),
+    }))
+}
+
+/// An answer with the autorater's measures.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct RatedAnswer {
+    pub text: String,
+    pub n_tokens: usize,
+    /// Flesch-Kincaid grade of the text.
+    pub grade: Option<f64>,
+    /// Perplexity of the answer under the unsteered model.
+    pub perplexity: Option<f64>,
+    /// Whether the model ended its turn (else it ran out of new tokens).
+    pub ended_turn: bool,
+}
+
+pub fn rate_answer(model: &Model, a: &Answer) -> Result<RatedAnswer> {
+    Ok(RatedAnswer {
+        text: a.text.clone(),
+        n_tokens: a.ids.len(),
+        grade: persona_lens_rate::readability::complexity_grade(&a.text),
+        perplexity: persona_lens_rate::perplexity(model, &a.prompt_ids, &a.ids)
+            .map_err(|e| AnalysisError::Invalid(format!("perplexity: {e}")))?
+            .map(|(_nll, ppl)| ppl),
+        ended_turn: a.stopped,
+    })
+}
+
 /// One generated token with the read-outs at its own position (computed when it is fed back).
 #[derive(Debug, Clone, Serialize)]
 pub struct TokenStep {

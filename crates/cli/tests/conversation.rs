@@ -7,9 +7,14 @@ mod common;
 use common::{assert_one_line_error as refused, models, ok};
 use persona_lens_analysis::harvest::Harvest;
 use persona_lens_analysis::probe::labels_for;
-use persona_lens_analysis::user_model::{render_conversation, ProbeWeights};
+use persona_lens_analysis::steering::{steered_generate, SteerOp, SteerPositions};
+use persona_lens_analysis::user_model::{
+    answer_with_readouts, render_conversation, steer_vector, ProbeWeights, SteerSpec,
+};
 use persona_lens_engine::tokenizer::ChatMessage;
-use persona_lens_engine::{CachePositions, HookName, LoadOptions, LogitsAt, Model};
+use persona_lens_engine::{
+    CachePositions, GenerateOptions, HookName, LoadOptions, LogitsAt, Model,
+};
 use serde_json::Value;
 use std::path::PathBuf;
 
@@ -186,6 +191,50 @@ fn probe_weights_trajectories_and_belief_revision() {
     for &s in &starts[1..] {
         assert_eq!(model.tokenizer.id_to_token(rendered.ids[s]), "<|im_start|>");
     }
+
+    // Steered answers add the vector once per position through the KV cache: the same tokens
+    // as full recompute (every forward re-runs every position, each steered once).
+    let spec = SteerSpec {
+        attribute: w.attribute.clone(),
+        hook: Some("blocks.15.hook_resid_pre".into()),
+        strength: -0.5,
+    };
+    let steer = steer_vector(&model, std::slice::from_ref(&w), &spec, &mut |_| Ok(120.0))
+        .unwrap()
+        .unwrap();
+    let ask = &revise[..3];
+    let ans = answer_with_readouts(
+        &model,
+        ask,
+        12,
+        std::slice::from_ref(&steer),
+        &[],
+        &mut |_| true,
+    )
+    .unwrap();
+    let plain = answer_with_readouts(&model, ask, 12, &[], &[], &mut |_| true).unwrap();
+    assert_ne!(ans.ids, plain.ids, "the steering vector changed nothing");
+    let v = candle_core::Tensor::new(steer.vector.as_slice(), model.device()).unwrap();
+    let opts = GenerateOptions {
+        max_new_tokens: 12,
+        stop_tokens: model.tokenizer.eos_ids.clone(),
+        use_kv_cache: false,
+        ..Default::default()
+    };
+    let full = steered_generate(
+        &model,
+        std::slice::from_ref(&ans.prompt_ids),
+        Some((steer.hook, &SteerOp::Add(v), SteerPositions::All)),
+        &opts,
+        1,
+        &|_| {},
+    )
+    .unwrap();
+    let mut want = full[0].generated_ids.clone();
+    if full[0].stopped_on.is_some() {
+        want.pop(); // the answer leaves out the end-of-turn token
+    }
+    assert_eq!(ans.ids, want);
 
     let revs: Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("belief_revision.json")).unwrap())

@@ -16,10 +16,10 @@ use axum::http::{header, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use persona_lens_analysis::steering::{l2, mean_resid_norm};
 use persona_lens_analysis::user_model::{
-    answer_with_readouts, load_probe_dir, AnswerEvent, AttributeInfo, Conversation,
-    ConversationSet, ProbeWeights, Reader, Steer,
+    answer_with_readouts, load_probe_dir, rate_answer, steer_vector, steering_norm, AnswerEvent,
+    AttributeInfo, Conversation, ConversationSet, ProbeWeights, Reader, Steer, SteerSpec,
+    MAX_STRENGTH,
 };
 use persona_lens_engine::tokenizer::ChatMessage;
 use persona_lens_engine::{HookName, Model};
@@ -35,9 +35,6 @@ use tokio_stream::StreamExt;
 
 /// The page: HTML, CSS and script in one file, nothing fetched from elsewhere.
 pub const PAGE: &str = include_str!("page.html");
-
-/// Largest steering strength a request may ask for, in units of the row's mean residual norm.
-pub const MAX_STRENGTH: f64 = 8.0;
 
 #[derive(clap::Args, Clone, Debug)]
 pub struct ServeArgs {
@@ -62,25 +59,12 @@ pub struct ServeArgs {
     pub max_new_tokens: usize,
 }
 
-/// A request's steering along one attribute's persona direction.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct SteerRequest {
-    pub attribute: String,
-    /// Residual row to steer at (default: the row the attribute is read at).
-    #[serde(default)]
-    pub hook: Option<String>,
-    /// Multiple of the row's mean residual norm along the unit persona direction (towards the
-    /// attribute's last class when positive).
-    pub strength: f64,
-}
-
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ChatRequest {
     pub messages: Vec<ChatMessage>,
     #[serde(default)]
-    pub steer: Vec<SteerRequest>,
+    pub steer: Vec<SteerSpec>,
     #[serde(default)]
     pub max_new_tokens: Option<usize>,
     /// With steering on, also generate the unsteered answer for comparison.
@@ -106,14 +90,6 @@ pub struct Dashboard {
     model_spec: String,
     probes_spec: Option<String>,
 }
-
-/// Prompts that measure the residual norm steering is scaled by (content-neutral).
-const NORM_PROMPTS: &[&str] = &[
-    "Can you tell me how rain forms?",
-    "What is a good way to learn a new language?",
-    "Explain why the sky looks blue.",
-    "How do plants make their food?",
-];
 
 impl Dashboard {
     pub fn new(
@@ -185,63 +161,15 @@ impl Dashboard {
             }
         }
         let mut out = Vec::new();
-        for s in &req.steer {
-            let Some(k) = self
-                .readers
-                .iter()
-                .position(|(r, _)| r.attribute == s.attribute)
-            else {
-                return Err(format!(
-                    "no attribute '{}' to steer along; the probes know: {}",
-                    s.attribute,
-                    self.readers
-                        .iter()
-                        .map(|(r, _)| r.attribute.as_str())
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                ));
-            };
-            if !s.strength.is_finite() || s.strength.abs() > MAX_STRENGTH {
-                return Err(format!(
-                    "strength {} for '{}': give a number in [-{MAX_STRENGTH}, {MAX_STRENGTH}]",
-                    s.strength, s.attribute
-                ));
-            }
-            if s.strength == 0.0 {
-                continue;
-            }
-            let w = &self.weights[k];
-            let hook_name = s
-                .hook
-                .clone()
-                .unwrap_or_else(|| self.readers[k].0.probe.hook.clone());
-            let probe = w.at(&hook_name).ok_or_else(|| {
-                format!(
-                    "'{}' has no persona direction at {hook_name}; pick a row its probes read",
-                    s.attribute
-                )
-            })?;
-            let hook = HookName::parse(&hook_name, self.model.config().n_layers)
+        for spec in &req.steer {
+            let v = steer_vector(&self.model, &self.weights, spec, &mut |h| self.mean_norm(h))
                 .map_err(|e| e.to_string())?;
-            let dir = probe.persona_direction();
-            let n = l2(&dir);
-            if n == 0.0 {
-                return Err(format!(
-                    "'{}' has a zero persona direction at {hook_name}",
-                    s.attribute
-                ));
-            }
-            let norm = self.mean_norm(hook).map_err(|e| e.to_string())?;
-            let scale = s.strength * norm / n;
-            out.push(Steer {
-                hook,
-                vector: dir.iter().map(|&v| (v as f64 * scale) as f32).collect(),
-            });
+            out.extend(v);
         }
         Ok(out)
     }
 
-    fn mean_norm(&self, hook: HookName) -> Result<f64> {
+    fn mean_norm(&self, hook: HookName) -> persona_lens_analysis::Result<f64> {
         if let Some(&n) = self
             .norms
             .lock()
@@ -250,12 +178,7 @@ impl Dashboard {
         {
             return Ok(n);
         }
-        let chat = self.model.is_chat_model();
-        let prompts: Vec<Vec<u32>> = NORM_PROMPTS
-            .iter()
-            .map(|p| self.model.encode_prompt(p, chat))
-            .collect::<std::result::Result<_, _>>()?;
-        let n = mean_resid_norm(&self.model, &prompts, hook)?;
+        let n = steering_norm(&self.model, hook)?;
         self.norms
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -310,20 +233,11 @@ impl Dashboard {
             return Ok(());
         }
         let gen_ms = t0.elapsed().as_secs_f64() * 1e3;
-        let rate = |prompt: &[u32], ids: &[u32], text: &str| -> Result<Value> {
-            let ppl =
-                persona_lens_rate::perplexity(&self.model, prompt, ids)?.map(|(_nll, ppl)| ppl);
-            Ok(json!({
-                "text": text, "n_tokens": ids.len(),
-                "grade": persona_lens_rate::readability::complexity_grade(text),
-                "perplexity": ppl,
-            }))
-        };
-        let mut done = rate(&answer.prompt_ids, &answer.ids, &answer.text)?;
+        let mut done = serde_json::to_value(rate_answer(&self.model, &answer)?)?;
         let unsteered = if !steer.is_empty() && req.compare {
             let plain =
                 answer_with_readouts(&self.model, &req.messages, max_new, &[], &[], &mut |_| true)?;
-            rate(&plain.prompt_ids, &plain.ids, &plain.text)?
+            serde_json::to_value(rate_answer(&self.model, &plain)?)?
         } else {
             Value::Null
         };
@@ -332,30 +246,38 @@ impl Dashboard {
         done["unsteered"] = unsteered;
         done["ms_per_token"] = json!(gen_ms / n);
         done["first_token_ms"] = json!(first_token_ms);
-        done["stopped_at_end_of_turn"] = json!(answer.stopped);
         emit(done);
         Ok(())
     }
 
-    /// The session as a conversations dataset (readable by `persona-lens conversation`) and the
-    /// command that reads it back with the same probes.
+    /// The session as a conversations dataset (`session`: every turn; `session-last-answer`: the
+    /// turns before the last answer) and the `conversation` command that reads it back with the
+    /// same probes and regenerates the last answer with the same steering.
     pub fn export(&self, req: &ChatRequest) -> std::result::Result<Value, String> {
-        let conv = Conversation {
-            id: "dashboard-session".into(),
-            turns: req.messages.clone(),
+        let conv = |id: &str, turns: &[ChatMessage]| Conversation {
+            id: id.into(),
+            turns: turns.to_vec(),
             cue_turn: None,
             cue_class: None,
         };
-        conv.check().map_err(|e| e.to_string())?;
-        let set = ConversationSet {
-            conversations: vec![conv],
-        };
+        let mut conversations = vec![conv("session", &req.messages)];
+        if let [before @ .., last] = req.messages.as_slice() {
+            if last.role == "assistant" && !before.is_empty() {
+                conversations.push(conv("session-last-answer", before));
+            }
+        }
+        let set = ConversationSet { conversations };
+        set.check().map_err(|e| e.to_string())?;
         let mut cmd = format!(
-            "persona-lens conversation --model {} --dataset session.json",
-            self.model_spec
+            "persona-lens conversation --model {} --dataset session.json --answer --max-new-tokens {}",
+            self.model_spec,
+            req.max_new_tokens.unwrap_or(self.max_new_tokens)
         );
         if let Some(p) = &self.probes_spec {
             cmd.push_str(&format!(" --probes {p}"));
+        }
+        for s in req.steer.iter().filter(|s| s.strength != 0.0) {
+            cmd.push_str(&format!(" --steer '{s}'"));
         }
         Ok(json!({
             "dataset": set,

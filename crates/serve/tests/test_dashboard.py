@@ -13,6 +13,7 @@ import json
 import os
 import re
 import select
+import shlex
 import shutil
 import signal
 import statistics
@@ -172,6 +173,27 @@ def test_stream_reads_like_the_conversation_command_and_steering_changes_the_ans
     assert sdone["unsteered"]["grade"] == done["grade"]
     # Steering acts on the prompt too: the read-outs move.
     assert steered[0]["proba"] != prompt["proba"]
+
+    # The export reproduces the session: its command regenerates the steered answer and the
+    # unsteered comparison with the same read-outs.
+    session = msgs + [{"role": "assistant", "content": sdone["text"]}]
+    with post(b + "/api/export", {"messages": session, "steer": steer}) as r:
+        exp = json.loads(r.read())
+    assert [c["id"] for c in exp["dataset"]["conversations"]] == ["session", "session-last-answer"]
+    (tmp_path / "session.json").write_text(json.dumps(exp["dataset"]))
+    argv = shlex.split(exp["command"])
+    assert argv[0] == "persona-lens" and "--steer" in argv, argv
+    r = subprocess.run([BIN, *argv[1:], "--out", str(tmp_path / "re"), "--quiet"], cwd=tmp_path,
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    (again,) = json.loads((tmp_path / "re" / "answers.json").read_text())
+    assert again["id"] == "session-last-answer"
+    assert again["answer"]["text"] == sdone["text"]
+    assert again["unsteered"]["text"] == done["text"]
+    streamed = [e["proba"] for e in steered if e["event"] == "token"]
+    assert len(again["proba"]) == len(streamed)
+    for x, y in zip(again["proba"], streamed):
+        assert abs(x[0][1] - y[0][1]) < 1e-9
 
 
 def browser_or_skip():

@@ -6,8 +6,9 @@ use crate::ModelArgs;
 use anyhow::Result;
 use clap::Args;
 use persona_lens_analysis::user_model::{
-    belief_revision, load_probe_dir, trajectory, AttributeInfo, BeliefRevision, ConversationSet,
-    ProbeWeights, Reader, Trajectory,
+    answer_with_readouts, belief_revision, load_probe_dir, rate_answer, steer_vector,
+    steering_norm, trajectory, AttributeInfo, BeliefRevision, ConversationSet, ProbeWeights,
+    RatedAnswer, Reader, SteerSpec, Trajectory,
 };
 use persona_lens_analysis::write_json;
 use persona_lens_engine::Model;
@@ -34,6 +35,18 @@ pub struct ConversationArgs {
     /// One-token text that replaces the cue's tokens in belief revision's filler run.
     #[arg(long, default_value = ".")]
     pub filler: String,
+    /// Also answer each conversation that ends with a user turn (greedy, the model's next
+    /// turn), with the read-outs at every generated token: answers.json.
+    #[arg(long)]
+    pub answer: bool,
+    /// Steer the answers along an attribute's persona direction: ATTRIBUTE=STRENGTH[@ROW]
+    /// (strength in mean residual norms of the row; default row: the one the attribute is read
+    /// at); repeatable. The unsteered answer is written beside each steered one.
+    #[arg(long, requires = "answer")]
+    pub steer: Vec<SteerSpec>,
+    /// Most new tokens per answer.
+    #[arg(long, default_value_t = 96, value_parser = crate::at_least_one)]
+    pub max_new_tokens: usize,
     /// Output directory.
     #[arg(long, default_value = "out/conversation")]
     pub out: PathBuf,
@@ -50,6 +63,20 @@ pub struct ConversationResult {
     pub trajectories: Vec<Trajectory>,
     /// One per (conversation with a cue, attribute that has the cue's class).
     pub revisions: Vec<BeliefRevision>,
+    /// With `--answer`: one per conversation that ends with a user turn.
+    pub answers: Vec<ConversationAnswer>,
+}
+
+/// The model's answer to a conversation (the dashboard's answer, reproduced).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ConversationAnswer {
+    pub id: String,
+    pub steer: Vec<SteerSpec>,
+    pub answer: RatedAnswer,
+    /// `[generated token][attribute][class]`: the read-outs at each answer token's position.
+    pub proba: Vec<Vec<Vec<f64>>>,
+    /// The unsteered answer, when steered.
+    pub unsteered: Option<RatedAnswer>,
 }
 
 /// The inputs, read and checked before any model loads.
@@ -61,6 +88,29 @@ pub struct ConversationInputs {
 pub fn read_inputs(a: &ConversationArgs) -> Result<ConversationInputs> {
     let set = ConversationSet::load(&a.dataset)?;
     let probes = load_probe_dir(&a.probes)?;
+    for st in &a.steer {
+        if !probes.iter().any(|w| w.attribute == st.attribute) {
+            anyhow::bail!(
+                "--steer {st}: no attribute '{}' in the probes; they know: {}",
+                st.attribute,
+                probes
+                    .iter()
+                    .map(|w| w.attribute.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }
+    }
+    if a.answer
+        && !set
+            .conversations
+            .iter()
+            .any(|c| c.turns.last().is_some_and(|t| t.role == "user"))
+    {
+        anyhow::bail!(
+            "--answer: no conversation ends with a user turn, so there is nothing to answer"
+        );
+    }
     persona_lens_engine::io::check_output_dir(&a.out)?;
     Ok(ConversationInputs { set, probes })
 }
@@ -87,11 +137,47 @@ pub fn run_conversation(
         pb.inc(1);
     }
     pb.finish_and_clear();
+    let mut answers = Vec::new();
+    if a.answer {
+        let mut steer = Vec::new();
+        for spec in &a.steer {
+            steer.extend(steer_vector(model, &inputs.probes, spec, &mut |h| {
+                steering_norm(model, h)
+            })?);
+        }
+        let rs: Vec<Reader> = readers.iter().map(|(r, _)| r.clone()).collect();
+        for c in convs
+            .iter()
+            .filter(|c| c.turns.last().is_some_and(|t| t.role == "user"))
+        {
+            let ans =
+                answer_with_readouts(model, &c.turns, a.max_new_tokens, &steer, &rs, &mut |_| {
+                    true
+                })?;
+            let unsteered = if steer.is_empty() {
+                None
+            } else {
+                let plain =
+                    answer_with_readouts(model, &c.turns, a.max_new_tokens, &[], &[], &mut |_| {
+                        true
+                    })?;
+                Some(rate_answer(model, &plain)?)
+            };
+            answers.push(ConversationAnswer {
+                id: c.id.clone(),
+                steer: a.steer.clone(),
+                answer: rate_answer(model, &ans)?,
+                proba: ans.steps.iter().map(|s| s.proba.clone()).collect(),
+                unsteered,
+            });
+        }
+    }
     Ok(ConversationResult {
         model: model.info.name.clone(),
         attributes: readers.into_iter().map(|(_, i)| i).collect(),
         trajectories,
         revisions,
+        answers,
     })
 }
 
@@ -139,6 +225,9 @@ pub fn conversation(a: ConversationArgs) -> Result<()> {
     let r = run_conversation(&model, &a, &inputs, quiet)?;
     write_json(&a.out.join("trajectories.json"), &r.trajectories)?;
     write_json(&a.out.join("belief_revision.json"), &r.revisions)?;
+    if a.answer {
+        write_json(&a.out.join("answers.json"), &r.answers)?;
+    }
     for t in &r.trajectories {
         trajectory_plot(t, &a.out.join(format!("trajectory_{}", file_stem(&t.id))))?;
     }
@@ -193,9 +282,24 @@ pub fn conversation(a: ConversationArgs) -> Result<()> {
             v.id, v.attribute, v.cue_class, v.before, v.after, v.after_filler, v.filler
         );
     }
+    for x in &r.answers {
+        let g = |v: Option<f64>| v.map(|g| format!("{g:.1}")).unwrap_or_else(|| "n/a".into());
+        println!(
+            "{} answer ({} tokens, grade {}{}): {}",
+            x.id,
+            x.answer.n_tokens,
+            g(x.answer.grade),
+            x.unsteered
+                .as_ref()
+                .map(|u| format!(", unsteered grade {}", g(u.grade)))
+                .unwrap_or_default(),
+            x.answer.text.replace('\n', " ")
+        );
+    }
     println!(
-        "wrote {}/trajectories.json, belief_revision.json and trajectory_*.png/.svg",
-        a.out.display()
+        "wrote {}/trajectories.json, belief_revision.json{} and trajectory_*.png/.svg",
+        a.out.display(),
+        if a.answer { ", answers.json" } else { "" }
     );
     Ok(())
 }
