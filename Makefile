@@ -15,12 +15,15 @@ build:
 demo: models build
 	scripts/demo.sh $(BIN) out/demo
 
-# The live dashboard on the default chat model: probes trained once (out/dashboard-probes), then
+# The live dashboard on the default chat model: two user attributes' probes trained once
+# (novice/expert, and neutral/biased: a belief to validate) under out/dashboard-probes, then
 # `persona-lens serve` on http://127.0.0.1:7878/.
 DASH_MODEL ?= smollm2-135m-instruct
+DASH_PROBES := out/dashboard-probes
 dashboard: models build
-	[ -f out/dashboard-probes/probe_weights.json ] || $(BIN) probe --model $(DASH_MODEL) --out out/dashboard-probes
-	$(BIN) serve --model $(DASH_MODEL) --probes out/dashboard-probes
+	[ -f $(DASH_PROBES)/expertise/probe_weights.json ] || $(BIN) probe --model $(DASH_MODEL) --out $(DASH_PROBES)/expertise
+	[ -f $(DASH_PROBES)/belief/probe_weights.json ] || $(BIN) probe --model $(DASH_MODEL) --persona-pair belief-neutral --classes neutral,biased --out $(DASH_PROBES)/belief
+	$(BIN) serve --model $(DASH_MODEL) --probes $(DASH_PROBES)
 
 # Python with the `gguf` package: the tests read exported control vectors with llama.cpp's reader.
 TOOLS_PY := .venv-tools/bin/python
