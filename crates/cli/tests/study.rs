@@ -1,7 +1,8 @@
 //! `persona-lens run --experiment all` end to end on the real default model (small settings):
 //! the summary's structure, every plot a valid PNG + SVG, the report's numbers equal to the
-//! summary's, and a second run of the resolved config, interrupted (SIGINT) after the lens step,
-//! that leaves no partial file and finishes with --resume to a byte-identical summary.
+//! summary's, and a copy of the run's folder with two steps removed, resumed from the resolved
+//! config and interrupted (SIGINT) mid-step, that leaves no partial file and finishes with
+//! --resume to a byte-identical summary.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -46,7 +47,7 @@ steps = 40
 batch_size = 32
 k = 8
 max_dataset_items = 24
-n_questions_per_pair = 4
+n_questions_per_pair = 2
 top_k = 5
 n_verify = 2
 "#;
@@ -110,6 +111,14 @@ fn check_no_partial_files(dir: &Path) {
         if name.ends_with(".json") {
             read_json(&e);
         }
+    }
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    for f in walk(from) {
+        let dest = to.join(f.strip_prefix(from).unwrap());
+        std::fs::create_dir_all(dest.parent().unwrap()).unwrap();
+        std::fs::copy(&f, &dest).unwrap();
     }
 }
 
@@ -327,25 +336,34 @@ fn whole_study_end_to_end() {
     assert_eq!(run["model"]["sha256"], s["model"]["sha256"]);
     assert!(a.join("config.resolved.toml").exists());
 
-    // 4. The same config and seed again, from the resolved config, interrupted (SIGINT) mid-run:
-    // no partial file; --resume finishes to a summary.json byte-identical to run 1's. Steps after
-    // the interrupt are recomputed, so this checks determinism and resume together.
+    // 4. Resume: a copy of run 1's folder without its patch and ablate steps is resumed from the
+    // resolved config and interrupted (SIGINT) mid-ablate: no partial file; --resume finishes it
+    // to a summary.json byte-identical to run 1's. The two recomputed steps check determinism
+    // (ablate draws random heads and generates); the reused ones, that a moved folder resumes.
     let resolved = a.join("config.resolved.toml");
     let c = base.join("c");
-    let mut child = cmd(&resolved, &c, &[])
+    copy_dir(&a, &c);
+    for gone in ["patch", "ablate"] {
+        std::fs::remove_dir_all(c.join(gone)).unwrap();
+    }
+    for gone in ["summary.json", "report.md", "report.html", "run.json"] {
+        std::fs::remove_file(c.join(gone)).unwrap();
+    }
+    let mut child = cmd(&resolved, &c, &["--resume"])
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
     let t = Instant::now();
-    while !c.join("lens/step.json").exists() {
+    while !c.join("patch/step.json").exists() {
         assert!(
             t.elapsed() < Duration::from_secs(600),
-            "run never reached the lens step"
+            "run never finished the patch step"
         );
         assert!(child.try_wait().unwrap().is_none(), "run ended early");
         std::thread::sleep(Duration::from_millis(100));
     }
+    // heads is reused at once; the signal lands in ablate
     std::thread::sleep(Duration::from_millis(1500));
     let st = Command::new("kill")
         .args(["-INT", &child.id().to_string()])
@@ -362,6 +380,10 @@ fn whole_study_end_to_end() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("--resume"));
     check_no_partial_files(&c);
     assert!(!c.join("summary.json").exists());
+    assert!(
+        !c.join("ablate/step.json").exists(),
+        "interrupt came too late"
+    );
     let o = Command::new(env!("CARGO_BIN_EXE_persona-lens"))
         .args(["run", "--experiment", "all", "--resume", "--config"])
         .arg(&resolved)
@@ -372,10 +394,13 @@ fn whole_study_end_to_end() {
         .unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success(), "{err}");
-    assert!(
-        err.contains("probe: done earlier, reused") && err.contains("lens: done earlier, reused"),
-        "{err}"
-    );
+    for step in ["probe", "lens", "patch", "heads", "steer", "diff"] {
+        assert!(
+            err.contains(&format!("{step}: done earlier, reused")),
+            "{err}"
+        );
+    }
+    assert!(err.contains("ablate done in"), "{err}");
     assert_eq!(
         std::fs::read(a.join("summary.json")).unwrap(),
         std::fs::read(c.join("summary.json")).unwrap(),

@@ -2400,6 +2400,12 @@ pub fn run(a: RunArgs) -> Result<Summary> {
     let mhash = model_hash(&model)?;
     let resolved = toml::to_string_pretty(&cfg)?;
     persona_lens_engine::io::write_atomic(&out.join("config.resolved.toml"), resolved.as_bytes())?;
+    // A step's identity leaves out where the study is written: a moved or copied study folder
+    // resumes (steps find each other's files relative to the folder, never by absolute path).
+    let identity = toml::to_string_pretty(&StudyConfig {
+        out: PathBuf::new(),
+        ..cfg.clone()
+    })?;
     let ctx = Ctx {
         model: &model,
         cfg: &cfg,
@@ -2412,9 +2418,9 @@ pub fn run(a: RunArgs) -> Result<Summary> {
     let mut results: Vec<StepOut> = vec![];
     let mut timings = serde_json::Map::new();
     for (i, step) in cfg.experiment.iter().enumerate() {
-        // A step's identity: the whole resolved config and the model's hash (steps read each
-        // other's files, so any change re-runs every step).
-        let hash = sha256_hex(format!("{resolved}\n{mhash}\n{step}").as_bytes());
+        // A step's identity: the whole resolved config but `out`, and the model's hash (steps
+        // read each other's files, so any change re-runs every step).
+        let hash = sha256_hex(format!("{identity}\n{mhash}\n{step}").as_bytes());
         let marker = out.join(step).join("step.json");
         if a.resume {
             if let Ok(text) = std::fs::read_to_string(&marker) {
