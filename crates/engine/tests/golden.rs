@@ -197,27 +197,29 @@ fn greedy(name: &str) {
             .iter()
             .map(|x| x.as_f64().unwrap())
             .collect();
-        for use_kv_cache in [false, true] {
-            let opts = GenerateOptions {
-                max_new_tokens: 16,
-                use_kv_cache,
-                ..Default::default()
-            };
-            let g = generate(&m, std::slice::from_ref(&p.ids), &opts, &mut Hooks::new()).unwrap();
-            let got = &g[0].generated_ids;
-            if got != &want {
-                // Only a documented near-tie may diverge, and only from that step on.
-                let k = got.iter().zip(&want).position(|(a, b)| a != b).unwrap();
-                assert!(
-                    margins[k] < 1e-3,
-                    "{name} p{i:02} (kv={use_kv_cache}) greedy step {k}: {} vs golden {} with golden margin {}",
-                    got[k], want[k], margins[k]
-                );
-                eprintln!(
-                    "{name} p{i:02}: near-tie at step {k} (margin {:.2e}) broken differently",
-                    margins[k]
-                );
-            }
+        // Through the KV cache only: `kv_cache_generation` checks the cache against full
+        // recompute (batched, the first 6 prompts), so the slow recompute path is not rerun here.
+        let opts = GenerateOptions {
+            max_new_tokens: 16,
+            use_kv_cache: true,
+            ..Default::default()
+        };
+        let g = generate(&m, std::slice::from_ref(&p.ids), &opts, &mut Hooks::new()).unwrap();
+        let got = &g[0].generated_ids;
+        if got != &want {
+            // Only a documented near-tie may diverge, and only from that step on.
+            let k = got.iter().zip(&want).position(|(a, b)| a != b).unwrap();
+            assert!(
+                margins[k] < 1e-3,
+                "{name} p{i:02} greedy step {k}: {} vs golden {} with golden margin {}",
+                got[k],
+                want[k],
+                margins[k]
+            );
+            eprintln!(
+                "{name} p{i:02}: near-tie at step {k} (margin {:.2e}) broken differently",
+                margins[k]
+            );
         }
     }
 }

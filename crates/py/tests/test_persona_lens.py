@@ -237,9 +237,26 @@ def test_the_gil_is_released_during_compute(model):
     assert took > 0.2 and len(ticks) > took * 100, (len(ticks), took)
 
 
+def small_pairs_file(path):
+    """32 novice/expert prompt pairs (4 topics x 4 questions): a study's probe step in seconds."""
+    topics = {
+        "physics": ["Why is the sky blue?", "How does gravity work?", "What is energy?", "Why do magnets attract?"],
+        "biology": ["How do cells divide?", "What is DNA?", "How do vaccines work?", "Why do we sleep?"],
+        "economics": ["What is inflation?", "Why do prices rise?", "What is a bank for?", "How do taxes work?"],
+        "computing": ["What is a computer program?", "How does the internet work?", "What is memory in a computer?",
+                      "How do passwords stay safe?"],
+    }
+    pairs = [{"id": f"{t}-{i}", "topic": t, "novice": {"prompt": f"I am a child. {q}"},
+              "expert": {"prompt": f"I have a PhD in {t}. {q}"}}
+             for t, qs in topics.items() for i, q in enumerate(qs)]
+    path.write_text(json.dumps({"prompt_pairs": {"expertise_level": pairs}}))
+    return str(path)
+
+
 def test_the_study_returns_the_summary_the_command_writes(tmp_path):
-    flags = dict(experiment="probe", model=MODEL, n_questions_per_pair=1, max_layers=3, quiet=True)
-    cli("run", "--experiment", "probe", "--model", MODEL, "--n-questions-per-pair", "1", "--max-layers", "3",
+    pairs = small_pairs_file(tmp_path / "pairs.json")
+    flags = dict(experiment="probe", model=MODEL, dataset=pairs, max_layers=3, quiet=True)
+    cli("run", "--experiment", "probe", "--model", MODEL, "--dataset", pairs, "--max-layers", "3",
         "--quiet", "--out", str(tmp_path / "cli"))
     s = pl.run_study(out=str(tmp_path / "py"), **flags)
     want = (tmp_path / "cli" / "summary.json").read_bytes()

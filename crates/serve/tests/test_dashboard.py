@@ -261,11 +261,11 @@ def test_headless_chromium_drives_the_page(server, tmp_path):
 
 
 def test_eight_concurrent_sessions_flat_memory(server):
-    """8 sessions at once, two turns each, three rounds. The server answers one request at a
+    """8 sessions at once, two turns each, two rounds. The server answers one request at a
     time (the rest queue), so the wait for the first token grows with the queue while the gap
     between a stream's tokens is the model's own step time."""
     b = server.base
-    n_sessions, rounds, new_tokens = 8, 3, 6
+    n_sessions, rounds, new_tokens = 8, 2, 6
     rss, gaps, first, errors, per_round_s = [], [], [], [], []
     lock = threading.Lock()
 
