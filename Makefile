@@ -51,8 +51,11 @@ test: models $(TOOLS_PY)
 
 # The Python package against the command line built from the same sources; the dashboard
 # (`persona-lens serve`) over HTTP and in headless Chromium.
+# `--workspace --bins` resolves features as `cargo test --workspace` did, so after `make test`'s
+# cargo run it reuses that build (`-p persona-lens` resolved them differently and recompiled every
+# dependency: 6.7 min).
 test-python: models python
-	cargo build -p persona-lens
+	cargo build --workspace --bins
 	$(PY) -m pytest crates/py/tests crates/serve/tests -q
 
 lint:

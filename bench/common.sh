@@ -15,6 +15,6 @@ esac
 venv=bench/.venv
 if [ ! -x "$venv/bin/python" ]; then
   python3 -m venv "$venv"
-  "$venv/bin/pip" install --quiet torch transformers gguf accelerate sentencepiece protobuf
+  "$venv/bin/pip" install --quiet torch transformers transformer_lens gguf accelerate sentencepiece protobuf
 fi
 out=bench/out; mkdir -p "$out"

@@ -1,24 +1,26 @@
 #!/usr/bin/env bash
-# Forward benchmark: persona-lens vs HF transformers on the same 64 persona prompts, same
-# machine, same run. Not part of CI. Usage: bench/run.sh [model-short-name]   (default gemma-3-270m)
+# Forward benchmark: persona-lens vs HF transformers (`logits_to_keep=1`) vs TransformerLens 4
+# (`run_with_cache` through TransformerBridge), same 64 persona prompts, same machine, same
+# invocation. The implementations alternate within each round (order reversed every other round,
+# one process per run, model load excluded from the timing); the table reports medians over the
+# rounds. Not part of CI. Usage: bench/run.sh [model-short-name] [rounds]   (gemma-3-270m, 3)
 source "$(dirname "$0")/common.sh" "$@"
+rounds="${2:-3}"
 # Token ids from persona-lens (identical to HF's tokenizer: see the golden tokenization tests).
 "$bin" bench-forward --model "$model" --prompts bench/prompts.json --repeats 1 --dump-ids "$out/ids.json" > /dev/null
-: > "$out/results.jsonl"
-for bs in 1 16; do
-  "$bin" bench-forward --model "$model" --prompts bench/prompts.json --batch-size "$bs" --threads 2 --json | tee -a "$out/results.jsonl"
-  for mode in all_logits keep1; do
-    "$venv/bin/python" bench/hf_forward.py --models-dir "$models" --gguf "$gguf" --ids "$out/ids.json" \
-      --batch-size "$bs" --mode "$mode" --threads 2 | tee -a "$out/results.jsonl"
-  done
+results="$out/forward-$model.jsonl"
+: > "$results"
+run_impl() { # impl batch round
+  case "$1" in
+    pl) "$bin" bench-forward --model "$model" --ids "$out/ids.json" --batch-size "$2" --threads 2 --repeats 1 --json ;;
+    hf) "$venv/bin/python" bench/hf_forward.py --models-dir "$models" --gguf "$gguf" --ids "$out/ids.json" \
+          --batch-size "$2" --mode keep1 --threads 2 --repeats 1 2>/dev/null ;;
+    tl) "$venv/bin/python" bench/tl_forward.py --models-dir "$models" --gguf "$gguf" --ids "$out/ids.json" \
+          --batch-size "$2" --threads 2 --repeats 1 2>/dev/null ;;
+  esac | tail -n 1 | python3 -c "import json,sys; r=json.load(sys.stdin); r['round']=$3; print(json.dumps(r))" | tee -a "$results"
+}
+for r in $(seq 1 "$rounds"); do
+  order="pl hf tl"; [ $((r % 2)) -eq 0 ] && order="tl hf pl"
+  for bs in 1 16; do for impl in $order; do run_impl "$impl" "$bs" "$r"; done; done
 done
-python3 - "$out/results.jsonl" <<'PY'
-import json, sys
-rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
-print(f"\n{'impl':<34}{'batch':>6}{'tok/s':>10}{'peak RSS MiB':>14}{'speed vs this HF':>18}{'RSS vs this HF':>16}")
-for bs in sorted({r['batch_size'] for r in rows}):
-    pl = [r for r in rows if r['batch_size'] == bs and r['impl'].startswith('persona-lens')][0]
-    for r in [x for x in rows if x['batch_size'] == bs]:
-        sp = pl['tokens_per_s'] / r['tokens_per_s']; rss = pl['peak_rss_mib'] / r['peak_rss_mib']
-        print(f"{r['impl']:<34}{bs:>6}{r['tokens_per_s']:>10.1f}{r['peak_rss_mib']:>14.0f}{sp:>17.2f}x{rss:>15.2f}x")
-PY
+python3 bench/forward_table.py "$results" "$model"

@@ -626,7 +626,24 @@ pub fn belief_revision(
         )));
     }
     let readers = std::slice::from_ref(reader);
-    let clean = read_positions(model, &r.ids, readers, &mut Hooks::new())?;
+    // One forward of the cue run: the read-outs at every position, and every residual row up to
+    // the probe's for the patches below.
+    let probe_row = crate::probe::resid_index_of(&reader.probe.hook).ok_or_else(|| {
+        AnalysisError::Invalid(format!(
+            "belief revision patches residual rows; the probe reads {}",
+            reader.probe.hook
+        ))
+    })?;
+    let rows: Vec<HookName> = crate::resid_rows(model.config().n_layers)
+        .into_iter()
+        .take(probe_row + 1)
+        .collect();
+    let batch = Batch::left_padded(std::slice::from_ref(&r.ids), model.pad_id(), model.device())?;
+    let mut cap = Hooks::new();
+    cap.capture_all(&rows);
+    cap.capture(reader.hook);
+    model.forward(&batch, None, &mut cap, LogitsAt::None)?;
+    let clean = read_rows(&cap, readers, 0)?;
     let p = |v: &Vec<Vec<Vec<f64>>>, pos: usize| v[pos][0][k];
     let last = r.ids.len() - 1;
     let is_cue_class = |pos: usize| {
@@ -648,21 +665,6 @@ pub fn belief_revision(
     corrupt[start..end].iter_mut().for_each(|t| *t = filler_id);
     let filler_run = read_positions(model, &corrupt, readers, &mut Hooks::new())?;
 
-    // Clean activations of every row up to the probe's, at the cue's positions.
-    let probe_row = crate::probe::resid_index_of(&reader.probe.hook).ok_or_else(|| {
-        AnalysisError::Invalid(format!(
-            "belief revision patches residual rows; the probe reads {}",
-            reader.probe.hook
-        ))
-    })?;
-    let rows: Vec<HookName> = crate::resid_rows(model.config().n_layers)
-        .into_iter()
-        .take(probe_row + 1)
-        .collect();
-    let batch = Batch::left_padded(std::slice::from_ref(&r.ids), model.pad_id(), model.device())?;
-    let mut cap = Hooks::new();
-    cap.capture_all(&rows);
-    model.forward(&batch, None, &mut cap, LogitsAt::None)?;
     let (m_clean, m_filler) = (
         log_odds(&clean[last][0], k),
         log_odds(&filler_run[last][0], k),
@@ -948,14 +950,7 @@ pub fn answer_with_readouts(
             break;
         }
         let row = logits.get(0)?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
-        // argmax, ties to the lowest id (as the engine's greedy decoding)
-        let mut best = 0usize;
-        for (i, &v) in row.iter().enumerate() {
-            if v > row[best] {
-                best = i;
-            }
-        }
-        let tok = best as u32;
+        let tok = persona_lens_engine::generate::greedy_token(&row);
         if model.tokenizer.eos_ids.contains(&tok) {
             stopped = true;
             break;

@@ -406,6 +406,21 @@ fn whole_study_end_to_end() {
         std::fs::read(c.join("summary.json")).unwrap(),
         "summary.json differs between an uninterrupted run and a resumed run of the same config and seed"
     );
+    // Provenance: the copy records the same step commands as the original (paths relative to
+    // the study folder), none naming the original folder. Run 1 was `--quiet` and this resume
+    // was not: the recomputed steps' commands differ by that display flag only.
+    let commands_of = |dir: &Path| {
+        read_json(&dir.join("run.json"))["commands"]
+            .to_string()
+            .replace(",\"--quiet\"", "")
+    };
+    assert_eq!(commands_of(&a), commands_of(&c));
+    let commands = commands_of(&c);
+    assert!(
+        !commands.contains(a.to_str().unwrap()),
+        "run.json names run 1's folder: {commands}"
+    );
+    assert!(commands.contains("\"--out\",\"probe\""), "{commands}");
     check_no_partial_files(&c);
     let _ = std::fs::remove_dir_all(&base);
 }

@@ -51,17 +51,20 @@ pub struct Generation {
     pub stopped_on: Option<u32>,
 }
 
+/// Greedy decoding's choice: the id of the largest logit, ties to the lowest id.
+pub fn greedy_token(row: &[f32]) -> u32 {
+    let mut best = 0usize;
+    for (i, &v) in row.iter().enumerate() {
+        if v > row[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
 fn pick(row: &[f32], sampling: &Sampling, rng: &mut rand::rngs::StdRng) -> Result<u32> {
     match sampling {
-        Sampling::Greedy => {
-            let mut best = 0usize;
-            for (i, &v) in row.iter().enumerate() {
-                if v > row[best] {
-                    best = i;
-                }
-            }
-            Ok(best as u32)
-        }
+        Sampling::Greedy => Ok(greedy_token(row)),
         Sampling::Sample {
             temperature,
             top_k,

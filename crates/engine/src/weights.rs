@@ -163,6 +163,9 @@ pub enum Linear {
     Quantized(Arc<QMatrix>),
 }
 
+/// Output rows of a weight per parallel part of a few-row product with many outputs.
+const VOCAB_PART_ROWS: usize = 16384;
+
 impl Linear {
     /// x: [..., in] (f32) -> [..., out] (f32).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
@@ -171,6 +174,25 @@ impl Linear {
         let rows: usize = dims[..dims.len().saturating_sub(1)].iter().product();
         let x2 = x.reshape((rows, last))?;
         let y = match self {
+            // Many outputs (the unembedding) and few rows (logits at the last position): gemm
+            // runs such a product on one thread (its matrix-vector path), so the vocabulary is
+            // split into parts computed in parallel. Each logit is the same dot product as in one
+            // call, so the logits are bitwise the same (`unembedding_split_is_bitwise_exact`).
+            Linear::Dense(w)
+                if w.dtype() == x2.dtype() && rows <= 32 && w.dim(0)? >= 2 * VOCAB_PART_ROWS =>
+            {
+                use rayon::prelude::*;
+                let n_out = w.dim(0)?;
+                let parts = (0..n_out.div_ceil(VOCAB_PART_ROWS))
+                    .into_par_iter()
+                    .map(|i| {
+                        let start = i * VOCAB_PART_ROWS;
+                        let len = VOCAB_PART_ROWS.min(n_out - start);
+                        x2.matmul(&w.narrow(0, start, len)?.t()?)
+                    })
+                    .collect::<candle_core::Result<Vec<_>>>()?;
+                Tensor::cat(&parts, 1)?
+            }
             Linear::Dense(w) => {
                 if w.dtype() == x2.dtype() {
                     x2.matmul(&w.t()?)?
@@ -673,4 +695,32 @@ fn select_qtensor_rows(q: &QTensor, perm: &[usize]) -> Result<QTensor> {
     let storage =
         candle_core::quantized::QStorage::from_data(std::borrow::Cow::Owned(out), &q.device(), dt)?;
     Ok(QTensor::new(storage, (perm.len(), cols))?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    /// The vocabulary split of a few-row product against one plain gemm call over the whole
+    /// weight: bitwise equal for the last-position row (batch 1) and for 16 rows (batch 16).
+    #[test]
+    fn unembedding_split_is_bitwise_exact() -> Result<()> {
+        let dev = Device::Cpu;
+        let n_out = 2 * VOCAB_PART_ROWS + 1234; // a ragged last part
+        let w = Tensor::randn(0f32, 1.0, (n_out, 640), &dev)?;
+        let head = Linear::Dense(w.clone());
+        for rows in [1usize, 16] {
+            let x = Tensor::randn(0f32, 1.0, (rows, 640), &dev)?;
+            let split = head.forward(&x)?;
+            let whole = x.matmul(&w.t()?)?;
+            assert_eq!(split.dims(), &[rows, n_out]);
+            let diff = (split - whole)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert_eq!(
+                diff, 0.0,
+                "{rows} rows: split differs from one call by {diff}"
+            );
+        }
+        Ok(())
+    }
 }

@@ -485,6 +485,20 @@ pub struct BenchForwardArgs {
     pub run_with_cache: bool,
 }
 
+/// Multiply-adds x 2 per token in the blocks' projections (attention q/k/v/o, MLP), without the
+/// unembedding and the attention scores: the work every implementation does per real token, for
+/// the bench's GFLOP/s (gemma-3-270m: 0.20).
+fn block_gflop_per_token(c: &persona_lens_engine::ModelConfig) -> f64 {
+    let attn = c.d_model * (c.n_heads + 2 * c.n_kv_heads) * c.head_dim
+        + c.n_heads * c.head_dim * c.d_model;
+    let mlp_mats = if c.arch == persona_lens_engine::Architecture::Gpt2 {
+        2
+    } else {
+        3
+    };
+    2.0 * (c.n_layers * (attn + mlp_mats * c.d_model * c.d_mlp)) as f64 / 1e9
+}
+
 /// The benchmark workload: forward over all prompts with the full residual stream captured
 /// (`hook_embed` + every `hook_resid_post`, as HF's output_hidden_states), logits at the last
 /// position. Prints tokens/s (best of `repeats` after one warm-up) and peak RSS.
@@ -559,6 +573,7 @@ pub fn bench_forward(a: BenchForwardArgs) -> Result<()> {
         "attention_block": m.decoder.attention_block,
         "tokens_per_s": n_tokens as f64 / best,
         "peak_rss_mib": peak_rss_kib().map(|k| k as f64 / 1024.0),
+        "block_gflop_per_token": block_gflop_per_token(m.config()),
     });
     if a.m.json {
         println!("{v}");

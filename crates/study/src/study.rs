@@ -666,10 +666,18 @@ impl Ctx<'_> {
         d
     }
     /// The stand-alone command that runs `spec` alone (`persona-lens <sub> ...`), recorded as
-    /// the step's provenance.
+    /// the step's provenance. Paths inside the study folder are written relative to it (the
+    /// command runs from the study folder), so a copied or moved study that resumes records the
+    /// same commands as the original, not the original folder's paths.
     fn command<T: Serialize>(&self, sub: &str, spec: &T) -> Vec<String> {
         let mut v = vec![sub.to_string()];
-        v.extend(spec::command(spec));
+        v.extend(spec::command(spec).into_iter().map(|arg| {
+            match Path::new(&arg).strip_prefix(self.out) {
+                Ok(rel) if rel.as_os_str().is_empty() => ".".to_string(),
+                Ok(rel) => rel.display().to_string(),
+                Err(_) => arg,
+            }
+        }));
         v
     }
     fn prov(&self, extra: Value) -> Value {
@@ -2925,7 +2933,7 @@ pub fn build_report(s: &Summary) -> Document {
         }
     }
     d.h(1, "Reproduce");
-    d.p("Re-run with `persona-lens run --config config.resolved.toml` (the resolved configuration of this run, beside this report). Each step's stand-alone command is in `run.json` and `<step>/step.json`.");
+    d.p("Re-run with `persona-lens run --config config.resolved.toml` (the resolved configuration of this run, beside this report). Each step's stand-alone command is in `run.json` and `<step>/step.json` (paths relative to this folder: run it from here).");
     d
 }
 

@@ -1,0 +1,23 @@
+"""Median table of bench/run.sh's rounds: tokens/s, achieved GFLOP/s (block projections per real
+token, as persona-lens's bench-forward counts them), peak RSS, and persona-lens's ratio against
+each peer at the same batch size. Usage: forward_table.py RESULTS.jsonl MODEL"""
+import json, statistics, sys
+
+rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
+gflop = next(r["block_gflop_per_token"] for r in rows if "block_gflop_per_token" in r)
+print(f"\n{sys.argv[2]}: medians of {max(r['round'] for r in rows)} alternating rounds "
+      f"({gflop:.3f} GFLOP per token in the block projections)")
+print("| impl | batch | tokens/s (median) | rounds | GFLOP/s | peak RSS MiB | persona-lens speed ratio |")
+print("|---|---:|---:|---|---:|---:|---:|")
+for bs in sorted({r["batch_size"] for r in rows}):
+    by = {}
+    for r in rows:
+        if r["batch_size"] == bs:
+            by.setdefault(r["impl"], []).append(r)
+    med = {k: statistics.median(x["tokens_per_s"] for x in v) for k, v in by.items()}
+    pl = next(k for k in by if k.startswith("persona-lens"))
+    for k, v in by.items():
+        rs = " / ".join(f"{x['tokens_per_s']:.0f}" for x in v)
+        rss = max(x["peak_rss_mib"] for x in v)
+        ratio = "" if k == pl else f"**{med[pl] / med[k]:.2f}x**"
+        print(f"| {k} | {bs} | {med[k]:.1f} | {rs} | {med[k] * gflop:.1f} | {rss:.0f} | {ratio} |")
