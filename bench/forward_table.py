@@ -4,9 +4,23 @@ each peer at the same batch size. Usage: forward_table.py RESULTS.jsonl MODEL"""
 import json, statistics, sys
 
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
+
+
+def cpu():
+    """The CPU the rounds ran on and whether it has AVX-512: the peers' speed depends on it."""
+    try:
+        info = open("/proc/cpuinfo").read()
+    except OSError:
+        return "CPU unknown"
+    name = next((l.split(":", 1)[1].strip() for l in info.splitlines() if l.startswith("model name")), "?")
+    flags = next((l.split(":", 1)[1].split() for l in info.splitlines() if l.startswith("flags")), [])
+    isa = "AVX-512" if "avx512f" in flags else ("AVX2" if "avx2" in flags else "no AVX2")
+    return f"{name}, {isa}, {info.count('processor')} logical CPUs"
+
+
 gflop = next(r["block_gflop_per_token"] for r in rows if "block_gflop_per_token" in r)
 print(f"\n{sys.argv[2]}: medians of {max(r['round'] for r in rows)} alternating rounds "
-      f"({gflop:.3f} GFLOP per token in the block projections)")
+      f"({gflop:.3f} GFLOP per token in the block projections); {cpu()}")
 print("| impl | batch | tokens/s (median) | rounds | GFLOP/s | peak RSS MiB | persona-lens speed ratio |")
 print("|---|---:|---:|---|---:|---:|---:|")
 for bs in sorted({r["batch_size"] for r in rows}):

@@ -4,7 +4,7 @@ use crate::analysis_jobs::DatasetArgs;
 use crate::engine_jobs::{load_model, progress};
 use crate::ModelArgs;
 use anyhow::{bail, Result};
-use clap::Args;
+use clap::{Args, ValueEnum};
 use persona_lens_analysis::patching::{
     pair_metric, Direction, Metric, PatchPair, Patcher, Sweep, SweepKind,
 };
@@ -33,8 +33,8 @@ pub struct PairArgs {
     #[arg(long)]
     pub answer_b: Option<String>,
     /// logit-diff (default), logprob (log p(answer-a)) or kl (KL(clean || patched), nats).
-    #[arg(long, default_value = "logit-diff")]
-    pub metric: String,
+    #[arg(long, value_enum, default_value_t = MetricKind::LogitDiff)]
+    pub metric: MetricKind,
     /// Render with the chat template.
     #[arg(long, conflicts_with = "no_chat")]
     pub chat: bool,
@@ -66,25 +66,65 @@ impl PairArgs {
             pair,
             self.answer_a.as_deref().zip(self.answer_b.as_deref()),
         )?;
-        Ok(match self.metric.as_str() {
-            "logit-diff" => ld,
-            "logprob" => match ld {
+        Ok(match self.metric {
+            MetricKind::LogitDiff => ld,
+            MetricKind::Logprob => match ld {
                 Metric::LogitDiff { a, .. } => Metric::LogProb { token: a },
                 m => m,
             },
-            "kl" => Metric::KlFromClean,
-            m => bail!("unknown --metric '{m}'; use logit-diff, logprob or kl"),
+            MetricKind::Kl => Metric::KlFromClean,
         })
     }
 }
 
-fn parse_dir(s: &str) -> Result<Vec<Direction>> {
-    Ok(match s {
-        "denoise" => vec![Direction::Denoise],
-        "noise" => vec![Direction::Noise],
-        "both" => vec![Direction::Denoise, Direction::Noise],
-        o => bail!("unknown --direction '{o}'; use denoise, noise or both"),
-    })
+/// The metric a causal command measures (`--metric`); the answer tokens are resolved against
+/// the model into a [`Metric`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum MetricKind {
+    /// logit[answer a] - logit[answer b] at the last position.
+    LogitDiff,
+    /// log p(answer a) at the last position.
+    Logprob,
+    /// KL(clean || patched) of the last position's next-token distribution, nats.
+    Kl,
+}
+
+/// Which way a patch goes (`--direction`): clean activations into the corrupted run, corrupted
+/// into clean, or both in turn.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PatchDirections {
+    Denoise,
+    Noise,
+    Both,
+}
+
+impl PatchDirections {
+    pub fn directions(self) -> Vec<Direction> {
+        match self {
+            PatchDirections::Denoise => vec![Direction::Denoise],
+            PatchDirections::Noise => vec![Direction::Noise],
+            PatchDirections::Both => vec![Direction::Denoise, Direction::Noise],
+        }
+    }
+}
+
+/// One direction (`attrib --direction`: one forward and one backward per direction).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PatchDirection {
+    Denoise,
+    Noise,
+}
+
+impl From<PatchDirection> for Direction {
+    fn from(d: PatchDirection) -> Direction {
+        match d {
+            PatchDirection::Denoise => Direction::Denoise,
+            PatchDirection::Noise => Direction::Noise,
+        }
+    }
 }
 
 fn parse_kinds(names: &[String]) -> Result<Vec<SweepKind>> {
@@ -187,8 +227,8 @@ pub struct PatchArgs {
     #[arg(long, value_delimiter = ',', default_value = "resid_pre,z_last")]
     pub sweep: Vec<String>,
     /// denoise (clean into corrupted, default), noise (corrupted into clean) or both.
-    #[arg(long, default_value = "denoise")]
-    pub direction: String,
+    #[arg(long, value_enum, default_value_t = PatchDirections::Denoise)]
+    pub direction: PatchDirections,
     /// One full forward per patch instead of the batched incremental runner (for comparison).
     #[arg(long)]
     pub one_by_one: bool,
@@ -273,7 +313,7 @@ pub struct PatchResult {
 /// `patching.json`).
 pub fn patch_with(model: &Model, a: &PatchArgs) -> Result<(PatchResult, Vec<PathBuf>)> {
     let kinds = parse_kinds(&a.sweep)?;
-    let dirs = parse_dir(&a.direction)?;
+    let dirs = a.direction.directions();
     let (pair, metric) = a.pair.resolve(model)?;
     let t0 = Instant::now();
     let p = Patcher::new(model, pair, metric)?;
@@ -452,8 +492,8 @@ pub struct PathPatchArgs {
     #[arg(long, value_delimiter = ',')]
     pub senders: Vec<String>,
     /// denoise (clean sender into the corrupted run, default), noise or both.
-    #[arg(long, default_value = "denoise")]
-    pub direction: String,
+    #[arg(long, value_enum, default_value_t = PatchDirections::Denoise)]
+    pub direction: PatchDirections,
     /// Two full forwards per sender through hooks instead of the batched runner (reference).
     #[arg(long)]
     pub one_by_one: bool,
@@ -483,7 +523,7 @@ pub fn path_patch_with(
     use persona_lens_analysis::path_patching::{
         all_senders, path_patch, path_patch_one_by_one, Receivers,
     };
-    let dirs = parse_dir(&a.direction)?;
+    let dirs = a.direction.directions();
     let receivers = Receivers::parse(&a.receivers, &a.receiver_input)?;
     let (pair, metric) = a.pair.resolve(model)?;
     let p = Patcher::new(model, pair, metric)?;
@@ -636,8 +676,8 @@ pub struct AttribArgs {
     )]
     pub sweep: Vec<String>,
     /// denoise (default) or noise.
-    #[arg(long, default_value = "denoise")]
-    pub direction: String,
+    #[arg(long, value_enum, default_value_t = PatchDirection::Denoise)]
+    pub direction: PatchDirection,
     /// Also run real patching (batched) and report Pearson r and top-k overlap.
     #[arg(long, default_value_t = true, overrides_with = "no_compare")]
     pub compare: bool,
@@ -670,10 +710,7 @@ pub fn attrib(a: AttribArgs) -> Result<()> {
 pub fn attrib_with(model: &Model, a: &AttribArgs) -> Result<(serde_json::Value, Vec<PathBuf>)> {
     use persona_lens_analysis::attribution::{agreement, attribute};
     let kinds = parse_kinds(&a.sweep)?;
-    let dir = match parse_dir(&a.direction)?.as_slice() {
-        [d] => *d,
-        _ => bail!("attrib takes one --direction: denoise or noise"),
-    };
+    let dir = Direction::from(a.direction);
     let (pair, metric) = a.pair.resolve(model)?;
     let p = Patcher::new(model, pair, metric)?;
     let t = Instant::now();

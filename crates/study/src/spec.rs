@@ -77,6 +77,15 @@ mod tests {
     use serde::de::DeserializeOwned;
     use std::fmt::Debug;
 
+    /// Enum values (`--metric`, `--direction` of the causal commands) and a changed value of the
+    /// same enum.
+    const ENUM_NEXT: &[(&str, &str)] = &[
+        ("logit-diff", "logprob"),
+        ("kl", "logit-diff"),
+        ("denoise", "noise"),
+        ("both", "denoise"),
+    ];
+
     /// Every value changed away from what it was: flags set, numbers and strings changed,
     /// lists grown. Keys in `skip` (values a parser restricts) stay as they are.
     fn perturb(v: &mut Value, skip: &[&str]) {
@@ -88,7 +97,11 @@ mod tests {
                     None => Value::from(n.as_f64().unwrap_or(0.0) + 0.25),
                 }
             }
-            Value::String(s) => s.push_str("-x"),
+            // A value of a typed enum becomes another value of the same enum.
+            Value::String(s) => match ENUM_NEXT.iter().find(|(from, _)| from == s) {
+                Some((_, to)) => *s = to.to_string(),
+                None => s.push_str("-x"),
+            },
             Value::Array(items) => {
                 if let Some(first) = items.first().cloned() {
                     let mut extra = first;
@@ -126,10 +139,11 @@ mod tests {
     }
 
     // Values a parser restricts to a set; one of each pair of flags that exclude each other
-    // (`chat` / `no_chat`); the `--template-holdout` / `--no-template-holdout` pair, where the
-    // last one given wins (two fields, one setting).
+    // (`chat` / `no_chat`); the `--template-holdout` / `--no-template-holdout` and `--compare` /
+    // `--no-compare` pairs, where the last one given wins (two fields, one setting).
     const SKIP: &[&str] = &[
         "dtype",
+        "compare",
         "no_chat",
         "split",
         "quantized",
@@ -143,6 +157,9 @@ mod tests {
         round_trip::<analysis_jobs::DirectionArgs>(&["--layer", "3"], SKIP);
         round_trip::<analysis_jobs::LensArgs>(&[], SKIP);
         round_trip::<patch_jobs::PatchArgs>(&[], SKIP);
+        round_trip::<patch_jobs::PatchArgs>(&["--metric", "kl", "--direction", "both"], SKIP);
+        round_trip::<patch_jobs::AttribArgs>(&[], SKIP);
+        round_trip::<patch_jobs::PathPatchArgs>(&[], SKIP);
         round_trip::<patch_jobs::HeadsArgs>(&["--answer-a", "a", "--answer-b", "b"], SKIP);
         round_trip::<patch_jobs::AblateArgs>(&["--heads", "L1H2"], SKIP);
         round_trip::<steer_jobs::SteerArgs>(&["--layer", "3", "--alpha", "2"], SKIP);
