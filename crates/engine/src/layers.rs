@@ -1001,15 +1001,19 @@ mod tests {
         Ok(Tensor::new(xs, &Device::Cpu)?)
     }
 
+    /// The largest amount by which `fused` misses `composed` beyond 1e-6 abs + 1e-6 rel (<= 0:
+    /// within it).
+    fn beyond_tolerance(fused: &Tensor, composed: &Tensor) -> Result<f32> {
+        let err = (fused - composed)?.abs()?;
+        let tol = (composed.abs()? * 1e-6)?.affine(1.0, 1e-6)?;
+        Ok((err - tol)?.max_all()?.to_scalar::<f32>()?)
+    }
+
     /// The fused GELU against candle's composed tanh GELU (HF `gelu_pytorch_tanh`'s formula).
     #[test]
     fn fused_gelu_tanh_matches_the_composed_one() -> Result<()> {
         let x = grid()?;
-        let fused = Activation::GeluTanh.apply(&x)?;
-        let composed = x.gelu()?;
-        let err = (fused - &composed)?.abs()?;
-        let tol = (composed.abs()? * 1e-6)?.affine(1.0, 1e-6)?;
-        let worst = (err - tol)?.max_all()?.to_scalar::<f32>()?;
+        let worst = beyond_tolerance(&Activation::GeluTanh.apply(&x)?, &x.gelu()?)?;
         assert!(
             worst <= 0.0,
             "fused GELU exceeds 1e-6 abs + 1e-6 rel by {worst}"
@@ -1028,9 +1032,7 @@ mod tests {
             let fused = rms_norm(&x, &mult, 1e-6)?;
             let composed = rms_norm_composed(&x, &mult, 1e-6)?;
             assert_eq!(fused.dims(), composed.dims());
-            let err = (fused - &composed)?.abs()?;
-            let tol = (composed.abs()? * 1e-6)?.affine(1.0, 1e-6)?;
-            let worst = (err - tol)?.max_all()?.to_scalar::<f32>()?;
+            let worst = beyond_tolerance(&fused, &composed)?;
             assert!(
                 worst <= 0.0,
                 "{shape:?}: fused RMSNorm off by {worst} beyond tolerance"
