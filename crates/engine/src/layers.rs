@@ -28,6 +28,18 @@ fn rms_norm_composed(x: &Tensor, mult: &Tensor, eps: f64) -> Result<Tensor> {
     Ok(x.broadcast_mul(&inv)?.broadcast_mul(mult)?)
 }
 
+/// The elements of a contiguous f32 tensor, as the fused ops below read them.
+fn contiguous_f32<'a>(
+    s: &'a candle_core::CpuStorage,
+    l: &candle_core::Layout,
+    op: &str,
+) -> candle_core::Result<&'a [f32]> {
+    match (s, l.contiguous_offsets()) {
+        (candle_core::CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
+        _ => candle_core::bail!("{op} needs contiguous f32 tensors"),
+    }
+}
+
 /// [`rms_norm`] over contiguous f32 rows in one pass, rows in parallel. The same operations in
 /// the same order as the composed version: sum of squares, times `1/d`, plus eps, sqrt, recip,
 /// then `x * inv * mult`.
@@ -48,16 +60,10 @@ impl candle_core::CustomOp2 for RmsNormF32 {
         l2: &candle_core::Layout,
     ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
         use rayon::prelude::*;
-        let (
-            candle_core::CpuStorage::F32(xs),
-            Some((a, b)),
-            candle_core::CpuStorage::F32(ms),
-            Some((ma, mb)),
-        ) = (s1, l1.contiguous_offsets(), s2, l2.contiguous_offsets())
-        else {
-            candle_core::bail!("rms-norm-f32 needs contiguous f32 tensors")
-        };
-        let (x, mult) = (&xs[a..b], &ms[ma..mb]);
+        let (x, mult) = (
+            contiguous_f32(s1, l1, "rms-norm-f32")?,
+            contiguous_f32(s2, l2, "rms-norm-f32")?,
+        );
         let d = mult.len();
         if d == 0 || l1.dims().last() != Some(&d) {
             candle_core::bail!(
@@ -381,16 +387,11 @@ impl candle_core::CustomOp3 for RopeF32 {
         l3: &candle_core::Layout,
     ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
         use rayon::prelude::*;
-        fn slice<'a>(
-            s: &'a candle_core::CpuStorage,
-            l: &candle_core::Layout,
-        ) -> candle_core::Result<&'a [f32]> {
-            match (s, l.contiguous_offsets()) {
-                (candle_core::CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
-                _ => candle_core::bail!("rope-f32 needs contiguous f32 tensors"),
-            }
-        }
-        let (x, cos, sin) = (slice(s1, l1)?, slice(s2, l2)?, slice(s3, l3)?);
+        let (x, cos, sin) = (
+            contiguous_f32(s1, l1, "rope-f32")?,
+            contiguous_f32(s2, l2, "rope-f32")?,
+            contiguous_f32(s3, l3, "rope-f32")?,
+        );
         let dims = l1.dims();
         let (t, d) = (dims[2], dims[3]);
         let half = d / 2;
@@ -781,12 +782,7 @@ impl candle_core::CustomOp1 for GeluTanhF32 {
         layout: &candle_core::Layout,
     ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
         use rayon::prelude::*;
-        let (candle_core::CpuStorage::F32(all), Some((a, b))) =
-            (storage, layout.contiguous_offsets())
-        else {
-            candle_core::bail!("gelu-tanh-f32 needs a contiguous f32 tensor")
-        };
-        let x = &all[a..b];
+        let x = contiguous_f32(storage, layout, "gelu-tanh-f32")?;
         // Written in place in order (no zero-filled buffer first).
         let mut out = Vec::with_capacity(x.len());
         out.par_extend(x.par_iter().with_min_len(16384).map(|&x| gelu_tanh_f32(x)));
