@@ -179,19 +179,26 @@ pub fn compute(
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum DirectionKind {
+    #[serde(alias = "mean")]
     DiffOfMeans,
     Probe,
 }
 
-impl std::str::FromStr for DirectionKind {
-    type Err = AnalysisError;
-    fn from_str(s: &str) -> Result<Self> {
+impl DirectionKind {
+    /// `mean` is read as `diff_of_means` (an older spelling).
+    pub fn parse(s: &str) -> Result<Self> {
         match s {
             "diff_of_means" | "mean" => Ok(Self::DiffOfMeans),
             "probe" => Ok(Self::Probe),
             o => Err(AnalysisError::Invalid(format!(
                 "unknown direction kind '{o}'; use diff_of_means or probe"
             ))),
+        }
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::DiffOfMeans => "diff_of_means",
+            Self::Probe => "probe",
         }
     }
 }

@@ -228,9 +228,8 @@ impl AblationMode {
     }
 }
 
-impl std::str::FromStr for AblationMode {
-    type Err = AnalysisError;
-    fn from_str(s: &str) -> Result<Self> {
+impl AblationMode {
+    pub fn parse(s: &str) -> Result<Self> {
         match s {
             "zero" => Ok(AblationMode::Zero),
             "mean" => Ok(AblationMode::Mean),

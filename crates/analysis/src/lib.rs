@@ -43,6 +43,32 @@ impl From<candle_core::Error> for AnalysisError {
 
 pub type Result<T> = std::result::Result<T, AnalysisError>;
 
+/// `Display` and `FromStr` through a type's `name()` and `parse()`: the one spelling the command
+/// line (clap reads `FromStr`), the spec files (serde, the same names) and the results use.
+macro_rules! named {
+    ($($t:ty),*) => {$(
+        impl std::fmt::Display for $t {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.name())
+            }
+        }
+        impl std::str::FromStr for $t {
+            type Err = AnalysisError;
+            fn from_str(s: &str) -> Result<Self> {
+                Self::parse(s.trim())
+            }
+        }
+    )*};
+}
+named!(
+    steering::NormConvention,
+    steering::SteerPositions,
+    steering::SteerMode,
+    patching::SweepKind,
+    heads::AblationMode,
+    direction::DirectionKind
+);
+
 /// The residual stream as rows, TransformerLens-style: row i < n_layers = `blocks.{i}.hook_resid_pre`
 /// (row 0 = the embedding, row i = the output of block i-1 as block i reads it) and row n_layers
 /// = `blocks.{n-1}.hook_resid_post`. This equals HF's `output_hidden_states` indexing except that

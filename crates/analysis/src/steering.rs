@@ -364,7 +364,8 @@ pub struct LoadedDirection {
 }
 
 /// How a steering grid changes the residual stream.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum SteerMode {
     /// `x + alpha v`.
     Add,
@@ -384,9 +385,8 @@ impl SteerMode {
     }
 }
 
-impl std::str::FromStr for SteerMode {
-    type Err = AnalysisError;
-    fn from_str(s: &str) -> Result<Self> {
+impl SteerMode {
+    pub fn parse(s: &str) -> Result<Self> {
         match s {
             "add" => Ok(SteerMode::Add),
             "ablate" => Ok(SteerMode::Ablate),

@@ -372,6 +372,24 @@ fn harvest_train_analyze_verify_on_real_models() {
             );
         }
     }
+    // The report's two renderings (the report crate's document model): the top candidate's
+    // row in both, every PNG plot embedded in the HTML.
+    let md = std::fs::read_to_string(an.join("report.md")).unwrap();
+    let html = std::fs::read_to_string(an.join("report.html")).unwrap();
+    let top = format!("| {} |", s["top_candidates"][0]["feature_idx"]);
+    assert!(md.contains(&top), "report.md lacks {top}");
+    assert!(html.contains(&format!(
+        "<td>{}</td>",
+        s["top_candidates"][0]["feature_idx"]
+    )));
+    let n_png = summary["plots"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p.as_str().unwrap().ends_with(".png"))
+        .count();
+    assert!(n_png > 0);
+    assert_eq!(html.matches("data:image/png;base64,").count(), n_png);
     // verify: the top candidate's activations equal what analyze reported for it
     let top = s["top_candidates"][0]["feature_idx"]
         .as_u64()

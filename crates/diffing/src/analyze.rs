@@ -17,7 +17,7 @@ use persona_lens_analysis::dataset::Split;
 use persona_lens_analysis::probe::dense_ids;
 use persona_lens_analysis::PersonaDataset;
 use persona_lens_engine::{HookName, Model};
-use persona_lens_report::{save_bar_chart, save_histogram, Bar, BarChart, Histogram};
+use persona_lens_report::{save_bar_chart, save_histogram, Bar, BarChart, Document, Histogram};
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -610,7 +610,9 @@ pub fn analyze(
     let bytes = serde_json::to_vec_pretty(&summary)
         .map_err(|e| crate::DiffError::Invalid(e.to_string()))?;
     persona_lens_engine::io::write_atomic(&out.join("summary.json"), &bytes)?;
-    persona_lens_engine::io::write_atomic(&out.join("report.md"), report_md(&summary).as_bytes())?;
+    let doc = report(&summary);
+    persona_lens_engine::io::write_atomic(&out.join("report.md"), doc.to_markdown().as_bytes())?;
+    persona_lens_engine::io::write_atomic(&out.join("report.html"), doc.to_html(out)?.as_bytes())?;
     Ok(summary)
 }
 
@@ -688,138 +690,207 @@ pub fn exploratory_reason(models: [&Model; 2]) -> Option<String> {
     }
 }
 
-/// A short Markdown report written from the numbers.
-pub fn report_md(s: &Summary) -> String {
-    let mut r = String::new();
-    r.push_str(&format!(
-        "# Model diffing: {} (base) vs {} (chat)\n\nHooks {} / {}; {} novice/expert pairs ({} rank the {}s, {} held out to test them; no question or paraphrase in both); features: {}s ({}).\n\n",
-        s.base_model, s.chat_model, s.hooks[0], s.hooks[1], s.n_pairs_analyzed, s.n_pairs_select,
-        s.feature_type.to_lowercase(), s.n_pairs_evaluate, s.feature_type, s.units
+/// The analysis as a document (`report.md`, and `report.html` with the plots embedded): the
+/// report crate's model, so both renderings show the same strings.
+pub fn report(s: &Summary) -> Document {
+    let ft = s.feature_type.to_lowercase();
+    let mut d = Document::new(format!(
+        "Model diffing: {} (base) vs {} (chat)",
+        s.base_model, s.chat_model
+    ));
+    d.p(format!(
+        "Hooks {} / {}; {} novice/expert pairs ({} rank the {ft}s, {} held out to test them; no question or paraphrase in both); features: {}s ({}).",
+        s.hooks[0], s.hooks[1], s.n_pairs_analyzed, s.n_pairs_select, s.n_pairs_evaluate,
+        s.feature_type, s.units
     ));
     if let Some(why) = &s.exploratory {
-        r.push_str(&format!(
-            "**Exploratory run.** {why}. No claim about chat tuning is made from it; diff a base model against its own chat version (e.g. smollm2-135m vs smollm2-135m-instruct) for that.\n\n"
+        d.p(format!(
+            "**Exploratory run.** {why}. No claim about chat tuning is made from it; diff a base model against its own chat version (e.g. smollm2-135m vs smollm2-135m-instruct) for that."
         ));
     }
     if !s.claims.is_empty() {
-        r.push_str("## Claims\n\n");
-        for c in &s.claims {
-            r.push_str(&format!(
-                "- **{}** {} (held-out mean {:.4}, 95 % CI {:.4} to {:.4}, p = {:.4}, Holm-adjusted {:.4})\n",
-                if c.supported { "Supported:" } else { "Not supported:" },
-                c.statement,
-                c.effect,
-                c.ci95.0,
-                c.ci95.1,
-                c.p_value,
-                c.p_adjusted
-            ));
-            for k in &c.conditions {
-                r.push_str(&format!(
-                    "  - {} {}\n",
-                    if k.holds { "✓" } else { "✗" },
-                    k.what
-                ));
-            }
-        }
-        r.push('\n');
+        d.h(1, "Claims");
+        d.list(
+            s.claims
+                .iter()
+                .map(|c| {
+                    let conditions: String = c
+                        .conditions
+                        .iter()
+                        .map(|k| format!("; {} {}", if k.holds { "✓" } else { "✗" }, k.what))
+                        .collect();
+                    format!(
+                        "**{}** {} (held-out mean {:.4}, 95 % CI {:.4} to {:.4}, p = {:.4}, Holm-adjusted {:.4}){conditions}",
+                        if c.supported { "Supported:" } else { "Not supported:" },
+                        c.statement,
+                        c.effect,
+                        c.ci95.0,
+                        c.ci95.1,
+                        c.p_value,
+                        c.p_adjusted
+                    )
+                })
+                .collect(),
+        );
     }
     if let Some(c) = &s.latent_classes {
-        r.push_str("## Latent classes\n\n| class | latents |\n|---|---:|\n");
-        for (k, v) in &c.counts {
-            r.push_str(&format!("| {k} | {v} |\n"));
-        }
+        d.h(1, "Latent classes");
+        d.table(
+            vec!["class".into(), "latents".into()],
+            c.counts
+                .iter()
+                .map(|(k, v)| vec![k.to_string(), v.to_string()])
+                .collect(),
+        );
         if let Some(m) = c.shared_cosine_median {
-            r.push_str(&format!(
-                "\nShared latents' decoder cosine: median {m:.3}.\n"
-            ));
+            d.p(format!("Shared latents' decoder cosine: median {m:.3}."));
         }
         let cs = s.latent_scaling.iter().filter(|l| l.chat_specific).count();
-        r.push_str(&format!(
-            "\nLatent Scaling over {} chat-only latents: {cs} chat-specific (|ν^ε| < 0.3 and |ν^r| < 0.3 with β_chat > 0, targets as in Minder et al.'s compute_scalers.py).\n\n",
+        d.p(format!(
+            "Latent Scaling over {} chat-only latents: {cs} chat-specific (|ν^ε| < 0.3 and |ν^r| < 0.3 with β_chat > 0, targets as in Minder et al.'s compute_scalers.py).",
             s.latent_scaling.len()
         ));
     }
     if let Some(n) = &s.top_null {
-        r.push_str(&format!(
-            "The top {} on the selection split (#{}, mean {:.4}) against the maximum over all {} {}s under sign flips by question: null 95th percentile {:.4}, p = {:.4} ({} draws, {} questions).\n\n",
-            s.feature_type.to_lowercase(), n.feature_idx, n.observed, n.n_features,
-            s.feature_type.to_lowercase(), n.null_q95, n.p_value, n.reps, n.n_clusters
+        d.p(format!(
+            "The top {ft} on the selection split (#{}, mean {:.4}) against the maximum over all {} {ft}s under sign flips by question: null 95th percentile {:.4}, p = {:.4} ({} draws, {} questions).",
+            n.feature_idx, n.observed, n.n_features, n.null_q95, n.p_value, n.reps, n.n_clusters
         ));
     }
-    r.push_str(&format!("## Top candidate 'user is a novice' {}s\n\nRanked on the selection split; the held-out columns test the same {} on the evaluate split.\n\n| {} | mean (novice − expert) | sd | pairs > 0 | in top-k | t | held-out mean [95 % CI] | held-out p | Δ_norm | class |\n|---:|---:|---:|---:|---:|---:|---|---:|---:|---|\n", s.feature_type, s.feature_type.to_lowercase(), s.feature_type));
-    for c in s.top_candidates.iter().take(10) {
-        let (ho, hp) = match &c.held_out {
-            Some(h) => (
-                format!("{:.4} [{:.4}, {:.4}]", h.mean, h.ci95.0, h.ci95.1),
-                format!("{:.4}", h.p_value),
-            ),
-            None => ("-".into(), "-".into()),
-        };
-        r.push_str(&format!(
-            "| {} | {:.4} | {:.4} | {:.2} | {}/{} | {:.1} | {ho} | {hp} | {} | {} |\n",
-            c.candidate.feature_idx,
-            c.candidate.mean_score,
-            c.candidate.std_score,
-            c.candidate.frac_positive,
-            c.candidate.n_pairs_top_k,
-            c.candidate.n_pairs,
-            c.candidate.t,
-            c.rel_norm_diff
-                .map(|v| format!("{v:.3}"))
-                .unwrap_or("-".into()),
-            c.class.map(|v| v.name().to_string()).unwrap_or("-".into()),
-        ));
-    }
-    for v in &s.verification {
-        r.push_str(&format!(
-            "\n## Verification of {} #{}: {} ({}/{} pass; bar {}; mean ACTIVATE − SILENT {:.4}, permutation p = {:.4})\n\n{}.\n\n| expected | activation | pass | prompt |\n|---|---:|---|---|\n",
-            s.feature_type, v.feature_idx, if v.verified { "verified" } else { "not verified" },
-            v.passed, v.checked,
-            v.threshold.map(|t| format!("{t:.4}")).unwrap_or("none (no NEUTRAL prompts)".into()),
-            v.statistic, v.p_value, v.rule
-        ));
-        for row in &v.rows {
-            r.push_str(&format!(
-                "| {} | {:.4} | {} | {} |\n",
-                row.expected,
-                row.activation,
-                match row.pass {
-                    Some(true) => "pass",
-                    Some(false) => "FAIL",
-                    None => "-",
-                },
-                row.prompt
-            ));
-        }
-    }
-    r.push_str(&baselines_md(&s.baselines));
-    r.push_str(&format!(
-        "\n## Sycophancy triggers ({} biased/neutral pairs)\n\n",
-        s.n_sycophancy_pairs
+    d.h(
+        1,
+        format!("Top candidate 'user is a novice' {}s", s.feature_type),
+    );
+    d.p(format!(
+        "Ranked on the selection split; the held-out columns test the same {ft} on the evaluate split."
     ));
-    for c in s.sycophancy_top.iter().take(5) {
-        r.push_str(&format!(
-            "- {} {}: mean (biased − neutral) {:.4}, sd {:.4}, positive in {:.0} % of pairs\n",
-            s.feature_type,
-            c.feature_idx,
-            c.mean_score,
-            c.std_score,
-            100.0 * c.frac_positive
-        ));
+    d.table(
+        [
+            s.feature_type.as_str(),
+            "mean (novice − expert)",
+            "sd",
+            "pairs > 0",
+            "in top-k",
+            "t",
+            "held-out mean [95 % CI]",
+            "held-out p",
+            "Δ_norm",
+            "class",
+        ]
+        .map(String::from)
+        .to_vec(),
+        s.top_candidates
+            .iter()
+            .take(10)
+            .map(|c| {
+                let (ho, hp) = match &c.held_out {
+                    Some(h) => (
+                        format!("{:.4} [{:.4}, {:.4}]", h.mean, h.ci95.0, h.ci95.1),
+                        format!("{:.4}", h.p_value),
+                    ),
+                    None => ("-".into(), "-".into()),
+                };
+                vec![
+                    c.candidate.feature_idx.to_string(),
+                    format!("{:.4}", c.candidate.mean_score),
+                    format!("{:.4}", c.candidate.std_score),
+                    format!("{:.2}", c.candidate.frac_positive),
+                    format!("{}/{}", c.candidate.n_pairs_top_k, c.candidate.n_pairs),
+                    format!("{:.1}", c.candidate.t),
+                    ho,
+                    hp,
+                    c.rel_norm_diff
+                        .map(|v| format!("{v:.3}"))
+                        .unwrap_or("-".into()),
+                    c.class.map(|v| v.name().to_string()).unwrap_or("-".into()),
+                ]
+            })
+            .collect(),
+    );
+    for v in &s.verification {
+        d.h(
+            1,
+            format!(
+                "Verification of {} #{}: {} ({}/{} pass; bar {}; mean ACTIVATE − SILENT {:.4}, permutation p = {:.4})",
+                s.feature_type,
+                v.feature_idx,
+                if v.verified { "verified" } else { "not verified" },
+                v.passed,
+                v.checked,
+                v.threshold
+                    .map(|t| format!("{t:.4}"))
+                    .unwrap_or("none (no NEUTRAL prompts)".into()),
+                v.statistic,
+                v.p_value
+            ),
+        );
+        d.p(format!("{}.", v.rule));
+        d.table(
+            ["expected", "activation", "pass", "prompt"]
+                .map(String::from)
+                .to_vec(),
+            v.rows
+                .iter()
+                .map(|row| {
+                    vec![
+                        row.expected.to_string(),
+                        format!("{:.4}", row.activation),
+                        match row.pass {
+                            Some(true) => "pass",
+                            Some(false) => "FAIL",
+                            None => "-",
+                        }
+                        .into(),
+                        row.prompt.clone(),
+                    ]
+                })
+                .collect(),
+        );
     }
-    r
+    baselines_section(&mut d, &s.baselines);
+    d.h(
+        1,
+        format!(
+            "Sycophancy triggers ({} biased/neutral pairs)",
+            s.n_sycophancy_pairs
+        ),
+    );
+    d.list(
+        s.sycophancy_top
+            .iter()
+            .take(5)
+            .map(|c| {
+                format!(
+                    "{} {}: mean (biased − neutral) {:.4}, sd {:.4}, positive in {:.0} % of pairs",
+                    s.feature_type,
+                    c.feature_idx,
+                    c.mean_score,
+                    c.std_score,
+                    100.0 * c.frac_positive
+                )
+            })
+            .collect(),
+    );
+    for png in s.plots.iter().filter(|p| p.ends_with(".png")) {
+        d.image(png.clone(), png.clone(), png.clone());
+    }
+    d
+}
+
+/// `report.md`.
+pub fn report_md(s: &Summary) -> String {
+    report(s).to_markdown()
 }
 
 /// The report's section on the cheap baselines.
-fn baselines_md(b: &Baselines) -> String {
-    let mut r = String::from("\n## Cheap baselines (per-token KL, PCA of differences)\n\n");
+fn baselines_section(d: &mut Document, b: &Baselines) {
+    d.h(1, "Cheap baselines (per-token KL, PCA of differences)");
     if let Some(why) = &b.not_computed {
-        r.push_str(&format!("Not computed: {why}.\n"));
+        d.p(format!("Not computed: {why}."));
     }
     if let Some(k) = &b.per_token_kl {
-        r.push_str(&format!(
-            "{} over {} positions of {} persona prompts: mean {:.4}; by class {}.\n\n| KL (nats) | prompt | class | context (→ next token) |\n|---:|---|---|---|\n",
+        d.p(format!(
+            "{} over {} positions of {} persona prompts: mean {:.4}; by class {}.",
             k.statistic,
             k.n_tokens,
             k.n_samples,
@@ -830,38 +901,55 @@ fn baselines_md(b: &Baselines) -> String {
                 .collect::<Vec<_>>()
                 .join(", ")
         ));
-        for t in &k.top {
-            r.push_str(&format!(
-                "| {:.4} | {} | {} | {} |\n",
-                t.kl_nats,
-                t.sample,
-                t.class,
-                t.context.replace('|', "\\|").replace('\n', "⏎")
-            ));
-        }
-        r.push('\n');
+        d.table(
+            ["KL (nats)", "prompt", "class", "context (→ next token)"]
+                .map(String::from)
+                .to_vec(),
+            k.top
+                .iter()
+                .map(|t| {
+                    vec![
+                        format!("{:.4}", t.kl_nats),
+                        t.sample.to_string(),
+                        t.class.to_string(),
+                        t.context.replace('\n', "⏎"),
+                    ]
+                })
+                .collect(),
+        );
     }
     if let Some(p) = &b.pca {
-        r.push_str(&format!(
-            "{} over {} prompts (total variance {:.4}):\n\n| PC | variance share | mean projection by class | top prompt |\n|---:|---:|---|---|\n",
+        d.p(format!(
+            "{} over {} prompts (total variance {:.4}):",
             p.statistic, p.n_rows, p.total_variance
         ));
-        for c in &p.components {
-            r.push_str(&format!(
-                "| {} | {:.3} | {} | {} |\n",
-                c.index + 1,
-                c.explained_variance_ratio,
-                c.mean_projection_by_class
-                    .iter()
-                    .map(|(k, v)| format!("{k} {v:.3}"))
-                    .collect::<Vec<_>>()
-                    .join(", "),
-                c.top_positive
-                    .first()
-                    .map(|e| format!("{} ({})", e.sample, e.class))
-                    .unwrap_or_default()
-            ));
-        }
+        d.table(
+            [
+                "PC",
+                "variance share",
+                "mean projection by class",
+                "top prompt",
+            ]
+            .map(String::from)
+            .to_vec(),
+            p.components
+                .iter()
+                .map(|c| {
+                    vec![
+                        (c.index + 1).to_string(),
+                        format!("{:.3}", c.explained_variance_ratio),
+                        c.mean_projection_by_class
+                            .iter()
+                            .map(|(k, v)| format!("{k} {v:.3}"))
+                            .collect::<Vec<_>>()
+                            .join(", "),
+                        c.top_positive
+                            .first()
+                            .map(|e| format!("{} ({})", e.sample, e.class))
+                            .unwrap_or_default(),
+                    ]
+                })
+                .collect(),
+        );
     }
-    r
 }

@@ -85,7 +85,7 @@ impl DatasetArgs {
 pub struct HarvestOpts {
     /// Position rule: last, question_last_token or persona_mean.
     #[arg(long, default_value = "last")]
-    pub position: String,
+    pub position: persona_lens_analysis::PositionRule,
     /// Prompts per forward call.
     #[arg(long, default_value_t = 16, value_parser = crate::at_least_one)]
     pub batch_size: usize,
@@ -107,7 +107,7 @@ fn harvest_into(
 ) -> Result<Harvest> {
     let spec = HarvestSpec {
         hooks,
-        rule: h.position.parse()?,
+        rule: h.position,
         chat,
         batch_size: h.batch_size,
     };
@@ -248,14 +248,16 @@ pub fn probe_plot(r: &probe::ProbeReport, stem: &Path) -> Result<Vec<PathBuf>> {
             dashed: false,
         });
     }
-    if r.layers.iter().all(|l| l.control.is_some()) {
+    let control: Option<Vec<f64>> = r
+        .layers
+        .iter()
+        .map(|l| l.control.as_ref().map(|c| c.accuracy))
+        .collect();
+    if let Some(y) = control {
         series.push(Series {
             name: "control (shuffled labels)".into(),
             x: x.clone(),
-            y: r.layers
-                .iter()
-                .map(|l| l.control.as_ref().map(|c| c.accuracy).unwrap_or(f64::NAN))
-                .collect(),
+            y,
             dashed: true,
             ..Default::default()
         });
@@ -474,7 +476,7 @@ pub struct DirectionArgs {
     pub align_probe_index: bool,
     /// Direction exported to .npy: diff_of_means or probe.
     #[arg(long, default_value = "diff_of_means")]
-    pub kind: String,
+    pub kind: DirectionKind,
     #[arg(long, default_value_t = 1e-2)]
     pub l2: f64,
 }
@@ -494,7 +496,7 @@ pub fn direction_with(
     let quiet = a.h.quiet || a.model.json;
     let ds = a.data.load()?;
     ds.require_classes(&[&a.novice_class, &a.expert_class])?;
-    let kind: DirectionKind = a.kind.parse()?;
+    let kind = a.kind;
     let n = model.config().n_layers;
     let row = a
         .layer
@@ -579,7 +581,7 @@ pub struct LensArgs {
     pub data: DatasetArgs,
     /// Dataset mode: position rule (last or question_last_token).
     #[arg(long, default_value = "last")]
-    pub rule: String,
+    pub rule: PositionRule,
     /// Expert words to track (single tokens), comma separated.
     #[arg(long, value_delimiter = ',')]
     pub expert_words: Vec<String>,
@@ -668,7 +670,7 @@ pub fn lens_plot(r: &lens::DatasetLens, stem: &Path) -> Result<Vec<PathBuf>> {
 pub fn run_dataset_lens(model: &Model, a: &LensArgs, quiet: bool) -> Result<lens::DatasetLens> {
     let ds = a.data.load()?;
     let chat = a.data.chat(model);
-    let rule: PositionRule = a.rule.parse()?;
+    let rule = a.rule;
     let mut warnings = Vec::new();
     let mut words = |given: &[String], default: &[&str]| -> Result<Vec<lens::TrackedWord>> {
         let strict = !given.is_empty();

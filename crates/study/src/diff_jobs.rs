@@ -50,7 +50,8 @@ pub fn run(c: DiffCmd) -> Result<()> {
     }
 }
 
-#[derive(Clone, Copy, Debug, ValueEnum, PartialEq)]
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum TemplateArg {
     /// A base/chat pair of one model (same tokenizer and width): both read the chat model's
     /// template ids, paired per token. Otherwise the chat template for an instruction-tuned
@@ -64,7 +65,8 @@ pub enum TemplateArg {
     Both,
 }
 
-#[derive(Clone, Copy, Debug, ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, ValueEnum, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum AlignArg {
     Auto,
     Tokens,
@@ -72,7 +74,7 @@ pub enum AlignArg {
 }
 
 /// The two models being diffed.
-#[derive(Args, Clone, Debug)]
+#[derive(Args, Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct PairArgs {
     /// Base model (index 0).
     #[arg(long, default_value = "gemma-3-270m")]
@@ -146,7 +148,7 @@ impl PairArgs {
     }
 }
 
-#[derive(Args, Clone)]
+#[derive(Args, Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct HarvestArgs {
     #[command(flatten)]
     pub pair: PairArgs,
@@ -157,6 +159,12 @@ pub struct HarvestArgs {
     /// Also add the built-in corpus when --corpus is given.
     #[arg(long)]
     pub with_default_corpus: bool,
+    /// Persona pairs of the default corpus's dataset prompts (empty = every expertise pair).
+    #[arg(long, value_delimiter = ',')]
+    pub persona_pair: Vec<String>,
+    /// Questions per topic of the default corpus's dataset prompts (0 = all).
+    #[arg(long, default_value_t = 0)]
+    pub n_questions_per_pair: usize,
     /// Persona dataset prompts in the default corpus (0 = all).
     #[arg(long, default_value_t = 0)]
     pub max_dataset_items: usize,
@@ -174,6 +182,7 @@ pub struct HarvestArgs {
     /// parts of N workers together equal the unsharded store bitwise. `paired.json` is written
     /// when the last part finishes (or by `diff manifest`).
     #[arg(long)]
+    #[serde(with = "shard_text")]
     pub shard: Option<persona_lens_diffing::shards::ShardSpec>,
     /// Skip the work already on disk: a finished part (its JSON there and its files' hashes
     /// intact), or an unsharded store whose `paired.json` is there.
@@ -185,17 +194,66 @@ pub struct HarvestArgs {
     pub out: PathBuf,
 }
 
+/// `--shard` in a spec file as it is written on the command line (`I/N`).
+mod shard_text {
+    use persona_lens_diffing::shards::ShardSpec;
+    use serde::{Deserialize, Deserializer, Serializer};
+    pub fn serialize<S: Serializer>(v: &Option<ShardSpec>, s: S) -> Result<S::Ok, S::Error> {
+        match v {
+            Some(x) => s.collect_str(x),
+            None => s.serialize_none(),
+        }
+    }
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<ShardSpec>, D::Error> {
+        Option::<String>::deserialize(d)?
+            .map(|t| t.parse().map_err(serde::de::Error::custom))
+            .transpose()
+    }
+}
+
+/// The default corpus's persona dataset prompts (with a neutral prompt per question; no
+/// lexical controls), `a.max_dataset_items` at most.
+pub fn dataset_corpus(a: &HarvestArgs) -> Result<Vec<CorpusItem>> {
+    let ds = persona_lens_analysis::dataset::generate(&persona_lens_analysis::GenOptions {
+        persona_pairs: a.persona_pair.clone(),
+        n_questions_per_pair: a.n_questions_per_pair,
+        include_neutral: true,
+        include_lexical_controls: false,
+        ..Default::default()
+    })?;
+    Ok(corpus::prompt_corpus(&ds, a.max_dataset_items))
+}
+
+impl HarvestArgs {
+    /// The harvest's settings for a pair whose hooks and renderings are resolved.
+    pub fn spec(
+        &self,
+        hooks: [HookName; 2],
+        chat_template: [bool; 2],
+        shared_ids: bool,
+    ) -> PairedHarvestSpec<'static> {
+        PairedHarvestSpec {
+            shared_ids,
+            hooks,
+            chat_template,
+            alignment: match self.align {
+                AlignArg::Auto => None,
+                AlignArg::Tokens => Some(Alignment::Tokens),
+                AlignArg::Last => Some(Alignment::Last),
+            },
+            batch_size: self.pair.batch_size,
+            shard_rows: self.shard_rows,
+            setup: [None, None],
+        }
+    }
+}
+
 fn default_corpus(
     models: &[Model; 2],
     template: [bool; 2],
     a: &HarvestArgs,
 ) -> Result<Vec<CorpusItem>> {
-    let ds = persona_lens_analysis::dataset::generate(&persona_lens_analysis::GenOptions {
-        include_neutral: true,
-        include_lexical_controls: false,
-        ..Default::default()
-    })?;
-    let mut items = corpus::prompt_corpus(&ds, a.max_dataset_items);
+    let mut items = dataset_corpus(a)?;
     for (m, &chat) in models.iter().zip(&template) {
         if a.self_samples > 0 {
             items.extend(corpus::self_sampled(
@@ -305,19 +363,8 @@ impl PairHarvester {
     }
 
     fn spec(&self) -> PairedHarvestSpec<'static> {
-        PairedHarvestSpec {
-            shared_ids: self.pair.shared_ids,
-            hooks: self.pair.hooks,
-            chat_template: self.pair.template,
-            alignment: match self.args.align {
-                AlignArg::Auto => None,
-                AlignArg::Tokens => Some(Alignment::Tokens),
-                AlignArg::Last => Some(Alignment::Last),
-            },
-            batch_size: self.args.pair.batch_size,
-            shard_rows: self.args.shard_rows,
-            setup: [None, None],
-        }
+        self.args
+            .spec(self.pair.hooks, self.pair.template, self.pair.shared_ids)
     }
 
     fn models(&self) -> [&Model; 2] {
@@ -445,13 +492,14 @@ pub fn manifest(a: ManifestArgs) -> Result<()> {
     Ok(())
 }
 
-#[derive(Clone, Copy, Debug, ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, ValueEnum, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum ObjectiveArg {
     L1,
     Batchtopk,
 }
 
-#[derive(Args)]
+#[derive(Args, Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct TrainArgs {
     /// A paired store from `diff harvest`.
     #[arg(long, default_value = "out/diff/store")]
@@ -505,6 +553,37 @@ pub struct TrainArgs {
     pub threads: Option<usize>,
     #[arg(long)]
     pub quiet: bool,
+}
+
+impl TrainArgs {
+    /// The training settings these flags give.
+    pub fn config(&self) -> TrainConfig {
+        TrainConfig {
+            objective: match self.objective {
+                ObjectiveArg::L1 => Objective::L1 {
+                    l1_coeff: self.l1_coeff,
+                },
+                ObjectiveArg::Batchtopk => Objective::BatchTopK {
+                    k: self.k,
+                    aux_k: self.aux_k,
+                    aux_alpha: self.aux_alpha,
+                    dead_after: self.dead_after,
+                },
+            },
+            dict_size: self.dict_size,
+            batch_size: self.batch_size,
+            steps: self.steps,
+            lr: self.lr,
+            warmup_steps: self.warmup_steps,
+            seed: self.seed,
+            checkpoint_every: self.checkpoint_every,
+            normaliser_rows: 100_000,
+            target_rms: 1.0,
+            dec_init_norm: self.dec_init_norm,
+            validation_fraction: self.validation_fraction,
+            chunk_rows: self.chunk_rows,
+        }
+    }
 }
 
 /// What `diff train` reports (`train_log.json`).
@@ -563,31 +642,7 @@ pub fn train_with(a: &TrainArgs) -> Result<TrainReport> {
         std::env::set_var("RAYON_NUM_THREADS", t.to_string());
     }
     let store = PairedStore::open(&a.store)?;
-    let cfg = TrainConfig {
-        objective: match a.objective {
-            ObjectiveArg::L1 => Objective::L1 {
-                l1_coeff: a.l1_coeff,
-            },
-            ObjectiveArg::Batchtopk => Objective::BatchTopK {
-                k: a.k,
-                aux_k: a.aux_k,
-                aux_alpha: a.aux_alpha,
-                dead_after: a.dead_after,
-            },
-        },
-        dict_size: a.dict_size,
-        batch_size: a.batch_size,
-        steps: a.steps,
-        lr: a.lr,
-        warmup_steps: a.warmup_steps,
-        seed: a.seed,
-        checkpoint_every: a.checkpoint_every,
-        normaliser_rows: 100_000,
-        target_rms: 1.0,
-        dec_init_norm: a.dec_init_norm,
-        validation_fraction: a.validation_fraction,
-        chunk_rows: a.chunk_rows,
-    };
+    let cfg = a.config();
     let ckpt = a.out.join("checkpoint");
     if !a.resume && ckpt.join("checkpoint.json").exists() {
         bail!(
@@ -691,7 +746,7 @@ fn check_width(cc: &CrossCoder, p: &Pair) -> Result<()> {
     Ok(())
 }
 
-#[derive(Args)]
+#[derive(Args, Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct AnalyzeArgs {
     #[command(flatten)]
     pub pair: PairArgs,

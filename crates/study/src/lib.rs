@@ -7,13 +7,15 @@
 //! spec). Defaults live once, on the spec's command-line definition (`spec::defaults`). Jobs given
 //! a loaded model (`*_with`) return typed results (`HeadsResult`, `AblateResult`, `PatchResult`,
 //! `SteerSweepResult`, ...) and load nothing, so the study loads its model once: `study::run`
-//! builds each step's spec from its TOML config (`StudyConfig`) by struct update and reads the
-//! results' fields into a typed `Summary`.
+//! builds each step's spec from its TOML config (`StudyConfig`: a setting that is also a flag
+//! takes the flag's default) by struct update and reads the results' fields into a typed
+//! `Summary`.
 //!
 //! Modules: `engine_jobs` (tokenize, generate, cache, inspect, models, bench-forward),
 //! `analysis_jobs` (harvest, probe, direction, lens), `patch_jobs` (patch, path-patch, attrib,
 //! heads, ablate), `steer_jobs` (steer, rate, steer-sweep, control vectors), `diff_jobs`
-//! (crosscoder diffing), `study` (`run`), `spec`.
+//! (crosscoder diffing), `study` (`run`), `step_data` (each study step's typed compact results,
+//! what `summary.json` holds under `steps`), `spec`.
 
 pub mod analysis_jobs;
 pub mod conversation_jobs;
@@ -22,6 +24,7 @@ pub mod engine_jobs;
 pub mod patch_jobs;
 pub mod spec;
 pub mod steer_jobs;
+pub mod step_data;
 pub mod study;
 
 use clap::{Args, ValueEnum};

@@ -5,6 +5,7 @@ use crate::engine_jobs::{load_model, progress};
 use crate::ModelArgs;
 use anyhow::{bail, Result};
 use clap::{Args, ValueEnum};
+use persona_lens_analysis::heads::AblationMode;
 use persona_lens_analysis::patching::{
     pair_metric, Direction, Metric, PatchPair, Patcher, Sweep, SweepKind,
 };
@@ -12,7 +13,7 @@ use persona_lens_analysis::{npy, write_json};
 use persona_lens_engine::Model;
 use persona_lens_report::heatmap::{save_heatmap, Heatmap};
 use serde::Serialize;
-use serde_json::{json, Value};
+use serde_json::Value;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -127,13 +128,6 @@ impl From<PatchDirection> for Direction {
     }
 }
 
-fn parse_kinds(names: &[String]) -> Result<Vec<SweepKind>> {
-    Ok(names
-        .iter()
-        .map(|s| SweepKind::parse(s.trim()))
-        .collect::<std::result::Result<_, _>>()?)
-}
-
 fn dir_name(d: Direction) -> &'static str {
     match d {
         Direction::Denoise => "denoise",
@@ -225,7 +219,7 @@ pub struct PatchArgs {
     /// Sweeps, comma separated: resid_pre, resid_mid, attn_out, mlp_out, z_last, z_all,
     /// z_by_pos, pattern.
     #[arg(long, value_delimiter = ',', default_value = "resid_pre,z_last")]
-    pub sweep: Vec<String>,
+    pub sweep: Vec<SweepKind>,
     /// denoise (clean into corrupted, default), noise (corrupted into clean) or both.
     #[arg(long, value_enum, default_value_t = PatchDirections::Denoise)]
     pub direction: PatchDirections,
@@ -312,7 +306,7 @@ pub struct PatchResult {
 /// The patching sweeps on a loaded model: the result and the files written (not yet
 /// `patching.json`).
 pub fn patch_with(model: &Model, a: &PatchArgs) -> Result<(PatchResult, Vec<PathBuf>)> {
-    let kinds = parse_kinds(&a.sweep)?;
+    let kinds = a.sweep.clone();
     let dirs = a.direction.directions();
     let (pair, metric) = a.pair.resolve(model)?;
     let t0 = Instant::now();
@@ -513,12 +507,100 @@ pub fn path_patch(a: PathPatchArgs) -> Result<()> {
     finish(&out, json_file, files, a.model.json)
 }
 
+/// A prompt of a pair as path-patch and attrib record it.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct PromptIds {
+    pub ids: Vec<u32>,
+    pub text: String,
+}
+
+/// The metric as path-patch and attrib record it.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct MetricInfo {
+    pub description: String,
+    /// Where the metric is read (path-patch: `last`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub position: Option<String>,
+    pub spec: Metric,
+    pub units: String,
+}
+
+/// One direction's path-patching run (`runs.<direction>` of `path_patch.json`).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct PathPatchRun {
+    /// Metric of the run patched into, no path patched.
+    pub base_metric: f32,
+    /// `[sender_layer, sender_head]`.
+    pub grid_axes: Vec<String>,
+    pub grid_shape: Vec<usize>,
+    /// (patched - corrupted) / (clean - corrupted), one per sender.
+    pub normalized: Vec<f32>,
+    pub seconds: f64,
+    /// `L{layer}H{head}`.
+    pub senders: Vec<String>,
+    /// The metric with each sender's path patched.
+    pub values: Vec<f32>,
+}
+
+/// What `path-patch` writes to `path_patch.json` (fields in alphabetical order: the file's).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct PathPatchResult {
+    pub chat: bool,
+    pub clean: PromptIds,
+    pub clean_metric: f32,
+    pub corrupted: PromptIds,
+    pub corrupted_metric: f32,
+    pub frozen: String,
+    pub implementation: String,
+    pub metric: MetricInfo,
+    pub model: String,
+    pub receivers: persona_lens_analysis::path_patching::Receivers,
+    /// Per direction (`denoise`, `noise`).
+    pub runs: BTreeMap<String, PathPatchRun>,
+    pub sender_hook: String,
+}
+
+/// One sweep of `attribution.json`: the estimates, and with `--compare` the real patching
+/// effects and their agreement.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct AttribSweep {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub agreement: Option<persona_lens_analysis::attribution::Agreement>,
+    pub axes: Vec<String>,
+    /// Estimated metric change per entry, rows of the last axis.
+    pub delta: Vec<Vec<f32>>,
+    pub direction: String,
+    /// The base metric plus `delta`.
+    pub estimated_values: Vec<Vec<f32>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub real_seconds: Option<f64>,
+    /// The metric under real patching (`--compare`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub real_values: Option<Vec<Vec<f32>>>,
+    pub shape: Vec<usize>,
+    pub sweep: String,
+}
+
+/// What `attrib` writes to `attribution.json` (fields in alphabetical order: the file's).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct AttribResult {
+    pub attribution_seconds: f64,
+    pub clean: PromptIds,
+    pub clean_metric: f32,
+    pub corrupted: PromptIds,
+    pub corrupted_metric: f32,
+    pub method: String,
+    pub metric: MetricInfo,
+    pub model: String,
+    pub sweeps: BTreeMap<String, AttribSweep>,
+}
+
 /// Path patching on a loaded model: what `path_patch.json` holds and the files written (not yet
 /// `path_patch.json`).
 pub fn path_patch_with(
     model: &Model,
     a: &PathPatchArgs,
-) -> Result<(serde_json::Value, Vec<PathBuf>)> {
+) -> Result<(PathPatchResult, Vec<PathBuf>)> {
     use persona_lens_analysis::heads::Head;
     use persona_lens_analysis::path_patching::{
         all_senders, path_patch, path_patch_one_by_one, Receivers,
@@ -540,7 +622,7 @@ pub fn path_patch_with(
         bail!("no senders: the receivers are in layer 0; pick receivers in a later layer");
     }
     let quiet = a.quiet || a.model.json;
-    let mut runs = serde_json::Map::new();
+    let mut runs = BTreeMap::new();
     let mut files = Vec::new();
     for &dir in &dirs {
         let t = Instant::now();
@@ -631,32 +713,48 @@ pub fn path_patch_with(
             files.extend(save_heatmap(&h, &a.out.join(&name))?);
         }
         runs.insert(
-            dir_name(dir).into(),
-            json!({
-                "senders": senders.iter().map(|s| s.to_string()).collect::<Vec<_>>(),
-                "values": values,
-                "normalized": norm,
-                "grid_shape": [n_rows, cfg.n_heads],
-                "grid_axes": ["sender_layer", "sender_head"],
-                "base_metric": base,
-                "seconds": secs,
-            }),
+            dir_name(dir).to_string(),
+            PathPatchRun {
+                base_metric: base,
+                grid_axes: vec!["sender_layer".into(), "sender_head".into()],
+                grid_shape: vec![n_rows, cfg.n_heads],
+                normalized: norm,
+                seconds: secs,
+                senders: senders.iter().map(|s| s.to_string()).collect(),
+                values,
+            },
         );
     }
-    let out = json!({
-        "model": model.info.name,
-        "clean": {"text": p.pair.clean_text, "ids": p.pair.clean_ids},
-        "corrupted": {"text": p.pair.corrupted_text, "ids": p.pair.corrupted_ids},
-        "chat": p.pair.chat,
-        "metric": {"spec": p.metric, "description": p.metric.describe(model), "units": p.metric.units(), "position": "last"},
-        "clean_metric": p.clean_metric,
-        "corrupted_metric": p.corrupted_metric,
-        "receivers": receivers,
-        "sender_hook": "blocks.{layer}.attn.hook_z (one head, every position)",
-        "frozen": "every other attn_out and mlp_out at the base run (step A); receivers' inputs replaced, downstream free (step B)",
-        "implementation": if a.one_by_one { "two full forwards per sender" } else { "batched from the cached base run" },
-        "runs": runs,
-    });
+    let out = PathPatchResult {
+        chat: p.pair.chat,
+        clean: PromptIds {
+            ids: p.pair.clean_ids.clone(),
+            text: p.pair.clean_text.clone(),
+        },
+        clean_metric: p.clean_metric,
+        corrupted: PromptIds {
+            ids: p.pair.corrupted_ids.clone(),
+            text: p.pair.corrupted_text.clone(),
+        },
+        corrupted_metric: p.corrupted_metric,
+        frozen: "every other attn_out and mlp_out at the base run (step A); receivers' inputs replaced, downstream free (step B)".into(),
+        implementation: if a.one_by_one {
+            "two full forwards per sender"
+        } else {
+            "batched from the cached base run"
+        }
+        .into(),
+        metric: MetricInfo {
+            description: p.metric.describe(model),
+            position: Some("last".into()),
+            spec: p.metric.clone(),
+            units: p.metric.units().into(),
+        },
+        model: model.info.name.clone(),
+        receivers,
+        runs,
+        sender_hook: "blocks.{layer}.attn.hook_z (one head, every position)".into(),
+    };
     Ok((out, files))
 }
 
@@ -674,7 +772,7 @@ pub struct AttribArgs {
         value_delimiter = ',',
         default_value = "resid_pre,attn_out,mlp_out,z_last,z_all"
     )]
-    pub sweep: Vec<String>,
+    pub sweep: Vec<SweepKind>,
     /// denoise (default) or noise.
     #[arg(long, value_enum, default_value_t = PatchDirection::Denoise)]
     pub direction: PatchDirection,
@@ -698,7 +796,7 @@ pub fn attrib(a: AttribArgs) -> Result<()> {
     let model = load_model(&a.model)?;
     let (out, files) = attrib_with(&model, &a)?;
     if a.model.json {
-        println!("{out}");
+        println!("{}", serde_json::to_string(&out)?);
     } else if !files.is_empty() {
         println!("wrote {} files to {}", files.len(), a.out.display());
     }
@@ -707,9 +805,9 @@ pub fn attrib(a: AttribArgs) -> Result<()> {
 
 /// Attribution patching on a loaded model: what `attribution.json` holds (written unless
 /// --no-files) and the files written.
-pub fn attrib_with(model: &Model, a: &AttribArgs) -> Result<(serde_json::Value, Vec<PathBuf>)> {
+pub fn attrib_with(model: &Model, a: &AttribArgs) -> Result<(AttribResult, Vec<PathBuf>)> {
     use persona_lens_analysis::attribution::{agreement, attribute};
-    let kinds = parse_kinds(&a.sweep)?;
+    let kinds = a.sweep.clone();
     let dir = Direction::from(a.direction);
     let (pair, metric) = a.pair.resolve(model)?;
     let p = Patcher::new(model, pair, metric)?;
@@ -718,7 +816,7 @@ pub fn attrib_with(model: &Model, a: &AttribArgs) -> Result<(serde_json::Value, 
     let attr_secs = t.elapsed().as_secs_f64();
     let base = p.base_metric(dir);
     let compare = a.compare && !a.no_compare;
-    let mut sweeps = serde_json::Map::new();
+    let mut sweeps = BTreeMap::new();
     let mut files = Vec::new();
     let quiet = a.quiet || a.model.json;
     if !quiet {
@@ -733,11 +831,22 @@ pub fn attrib_with(model: &Model, a: &AttribArgs) -> Result<(serde_json::Value, 
     }
     for e in &est {
         let estimated: Vec<f32> = e.delta.iter().map(|d| base + d).collect();
-        let mut entry = json!({
-            "sweep": e.kind.name(), "direction": dir_name(dir), "shape": e.shape, "axes": e.axes,
-            "delta": e.delta.chunks(*e.shape.last().unwrap_or(&1)).map(|c| c.to_vec()).collect::<Vec<_>>(),
-            "estimated_values": estimated.chunks(*e.shape.last().unwrap_or(&1)).map(|c| c.to_vec()).collect::<Vec<_>>(),
-        });
+        let rows = |v: &[f32]| -> Vec<Vec<f32>> {
+            v.chunks(*e.shape.last().unwrap_or(&1))
+                .map(|c| c.to_vec())
+                .collect()
+        };
+        let mut entry = AttribSweep {
+            agreement: None,
+            axes: e.axes.clone(),
+            delta: rows(&e.delta),
+            direction: dir_name(dir).into(),
+            estimated_values: rows(&estimated),
+            real_seconds: None,
+            real_values: None,
+            shape: e.shape.clone(),
+            sweep: e.kind.name().into(),
+        };
         let sw = Sweep {
             kind: e.kind,
             direction: dir,
@@ -751,9 +860,8 @@ pub fn attrib_with(model: &Model, a: &AttribArgs) -> Result<(serde_json::Value, 
             let real = p.run_sweep(e.kind, dir, None)?;
             let real_delta: Vec<f32> = real.values.iter().map(|v| v - base).collect();
             let ag = agreement(&e.delta, &real_delta, a.top_k);
-            entry["real_values"] = json!(real.rows());
-            entry["agreement"] = json!(ag);
-            entry["real_seconds"] = json!(t.elapsed().as_secs_f64());
+            entry.real_values = Some(real.rows());
+            entry.real_seconds = Some(t.elapsed().as_secs_f64());
             if !quiet {
                 println!(
                     "  {:<10} Pearson r = {:+.3}, top-{} overlap = {:.2} ({} entries)",
@@ -764,6 +872,7 @@ pub fn attrib_with(model: &Model, a: &AttribArgs) -> Result<(serde_json::Value, 
                     ag.n
                 );
             }
+            entry.agreement = Some(ag);
         }
         if !a.no_files {
             std::fs::create_dir_all(&a.out)?;
@@ -775,16 +884,28 @@ pub fn attrib_with(model: &Model, a: &AttribArgs) -> Result<(serde_json::Value, 
         }
         sweeps.insert(e.kind.name().into(), entry);
     }
-    let out = json!({
-        "model": model.info.name,
-        "clean": {"text": p.pair.clean_text, "ids": p.pair.clean_ids},
-        "corrupted": {"text": p.pair.corrupted_text, "ids": p.pair.corrupted_ids},
-        "metric": {"spec": p.metric, "description": p.metric.describe(model), "units": p.metric.units()},
-        "clean_metric": p.clean_metric, "corrupted_metric": p.corrupted_metric,
-        "method": "attribution patching: (source - base) . d metric / d activation, one forward + one backward (candle autograd)",
-        "attribution_seconds": attr_secs,
-        "sweeps": sweeps,
-    });
+    let out = AttribResult {
+        attribution_seconds: attr_secs,
+        clean: PromptIds {
+            ids: p.pair.clean_ids.clone(),
+            text: p.pair.clean_text.clone(),
+        },
+        clean_metric: p.clean_metric,
+        corrupted: PromptIds {
+            ids: p.pair.corrupted_ids.clone(),
+            text: p.pair.corrupted_text.clone(),
+        },
+        corrupted_metric: p.corrupted_metric,
+        method: "attribution patching: (source - base) . d metric / d activation, one forward + one backward (candle autograd)".into(),
+        metric: MetricInfo {
+            description: p.metric.describe(model),
+            position: None,
+            spec: p.metric.clone(),
+            units: p.metric.units().into(),
+        },
+        model: model.info.name.clone(),
+        sweeps,
+    };
     if !a.no_files {
         let f = a.out.join("attribution.json");
         write_json(&f, &out)?;
@@ -950,7 +1071,7 @@ pub struct AblateArgs {
     pub from: PathBuf,
     /// Ablations: zero, mean, resample (comma separated).
     #[arg(long, value_delimiter = ',', default_value = "zero,mean,resample")]
-    pub mode: Vec<String>,
+    pub mode: Vec<AblationMode>,
     /// Random head sets of the same size (baseline).
     #[arg(long, default_value_t = 5)]
     pub n_random: usize,
@@ -1046,11 +1167,7 @@ pub fn ablate_with(model: &Model, a: &AblateArgs, print: bool) -> Result<AblateR
             .collect::<std::result::Result<_, _>>()?
     };
     check_heads(model, &heads)?;
-    let modes: Vec<AblationMode> = a
-        .mode
-        .iter()
-        .map(|m| m.trim().parse())
-        .collect::<std::result::Result<_, _>>()?;
+    let modes = a.mode.clone();
     let pairs = load_pairs(&a.data)?;
     let chat = a.data.chat(model);
     let quiet = a.quiet || a.model.json;

@@ -73,22 +73,41 @@ fn scalar(v: &Value) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{analysis_jobs, patch_jobs, steer_jobs, study};
+    use crate::{analysis_jobs, diff_jobs, patch_jobs, steer_jobs, study};
     use serde::de::DeserializeOwned;
     use std::fmt::Debug;
 
-    /// Enum values (`--metric`, `--direction` of the causal commands) and a changed value of the
-    /// same enum.
-    const ENUM_NEXT: &[(&str, &str)] = &[
-        ("logit-diff", "logprob"),
-        ("kl", "logit-diff"),
-        ("denoise", "noise"),
-        ("both", "denoise"),
+    /// Typed enum values by field: a value and a changed value of the same enum.
+    const ENUM_NEXT: &[(&str, &str, &str)] = &[
+        ("metric", "logit-diff", "logprob"),
+        ("metric", "kl", "logit-diff"),
+        ("direction", "denoise", "noise"),
+        ("direction", "both", "denoise"),
+        ("position", "last", "question_last_token"),
+        ("rule", "last", "question_last_token"),
+        ("kind", "diff_of_means", "probe"),
+        ("norm", "raw", "unit"),
+        ("positions", "all", "prompt"),
+        ("mode", "add", "ablate"),
+        ("mode", "zero", "mean"),
+        ("mode", "mean", "resample"),
+        ("mode", "resample", "zero"),
+        ("sweep", "resid_pre", "mlp_out"),
+        ("sweep", "resid_mid", "attn_out"),
+        ("sweep", "attn_out", "z_last"),
+        ("sweep", "mlp_out", "z_all"),
+        ("sweep", "z_last", "pattern"),
+        ("sweep", "z_all", "resid_pre"),
+        ("template", "auto", "shared"),
+        ("align", "auto", "tokens"),
+        ("objective", "batchtopk", "l1"),
+        ("shard", "1/4", "2/4"),
     ];
 
     /// Every value changed away from what it was: flags set, numbers and strings changed,
-    /// lists grown. Keys in `skip` (values a parser restricts) stay as they are.
-    fn perturb(v: &mut Value, skip: &[&str]) {
+    /// lists grown. Keys in `skip` (values a parser restricts) stay as they are. `key` is the
+    /// field the value belongs to (a list's items belong to the list's field).
+    fn perturb(v: &mut Value, key: &str, skip: &[&str]) {
         match v {
             Value::Bool(b) => *b = !*b,
             Value::Number(n) => {
@@ -98,21 +117,23 @@ mod tests {
                 }
             }
             // A value of a typed enum becomes another value of the same enum.
-            Value::String(s) => match ENUM_NEXT.iter().find(|(from, _)| from == s) {
-                Some((_, to)) => *s = to.to_string(),
-                None => s.push_str("-x"),
-            },
+            Value::String(s) => {
+                match ENUM_NEXT.iter().find(|(k, from, _)| *k == key && from == s) {
+                    Some((_, _, to)) => *s = to.to_string(),
+                    None => s.push_str("-x"),
+                }
+            }
             Value::Array(items) => {
                 if let Some(first) = items.first().cloned() {
                     let mut extra = first;
-                    perturb(&mut extra, skip);
+                    perturb(&mut extra, key, skip);
                     items.push(extra);
                 }
             }
             Value::Object(m) => {
                 for (k, x) in m.iter_mut() {
                     if !skip.contains(&k.as_str()) {
-                        perturb(x, skip);
+                        perturb(x, k, skip);
                     }
                 }
             }
@@ -130,7 +151,7 @@ mod tests {
         let spec: T = parse(&args).unwrap();
         assert_eq!(parse::<T>(&command(&spec)).unwrap(), spec);
         let mut v = serde_json::to_value(&spec).unwrap();
-        perturb(&mut v, skip);
+        perturb(&mut v, "", skip);
         let changed: T = serde_json::from_value(v).unwrap();
         assert_ne!(changed, spec, "the perturbation changed nothing");
         let cmd = command(&changed);
@@ -165,5 +186,11 @@ mod tests {
         round_trip::<steer_jobs::SteerArgs>(&["--layer", "3", "--alpha", "2"], SKIP);
         round_trip::<steer_jobs::SteerSweepArgs>(&["--layer", "3,6"], SKIP);
         round_trip::<study::RunArgs>(&["--experiment", "probe,lens"], SKIP);
+        round_trip::<diff_jobs::HarvestArgs>(
+            &["--shard", "1/4", "--persona-pair", "child-phd"],
+            SKIP,
+        );
+        round_trip::<diff_jobs::TrainArgs>(&[], SKIP);
+        round_trip::<diff_jobs::AnalyzeArgs>(&["--crosscoder", "cc"], SKIP);
     }
 }

@@ -31,7 +31,7 @@ pub struct SteerSpec {
     pub align_probe_index: bool,
     /// diff_of_means or probe (directions.safetensors only).
     #[arg(long, default_value = "diff_of_means")]
-    pub kind: String,
+    pub kind: DirectionKind,
     /// Steering strengths (comma separated; negative = towards the novice persona).
     #[arg(
         long,
@@ -45,15 +45,15 @@ pub struct SteerSpec {
     /// (alpha = fraction of the mean residual norm at the layer; Gemma's is dominated by a few
     /// huge dimensions, so useful alphas there are small).
     #[arg(long, default_value = "raw")]
-    pub norm: String,
+    pub norm: NormConvention,
     /// Positions steered: all, prompt or generated.
     #[arg(long, default_value = "all")]
-    pub positions: String,
+    pub positions: SteerPositions,
     /// add (x + alpha v), ablate (project the direction out; alpha ignored) or patch (the paired
     /// prompt of the other persona's whole activation at the layer, end-aligned, prompt positions
     /// only: the seed's "patch PhD into Child"; dataset prompts only; direction unused).
     #[arg(long, default_value = "add")]
-    pub mode: String,
+    pub mode: SteerMode,
 }
 
 /// Prompts and generation settings.
@@ -215,13 +215,7 @@ pub fn run_steering(
     quiet: bool,
 ) -> Result<Vec<SteerRecord>> {
     let cfg = model.config();
-    let kind: DirectionKind = spec.kind.parse()?;
-    let conv = NormConvention::parse(&spec.norm)?;
-    let rule = SteerPositions::parse(&spec.positions)?;
-    let mode: SteerMode = spec
-        .mode
-        .parse()
-        .map_err(|_| anyhow::anyhow!("unknown --mode '{}'; use add, ablate or patch", spec.mode))?;
+    let (kind, conv, rule, mode) = (spec.kind, spec.norm, spec.positions, spec.mode);
     let (ablate, patch) = (mode == SteerMode::Ablate, mode == SteerMode::Patch);
     if patch && rule != SteerPositions::Prompt {
         bail!("--mode patch replaces prompt activations only; add --positions prompt");
@@ -304,12 +298,12 @@ pub struct SteerRun {
     pub chat: bool,
     pub direction: PathBuf,
     pub layers: Vec<usize>,
-    pub mode: String,
+    pub mode: SteerMode,
     pub model: String,
     pub n_prompts: usize,
-    pub norm: String,
+    pub norm: NormConvention,
     pub output: PathBuf,
-    pub positions: String,
+    pub positions: SteerPositions,
     pub records: usize,
     pub seconds: f64,
 }
@@ -332,9 +326,9 @@ pub fn steer_with(model: &Model, a: &SteerArgs) -> Result<(Vec<SteerRecord>, Ste
         n_prompts: prompts.len(),
         layers: a.steer.layer.clone(),
         alphas: a.steer.alpha.clone(),
-        mode: a.steer.mode.clone(),
-        norm: a.steer.norm.clone(),
-        positions: a.steer.positions.clone(),
+        mode: a.steer.mode,
+        norm: a.steer.norm,
+        positions: a.steer.positions,
         direction: a.steer.direction.clone(),
         records: records.len(),
         seconds: secs,
@@ -357,7 +351,7 @@ pub fn steer(a: SteerArgs) -> Result<()> {
         records.len(),
         n_prompts,
         a.steer.layer.len(),
-        if a.steer.mode != "add" {
+        if a.steer.mode != SteerMode::Add {
             1
         } else {
             a.steer.alpha.len()
@@ -409,13 +403,13 @@ pub struct CvExportArgs {
     #[arg(long, value_delimiter = ',', required = true)]
     pub layer: Vec<usize>,
     #[arg(long, default_value = "diff_of_means")]
-    pub kind: String,
+    pub kind: DirectionKind,
     /// Strength baked into the vector (llama.cpp multiplies by its own scale too).
     #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
     pub alpha: f64,
     /// raw, unit or mean-resid (measured on the dataset prompts).
     #[arg(long, default_value = "mean-resid")]
-    pub norm: String,
+    pub norm: NormConvention,
     #[arg(long, default_value = "out/steer/control_vector.gguf")]
     pub out: PathBuf,
 }
@@ -437,7 +431,7 @@ pub fn control_vector(a: ControlVectorArgs) -> Result<()> {
     match a.cmd {
         ControlVectorCmd::Export(a) => {
             let c = cv_export_with(&a)?;
-            let conv = NormConvention::parse(&a.norm)?;
+            let conv = a.norm;
             println!(
                 "wrote {} (controlvector, model hint {}, layers {:?}, alpha {}, norm {}); read back identical",
                 a.out.display(),
@@ -486,8 +480,7 @@ pub fn cv_export_with(
     use persona_lens_analysis::control_vector::{self as cv, ControlVector};
     let model = load_model(&a.model)?;
     let cfg = model.config();
-    let kind: DirectionKind = a.kind.parse()?;
-    let conv = NormConvention::parse(&a.norm)?;
+    let (kind, conv) = (a.kind, a.norm);
     let chat = a.data.chat(&model);
     let mut layers = std::collections::BTreeMap::new();
     let ids: Vec<Vec<u32>> = if conv == NormConvention::MeanResid {

@@ -23,11 +23,15 @@ use crate::patch_jobs::{
     ablate_with, heads_with, patch_with, AblateArgs, HeadsArgs, PairArgs, PatchArgs,
 };
 use crate::steer_jobs::{steer_sweep_with, SteerArgs, SteerSweepArgs};
+use crate::step_data::*;
 use crate::{spec, DtypeArg, ModelArgs};
 use anyhow::{bail, Context, Result};
 use clap::{Args, FromArgMatches};
 use persona_lens_analysis::claims::Claim;
+use persona_lens_analysis::direction::DirectionKind;
+use persona_lens_analysis::steering::NormConvention;
 use persona_lens_analysis::write_json;
+use persona_lens_analysis::PositionRule;
 use persona_lens_engine::Model;
 use persona_lens_report::{
     save_bar_chart, save_line_chart, Bar, BarChart, Document, LineChart, Series,
@@ -123,7 +127,7 @@ pub struct StudyConfig {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_layers: Option<usize>,
     /// Position rule of the probe and direction activations.
-    pub position: String,
+    pub position: PositionRule,
     pub probe: ProbeCfg,
     pub lens: LensCfg,
     pub patch: PatchCfg,
@@ -162,12 +166,6 @@ impl StudyConfig {
         // 0 = every question; one question cannot be split into a ranking and a test half.
         if self.experiment.iter().any(|e| e == "ablate") && self.heads.n_questions_per_pair == 1 {
             bail!("[heads] n_questions_per_pair = 1: heads are ranked on half of the questions and ablated on the other half; give at least 2");
-        }
-        if !matches!(self.diff.objective.as_str(), "batchtopk" | "l1") {
-            bail!(
-                "[diff] objective = '{}': use batchtopk or l1",
-                self.diff.objective
-            );
         }
         if !(0.0..1.0).contains(&self.diff.validation_fraction) {
             bail!(
@@ -224,7 +222,7 @@ pub struct PatchCfg {
     pub corrupted: String,
     pub answer_a: String,
     pub answer_b: String,
-    pub sweeps: Vec<String>,
+    pub sweeps: Vec<persona_lens_analysis::patching::SweepKind>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -239,7 +237,7 @@ pub struct HeadsCfg {
 #[serde(default, deny_unknown_fields)]
 pub struct AblateCfg {
     /// Ablation modes; the first is the tested one (its claim), the others are described.
-    pub modes: Vec<String>,
+    pub modes: Vec<persona_lens_analysis::heads::AblationMode>,
     /// Random head sets per mode (the first three also get probes and generated answers).
     pub n_random: usize,
     /// Random head sets for the first mode, whose rank p-value is the claim's (gap only beyond
@@ -265,8 +263,8 @@ pub struct SteerCfg {
     /// factor of the unsteered answers'.
     pub max_perplexity_ratio: f64,
     pub max_new_tokens: usize,
-    pub kind: String,
-    pub norm: String,
+    pub kind: DirectionKind,
+    pub norm: NormConvention,
     pub bootstrap: usize,
 }
 
@@ -281,7 +279,7 @@ pub struct DiffCfg {
     pub steps: usize,
     pub batch_size: usize,
     /// `batchtopk` (Minder et al.'s recommendation) or `l1`.
-    pub objective: String,
+    pub objective: crate::diff_jobs::ObjectiveArg,
     /// BatchTopK's active latents per row.
     pub k: usize,
     pub l1_coeff: f64,
@@ -310,7 +308,7 @@ impl Default for StudyConfig {
             dataset: None,
             template_holdout: true,
             max_layers: None,
-            position: "last".into(),
+            position: spec::defaults::<HarvestOpts>().position,
             probe: ProbeCfg::default(),
             lens: LensCfg::default(),
             patch: PatchCfg::default(),
@@ -321,9 +319,16 @@ impl Default for StudyConfig {
         }
     }
 }
+// The study's defaults: a setting that is also a command's flag takes the flag's default (one
+// source, `spec::defaults`); a setting the study sizes differently from the stand-alone command
+// (fewer prompts, random sets, steps: the whole study must run in minutes) says so.
 impl Default for ProbeCfg {
     fn default() -> Self {
-        ProbeCfg { folds: 5, l2: 1e-2 }
+        let p: ProbeArgs = spec::defaults();
+        ProbeCfg {
+            folds: p.folds,
+            l2: p.l2,
+        }
     }
 }
 impl Default for LensCfg {
@@ -336,6 +341,7 @@ impl Default for LensCfg {
 }
 impl Default for PatchCfg {
     fn default() -> Self {
+        let p: PatchArgs = spec::defaults();
         PatchCfg {
             // Equal token counts, no field word in either persona; the chat model's first answer
             // word: "Imagine" for the child, "The" for the PhD (read off this one pair, so the
@@ -344,23 +350,28 @@ impl Default for PatchCfg {
             corrupted: "I have a PhD. Explain the twin paradox to me.".into(),
             answer_a: "Imagine".into(),
             answer_b: "The".into(),
-            sweeps: vec!["resid_pre".into(), "z_last".into()],
+            sweeps: p.sweep,
         }
     }
 }
 impl Default for HeadsCfg {
     fn default() -> Self {
+        let h: HeadsArgs = spec::defaults();
         HeadsCfg {
+            // The study's own: 3 questions per topic (the command: every question).
             n_questions_per_pair: 3,
-            top: 4,
-            min_gap: 0.25,
+            top: h.top,
+            min_gap: f64::from(h.min_gap),
         }
     }
 }
 impl Default for AblateCfg {
     fn default() -> Self {
+        let a: AblateArgs = spec::defaults();
         AblateCfg {
-            modes: vec!["zero".into(), "mean".into(), "resample".into()],
+            modes: a.mode,
+            // The study's own: 20 random sets per mode and 200 for the tested one (the command:
+            // 5), so the rank p-value can reach 1/201; fewer and shorter generated answers.
             n_random: 20,
             n_random_test: 200,
             n_generate: 2,
@@ -370,36 +381,45 @@ impl Default for AblateCfg {
 }
 impl Default for SteerCfg {
     fn default() -> Self {
+        let s: SteerSweepArgs = steer_defaults(&[0]).expect("steer-sweep parses with a layer");
         SteerCfg {
             layers: vec![],
+            // The study's own: a 4 x 2 sweep on 4 prompts, shorter answers (the command: alphas
+            // 0,1,2,4,8 on 20 prompts of 48 tokens).
             alphas: vec![0.0, 2.0, 4.0, 8.0],
             n_prompts: 4,
             n_eval_prompts: 8,
             n_random: 20,
             max_perplexity_ratio: 2.0,
             max_new_tokens: 32,
-            kind: "diff_of_means".into(),
-            norm: "raw".into(),
-            bootstrap: 1000,
+            kind: s.steer.kind,
+            norm: s.steer.norm,
+            bootstrap: s.rate.bootstrap,
         }
     }
 }
 impl Default for DiffCfg {
     fn default() -> Self {
+        use crate::diff_jobs::{AnalyzeArgs, TrainArgs};
+        let t: TrainArgs = spec::defaults();
+        let a: AnalyzeArgs = spec::defaults();
         DiffCfg {
-            chat_model: "smollm2-135m-instruct".into(),
-            base_model: "gemma-3-270m".into(),
+            chat_model: a.pair.chat_model,
+            base_model: a.pair.base_model,
+            // The study's own: a small dictionary trained briefly on the study's prompts (the
+            // command: 1024 latents, 2000 steps of 256 rows).
             dict_size: 256,
             steps: 400,
             batch_size: 64,
-            objective: "batchtopk".into(),
-            k: 32,
-            l1_coeff: 0.02,
-            validation_fraction: 0.1,
+            objective: t.objective,
+            k: t.k,
+            l1_coeff: t.l1_coeff,
+            validation_fraction: t.validation_fraction,
             max_dataset_items: 0,
+            // At least 2: latents are ranked on half of the questions and tested on the other.
             n_questions_per_pair: 6,
-            top_k: 10,
-            n_verify: 3,
+            top_k: a.top_k,
+            n_verify: a.n_verify,
         }
     }
 }
@@ -553,7 +573,7 @@ pub struct Summary {
     pub plots: Vec<Plot>,
     pub schema: String,
     pub seed: u64,
-    /// Each step's compact results (see the step).
+    /// Each step's compact results: the step's typed data (`step_data`) as JSON.
     pub steps: BTreeMap<String, Value>,
     pub steps_run: Vec<String>,
     pub tool: String,
@@ -578,15 +598,13 @@ pub struct ModelFacts {
     pub weight_types: BTreeMap<String, usize>,
 }
 
-/// The probe step's dataset (read from its step data, where the keys carry a `dataset_` prefix).
+/// The probe step's dataset (from its `ProbeData`).
 #[derive(Debug, Clone, Serialize, Deserialize, Default)]
 pub struct DatasetFacts {
     pub class_counts: BTreeMap<String, usize>,
-    #[serde(alias = "dataset_hash")]
     pub hash: String,
     pub n_prompts: usize,
     pub n_templates: usize,
-    #[serde(alias = "dataset_source")]
     pub source: String,
 }
 
@@ -624,7 +642,7 @@ pub struct StepOut {
     #[serde(default)]
     pub claims: Vec<Claim>,
     pub plots: Vec<Plot>,
-    /// Step-specific compact results (see each step).
+    /// The step's typed data (`step_data::ProbeData`, `LensData`, ...) as JSON.
     pub data: Value,
 }
 
@@ -688,6 +706,11 @@ impl Ctx<'_> {
     }
 }
 
+/// A step's typed data as the JSON value `StepOut` keeps.
+fn step_json<T: Serialize>(data: &T) -> Result<Value> {
+    serde_json::to_value(data).context("internal: a step's data as JSON")
+}
+
 /// `base` with the keys of the object `extra` added (or replaced).
 fn merged(mut base: Value, extra: &Value) -> Value {
     if let (Some(o), Some(e)) = (base.as_object_mut(), extra.as_object()) {
@@ -711,7 +734,7 @@ fn persona_directions(c: &Ctx) -> Result<persona_lens_analysis::direction::Direc
             ..c.dataset(None, c.cfg.n_questions_per_pair)
         },
         h: HarvestOpts {
-            position: c.cfg.position.clone(),
+            position: c.cfg.position,
             out: c.dir("probe"),
             quiet: c.quiet,
             ..spec::defaults()
@@ -756,7 +779,7 @@ fn probe_step(c: &Ctx) -> Result<StepOut> {
             ..c.dataset(None, c.cfg.n_questions_per_pair)
         },
         h: HarvestOpts {
-            position: c.cfg.position.clone(),
+            position: c.cfg.position,
             out: dir.clone(),
             quiet: c.quiet,
             ..spec::defaults()
@@ -899,13 +922,22 @@ fn probe_step(c: &Ctx) -> Result<StepOut> {
             ));
         }
     }
-    let layers: Vec<Value> = r
+    let layers: Vec<ProbeRow> = r
         .layers
         .iter()
-        .map(|l| json!({"row": l.resid_index, "cv": l.cv.accuracy, "held_out": l.template_holdout.as_ref().map(|m| m.accuracy), "control": l.control.as_ref().map(|m| m.accuracy),
-            "select_cv": l.generalization.select_cv.as_ref().map(|m| m.accuracy),
-            "evaluate": l.generalization.split_transfer.as_ref().map(|m| m.accuracy),
-            "lexical_controls": l.generalization.lexical_controls.as_ref().map(|m| m.accuracy)}))
+        .map(|l| ProbeRow {
+            control: l.control.as_ref().map(|m| m.accuracy),
+            cv: l.cv.accuracy,
+            evaluate: l.generalization.split_transfer.as_ref().map(|m| m.accuracy),
+            held_out: l.template_holdout.as_ref().map(|m| m.accuracy),
+            lexical_controls: l
+                .generalization
+                .lexical_controls
+                .as_ref()
+                .map(|m| m.accuracy),
+            row: l.resid_index,
+            select_cv: l.generalization.select_cv.as_ref().map(|m| m.accuracy),
+        })
         .collect();
     let claims = probe_claims(&r, best, c.cfg.seed);
     Ok(StepOut {
@@ -918,11 +950,22 @@ fn probe_step(c: &Ctx) -> Result<StepOut> {
             png: "probe/probe_accuracy.png".into(),
             caption: format!("Probe accuracy by residual row ({} vs {}), {} prompts; dashed: train and shuffled-label control; bands: 95 % Wilson intervals.", r.classes[0], r.classes.get(1).cloned().unwrap_or_default(), r.n_prompts),
         }],
-        data: json!({"classes": r.classes, "n_prompts": r.n_prompts, "class_counts": r.class_counts,
-            "dataset_hash": r.dataset_hash, "dataset_source": r.dataset_source, "position": r.position_rule,
-            "chance": r.chance_accuracy, "n_templates": r.n_templates, "layers": layers,
-            "direction": {"file": "probe/persona_direction.npy", "resid_row": n / 2,
-                          "norms": dmeta.diff_of_means_norm}}),
+        data: step_json(&ProbeData {
+            chance: r.chance_accuracy,
+            class_counts: r.class_counts.clone(),
+            classes: r.classes.clone(),
+            dataset_hash: r.dataset_hash.clone(),
+            dataset_source: r.dataset_source.clone(),
+            direction: DirectionData {
+                file: "probe/persona_direction.npy".into(),
+                norms: dmeta.diff_of_means_norm,
+                resid_row: n / 2,
+            },
+            layers,
+            n_prompts: r.n_prompts,
+            n_templates: r.n_templates,
+            position: r.position_rule.clone(),
+        })?,
         ..Default::default()
     })
 }
@@ -1013,10 +1056,9 @@ fn lens_step(c: &Ctx) -> Result<StepOut> {
             ..c.dataset(None, c.cfg.lens.n_questions_per_pair)
         },
         // The lens reads one token; a persona-mean probe harvest cannot serve it.
-        rule: if c.cfg.position == "persona_mean" {
-            "last".into()
-        } else {
-            c.cfg.position.clone()
+        rule: match c.cfg.position {
+            PositionRule::PersonaMean => PositionRule::Last,
+            rule => rule,
         },
         out: dir.clone(),
         activations: probe_dir
@@ -1190,15 +1232,48 @@ fn lens_step(c: &Ctx) -> Result<StepOut> {
                 caption: format!("Logit lens: mean logit of expert words minus simple words at the last prompt token, by residual row, per persona ({} prompts, both splits); bands: 95 % CI over prompts.", r.prompts.len()),
             },
         ],
-        data: json!({"personas": r.personas.iter().map(|p| json!({"persona": p.persona, "n": p.n_prompts, "logit_diff_mean": p.logit_diff_mean})).collect::<Vec<_>>(),
-            "expert_words": r.expert_words.iter().map(|w| w.word.clone()).collect::<Vec<_>>(),
-            "simple_words": r.simple_words.iter().map(|w| w.word.clone()).collect::<Vec<_>>(),
-            "paired_effect_evaluate": eval_fx.iter().map(|t| t.map(|t| json!({"effect": t.effect, "ci95": [t.ci95.0, t.ci95.1], "p": t.p_value}))).collect::<Vec<_>>(),
-            "paired_effect_select": sel_fx.iter().map(|t| t.map(|t| json!({"effect": t.effect, "ci95": [t.ci95.0, t.ci95.1]}))).collect::<Vec<_>>(),
-            "n_pairs": {"select": sel.len(), "evaluate": eval.len()},
-            "min_effect": min_effect,
-            "decision_row": decision, "metric": r.metric, "warnings": r.warnings,
-            "prompts_from_probe_activations": r.prompts_from_cache}),
+        data: step_json(&LensData {
+            decision_row: decision,
+            expert_words: r.expert_words.iter().map(|w| w.word.clone()).collect(),
+            metric: r.metric.clone(),
+            min_effect,
+            n_pairs: SplitCounts {
+                evaluate: eval.len(),
+                select: sel.len(),
+            },
+            paired_effect_evaluate: eval_fx
+                .iter()
+                .map(|t| {
+                    t.map(|t| RowEffect {
+                        ci95: t.ci95,
+                        effect: t.effect,
+                        p: Some(t.p_value),
+                    })
+                })
+                .collect(),
+            paired_effect_select: sel_fx
+                .iter()
+                .map(|t| {
+                    t.map(|t| RowEffect {
+                        ci95: t.ci95,
+                        effect: t.effect,
+                        p: None,
+                    })
+                })
+                .collect(),
+            personas: r
+                .personas
+                .iter()
+                .map(|p| LensPersona {
+                    logit_diff_mean: p.logit_diff_mean.clone(),
+                    n: p.n_prompts,
+                    persona: p.persona.clone(),
+                })
+                .collect(),
+            prompts_from_probe_activations: r.prompts_from_cache,
+            simple_words: r.simple_words.iter().map(|w| w.word.clone()).collect(),
+            warnings: r.warnings.clone(),
+        })?,
         ..Default::default()
     })
 }
@@ -1242,8 +1317,13 @@ fn patch_step(c: &Ctx) -> Result<StepOut> {
     }];
     let mut negatives = vec![];
     let mut plots = vec![];
-    let mut data = json!({"clean_metric": clean, "corrupted_metric": corrupted,
-        "differing_positions": out.differing_positions});
+    let mut data = PatchData {
+        best_head_z_last: None,
+        clean_metric: clean,
+        corrupted_metric: corrupted,
+        differing_positions: out.differing_positions.clone(),
+        resid_pre_last_position: None,
+    };
     if (clean - corrupted).abs() < 0.1 {
         negatives.push(format!(
             "The persona swap barely moves the metric (clean {} vs corrupted {} logits): patching effects on this pair are measured against a gap of {} logits and are noisy.",
@@ -1267,7 +1347,7 @@ fn patch_step(c: &Ctx) -> Result<StepOut> {
                 .map(|r| *r.last().unwrap_or(&f32::NAN))
                 .collect();
             let half = lastcol.iter().position(|&v| v >= 0.5);
-            data["resid_pre_last_position"] = json!(lastcol);
+            data.resid_pre_last_position = Some(lastcol);
             match half {
                 Some(l) => headlines.push(Headline {
                     id: "patch.resid_last_half_layer".into(),
@@ -1298,8 +1378,11 @@ fn patch_step(c: &Ctx) -> Result<StepOut> {
                     ci95: None,
                     provenance: prov("blocks.{layer}.attn.hook_z", json!({"layer": best.0, "head": best.1})),
                 });
-                data["best_head_z_last"] =
-                    json!({"layer": best.0, "head": best.1, "restored": best.2});
+                data.best_head_z_last = Some(BestHead {
+                    head: best.1,
+                    layer: best.0,
+                    restored: best.2,
+                });
                 if best.2 < 0.1 {
                     negatives.push(format!(
                         "No single head's output at the last position restores more than {} of the behaviour: the effect is spread over many heads (no sparse circuit on this pair).",
@@ -1315,7 +1398,7 @@ fn patch_step(c: &Ctx) -> Result<StepOut> {
         headlines,
         negatives,
         plots,
-        data,
+        data: step_json(&data)?,
         ..Default::default()
     })
 }
@@ -1430,8 +1513,15 @@ fn heads_step(c: &Ctx) -> Result<StepOut> {
             png: "heads/heads.png".into(),
             caption: format!("Persona-mover heads: pooled z-patching score per head (sum of effects over sum of gaps) over {n_pairs} {} selection-split pairs (novice into expert prompt).", c.cfg.pair_id),
         }],
-        data: json!({"top": out.top, "n_pairs": n_pairs, "n_skipped": ranking.n_skipped, "circuit": circuit, "roles": roles,
-            "answers": [answer_a, answer_b], "answers_mean_gap_select": answer_gap}),
+        data: step_json(&HeadsData {
+            answers: (answer_a, answer_b),
+            answers_mean_gap_select: answer_gap,
+            circuit,
+            n_pairs,
+            n_skipped: ranking.n_skipped,
+            roles,
+            top: out.top.clone(),
+        })?,
         ..Default::default()
     })
 }
@@ -1497,7 +1587,12 @@ fn ablate_step(c: &Ctx) -> Result<StepOut> {
     let mut bars = vec![];
     for m in &out.summary {
         let mode = m.mode.name().to_string();
-        let top = m.top_gap_change.unwrap_or(f64::NAN);
+        let Some(top) = m.top_gap_change else {
+            negatives.push(format!(
+                "{mode}-ablation: no change of the persona gap was measured for the top heads (no pair to measure it on), so the mode is not reported."
+            ));
+            continue;
+        };
         let (rmin, rmax) = (m.random_gap_change_min, m.random_gap_change_max);
         headlines.push(Headline {
             id: format!("ablate.{mode}.top_gap_change"),
@@ -1535,7 +1630,7 @@ fn ablate_step(c: &Ctx) -> Result<StepOut> {
         // same heads, described beside it).
         if let (Some(p), true) = (
             m.rank_p_value,
-            top.is_finite() && random_changes.len() >= 2 && a.modes.first() == Some(&mode),
+            top.is_finite() && random_changes.len() >= 2 && a.modes.first() == Some(&m.mode),
         ) {
             let (rm, lo, hi) = persona_lens_analysis::stats::mean_ci95(random_changes);
             claims.push(Claim {
@@ -1592,8 +1687,12 @@ fn ablate_step(c: &Ctx) -> Result<StepOut> {
             caption: "Change of the persona gap when the top heads are ablated, against random head sets of the same size (negative = the gap closes).".into(),
         }],
         claims,
-        data: json!({"heads": heads, "summary": out.summary, "baseline_gap": base_gap,
-            "grade_gap": out.baseline().grade_gap}),
+        data: step_json(&AblateData {
+            baseline_gap: base_gap,
+            grade_gap: out.baseline().grade_gap,
+            heads,
+            summary: out.summary.clone(),
+        })?,
         ..Default::default()
     })
 }
@@ -1602,8 +1701,7 @@ fn steer_step(c: &Ctx) -> Result<StepOut> {
     use persona_lens_analysis::claims::clustered_test;
     use persona_lens_analysis::stats::rank_p_value;
     use persona_lens_analysis::steering::{
-        load_direction, mean_resid_norm, scale_direction, steer_against_random, NormConvention,
-        SteerPositions,
+        load_direction, mean_resid_norm, scale_direction, steer_against_random, SteerPositions,
     };
     let dir = c.dir("steer");
     let directions = c.dir("probe").join("directions.safetensors");
@@ -1633,8 +1731,8 @@ fn steer_step(c: &Ctx) -> Result<StepOut> {
         sa.data = data(Split::Select);
         sa.steer.direction = directions.clone();
         sa.steer.alpha = st.alphas.clone();
-        sa.steer.kind = st.kind.clone();
-        sa.steer.norm = st.norm.clone();
+        sa.steer.kind = st.kind;
+        sa.steer.norm = st.norm;
         sa.gen.n_prompts = st.n_prompts;
         sa.gen.max_new_tokens = st.max_new_tokens;
         sa.gen.sampling.seed = c.cfg.seed;
@@ -1729,11 +1827,11 @@ fn steer_step(c: &Ctx) -> Result<StepOut> {
         Some(persona_lens_analysis::direction::LayerRef::BlockOutput(
             layer,
         )),
-        st.kind.parse()?,
+        st.kind,
         n,
     )?;
     let mrn = mean_resid_norm(c.model, &nov_ids, d.hook)?;
-    let v: Vec<f32> = scale_direction(&d.vector, NormConvention::parse(&st.norm)?, Some(mrn))?
+    let v: Vec<f32> = scale_direction(&d.vector, st.norm, Some(mrn))?
         .iter()
         .map(|x| (*x as f64 * alpha) as f32)
         .collect();
@@ -1990,19 +2088,27 @@ fn steer_step(c: &Ctx) -> Result<StepOut> {
             Plot { png: "steer/dose_response_grade.png".into(), caption: "Selection sweep: Flesch-Kincaid grade of greedy answers to novice prompts against steering alpha, one line per layer (selection split); bands: bootstrap 95 % CI.".into() },
             Plot { png: "steer/dose_response_fluency.png".into(), caption: "Selection sweep: perplexity of the steered answers under the unsteered model against alpha.".into() },
         ],
-        data: json!({"layers": layers, "alphas": st.alphas, "cells": out.cells,
-            "chosen": {"layer": layer, "alpha": alpha, "select_grade_change": sel_change, "select_perplexity_ratio": sel_ppl},
-            "evaluation_command": c.command("steer", &ea)}),
+        data: step_json(&SteerData {
+            alphas: st.alphas.clone(),
+            cells: out.cells.clone(),
+            chosen: ChosenCell {
+                alpha,
+                layer,
+                select_grade_change: sel_change,
+                select_perplexity_ratio: sel_ppl,
+            },
+            evaluation_command: c.command("steer", &ea),
+            layers,
+        })?,
         ..Default::default()
     })
 }
 
 fn diff_step(c: &Ctx) -> Result<StepOut> {
     use persona_lens_diffing::analyze::{analyze as run_analyze, AnalyzeSpec};
-    use persona_lens_diffing::corpus;
-    use persona_lens_diffing::harvest::{harvest_paired, PairedHarvestSpec};
+    use persona_lens_diffing::harvest::harvest_paired;
     use persona_lens_diffing::paired::{Alignment, PairedStore};
-    use persona_lens_diffing::train::{train as run_train, Objective, TrainConfig};
+    use persona_lens_diffing::train::train as run_train;
     let dir = c.dir("diff");
     let d = &c.cfg.diff;
     // The study's model is one side. The other is its registry twin (the same model on the other
@@ -2060,29 +2166,79 @@ fn diff_step(c: &Ctx) -> Result<StepOut> {
     // A base/chat pair of one model reads the chat model's template ids, paired per token; a
     // pair of different families gets one row per prompt at each model's last token.
     let (template, comparable) = persona_lens_diffing::analyze::auto_rendering(models);
-    let ds = persona_lens_analysis::dataset::generate(&persona_lens_analysis::GenOptions {
-        persona_pairs: vec![c.cfg.persona_pair.clone()],
-        topics: vec![],
-        n_questions_per_pair: c.cfg.n_questions_per_pair,
-        templates: vec![],
-        include_neutral: true,
-        include_lexical_controls: false,
-    })?;
-    let items = corpus::prompt_corpus(&ds, d.max_dataset_items);
-    let store_dir = dir.join("store");
-    let spec = PairedHarvestSpec {
-        hooks,
-        chat_template: template,
-        shared_ids: comparable,
-        alignment: Some(if comparable {
-            Alignment::Tokens
-        } else {
-            Alignment::Last
-        }),
-        batch_size: 16,
-        shard_rows: 50_000,
-        setup: [None, None],
+    // The three stand-alone commands this step equals (`diff harvest`, `diff train`, `diff
+    // analyze`), run here on the models already loaded.
+    let pair = crate::diff_jobs::PairArgs {
+        base_model: base_name.to_string(),
+        chat_model: chat_name.to_string(),
+        models_dir: c.models_dir.clone(),
+        threads: c.threads,
+        quiet: c.quiet,
+        ..spec::defaults()
     };
+    let store_dir = dir.join("store");
+    let ha = crate::diff_jobs::HarvestArgs {
+        pair: pair.clone(),
+        persona_pair: vec![c.cfg.persona_pair.clone()],
+        n_questions_per_pair: c.cfg.n_questions_per_pair,
+        max_dataset_items: d.max_dataset_items,
+        // The study's corpus is its prompts alone (sampled text would take minutes).
+        self_samples: 0,
+        align: if comparable {
+            crate::diff_jobs::AlignArg::Tokens
+        } else {
+            crate::diff_jobs::AlignArg::Last
+        },
+        seed: c.cfg.seed,
+        out: store_dir.clone(),
+        ..spec::defaults()
+    };
+    let cc_dir = dir.join("crosscoder");
+    let ta = crate::diff_jobs::TrainArgs {
+        store: store_dir.clone(),
+        objective: d.objective,
+        l1_coeff: d.l1_coeff,
+        k: d.k,
+        aux_k: (d.dict_size / 4).max(1),
+        dead_after: 10 * d.batch_size.max(1000),
+        dict_size: d.dict_size,
+        batch_size: d.batch_size,
+        steps: d.steps,
+        warmup_steps: (d.steps / 20).max(1),
+        checkpoint_every: d.steps.max(1),
+        validation_fraction: d.validation_fraction,
+        seed: c.cfg.seed,
+        out: cc_dir.clone(),
+        threads: c.threads,
+        quiet: c.quiet,
+        ..spec::defaults()
+    };
+    let aa = crate::diff_jobs::AnalyzeArgs {
+        pair,
+        ds: DatasetArgs {
+            persona_pair: vec![c.cfg.persona_pair.clone()],
+            n_questions_per_pair: d.n_questions_per_pair,
+            split_seed: c.cfg.seed,
+            ..spec::defaults()
+        },
+        crosscoder: Some(cc_dir.clone()),
+        store: Some(store_dir.clone()),
+        top_k: d.top_k,
+        n_verify: d.n_verify,
+        seed: c.cfg.seed,
+        out: dir.join("analysis"),
+        ..spec::defaults()
+    };
+    let mut command = c.command("diff harvest", &ha);
+    for (sub, args) in [
+        ("diff train", c.command("", &ta)),
+        ("diff analyze", c.command("", &aa)),
+    ] {
+        command.extend(["&&".to_string(), sub.to_string()]);
+        command.extend(args.into_iter().skip(1));
+    }
+    let items = crate::diff_jobs::dataset_corpus(&ha)?;
+    let spec = ha.spec(hooks, template, comparable);
     let pb = crate::engine_jobs::progress(items.len() as u64, c.quiet, "samples (both models)");
     let mut meta = harvest_paired(models, &items, &spec, &store_dir, &|n| pb.inc(n as u64))?;
     pb.finish_and_clear();
@@ -2093,33 +2249,7 @@ fn diff_step(c: &Ctx) -> Result<StepOut> {
         &serde_json::to_vec_pretty(&meta)?,
     )?;
     let store = PairedStore::open(&store_dir)?;
-    let tcfg = TrainConfig {
-        objective: if d.objective == "l1" {
-            Objective::L1 {
-                l1_coeff: d.l1_coeff,
-            }
-        } else {
-            Objective::BatchTopK {
-                k: d.k,
-                aux_k: (d.dict_size / 4).max(1),
-                aux_alpha: 1.0 / 32.0,
-                dead_after: 10 * d.batch_size.max(1000),
-            }
-        },
-        dict_size: d.dict_size,
-        batch_size: d.batch_size,
-        steps: d.steps,
-        lr: 1e-3,
-        warmup_steps: (d.steps / 20).max(1),
-        seed: c.cfg.seed,
-        checkpoint_every: d.steps.max(1),
-        normaliser_rows: 100_000,
-        target_rms: 1.0,
-        dec_init_norm: 0.1,
-        validation_fraction: d.validation_fraction,
-        chunk_rows: persona_lens_diffing::train::DEFAULT_CHUNK_ROWS,
-    };
-    let cc_dir = dir.join("crosscoder");
+    let tcfg = ta.config();
     let ckpt = cc_dir.join("checkpoint");
     let _ = std::fs::remove_dir_all(&ckpt); // a step is re-run whole
     let pb = crate::engine_jobs::progress(d.steps as u64, c.quiet, "crosscoder steps");
@@ -2133,23 +2263,13 @@ fn diff_step(c: &Ctx) -> Result<StepOut> {
         .last()
         .cloned()
         .context("crosscoder training logged no step")?;
-    let ads = persona_lens_analysis::dataset::select_pairs(
-        persona_lens_analysis::dataset::generate(&persona_lens_analysis::GenOptions {
-            persona_pairs: vec![c.cfg.persona_pair.clone()],
-            topics: vec![],
-            n_questions_per_pair: d.n_questions_per_pair,
-            templates: vec![],
-            include_neutral: false,
-            include_lexical_controls: false,
-        })?,
-        &[],
-    )?;
+    let ads = aa.ds.load()?;
     let aspec = AnalyzeSpec {
         hooks,
         chat_template: template,
         shared_ids: comparable,
         alignment: Some(Alignment::Last),
-        batch_size: 16,
+        batch_size: aa.pair.batch_size,
         crosscoder: Some((&trained.crosscoder, "diff/crosscoder".into())),
         store: Some(&store),
         top_k: d.top_k,
@@ -2157,7 +2277,7 @@ fn diff_step(c: &Ctx) -> Result<StepOut> {
         seed: c.cfg.seed,
     };
     let quiet = c.quiet;
-    let sm = run_analyze(models, &ads, &aspec, &dir.join("analysis"), &|step| {
+    let sm = run_analyze(models, &ads, &aspec, &aa.out, &|step| {
         if !quiet {
             eprintln!("  … {step}");
         }
@@ -2264,19 +2384,18 @@ fn diff_step(c: &Ctx) -> Result<StepOut> {
         }
     }
     if let Some(k) = &sm.baselines.per_token_kl {
+        let kl_of = |class: &str| {
+            k.mean_kl_by_class
+                .get(class)
+                .map_or("n/a".to_string(), |v| format!("{v:.4}"))
+        };
         headlines.push(Headline {
             id: "diff.per_token_kl".into(),
             label: format!(
-                "mean per-token KL(chat ‖ base) on {} persona prompts (novice {:.4}, expert {:.4})",
+                "mean per-token KL(chat ‖ base) on {} persona prompts (novice {}, expert {})",
                 k.n_samples,
-                k.mean_kl_by_class
-                    .get("novice")
-                    .copied()
-                    .unwrap_or(f64::NAN),
-                k.mean_kl_by_class
-                    .get("expert")
-                    .copied()
-                    .unwrap_or(f64::NAN)
+                kl_of("novice"),
+                kl_of("expert")
             ),
             value: k.mean_kl_nats,
             unit: "nats".into(),
@@ -2324,19 +2443,18 @@ fn diff_step(c: &Ctx) -> Result<StepOut> {
     }
     Ok(StepOut {
         step: "diff".into(),
-        command: vec![
-            "diff harvest / diff train / diff analyze (library calls; see diff/analysis/summary.json)".into(),
-            format!("--base-model {} --chat-model {} --dict-size {} --steps {} --batch-size {} --objective {} --k {} --l1-coeff {} --validation-fraction {} --seed {}", base_name, chat_name, d.dict_size, d.steps, d.batch_size, d.objective, d.k, d.l1_coeff, d.validation_fraction, c.cfg.seed),
-        ],
+        command,
         headlines,
         negatives,
         plots,
-        data: json!({"rows": store.meta.rows, "train_rows": trained.train_rows, "rows_per_latent": rows_per_latent,
-            "validation": trained.validation, "alignment": store.meta.alignment, "latent_classes": sm.latent_classes, "final_step": last,
-            "top_candidates": sm.top_candidates.iter().take(5).collect::<Vec<_>>(),
-            "n_pairs_select": sm.n_pairs_select, "n_pairs_evaluate": sm.n_pairs_evaluate,
-            "top_null": sm.top_null, "exploratory": sm.exploratory, "baselines": sm.baselines,
-            "verification": sm.verification.iter().map(|v| json!({"latent": v.feature_idx, "passed": v.passed, "checked": v.checked, "verified": v.verified, "p_value": v.p_value})).collect::<Vec<_>>()}),
+        data: step_json(&DiffData::from_analysis(
+            &sm,
+            store.meta.rows,
+            store.meta.alignment,
+            &trained,
+            rows_per_latent,
+            last,
+        ))?,
         claims: sm.claims.clone(),
         ..Default::default()
     })
@@ -2539,13 +2657,21 @@ fn build_summary(c: &Ctx, mhash: &str, results: &[StepOut]) -> Result<Summary> {
         .collect();
     let step_data = |step: &str| results.iter().find(|r| r.step == step).map(|r| &r.data);
     let dataset = step_data("probe")
-        .map(DatasetFacts::deserialize)
+        .map(ProbeData::deserialize)
         .transpose()
-        .context("internal: the probe step's dataset facts")?;
+        .context("internal: the probe step's data")?
+        .map(|p| DatasetFacts {
+            class_counts: p.class_counts,
+            hash: p.dataset_hash,
+            n_prompts: p.n_prompts,
+            n_templates: p.n_templates,
+            source: p.dataset_source,
+        });
     let circuit = step_data("heads")
-        .map(|d| Vec::<CircuitHead>::deserialize(&d["circuit"]))
+        .map(HeadsData::deserialize)
         .transpose()
-        .context("internal: the heads step's circuit")?
+        .context("internal: the heads step's data")?
+        .map(|h| h.circuit)
         .unwrap_or_default();
     let (nov, exp) = novice_expert(&c.cfg.persona_pair);
     let chat = c.model.is_chat_model();
