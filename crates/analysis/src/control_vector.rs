@@ -24,7 +24,7 @@ impl ControlVector {
     pub fn layer(&self, l: usize) -> Result<Vec<f32>> {
         self.layers.get(&l).cloned().ok_or_else(|| {
             AnalysisError::Invalid(format!(
-                "the control vector has no direction.{l} (layers: {:?}); pick one of those with --layer",
+                "the control vector has no direction.{l} (layers: {:?}); steer at one of those layers",
                 self.layers.keys().collect::<Vec<_>>()
             ))
         })
@@ -40,7 +40,7 @@ pub fn write(path: &Path, cv: &ControlVector) -> Result<()> {
     }
     if cv.layers.contains_key(&0) {
         return Err(AnalysisError::Invalid(
-            "llama.cpp control vectors have no direction.0 (layer indices start at 1); steer at --layer 1 or later".into(),
+            "llama.cpp control vectors have no direction.0 (layer indices start at 1); steer at layer 1 or later".into(),
         ));
     }
     let width = cv.layers.values().next().map(Vec::len).unwrap_or(0);

@@ -186,7 +186,7 @@ impl PersonaDataset {
         for c in classes {
             if counts.get(*c).copied().unwrap_or(0) == 0 {
                 return Err(AnalysisError::Dataset(format!(
-                    "class '{c}' has no prompts in {} (classes present: {:?}); check --pair-id / --persona-pair or the file",
+                    "class '{c}' has no prompts in {} (classes present: {:?}); check the topics (pair_id), the persona pairs (persona_pair) or the file",
                     self.source,
                     counts.keys().collect::<Vec<_>>()
                 )));
@@ -349,7 +349,7 @@ pub fn generate(opts: &GenOptions) -> Result<PersonaDataset> {
         &opts.persona_pairs,
         b.persona_pairs.keys().collect(),
     )?;
-    check("topic (--pair-id)", &opts.topics, b.topics.keys().collect())?;
+    check("topic (pair_id)", &opts.topics, b.topics.keys().collect())?;
     let n_paraphrases = n_paraphrases(&b);
     for &t in &opts.templates {
         if t >= n_paraphrases {
@@ -451,7 +451,7 @@ pub fn generate(opts: &GenOptions) -> Result<PersonaDataset> {
     }
     if items.is_empty() {
         return Err(AnalysisError::Dataset(
-            "the selection matched no prompts; check --persona-pair / --pair-id".into(),
+            "the selection matched no prompts; check the persona pairs (persona_pair) and topics (pair_id)".into(),
         ));
     }
     Ok(PersonaDataset {
@@ -635,7 +635,7 @@ pub fn select_pairs(ds: PersonaDataset, ids: &[String]) -> Result<PersonaDataset
         .collect();
     if items.is_empty() {
         return Err(AnalysisError::Dataset(format!(
-            "--pair-id {} matched no prompt (it matches pair ids and topics; topics here: {topics})",
+            "pair_id {} matched no prompt (it matches pair ids and topics; topics here: {topics})",
             ids.join(",")
         )));
     }
@@ -678,6 +678,31 @@ pub fn encode_item(model: &Model, item: &PromptItem, chat: bool) -> Result<Encod
         persona_tokens,
         ids,
     })
+}
+
+/// Novice/expert prompt pairs of a dataset (same topic, question and template); clean = novice.
+type PairSlots = (Option<PromptItem>, Option<PromptItem>);
+
+pub fn dataset_pairs(ds: &PersonaDataset) -> Vec<(PromptItem, PromptItem)> {
+    let mut by_key: BTreeMap<(String, String, String, String), PairSlots> = BTreeMap::new();
+    for it in &ds.items {
+        let key = (
+            it.pair_id.clone(),
+            it.topic.clone(),
+            it.question_id.clone(),
+            it.template_id.clone(),
+        );
+        let e = by_key.entry(key).or_default();
+        match it.class.as_str() {
+            "novice" => e.0 = Some(it.clone()),
+            "expert" => e.1 = Some(it.clone()),
+            _ => {}
+        }
+    }
+    by_key
+        .into_values()
+        .filter_map(|(n, e)| Some((n?, e?)))
+        .collect()
 }
 
 #[cfg(test)]

@@ -56,7 +56,7 @@ impl PositionRule {
             Self::QuestionLastToken => Ok((e.question_last_token, e.question_last_token + 1)),
             Self::PersonaMean => e.persona_tokens.ok_or_else(|| {
                 AnalysisError::Dataset(format!(
-                    "prompt {id} has no persona phrase; use --position last or give `persona` in the dataset file"
+                    "prompt {id} has no persona phrase; use the position rule `last` or give `persona` in the dataset file"
                 ))
             }),
         }
@@ -265,7 +265,7 @@ impl Harvest {
         let mp = dir.join(META_FILE);
         let text = std::fs::read_to_string(&mp).map_err(|e| {
             AnalysisError::Invalid(format!(
-                "cannot read {}: {e} (run `persona-lens harvest --out {}` first)",
+                "cannot read {}: {e} (harvest into {} first)",
                 mp.display(),
                 dir.display()
             ))

@@ -21,30 +21,7 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-/// Novice/expert prompt pairs of a dataset (same topic, question and template); clean = novice.
-type PairSlots = (Option<PromptItem>, Option<PromptItem>);
-
-pub fn dataset_pairs(ds: &PersonaDataset) -> Vec<(PromptItem, PromptItem)> {
-    let mut by_key: BTreeMap<(String, String, String, String), PairSlots> = BTreeMap::new();
-    for it in &ds.items {
-        let key = (
-            it.pair_id.clone(),
-            it.topic.clone(),
-            it.question_id.clone(),
-            it.template_id.clone(),
-        );
-        let e = by_key.entry(key).or_default();
-        match it.class.as_str() {
-            "novice" => e.0 = Some(it.clone()),
-            "expert" => e.1 = Some(it.clone()),
-            _ => {}
-        }
-    }
-    by_key
-        .into_values()
-        .filter_map(|(n, e)| Some((n?, e?)))
-        .collect()
-}
+pub use crate::dataset::dataset_pairs;
 
 /// A head, `L{layer}H{head}`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, Hash)]
@@ -163,7 +140,7 @@ pub fn rank_heads(
     }
     if per_pair.is_empty() {
         return Err(AnalysisError::Invalid(format!(
-            "no prompt pair has a clean-corrupted metric gap of at least {min_gap}; lower --min-gap or choose other answers"
+            "no prompt pair has a clean-corrupted metric gap of at least {min_gap}; lower min_gap or choose other answer words"
         )));
     }
     let n = cfg.n_layers * cfg.n_heads;
@@ -640,7 +617,7 @@ pub fn choose_answers(
         .collect();
     if s.is_empty() || t.is_empty() || pairs.is_empty() {
         return Err(AnalysisError::Invalid(
-            "no single-token answer words absent from the prompts; pass --answer-a/--answer-b"
+            "no single-token answer words absent from the prompts; give the answer words (answer_a, answer_b)"
                 .into(),
         ));
     }

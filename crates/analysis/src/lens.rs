@@ -413,7 +413,7 @@ pub fn paired_readout_gaps(
         .collect();
     let mut clusters: BTreeMap<String, usize> = BTreeMap::new();
     let mut out = Vec::new();
-    for (n, e) in crate::heads::dataset_pairs(ds) {
+    for (n, e) in crate::dataset::dataset_pairs(ds) {
         if n.lexical_control || e.lexical_control {
             continue;
         }

@@ -987,7 +987,7 @@ pub fn auto_answers(
     let (t, _) = resolve_words(model, technical, false)?;
     if s.is_empty() || t.is_empty() {
         return Err(AnalysisError::Invalid(
-            "no single-token answer candidates for this tokenizer; pass --answer-a/--answer-b"
+            "no single-token answer candidates for this tokenizer; give the answer words (answer_a, answer_b)"
                 .into(),
         ));
     }

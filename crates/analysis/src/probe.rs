@@ -586,7 +586,7 @@ pub fn probe_layers_with_baseline(
         }
         if n < opts.folds {
             return Err(AnalysisError::Dataset(format!(
-                "class '{c}' has {n} prompts, fewer than --folds {}; add prompts or lower --folds",
+                "class '{c}' has {n} prompts, fewer than the {} folds; add prompts or use fewer folds",
                 opts.folds
             )));
         }

@@ -179,7 +179,7 @@ pub fn add_steering(
 ) -> Result<()> {
     if matches!(op, SteerOp::Patch(_)) && rule != SteerPositions::Prompt {
         return Err(AnalysisError::Invalid(
-            "patching from a source prompt covers prompt positions only; use --positions prompt"
+            "patching from a source prompt covers prompt positions only; steer the prompt positions (positions = prompt)"
                 .into(),
         ));
     }

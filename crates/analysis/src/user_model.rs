@@ -210,7 +210,7 @@ pub fn load_probe_dir(path: &Path) -> Result<Vec<ProbeWeights>> {
     }
     if !path.is_dir() {
         return Err(AnalysisError::Invalid(format!(
-            "--probes {}: no such file or folder; point it at a `persona-lens probe --out` folder",
+            "probes {}: no such file or folder; point it at the output folder of a probe run",
             path.display()
         )));
     }
@@ -230,7 +230,7 @@ pub fn load_probe_dir(path: &Path) -> Result<Vec<ProbeWeights>> {
         .collect::<Result<_>>()?;
     if out.is_empty() {
         return Err(AnalysisError::Invalid(format!(
-            "--probes {}: no {PROBE_WEIGHTS_FILE} there or one folder down; run `persona-lens probe --out {}` first",
+            "probes {}: no {PROBE_WEIGHTS_FILE} there or one folder down; run the probes into {} first",
             path.display(),
             path.display()
         )));

@@ -133,7 +133,10 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             // One line: the innermost cause carries the useful message.
-            eprintln!("error: {}", persona_lens_study::one_line(&e));
+            let hint = persona_lens_study::flag_hint(&e)
+                .map(|f| format!(" ({f})"))
+                .unwrap_or_default();
+            eprintln!("error: {}{hint}", persona_lens_study::one_line(&e));
             ExitCode::from(2)
         }
     }

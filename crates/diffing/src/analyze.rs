@@ -618,7 +618,7 @@ pub fn analyze(
 
 fn too_few_pairs<T>(n_select: usize, n_all: usize) -> Result<T> {
     crate::invalid(format!(
-        "{n_select} novice/expert pairs in the selection split (of {n_all} in all): give more questions or templates (--n-questions-per-pair, --templates) so that both splits hold at least 2 pairs"
+        "{n_select} novice/expert pairs in the selection split (of {n_all} in all): give more questions per topic or persona paraphrases so that both splits hold at least 2 pairs"
     ))
 }
 

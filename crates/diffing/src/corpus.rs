@@ -2,11 +2,19 @@
 //! dataset's prompts, the notebook's verification and sycophancy prompts, and text sampled from
 //! the models themselves (seeded).
 
-use crate::harvest::CorpusItem;
 use crate::{invalid, Result};
 use persona_lens_analysis::PersonaDataset;
 use persona_lens_engine::{generate, GenerateOptions, Hooks, Model, Sampling};
+use serde::{Deserialize, Serialize};
 use std::path::Path;
+
+/// One text of a corpus.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CorpusItem {
+    pub id: String,
+    pub source: String,
+    pub text: String,
+}
 
 /// Reads `path`: `.jsonl` (one object per line with `text`, optional `id`), `.json` (a list of
 /// strings or of such objects) or plain text (one sample per non-empty line).

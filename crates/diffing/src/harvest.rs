@@ -11,16 +11,10 @@ use crate::shards::{corpus_sha256, PartManifest, ShardSpec};
 use crate::{invalid, Result};
 use candle_core::Tensor;
 use persona_lens_engine::{Batch, HookName, HookPoint, Hooks, LogitsAt, Model};
-use serde::{Deserialize, Serialize};
 use std::ops::Range;
 use std::path::Path;
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct CorpusItem {
-    pub id: String,
-    pub source: String,
-    pub text: String,
-}
+pub use crate::corpus::CorpusItem;
 
 /// Sets up interventions on one model's batch (e.g. a planted feature): gets the batch's
 /// token ids per row.
@@ -92,11 +86,11 @@ struct Plan {
 impl Plan {
     fn new(models: [&Model; 2], corpus: &[CorpusItem], spec: &PairedHarvestSpec) -> Result<Self> {
         if corpus.is_empty() {
-            return invalid("the corpus is empty; give --corpus FILE or use the default corpus");
+            return invalid("the corpus is empty; give corpus files or use the default corpus");
         }
         if spec.shared_ids && models[0].config().vocab_size != models[1].config().vocab_size {
             return invalid(format!(
-                "shared token ids need one tokenizer, but {} and {} have vocabularies of {} and {}; use each model's own template (--template auto with a different-family pair)",
+                "shared token ids need one tokenizer, but {} and {} have vocabularies of {} and {}; use each model's own template (template `auto` for a different-family pair)",
                 models[0].info.name,
                 models[1].info.name,
                 models[0].config().vocab_size,
@@ -122,7 +116,7 @@ impl Plan {
         let alignment = match spec.alignment {
             Some(Alignment::Tokens) if !same_tokens => {
                 return invalid(
-                    "per-token pairing needs both models to see the same token ids and have the same width; use --align last",
+                    "per-token pairing needs both models to see the same token ids and have the same width; align on the last token (align = last)",
                 )
             }
             Some(a) => a,

@@ -52,7 +52,7 @@ fn read_err(p: &Path, e: impl std::fmt::Display) -> crate::DiffError {
     let e = e.to_string();
     let first = e.lines().next().unwrap_or("").trim();
     crate::DiffError::Invalid(format!(
-        "cannot read {}: {first} (the file is corrupt or not in a supported layout; see `persona-lens diff encode --help`)",
+        "cannot read {}: {first} (the file is corrupt or not in a supported layout: dictionary_learning crosscoders, persona-lens crosscoders, SAEs)",
         p.display()
     ))
 }

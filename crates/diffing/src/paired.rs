@@ -6,8 +6,11 @@
 use crate::{invalid, Result};
 use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 use std::collections::HashMap;
+use std::ops::Range;
 use std::path::{Path, PathBuf};
+use std::str::FromStr;
 
 pub const MANIFEST: &str = "paired.json";
 
@@ -60,7 +63,7 @@ pub struct PairedMeta {
     pub tool: String,
     /// Set when the store was harvested in parts (`diff harvest --shard I/N`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub sharding: Option<crate::shards::Sharding>,
+    pub sharding: Option<Sharding>,
 }
 
 /// Writes rows into shards of `shard_rows`, then the manifest (atomically, last).
@@ -90,12 +93,7 @@ impl PairedWriter {
     }
 
     /// A writer of part `shard`: row files under the part's own folder.
-    pub fn part(
-        dir: &Path,
-        shard_rows: usize,
-        meta: PairedMeta,
-        shard: crate::shards::ShardSpec,
-    ) -> Result<Self> {
+    pub fn part(dir: &Path, shard_rows: usize, meta: PairedMeta, shard: ShardSpec) -> Result<Self> {
         let sub = shard.name();
         std::fs::create_dir_all(dir.join(&sub)).map_err(|e| {
             crate::DiffError::Invalid(format!("cannot create {}: {e}", dir.join(&sub).display()))
@@ -164,27 +162,27 @@ impl PairedWriter {
     /// rows, hashes its files and writes `part-IIIII-of-NNNNN.json` atomically, last.
     pub fn finish_part(
         mut self,
-        shard: crate::shards::ShardSpec,
+        shard: ShardSpec,
         samples: std::ops::Range<usize>,
         corpus_sha256: String,
         corpus_samples: usize,
-    ) -> Result<crate::shards::PartManifest> {
+    ) -> Result<PartManifest> {
         let rest = self.pending_rows;
         self.flush(rest)?;
         let files = self
             .meta
             .shards
             .iter()
-            .map(|s| -> Result<crate::shards::PartFile> {
-                Ok(crate::shards::PartFile {
+            .map(|s| -> Result<PartFile> {
+                Ok(PartFile {
                     file: s.file.clone(),
                     rows: s.rows,
-                    sha256: crate::shards::file_sha256(&self.dir.join(&s.file))?,
+                    sha256: file_sha256(&self.dir.join(&s.file))?,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        let m = crate::shards::PartManifest {
-            part: crate::shards::PartInfo {
+        let m = PartManifest {
+            part: PartInfo {
                 index: shard.index,
                 count: shard.count,
                 first_sample: samples.start,
@@ -218,7 +216,7 @@ impl PairedStore {
         let p = dir.join(MANIFEST);
         let text = std::fs::read_to_string(&p).map_err(|e| {
             crate::DiffError::Invalid(format!(
-                "cannot read {}: {e} (run `persona-lens diff harvest --out {}` first)",
+                "cannot read {}: {e} (harvest a paired store into {} first)",
                 p.display(),
                 dir.display()
             ))
@@ -279,4 +277,102 @@ impl PairedStore {
         }
         Ok(Tensor::cat(&out, 0)?)
     }
+}
+
+// ---------------- parts of a store harvested in parts (see `shards`) ----------------
+
+/// Part `index` of `count` (0-based), written `I/N` on the command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShardSpec {
+    pub index: usize,
+    pub count: usize,
+}
+
+impl FromStr for ShardSpec {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        let bad = || format!("'{s}' is not a shard; write I/N with 0 <= I < N, e.g. 0/4");
+        let (i, n) = s.split_once('/').ok_or_else(bad)?;
+        let index: usize = i.trim().parse().map_err(|_| bad())?;
+        let count: usize = n.trim().parse().map_err(|_| bad())?;
+        if count == 0 || index >= count {
+            return Err(bad());
+        }
+        Ok(Self { index, count })
+    }
+}
+
+impl std::fmt::Display for ShardSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.index, self.count)
+    }
+}
+
+impl ShardSpec {
+    /// `part-IIIII-of-NNNNN`: the folder of the part's row files and the stem of its JSON.
+    pub fn name(&self) -> String {
+        format!("part-{:05}-of-{:05}", self.index, self.count)
+    }
+
+    /// The samples this part holds, on harvest-batch boundaries (see the module docs).
+    pub fn sample_range(&self, n_samples: usize, batch_size: usize) -> Range<usize> {
+        let bs = batch_size.max(1);
+        let batches = n_samples.div_ceil(bs);
+        let lo = self.index * batches / self.count * bs;
+        let hi = ((self.index + 1) * batches / self.count * bs).min(n_samples);
+        lo.min(n_samples)..hi
+    }
+}
+
+/// One row file of a part.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PartFile {
+    /// Relative to the store folder.
+    pub file: String,
+    pub rows: usize,
+    pub sha256: String,
+}
+
+/// What one finished part holds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PartInfo {
+    pub index: usize,
+    pub count: usize,
+    /// Samples `[first_sample, first_sample + n_samples)` of the corpus.
+    pub first_sample: usize,
+    pub n_samples: usize,
+    pub rows: usize,
+    pub files: Vec<PartFile>,
+}
+
+/// How a store was harvested in parts (`paired.json`'s `sharding`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Sharding {
+    pub count: usize,
+    /// Of the whole corpus's ids, sources and texts: parts of different corpora never join.
+    pub corpus_sha256: String,
+    pub corpus_samples: usize,
+    /// The finished parts, in part order.
+    pub parts: Vec<PartInfo>,
+    /// Parts not finished yet: the store is partial until this is empty.
+    pub missing: Vec<usize>,
+}
+
+/// `part-IIIII-of-NNNNN.json`: a finished part (its rows and samples numbered from 0).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PartManifest {
+    pub meta: PairedMeta,
+    pub part: PartInfo,
+    pub corpus_sha256: String,
+    pub corpus_samples: usize,
+}
+
+pub fn file_sha256(path: &Path) -> Result<String> {
+    let bytes = std::fs::read(path)
+        .map_err(|e| crate::DiffError::Invalid(format!("cannot read {}: {e}", path.display())))?;
+    Ok(hex(&Sha256::digest(&bytes)))
+}
+
+pub(crate) fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

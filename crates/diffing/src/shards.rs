@@ -14,100 +14,13 @@
 //!   listed). Readers see one store; training's batch order does not depend on files (see
 //!   `train`), so a sharded store trains the same crosscoder as the unsharded one.
 
-use crate::harvest::CorpusItem;
-use crate::paired::{PairedMeta, ShardInfo, MANIFEST};
+use crate::corpus::CorpusItem;
+use crate::paired::{hex, PairedMeta, ShardInfo, MANIFEST};
+// The parts' on-disk types live with the store's format (`paired`); here is the logic.
+pub use crate::paired::{file_sha256, PartFile, PartInfo, PartManifest, ShardSpec, Sharding};
 use crate::{invalid, Result};
-use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
-use std::ops::Range;
 use std::path::Path;
-use std::str::FromStr;
-
-/// Part `index` of `count` (0-based), written `I/N` on the command line.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ShardSpec {
-    pub index: usize,
-    pub count: usize,
-}
-
-impl FromStr for ShardSpec {
-    type Err = String;
-    fn from_str(s: &str) -> std::result::Result<Self, String> {
-        let bad = || format!("'{s}' is not a shard; write I/N with 0 <= I < N, e.g. 0/4");
-        let (i, n) = s.split_once('/').ok_or_else(bad)?;
-        let index: usize = i.trim().parse().map_err(|_| bad())?;
-        let count: usize = n.trim().parse().map_err(|_| bad())?;
-        if count == 0 || index >= count {
-            return Err(bad());
-        }
-        Ok(Self { index, count })
-    }
-}
-
-impl std::fmt::Display for ShardSpec {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}/{}", self.index, self.count)
-    }
-}
-
-impl ShardSpec {
-    /// `part-IIIII-of-NNNNN`: the folder of the part's row files and the stem of its JSON.
-    pub fn name(&self) -> String {
-        format!("part-{:05}-of-{:05}", self.index, self.count)
-    }
-
-    /// The samples this part holds, on harvest-batch boundaries (see the module docs).
-    pub fn sample_range(&self, n_samples: usize, batch_size: usize) -> Range<usize> {
-        let bs = batch_size.max(1);
-        let batches = n_samples.div_ceil(bs);
-        let lo = self.index * batches / self.count * bs;
-        let hi = ((self.index + 1) * batches / self.count * bs).min(n_samples);
-        lo.min(n_samples)..hi
-    }
-}
-
-/// One row file of a part.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct PartFile {
-    /// Relative to the store folder.
-    pub file: String,
-    pub rows: usize,
-    pub sha256: String,
-}
-
-/// What one finished part holds.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct PartInfo {
-    pub index: usize,
-    pub count: usize,
-    /// Samples `[first_sample, first_sample + n_samples)` of the corpus.
-    pub first_sample: usize,
-    pub n_samples: usize,
-    pub rows: usize,
-    pub files: Vec<PartFile>,
-}
-
-/// How a store was harvested in parts (`paired.json`'s `sharding`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Sharding {
-    pub count: usize,
-    /// Of the whole corpus's ids, sources and texts: parts of different corpora never join.
-    pub corpus_sha256: String,
-    pub corpus_samples: usize,
-    /// The finished parts, in part order.
-    pub parts: Vec<PartInfo>,
-    /// Parts not finished yet: the store is partial until this is empty.
-    pub missing: Vec<usize>,
-}
-
-/// `part-IIIII-of-NNNNN.json`: a finished part (its rows and samples numbered from 0).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct PartManifest {
-    pub meta: PairedMeta,
-    pub part: PartInfo,
-    pub corpus_sha256: String,
-    pub corpus_samples: usize,
-}
 
 pub fn corpus_sha256(corpus: &[CorpusItem]) -> String {
     let mut h = Sha256::new();
@@ -118,16 +31,6 @@ pub fn corpus_sha256(corpus: &[CorpusItem]) -> String {
         }
     }
     hex(&h.finalize())
-}
-
-pub fn file_sha256(path: &Path) -> Result<String> {
-    let bytes = std::fs::read(path)
-        .map_err(|e| crate::DiffError::Invalid(format!("cannot read {}: {e}", path.display())))?;
-    Ok(hex(&Sha256::digest(&bytes)))
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 fn read_part(path: &Path) -> Result<PartManifest> {
@@ -151,7 +54,7 @@ pub fn finished_part(
     let m = read_part(&p)?;
     if m.corpus_sha256 != corpus_sha {
         return invalid(format!(
-            "{} was harvested from another corpus; use another --out, or delete the store's part files to start over",
+            "{} was harvested from another corpus; harvest into another folder, or delete the store's part files to start over",
             p.display()
         ));
     }
@@ -196,7 +99,7 @@ pub fn join_parts(dir: &Path) -> Result<PairedMeta> {
     names.sort();
     if names.is_empty() {
         return invalid(format!(
-            "{} holds no finished parts; run `persona-lens diff harvest --shard I/N --out {}` first",
+            "{} holds no finished parts; harvest parts into {} first",
             dir.display(),
             dir.display()
         ));
@@ -217,7 +120,7 @@ pub fn join_parts(dir: &Path) -> Result<PairedMeta> {
             && p.meta.dims == first.meta.dims;
         if !same {
             return invalid(format!(
-                "{}: parts {} and {} come from different harvests (corpus, part count, models, hooks or alignment differ); keep one harvest per --out",
+                "{}: parts {} and {} come from different harvests (corpus, part count, models, hooks or alignment differ); keep one harvest per folder",
                 dir.display(),
                 first.part.index,
                 p.part.index

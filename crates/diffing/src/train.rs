@@ -428,7 +428,7 @@ pub fn train(
     if let Objective::BatchTopK { k, .. } = cfg.objective {
         if k == 0 || k > f {
             return invalid(format!(
-                "BatchTopK's k = {k} must be from 1 to the dictionary size {f}; give a smaller --k or a larger --dict-size"
+                "BatchTopK's k = {k} must be from 1 to the dictionary size {f}; give a smaller k or a larger dict_size"
             ));
         }
     }
@@ -443,7 +443,7 @@ pub fn train(
     let (keep, val_rows) = split_rows(store, cfg.validation_fraction, cfg.seed, cfg.chunk_rows);
     if keep.iter().all(Vec::is_empty) {
         return invalid(format!(
-            "no training rows left after holding out {:.0} % of the samples for validation; give a larger corpus or a smaller --validation-fraction",
+            "no training rows left after holding out {:.0} % of the samples for validation; give a larger corpus or a smaller validation_fraction",
             100.0 * cfg.validation_fraction
         ));
     }
@@ -469,7 +469,7 @@ pub fn train(
             && meta.store_parts.iter().all(|p| parts_now.contains(p));
         if meta.config != *cfg || !(meta.store_rows == store.meta.rows || grew) {
             return invalid(format!(
-                "the checkpoint in {} was made with other settings or data; use the same flags, or drop --resume to start over",
+                "the checkpoint in {} was made with other settings or data; use the same settings and data, or start over without resuming",
                 ckpt_dir.display()
             ));
         }

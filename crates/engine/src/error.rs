@@ -7,7 +7,7 @@ use std::path::PathBuf;
 pub enum EngineError {
     #[error("model file not found: {0} (check the path, or run `make models` to fetch the known models)")]
     MissingFile(PathBuf),
-    #[error("model '{name}' is not in {dir} (run `scripts/fetch-models.sh {dir}` or `make models`, or pass --models-dir)")]
+    #[error("model '{name}' is not in {dir} (run `scripts/fetch-models.sh {dir}` or `make models`, or give the folder it is in as models_dir)")]
     UnknownShortName { name: String, dir: PathBuf },
     #[error("'{0}' is neither a file, a model directory, a known model name ({1}) nor a hub id (org/name)")]
     UnresolvableModel(String, String),
@@ -69,6 +69,9 @@ pub enum EngineError {
     Interrupted,
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
+    /// Text given to a model without a vocabulary (every word would silently become id 0).
+    #[error("this model has no tokenizer (no tokenizer.json / GGUF vocabulary): give token ids instead of text")]
+    NoVocabulary,
     #[error("{0}")]
     Candle(String),
     #[error("io error on {path}: {source}")]

@@ -326,9 +326,7 @@ impl Tokenizer {
     /// id 0.
     fn require_vocabulary(&self) -> Result<()> {
         if self.kind == "ids-only" {
-            return Err(EngineError::InvalidArgument(
-                "this model has no tokenizer (no tokenizer.json / GGUF vocabulary): give token ids instead of text (--ids FILE)".into(),
-            ));
+            return Err(EngineError::NoVocabulary);
         }
         Ok(())
     }
@@ -399,7 +397,7 @@ impl Tokenizer {
     ) -> Result<String> {
         let tpl = self.chat_template.as_deref().ok_or_else(|| {
             EngineError::ChatTemplate(
-                "this model has no chat template (a base model?): drop --chat and give the plain prompt".into(),
+                "this model has no chat template (a base model?): give the plain prompt without the chat template".into(),
             )
         })?;
         render_chat_template(

@@ -333,7 +333,7 @@ impl Weights {
     pub fn from_safetensors_dir(dir: &Path, precision: Precision, device: &Device) -> Result<Self> {
         if matches!(precision, Precision::Quantized(_)) {
             return Err(EngineError::InvalidArgument(
-                "--quantized needs a GGUF file; for a safetensors checkpoint use --dtype bf16|f16"
+                "quantized weights need a GGUF file; for a safetensors checkpoint use a dense dtype (bf16 or f16)"
                     .into(),
             ));
         }

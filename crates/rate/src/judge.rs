@@ -188,7 +188,7 @@ impl Judge {
             }
         }
         Err(RateError::Judge(format!(
-            "{url} failed after {} tries ({last}); check --judge-url / --judge-model and the key, then rerun: rated records are kept and skipped",
+            "{url} failed after {} tries ({last}); check the judge URL, model and key, then rerun: rated records are kept and skipped",
             self.cfg.retries + 1
         )))
     }

@@ -152,7 +152,8 @@ pub struct Scores {
     pub persona: String,
     pub topic: String,
     pub layer: i64,
-    pub alpha: f64,
+    /// Steering strength (None: not a steering record).
+    pub alpha: Option<f64>,
     pub readability: Option<readability::Readability>,
     pub counts: readability::Counts,
     pub lexical: Lexical,
@@ -241,7 +242,7 @@ pub fn score_record(r: &Answer, model: Option<&Model>) -> Result<Scores> {
         persona: r.persona.clone(),
         topic: topic.into(),
         layer: r.layer.unwrap_or(-1),
-        alpha: r.alpha.unwrap_or(f64::NAN),
+        alpha: r.alpha,
         readability: readability::readability(&c),
         counts: c,
         lexical: lexical(text, topic),
@@ -275,7 +276,8 @@ pub fn bootstrap_ci(xs: &[f64], n_boot: usize, seed: u64) -> Option<(f64, f64, f
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct CellSummary {
     pub layer: i64,
-    pub alpha: f64,
+    /// None: records without a steering strength.
+    pub alpha: Option<f64>,
     pub n: usize,
     /// measure -> (mean, ci_low, ci_high, n with a value)
     pub measures: BTreeMap<String, (f64, f64, f64, usize)>,
@@ -305,10 +307,10 @@ pub fn measures(s: &Scores) -> Vec<(&'static str, Option<f64>)> {
 }
 
 pub fn summarize(scores: &[Scores], n_boot: usize, seed: u64) -> Vec<CellSummary> {
-    let mut cells: BTreeMap<(i64, i64), Vec<&Scores>> = BTreeMap::new();
+    let mut cells: BTreeMap<(i64, Option<i64>), Vec<&Scores>> = BTreeMap::new();
     for s in scores {
         cells
-            .entry((s.layer, (s.alpha * 1e6).round() as i64))
+            .entry((s.layer, s.alpha.map(|a| (a * 1e6).round() as i64)))
             .or_default()
             .push(s);
     }

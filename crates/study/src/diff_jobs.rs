@@ -2,7 +2,7 @@
 
 use crate::analysis_jobs::DatasetArgs;
 use crate::engine_jobs::{load_model, progress};
-use crate::{DtypeArg, ModelArgs};
+use crate::ModelArgs;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use clap::{Args, Subcommand, ValueEnum};
@@ -111,14 +111,11 @@ pub struct Pair {
 impl PairArgs {
     pub fn load(&self) -> Result<Pair> {
         let load = |name: &str| -> Result<Model> {
-            load_model(&ModelArgs {
-                model: name.to_string(),
-                models_dir: self.models_dir.clone(),
-                dtype: DtypeArg::F32,
-                quantized: None,
-                threads: self.threads,
-                json: false,
-            })
+            load_model(&ModelArgs::named(
+                name,
+                self.models_dir.clone(),
+                self.threads,
+            ))
         };
         let models = [load(&self.base_model)?, load(&self.chat_model)?];
         let hook = |m: &Model, h: &Option<String>| -> Result<HookName> {

@@ -71,6 +71,20 @@ pub struct ModelArgs {
     pub json: bool,
 }
 
+impl ModelArgs {
+    /// A model by name (file, folder, short name or hub id) at the default precision: the one
+    /// way a job names a model it loads beside the one its flags give (a diff partner, a fluency
+    /// model, the study's model).
+    pub fn named(model: &str, models_dir: Option<PathBuf>, threads: Option<usize>) -> Self {
+        ModelArgs {
+            model: model.to_string(),
+            models_dir,
+            threads,
+            ..spec::defaults()
+        }
+    }
+}
+
 /// Most threads a run may ask for: more than any machine here has, far below what makes the
 /// thread pool's start-up hang.
 pub const MAX_THREADS: usize = 1024;
@@ -119,4 +133,15 @@ pub fn one_line(e: &anyhow::Error) -> String {
         }
     }
     parts.join(": ").replace('\n', " ")
+}
+
+/// The flag that fixes a typed library error whose remedy is a flag (the libraries say what to
+/// change, the command line how): the command line prints it after the error.
+pub fn flag_hint(e: &anyhow::Error) -> Option<&'static str> {
+    use persona_lens_engine::EngineError;
+    e.chain()
+        .find_map(|c| match c.downcast_ref::<EngineError>() {
+            Some(EngineError::NoVocabulary) => Some("--ids FILE"),
+            _ => None,
+        })
 }

@@ -671,7 +671,7 @@ pub fn rate_records(
         if let Ok(s) = std::fs::read_to_string(p) {
             for l in s.lines() {
                 if let Ok(sc) = serde_json::from_str::<Scores>(l) {
-                    if !judging || sc.judge_win.is_some() || sc.alpha == 0.0 {
+                    if !judging || sc.judge_win.is_some() || sc.alpha == Some(0.0) {
                         done.insert(sc.key.clone(), sc);
                     }
                 }
@@ -694,14 +694,7 @@ pub fn rate_records(
             .clone()
             .or_else(|| records[0].model.clone())
             .context("records name no model; give --fluency-model M or --no-fluency")?;
-        loaded = load_model(&ModelArgs {
-            model: name,
-            models_dir: o.fluency_models_dir.clone(),
-            dtype: crate::DtypeArg::F32,
-            quantized: None,
-            threads: None,
-            json: false,
-        })?;
+        loaded = load_model(&ModelArgs::named(&name, o.fluency_models_dir.clone(), None))?;
         Some(&loaded)
     };
     let mut judge = match (&o.judge_url, &o.judge_model) {
@@ -786,9 +779,9 @@ fn print_summary(summary: &[persona_lens_rate::CellSummary]) {
     };
     for c in summary {
         println!(
-            "{:>5} {:>7.2} {:>4} {:>16} {:>16} {:>14} {:>10}",
+            "{:>5} {:>7} {:>4} {:>16} {:>16} {:>14} {:>10}",
             c.layer,
-            c.alpha,
+            c.alpha.map_or("-".to_string(), |a| format!("{a:.2}")),
             c.n,
             cell(c, "flesch_kincaid_grade"),
             cell(c, "new_dale_chall"),
@@ -905,7 +898,7 @@ pub fn dose_response_plots(
                 let mut pts: Vec<(f64, (f64, f64, f64, usize))> = summary
                     .iter()
                     .filter(|c| c.layer == l)
-                    .filter_map(|c| c.measures.get(key).map(|m| (c.alpha, *m)))
+                    .filter_map(|c| Some((c.alpha?, *c.measures.get(key)?)))
                     .collect();
                 if pts.is_empty() {
                     return None;
@@ -964,7 +957,7 @@ impl SteerSweepResult {
     pub fn measure(&self, layer: usize, alpha: f64, name: &str) -> Option<(f64, f64, f64)> {
         self.cells
             .iter()
-            .find(|c| c.layer == layer as i64 && (c.alpha - alpha).abs() < 1e-9)
+            .find(|c| c.layer == layer as i64 && c.alpha.is_some_and(|a| (a - alpha).abs() < 1e-9))
             .and_then(|c| c.measures.get(name))
             .map(|&(m, lo, hi, _)| (m, lo, hi))
     }

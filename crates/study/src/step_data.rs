@@ -5,7 +5,6 @@
 //! type serves every step and a resumed step reads back what it wrote; the key order in the
 //! files is alphabetical, as it was before the data was typed.
 
-use crate::study::CircuitHead;
 use persona_lens_analysis::heads::HeadRole;
 use persona_lens_diffing::analyze::Summary as DiffSummary;
 use serde::{Deserialize, Serialize};
@@ -134,6 +133,21 @@ pub struct HeadsData {
     pub n_skipped: usize,
     pub roles: Vec<HeadRole>,
     pub top: Vec<String>,
+}
+
+/// A top head of the heads step with the role read from its attention.
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+pub struct CircuitHead {
+    /// `L{layer}H{head}`.
+    pub head: String,
+    /// 95 % interval of the per-pair restoration ratios' mean.
+    pub mean_ratio_ci95: (f64, f64),
+    /// Share of the last position's attention on the persona tokens (absent when no persona
+    /// span was found to inspect).
+    pub persona_attention: Option<f64>,
+    pub role: String,
+    /// Pooled z-patching score (fraction restored).
+    pub score: f64,
 }
 
 /// `steps.ablate`.

@@ -24,7 +24,7 @@ use crate::patch_jobs::{
 };
 use crate::steer_jobs::{steer_sweep_with, SteerArgs, SteerSweepArgs};
 use crate::step_data::*;
-use crate::{spec, DtypeArg, ModelArgs};
+use crate::{spec, ModelArgs};
 use anyhow::{bail, Context, Result};
 use clap::{Args, FromArgMatches};
 use persona_lens_analysis::claims::Claim;
@@ -614,20 +614,7 @@ pub struct NegativeResult {
     pub text: String,
 }
 
-/// A top head of the heads step with the role read from its attention.
-#[derive(Debug, Clone, Serialize, Deserialize, Default)]
-pub struct CircuitHead {
-    /// `L{layer}H{head}`.
-    pub head: String,
-    /// 95 % interval of the per-pair restoration ratios' mean.
-    pub mean_ratio_ci95: (f64, f64),
-    /// Share of the last position's attention on the persona tokens (absent when no persona
-    /// span was found to inspect).
-    pub persona_attention: Option<f64>,
-    pub role: String,
-    /// Pooled z-patching score (fraction restored).
-    pub score: f64,
-}
+pub use crate::step_data::CircuitHead;
 
 #[derive(Debug, Clone, Serialize, Deserialize, Default)]
 pub struct StepOut {
@@ -661,11 +648,7 @@ impl Ctx<'_> {
     }
     /// The model every step runs on (loaded once; the spec names it for provenance).
     fn model_args(&self) -> ModelArgs {
-        ModelArgs {
-            model: self.cfg.model.clone(),
-            models_dir: self.models_dir.clone(),
-            ..spec::defaults()
-        }
+        ModelArgs::named(&self.cfg.model, self.models_dir.clone(), None)
     }
     /// The study's prompts: its dataset file, else the built-in set for its persona pair
     /// (`n` questions per topic), optionally one topic.
@@ -2120,16 +2103,7 @@ fn diff_step(c: &Ctx) -> Result<StepOut> {
     } else {
         d.chat_model.clone()
     };
-    let load = |name: &str| {
-        load_model(&ModelArgs {
-            model: name.to_string(),
-            models_dir: c.models_dir.clone(),
-            dtype: DtypeArg::F32,
-            quantized: None,
-            threads: c.threads,
-            json: false,
-        })
-    };
+    let load = |name: &str| load_model(&ModelArgs::named(name, c.models_dir.clone(), c.threads));
     let twin = persona_lens_engine::registry::lookup(&c.model.info.name)
         .or_else(|| persona_lens_engine::registry::lookup(&c.cfg.model))
         .and_then(|e| e.twin.clone());
@@ -2514,14 +2488,11 @@ pub fn run(a: RunArgs) -> Result<Summary> {
     persona_lens_engine::io::check_output_dir(&out)?;
     let t_all = Instant::now();
     let quiet = a.quiet || a.json;
-    let model = load_model(&ModelArgs {
-        model: cfg.model.clone(),
-        models_dir: a.models_dir.clone(),
-        dtype: DtypeArg::F32,
-        quantized: None,
-        threads: a.threads,
-        json: false,
-    })?;
+    let model = load_model(&ModelArgs::named(
+        &cfg.model,
+        a.models_dir.clone(),
+        a.threads,
+    ))?;
     cfg.check_against(model.config().n_layers)?;
     let mhash = model_hash(&model)?;
     let resolved = toml::to_string_pretty(&cfg)?;

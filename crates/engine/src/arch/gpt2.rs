@@ -134,7 +134,7 @@ fn layer_norm(w: &Weights, hf: &str, gguf: &str, eps: f64) -> Result<Norm> {
 pub fn load(mut cfg: ModelConfig, w: &Weights) -> Result<Decoder> {
     if matches!(w.precision, crate::weights::Precision::Quantized(_)) {
         return Err(EngineError::InvalidArgument(
-            "GPT-2 is loaded dense only (its q/k/v are fused): drop --quantized".into(),
+            "GPT-2 is loaded dense only (its q/k/v are fused): load it without quantization".into(),
         ));
     }
     // HF names without the `transformer.` prefix exist too (GPT2Model checkpoints).
