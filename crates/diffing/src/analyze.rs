@@ -1,5 +1,6 @@
 //! `persona-lens diff analyze`: everything the crosscoder notebook asks for, in one pass, written
-//! as `summary.json` (the notebook's fields plus provenance), plots and `report.md`.
+//! as `summary.json` (the notebook's fields plus provenance), plots, and `report.md` +
+//! `report.html` (the report crate's document model: one source, two renderings).
 
 use crate::baselines::{pca_of_differences, per_token_kl, KlBaseline, PcaBaseline};
 use crate::corpus::{sycophancy_pairs, verification_prompts};

@@ -28,6 +28,12 @@ pub enum DiffError {
     Analysis(#[from] persona_lens_analysis::AnalysisError),
     #[error("{0}")]
     Invalid(String),
+    /// A paired store that is not there (or has no readable manifest).
+    #[error("cannot read {}: {reason} (harvest a paired store into {} first)", .dir.join(crate::paired::MANIFEST).display(), .dir.display())]
+    NoStore {
+        dir: std::path::PathBuf,
+        reason: String,
+    },
     #[error(transparent)]
     Report(#[from] persona_lens_report::ReportError),
 }

@@ -2,6 +2,8 @@
 //! `paired.json` manifest. Training streams shards one at a time, so a store can be larger than
 //! memory. Models of different widths are zero-padded to the larger width (`dims` records each
 //! model's real width; the padded coordinates are always 0 and trainers keep their weights 0).
+//! The on-disk types of a store harvested in parts (`ShardSpec`, `PartManifest`, `Sharding`) are
+//! here too, with the format they extend; joining parts is `shards`.
 
 use crate::{invalid, Result};
 use candle_core::{Device, Tensor};
@@ -214,12 +216,9 @@ pub struct PairedStore {
 impl PairedStore {
     pub fn open(dir: &Path) -> Result<Self> {
         let p = dir.join(MANIFEST);
-        let text = std::fs::read_to_string(&p).map_err(|e| {
-            crate::DiffError::Invalid(format!(
-                "cannot read {}: {e} (harvest a paired store into {} first)",
-                p.display(),
-                dir.display()
-            ))
+        let text = std::fs::read_to_string(&p).map_err(|e| crate::DiffError::NoStore {
+            dir: dir.to_path_buf(),
+            reason: e.to_string(),
         })?;
         let meta: PairedMeta = serde_json::from_str(&text)
             .map_err(|e| crate::DiffError::Invalid(format!("{}: {e}", p.display())))?;

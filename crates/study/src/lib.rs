@@ -137,11 +137,20 @@ pub fn one_line(e: &anyhow::Error) -> String {
 
 /// The flag that fixes a typed library error whose remedy is a flag (the libraries say what to
 /// change, the command line how): the command line prints it after the error.
-pub fn flag_hint(e: &anyhow::Error) -> Option<&'static str> {
+pub fn flag_hint(e: &anyhow::Error) -> Option<String> {
+    use persona_lens_diffing::DiffError;
     use persona_lens_engine::EngineError;
-    e.chain()
-        .find_map(|c| match c.downcast_ref::<EngineError>() {
-            Some(EngineError::NoVocabulary) => Some("--ids FILE"),
+    e.chain().find_map(|c| {
+        if let Some(EngineError::NoVocabulary) = c.downcast_ref::<EngineError>() {
+            return Some("--ids FILE".to_string());
+        }
+        match c.downcast_ref::<DiffError>() {
+            Some(DiffError::NoStore { dir, .. }) => Some(format!(
+                "`persona-lens diff harvest --out {}` makes one",
+                dir.display()
+            )),
+            Some(DiffError::Engine(EngineError::NoVocabulary)) => Some("--ids FILE".to_string()),
             _ => None,
-        })
+        }
+    })
 }
