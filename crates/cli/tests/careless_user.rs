@@ -168,3 +168,25 @@ fn model_limits_are_named() {
     std::fs::copy(tiny.join("model.safetensors"), t.join("model.safetensors")).unwrap();
     refused(&["inspect", "--model", t.to_str().unwrap()], "0 layers");
 }
+
+/// A store folder without a store or without parts: one line that names the command making one.
+#[test]
+fn missing_stores_name_the_command_that_makes_them() {
+    let t = tmp("store");
+    let empty = t.to_str().unwrap();
+    refused(
+        &["diff", "manifest", "--store", empty],
+        "diff harvest --shard I/N --out",
+    );
+    refused(
+        &[
+            "diff",
+            "train",
+            "--store",
+            empty,
+            "--out",
+            &format!("{empty}/cc"),
+        ],
+        "diff harvest --out",
+    );
+}

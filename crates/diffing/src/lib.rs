@@ -34,6 +34,9 @@ pub enum DiffError {
         dir: std::path::PathBuf,
         reason: String,
     },
+    /// A store folder without one finished part to join.
+    #[error("{} holds no finished parts (harvest parts into it first)", .dir.display())]
+    NoParts { dir: std::path::PathBuf },
     #[error(transparent)]
     Report(#[from] persona_lens_report::ReportError),
 }

@@ -98,11 +98,9 @@ pub fn join_parts(dir: &Path) -> Result<PairedMeta> {
         .collect();
     names.sort();
     if names.is_empty() {
-        return invalid(format!(
-            "{} holds no finished parts; harvest parts into {} first",
-            dir.display(),
-            dir.display()
-        ));
+        return Err(crate::DiffError::NoParts {
+            dir: dir.to_path_buf(),
+        });
     }
     let parts: Vec<PartManifest> = names
         .iter()

@@ -230,9 +230,14 @@ fn finished_parts_are_checked_and_other_harvests_refused() {
     write_part(&dir, part(1), "corpus-2", 0);
     let e = write_manifest(&dir).unwrap_err().to_string();
     assert!(e.contains("different harvests") && !e.contains('\n'), "{e}");
-    // An empty folder names the command to run.
+    // An empty folder is a typed error (the command line adds the command that makes a part).
     let empty = tmp("empty");
     std::fs::create_dir_all(&empty).unwrap();
-    let e = write_manifest(&empty).unwrap_err().to_string();
-    assert!(e.contains("--shard I/N"), "{e}");
+    let e = write_manifest(&empty).unwrap_err();
+    assert!(
+        matches!(&e, persona_lens_diffing::DiffError::NoParts { dir } if dir == &empty),
+        "{e}"
+    );
+    let e = e.to_string();
+    assert!(e.contains("no finished parts") && !e.contains('\n'), "{e}");
 }

@@ -149,6 +149,10 @@ pub fn flag_hint(e: &anyhow::Error) -> Option<String> {
                 "`persona-lens diff harvest --out {}` makes one",
                 dir.display()
             )),
+            Some(DiffError::NoParts { dir }) => Some(format!(
+                "`persona-lens diff harvest --shard I/N --out {}` makes a part",
+                dir.display()
+            )),
             Some(DiffError::Engine(EngineError::NoVocabulary)) => Some("--ids FILE".to_string()),
             _ => None,
         }
