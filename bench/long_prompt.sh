@@ -3,7 +3,8 @@
 # against the whole score matrix at once, same binary, same prompt, alternating, peak RSS of each
 # run (its own process). Usage: bench/long_prompt.sh [BIN] [MODEL] [TOKENS] [ROUNDS] [MODES]
 # MODES defaults to "blocked whole"; at the full 32k context the whole matrix (16 GiB of scores per
-# layer) does not fit a 24 GiB machine, so run MODES=blocked there.
+# layer) does not fit a 24 GiB machine, so run MODES=blocked there. Mode "nocapture" is the blocked
+# forward without the residual cache (hook_embed + every resid_post) that the other two keep.
 set -euo pipefail
 BIN=${1:-target/release/persona-lens}
 MODEL=${2:-gemma-3-270m}
@@ -20,6 +21,7 @@ for r in $(seq "$ROUNDS"); do
   for mode in $MODES; do
     extra=()
     [ "$mode" = whole ] && extra=(--attention-block "$TOKENS")
+    [ "$mode" = nocapture ] && extra=(--no-capture)
     out=$("$BIN" bench-forward --model "$MODEL" --ids "$dir/ids.json" --repeats 1 --json "${extra[@]}")
     echo "round $r $mode $out"
   done

@@ -3,6 +3,7 @@
 //! their exact encode/decode semantics; paired base-vs-chat activations; crosscoder training in
 //! candle; and the model-diffing analyses (relative decoder norms, Latent Scaling, persona latents).
 
+pub mod adam;
 pub mod analyze;
 pub mod baselines;
 pub mod corpus;
@@ -14,6 +15,7 @@ pub mod paired;
 pub mod persona;
 pub mod sae;
 pub mod shards;
+pub mod step;
 pub mod train;
 
 pub use crosscoder::{CodeNormalization, CrossCoder, Normaliser, Sparsity};

@@ -17,10 +17,10 @@
 //!   with checkpoints of parameters, Adam moments, dead-latent counters, threshold and the loss
 //!   log, a run killed and resumed reproduces the uninterrupted run's loss curve.
 
-use crate::crosscoder::{
-    batch_topk_mask, CodeNormalization, CrossCoder, Layout, Normaliser, Sparsity,
-};
+use crate::adam::AdamStep;
+use crate::crosscoder::{CodeNormalization, CrossCoder, Layout, Normaliser, Sparsity};
 use crate::paired::PairedStore;
+use crate::step::{step as step_grads, zero_padding, StepObjective, StepParams};
 use crate::{invalid, Result};
 use candle_core::{DType, Device, Tensor, Var, D};
 use rand::seq::SliceRandom;
@@ -515,14 +515,17 @@ pub fn train(
                 b_dec: Var::from_tensor(&g("b_dec")?)?,
             };
             let names = ["w_enc", "b_enc", "w_dec", "b_dec"];
-            let m: Vec<Tensor> = names
-                .iter()
-                .map(|k| g(&format!("adam_m.{k}")))
-                .collect::<Result<_>>()?;
-            let v: Vec<Tensor> = names
-                .iter()
-                .map(|k| g(&format!("adam_v.{k}")))
-                .collect::<Result<_>>()?;
+            let moments = |which: &str| -> Result<Vec<Vec<f32>>> {
+                names
+                    .iter()
+                    .map(|k| {
+                        Ok(g(&format!("{which}.{k}"))?
+                            .flatten_all()?
+                            .to_vec1::<f32>()?)
+                    })
+                    .collect()
+            };
+            let (m, v) = (moments("adam_m")?, moments("adam_v")?);
             (p, m, v, g("since_fired")?)
         }
         None => {
@@ -547,11 +550,11 @@ pub fn train(
                 w_dec: Var::from_tensor(&w_dec)?,
                 b_dec: Var::from_tensor(&Tensor::zeros((n, d), DType::F32, &dev)?)?,
             };
-            let m: Vec<Tensor> = p
+            let m: Vec<Vec<f32>> = p
                 .vars()
                 .iter()
-                .map(|v| v.zeros_like())
-                .collect::<candle_core::Result<_>>()?;
+                .map(|v| vec![0f32; v.elem_count()])
+                .collect();
             let v = m.clone();
             (p, m, v, Tensor::zeros(f, DType::F32, &dev)?)
         }
@@ -567,8 +570,8 @@ pub fn train(
     };
     let save_ckpt = |step: usize,
                      p: &Params,
-                     m: &[Tensor],
-                     v: &[Tensor],
+                     m: &[Vec<f32>],
+                     v: &[Vec<f32>],
                      since: &Tensor,
                      threshold: f64,
                      log: &[StepLog]|
@@ -576,9 +579,16 @@ pub fn train(
         let names = ["w_enc", "b_enc", "w_dec", "b_dec"];
         let mut t: Vec<(String, Tensor)> = Vec::new();
         for (i, k) in names.iter().enumerate() {
-            t.push((k.to_string(), p.vars()[i].as_tensor().clone()));
-            t.push((format!("adam_m.{k}"), m[i].clone()));
-            t.push((format!("adam_v.{k}"), v[i].clone()));
+            let var = p.vars()[i].as_tensor();
+            t.push((k.to_string(), var.clone()));
+            t.push((
+                format!("adam_m.{k}"),
+                Tensor::from_slice(&m[i], var.shape(), &dev)?,
+            ));
+            t.push((
+                format!("adam_v.{k}"),
+                Tensor::from_slice(&v[i], var.shape(), &dev)?,
+            ));
         }
         t.push(("since_fired".into(), since.clone()));
         t.push(("normaliser.mean".into(), normaliser.mean.clone()));
@@ -610,135 +620,65 @@ pub fn train(
         let x = normaliser.normalize(&sampler.batch(store, step, cfg.batch_size)?)?;
         let bsz = x.dim(0)?;
         let xf = x.reshape((bsz, n * d))?;
-        let pre = xf
-            .matmul(&params.w_enc.as_tensor().reshape((n * d, f))?)?
-            .broadcast_add(params.b_enc.as_tensor())?
-            .relu()?;
-        let code_norm = params
-            .w_dec
-            .as_tensor()
-            .sqr()?
-            .sum(D::Minus1)?
-            .sqrt()?
-            .sum_keepdim(0)?; // (1, F): CROSSCODER code normalisation
-        let w_dec_flat = params
-            .w_dec
-            .as_tensor()
-            .transpose(0, 1)?
-            .reshape((f, n * d))?;
-        let (acts, penalty_t, loss_extra_coeff) = match cfg.objective {
+        let objective = match cfg.objective {
             Objective::L1 { l1_coeff } => {
                 let l1_warm = (cfg.steps / 20).max(1);
-                let lam = l1_coeff * ((step + 1) as f64 / l1_warm as f64).min(1.0);
-                let pen = pre
-                    .broadcast_mul(&code_norm)?
-                    .sum_all()?
-                    .affine(1.0 / bsz as f64, 0.0)?;
-                (pre.clone(), pen, lam)
-            }
-            Objective::BatchTopK { k, .. } => {
-                let scaled = pre.broadcast_mul(&code_norm)?.detach();
-                let m = batch_topk_mask(&scaled, k)?;
-                let a = (&pre * &m)?;
-                // EMA of the smallest kept scaled activation (the inference threshold)
-                let kept: Vec<f32> = (&scaled * &m)?.flatten_all()?.to_vec1()?;
-                let min_pos = kept
-                    .iter()
-                    .copied()
-                    .filter(|v| *v > 0.0)
-                    .fold(f32::INFINITY, f32::min);
-                // From the end of the LR warm-up on (early batches' minima belong to a
-                // different model); β = 0.99 so short runs converge too.
-                if min_pos.is_finite() && step >= cfg.warmup_steps {
-                    threshold = if threshold < 0.0 {
-                        min_pos as f64
-                    } else {
-                        0.99 * threshold + 0.01 * min_pos as f64
-                    };
+                StepObjective::L1 {
+                    lambda: l1_coeff * ((step + 1) as f64 / l1_warm as f64).min(1.0),
                 }
-                (a, Tensor::new(0f32, &dev)?, 0.0)
-            }
-        };
-        let recon = acts
-            .matmul(&w_dec_flat)?
-            .broadcast_add(&params.b_dec.as_tensor().reshape(n * d)?)?;
-        let err = (&xf - &recon)?;
-        let mse = err.sqr()?.sum_all()?.affine(1.0 / bsz as f64, 0.0)?;
-        // dead-latent bookkeeping: examples since each latent last fired
-        let fired = acts
-            .gt(0f32)?
-            .to_dtype(DType::F32)?
-            .sum(0)?
-            .gt(0f32)?
-            .to_dtype(DType::F32)?;
-        // detached: the bookkeeping must not keep every step's graph alive
-        since_fired = ((&since_fired + bsz as f64)? * fired.affine(-1.0, 1.0)?)?.detach();
-        let (loss, penalty) = match cfg.objective {
-            Objective::L1 { .. } => {
-                let loss = (&mse + penalty_t.affine(loss_extra_coeff, 0.0)?)?;
-                let pv = penalty_t.to_scalar::<f32>()? as f64;
-                (loss, pv)
             }
             Objective::BatchTopK {
+                k,
                 aux_k,
                 aux_alpha,
                 dead_after,
-                ..
-            } => {
-                let dead = since_fired.ge(dead_after as f64)?.to_dtype(DType::F32)?;
-                let n_dead = dead.sum_all()?.to_scalar::<f32>()? as usize;
-                if n_dead > 0 && aux_alpha > 0.0 {
-                    let scaled = pre
-                        .broadcast_mul(&code_norm)?
-                        .broadcast_mul(&dead.unsqueeze(0)?)?
-                        .detach();
-                    let m = batch_topk_mask(&scaled, aux_k.min(n_dead))?;
-                    let aux_acts = (&pre * &m)?;
-                    let aux_recon = aux_acts.matmul(&w_dec_flat)?;
-                    let resid = err.detach();
-                    let num = (&resid - &aux_recon)?.sqr()?.sum_all()?;
-                    let den = resid
-                        .broadcast_sub(&resid.mean_keepdim(0)?)?
-                        .sqr()?
-                        .sum_all()?
-                        .affine(1.0, 1e-8)?;
-                    let aux = (num / den)?;
-                    let pv = aux.to_scalar::<f32>()? as f64;
-                    ((&mse + aux.affine(aux_alpha, 0.0)?)?, pv)
-                } else {
-                    (mse.clone(), 0.0)
-                }
-            }
+            } => StepObjective::BatchTopK {
+                k,
+                aux_k,
+                aux_alpha,
+                dead_after,
+            },
         };
-        let grads = loss.backward()?;
-        let t = (step + 1) as i32;
-        let (c1, c2) = (1.0 - b1.powi(t), 1.0 - b2.powi(t));
+        let w = [&params.w_enc, &params.b_enc, &params.w_dec, &params.b_dec]
+            .map(|v| v.as_tensor().detach());
+        let out = step_grads(
+            &xf,
+            &StepParams {
+                w_enc: &w[0],
+                b_enc: &w[1],
+                w_dec: &w[2],
+                b_dec: &w[3],
+            },
+            objective,
+            &since_fired,
+        )?;
+        since_fired = out.since_fired;
+        // EMA of the smallest kept scaled activation (the inference threshold), from the end of
+        // the LR warm-up on (early batches' minima belong to a different model); β = 0.99 so
+        // short runs converge too.
+        if let Some(min_pos) = out.kept_min {
+            if min_pos.is_finite() && step >= cfg.warmup_steps {
+                threshold = if threshold < 0.0 {
+                    min_pos as f64
+                } else {
+                    0.99 * threshold + 0.01 * min_pos as f64
+                };
+            }
+        }
+        let acts = out.acts;
+        let adam = AdamStep::new(b1, b2, eps, (step + 1) as i32, lr);
         for (i, var) in params.vars().iter().enumerate() {
-            let Some(g) = grads.get(var.as_tensor()) else {
-                continue;
-            };
-            let g = g.detach();
-            adam_m[i] = ((&adam_m[i] * b1)? + (&g * (1.0 - b1))?)?.detach();
-            adam_v[i] = ((&adam_v[i] * b2)? + (g.sqr()? * (1.0 - b2))?)?.detach();
-            let upd = ((&adam_m[i] / c1)? / ((&adam_v[i] / c2)?.sqrt()? + eps)?)?;
-            var.set(&(var.as_tensor() - (upd * lr)?)?.detach())?;
+            adam.apply(var, &out.grads[i], &mut adam_m[i], &mut adam_v[i])?;
         }
         // keep padded coordinates at zero
         if store.meta.dims.iter().any(|&dm| dm < d) {
-            params.w_dec.set(
-                &params
-                    .w_dec
-                    .as_tensor()
-                    .broadcast_mul(&mask_nd.unsqueeze(1)?)?,
-            )?;
-            params.w_enc.set(
-                &params
-                    .w_enc
-                    .as_tensor()
-                    .broadcast_mul(&mask_nd.unsqueeze(2)?)?,
+            zero_padding(
+                params.w_enc.as_tensor(),
+                params.w_dec.as_tensor(),
+                &store.meta.dims,
             )?;
         }
-        let mse_v = mse.to_scalar::<f32>()? as f64;
+        let mse_v = out.mse;
         let tot = xf
             .broadcast_sub(&xf.mean_keepdim(0)?)?
             .sqr()?
@@ -762,9 +702,9 @@ pub fn train(
             .to_scalar::<f32>()? as f64;
         let entry = StepLog {
             step,
-            loss: loss.to_scalar::<f32>()? as f64,
+            loss: out.loss,
             mse: mse_v,
-            penalty,
+            penalty: out.penalty,
             fve: if tot > 0.0 { 1.0 - mse_v / tot } else { 0.0 },
             l0,
             dead_fraction,

@@ -483,6 +483,10 @@ pub struct BenchForwardArgs {
     /// the Python package returns it) instead of forwards whose captures are dropped.
     #[arg(long)]
     pub run_with_cache: bool,
+    /// Capture nothing: the forward alone (the attention-memory figure without the residual
+    /// cache's own memory).
+    #[arg(long, conflicts_with = "run_with_cache")]
+    pub no_capture: bool,
 }
 
 /// Multiply-adds x 2 per token in the blocks' projections (attention q/k/v/o, MLP), without the
@@ -554,7 +558,9 @@ pub fn bench_forward(a: BenchForwardArgs) -> Result<()> {
         for chunk in seqs.chunks(a.batch_size.max(1)) {
             let batch = Batch::left_padded(chunk, m.pad_id(), m.device())?;
             let mut hooks = Hooks::new();
-            hooks.capture_all(&names);
+            if !a.no_capture {
+                hooks.capture_all(&names);
+            }
             m.forward(&batch, None, &mut hooks, LogitsAt::Last)?;
         }
         Ok(())
@@ -568,7 +574,13 @@ pub fn bench_forward(a: BenchForwardArgs) -> Result<()> {
     }
     let v = json!({
         "impl": format!("persona-lens ({})", m.info.precision),
-        "mode": if a.run_with_cache { "run_with_cache" } else { "forward" },
+        "mode": if a.run_with_cache {
+            "run_with_cache"
+        } else if a.no_capture {
+            "forward_no_capture"
+        } else {
+            "forward"
+        },
         "batch_size": a.batch_size, "tokens": n_tokens, "seconds": best,
         "attention_block": m.decoder.attention_block,
         "tokens_per_s": n_tokens as f64 / best,

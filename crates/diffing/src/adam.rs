@@ -1,0 +1,134 @@
+//! Adam for the crosscoder's parameters: one in-place pass per parameter over weight, gradient
+//! and both moments, instead of about a dozen whole-tensor ops, each allocating a new tensor of
+//! the parameter's size (the dictionary's weights are millions of elements: those copies were
+//! memory traffic the size of the matrix products). The arithmetic is the composed version's, op
+//! for op, so both give the same bits (`fused_adam_is_bitwise_the_composed_one`).
+
+use crate::Result;
+use candle_core::{CpuStorage, Layout, Tensor, Var};
+use std::sync::Mutex;
+
+/// Adam's constants for one step: β1, β2, ε, the bias corrections `1 − β^t` and the learning
+/// rate.
+#[derive(Debug, Clone, Copy)]
+pub struct AdamStep {
+    pub b1: f64,
+    pub b2: f64,
+    pub eps: f64,
+    pub c1: f64,
+    pub c2: f64,
+    pub lr: f64,
+}
+
+impl AdamStep {
+    pub fn new(b1: f64, b2: f64, eps: f64, t: i32, lr: f64) -> Self {
+        AdamStep {
+            b1,
+            b2,
+            eps,
+            c1: 1.0 - b1.powi(t),
+            c2: 1.0 - b2.powi(t),
+            lr,
+        }
+    }
+
+    /// The reference: the same update as whole-tensor candle ops (each `tensor * f64` is candle's
+    /// `affine(x, 0)`, each `tensor / f64` is `affine(1 / x, 0)`). Returns (weight, m, v).
+    pub fn composed(
+        &self,
+        w: &Tensor,
+        g: &Tensor,
+        m: &Tensor,
+        v: &Tensor,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        let m = ((m * self.b1)? + (g * (1.0 - self.b1))?)?;
+        let v = ((v * self.b2)? + (g.sqr()? * (1.0 - self.b2))?)?;
+        let upd = ((&m / self.c1)? / ((&v / self.c2)?.sqrt()? + self.eps)?)?;
+        Ok(((w - (upd * self.lr)?)?, m, v))
+    }
+
+    /// Updates `var` and the moments `m`, `v` (host vectors of the parameter's size) in place.
+    pub fn apply(&self, var: &Var, g: &Tensor, m: &mut [f32], v: &mut [f32]) -> Result<()> {
+        let g = g.contiguous()?;
+        let op = FusedAdam {
+            step: *self,
+            moments: Mutex::new((m, v)),
+        };
+        var.as_tensor().inplace_op2(&g, &op)?;
+        Ok(())
+    }
+}
+
+struct FusedAdam<'a> {
+    step: AdamStep,
+    moments: Mutex<(&'a mut [f32], &'a mut [f32])>,
+}
+
+fn contiguous<'s>(s: &'s CpuStorage, l: &Layout) -> candle_core::Result<&'s [f32]> {
+    match (s, l.contiguous_offsets()) {
+        (CpuStorage::F32(x), Some((a, b))) => Ok(&x[a..b]),
+        _ => candle_core::bail!("fused-adam needs contiguous f32 tensors"),
+    }
+}
+
+impl candle_core::InplaceOp2 for FusedAdam<'_> {
+    fn name(&self) -> &'static str {
+        "fused-adam"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &mut CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<()> {
+        use rayon::prelude::*;
+        let g = contiguous(s2, l2)?;
+        let (a, b) = match l1.contiguous_offsets() {
+            Some(ab) => ab,
+            None => candle_core::bail!("fused-adam needs a contiguous weight"),
+        };
+        let w = match s1 {
+            CpuStorage::F32(x) => &mut x[a..b],
+            _ => candle_core::bail!("fused-adam needs f32 weights"),
+        };
+        let mut guard = self
+            .moments
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("fused-adam: moments poisoned".into()))?;
+        let (m, v) = &mut *guard;
+        if g.len() != w.len() || m.len() != w.len() || v.len() != w.len() {
+            candle_core::bail!(
+                "fused-adam: weight of {} elements, gradient {}, moments {} and {}",
+                w.len(),
+                g.len(),
+                m.len(),
+                v.len()
+            )
+        }
+        // f32 constants exactly as candle's affine converts them.
+        let s = self.step;
+        let (b1, b1c) = (s.b1 as f32, (1.0 - s.b1) as f32);
+        let (b2, b2c) = (s.b2 as f32, (1.0 - s.b2) as f32);
+        let (ic1, ic2) = ((1.0 / s.c1) as f32, (1.0 / s.c2) as f32);
+        let (eps, lr) = (s.eps as f32, s.lr as f32);
+        const CHUNK: usize = 1 << 14;
+        w.par_chunks_mut(CHUNK)
+            .zip(g.par_chunks(CHUNK))
+            .zip(m.par_chunks_mut(CHUNK))
+            .zip(v.par_chunks_mut(CHUNK))
+            .for_each(|(((w, g), m), v)| {
+                for i in 0..w.len() {
+                    let gi = g[i];
+                    let mi = (m[i] * b1 + 0.0) + (gi * b1c + 0.0);
+                    let vi = (v[i] * b2 + 0.0) + ((gi * gi) * b2c + 0.0);
+                    let upd = (mi * ic1 + 0.0) / ((vi * ic2 + 0.0).sqrt() * 1.0 + eps);
+                    w[i] -= upd * lr + 0.0;
+                    m[i] = mi;
+                    v[i] = vi;
+                }
+            });
+        Ok(())
+    }
+}
