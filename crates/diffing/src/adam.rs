@@ -132,3 +132,52 @@ impl candle_core::InplaceOp2 for FusedAdam<'_> {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+    use rand::{Rng, SeedableRng};
+
+    fn random(n: usize, seed: u64, zeros_every: usize) -> Vec<f32> {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        (0..n)
+            .map(|i| {
+                if zeros_every > 0 && i % zeros_every == 0 {
+                    0.0
+                } else {
+                    rng.random::<f32>() * 2.0 - 1.0
+                }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn fused_adam_is_bitwise_the_composed_one() -> Result<()> {
+        // More elements than one parallel chunk, some zero gradients, three steps.
+        let n = 40_000;
+        let dev = Device::Cpu;
+        let w0 = Tensor::from_vec(random(n, 1, 0), n, &dev)?;
+        let var = Var::from_tensor(&w0)?;
+        let (mut m, mut v) = (vec![0f32; n], vec![0f32; n]);
+        let (mut w_ref, mut m_ref, mut v_ref) = (w0.clone(), w0.zeros_like()?, w0.zeros_like()?);
+        for t in 1..=3 {
+            let g = Tensor::from_vec(random(n, 10 + t as u64, 7), n, &dev)?;
+            let step = AdamStep::new(0.9, 0.999, 1e-8, t, 1e-3 * t as f64);
+            step.apply(&var, &g, &mut m, &mut v)?;
+            (w_ref, m_ref, v_ref) = step.composed(&w_ref, &g, &m_ref, &v_ref)?;
+            let same = |a: &[f32], b: &Tensor| -> Result<bool> {
+                let b = b.to_vec1::<f32>()?;
+                Ok(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()))
+            };
+            assert!(
+                same(&var.as_tensor().to_vec1::<f32>()?, &w_ref)?,
+                "weights, step {t}"
+            );
+            assert!(same(&m, &m_ref)?, "first moment, step {t}");
+            assert!(same(&v, &v_ref)?, "second moment, step {t}");
+        }
+        assert_ne!(var.as_tensor().to_vec1::<f32>()?, w0.to_vec1::<f32>()?);
+        Ok(())
+    }
+}

@@ -1,7 +1,9 @@
 //! persona-lens diffing: crosscoders (dictionary_learning `CrossCoder` / `BatchTopKCrossCoder`
 //! and the open-source replication layout) and single-model SAEs (SAELens, Gemma Scope), with
 //! their exact encode/decode semantics; paired base-vs-chat activations; crosscoder training in
-//! candle; and the model-diffing analyses (relative decoder norms, Latent Scaling, persona latents).
+//! candle (`train`: the loop, checkpoints and resume; `step`: one step's loss and its gradients,
+//! written out by hand; `adam`: the in-place update); and the model-diffing analyses (relative
+//! decoder norms, Latent Scaling, persona latents).
 
 pub mod adam;
 pub mod analyze;

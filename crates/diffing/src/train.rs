@@ -1,4 +1,5 @@
-//! Crosscoder training with candle autograd.
+//! Crosscoder training: the loop, its batch order, checkpoints and resume (one step's loss and
+//! gradients are in `step`, the Adam update in `adam`).
 //!
 //! - **L1** (Anthropic's "Sparse Crosscoders"): loss = Σ_l ‖x_l − x̂_l‖² + λ Σ_f f_i Σ_l ‖W_dec[l, i]‖
 //!   (per example, averaged over the batch), λ warmed up linearly over the first 5 % of steps.
