@@ -4,6 +4,7 @@
 //! memory traffic the size of the matrix products). The arithmetic is the composed version's, op
 //! for op, so both give the same bits (`fused_adam_is_bitwise_the_composed_one`).
 
+use crate::step::{contiguous_f32, contiguous_f32_mut};
 use crate::Result;
 use candle_core::{CpuStorage, Layout, Tensor, Var};
 use std::sync::Mutex;
@@ -64,13 +65,6 @@ struct FusedAdam<'a> {
     moments: Mutex<(&'a mut [f32], &'a mut [f32])>,
 }
 
-fn contiguous<'s>(s: &'s CpuStorage, l: &Layout) -> candle_core::Result<&'s [f32]> {
-    match (s, l.contiguous_offsets()) {
-        (CpuStorage::F32(x), Some((a, b))) => Ok(&x[a..b]),
-        _ => candle_core::bail!("fused-adam needs contiguous f32 tensors"),
-    }
-}
-
 impl candle_core::InplaceOp2 for FusedAdam<'_> {
     fn name(&self) -> &'static str {
         "fused-adam"
@@ -84,15 +78,8 @@ impl candle_core::InplaceOp2 for FusedAdam<'_> {
         l2: &Layout,
     ) -> candle_core::Result<()> {
         use rayon::prelude::*;
-        let g = contiguous(s2, l2)?;
-        let (a, b) = match l1.contiguous_offsets() {
-            Some(ab) => ab,
-            None => candle_core::bail!("fused-adam needs a contiguous weight"),
-        };
-        let w = match s1 {
-            CpuStorage::F32(x) => &mut x[a..b],
-            _ => candle_core::bail!("fused-adam needs f32 weights"),
-        };
+        let g = contiguous_f32(s2, l2, "fused-adam")?;
+        let w = contiguous_f32_mut(s1, l1, "fused-adam")?;
         let mut guard = self
             .moments
             .lock()

@@ -56,14 +56,18 @@ fn decoder_norms(w_dec: &Tensor) -> Result<(Tensor, Tensor)> {
     Ok((code_norm, norms))
 }
 
-fn contiguous_f32<'s>(s: &'s CpuStorage, l: &Layout, op: &str) -> candle_core::Result<&'s [f32]> {
+pub(crate) fn contiguous_f32<'s>(
+    s: &'s CpuStorage,
+    l: &Layout,
+    op: &str,
+) -> candle_core::Result<&'s [f32]> {
     match (s, l.contiguous_offsets()) {
         (CpuStorage::F32(x), Some((a, b))) => Ok(&x[a..b]),
         _ => candle_core::bail!("{op} needs a contiguous f32 tensor"),
     }
 }
 
-fn contiguous_f32_mut<'s>(
+pub(crate) fn contiguous_f32_mut<'s>(
     s: &'s mut CpuStorage,
     l: &Layout,
     op: &str,
