@@ -192,7 +192,8 @@ pub fn step(
     let z = x.matmul(&w_enc)?.broadcast_add(p.b_enc)?;
     let pre = z.relu()?;
     let (code_norm, norms) = decoder_norms(p.w_dec)?;
-    // acts = pre · mask; the mask is None for L1 (all of pre).
+    // acts = pre · mask; the mask (and the scaled activations it was chosen on) is None for L1
+    // (all of pre).
     let (acts, mask, kept_min, l1_penalty) = match objective {
         StepObjective::L1 { .. } => {
             let pen = pre
@@ -210,7 +211,7 @@ pub fn step(
                 .copied()
                 .filter(|v| *v > 0.0)
                 .fold(f32::INFINITY, f32::min);
-            ((&pre * &m)?, Some(m), Some(min_pos), 0.0)
+            ((&pre * &m)?, Some((m, scaled)), Some(min_pos), 0.0)
         }
     };
     let recon = acts
@@ -244,16 +245,14 @@ pub fn step(
             dead_after,
             ..
         } => {
-            let m = mask.as_ref().expect("BatchTopK has a mask");
+            let (m, scaled) = mask.as_ref().expect("BatchTopK has a mask");
             let mut g_pre = (&g_acts * m)?;
             let dead = since_fired.ge(dead_after as f64)?.to_dtype(DType::F32)?;
             let n_dead = dead.sum_all()?.to_scalar::<f32>()? as usize;
             let mut aux_value = 0.0;
             if n_dead > 0 && aux_alpha > 0.0 {
-                let scaled = pre
-                    .broadcast_mul(&code_norm)?
-                    .broadcast_mul(&dead.unsqueeze(0)?)?;
-                let m_aux = batch_topk_mask(&scaled, aux_k.min(n_dead))?;
+                let dead_scaled = scaled.broadcast_mul(&dead.unsqueeze(0)?)?;
+                let m_aux = batch_topk_mask(&dead_scaled, aux_k.min(n_dead))?;
                 let aux_acts = (&pre * &m_aux)?;
                 let aux_recon = aux_acts.matmul(&w_dec_flat)?;
                 let diff = (&err - &aux_recon)?;

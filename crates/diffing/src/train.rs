@@ -640,8 +640,8 @@ pub fn train(
                 dead_after,
             },
         };
-        let w = [&params.w_enc, &params.b_enc, &params.w_dec, &params.b_dec]
-            .map(|v| v.as_tensor().detach());
+        // Detached views of the weights: the step builds no autograd graph.
+        let w = params.vars().map(|v| v.as_tensor().detach());
         let out = step_grads(
             &xf,
             &StepParams {
