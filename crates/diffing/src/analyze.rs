@@ -7,7 +7,7 @@ use crate::corpus::{sycophancy_pairs, verification_prompts};
 use crate::crosscoder::CrossCoder;
 use crate::harvest::{harvest_paired, CorpusItem, PairedHarvestSpec};
 use crate::metrics::{latent_scaling, DecoderMetrics, LatentClass, LatentScaling};
-use crate::paired::{Alignment, PairedStore};
+use crate::paired::{Alignment, PairedMeta, PairedStore};
 use crate::persona::{
     codes_for, consistency, direct_codes, max_activating, max_mean_null, pair_differences,
     pair_key, verify, Candidate, Example, MaxNull, PairDiff, Verification,
@@ -20,7 +20,7 @@ use persona_lens_analysis::PersonaDataset;
 use persona_lens_engine::{HookName, Model};
 use persona_lens_report::{save_bar_chart, save_histogram, Bar, BarChart, Document, Histogram};
 use serde::Serialize;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
 pub struct AnalyzeSpec<'a> {
@@ -32,7 +32,8 @@ pub struct AnalyzeSpec<'a> {
     pub batch_size: usize,
     /// Crosscoder (None: the notebook's direct activation comparison).
     pub crosscoder: Option<(&'a CrossCoder, String)>,
-    /// The training corpus store, for Latent Scaling and max-activating examples.
+    /// The training corpus store, for Latent Scaling and max-activating examples; the analysed
+    /// prompts it holds are read from it instead of run again (see [`rows_of`]).
     pub store: Option<&'a PairedStore>,
     pub top_k: usize,
     /// Candidates to verify.
@@ -127,27 +128,90 @@ pub struct Summary {
     pub tool: String,
 }
 
+/// Each item's paired row at its last token, `(items, 2, d)`. Samples the analysed store
+/// already holds (same id and text, harvested from the same model files, hooks and rendering,
+/// without interventions) are read from it: the analysis runs the models only on the rest.
 pub fn rows_of(
     models: [&Model; 2],
     items: &[CorpusItem],
     spec: &AnalyzeSpec,
     dir: &Path,
 ) -> Result<candle_core::Tensor> {
-    let hs = PairedHarvestSpec {
-        hooks: spec.hooks,
-        chat_template: spec.chat_template,
-        shared_ids: spec.shared_ids,
-        // prompts are compared at their last token (the notebook's per-prompt vectors)
-        alignment: Some(Alignment::Last),
-        batch_size: spec.batch_size,
-        shard_rows: 1 << 20,
-        setup: [None, None],
+    let store = spec.store.filter(|st| store_serves(&st.meta, models, spec));
+    let stored_at: Vec<Option<usize>> = match store {
+        Some(st) => {
+            let last_row: HashMap<(&str, &str), usize> = st
+                .meta
+                .samples
+                .iter()
+                .filter(|s| s.n_rows > 0)
+                .map(|s| ((s.id.as_str(), s.text.as_str()), s.first_row + s.n_rows - 1))
+                .collect();
+            items
+                .iter()
+                .map(|i| last_row.get(&(i.id.as_str(), i.text.as_str())).copied())
+                .collect()
+        }
+        None => vec![None; items.len()],
     };
-    harvest_paired(models, items, &hs, dir, &|_| {})?;
-    let st = PairedStore::open(dir)?;
-    let x = st.all()?;
-    let _ = std::fs::remove_dir_all(dir);
-    Ok(x)
+    let missing: Vec<CorpusItem> = items
+        .iter()
+        .zip(&stored_at)
+        .filter(|(_, at)| at.is_none())
+        .map(|(i, _)| i.clone())
+        .collect();
+    let stored_rows: Vec<usize> = stored_at.iter().flatten().copied().collect();
+    let mut parts = vec![];
+    if let (Some(st), false) = (store, stored_rows.is_empty()) {
+        parts.push(st.rows_at(&stored_rows)?);
+    }
+    if !missing.is_empty() {
+        let hs = PairedHarvestSpec {
+            hooks: spec.hooks,
+            chat_template: spec.chat_template,
+            shared_ids: spec.shared_ids,
+            // prompts are compared at their last token (the notebook's per-prompt vectors)
+            alignment: Some(Alignment::Last),
+            batch_size: spec.batch_size,
+            shard_rows: 1 << 20,
+            setup: [None, None],
+        };
+        harvest_paired(models, &missing, &hs, dir, &|_| {})?;
+        parts.push(PairedStore::open(dir)?.all()?);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+    let x = candle_core::Tensor::cat(&parts, 0)?;
+    if missing.is_empty() || stored_rows.is_empty() {
+        return Ok(x);
+    }
+    // Back to the items' order: stored rows come first in `x`, computed ones after them.
+    let (mut next_stored, mut next_computed) = (0u32, stored_rows.len() as u32);
+    let order: Vec<u32> = stored_at
+        .iter()
+        .map(|at| {
+            let slot = if at.is_some() {
+                &mut next_stored
+            } else {
+                &mut next_computed
+            };
+            *slot += 1;
+            *slot - 1
+        })
+        .collect();
+    let order = candle_core::Tensor::from_vec(order, items.len(), x.device())?;
+    Ok(x.index_select(&order, 0)?)
+}
+
+/// Whether `meta`'s rows are what [`rows_of`] would compute for `spec`: the same model files,
+/// hooks and templates, and the same choice of token ids (the chat model's rendering fed to both,
+/// or each its own).
+fn store_serves(meta: &PairedMeta, models: [&Model; 2], spec: &AnalyzeSpec) -> bool {
+    meta.shared_ids == Some(spec.shared_ids)
+        && meta.model_paths.len() == 2
+        && meta.model_paths[0] == models[0].info.path
+        && meta.model_paths[1] == models[1].info.path
+        && meta.hooks == [spec.hooks[0].to_string(), spec.hooks[1].to_string()]
+        && meta.chat_template == spec.chat_template
 }
 
 /// Runs the analysis and writes `summary.json`, plots and `report.md` into `out`.

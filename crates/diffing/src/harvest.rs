@@ -129,6 +129,11 @@ impl Plan {
             model_paths: models.iter().map(|m| m.info.path.clone()).collect(),
             hooks: spec.hooks.iter().map(|h| h.to_string()).collect(),
             chat_template: spec.chat_template.to_vec(),
+            shared_ids: spec
+                .setup
+                .iter()
+                .all(Option::is_none)
+                .then_some(spec.shared_ids),
             alignment,
             dims: dims.to_vec(),
             d,

@@ -54,6 +54,12 @@ pub struct PairedMeta {
     pub hooks: Vec<String>,
     /// Whether each model's prompt went through its chat template.
     pub chat_template: Vec<bool>,
+    /// Whether both models read the chat model's token ids (`PairedHarvestSpec::shared_ids`);
+    /// None in stores written before it was recorded and in stores harvested with an
+    /// intervention (a planted feature): an analysis then never reuses their rows in place of
+    /// plain forwards.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shared_ids: Option<bool>,
     pub alignment: Alignment,
     /// Each model's real width; rows are padded to the max.
     pub dims: Vec<usize>,
@@ -256,6 +262,42 @@ impl PairedStore {
             .map(|i| self.shard(i))
             .collect::<Result<_>>()?;
         Ok(Tensor::cat(&v, 0)?)
+    }
+
+    /// Rows at the store indices `idx`, in that order, `(idx.len(), n_models, d)`; each shard
+    /// is read once.
+    pub fn rows_at(&self, idx: &[usize]) -> Result<Tensor> {
+        if let Some(&bad) = idx.iter().find(|&&i| i >= self.meta.rows) {
+            return invalid(format!(
+                "row {bad} is outside the store ({} rows)",
+                self.meta.rows
+            ));
+        }
+        let mut picked: Vec<Option<Tensor>> = vec![None; idx.len()];
+        let mut base = 0;
+        for (si, s) in self.meta.shards.iter().enumerate() {
+            let (lo, hi) = (base, base + s.rows);
+            base = hi;
+            let here: Vec<usize> = (0..idx.len())
+                .filter(|&k| (lo..hi).contains(&idx[k]))
+                .collect();
+            if here.is_empty() {
+                continue;
+            }
+            let shard = self.shard(si)?;
+            for k in here {
+                picked[k] = Some(shard.narrow(0, idx[k] - lo, 1)?);
+            }
+        }
+        let rows: Vec<Tensor> = picked.into_iter().flatten().collect();
+        if rows.len() != idx.len() {
+            return invalid(format!(
+                "{}: its shards hold fewer rows than its manifest's {}",
+                self.dir.display(),
+                self.meta.rows
+            ));
+        }
+        Ok(Tensor::cat(&rows, 0)?)
     }
 
     /// Rows `[start, start + n)`.

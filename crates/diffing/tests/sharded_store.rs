@@ -21,6 +21,7 @@ fn meta() -> PairedMeta {
         model_paths: vec![],
         hooks: vec!["h".into(), "h".into()],
         chat_template: vec![false, false],
+        shared_ids: None,
         alignment: Alignment::Tokens,
         dims: vec![D, D],
         d: D,

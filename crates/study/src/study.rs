@@ -2154,7 +2154,9 @@ fn diff_step(c: &Ctx) -> Result<StepOut> {
     let ha = crate::diff_jobs::HarvestArgs {
         pair: pair.clone(),
         persona_pair: vec![c.cfg.persona_pair.clone()],
-        n_questions_per_pair: c.cfg.n_questions_per_pair,
+        // Every question the analysis reads too: its rows then come from this store, and
+        // neither model runs on those prompts twice.
+        n_questions_per_pair: c.cfg.n_questions_per_pair.max(d.n_questions_per_pair),
         max_dataset_items: d.max_dataset_items,
         // The study's corpus is its prompts alone (sampled text would take minutes).
         self_samples: 0,

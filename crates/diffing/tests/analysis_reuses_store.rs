@@ -1,0 +1,150 @@
+//! The analysis reads a prompt's paired row from the store when the store already holds that
+//! prompt (same id and text, model files, hooks and rendering), and runs the models only on
+//! the rest. Real gemma-3-270m on both sides; the chat side of the store carries a planted
+//! direction, so a row that came from the store is told apart from a fresh forward by the plant
+//! alone, and the base side (no plant) checks that the store row read is the prompt's last
+//! token.
+
+#[path = "../../engine/tests/common/mod.rs"]
+mod common;
+
+use candle_core::{Device, Tensor};
+use persona_lens_diffing::analyze::{rows_of, AnalyzeSpec};
+use persona_lens_diffing::harvest::{
+    harvest_paired, middle_resid_post, plant_on_token, CorpusItem, PairedHarvestSpec,
+};
+use persona_lens_diffing::paired::{Alignment, PairedStore};
+
+fn tmp(name: &str) -> std::path::PathBuf {
+    let p = std::env::temp_dir().join(format!("pl-reuse-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&p);
+    p
+}
+
+fn item(id: &str, text: &str) -> CorpusItem {
+    CorpusItem {
+        id: id.into(),
+        source: "persona".into(),
+        text: text.into(),
+    }
+}
+
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
+#[test]
+fn analysis_rows_come_from_the_store_only_where_it_holds_the_same_clean_prompt() {
+    let m = common::model("gemma-3-270m");
+    let models = [&*m, &*m];
+    let hook = middle_resid_post(&m);
+    let d = m.config().d_model;
+    // The plant switches on at the first token (BOS) and stays on: every chat-side row moves.
+    let bos = m.encode_prompt("x", false).unwrap()[0];
+    let mut direction = vec![0f32; d];
+    direction[7] = 1.0;
+    let plant = plant_on_token(
+        hook,
+        bos,
+        Tensor::from_vec(direction, d, &Device::Cpu).unwrap(),
+        50.0,
+        true,
+    );
+    let stored = [
+        item("a", "I am a child. Why is the sky blue?"),
+        item("b", "I have a PhD. Why is the sky blue?"),
+        item("c", "I am a child. What is a star made of?"),
+    ];
+    let dir = tmp("store");
+    let hs = PairedHarvestSpec {
+        hooks: [hook, hook],
+        chat_template: [false, false],
+        shared_ids: true,
+        alignment: Some(Alignment::Tokens),
+        batch_size: 2,
+        shard_rows: 7, // several shards, so rows are gathered across them
+        setup: [None, Some(&plant)],
+    };
+    harvest_paired(models, &stored, &hs, &dir, &|_| {}).unwrap();
+    let planted = PairedStore::open(&dir).unwrap();
+    assert!(planted.meta.shards.len() > 1);
+    assert_eq!(
+        planted.meta.shared_ids, None,
+        "a store made with an intervention must not pass for plain forwards"
+    );
+
+    // Asked in another order, with one prompt the store lacks and one whose text changed.
+    let asked = [
+        item("new", "I have a PhD. What is a star made of?"),
+        stored[1].clone(),
+        item("c", "I am a child. What is a planet made of?"),
+        stored[0].clone(),
+    ];
+    fn spec(hook: persona_lens_engine::HookName, store: Option<&PairedStore>) -> AnalyzeSpec<'_> {
+        AnalyzeSpec {
+            hooks: [hook, hook],
+            chat_template: [false, false],
+            shared_ids: true,
+            alignment: Some(Alignment::Last),
+            batch_size: 3,
+            crosscoder: None,
+            store,
+            top_k: 5,
+            n_verify: 0,
+            seed: 0,
+        }
+    }
+    let fresh = rows_of(models, &asked, &spec(hook, None), &tmp("fresh")).unwrap();
+    assert_eq!(fresh.dims3().unwrap(), (4, 2, d));
+    let chat = |x: &Tensor, i: usize| x.get(i).unwrap().get(1).unwrap();
+    let base = |x: &Tensor, i: usize| x.get(i).unwrap().get(0).unwrap();
+
+    // The planted store is not reused: every row equals a fresh forward.
+    let refused = rows_of(models, &asked, &spec(hook, Some(&planted)), &tmp("refused")).unwrap();
+    assert!(max_abs_diff(&refused, &fresh) < 1e-3);
+
+    // The same rows recorded as plain forwards: the two held prompts come from the store (the
+    // plant shows on their chat side), the other two are computed.
+    let mut clean = planted.clone();
+    clean.meta.shared_ids = Some(true);
+    let reused = rows_of(models, &asked, &spec(hook, Some(&clean)), &tmp("reused")).unwrap();
+    for i in [0, 2] {
+        assert!(
+            max_abs_diff(&reused.get(i).unwrap(), &fresh.get(i).unwrap()) < 1e-3,
+            "row {i} is not in the store and must be computed"
+        );
+    }
+    for i in [1, 3] {
+        let moved = (chat(&reused, i) - chat(&fresh, i))
+            .unwrap()
+            .get(7)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(
+            moved > 10.0,
+            "row {i}'s chat side must be the store's planted row (coordinate 7 moved {moved})"
+        );
+        // The base side carries no plant: the store's row is this prompt's last token.
+        let gap = max_abs_diff(&base(&reused, i), &base(&fresh, i));
+        assert!(
+            gap < 1e-3,
+            "row {i}'s base side differs from the prompt's last token by {gap}"
+        );
+    }
+    // Another rendering (each model its own ids) is a different forward: not reused.
+    let mut own = spec(hook, Some(&clean));
+    own.shared_ids = false;
+    let other = rows_of(models, &asked, &own, &tmp("own")).unwrap();
+    assert!(max_abs_diff(&other, &fresh) < 1e-3);
+    let _ = std::fs::remove_dir_all(&dir);
+}
