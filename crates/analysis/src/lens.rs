@@ -9,6 +9,7 @@ use crate::stats::mean_ci95;
 use crate::{resid_rows, AnalysisError, Result};
 use candle_core::Tensor;
 use persona_lens_engine::{Batch, Hooks, LogitsAt, Model};
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
@@ -301,30 +302,42 @@ pub fn dataset_lens_cached(
     let mut prompts = Vec::new();
     // persona -> per prompt: per row (diff, per-word (logprob, rank))
     let mut per: BTreeMap<String, Vec<Vec<RowStats>>> = BTreeMap::new();
-    for it in &ds.items {
-        let enc = encode_item(model, it, chat)?;
-        let (s, _) = rule.span(&enc, &it.id)?;
-        let pos = if rule == PositionRule::PersonaMean {
-            enc.last
-        } else {
-            s
-        };
-        let stored = match (&cached, rule) {
-            (Some(c), PositionRule::Last | PositionRule::QuestionLastToken) => {
-                c.rows(&it.id, enc.ids.len(), pos)?
-            }
-            _ => None,
-        };
-        let resid = match stored {
-            Some(r) => {
-                n_cached += 1;
-                r
-            }
-            None => resid_at(model, &enc.ids, pos)?,
-        };
-        let logits = lens_logits(model, &resid)?;
-        let rows: Vec<RowStats> = logits
-            .iter()
+    // Prompts go through the unembedding in chunks: one matrix product packs the (large)
+    // unembedding matrix once for a chunk's rows instead of once per prompt.
+    const PROMPTS_PER_UNEMBED: usize = 16;
+    for chunk in ds.items.chunks(PROMPTS_PER_UNEMBED) {
+        let mut resids = Vec::with_capacity(chunk.len());
+        for it in chunk {
+            let enc = encode_item(model, it, chat)?;
+            let (s, _) = rule.span(&enc, &it.id)?;
+            let pos = if rule == PositionRule::PersonaMean {
+                enc.last
+            } else {
+                s
+            };
+            let stored = match (&cached, rule) {
+                (Some(c), PositionRule::Last | PositionRule::QuestionLastToken) => {
+                    c.rows(&it.id, enc.ids.len(), pos)?
+                }
+                _ => None,
+            };
+            resids.push(match stored {
+                Some(r) => {
+                    n_cached += 1;
+                    r
+                }
+                None => resid_at(model, &enc.ids, pos)?,
+            });
+        }
+        let n_rows = resids[0].dim(0)?;
+        if resids.iter().any(|r| r.dim(0).ok() != Some(n_rows)) {
+            return Err(AnalysisError::Invalid(
+                "the stored harvest's residual rows differ from the model's; harvest again".into(),
+            ));
+        }
+        let logits = lens_logits(model, &Tensor::cat(&resids, 0)?)?;
+        let stats: Vec<RowStats> = logits
+            .par_iter()
             .map(|row| {
                 let lp = log_softmax_at(row, &all_ids);
                 let me = all_ids[..ne]
@@ -340,13 +353,17 @@ pub fn dataset_lens_cached(
                 (me - ms, lp)
             })
             .collect();
-        prompts.push((
-            it.id.clone(),
-            it.persona.clone(),
-            rows.iter().map(|r| r.0).collect(),
-        ));
-        per.entry(it.persona.clone()).or_default().push(rows);
-        progress(1);
+        for (it, rows) in chunk.iter().zip(stats.chunks(n_rows)) {
+            prompts.push((
+                it.id.clone(),
+                it.persona.clone(),
+                rows.iter().map(|r| r.0).collect(),
+            ));
+            per.entry(it.persona.clone())
+                .or_default()
+                .push(rows.to_vec());
+        }
+        progress(chunk.len());
     }
     let words: Vec<&TrackedWord> = expert.iter().chain(simple).collect();
     let personas = per

@@ -323,4 +323,50 @@ fn lens_reads_stored_activations_like_a_forward() {
     )
     .unwrap();
     assert_eq!(q.prompts_from_cache, 0);
+    // Each prompt's readout, computed alone (its forward, its rows through the unembedding),
+    // is the one the lens reports for it: prompts share unembedding products in chunks of 16.
+    let two = dataset::generate(&GenOptions {
+        persona_pairs: vec!["child-phd".into()],
+        topics: vec!["physics".into(), "biology".into()],
+        n_questions_per_pair: 3,
+        templates: vec![0, 3],
+        ..Default::default()
+    })
+    .unwrap();
+    assert!(
+        two.items.len() > 16 && !two.items.len().is_multiple_of(16),
+        "{} prompts: want whole chunks and a partial one",
+        two.items.len()
+    );
+    let lensed = lens::dataset_lens_cached(
+        &m,
+        &two,
+        false,
+        PositionRule::Last,
+        &ex,
+        &si,
+        vec![],
+        None,
+        &|_| {},
+    )
+    .unwrap();
+    let mut worst = 0f64;
+    for (it, (id, _, rows)) in two.items.iter().zip(&lensed.prompts) {
+        assert_eq!(&it.id, id);
+        let ids = m.encode_prompt(&it.text, false).unwrap();
+        let alone =
+            lens::lens_logits(&m, &lens::resid_at(&m, &ids, ids.len() - 1).unwrap()).unwrap();
+        let mean = |ws: &[lens::TrackedWord], row: &[f32]| {
+            ws.iter()
+                .map(|w| row[w.token_id as usize] as f64)
+                .sum::<f64>()
+                / ws.len() as f64
+        };
+        assert_eq!(alone.len(), rows.len());
+        for (row, got) in alone.iter().zip(rows) {
+            worst = worst.max((mean(&ex, row) - mean(&si, row) - got).abs());
+        }
+    }
+    println!("lens readout per prompt vs alone: max |diff| {worst:.2e} logits");
+    assert!(worst < 1e-3, "{worst}");
 }

@@ -333,6 +333,22 @@ fn planted_mover_head_is_ranked_first_on_one_split_and_its_ablation_beats_random
         .map(|set| (gap(set) - intact).abs())
         .collect();
     let p = rank_p_value(change, &random);
+    // The same gaps in one pass over the prompts, each set's forward starting at its first
+    // ablated block from the clean forward's residual: equal to the whole forwards' (the
+    // planted head is a standing hook, so the skipped blocks carry an intervention too).
+    let mut sets: Vec<Vec<Head>> = vec![vec![], vec![chosen]];
+    sets.extend(random_head_sets(&m, 2, 6, 11, &[chosen]));
+    assert!(sets.iter().any(|s| s.iter().all(|h| h.layer > 0)));
+    let refs: Vec<(&[Head], AblationMode)> =
+        sets.iter().map(|s| (&s[..], AblationMode::Zero)).collect();
+    let at_once = setup.gap_means(&refs, &|_, _| {}).unwrap();
+    for (set, g) in sets.iter().zip(&at_once) {
+        let whole = gap(set);
+        assert!(
+            (g - whole).abs() < 1e-9,
+            "{set:?}: {g} from the first ablated block vs {whole} whole"
+        );
+    }
     m.reset_hooks();
     let max_random = random.iter().cloned().fold(0.0, f64::max);
     eprintln!(

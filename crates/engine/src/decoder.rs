@@ -281,7 +281,7 @@ impl Decoder {
         let cfg = &self.cfg;
         let start = kv.as_ref().map(|c| c.len).unwrap_or(0);
         check_ids(ids, cfg.vocab_size, start, cfg.max_position, pad)?;
-        let (_b, t) = ids.dims2()?;
+        let (b, t) = ids.dims2()?;
         let mut ctx = HookCtx {
             name: HookName::global(HookPoint::Embed),
             pad: pad.to_vec(),
@@ -298,9 +298,27 @@ impl Decoder {
             }
             _ => self.blocks.len(),
         };
-        let mut x = self.embed_ids(ids, hooks, &mut ctx)?;
+        let (first, mut x) = match hooks.start_at_block.take() {
+            Some((l, resid)) => {
+                if kv.is_some() || l >= n_run {
+                    return Err(EngineError::InvalidArgument(format!(
+                        "start_at_block {l} needs a whole forward (no KV cache) that runs block {l} (the model has {} blocks, this call runs {n_run})",
+                        self.blocks.len()
+                    )));
+                }
+                let want = [b, t, cfg.d_model];
+                if resid.dims() != want {
+                    return Err(EngineError::InvalidArgument(format!(
+                        "start_at_block {l} got a residual of shape {:?}, but this batch needs {want:?} (blocks.{l}.hook_resid_pre of the same ids)",
+                        resid.dims()
+                    )));
+                }
+                (l, resid)
+            }
+            None => (0, self.embed_ids(ids, hooks, &mut ctx)?),
+        };
         let cc = self.call_ctx(pad, start, t)?;
-        for l in 0..n_run {
+        for l in first..n_run {
             let layer_kv = kv.as_deref_mut().map(|c| &mut c.layers[l]);
             x = self.block_forward(l, x, &cc, layer_kv, hooks, &mut ctx)?;
             if hooks.intervenes() {

@@ -411,6 +411,12 @@ pub struct Hooks {
     /// Run blocks `0..=l` only and return no logits (TransformerLens's `stop_at_layer = l + 1`):
     /// captures of earlier hooks cost only the blocks they need.
     pub stop_after_block: Option<usize>,
+    /// Start at block `l` from its input `[b, t, d]` (TransformerLens's `start_at_layer`): the
+    /// embedding and blocks `0..l` are skipped, so their hooks do not fire. The tensor must be
+    /// `blocks.l.hook_resid_pre` of an earlier forward over the same ids and padding, with the
+    /// same interventions before block `l`; then the results are those of a whole forward. One
+    /// forward consumes it.
+    pub start_at_block: Option<(usize, Tensor)>,
 }
 
 impl Hooks {

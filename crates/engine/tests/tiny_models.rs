@@ -972,6 +972,96 @@ fn stop_after_block_captures_the_same_rows_and_nothing_later() {
     assert!(err.contains("stop_after_block"), "{err}");
 }
 
+/// `start_at_block` from an earlier forward's `resid_pre` gives that forward's logits and later
+/// activations bit for bit, with an intervention after the start applied as usual; the blocks
+/// before it do not run (their hooks stay empty); a residual of the wrong shape or a start the
+/// call does not run is a one-line error.
+#[test]
+fn start_at_block_continues_an_earlier_forward_bit_for_bit() {
+    let dir = fixtures().join("tiny-models").join("tiny-llama");
+    let m = Model::load(
+        dir.to_str().unwrap(),
+        &models_dir(),
+        &LoadOptions::default(),
+    )
+    .unwrap();
+    let n = m.config().n_layers;
+    assert!(n >= 2);
+    let l = n - 1;
+    let batch = Batch::left_padded(&[vec![1, 5, 9, 3], vec![2, 7]], 0, m.device()).unwrap();
+    let last = HookName::block(l, HookPoint::ResidPost);
+    let run = |start: Option<Tensor>, zero_z: bool| {
+        let mut hooks = Hooks::new();
+        hooks.capture(HookName::block(l, HookPoint::ResidPre));
+        hooks.capture(HookName::block(0, HookPoint::ResidPost));
+        hooks.capture(last);
+        if zero_z {
+            hooks.intervene(
+                HookName::block(l, HookPoint::AttnZ),
+                persona_lens_engine::Op::Zero,
+                persona_lens_engine::Selector::all().heads(vec![0]),
+            );
+        }
+        hooks.start_at_block = start.map(|x| (l, x));
+        let logits = m
+            .forward(&batch, None, &mut hooks, LogitsAt::All)
+            .unwrap()
+            .unwrap();
+        (logits, hooks.cache)
+    };
+    let max_diff = |a: &Tensor, b: &Tensor| {
+        a.sub(b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    };
+    let (whole, cache) = run(None, false);
+    let resid = cache
+        .get(&HookName::block(l, HookPoint::ResidPre))
+        .unwrap()
+        .clone();
+    let (from_l, later) = run(Some(resid.clone()), false);
+    assert_eq!(max_diff(&whole, &from_l), 0.0);
+    assert_eq!(
+        max_diff(&cache.get(&last).unwrap(), &later.get(&last).unwrap()),
+        0.0
+    );
+    assert!(
+        later
+            .get(&HookName::block(0, HookPoint::ResidPost))
+            .is_err(),
+        "block 0 ran although the forward started at block {l}"
+    );
+    // An ablation in the started block acts as in a whole forward.
+    let (ablated, _) = run(None, true);
+    let (ablated_from_l, _) = run(Some(resid.clone()), true);
+    assert!(max_diff(&whole, &ablated) > 0.0);
+    assert_eq!(max_diff(&ablated, &ablated_from_l), 0.0);
+    // Wrong shape, or a KV-cached call: errors that name the setting.
+    let mut hooks = Hooks::new();
+    hooks.start_at_block = Some((l, resid.narrow(1, 0, 2).unwrap()));
+    let err = m
+        .forward(&batch, None, &mut hooks, LogitsAt::Last)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("start_at_block") && !err.contains('\n'),
+        "{err}"
+    );
+    let mut kv = persona_lens_engine::KvCache::new(n, batch.pad.clone());
+    let mut hooks = Hooks::new();
+    hooks.start_at_block = Some((l, resid));
+    let err = m
+        .forward(&batch, Some(&mut kv), &mut hooks, LogitsAt::Last)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("KV cache"), "{err}");
+}
+
 /// A standing hook (`Model::add_hook`) acts on every later forward exactly as the same
 /// intervention passed to one call does, including generation with the KV cache, and
 /// `reset_hooks` gives back the unedited model bit for bit.

@@ -1221,6 +1221,7 @@ pub fn ablate_with(model: &Model, a: &AblateArgs, print: bool) -> Result<AblateR
     // probes and the generated answers of a full run.
     const FULL_RANDOM_RUNS: usize = 3;
     let mut random_gaps: Vec<(AblationMode, f64)> = vec![];
+    let mut gap_only: Vec<(&[Head], AblationMode)> = vec![];
     for (mi, &m) in modes.iter().enumerate() {
         effects.push(setup.run("top", &heads, m)?);
         pb.inc(1);
@@ -1229,12 +1230,19 @@ pub fn ablate_with(model: &Model, a: &AblateArgs, print: bool) -> Result<AblateR
                 let e = setup.run(&format!("random{i}"), r, m)?;
                 random_gaps.push((m, e.gap_mean));
                 effects.push(e);
+                pb.inc(1);
             } else {
-                random_gaps.push((m, setup.gap_mean(r, m)?));
+                gap_only.push((r, m));
             }
-            pb.inc(1);
         }
     }
+    // The other sets' gaps in one pass over the prompts, each set's forward starting at its
+    // first ablated block.
+    let runs_before = pb.position();
+    let gaps = setup.gap_means(&gap_only, &|done, of| {
+        pb.set_position(runs_before + (gap_only.len() * done / of.max(1)) as u64)
+    })?;
+    random_gaps.extend(gap_only.iter().map(|&(_, m)| m).zip(gaps));
     pb.finish_and_clear();
     let base = &effects[0];
     let summary: Vec<AblationModeSummary> = modes
