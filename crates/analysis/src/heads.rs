@@ -460,19 +460,11 @@ impl AblationSetup<'_> {
             let donors: Vec<usize> = chunk.iter().map(|&i| self.donor(i)).collect();
             let mut h = ablation_hooks(heads, mode, Some(self.bank), &donors)?;
             let b = Batch::left_padded(&rows, self.model.pad_id(), self.model.device())?;
-            let logits: Vec<Vec<f32>> = self
-                .model
-                .forward(&b, None, &mut h, LogitsAt::Last)?
-                .ok_or_else(|| AnalysisError::Invalid("no logits".into()))?
-                .to_dtype(DType::F32)?
-                .to_vec2()?;
-            for (&i, l) in chunk.iter().zip(&logits) {
+            for (&i, l) in chunk.iter().zip(&self.last_logits(&b, &mut h)?) {
                 metric[i] = self.logit_diff(i, l)?;
             }
         }
-        Ok((0..self.metrics.len())
-            .map(|i| metric[2 * i] - metric[2 * i + 1])
-            .collect())
+        Ok(self.pair_gaps(&metric))
     }
 
     /// The mean persona gap with `heads` ablated: the cheap part of [`Self::run`], for the many
@@ -524,13 +516,7 @@ impl AblationSetup<'_> {
                         .clone();
                     h.start_at_block = Some((l, resid));
                 }
-                let logits: Vec<Vec<f32>> = self
-                    .model
-                    .forward(&b, None, &mut h, LogitsAt::Last)?
-                    .ok_or_else(|| AnalysisError::Invalid("no logits".into()))?
-                    .to_dtype(DType::F32)?
-                    .to_vec2()?;
-                for (&i, l) in chunk.iter().zip(&logits) {
+                for (&i, l) in chunk.iter().zip(&self.last_logits(&b, &mut h)?) {
                     metric[si][i] = self.logit_diff(i, l)?;
                 }
             }
@@ -538,13 +524,25 @@ impl AblationSetup<'_> {
         }
         Ok(metric
             .iter()
-            .map(|m| {
-                let gaps: Vec<f64> = (0..self.metrics.len())
-                    .map(|i| m[2 * i] - m[2 * i + 1])
-                    .collect();
-                mean_ci95(&gaps).0
-            })
+            .map(|m| mean_ci95(&self.pair_gaps(m)).0)
             .collect())
+    }
+
+    /// The last position's logits `[rows][vocab]` of one forward of `b` with `hooks`.
+    fn last_logits(&self, b: &Batch, hooks: &mut Hooks) -> Result<Vec<Vec<f32>>> {
+        Ok(self
+            .model
+            .forward(b, None, hooks, LogitsAt::Last)?
+            .ok_or_else(|| AnalysisError::Invalid("no logits".into()))?
+            .to_dtype(DType::F32)?
+            .to_vec2()?)
+    }
+
+    /// Per pair: the novice prompt's metric minus the expert prompt's (`metric` per prompt).
+    fn pair_gaps(&self, metric: &[f64]) -> Vec<f64> {
+        (0..self.metrics.len())
+            .map(|i| metric[2 * i] - metric[2 * i + 1])
+            .collect()
     }
 
     /// The logit difference of prompt `i` (novice of pair i/2 at even i) from its last logits.

@@ -29,19 +29,6 @@ fn item(id: &str, text: &str) -> CorpusItem {
     }
 }
 
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-}
-
 #[test]
 fn analysis_rows_come_from_the_store_only_where_it_holds_the_same_clean_prompt() {
     let m = common::model("gemma-3-270m");
@@ -110,7 +97,7 @@ fn analysis_rows_come_from_the_store_only_where_it_holds_the_same_clean_prompt()
 
     // The planted store is not reused: every row equals a fresh forward.
     let refused = rows_of(models, &asked, &spec(hook, Some(&planted)), &tmp("refused")).unwrap();
-    assert!(max_abs_diff(&refused, &fresh) < 1e-3);
+    assert!(common::max_abs_diff(&refused, &fresh) < 1e-3);
 
     // The same rows recorded as plain forwards: the two held prompts come from the store (the
     // plant shows on their chat side), the other two are computed.
@@ -119,7 +106,7 @@ fn analysis_rows_come_from_the_store_only_where_it_holds_the_same_clean_prompt()
     let reused = rows_of(models, &asked, &spec(hook, Some(&clean)), &tmp("reused")).unwrap();
     for i in [0, 2] {
         assert!(
-            max_abs_diff(&reused.get(i).unwrap(), &fresh.get(i).unwrap()) < 1e-3,
+            common::max_abs_diff(&reused.get(i).unwrap(), &fresh.get(i).unwrap()) < 1e-3,
             "row {i} is not in the store and must be computed"
         );
     }
@@ -135,7 +122,7 @@ fn analysis_rows_come_from_the_store_only_where_it_holds_the_same_clean_prompt()
             "row {i}'s chat side must be the store's planted row (coordinate 7 moved {moved})"
         );
         // The base side carries no plant: the store's row is this prompt's last token.
-        let gap = max_abs_diff(&base(&reused, i), &base(&fresh, i));
+        let gap = common::max_abs_diff(&base(&reused, i), &base(&fresh, i));
         assert!(
             gap < 1e-3,
             "row {i}'s base side differs from the prompt's last token by {gap}"
@@ -145,6 +132,6 @@ fn analysis_rows_come_from_the_store_only_where_it_holds_the_same_clean_prompt()
     let mut own = spec(hook, Some(&clean));
     own.shared_ids = false;
     let other = rows_of(models, &asked, &own, &tmp("own")).unwrap();
-    assert!(max_abs_diff(&other, &fresh) < 1e-3);
+    assert!(common::max_abs_diff(&other, &fresh) < 1e-3);
     let _ = std::fs::remove_dir_all(&dir);
 }
