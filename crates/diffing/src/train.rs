@@ -420,6 +420,7 @@ pub fn train(
     stop_after: Option<usize>,
     progress: &dyn Fn(&StepLog),
 ) -> Result<TrainOutcome> {
+    persona_lens_engine::tune_cpu_pools();
     let t0 = std::time::Instant::now();
     let dev = Device::Cpu;
     let (n, d, f) = (store.n_models(), store.meta.d, cfg.dict_size);

@@ -25,6 +25,7 @@ pub mod layers;
 pub mod model;
 pub mod registry;
 pub mod run_cache;
+pub mod runtime;
 pub mod tokenizer;
 pub mod weights;
 
@@ -39,6 +40,7 @@ pub use layers::{KvCache, LogitsAt};
 pub use model::{models_dir, resolve, LoadOptions, Model, ModelInfo, ModelSource, DEFAULT_MODEL};
 pub use registry::{registry, RegistryEntry};
 pub use run_cache::{CachePositions, OwnedActivation};
+pub use runtime::tune_cpu_pools;
 pub use tokenizer::{read_token_ids, ChatMessage, Tokenizer};
 pub use weights::{Precision, QuantKernel};
 

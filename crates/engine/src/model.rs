@@ -241,6 +241,7 @@ impl Model {
     }
 
     pub fn load_gguf(path: &Path, opts: &LoadOptions) -> Result<Self> {
+        crate::runtime::tune_cpu_pools();
         let (content, file) = read_gguf_header(path)?;
         let meta = GgufMeta {
             md: &content.metadata,
@@ -275,6 +276,7 @@ impl Model {
     }
 
     pub fn load_hf_dir(dir: &Path, opts: &LoadOptions) -> Result<Self> {
+        crate::runtime::tune_cpu_pools();
         let cfg_path = dir.join("config.json");
         let v = read_json(&cfg_path)?;
         let file = cfg_path.display().to_string();
