@@ -3,12 +3,18 @@ MODELS ?= $(or $(PERSONA_LENS_MODELS),models)
 export PERSONA_LENS_MODELS := $(abspath $(MODELS))
 BIN := target/release/persona-lens
 
-.PHONY: demo test test-python python models build lint bench clean-out check-report dashboard
+.PHONY: demo test test-python python models mkl build lint bench clean-out check-report dashboard
 
 models:
 	scripts/fetch-models.sh $(MODELS)
 
-build:
+# Intel MKL's runtime from PyPI's `mkl` wheel into mkl/lib (x86_64 Linux; a no-op elsewhere).
+# persona-lens opens it at run time for every f32 matrix product (crates/engine/src/mkl.rs);
+# without it the same build runs on gemm's kernels, slower (bench/README.md).
+mkl:
+	scripts/fetch-mkl.sh mkl
+
+build: mkl
 	cargo build --release -p persona-lens
 
 # The main job on the default model (grows into the whole study: see README).
@@ -45,8 +51,12 @@ python: $(PY)
 	cd crates/py && VIRTUAL_ENV=$(abspath $(PY_VENV)) PATH=$(abspath $(PY_VENV))/bin:$$PATH maturin develop
 
 # The test suite on the real models (fetched first). Dependencies are optimised in the test profile.
-test: models $(TOOLS_PY)
-	PERSONA_LENS_PYTHON=$(abspath $(TOOLS_PY)) cargo test --workspace -- --test-threads 2
+# Where mkl/lib holds MKL the tests run on it and its own tests must not skip; the engine's
+# reference tests then run once more on gemm's kernels (PERSONA_LENS_MKL=off), the path of
+# machines without MKL.
+test: models mkl $(TOOLS_PY)
+	PERSONA_LENS_REQUIRE_MKL=$$([ -f mkl/lib/VERSION ] && echo 1) PERSONA_LENS_PYTHON=$(abspath $(TOOLS_PY)) cargo test --workspace -- --test-threads 2
+	PERSONA_LENS_MKL=off cargo test -p persona-lens-engine --test golden --test tiny_models --test hf_checkpoints -- --test-threads 2
 	$(MAKE) test-python
 
 # The Python package against the command line built from the same sources; the dashboard

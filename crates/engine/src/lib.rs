@@ -22,6 +22,7 @@ pub mod generate;
 pub mod hooks;
 pub mod io;
 pub mod layers;
+pub mod mkl;
 pub mod model;
 pub mod registry;
 pub mod run_cache;

@@ -25,7 +25,8 @@ static TUNE: Once = Once::new();
 /// Sets `CANDLE_BARRIER_POOL_SPIN_LIMIT` to [`BARRIER_POOL_SPIN_LIMIT`] unless it is already set.
 /// candle reads it once, when its first large elementwise op creates the pool, so this runs
 /// before any tensor work: model loading and crosscoder training call it. Also applies
-/// [`AVX512_MIN_DIM_VAR`] when set. Idempotent.
+/// [`AVX512_MIN_DIM_VAR`] when set, and routes f32 products to MKL where it is installed
+/// ([`crate::mkl`]). Idempotent.
 pub fn tune_cpu_pools() {
     TUNE.call_once(|| {
         if let Some(value) = std::env::var_os(AVX512_MIN_DIM_VAR) {
@@ -37,6 +38,7 @@ pub fn tune_cpu_pools() {
                 ),
             }
         }
+        crate::mkl::init();
         if std::env::var_os("CANDLE_BARRIER_POOL_SPIN_LIMIT").is_none() {
             std::env::set_var(
                 "CANDLE_BARRIER_POOL_SPIN_LIMIT",
@@ -75,6 +77,11 @@ mod tests {
                 .collect()
         };
         let before = gemm_common::get_avx512_min_dim();
+        // gemm's own kernels, not MKL's (src/mkl.rs), even where MKL is installed. Process-wide:
+        // other tests running meanwhile use gemm's kernels too, which are also correct.
+        crate::mkl::init();
+        let hook = gemm_common::f32_gemm_hook();
+        gemm_common::set_f32_gemm_hook(None);
         for rhs in [&b, &bt] {
             let want = naive(&a, rhs);
             for min_dim in [0, usize::MAX] {
@@ -92,5 +99,6 @@ mod tests {
             }
         }
         gemm_common::set_avx512_min_dim(before);
+        gemm_common::set_f32_gemm_hook(hook);
     }
 }

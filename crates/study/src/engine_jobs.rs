@@ -583,6 +583,7 @@ pub fn bench_forward(a: BenchForwardArgs) -> Result<()> {
         },
         "batch_size": a.batch_size, "tokens": n_tokens, "seconds": best,
         "attention_block": m.decoder.attention_block,
+        "matmul": persona_lens_engine::mkl::matmul_backend().label(),
         "tokens_per_s": n_tokens as f64 / best,
         "peak_rss_mib": peak_rss_kib().map(|k| k as f64 / 1024.0),
         "block_gflop_per_token": block_gflop_per_token(m.config()),
@@ -591,9 +592,10 @@ pub fn bench_forward(a: BenchForwardArgs) -> Result<()> {
         println!("{v}");
     } else {
         println!(
-            "{n_tokens} tokens in {best:.3} s = {:.1} tokens/s (batch {}), peak RSS {:.0} MiB",
+            "{n_tokens} tokens in {best:.3} s = {:.1} tokens/s (batch {}, matmul on {}), peak RSS {:.0} MiB",
             n_tokens as f64 / best,
             a.batch_size,
+            persona_lens_engine::mkl::matmul_backend().label(),
             peak_rss_kib().unwrap_or(0) as f64 / 1024.0
         );
     }

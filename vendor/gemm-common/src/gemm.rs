@@ -1067,6 +1067,17 @@ macro_rules! gemm_def {
 
         #[inline(always)]
         pub fn get_gemm_fn() -> GemmTy {
+            // persona-lens patch: f32 products go to the registered external gemm, if any.
+            if ::core::any::TypeId::of::<T>() == ::core::any::TypeId::of::<f32>()
+                && $crate::f32_gemm_hook().is_some()
+            {
+                return external::gemm_basic;
+            }
+            get_kernel_fn()
+        }
+
+        #[inline(always)]
+        fn get_kernel_fn() -> GemmTy {
             let mut gemm_fn = GEMM_PTR.load(::core::sync::atomic::Ordering::Relaxed);
             if gemm_fn.is_null() {
                 gemm_fn = init_gemm_ptr() as *mut ();
@@ -1080,6 +1091,64 @@ macro_rules! gemm_def {
         $crate::__inject_mod!(fma, $ty, 4 * $multiplier, V3, false);
         #[cfg(all(feature = "x86-v4", any(target_arch = "x86", target_arch = "x86_64")))]
         $crate::__inject_mod!(avx512f, $ty, 8 * $multiplier, V4, false);
+
+        // persona-lens patch: the external f32 gemm (see `set_f32_gemm_hook`), gemm's own kernel
+        // for the layouts it declines.
+        mod external {
+            use super::*;
+
+            #[inline(never)]
+            pub unsafe fn gemm_basic(
+                m: usize,
+                n: usize,
+                k: usize,
+                dst: *mut T,
+                dst_cs: isize,
+                dst_rs: isize,
+                read_dst: bool,
+                lhs: *const T,
+                lhs_cs: isize,
+                lhs_rs: isize,
+                rhs: *const T,
+                rhs_cs: isize,
+                rhs_rs: isize,
+                alpha: T,
+                beta: T,
+                conj_dst: bool,
+                conj_lhs: bool,
+                conj_rhs: bool,
+                parallelism: $crate::Parallelism,
+            ) {
+                // Only reached for T = f32 (`get_gemm_fn`), so these casts are the identity.
+                if let Some(hook) = $crate::f32_gemm_hook() {
+                    let as_f32 = |x: T| *(&x as *const T as *const f32);
+                    if hook(
+                        m,
+                        n,
+                        k,
+                        dst as *mut f32,
+                        dst_cs,
+                        dst_rs,
+                        read_dst,
+                        lhs as *const f32,
+                        lhs_cs,
+                        lhs_rs,
+                        rhs as *const f32,
+                        rhs_cs,
+                        rhs_rs,
+                        as_f32(alpha),
+                        as_f32(beta),
+                        $crate::parallelism_threads(parallelism),
+                    ) {
+                        return;
+                    }
+                }
+                get_kernel_fn()(
+                    m, n, k, dst, dst_cs, dst_rs, read_dst, lhs, lhs_cs, lhs_rs, rhs, rhs_cs,
+                    rhs_rs, alpha, beta, conj_dst, conj_lhs, conj_rhs, parallelism,
+                )
+            }
+        }
 
         // persona-lens patch: AVX-512 for large outputs only (see `set_avx512_min_dim`).
         #[cfg(all(feature = "x86-v4", any(target_arch = "x86", target_arch = "x86_64")))]
