@@ -27,7 +27,9 @@ for bs in sorted({r["batch_size"] for r in rows}):
     by = {}
     for r in rows:
         if r["batch_size"] == bs:
-            by.setdefault(r["impl"], []).append(r)
+            # persona-lens names its matrix multiply (MKL or gemm's kernels) since 2026-12-06.
+            name = f"{r['impl'][:-1]}, matmul on {r['matmul']})" if "matmul" in r else r["impl"]
+            by.setdefault(name, []).append(r)
     med = {k: statistics.median(x["tokens_per_s"] for x in v) for k, v in by.items()}
     pl = next(k for k in by if k.startswith("persona-lens"))
     for k, v in by.items():

@@ -241,6 +241,10 @@ pub fn cache(a: CacheArgs) -> Result<()> {
     meta.insert("model".into(), m.info.name.clone());
     meta.insert("model_path".into(), m.info.path.clone());
     meta.insert("precision".into(), m.info.precision.clone());
+    meta.insert(
+        "matmul".into(),
+        persona_lens_engine::mkl::matmul_backend().label(),
+    );
     meta.insert("prompt_lengths".into(), serde_json::to_string(&lens)?);
     meta.insert("prompt_ids".into(), serde_json::to_string(&seqs)?);
     meta.insert(
@@ -356,6 +360,7 @@ pub fn inspect(a: InspectArgs) -> Result<()> {
         "architecture": c.arch.name(),
         "config": c,
         "precision": m.info.precision,
+        "matmul": persona_lens_engine::mkl::matmul_backend().label(),
         "weight_memory_bytes": m.info.weight_bytes,
         "tensor_types": m.info.tensor_types,
         "load_seconds": load_s,

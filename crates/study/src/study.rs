@@ -589,6 +589,9 @@ pub struct ModelFacts {
     pub format: String,
     /// `chat` or `base`.
     pub kind: String,
+    /// What the f32 matrix products ran on: `mkl <version>` or `gemm` (engine::mkl).
+    #[serde(default)]
+    pub matmul: String,
     pub n_heads: usize,
     pub n_layers: usize,
     pub name: String,
@@ -2660,6 +2663,7 @@ fn build_summary(c: &Ctx, mhash: &str, results: &[StepOut]) -> Result<Summary> {
             d_model: cfgm.d_model,
             format: c.model.info.format.clone(),
             kind: if chat { "chat" } else { "base" }.into(),
+            matmul: persona_lens_engine::mkl::matmul_backend().label(),
             n_heads: cfgm.n_heads,
             n_layers: cfgm.n_layers,
             name: c.cfg.model.clone(),
