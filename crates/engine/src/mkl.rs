@@ -47,6 +47,7 @@ type Sgemm = unsafe extern "C" fn(
 );
 type SetThreadingLayer = unsafe extern "C" fn(c_int) -> c_int;
 type SetNumThreadsLocal = unsafe extern "C" fn(c_int) -> c_int;
+type DisableFastMm = unsafe extern "C" fn() -> c_int;
 type GetVersionString = unsafe extern "C" fn(*mut c_char, c_int);
 
 struct Mkl {
@@ -200,6 +201,15 @@ fn bind(library: libloading::Library) -> Result<(Mkl, String), String> {
                 MKL_THREADING_SEQUENTIAL
             });
         }
+        // MKL's own allocator keeps each calling thread's packing buffers for reuse and never
+        // returns them: a server whose requests land on ever new threads grew 110 MiB per round
+        // of eight sessions (crates/serve/tests/test_dashboard.py, flat-memory test). Plain
+        // malloc/free instead; same per-token time there (21.8 vs 21.6 ms). Also before any
+        // product: MKL reads the setting when it first allocates.
+        let disable_fast_mm = *library
+            .get::<DisableFastMm>(b"mkl_disable_fast_mm\0")
+            .map_err(|e| e.to_string())?;
+        disable_fast_mm();
         let version = match library.get::<GetVersionString>(b"MKL_Get_Version_String\0") {
             Ok(get) => {
                 let mut buf = [0 as c_char; 256];
