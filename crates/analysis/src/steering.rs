@@ -84,6 +84,9 @@ impl SteerPositions {
 pub enum SteerOp {
     /// x + v (v = alpha x the scaled direction), `[d]`.
     Add(Tensor),
+    /// x + v_r with one vector per prompt row, `[rows, d]`: many directions steer one batch
+    /// (each prompt repeated once per direction) instead of one generation per direction.
+    AddPerRow(Tensor),
     /// x - (x . u) u for the unit direction u `[d]`.
     Ablate(Tensor),
     /// The activation of a source prompt `[t_src, d]`, end-aligned with each row's prompt
@@ -192,11 +195,24 @@ pub fn add_steering(
             )));
         }
     }
+    if let SteerOp::AddPerRow(v) = &op {
+        if v.dims().len() != 2 || v.dim(0)? != prompt_lens.len() {
+            return Err(AnalysisError::Invalid(format!(
+                "per-row steering vectors of shape {:?} for {} prompts; give one [d] vector per prompt",
+                v.dims(),
+                prompt_lens.len()
+            )));
+        }
+    }
     let f: HookFn = Arc::new(move |x: &Tensor, ctx: &HookCtx| {
         let mask = position_mask(x, ctx, rule, &prompt_lens)?.to_dtype(x.dtype())?;
         match &op {
             SteerOp::Add(v) => {
                 let v = v.to_dtype(x.dtype())?.reshape((1, 1, ()))?;
+                x.broadcast_add(&mask.broadcast_mul(&v)?)
+            }
+            SteerOp::AddPerRow(v) => {
+                let v = v.to_dtype(x.dtype())?.unsqueeze(1)?; // [b, 1, d]
                 x.broadcast_add(&mask.broadcast_mul(&v)?)
             }
             SteerOp::Ablate(u) => {
@@ -332,9 +348,12 @@ pub fn steered_generate(
     for (ci, chunk) in prompts.chunks(bs).enumerate() {
         let mut hooks = Hooks::new();
         if let Some((hook, op, rule)) = steer {
-            // A patch carries one source per prompt: this chunk's slice.
+            // A patch and per-row vectors carry one entry per prompt: this chunk's slice.
             let op = match op {
                 SteerOp::Patch(all) => SteerOp::Patch(all[ci * bs..ci * bs + chunk.len()].to_vec()),
+                SteerOp::AddPerRow(all) => {
+                    SteerOp::AddPerRow(all.narrow(0, ci * bs, chunk.len())?)
+                }
                 o => o.clone(),
             };
             add_steering(
@@ -666,6 +685,9 @@ pub fn random_directions(d: usize, n: usize, norm: f64, seed: u64) -> Vec<Vec<f3
         .collect()
 }
 
+/// Rows per generation batch for the random directions' answers (prompts x directions).
+pub const RANDOM_DIRECTION_ROWS: usize = 64;
+
 /// Greedy answers to `prompts` unsteered, steered by `vector` (added at `hook`, `positions`), and
 /// steered by `n_random` random directions of the same norm (seeded), graded by Flesch-Kincaid;
 /// the unsteered and steered answers also get their perplexity under the unsteered model.
@@ -687,17 +709,17 @@ pub fn steer_against_random(
         .map(|x| (*x as f64).powi(2))
         .sum::<f64>()
         .sqrt();
-    let answers = |op: Option<&SteerOp>, ppl: bool| -> Result<Vec<ScoredAnswer>> {
+    let answers = |rows: &[Vec<u32>], op: Option<&SteerOp>, bs: usize, ppl: bool| {
         let gens = steered_generate(
             model,
-            prompts,
+            rows,
             op.map(|o| (hook, o, positions)),
             opts,
-            batch_size,
+            bs,
             progress,
         )?;
         gens.iter()
-            .zip(prompts)
+            .zip(rows)
             .map(|(g, p)| {
                 let text = model.tokenizer.decode(&g.generated_ids, true)?;
                 let perplexity = if ppl {
@@ -713,20 +735,35 @@ pub fn steer_against_random(
                     perplexity,
                 })
             })
+            .collect::<Result<Vec<ScoredAnswer>>>()
+    };
+    let unsteered = answers(prompts, None, batch_size, true)?;
+    let add = SteerOp::Add(Tensor::new(vector, model.device())?);
+    let steered = answers(prompts, Some(&add), batch_size, true)?;
+    // Every random direction in the same batches: prompt p under direction j is row
+    // j * prompts.len() + p, steered by its own vector. Decoding many rows at once costs little
+    // more per step than decoding a few, so this is several times faster than one generation
+    // per direction.
+    let dirs = random_directions(vector.len(), n_random, norm, seed);
+    let random_grades = if dirs.is_empty() || prompts.is_empty() {
+        vec![vec![]; dirs.len()]
+    } else {
+        let rows: Vec<Vec<u32>> = dirs.iter().flat_map(|_| prompts.to_vec()).collect();
+        let flat: Vec<f32> = dirs
+            .iter()
+            .flat_map(|v| prompts.iter().flat_map(move |_| v.iter().copied()))
+            .collect();
+        let per_row = SteerOp::AddPerRow(Tensor::from_vec(
+            flat,
+            (rows.len(), vector.len()),
+            model.device(),
+        )?);
+        let bs = batch_size.max(RANDOM_DIRECTION_ROWS);
+        answers(&rows, Some(&per_row), bs, false)?
+            .chunks(prompts.len())
+            .map(|c| c.iter().map(|a| a.grade).collect())
             .collect()
     };
-    let add = |v: &[f32]| -> Result<SteerOp> { Ok(SteerOp::Add(Tensor::new(v, model.device())?)) };
-    let unsteered = answers(None, true)?;
-    let steered = answers(Some(&add(vector)?), true)?;
-    let random_grades = random_directions(vector.len(), n_random, norm, seed)
-        .iter()
-        .map(|v| {
-            Ok(answers(Some(&add(v)?), false)?
-                .iter()
-                .map(|a| a.grade)
-                .collect())
-        })
-        .collect::<Result<_>>()?;
     Ok(DirectionVsRandom {
         hook: hook.to_string(),
         norm,

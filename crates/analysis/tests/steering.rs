@@ -282,3 +282,100 @@ fn bad_directions() {
     assert!(NormConvention::parse("huge").is_err());
     assert!(SteerPositions::parse("middle").is_err());
 }
+
+/// Per-row steering vectors (many directions in one batch, as the study's random-direction
+/// baseline runs them) give each row the answer it gets when its direction steers alone, also
+/// when a batch boundary splits the rows of one direction.
+#[test]
+fn per_row_vectors_equal_one_direction_at_a_time() {
+    use persona_lens_analysis::steering::steered_generate;
+    let m = model("smollm2-135m-instruct");
+    let hook = HookName::block(12, HookPoint::ResidPost);
+    let prompts: Vec<Vec<u32>> = [NOVICE, EXPERT, "I am a child. Why is the sky blue?"]
+        .iter()
+        .map(|t| m.encode_prompt(t, true).unwrap())
+        .collect();
+    let norm = mean_resid_norm(&m, &prompts, hook).unwrap();
+    let dir = pair_direction(&m, hook, true);
+    let scaled = scale_direction(&dir, NormConvention::MeanResid, Some(norm)).unwrap();
+    let dirs: Vec<Vec<f32>> = [0.8f32, -0.8, 0.0]
+        .iter()
+        .map(|a| scaled.iter().map(|x| x * a).collect())
+        .collect();
+    let opts = GenerateOptions {
+        max_new_tokens: 10,
+        ..Default::default()
+    };
+    let one_at_a_time: Vec<persona_lens_engine::Generation> = dirs
+        .iter()
+        .flat_map(|v| {
+            let op = SteerOp::Add(Tensor::new(v.as_slice(), m.device()).unwrap());
+            steered_generate(
+                &m,
+                &prompts,
+                Some((hook, &op, SteerPositions::All)),
+                &opts,
+                8,
+                &|_| {},
+            )
+            .unwrap()
+        })
+        .collect();
+    let rows: Vec<Vec<u32>> = dirs.iter().flat_map(|_| prompts.clone()).collect();
+    let flat: Vec<f32> = dirs
+        .iter()
+        .flat_map(|v| prompts.iter().flat_map(move |_| v.clone()))
+        .collect();
+    let per_row =
+        SteerOp::AddPerRow(Tensor::from_vec(flat, (rows.len(), dir.len()), m.device()).unwrap());
+    // Batches of 4 rows: the second direction's rows fall in two batches.
+    let batched = steered_generate(
+        &m,
+        &rows,
+        Some((hook, &per_row, SteerPositions::All)),
+        &opts,
+        4,
+        &|_| {},
+    )
+    .unwrap();
+    assert_ne!(
+        one_at_a_time[0].generated_ids, one_at_a_time[3].generated_ids,
+        "the two directions should steer the first prompt differently"
+    );
+    for (r, (a, b)) in one_at_a_time.iter().zip(&batched).enumerate() {
+        // Equal token for token up to a near-tie (batch composition may move logits by ~1e-6).
+        let same = a
+            .generated_ids
+            .iter()
+            .zip(&b.generated_ids)
+            .take_while(|(x, y)| x == y)
+            .count();
+        if same < a.generated_ids.len().min(b.generated_ids.len()) {
+            assert!(
+                a.margins[same] < 1e-3,
+                "row {r}: token {same} differs ({:?} vs {:?}) with top-2 margin {}",
+                a.generated_ids,
+                b.generated_ids,
+                a.margins[same]
+            );
+        } else {
+            assert_eq!(a.generated_ids, b.generated_ids, "row {r}");
+        }
+    }
+    let e = add_steering(
+        &mut Hooks::new(),
+        hook,
+        SteerOp::AddPerRow(
+            Tensor::zeros((2, dir.len()), candle_core::DType::F32, m.device()).unwrap(),
+        ),
+        SteerPositions::All,
+        vec![3, 4, 5],
+    )
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(
+        e.contains("one [d] vector per prompt") && !e.contains('\n'),
+        "{e}"
+    );
+}
