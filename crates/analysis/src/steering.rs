@@ -686,7 +686,7 @@ pub fn random_directions(d: usize, n: usize, norm: f64, seed: u64) -> Vec<Vec<f3
 }
 
 /// Rows per generation batch for the random directions' answers (prompts x directions).
-pub const RANDOM_DIRECTION_ROWS: usize = 64;
+pub const RANDOM_DIRECTION_ROWS: usize = 160;
 
 /// Greedy answers to `prompts` unsteered, steered by `vector` (added at `hook`, `positions`), and
 /// steered by `n_random` random directions of the same norm (seeded), graded by Flesch-Kincaid;
