@@ -172,6 +172,24 @@ fn position_mask(
     Tensor::from_vec(m, (b, t, 1), x.device())
 }
 
+/// An op that carries one entry per prompt (a patch's sources, per-row vectors) carries exactly
+/// one per prompt.
+fn check_per_prompt(op: &SteerOp, n_prompts: usize) -> Result<()> {
+    match op {
+        SteerOp::Patch(src) if src.len() != n_prompts => Err(AnalysisError::Invalid(format!(
+            "{} source activations for {n_prompts} prompts",
+            src.len()
+        ))),
+        SteerOp::AddPerRow(v) if v.dims().len() != 2 || v.dims()[0] != n_prompts => {
+            Err(AnalysisError::Invalid(format!(
+                "per-row steering vectors of shape {:?} for {n_prompts} prompts; give one [d] vector per prompt",
+                v.dims()
+            )))
+        }
+        _ => Ok(()),
+    }
+}
+
 /// Registers `op` at `hook` for a batch whose rows have these prompt lengths (real tokens).
 pub fn add_steering(
     hooks: &mut Hooks,
@@ -186,24 +204,7 @@ pub fn add_steering(
                 .into(),
         ));
     }
-    if let SteerOp::Patch(src) = &op {
-        if src.len() != prompt_lens.len() {
-            return Err(AnalysisError::Invalid(format!(
-                "{} source activations for {} prompts",
-                src.len(),
-                prompt_lens.len()
-            )));
-        }
-    }
-    if let SteerOp::AddPerRow(v) = &op {
-        if v.dims().len() != 2 || v.dim(0)? != prompt_lens.len() {
-            return Err(AnalysisError::Invalid(format!(
-                "per-row steering vectors of shape {:?} for {} prompts; give one [d] vector per prompt",
-                v.dims(),
-                prompt_lens.len()
-            )));
-        }
-    }
+    check_per_prompt(&op, prompt_lens.len())?;
     let f: HookFn = Arc::new(move |x: &Tensor, ctx: &HookCtx| {
         let mask = position_mask(x, ctx, rule, &prompt_lens)?.to_dtype(x.dtype())?;
         match &op {
@@ -345,6 +346,10 @@ pub fn steered_generate(
 ) -> Result<Vec<persona_lens_engine::Generation>> {
     let mut out = Vec::with_capacity(prompts.len());
     let bs = batch_size.max(1);
+    if let Some((_, op, _)) = steer {
+        // Before slicing per batch below.
+        check_per_prompt(op, prompts.len())?;
+    }
     for (ci, chunk) in prompts.chunks(bs).enumerate() {
         let mut hooks = Hooks::new();
         if let Some((hook, op, rule)) = steer {

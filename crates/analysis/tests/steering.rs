@@ -378,4 +378,23 @@ fn per_row_vectors_equal_one_direction_at_a_time() {
         e.contains("one [d] vector per prompt") && !e.contains('\n'),
         "{e}"
     );
+    // Too few vectors for the prompts: the same one-line error from a batched generation.
+    let short = SteerOp::AddPerRow(
+        Tensor::zeros((2, dir.len()), candle_core::DType::F32, m.device()).unwrap(),
+    );
+    let e = steered_generate(
+        &m,
+        &prompts,
+        Some((hook, &short, SteerPositions::All)),
+        &opts,
+        8,
+        &|_| {},
+    )
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(
+        e.contains("one [d] vector per prompt") && !e.contains('\n'),
+        "{e}"
+    );
 }

@@ -204,8 +204,9 @@ fn bind(library: libloading::Library) -> Result<(Mkl, String), String> {
         // MKL's own allocator keeps each calling thread's packing buffers for reuse and never
         // returns them: a server whose requests land on ever new threads grew 110 MiB per round
         // of eight sessions (crates/serve/tests/test_dashboard.py, flat-memory test). Plain
-        // malloc/free instead; same per-token time there (21.8 vs 21.6 ms). Also before any
-        // product: MKL reads the setting when it first allocates.
+        // malloc/free instead; no slower there (20.0 ms per token, 21.6 with the cache:
+        // bench/README.md). Also before any product: MKL reads the setting when it first
+        // allocates.
         let disable_fast_mm = *library
             .get::<DisableFastMm>(b"mkl_disable_fast_mm\0")
             .map_err(|e| e.to_string())?;
