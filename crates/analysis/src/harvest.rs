@@ -70,7 +70,14 @@ pub struct HarvestSpec {
     /// Render prompts with the model's chat template.
     pub chat: bool,
     pub batch_size: usize,
+    /// Run the tokens every prompt starts with (a chat template's system turn) once instead of
+    /// once per prompt ([`persona_lens_engine::SharedPrefix`]); the numbers agree with whole
+    /// rows within float rounding. Off in any case for batches with interventions.
+    pub share_prefix: bool,
 }
+
+/// Shared prefixes shorter than this run with every row: too little to save.
+pub(crate) const MIN_SHARED_PREFIX: usize = 8;
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct HarvestedItem {
@@ -106,6 +113,9 @@ pub struct HarvestMeta {
     pub d: BTreeMap<String, usize>,
     pub items: Vec<HarvestedItem>,
     pub tool: String,
+    /// Tokens every prompt starts with that ran once for all rows (0: every row ran whole).
+    #[serde(default)]
+    pub shared_prefix_tokens: usize,
 }
 
 pub struct Harvest {
@@ -167,29 +177,56 @@ pub fn harvest_with(
     let mut order: Vec<usize> = (0..encoded.len()).collect();
     order.sort_by_key(|&i| encoded[i].ids.len());
     let mut slots: Vec<Vec<Option<Tensor>>> = vec![vec![None; encoded.len()]; spec.hooks.len()];
+    // No logits are read: stop after the last block a captured hook belongs to.
+    let stop_after_block = spec
+        .hooks
+        .iter()
+        .map(|h| h.layer)
+        .collect::<Option<Vec<usize>>>()
+        .and_then(|ls| ls.into_iter().max());
+    // Interventions (a setup, or the model's standing hooks) may treat rows or positions
+    // differently, so the prefix is shared only in plain runs.
+    let shared = {
+        let seqs: Vec<Vec<u32>> = encoded.iter().map(|e| e.ids.clone()).collect();
+        let n = persona_lens_engine::common_prefix_len(&seqs);
+        let plain = setup.is_none() && model.decoder.standing.is_empty();
+        match spec.share_prefix && plain && n >= MIN_SHARED_PREFIX {
+            true => Some(persona_lens_engine::SharedPrefix::new(
+                model,
+                &encoded[0].ids[..n],
+                stop_after_block,
+            )?),
+            false => None,
+        }
+    };
     for chunk in order.chunks(bs) {
         let seqs: Vec<Vec<u32>> = chunk.iter().map(|&i| encoded[i].ids.clone()).collect();
         let batch = Batch::left_padded(&seqs, model.pad_id(), model.device())?;
         let mut hooks = Hooks::new();
         hooks.capture_all(&spec.hooks);
-        // No logits are read: stop after the last block a captured hook belongs to.
-        hooks.stop_after_block = spec
-            .hooks
-            .iter()
-            .map(|h| h.layer)
-            .collect::<Option<Vec<usize>>>()
-            .and_then(|ls| ls.into_iter().max());
+        hooks.stop_after_block = stop_after_block;
         if let Some(f) = setup {
             f(chunk, &batch, &mut hooks)?;
         }
-        model.forward(&batch, None, &mut hooks, LogitsAt::None)?;
+        // Columns the shared prefix stands in for: hooks see the columns after them only, so
+        // every kept span must start after them.
+        let first_kept: Vec<usize> = chunk.iter().map(|&i| spans[i].0).collect();
+        let width = shared
+            .as_ref()
+            .and_then(|p| p.width_for(&batch, &first_kept))
+            .filter(|&w| w >= MIN_SHARED_PREFIX);
+        match (&shared, width) {
+            (Some(p), Some(w)) => p.forward(model, &batch, w, &mut hooks, LogitsAt::None)?,
+            _ => model.forward(&batch, None, &mut hooks, LogitsAt::None)?,
+        };
+        let skipped = width.unwrap_or(0);
         for (hi, h) in spec.hooks.iter().enumerate() {
             let full = hooks.cache.get(h)?;
             for (r, &i) in chunk.iter().enumerate() {
                 let (s, e) = spans[i];
                 let x = full
                     .get(r)?
-                    .narrow(0, batch.pad[r] + s, e - s)?
+                    .narrow(0, batch.pad[r] + s - skipped, e - s)?
                     .mean(0)?
                     .flatten_all()?;
                 slots[hi][i] = Some(x);
@@ -237,6 +274,7 @@ pub fn harvest_with(
             d,
             items,
             tool: format!("persona-lens {}", env!("CARGO_PKG_VERSION")),
+            shared_prefix_tokens: shared.as_ref().map_or(0, |p| p.len()),
         },
         acts,
     })

@@ -6,13 +6,15 @@
 //! baseline.
 
 use crate::dataset::{PersonaDataset, PromptItem};
+use crate::harvest::MIN_SHARED_PREFIX;
 use crate::patching::{pair_metric, Direction, Metric, PatchPair, Patcher, SweepKind};
 use crate::stats::mean_ci95;
 use crate::{AnalysisError, Result};
 use candle_core::{DType, Tensor};
 use persona_lens_engine::hooks::HookFn;
 use persona_lens_engine::{
-    Batch, HookCtx, HookName, HookPoint, Hooks, LogitsAt, Model, Op, Selector,
+    common_prefix_len, ActivationCache, Batch, HookCtx, HookName, HookPoint, Hooks, LogitsAt,
+    Model, Op, Selector, SharedPrefix,
 };
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
@@ -476,23 +478,48 @@ impl AblationSetup<'_> {
     /// [`Self::gap_mean`] of many head sets at once, the same numbers for less work: per chunk
     /// of prompts one clean forward keeps the input of every block where some set's first
     /// ablated head sits, and each set runs from there (blocks before its first ablated head see
-    /// no ablation, so they would compute exactly what the clean forward did). `progress` gets
-    /// the number of chunks done and their count.
+    /// no ablation, so they would compute exactly what the clean forward did). Where every
+    /// prompt starts with the same tokens (a chat template's system turn) and the ablation
+    /// treats every row and position alike (zero, mean), those tokens run once per set instead
+    /// of once per prompt ([`SharedPrefix`]); the numbers agree within float rounding.
+    /// `progress` gets the number of chunks done and their count.
     pub fn gap_means(
         &self,
         sets: &[(&[Head], AblationMode)],
         progress: &dyn Fn(usize, usize),
     ) -> Result<Vec<f64>> {
+        let model = self.model;
         let n = 2 * self.metrics.len();
         let first_block = |heads: &[Head]| heads.iter().map(|h| h.layer).min();
-        let mut starts: Vec<usize> = sets.iter().filter_map(|(h, _)| first_block(h)).collect();
+        let start_of = |heads: &[Head]| first_block(heads).filter(|&l| l > 0);
+        let mut starts: Vec<usize> = sets.iter().filter_map(|(h, _)| start_of(h)).collect();
         starts.sort();
         starts.dedup();
         let starts: Vec<HookName> = starts
             .into_iter()
-            .filter(|&l| l > 0)
             .map(|l| HookName::block(l, HookPoint::ResidPre))
             .collect();
+        let last_start = starts.iter().filter_map(|h| h.layer).max();
+        let clean_hooks = || {
+            let mut h = Hooks::new();
+            h.capture_all(&starts);
+            h.stop_after_block = last_start;
+            h
+        };
+        let uniform = |mode: AblationMode| matches!(mode, AblationMode::Zero | AblationMode::Mean);
+        // The clean prefix (its inputs to every start block are captured) when sharing pays.
+        let prefix_len = common_prefix_len(self.ids);
+        let shared = match prefix_len >= MIN_SHARED_PREFIX
+            && model.decoder.standing.is_empty()
+            && sets.iter().any(|&(_, m)| uniform(m))
+        {
+            true => {
+                let mut h = clean_hooks();
+                let p = SharedPrefix::with_hooks(model, &self.ids[0][..prefix_len], &mut h)?;
+                Some((p, h.cache))
+            }
+            false => None,
+        };
         // metric[set][prompt]
         let mut metric = vec![vec![0f64; n]; sets.len()];
         let idx: Vec<usize> = (0..n).collect();
@@ -500,23 +527,52 @@ impl AblationSetup<'_> {
         for (ci, chunk) in idx.chunks(16).enumerate() {
             let rows: Vec<Vec<u32>> = chunk.iter().map(|&i| self.ids[i].clone()).collect();
             let donors: Vec<usize> = chunk.iter().map(|&i| self.donor(i)).collect();
-            let b = Batch::left_padded(&rows, self.model.pad_id(), self.model.device())?;
-            let mut clean = Hooks::new();
-            clean.capture_all(&starts);
-            clean.stop_after_block = starts.iter().filter_map(|h| h.layer).max();
-            if !starts.is_empty() {
-                self.model.forward(&b, None, &mut clean, LogitsAt::None)?;
+            let b = Batch::left_padded(&rows, model.pad_id(), model.device())?;
+            let width = shared.as_ref().and_then(|(p, _)| {
+                p.width_for(&b, &vec![usize::MAX; chunk.len()])
+                    .filter(|&w| w >= MIN_SHARED_PREFIX)
+            });
+            let shares = |mode| width.is_some() && uniform(mode);
+            // Clean inputs of the start blocks: whole rows for the sets that run whole, the
+            // columns after the prefix for the sets that share it.
+            let mut clean_whole = clean_hooks();
+            if !starts.is_empty() && sets.iter().any(|&(_, m)| !shares(m)) {
+                model.forward(&b, None, &mut clean_whole, LogitsAt::None)?;
+            }
+            let mut clean_rest = clean_hooks();
+            if let (Some((p, _)), Some(w)) = (&shared, width) {
+                if !starts.is_empty() && sets.iter().any(|&(_, m)| shares(m)) {
+                    p.forward(model, &b, w, &mut clean_rest, LogitsAt::None)?;
+                }
             }
             for (si, &(heads, mode)) in sets.iter().enumerate() {
                 let mut h = ablation_hooks(heads, mode, Some(self.bank), &donors)?;
-                if let Some(l) = first_block(heads).filter(|&l| l > 0) {
-                    let resid = clean
-                        .cache
-                        .get(&HookName::block(l, HookPoint::ResidPre))?
-                        .clone();
-                    h.start_at_block = Some((l, resid));
-                }
-                for (&i, l) in chunk.iter().zip(&self.last_logits(&b, &mut h)?) {
+                let resid_at = |cache: &ActivationCache, l: usize| {
+                    cache.get(&HookName::block(l, HookPoint::ResidPre))
+                };
+                let logits = match (&shared, width) {
+                    (Some((clean_prefix, prefix_cache)), Some(w)) if uniform(mode) => {
+                        // This set's prefix, ablated, from its first ablated block.
+                        let mut ph = ablation_hooks(heads, mode, Some(self.bank), &[0])?;
+                        if let Some(l) = start_of(heads) {
+                            ph.start_at_block = Some((l, resid_at(prefix_cache, l)?));
+                            h.start_at_block = Some((l, resid_at(&clean_rest.cache, l)?));
+                        }
+                        let p = SharedPrefix::with_hooks(model, clean_prefix.ids(), &mut ph)?;
+                        p.forward(model, &b, w, &mut h, LogitsAt::Last)?
+                    }
+                    _ => {
+                        if let Some(l) = start_of(heads) {
+                            h.start_at_block = Some((l, resid_at(&clean_whole.cache, l)?));
+                        }
+                        model.forward(&b, None, &mut h, LogitsAt::Last)?
+                    }
+                };
+                let logits = logits
+                    .ok_or_else(|| AnalysisError::Invalid("no logits".into()))?
+                    .to_dtype(DType::F32)?
+                    .to_vec2::<f32>()?;
+                for (&i, l) in chunk.iter().zip(&logits) {
                     metric[si][i] = self.logit_diff(i, l)?;
                 }
             }
@@ -577,6 +633,7 @@ impl AblationSetup<'_> {
             rule: crate::harvest::PositionRule::Last,
             chat: self.chat,
             batch_size: 16,
+            share_prefix: true,
         };
         let setup = |idx: &[usize], _b: &Batch, h: &mut Hooks| -> Result<()> {
             let donors: Vec<usize> = idx.iter().map(|&i| self.donor(i)).collect();

@@ -101,6 +101,7 @@ fn probe_and_direction_find_a_planted_feature_from_its_layer_on() {
         rule: PositionRule::Last,
         chat: false,
         batch_size: 16,
+        share_prefix: true,
     };
     // Scale: a fraction of the typical residual norm at the planting row.
     let clean = harvest(&m, &ds, &spec, &|_| {}).unwrap();
@@ -193,6 +194,7 @@ fn harvest_positions_storage_and_reuse() {
         rule: PositionRule::PersonaMean,
         chat: true,
         batch_size: 3,
+        share_prefix: true,
     };
     let dir = std::env::temp_dir().join(format!("pl-harvest-{}", std::process::id()));
     let (h, reused) = Harvest::load_or_run(&dir, &m, &ds, &spec, &|_| {}).unwrap();
@@ -241,6 +243,63 @@ fn harvest_positions_storage_and_reuse() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
+/// The chat template's system turn runs once for all rows: the harvested vectors agree with
+/// every row run whole, for the last token and for a span mean, at the tolerance of the
+/// batched-vs-single engine test.
+#[test]
+fn shared_prefix_harvest_equals_whole_rows() {
+    let m = model("smollm2-135m-instruct");
+    let ds = dataset::generate(&GenOptions {
+        persona_pairs: vec!["child-phd".into()],
+        topics: vec!["physics".into(), "biology".into()],
+        n_questions_per_pair: 2,
+        templates: vec![0, 3, 5],
+        ..Default::default()
+    })
+    .unwrap();
+    let n = m.config().n_layers;
+    for rule in [PositionRule::Last, PositionRule::PersonaMean] {
+        let spec = |share_prefix| HarvestSpec {
+            hooks: vec![
+                HookName::block(0, HookPoint::ResidPost),
+                HookName::block(n / 2, HookPoint::ResidPost),
+                HookName::block(n - 1, HookPoint::ResidPost),
+            ],
+            rule,
+            chat: true,
+            batch_size: 5,
+            share_prefix,
+        };
+        let shared = harvest(&m, &ds, &spec(true), &|_| {}).unwrap();
+        let whole = harvest(&m, &ds, &spec(false), &|_| {}).unwrap();
+        assert!(
+            shared.meta.shared_prefix_tokens >= 8,
+            "the chat template's system turn is shared: {} tokens",
+            shared.meta.shared_prefix_tokens
+        );
+        assert_eq!(whole.meta.shared_prefix_tokens, 0);
+        let mut worst = 0f64;
+        for (hook, a) in &shared.acts {
+            let b = &whole.acts[hook];
+            for i in 0..ds.items.len() {
+                let e = common::rel_l2(
+                    &a.get(i).unwrap().to_vec1().unwrap(),
+                    &b.get(i).unwrap().to_vec1().unwrap(),
+                );
+                worst = worst.max(e);
+                assert!(
+                    e < 1e-5,
+                    "{rule:?} {hook} prompt {i}: relative error {e:.2e}"
+                );
+            }
+        }
+        eprintln!(
+            "{rule:?}: {} shared tokens, worst relative error {worst:.2e}",
+            shared.meta.shared_prefix_tokens
+        );
+    }
+}
+
 #[test]
 fn lens_reads_stored_activations_like_a_forward() {
     // The study's lens reuses the probe's harvest: a superset of the lens prompts (two topics),
@@ -264,6 +323,7 @@ fn lens_reads_stored_activations_like_a_forward() {
             rule: PositionRule::Last,
             chat: false,
             batch_size: 5,
+            share_prefix: true,
         },
         &|_| {},
     )

@@ -74,6 +74,7 @@ fn synthetic() -> Harvest {
             d: hooks.iter().map(|h| (h.clone(), D)).collect(),
             items,
             tool: "test".into(),
+            shared_prefix_tokens: 0,
         },
         acts: acts
             .into_iter()

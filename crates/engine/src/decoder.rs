@@ -289,9 +289,9 @@ impl Decoder {
         };
         let n_run = match hooks.stop_after_block {
             Some(l) if l + 1 < self.blocks.len() => {
-                if kv.is_some() || !matches!(logits_at, LogitsAt::None) {
+                if !matches!(logits_at, LogitsAt::None) {
                     return Err(EngineError::InvalidArgument(format!(
-                        "stop_after_block {l} leaves no logits and no whole KV cache; use it only for captures"
+                        "stop_after_block {l} leaves no logits; use it only for captures"
                     )));
                 }
                 l + 1
@@ -300,9 +300,9 @@ impl Decoder {
         };
         let (first, mut x) = match hooks.start_at_block.take() {
             Some((l, resid)) => {
-                if kv.is_some() || l >= n_run {
+                if l >= n_run {
                     return Err(EngineError::InvalidArgument(format!(
-                        "start_at_block {l} needs a whole forward (no KV cache) that runs block {l} (the model has {} blocks, this call runs {n_run})",
+                        "start_at_block {l} needs a forward that runs block {l} (the model has {} blocks, this call runs {n_run})",
                         self.blocks.len()
                     )));
                 }
@@ -317,6 +317,21 @@ impl Decoder {
             }
             None => (0, self.embed_ids(ids, hooks, &mut ctx)?),
         };
+        if let Some(c) = kv.as_ref() {
+            // A cache filled by a call that stopped early holds only the blocks it ran, and one
+            // filled by a call that started late has no keys before its start.
+            if c.layers.len() < n_run {
+                return Err(EngineError::InvalidArgument(format!(
+                    "the KV cache holds {} blocks but this call runs {n_run}; it was filled by a call that stopped early",
+                    c.layers.len()
+                )));
+            }
+            if let Some(l) = (first..n_run).find(|&l| start > 0 && c.layers[l].k.is_none()) {
+                return Err(EngineError::InvalidArgument(format!(
+                    "the KV cache has no keys for block {l}: the call that filled it started after that block; start this call at block {l} or later"
+                )));
+            }
+        }
         let cc = self.call_ctx(pad, start, t)?;
         for l in first..n_run {
             let layer_kv = kv.as_deref_mut().map(|c| &mut c.layers[l]);
@@ -336,6 +351,11 @@ impl Decoder {
             }
         }
         if n_run < self.blocks.len() {
+            if let Some(c) = kv {
+                // Keys and values exist for the blocks run only: a later call may not run more.
+                c.layers.truncate(n_run);
+                c.len += t;
+            }
             return Ok(None);
         }
         if let Some(c) = kv {

@@ -24,6 +24,7 @@ pub mod io;
 pub mod layers;
 pub mod mkl;
 pub mod model;
+pub mod prefix;
 pub mod registry;
 pub mod run_cache;
 pub mod runtime;
@@ -39,6 +40,7 @@ pub use hooks::{
 };
 pub use layers::{KvCache, LogitsAt};
 pub use model::{models_dir, resolve, LoadOptions, Model, ModelInfo, ModelSource, DEFAULT_MODEL};
+pub use prefix::{common_prefix_len, SharedPrefix};
 pub use registry::{registry, RegistryEntry};
 pub use run_cache::{CachePositions, OwnedActivation};
 pub use runtime::tune_cpu_pools;

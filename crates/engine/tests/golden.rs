@@ -7,7 +7,7 @@ mod common;
 use candle_core::Tensor;
 use common::*;
 use persona_lens_engine::{
-    generate, Batch, GenerateOptions, HookName, HookPoint, Hooks, LogitsAt, Model,
+    generate, Batch, GenerateOptions, HookName, HookPoint, Hooks, LogitsAt, Model, SharedPrefix,
 };
 
 const GEMMA: &str = "gemma-3-270m";
@@ -306,6 +306,130 @@ fn batched_equals_single(name: &str) {
     eprintln!("{name}: batched vs single worst relative error {worst:.2e}");
 }
 
+/// A batch whose rows share a prefix gives the same last-position logits and residuals when the
+/// prefix runs once ([`SharedPrefix`]) as when every row runs whole, at the tolerance of
+/// `batched_equals_single`; captures that stop early work the same way; a row without the
+/// prefix is refused, and so is a later full run on a cache an early stop truncated.
+fn shared_prefix_equals_whole_rows(name: &str) {
+    let m = model(name);
+    let ps = prompts(name);
+    let n = m.config().n_layers;
+    // The prefix: the longest golden prompt; each row continues it with another prompt (its BOS
+    // dropped), cut to different lengths so that rows are padded differently.
+    let prefix = ps
+        .iter()
+        .map(|p| &p.ids)
+        .max_by_key(|ids| ids.len())
+        .unwrap()
+        .clone();
+    let seqs: Vec<Vec<u32>> = (0..8)
+        .map(|i| {
+            let tail = &ps[i % ps.len()].ids[1..];
+            let keep = (tail.len() - (i % 3).min(tail.len() - 1)).max(1);
+            [prefix.as_slice(), &tail[..keep]].concat()
+        })
+        .collect();
+    assert!(persona_lens_engine::common_prefix_len(&seqs) >= prefix.len());
+    let batch = Batch::left_padded(&seqs, m.pad_id(), m.device()).unwrap();
+    assert!(
+        batch.pad.iter().any(|&p| p > 0),
+        "rows must differ in length"
+    );
+    let layers = [0, n / 2, n - 1];
+    let hooks_for = |stop: Option<usize>| {
+        let mut h = Hooks::new();
+        for l in layers.iter().filter(|&&l| stop.is_none_or(|s| l <= s)) {
+            h.capture(HookName::block(*l, HookPoint::ResidPost));
+        }
+        h.stop_after_block = stop;
+        h
+    };
+    let last_rows = |h: &Hooks, l: usize| -> Vec<Vec<f32>> {
+        let x = h
+            .cache
+            .get(&HookName::block(l, HookPoint::ResidPost))
+            .unwrap();
+        let t = x.dim(1).unwrap();
+        (0..seqs.len())
+            .map(|r| x.get(r).unwrap().get(t - 1).unwrap().to_vec1().unwrap())
+            .collect()
+    };
+    let limit = vec![usize::MAX; seqs.len()];
+    let mut worst = 0f64;
+    for stop in [None, Some(n / 2)] {
+        let logits_at = if stop.is_some() {
+            LogitsAt::None
+        } else {
+            LogitsAt::Last
+        };
+        let mut whole = hooks_for(stop);
+        let lw = m
+            .forward(&batch, None, &mut whole, logits_at.clone())
+            .unwrap();
+        let shared = SharedPrefix::new(&m, &prefix, stop).unwrap();
+        let width = shared.width_for(&batch, &limit).unwrap();
+        assert!(
+            width > prefix.len() / 2,
+            "{name}: width {width} of {}",
+            prefix.len()
+        );
+        let mut part = hooks_for(stop);
+        let lp = shared
+            .forward(&m, &batch, width, &mut part, logits_at)
+            .unwrap();
+        if let (Some(lw), Some(lp)) = (&lw, &lp) {
+            for r in 0..seqs.len() {
+                let e = rel_l2(
+                    &lp.get(r).unwrap().to_vec1().unwrap(),
+                    &lw.get(r).unwrap().to_vec1().unwrap(),
+                );
+                worst = worst.max(e);
+                assert!(
+                    e < 1e-5,
+                    "{name} row {r}: shared-prefix logits relative error {e:.2e}"
+                );
+            }
+        }
+        assert_eq!(lw.is_some(), lp.is_some());
+        for &l in layers.iter().filter(|&&l| stop.is_none_or(|s| l <= s)) {
+            for (r, (a, b)) in last_rows(&part, l)
+                .iter()
+                .zip(last_rows(&whole, l))
+                .enumerate()
+            {
+                let e = rel_l2(a, &b);
+                worst = worst.max(e);
+                assert!(
+                    e < 1e-5,
+                    "{name} row {r} layer {l} (stop {stop:?}): shared-prefix residual relative error {e:.2e}"
+                );
+            }
+        }
+        if stop.is_some() {
+            // The prefix's cache holds the blocks up to the stop only.
+            let mut full = Hooks::new();
+            let err = shared
+                .forward(&m, &batch, width, &mut full, LogitsAt::Last)
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("stopped early"), "{err}");
+        }
+    }
+    eprintln!("{name}: shared prefix vs whole rows worst relative error {worst:.2e}");
+    let mut other = seqs.clone();
+    other[3][2] = other[3][2].wrapping_add(1) % m.config().vocab_size as u32;
+    let batch = Batch::left_padded(&other, m.pad_id(), m.device()).unwrap();
+    let shared = SharedPrefix::new(&m, &prefix, None).unwrap();
+    let err = shared
+        .forward(&m, &batch, prefix.len(), &mut Hooks::new(), LogitsAt::Last)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("row 3") && err.contains("shared prefix"),
+        "{err}"
+    );
+}
+
 fn kv_cache_generation(name: &str) {
     let m = model(name);
     let ps = prompts(name);
@@ -363,6 +487,7 @@ per_model!(
     greedy,
     attention_pattern,
     batched_equals_single,
+    shared_prefix_equals_whole_rows,
     kv_cache_generation,
     quantized_agrees
 );

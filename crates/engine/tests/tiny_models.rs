@@ -1052,14 +1052,29 @@ fn start_at_block_continues_an_earlier_forward_bit_for_bit() {
         err.contains("start_at_block") && !err.contains('\n'),
         "{err}"
     );
+    // With a KV cache: the same logits, and the cache has no keys before the start, so a later
+    // call that runs an earlier block is refused.
     let mut kv = persona_lens_engine::KvCache::new(n, batch.pad.clone());
     let mut hooks = Hooks::new();
     hooks.start_at_block = Some((l, resid));
+    let cached = m
+        .forward(&batch, Some(&mut kv), &mut hooks, LogitsAt::All)
+        .unwrap()
+        .unwrap();
+    assert_eq!(max_diff(&whole, &cached), 0.0);
+    let next = Batch {
+        ids: batch.ids.narrow(1, 0, 1).unwrap(),
+        pad: batch.pad.clone(),
+        lens: batch.lens.clone(),
+    };
     let err = m
-        .forward(&batch, Some(&mut kv), &mut hooks, LogitsAt::Last)
+        .forward(&next, Some(&mut kv), &mut Hooks::new(), LogitsAt::Last)
         .unwrap_err()
         .to_string();
-    assert!(err.contains("KV cache"), "{err}");
+    assert!(
+        err.contains("KV cache") && err.contains("block 0") && !err.contains('\n'),
+        "{err}"
+    );
 }
 
 /// A standing hook (`Model::add_hook`) acts on every later forward exactly as the same

@@ -110,6 +110,7 @@ fn harvest_into(
         rule: h.position,
         chat,
         batch_size: h.batch_size,
+        share_prefix: true,
     };
     let pb = progress(ds.items.len() as u64, quiet, "prompts harvested");
     let (hv, reused) = Harvest::load_or_run(&h.out, model, ds, &spec, &|n| pb.inc(n as u64))?;

@@ -1,0 +1,167 @@
+//! A token prefix that every row of a batch starts with (a chat template's system turn), run
+//! once instead of once per row.
+//!
+//! Why: the study's prompts in SmolLM2's chat template share their first ~20 tokens (the system
+//! turn and `<|im_start|>user`), close to half of each prompt. A causal model computes those
+//! positions identically in every row, so one batch-1 run of the prefix gives every row's keys
+//! and values there; the batch then runs only the columns after it.
+//!
+//! Layout: rows stay left padded as [`Batch::left_padded`] lays them out. Row `r` has `pad[r]`
+//! pad columns, so the first `width` columns of the batch hold its pads and the prefix's first
+//! `width - pad[r]` tokens; the call runs columns `width..`. Rotary positions count from each
+//! row's first real token, so the prefix's keys sit at the same positions in every row and only
+//! shift by the row's padding.
+
+use candle_core::Tensor;
+
+use crate::hooks::Hooks;
+use crate::layers::{KvCache, LayerKv, LogitsAt};
+use crate::{Batch, EngineError, Model, Result};
+
+/// A prefix's keys and values (batch 1), for batches whose rows all start with it.
+pub struct SharedPrefix {
+    ids: Vec<u32>,
+    kv: KvCache,
+}
+
+/// The number of leading tokens every sequence of `seqs` has in common.
+pub fn common_prefix_len(seqs: &[Vec<u32>]) -> usize {
+    let Some(first) = seqs.first() else {
+        return 0;
+    };
+    seqs[1..].iter().fold(first.len(), |n, s| {
+        n.min(first.iter().zip(s).take_while(|(a, b)| a == b).count())
+    })
+}
+
+impl SharedPrefix {
+    /// Runs `ids` once (batch 1, no padding). `stop_after_block`: the last block later calls
+    /// run (captures that stop early); keys and values are kept for blocks up to it.
+    pub fn new(model: &Model, ids: &[u32], stop_after_block: Option<usize>) -> Result<Self> {
+        let mut hooks = Hooks::new();
+        hooks.stop_after_block = stop_after_block;
+        Self::with_hooks(model, ids, &mut hooks)
+    }
+
+    /// [`Self::new`] with `hooks` on the prefix's run: captures, interventions that treat every
+    /// row alike (the rows that reuse the prefix get it as edited here), `start_at_block` (the
+    /// cache then has no keys before that block; later calls must start there too).
+    pub fn with_hooks(model: &Model, ids: &[u32], hooks: &mut Hooks) -> Result<Self> {
+        if ids.is_empty() {
+            return Err(EngineError::EmptyPrompt);
+        }
+        let n_layers = model.config().n_layers;
+        let batch = Batch::left_padded(&[ids.to_vec()], model.pad_id(), model.device())?;
+        let mut kv = KvCache::new(n_layers, vec![0]);
+        model.forward(&batch, Some(&mut kv), hooks, LogitsAt::None)?;
+        Ok(SharedPrefix {
+            ids: ids.to_vec(),
+            kv,
+        })
+    }
+
+    /// The prefix's tokens.
+    pub fn ids(&self) -> &[u32] {
+        &self.ids
+    }
+
+    pub fn len(&self) -> usize {
+        self.ids.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ids.is_empty()
+    }
+
+    /// The widest column count of `batch` this prefix can stand in for: no more than the prefix
+    /// in any row, more than every row's padding, and no further than `limit[r]` tokens into row `r` (the first
+    /// token a caller needs to see through hooks). `None` when no column is saved.
+    pub fn width_for(&self, batch: &Batch, limit: &[usize]) -> Option<usize> {
+        let max_pad = batch.pad.iter().copied().max().unwrap_or(0);
+        let width = batch
+            .pad
+            .iter()
+            .zip(limit)
+            .map(|(&p, &l)| p.saturating_add(l))
+            .chain(batch.pad.iter().map(|&p| p + self.len()))
+            .chain(batch.pad.iter().zip(&batch.lens).map(|(&p, &n)| p + n - 1))
+            .fold(usize::MAX, usize::min);
+        (width > max_pad).then_some(width)
+    }
+
+    /// Forward of `batch` from column `width` on ([`Self::width_for`]), the first `width`
+    /// columns taken from the prefix. Hooks see (and logits cover) the columns from `width`;
+    /// their context's `start` is `width`.
+    pub fn forward(
+        &self,
+        model: &Model,
+        batch: &Batch,
+        width: usize,
+        hooks: &mut Hooks,
+        logits_at: LogitsAt,
+    ) -> Result<Option<Tensor>> {
+        let (b, t) = batch.ids.dims2()?;
+        if width == 0 || width >= t {
+            return Err(EngineError::InvalidArgument(format!(
+                "shared prefix width {width} must leave columns to run in a batch of {t}"
+            )));
+        }
+        // The rows must really hold the prefix where it stands in for them.
+        let ids = batch.ids.narrow(1, 0, width)?.to_vec2::<u32>()?;
+        for (r, row) in ids.iter().enumerate() {
+            let p = batch.pad[r];
+            if p > width || width - p > self.ids.len() || row[p..] != self.ids[..width - p] {
+                return Err(EngineError::InvalidArgument(format!(
+                    "row {r} of the batch does not start with the shared prefix over its first {width} columns"
+                )));
+            }
+        }
+        let layers = self
+            .kv
+            .layers
+            .iter()
+            .map(|l| {
+                Ok(LayerKv {
+                    k: l.k
+                        .as_ref()
+                        .map(|k| shifted_rows(k, &batch.pad, width))
+                        .transpose()?,
+                    v: l.v
+                        .as_ref()
+                        .map(|v| shifted_rows(v, &batch.pad, width))
+                        .transpose()?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let mut kv = KvCache {
+            layers,
+            pad: batch.pad.clone(),
+            len: width,
+        };
+        let rest = Batch {
+            ids: batch.ids.narrow(1, width, t - width)?,
+            pad: batch.pad.clone(),
+            lens: batch.lens.clone(),
+        };
+        debug_assert_eq!(rest.ids.dim(0)?, b);
+        model.forward(&rest, Some(&mut kv), hooks, logits_at)
+    }
+}
+
+/// `x` `[1, heads, len, d]` as `[pad.len(), heads, width, d]`: row `r` holds `pad[r]` zero
+/// (masked) positions, then the prefix's first `width - pad[r]` positions.
+fn shifted_rows(x: &Tensor, pad: &[usize], width: usize) -> Result<Tensor> {
+    let (_, h, _, d) = x.dims4()?;
+    let rows = pad
+        .iter()
+        .map(|&p| {
+            let kept = x.narrow(2, 0, width - p)?;
+            if p == 0 {
+                return Ok(kept);
+            }
+            let zeros = Tensor::zeros((1, h, p, d), x.dtype(), x.device())?;
+            Ok(Tensor::cat(&[&zeros, &kept], 2)?)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(Tensor::cat(&rows, 0)?)
+}
