@@ -407,7 +407,11 @@ fn ablation_sets_sharing_the_prompt_prefix_match_whole_forwards() {
         gen_tokens: 0,
     };
     let mut worst = 0f64;
-    for mode in [AblationMode::Zero, AblationMode::Mean, AblationMode::Resample] {
+    for mode in [
+        AblationMode::Zero,
+        AblationMode::Mean,
+        AblationMode::Resample,
+    ] {
         let refs: Vec<(&[Head], AblationMode)> = sets.iter().map(|s| (&s[..], mode)).collect();
         let at_once = setup.gap_means(&refs, &|_, _| {}).unwrap();
         for (set, g) in sets.iter().zip(&at_once) {

@@ -95,6 +95,16 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    // `diff train` alternates MKL's products with candle's elementwise ops, and MKL's OpenMP
+    // threads spinning between products take the cores those ops need: passive waiting is 1.10x
+    // rows/s (bench/README.md). libgomp reads this when MKL loads; set here, while the process
+    // has one thread (setting the environment beside other threads is unsound), and only where
+    // the user has not chosen. Forwards gain from the spin, so no other command asks.
+    if matches!(cli.cmd, Cmd::Diff(diff_jobs::DiffCmd::Train(_)))
+        && std::env::var_os("OMP_WAIT_POLICY").is_none()
+    {
+        std::env::set_var("OMP_WAIT_POLICY", "passive");
+    }
     // The server stops on Ctrl-C itself (graceful shutdown); every other command gets the
     // handler that interrupts the models and removes half-written files.
     if !matches!(cli.cmd, Cmd::Serve(_)) {

@@ -10,11 +10,16 @@ use crate::paired::{Alignment, PairedMeta, PairedWriter, SampleInfo};
 use crate::shards::{corpus_sha256, PartManifest, ShardSpec};
 use crate::{invalid, Result};
 use candle_core::Tensor;
-use persona_lens_engine::{Batch, HookName, HookPoint, Hooks, LogitsAt, Model};
+use persona_lens_engine::{
+    common_prefix_len, Batch, HookName, HookPoint, Hooks, LogitsAt, Model, SharedPrefix,
+};
 use std::ops::Range;
 use std::path::Path;
 
 pub use crate::corpus::CorpusItem;
+
+/// Shared prefixes shorter than this run with every row: too little to save.
+const MIN_SHARED_PREFIX: usize = 8;
 
 /// Sets up interventions on one model's batch (e.g. a planted feature): gets the batch's
 /// token ids per row.
@@ -165,6 +170,23 @@ impl Plan {
         let (ids, alignment, dims, d) = (&self.ids, self.alignment, self.dims, self.meta.d);
         let bs = spec.batch_size.max(1);
         let tok = &models[0].tokenizer;
+        // Only the hook's block and those before it matter: no logits are read.
+        let stop_after_block = |m: usize| spec.hooks[m].layer;
+        // Last-token rows of plain runs: the tokens every sample starts with in a model's
+        // rendering (a chat template's system turn) run once for all rows.
+        let shared: Vec<Option<SharedPrefix>> = (0..2)
+            .map(|m| {
+                let seqs: Vec<Vec<u32>> = range.clone().map(|i| ids[i][m].clone()).collect();
+                let n = common_prefix_len(&seqs);
+                let plain = spec.setup[m].is_none() && models[m].decoder.standing.is_empty();
+                match alignment == Alignment::Last && plain && n >= MIN_SHARED_PREFIX {
+                    true => {
+                        SharedPrefix::new(models[m], &seqs[0][..n], stop_after_block(m)).map(Some)
+                    }
+                    false => Ok(None),
+                }
+            })
+            .collect::<persona_lens_engine::Result<_>>()?;
         for (ci, chunk) in corpus[range.clone()].chunks(bs).enumerate() {
             let base = range.start + ci * bs;
             // rows per model for this chunk: Vec over samples of (rows, d_m)
@@ -175,18 +197,31 @@ impl Plan {
                 let batch = Batch::left_padded(&seqs, models[m].pad_id(), models[m].device())?;
                 let mut hooks = Hooks::new();
                 hooks.capture(spec.hooks[m]);
+                hooks.stop_after_block = stop_after_block(m);
                 if let Some(f) = spec.setup[m] {
                     f(&seqs, &batch, &mut hooks)?;
                 }
-                models[m].forward(&batch, None, &mut hooks, LogitsAt::None)?;
-                let full = hooks.cache.get(&spec.hooks[m])?; // (b, t, d_m)
+                let width = shared[m].as_ref().and_then(|p| {
+                    p.width_for(&batch, &vec![usize::MAX; seqs.len()])
+                        .filter(|&w| w >= MIN_SHARED_PREFIX)
+                });
+                match (&shared[m], width) {
+                    (Some(p), Some(w)) => {
+                        p.forward(models[m], &batch, w, &mut hooks, LogitsAt::None)?
+                    }
+                    _ => models[m].forward(&batch, None, &mut hooks, LogitsAt::None)?,
+                };
+                // (b, t, d_m); with a shared prefix, the columns after it only
+                let full = hooks.cache.get(&spec.hooks[m])?;
+                let last_column = full.dim(1)? - 1;
                 for (r, s) in seqs.iter().enumerate() {
-                    let row = full.get(r)?.narrow(0, batch.pad[r], s.len())?;
                     let rows = match alignment {
-                        Alignment::Tokens => {
-                            row.narrow(0, 1.min(s.len() - 1), s.len() - 1.min(s.len() - 1))?
-                        }
-                        Alignment::Last => row.narrow(0, s.len() - 1, 1)?,
+                        Alignment::Tokens => full
+                            .get(r)?
+                            .narrow(0, batch.pad[r], s.len())?
+                            .narrow(0, 1.min(s.len() - 1), s.len() - 1.min(s.len() - 1))?,
+                        // Left padding puts every row's last token in the last column.
+                        Alignment::Last => full.get(r)?.narrow(0, last_column, 1)?,
                     };
                     let rows = if dims[m] < d {
                         rows.pad_with_zeros(1, 0, d - dims[m])?

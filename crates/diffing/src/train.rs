@@ -422,11 +422,10 @@ pub fn train(
 ) -> Result<TrainOutcome> {
     // A step alternates MKL's products with candle's elementwise ops; MKL's OpenMP threads
     // spinning between products take the two cores those ops need (`diff train` on MKL: 8129
-    // rows/s spinning, 9173 passive, bench/README.md). Forwards gain from the spin, so only
-    // training asks, and only where no MKL is loaded yet (libgomp reads this when it loads).
-    if std::env::var_os("OMP_WAIT_POLICY").is_none() {
-        std::env::set_var("OMP_WAIT_POLICY", "passive");
-    }
+    // rows/s spinning, 9173 with `OMP_WAIT_POLICY=passive`, bench/README.md). libgomp reads
+    // that variable when MKL loads, and a library cannot set the environment soundly once other
+    // threads run, so the CLI sets it at start for `diff train`; other callers (Python) set it
+    // themselves before MKL loads.
     persona_lens_engine::tune_cpu_pools();
     let t0 = std::time::Instant::now();
     let dev = Device::Cpu;

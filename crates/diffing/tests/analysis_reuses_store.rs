@@ -167,3 +167,57 @@ fn analysis_rows_come_from_the_store_only_where_it_holds_the_same_clean_prompt()
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Last-token rows of prompts in SmolLM2's chat template: the system turn every prompt starts
+/// with runs once for all rows, and the stored rows agree with every row run whole (a no-op
+/// setup turns the sharing off) at the golden tests' per-row tolerance (relative L2 < 1e-4).
+#[test]
+fn last_token_rows_sharing_the_chat_prefix_match_whole_rows() {
+    let m = common::model("smollm2-135m-instruct");
+    let models = [&*m, &*m];
+    let hook = middle_resid_post(&m);
+    let corpus: Vec<CorpusItem> = [
+        "I am a child. Why is the sky blue?",
+        "I have a PhD in physics. Why is the sky blue?",
+        "I am five. What is a star made of?",
+        "As a chemist, tell me what a star is made of.",
+        "I'm a kid. How do magnets work?",
+    ]
+    .iter()
+    .enumerate()
+    .map(|(i, t)| item(&format!("p{i}"), t))
+    .collect();
+    let noop =
+        |_: &[Vec<u32>], _: &persona_lens_engine::Batch, _: &mut persona_lens_engine::Hooks| Ok(());
+    let store = |setup: bool, name: &str| {
+        let dir = tmp(name);
+        let hs = PairedHarvestSpec {
+            hooks: [hook, hook],
+            chat_template: [false, true],
+            shared_ids: false,
+            alignment: Some(Alignment::Last),
+            batch_size: 3,
+            shard_rows: 100,
+            setup: [None, if setup { Some(&noop) } else { None }],
+        };
+        harvest_paired(models, &corpus, &hs, &dir, &|_| {}).unwrap();
+        let s = PairedStore::open(&dir).unwrap();
+        let rows = s.rows(0, corpus.len()).unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+        rows
+    };
+    let (shared, whole) = (store(false, "shared"), store(true, "whole"));
+    assert_eq!(
+        shared.dims3().unwrap(),
+        (corpus.len(), 2, m.config().d_model)
+    );
+    let mut worst = 0f64;
+    for i in 0..corpus.len() {
+        let a: Vec<f32> = shared.get(i).unwrap().get(1).unwrap().to_vec1().unwrap();
+        let b: Vec<f32> = whole.get(i).unwrap().get(1).unwrap().to_vec1().unwrap();
+        let e = common::rel_l2(&a, &b);
+        worst = worst.max(e);
+        assert!(e < 1e-4, "prompt {i}: chat-side row relative error {e:.2e}");
+    }
+    eprintln!("chat-side rows sharing the system turn vs whole: worst relative error {worst:.2e}");
+}

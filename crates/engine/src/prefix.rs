@@ -1,8 +1,8 @@
 //! A token prefix that every row of a batch starts with (a chat template's system turn), run
 //! once instead of once per row.
 //!
-//! Why: the study's prompts in SmolLM2's chat template share their first ~20 tokens (the system
-//! turn and `<|im_start|>user`), close to half of each prompt. A causal model computes those
+//! Why: the study's prompts in SmolLM2's chat template share their first 24 tokens (the system
+//! turn and `<|im_start|>user`), about half of each prompt. A causal model computes those
 //! positions identically in every row, so one batch-1 run of the prefix gives every row's keys
 //! and values there; the batch then runs only the columns after it.
 //!
@@ -74,8 +74,9 @@ impl SharedPrefix {
     }
 
     /// The widest column count of `batch` this prefix can stand in for: no more than the prefix
-    /// in any row, more than every row's padding, and no further than `limit[r]` tokens into row `r` (the first
-    /// token a caller needs to see through hooks). `None` when no column is saved.
+    /// in any row, more than every row's padding, short of every row's last token, and no
+    /// further than `limit[r]` tokens into row `r` (the first token a caller needs to see
+    /// through hooks). `None` when no column is saved.
     pub fn width_for(&self, batch: &Batch, limit: &[usize]) -> Option<usize> {
         let max_pad = batch.pad.iter().copied().max().unwrap_or(0);
         let width = batch
