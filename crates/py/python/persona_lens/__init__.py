@@ -213,7 +213,9 @@ def read_store(store: Any) -> Tuple[np.ndarray, Dict[str, Any]]:
 
 def diff_train(**kwargs: Any) -> Result:
     """Trains a crosscoder on a paired store (``persona-lens diff train``); returns
-    train_log.json (``config``, ``log`` per step, ``rows_per_second``)."""
+    train_log.json (``config``, ``log`` per step, ``rows_per_second``). On MKL, training runs
+    about 1.1x faster with ``OMP_WAIT_POLICY=passive`` in the environment before the first
+    model or product loads MKL (the CLI sets it for ``diff train``; a library cannot)."""
     return Result("diff_train", _command("diff_train", kwargs))
 
 
