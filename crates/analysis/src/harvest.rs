@@ -76,9 +76,6 @@ pub struct HarvestSpec {
     pub share_prefix: bool,
 }
 
-/// Shared prefixes shorter than this run with every row: too little to save.
-pub(crate) const MIN_SHARED_PREFIX: usize = 8;
-
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct HarvestedItem {
     pub id: String,
@@ -186,18 +183,14 @@ pub fn harvest_with(
         .and_then(|ls| ls.into_iter().max());
     // Interventions (a setup, or the model's standing hooks) may treat rows or positions
     // differently, so the prefix is shared only in plain runs.
-    let shared = {
-        let seqs: Vec<Vec<u32>> = encoded.iter().map(|e| e.ids.clone()).collect();
-        let n = persona_lens_engine::common_prefix_len(&seqs);
-        let plain = setup.is_none() && model.decoder.standing.is_empty();
-        match spec.share_prefix && plain && n >= MIN_SHARED_PREFIX {
-            true => Some(persona_lens_engine::SharedPrefix::new(
-                model,
-                &encoded[0].ids[..n],
-                stop_after_block,
-            )?),
-            false => None,
+    let shared = match spec.share_prefix && setup.is_none() {
+        true => {
+            let seqs: Vec<Vec<u32>> = encoded.iter().map(|e| e.ids.clone()).collect();
+            let mut hooks = Hooks::new();
+            hooks.stop_after_block = stop_after_block;
+            persona_lens_engine::SharedPrefix::for_rows(model, &seqs, &mut hooks)?
         }
+        false => None,
     };
     for chunk in order.chunks(bs) {
         let seqs: Vec<Vec<u32>> = chunk.iter().map(|&i| encoded[i].ids.clone()).collect();
@@ -213,8 +206,7 @@ pub fn harvest_with(
         let first_kept: Vec<usize> = chunk.iter().map(|&i| spans[i].0).collect();
         let width = shared
             .as_ref()
-            .and_then(|p| p.width_for(&batch, &first_kept))
-            .filter(|&w| w >= MIN_SHARED_PREFIX);
+            .and_then(|p| p.width_for(&batch, &first_kept));
         match (&shared, width) {
             (Some(p), Some(w)) => p.forward(model, &batch, w, &mut hooks, LogitsAt::None)?,
             _ => model.forward(&batch, None, &mut hooks, LogitsAt::None)?,

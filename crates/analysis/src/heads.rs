@@ -6,15 +6,14 @@
 //! baseline.
 
 use crate::dataset::{PersonaDataset, PromptItem};
-use crate::harvest::MIN_SHARED_PREFIX;
 use crate::patching::{pair_metric, Direction, Metric, PatchPair, Patcher, SweepKind};
 use crate::stats::mean_ci95;
 use crate::{AnalysisError, Result};
 use candle_core::{DType, Tensor};
 use persona_lens_engine::hooks::HookFn;
 use persona_lens_engine::{
-    common_prefix_len, ActivationCache, Batch, HookCtx, HookName, HookPoint, Hooks, LogitsAt,
-    Model, Op, Selector, SharedPrefix,
+    ActivationCache, Batch, HookCtx, HookName, HookPoint, Hooks, LogitsAt, Model, Op, Selector,
+    SharedPrefix,
 };
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
@@ -508,18 +507,15 @@ impl AblationSetup<'_> {
         };
         let uniform = |mode: AblationMode| matches!(mode, AblationMode::Zero | AblationMode::Mean);
         // The clean prefix (its inputs to every start block are captured) when sharing pays.
-        let prefix_len = common_prefix_len(self.ids);
-        let shared = match prefix_len >= MIN_SHARED_PREFIX
-            && model.decoder.standing.is_empty()
-            && sets.iter().any(|&(_, m)| uniform(m))
-        {
+        let shared = match sets.iter().any(|&(_, m)| uniform(m)) {
             true => {
                 let mut h = clean_hooks();
-                let p = SharedPrefix::with_hooks(model, &self.ids[0][..prefix_len], &mut h)?;
-                Some((p, h.cache))
+                SharedPrefix::for_rows(model, self.ids, &mut h)?.map(|p| (p, h.cache))
             }
             false => None,
         };
+        let resid_at =
+            |cache: &ActivationCache, l: usize| cache.get(&HookName::block(l, HookPoint::ResidPre));
         // metric[set][prompt]
         let mut metric = vec![vec![0f64; n]; sets.len()];
         let idx: Vec<usize> = (0..n).collect();
@@ -528,10 +524,9 @@ impl AblationSetup<'_> {
             let rows: Vec<Vec<u32>> = chunk.iter().map(|&i| self.ids[i].clone()).collect();
             let donors: Vec<usize> = chunk.iter().map(|&i| self.donor(i)).collect();
             let b = Batch::left_padded(&rows, model.pad_id(), model.device())?;
-            let width = shared.as_ref().and_then(|(p, _)| {
-                p.width_for(&b, &vec![usize::MAX; chunk.len()])
-                    .filter(|&w| w >= MIN_SHARED_PREFIX)
-            });
+            let width = shared
+                .as_ref()
+                .and_then(|(p, _)| p.width_for(&b, &vec![usize::MAX; chunk.len()]));
             let shares = |mode| width.is_some() && uniform(mode);
             // Clean inputs of the start blocks: whole rows for the sets that run whole, the
             // columns after the prefix for the sets that share it.
@@ -547,9 +542,6 @@ impl AblationSetup<'_> {
             }
             for (si, &(heads, mode)) in sets.iter().enumerate() {
                 let mut h = ablation_hooks(heads, mode, Some(self.bank), &donors)?;
-                let resid_at = |cache: &ActivationCache, l: usize| {
-                    cache.get(&HookName::block(l, HookPoint::ResidPre))
-                };
                 let logits = match (&shared, width) {
                     (Some((clean_prefix, prefix_cache)), Some(w)) if uniform(mode) => {
                         // This set's prefix, ablated, from its first ablated block.

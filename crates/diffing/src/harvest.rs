@@ -10,16 +10,11 @@ use crate::paired::{Alignment, PairedMeta, PairedWriter, SampleInfo};
 use crate::shards::{corpus_sha256, PartManifest, ShardSpec};
 use crate::{invalid, Result};
 use candle_core::Tensor;
-use persona_lens_engine::{
-    common_prefix_len, Batch, HookName, HookPoint, Hooks, LogitsAt, Model, SharedPrefix,
-};
+use persona_lens_engine::{Batch, HookName, HookPoint, Hooks, LogitsAt, Model, SharedPrefix};
 use std::ops::Range;
 use std::path::Path;
 
 pub use crate::corpus::CorpusItem;
-
-/// Shared prefixes shorter than this run with every row: too little to save.
-const MIN_SHARED_PREFIX: usize = 8;
 
 /// Sets up interventions on one model's batch (e.g. a planted feature): gets the batch's
 /// token ids per row.
@@ -176,15 +171,13 @@ impl Plan {
         // rendering (a chat template's system turn) run once for all rows.
         let shared: Vec<Option<SharedPrefix>> = (0..2)
             .map(|m| {
-                let seqs: Vec<Vec<u32>> = range.clone().map(|i| ids[i][m].clone()).collect();
-                let n = common_prefix_len(&seqs);
-                let plain = spec.setup[m].is_none() && models[m].decoder.standing.is_empty();
-                match alignment == Alignment::Last && plain && n >= MIN_SHARED_PREFIX {
-                    true => {
-                        SharedPrefix::new(models[m], &seqs[0][..n], stop_after_block(m)).map(Some)
-                    }
-                    false => Ok(None),
+                if alignment != Alignment::Last || spec.setup[m].is_some() {
+                    return Ok(None);
                 }
+                let seqs: Vec<Vec<u32>> = range.clone().map(|i| ids[i][m].clone()).collect();
+                let mut hooks = Hooks::new();
+                hooks.stop_after_block = stop_after_block(m);
+                SharedPrefix::for_rows(models[m], &seqs, &mut hooks)
             })
             .collect::<persona_lens_engine::Result<_>>()?;
         for (ci, chunk) in corpus[range.clone()].chunks(bs).enumerate() {
@@ -201,10 +194,9 @@ impl Plan {
                 if let Some(f) = spec.setup[m] {
                     f(&seqs, &batch, &mut hooks)?;
                 }
-                let width = shared[m].as_ref().and_then(|p| {
-                    p.width_for(&batch, &vec![usize::MAX; seqs.len()])
-                        .filter(|&w| w >= MIN_SHARED_PREFIX)
-                });
+                let width = shared[m]
+                    .as_ref()
+                    .and_then(|p| p.width_for(&batch, &vec![usize::MAX; seqs.len()]));
                 match (&shared[m], width) {
                     (Some(p), Some(w)) => {
                         p.forward(models[m], &batch, w, &mut hooks, LogitsAt::None)?

@@ -40,7 +40,7 @@ pub use hooks::{
 };
 pub use layers::{KvCache, LogitsAt};
 pub use model::{models_dir, resolve, LoadOptions, Model, ModelInfo, ModelSource, DEFAULT_MODEL};
-pub use prefix::{common_prefix_len, SharedPrefix};
+pub use prefix::{common_prefix_len, SharedPrefix, MIN_SHARED_PREFIX};
 pub use registry::{registry, RegistryEntry};
 pub use run_cache::{CachePositions, OwnedActivation};
 pub use runtime::tune_cpu_pools;

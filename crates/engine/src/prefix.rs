@@ -18,6 +18,9 @@ use crate::hooks::Hooks;
 use crate::layers::{KvCache, LayerKv, LogitsAt};
 use crate::{Batch, EngineError, Model, Result};
 
+/// Shared prefixes shorter than this run with every row: too little to save.
+pub const MIN_SHARED_PREFIX: usize = 8;
+
 /// A prefix's keys and values (batch 1), for batches whose rows all start with it.
 pub struct SharedPrefix {
     ids: Vec<u32>,
@@ -41,6 +44,18 @@ impl SharedPrefix {
         let mut hooks = Hooks::new();
         hooks.stop_after_block = stop_after_block;
         Self::with_hooks(model, ids, &mut hooks)
+    }
+
+    /// The prefix every sequence of `seqs` starts with, run with `hooks`, where sharing it
+    /// pays and is sound: `None` when it is shorter than [`MIN_SHARED_PREFIX`] or the model has
+    /// standing hooks (they may treat rows or positions differently). Interventions of the
+    /// caller's own are the caller's to rule out.
+    pub fn for_rows(model: &Model, seqs: &[Vec<u32>], hooks: &mut Hooks) -> Result<Option<Self>> {
+        let n = common_prefix_len(seqs);
+        if n < MIN_SHARED_PREFIX || !model.decoder.standing.is_empty() {
+            return Ok(None);
+        }
+        Self::with_hooks(model, &seqs[0][..n], hooks).map(Some)
     }
 
     /// [`Self::new`] with `hooks` on the prefix's run: captures, interventions that treat every
@@ -76,7 +91,7 @@ impl SharedPrefix {
     /// The widest column count of `batch` this prefix can stand in for: no more than the prefix
     /// in any row, more than every row's padding, short of every row's last token, and no
     /// further than `limit[r]` tokens into row `r` (the first token a caller needs to see
-    /// through hooks). `None` when no column is saved.
+    /// through hooks). `None` when fewer than [`MIN_SHARED_PREFIX`] columns would be saved.
     pub fn width_for(&self, batch: &Batch, limit: &[usize]) -> Option<usize> {
         let max_pad = batch.pad.iter().copied().max().unwrap_or(0);
         let width = batch
@@ -87,7 +102,7 @@ impl SharedPrefix {
             .chain(batch.pad.iter().map(|&p| p + self.len()))
             .chain(batch.pad.iter().zip(&batch.lens).map(|(&p, &n)| p + n - 1))
             .fold(usize::MAX, usize::min);
-        (width > max_pad).then_some(width)
+        (width > max_pad && width >= MIN_SHARED_PREFIX).then_some(width)
     }
 
     /// Forward of `batch` from column `width` on ([`Self::width_for`]), the first `width`
