@@ -633,21 +633,21 @@ pub fn attention(
         }
         None => (k, v),
     };
-    let k = repeat_kv(&k, h / hkv)?;
-    let v = repeat_kv(&v, h / hkv)?;
-
     let wants_pattern =
         hooks.wants(name(HookPoint::AttnScores)) || hooks.wants(name(HookPoint::AttnPattern));
+    // Grouped (no repeated keys) unless a hook reads the per-head pattern or gradients flow.
+    let grouped = !wants_pattern && !hooks.differentiable;
     let z = match mask {
         MaskRef::Blocks {
             pad,
             start,
             window,
             block,
-        } if !wants_pattern && !hooks.differentiable => {
-            blocked_attention(&q, &k, &v, p, pad, start, window, block)?
-        }
+        } if grouped => blocked_attention(&q, &k, &v, p, pad, start, window, block)?,
+        MaskRef::Built(m) if grouped => grouped_attention(&q, &k, &v, p, m)?,
         _ => {
+            let k = repeat_kv(&k, h / hkv)?;
+            let v = repeat_kv(&v, h / hkv)?;
             let built;
             let mask = match mask {
                 MaskRef::Built(m) => m,
@@ -717,8 +717,37 @@ pub fn attention(
     project(&z)
 }
 
-/// Attention a block of query rows at a time: `q` `[b, h, t, hd]`, `k` / `v` `[b, h, total, hd]`
-/// (cache included, heads repeated). Each block sees only the keys it can attend to (from the
+/// `softmax(q k^T * scale (soft-capped) + mask) v` for grouped-query attention without repeating
+/// `k` and `v` per query head: the `n_rep` query heads that read one key/value head (heads
+/// `g * n_rep..(g + 1) * n_rep` read head `g`, as `repeat_kv` lays them out) are stacked into one
+/// matrix of `n_rep * t` rows. Each product is one larger matmul (a decode step's `1 x hd` rows
+/// become `n_rep x hd`) and the keys and values are not copied `n_rep` times. `q` `[b, h, t, hd]`,
+/// `k` / `v` `[b, hkv, keys, hd]` (cache included), `mask` `[b or 1, 1, t, keys]`; returns
+/// `[b, h, t, hd]`.
+fn grouped_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    p: &AttnParams,
+    mask: &Tensor,
+) -> Result<Tensor> {
+    let (b, h, t, hd) = q.dims4()?;
+    let (_, hkv, keys, _) = k.dims4()?;
+    let n_rep = h / hkv;
+    let q = q.reshape((b, hkv, n_rep * t, hd))?;
+    let mut scores = (q.matmul(&k.t()?)? * p.scale)?;
+    if let Some(cap) = p.softcap {
+        scores = ((scores / cap)?.tanh()? * cap)?;
+    }
+    let scores = scores
+        .reshape((b, hkv, n_rep, t, keys))?
+        .broadcast_add(&mask.unsqueeze(2)?)?;
+    let pattern = candle_nn::ops::softmax_last_dim(&scores)?.reshape((b, hkv, n_rep * t, keys))?;
+    Ok(pattern.matmul(v)?.reshape((b, h, t, hd))?)
+}
+
+/// Attention a block of query rows at a time: `q` `[b, h, t, hd]`, `k` / `v` `[b, hkv, total, hd]`
+/// (cache included, heads not repeated: see [`grouped_attention`]). Each block sees only the keys it can attend to (from the
 /// window's start, or 0, up to its last query), with its slice of the mask built on the spot,
 /// so the scores held at once are `block x keys` instead of `t x total`. Returns `[b, h, t, hd]`.
 #[allow(clippy::too_many_arguments)]
@@ -746,13 +775,8 @@ fn blocked_attention(
         let qc = q.narrow(2, i0, i1 - i0)?;
         let kc = k.narrow(2, lo, hi - lo)?.contiguous()?;
         let vc = v.narrow(2, lo, hi - lo)?.contiguous()?;
-        let mut scores = (qc.matmul(&kc.t()?)? * p.scale)?;
-        if let Some(cap) = p.softcap {
-            scores = ((scores / cap)?.tanh()? * cap)?;
-        }
         let mask = build_mask_block(pad, start, i0..i1, lo..hi, window, q.device())?;
-        let pattern = candle_nn::ops::softmax_last_dim(&scores.broadcast_add(&mask)?)?;
-        out.push(pattern.matmul(&vc)?);
+        out.push(grouped_attention(&qc, &kc, &vc, p, &mask)?);
         i0 = i1;
     }
     Ok(Tensor::cat(&out, 2)?)

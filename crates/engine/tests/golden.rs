@@ -430,6 +430,90 @@ fn shared_prefix_equals_whole_rows(name: &str) {
     );
 }
 
+/// Grouped-query attention without repeated keys (the path every forward takes unless a hook
+/// reads attention patterns) gives the logits of the per-head path with `repeat_kv` (taken when
+/// a pattern is captured, and checked against HF's layer-0 pattern above): a padded batch of 16
+/// rows at every position, and a KV-cache decode step after it (one query row per head).
+fn grouped_attention_equals_repeated_heads(name: &str) {
+    let m = model(name);
+    let ps = prompts(name);
+    let seqs: Vec<Vec<u32>> = (0..16)
+        .map(|i| ps[i % ps.len()].ids[..ps[i % ps.len()].ids.len() - (i / ps.len())].to_vec())
+        .collect();
+    let batch = Batch::left_padded(&seqs, m.pad_id(), m.device()).unwrap();
+    let n = m.config().n_layers;
+    // The decode step feeds each row its greedy next token.
+    let last = m
+        .forward(&batch, None, &mut Hooks::new(), LogitsAt::Last)
+        .unwrap()
+        .unwrap();
+    let next_ids: Vec<u32> = (0..seqs.len())
+        .map(|r| top1(&last.get(r).unwrap()))
+        .collect();
+    let next = Batch {
+        ids: Tensor::from_vec(next_ids, (seqs.len(), 1), m.device()).unwrap(),
+        pad: batch.pad.clone(),
+        lens: vec![1; seqs.len()],
+    };
+    let run = |per_head: bool| {
+        let hooks = || {
+            let mut h = Hooks::new();
+            if per_head {
+                for l in 0..n {
+                    h.capture(HookName::block(l, HookPoint::AttnPattern));
+                }
+            }
+            h
+        };
+        let mut kv = persona_lens_engine::KvCache::new(n, batch.pad.clone());
+        let all = m
+            .forward(&batch, Some(&mut kv), &mut hooks(), LogitsAt::All)
+            .unwrap()
+            .unwrap();
+        let step = m
+            .forward(&next, Some(&mut kv), &mut hooks(), LogitsAt::Last)
+            .unwrap()
+            .unwrap();
+        (all, step)
+    };
+    let (grouped, grouped_step) = run(false);
+    let (repeated, repeated_step) = run(true);
+    let t = grouped.dim(1).unwrap();
+    let mut worst = 0f64;
+    for (r, &pad) in batch.pad.iter().enumerate() {
+        // Padding positions are never read.
+        let real = |x: &Tensor| {
+            x.get(r)
+                .unwrap()
+                .narrow(0, pad, t - pad)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+        };
+        let row = |x: &Tensor| x.get(r).unwrap().to_vec1::<f32>().unwrap();
+        // The prompt pass at the batched-vs-single tolerance; the decode step at the HF
+        // reference tolerance of residuals: its one query row per head runs MKL's matrix-vector
+        // kernel in the per-head path and a matrix kernel grouped (another summation order).
+        for (what, e, tol) in [
+            ("prompt", rel_l2(&real(&grouped), &real(&repeated)), 1e-5),
+            (
+                "decode step",
+                rel_l2(&row(&grouped_step), &row(&repeated_step)),
+                1e-4,
+            ),
+        ] {
+            worst = worst.max(e);
+            assert!(
+                e < tol,
+                "{name} row {r}: grouped vs repeated-head {what} logits relative error {e:.2e}"
+            );
+        }
+    }
+    eprintln!("{name}: grouped vs repeated-head attention worst relative error {worst:.2e}");
+}
+
 fn kv_cache_generation(name: &str) {
     let m = model(name);
     let ps = prompts(name);
@@ -488,6 +572,7 @@ per_model!(
     attention_pattern,
     batched_equals_single,
     shared_prefix_equals_whole_rows,
+    grouped_attention_equals_repeated_heads,
     kv_cache_generation,
     quantized_agrees
 );
