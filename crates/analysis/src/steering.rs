@@ -9,7 +9,9 @@ use crate::direction::LayerRef;
 use crate::{AnalysisError, Result};
 use candle_core::{DType, Tensor, D};
 use persona_lens_engine::hooks::HookFn;
-use persona_lens_engine::{Batch, HookCtx, HookName, Hooks, LogitsAt, Model, Op, Selector};
+use persona_lens_engine::{
+    Batch, HookCtx, HookName, Hooks, LogitsAt, Model, Op, Selector, SharedPrefix,
+};
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 
@@ -352,8 +354,8 @@ pub fn steered_generate(
     }
     for (ci, chunk) in prompts.chunks(bs).enumerate() {
         let mut hooks = Hooks::new();
-        if let Some((hook, op, rule)) = steer {
-            // A patch and per-row vectors carry one entry per prompt: this chunk's slice.
+        // A patch and per-row vectors carry one entry per prompt: this chunk's slice.
+        let op = steer.map(|(hook, op, rule)| {
             let op = match op {
                 SteerOp::Patch(all) => SteerOp::Patch(all[ci * bs..ci * bs + chunk.len()].to_vec()),
                 SteerOp::AddPerRow(all) => {
@@ -361,20 +363,81 @@ pub fn steered_generate(
                 }
                 o => o.clone(),
             };
+            Ok::<_, AnalysisError>((hook, op, rule))
+        });
+        let op = op.transpose()?;
+        if let Some((hook, op, rule)) = &op {
             add_steering(
                 &mut hooks,
-                hook,
-                op,
-                rule,
+                *hook,
+                op.clone(),
+                *rule,
                 chunk.iter().map(Vec::len).collect(),
             )?;
         }
-        out.extend(persona_lens_engine::generate(
-            model, chunk, opts, &mut hooks,
+        let prefix = match opts.use_kv_cache {
+            true => shared_prompt_prefix(model, chunk, op.as_ref())?,
+            false => None,
+        };
+        out.extend(persona_lens_engine::generate_after_prefix(
+            model,
+            chunk,
+            opts,
+            &mut hooks,
+            prefix.as_ref().map(|(p, g)| (p, g.as_slice())),
         )?);
         progress(chunk.len());
     }
     Ok(out)
+}
+
+/// The chat template's prefix that every prompt of `chunk` starts with, run once per distinct
+/// edit (the unsteered run and a vector added to every row: one prefix row; per-row vectors: one
+/// prefix row per distinct vector), with each prompt's group; `None` where nothing is shared
+/// ([`SharedPrefix::for_row_groups`]) or the edit differs by prompt there (a patch's sources).
+fn shared_prompt_prefix(
+    model: &Model,
+    chunk: &[Vec<u32>],
+    op: Option<&(HookName, SteerOp, SteerPositions)>,
+) -> Result<Option<(SharedPrefix, Vec<usize>)>> {
+    // Rows with bitwise-equal vectors share a prefix row.
+    let (groups, prefix_op) = match op {
+        Some((_, SteerOp::Patch(_), _)) => return Ok(None),
+        Some((_, SteerOp::AddPerRow(v), _)) => {
+            let rows = v.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+            let bits = |r: &[f32]| r.iter().map(|x| x.to_bits()).collect::<Vec<u32>>();
+            let mut distinct: Vec<Vec<u32>> = Vec::new();
+            let mut group_of_row = Vec::with_capacity(rows.len());
+            for r in &rows {
+                let key = bits(r);
+                let g = match distinct.iter().position(|d| *d == key) {
+                    Some(g) => g,
+                    None => {
+                        distinct.push(key);
+                        distinct.len() - 1
+                    }
+                };
+                group_of_row.push(g);
+            }
+            let firsts: Vec<u32> = (0..distinct.len())
+                .map(|g| group_of_row.iter().position(|&x| x == g).unwrap_or(0) as u32)
+                .collect();
+            let ix = Tensor::new(firsts.as_slice(), v.device())?;
+            (
+                group_of_row,
+                Some(SteerOp::AddPerRow(v.index_select(&ix, 0)?)),
+            )
+        }
+        Some((_, o, _)) => (vec![0; chunk.len()], Some(o.clone())),
+        None => (vec![0; chunk.len()], None),
+    };
+    let n_groups = groups.iter().max().map_or(1, |g| g + 1);
+    let mut hooks = Hooks::new();
+    if let (Some((hook, _, rule)), Some(o)) = (op, prefix_op) {
+        // The prefix lies before every prompt's end: a prompt position for each position rule.
+        add_steering(&mut hooks, *hook, o, *rule, vec![usize::MAX; n_groups])?;
+    }
+    Ok(SharedPrefix::for_row_groups(model, chunk, n_groups, &mut hooks)?.map(|p| (p, groups)))
 }
 
 /// A direction ready to steer with: where it applies and where it came from.

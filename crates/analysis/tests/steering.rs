@@ -398,3 +398,103 @@ fn per_row_vectors_equal_one_direction_at_a_time() {
         "{e}"
     );
 }
+
+/// Steered generation runs the chat template's shared prefix once per distinct edit
+/// (`steered_generate` → `generate_after_prefix`) and gives the whole rows' answers: no edit, one
+/// vector for every row (on all positions, and on generated positions only), and per-row
+/// vectors (three directions over nine rows: one prefix row each). The reference runs every
+/// prompt whole through the engine's `generate` with the same hooks.
+#[test]
+fn steered_generation_sharing_the_chat_prefix_matches_whole_rows() {
+    use persona_lens_analysis::steering::steered_generate;
+    let m = model("smollm2-135m-instruct");
+    let hook = HookName::block(10, HookPoint::ResidPost);
+    let prompts: Vec<Vec<u32>> = [NOVICE, EXPERT, "I am a child. Why is the sky blue?"]
+        .iter()
+        .map(|t| m.encode_prompt(t, true).unwrap())
+        .collect();
+    assert!(
+        persona_lens_engine::common_prefix_len(&prompts) >= persona_lens_engine::MIN_SHARED_PREFIX,
+        "the chat prompts must share their template's prefix"
+    );
+    let norm = mean_resid_norm(&m, &prompts, hook).unwrap();
+    let dir = pair_direction(&m, hook, true);
+    let scaled = scale_direction(&dir, NormConvention::MeanResid, Some(norm)).unwrap();
+    let times = |a: f32| -> Vec<f32> { scaled.iter().map(|x| x * a).collect() };
+    let rows: Vec<Vec<u32>> = (0..3).flat_map(|_| prompts.clone()).collect();
+    let per_row: Vec<f32> = [1.0f32, -1.0, 0.5]
+        .iter()
+        .flat_map(|&a| std::iter::repeat_n(times(a), prompts.len()).flatten())
+        .collect();
+    let opts = GenerateOptions {
+        max_new_tokens: 8,
+        ..Default::default()
+    };
+    let add = SteerOp::Add(Tensor::new(times(1.0).as_slice(), m.device()).unwrap());
+    let cases: Vec<(&str, Option<(SteerOp, SteerPositions)>)> = vec![
+        ("unsteered", None),
+        (
+            "one vector, all positions",
+            Some((add.clone(), SteerPositions::All)),
+        ),
+        (
+            "one vector, generated positions",
+            Some((add, SteerPositions::Generated)),
+        ),
+        (
+            "per-row vectors",
+            Some((
+                SteerOp::AddPerRow(
+                    Tensor::from_vec(per_row, (rows.len(), dir.len()), m.device()).unwrap(),
+                ),
+                SteerPositions::All,
+            )),
+        ),
+    ];
+    let mut worst = 0f32;
+    for (what, op) in &cases {
+        let shared = steered_generate(
+            &m,
+            &rows,
+            op.as_ref().map(|(o, r)| (hook, o, *r)),
+            &opts,
+            rows.len(),
+            &|_| {},
+        )
+        .unwrap();
+        let mut hooks = Hooks::new();
+        if let Some((o, r)) = op {
+            add_steering(
+                &mut hooks,
+                hook,
+                o.clone(),
+                *r,
+                rows.iter().map(Vec::len).collect(),
+            )
+            .unwrap();
+        }
+        let whole = generate(&m, &rows, &opts, &mut hooks).unwrap();
+        if *what == "per-row vectors" {
+            // Directions +1 and -1 on the same prompt: the groups' prefixes must differ.
+            assert_ne!(
+                whole[0].generated_ids, whole[3].generated_ids,
+                "opposite directions should steer the first prompt differently"
+            );
+        }
+        for (r, (a, b)) in whole.iter().zip(&shared).enumerate() {
+            assert_eq!(
+                a.generated_ids, b.generated_ids,
+                "{what}, row {r}: the shared prefix changed the answer"
+            );
+            for (x, y) in a.margins.iter().zip(&b.margins) {
+                worst = worst.max((x - y).abs());
+                // The near-tie margin of the test above: logits agree far closer than that.
+                assert!(
+                    (x - y).abs() < 1e-3,
+                    "{what}, row {r}: top-2 margins {x} vs {y}"
+                );
+            }
+        }
+    }
+    eprintln!("shared-prefix steered generation: worst top-2 margin difference {worst:.2e}");
+}

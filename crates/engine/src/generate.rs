@@ -3,7 +3,7 @@
 use crate::error::{EngineError, Result};
 use crate::hooks::Hooks;
 use crate::layers::{KvCache, LogitsAt};
-use crate::{Batch, Model};
+use crate::{Batch, Model, SharedPrefix};
 use candle_core::Tensor;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
@@ -138,6 +138,22 @@ pub fn generate(
     opts: &GenerateOptions,
     hooks: &mut Hooks,
 ) -> Result<Vec<Generation>> {
+    generate_after_prefix(model, prompts, opts, hooks, None)
+}
+
+/// [`generate`] where the prompts start with `prefix` (row `r` takes prefix group
+/// `group_of_row[r]`, run with the hooks' edits of that row): the prompt's columns after the
+/// prefix run on its keys and values, then decoding goes on as usual. Hooks therefore do not fire
+/// on the prefix's columns here; the prefix's own run must have applied what they would. Without
+/// the KV cache, or where the prefix cannot stand in for the batch's columns
+/// ([`SharedPrefix::width_for`]), the prompts run whole.
+pub fn generate_after_prefix(
+    model: &Model,
+    prompts: &[Vec<u32>],
+    opts: &GenerateOptions,
+    hooks: &mut Hooks,
+    prefix: Option<(&SharedPrefix, &[usize])>,
+) -> Result<Vec<Generation>> {
     let b = prompts.len();
     let seed = match &opts.sampling {
         Sampling::Sample { seed, .. } => *seed,
@@ -174,11 +190,23 @@ pub fn generate(
         });
     }
     let mut done = vec![false; b];
-    let mut kv = opts
-        .use_kv_cache
-        .then(|| KvCache::new(model.config().n_layers, batch.pad.clone()));
+    let shared = match prefix {
+        Some((p, groups)) if opts.use_kv_cache => p
+            .width_for(&batch, &vec![usize::MAX; b])
+            .map(|w| p.split(&batch, w, groups))
+            .transpose()?,
+        _ => None,
+    };
+    let (mut kv, first) = match shared {
+        Some((cache, rest)) => (Some(cache), rest),
+        None => (
+            opts.use_kv_cache
+                .then(|| KvCache::new(model.config().n_layers, batch.pad.clone())),
+            batch.clone(),
+        ),
+    };
     let mut logits = model
-        .forward(&batch, kv.as_mut(), hooks, LogitsAt::Last)?
+        .forward(&first, kv.as_mut(), hooks, LogitsAt::Last)?
         .ok_or_else(|| EngineError::InvalidArgument("no logits".into()))?;
     for _step in 0..opts.max_new_tokens {
         let rows = logits.to_vec2::<f32>()?;

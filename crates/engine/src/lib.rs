@@ -33,7 +33,7 @@ pub mod weights;
 
 pub use config::{Architecture, ModelConfig};
 pub use error::{EngineError, Result};
-pub use generate::{generate, GenerateOptions, Generation, Sampling};
+pub use generate::{generate, generate_after_prefix, GenerateOptions, Generation, Sampling};
 pub use hooks::{
     all_hooks, interrupt_all, resolve_hooks, ActivationCache, HookCtx, HookFn, HookName, HookPoint,
     Hooks, Intervention, Op, Selector,

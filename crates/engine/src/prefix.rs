@@ -21,10 +21,12 @@ use crate::{Batch, EngineError, Model, Result};
 /// Shared prefixes shorter than this run with every row: too little to save.
 pub const MIN_SHARED_PREFIX: usize = 8;
 
-/// A prefix's keys and values (batch 1), for batches whose rows all start with it.
+/// A prefix's keys and values, for batches whose rows all start with it: one prefix row, or one
+/// per group of rows where an intervention treats groups differently (per-row steering vectors).
 pub struct SharedPrefix {
     ids: Vec<u32>,
     kv: KvCache,
+    groups: usize,
 }
 
 /// The number of leading tokens every sequence of `seqs` has in common.
@@ -51,27 +53,50 @@ impl SharedPrefix {
     /// standing hooks (they may treat rows or positions differently). Interventions of the
     /// caller's own are the caller's to rule out.
     pub fn for_rows(model: &Model, seqs: &[Vec<u32>], hooks: &mut Hooks) -> Result<Option<Self>> {
+        Self::for_row_groups(model, seqs, 1, hooks)
+    }
+
+    /// [`Self::for_rows`] with `groups` prefix rows in one batch, for hooks that treat them
+    /// differently (row `g` of an intervention is group `g`'s); later calls say which group each
+    /// of their rows belongs to.
+    pub fn for_row_groups(
+        model: &Model,
+        seqs: &[Vec<u32>],
+        groups: usize,
+        hooks: &mut Hooks,
+    ) -> Result<Option<Self>> {
         let n = common_prefix_len(seqs);
         if n < MIN_SHARED_PREFIX || !model.decoder.standing.is_empty() {
             return Ok(None);
         }
-        Self::with_hooks(model, &seqs[0][..n], hooks).map(Some)
+        Self::run(model, &seqs[0][..n], groups, hooks).map(Some)
     }
 
     /// [`Self::new`] with `hooks` on the prefix's run: captures, interventions that treat every
     /// row alike (the rows that reuse the prefix get it as edited here), `start_at_block` (the
     /// cache then has no keys before that block; later calls must start there too).
     pub fn with_hooks(model: &Model, ids: &[u32], hooks: &mut Hooks) -> Result<Self> {
+        Self::run(model, ids, 1, hooks)
+    }
+
+    fn run(model: &Model, ids: &[u32], groups: usize, hooks: &mut Hooks) -> Result<Self> {
         if ids.is_empty() {
             return Err(EngineError::EmptyPrompt);
         }
+        if groups == 0 {
+            return Err(EngineError::InvalidArgument(
+                "a shared prefix needs at least one group of rows".into(),
+            ));
+        }
         let n_layers = model.config().n_layers;
-        let batch = Batch::left_padded(&[ids.to_vec()], model.pad_id(), model.device())?;
-        let mut kv = KvCache::new(n_layers, vec![0]);
+        let rows = vec![ids.to_vec(); groups];
+        let batch = Batch::left_padded(&rows, model.pad_id(), model.device())?;
+        let mut kv = KvCache::new(n_layers, vec![0; groups]);
         model.forward(&batch, Some(&mut kv), hooks, LogitsAt::None)?;
         Ok(SharedPrefix {
             ids: ids.to_vec(),
             kv,
+            groups,
         })
     }
 
@@ -82,6 +107,11 @@ impl SharedPrefix {
 
     pub fn len(&self) -> usize {
         self.ids.len()
+    }
+
+    /// Prefix rows run (see [`Self::for_row_groups`]).
+    pub fn groups(&self) -> usize {
+        self.groups
     }
 
     pub fn is_empty(&self) -> bool {
@@ -116,10 +146,36 @@ impl SharedPrefix {
         hooks: &mut Hooks,
         logits_at: LogitsAt,
     ) -> Result<Option<Tensor>> {
+        if self.groups != 1 {
+            return Err(EngineError::InvalidArgument(format!(
+                "this shared prefix has {} groups of rows; say each row's group (split)",
+                self.groups
+            )));
+        }
+        let (mut kv, rest) = self.split(batch, width, &vec![0; batch.pad.len()])?;
+        model.forward(&rest, Some(&mut kv), hooks, logits_at)
+    }
+
+    /// The KV cache of `batch`'s first `width` columns, taken from the prefix (row `r` from
+    /// group `group_of_row[r]`), and the batch of the columns after them, to run on that cache
+    /// (a generation then decodes on from it).
+    pub fn split(
+        &self,
+        batch: &Batch,
+        width: usize,
+        group_of_row: &[usize],
+    ) -> Result<(KvCache, Batch)> {
         let (b, t) = batch.ids.dims2()?;
         if width == 0 || width >= t {
             return Err(EngineError::InvalidArgument(format!(
                 "shared prefix width {width} must leave columns to run in a batch of {t}"
+            )));
+        }
+        if group_of_row.len() != b || group_of_row.iter().any(|&g| g >= self.groups) {
+            return Err(EngineError::InvalidArgument(format!(
+                "{} group indices for {b} rows of a prefix with {} groups",
+                group_of_row.len(),
+                self.groups
             )));
         }
         // The rows must really hold the prefix where it stands in for them.
@@ -140,16 +196,16 @@ impl SharedPrefix {
                 Ok(LayerKv {
                     k: l.k
                         .as_ref()
-                        .map(|k| shifted_rows(k, &batch.pad, width))
+                        .map(|k| shifted_rows(k, &batch.pad, group_of_row, width))
                         .transpose()?,
                     v: l.v
                         .as_ref()
-                        .map(|v| shifted_rows(v, &batch.pad, width))
+                        .map(|v| shifted_rows(v, &batch.pad, group_of_row, width))
                         .transpose()?,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        let mut kv = KvCache {
+        let kv = KvCache {
             layers,
             pad: batch.pad.clone(),
             len: width,
@@ -159,19 +215,19 @@ impl SharedPrefix {
             pad: batch.pad.clone(),
             lens: batch.lens.clone(),
         };
-        debug_assert_eq!(rest.ids.dim(0)?, b);
-        model.forward(&rest, Some(&mut kv), hooks, logits_at)
+        Ok((kv, rest))
     }
 }
 
-/// `x` `[1, heads, len, d]` as `[pad.len(), heads, width, d]`: row `r` holds `pad[r]` zero
-/// (masked) positions, then the prefix's first `width - pad[r]` positions.
-fn shifted_rows(x: &Tensor, pad: &[usize], width: usize) -> Result<Tensor> {
+/// `x` `[groups, heads, len, d]` as `[pad.len(), heads, width, d]`: row `r` holds `pad[r]` zero
+/// (masked) positions, then its group's first `width - pad[r]` prefix positions.
+fn shifted_rows(x: &Tensor, pad: &[usize], group_of_row: &[usize], width: usize) -> Result<Tensor> {
     let (_, h, _, d) = x.dims4()?;
     let rows = pad
         .iter()
-        .map(|&p| {
-            let kept = x.narrow(2, 0, width - p)?;
+        .zip(group_of_row)
+        .map(|(&p, &g)| {
+            let kept = x.narrow(0, g, 1)?.narrow(2, 0, width - p)?;
             if p == 0 {
                 return Ok(kept);
             }

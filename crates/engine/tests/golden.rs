@@ -428,6 +428,36 @@ fn shared_prefix_equals_whole_rows(name: &str) {
         err.contains("row 3") && err.contains("shared prefix"),
         "{err}"
     );
+    // A prefix of two groups: its rows' groups must be given, and exist.
+    let groups = SharedPrefix::for_row_groups(&m, &seqs, 2, &mut Hooks::new())
+        .unwrap()
+        .unwrap();
+    let batch = Batch::left_padded(&seqs, m.pad_id(), m.device()).unwrap();
+    let err = groups
+        .forward(
+            &m,
+            &batch,
+            width_of(&groups, &batch),
+            &mut Hooks::new(),
+            LogitsAt::Last,
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("2 groups") && !err.contains('\n'), "{err}");
+    let mut bad = vec![0; seqs.len()];
+    bad[1] = 2;
+    let err = match groups.split(&batch, width_of(&groups, &batch), &bad) {
+        Ok(_) => panic!("a group index past the prefix's groups was accepted"),
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        err.contains("group indices") && !err.contains('\n'),
+        "{err}"
+    );
+}
+
+fn width_of(p: &SharedPrefix, b: &Batch) -> usize {
+    p.width_for(b, &vec![usize::MAX; b.pad.len()]).unwrap()
 }
 
 /// Grouped-query attention without repeated keys (the path every forward takes unless a hook
