@@ -739,17 +739,17 @@ fn grouped_attention(
     if let Some(cap) = p.softcap {
         scores = ((scores / cap)?.tanh()? * cap)?;
     }
-    let scores = scores
-        .reshape((b, hkv, n_rep, t, keys))?
-        .broadcast_add(&mask.unsqueeze(2)?)?;
+    // [b, hkv, n_rep * t, keys] is [b, h, t, keys] in memory: the mask adds as in the per-head path.
+    let scores = scores.reshape((b, h, t, keys))?.broadcast_add(mask)?;
     let pattern = candle_nn::ops::softmax_last_dim(&scores)?.reshape((b, hkv, n_rep * t, keys))?;
     Ok(pattern.matmul(v)?.reshape((b, h, t, hd))?)
 }
 
 /// Attention a block of query rows at a time: `q` `[b, h, t, hd]`, `k` / `v` `[b, hkv, total, hd]`
-/// (cache included, heads not repeated: see [`grouped_attention`]). Each block sees only the keys it can attend to (from the
-/// window's start, or 0, up to its last query), with its slice of the mask built on the spot,
-/// so the scores held at once are `block x keys` instead of `t x total`. Returns `[b, h, t, hd]`.
+/// (cache included, heads not repeated: see [`grouped_attention`]). Each block sees only the
+/// keys it can attend to (from the window's start, or 0, up to its last query), with its slice
+/// of the mask built on the spot, so the scores held at once are `block x keys` instead of
+/// `t x total`. Returns `[b, h, t, hd]`.
 #[allow(clippy::too_many_arguments)]
 fn blocked_attention(
     q: &Tensor,

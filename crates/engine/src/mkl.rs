@@ -299,6 +299,9 @@ fn operand(rows: usize, cols: usize, rs: isize, cs: isize) -> Option<(c_char, c_
         .or_else(|| column_major(cols, rows, cs, rs).map(|ld| (b'T' as c_char, ld)))
 }
 
+/// Products of fewer multiply-adds than this run on one thread.
+const SINGLE_THREAD_BELOW: usize = 1 << 20;
+
 /// gemm's hook: see `gemm_common::F32GemmHook` for the contract.
 #[allow(clippy::too_many_arguments)]
 unsafe fn mkl_gemm(
@@ -321,6 +324,12 @@ unsafe fn mkl_gemm(
 ) -> bool {
     let Some(Some(mkl)) = MKL.get() else {
         return false;
+    };
+    // candle asks for every core on every product; for the small ones (attention's per-head
+    // products) MKL's fork and join cost more than the second core saves.
+    let threads = match m.saturating_mul(n).saturating_mul(k) < SINGLE_THREAD_BELOW {
+        true => 1,
+        false => threads,
     };
     let done = gemm_via(
         mkl, m, n, k, dst, dst_cs, dst_rs, read_dst, lhs, lhs_cs, lhs_rs, rhs, rhs_cs, rhs_rs,
