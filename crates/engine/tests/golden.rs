@@ -239,13 +239,18 @@ fn attention_pattern(name: &str) {
     assert!(diff < 1e-5, "{name} layer-0 attention max abs diff {diff}");
 }
 
+/// 16 prompts of different lengths (the golden prompts, cut shorter on each pass over them),
+/// to be left padded in one batch.
+fn sixteen_rows(ps: &[Prompt]) -> Vec<Vec<u32>> {
+    (0..16)
+        .map(|i| ps[i % ps.len()].ids[..ps[i % ps.len()].ids.len() - (i / ps.len())].to_vec())
+        .collect()
+}
+
 fn batched_equals_single(name: &str) {
     let m = model(name);
     let ps = prompts(name);
-    // 16 prompts of different lengths, left padded in one batch.
-    let seqs: Vec<Vec<u32>> = (0..16)
-        .map(|i| ps[i % ps.len()].ids[..ps[i % ps.len()].ids.len() - (i / ps.len())].to_vec())
-        .collect();
+    let seqs = sixteen_rows(&ps);
     let n = m.config().n_layers;
     let hooks_for = || {
         let mut h = Hooks::new();
@@ -467,9 +472,7 @@ fn width_of(p: &SharedPrefix, b: &Batch) -> usize {
 fn grouped_attention_equals_repeated_heads(name: &str) {
     let m = model(name);
     let ps = prompts(name);
-    let seqs: Vec<Vec<u32>> = (0..16)
-        .map(|i| ps[i % ps.len()].ids[..ps[i % ps.len()].ids.len() - (i / ps.len())].to_vec())
-        .collect();
+    let seqs = sixteen_rows(&ps);
     let batch = Batch::left_padded(&seqs, m.pad_id(), m.device()).unwrap();
     let n = m.config().n_layers;
     // The decode step feeds each row its greedy next token.
