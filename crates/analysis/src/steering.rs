@@ -355,17 +355,21 @@ pub fn steered_generate(
     for (ci, chunk) in prompts.chunks(bs).enumerate() {
         let mut hooks = Hooks::new();
         // A patch and per-row vectors carry one entry per prompt: this chunk's slice.
-        let op = steer.map(|(hook, op, rule)| {
-            let op = match op {
-                SteerOp::Patch(all) => SteerOp::Patch(all[ci * bs..ci * bs + chunk.len()].to_vec()),
-                SteerOp::AddPerRow(all) => {
-                    SteerOp::AddPerRow(all.narrow(0, ci * bs, chunk.len())?)
-                }
-                o => o.clone(),
-            };
-            Ok::<_, AnalysisError>((hook, op, rule))
-        });
-        let op = op.transpose()?;
+        let op = match steer {
+            Some((hook, op, rule)) => {
+                let op = match op {
+                    SteerOp::Patch(all) => {
+                        SteerOp::Patch(all[ci * bs..ci * bs + chunk.len()].to_vec())
+                    }
+                    SteerOp::AddPerRow(all) => {
+                        SteerOp::AddPerRow(all.narrow(0, ci * bs, chunk.len())?)
+                    }
+                    o => o.clone(),
+                };
+                Some((hook, op, rule))
+            }
+            None => None,
+        };
         if let Some((hook, op, rule)) = &op {
             add_steering(
                 &mut hooks,
@@ -406,22 +410,21 @@ fn shared_prompt_prefix(
         Some((_, SteerOp::AddPerRow(v), _)) => {
             let rows = v.to_dtype(DType::F32)?.to_vec2::<f32>()?;
             let bits = |r: &[f32]| r.iter().map(|x| x.to_bits()).collect::<Vec<u32>>();
-            let mut distinct: Vec<Vec<u32>> = Vec::new();
+            // Each group's vector bits and the first row holding it.
+            let mut distinct: Vec<(Vec<u32>, u32)> = Vec::new();
             let mut group_of_row = Vec::with_capacity(rows.len());
-            for r in &rows {
-                let key = bits(r);
-                let g = match distinct.iter().position(|d| *d == key) {
+            for (r, row) in rows.iter().enumerate() {
+                let key = bits(row);
+                let g = match distinct.iter().position(|(d, _)| *d == key) {
                     Some(g) => g,
                     None => {
-                        distinct.push(key);
+                        distinct.push((key, r as u32));
                         distinct.len() - 1
                     }
                 };
                 group_of_row.push(g);
             }
-            let firsts: Vec<u32> = (0..distinct.len())
-                .map(|g| group_of_row.iter().position(|&x| x == g).unwrap_or(0) as u32)
-                .collect();
+            let firsts: Vec<u32> = distinct.iter().map(|&(_, r)| r).collect();
             let ix = Tensor::new(firsts.as_slice(), v.device())?;
             (
                 group_of_row,

@@ -283,6 +283,19 @@ fn bad_directions() {
     assert!(SteerPositions::parse("middle").is_err());
 }
 
+/// Three chat prompts (two novice, one expert) and the persona direction at `hook` scaled to
+/// their mean residual norm.
+fn chat_prompts_and_direction(m: &Model, hook: HookName) -> (Vec<Vec<u32>>, Vec<f32>) {
+    let prompts: Vec<Vec<u32>> = [NOVICE, EXPERT, "I am a child. Why is the sky blue?"]
+        .iter()
+        .map(|t| m.encode_prompt(t, true).unwrap())
+        .collect();
+    let norm = mean_resid_norm(m, &prompts, hook).unwrap();
+    let dir = pair_direction(m, hook, true);
+    let scaled = scale_direction(&dir, NormConvention::MeanResid, Some(norm)).unwrap();
+    (prompts, scaled)
+}
+
 /// Per-row steering vectors (many directions in one batch, as the study's random-direction
 /// baseline runs them) give each row the answer it gets when its direction steers alone, also
 /// when a batch boundary splits the rows of one direction.
@@ -291,13 +304,7 @@ fn per_row_vectors_equal_one_direction_at_a_time() {
     use persona_lens_analysis::steering::steered_generate;
     let m = model("smollm2-135m-instruct");
     let hook = HookName::block(12, HookPoint::ResidPost);
-    let prompts: Vec<Vec<u32>> = [NOVICE, EXPERT, "I am a child. Why is the sky blue?"]
-        .iter()
-        .map(|t| m.encode_prompt(t, true).unwrap())
-        .collect();
-    let norm = mean_resid_norm(&m, &prompts, hook).unwrap();
-    let dir = pair_direction(&m, hook, true);
-    let scaled = scale_direction(&dir, NormConvention::MeanResid, Some(norm)).unwrap();
+    let (prompts, scaled) = chat_prompts_and_direction(&m, hook);
     let dirs: Vec<Vec<f32>> = [0.8f32, -0.8, 0.0]
         .iter()
         .map(|a| scaled.iter().map(|x| x * a).collect())
@@ -327,7 +334,7 @@ fn per_row_vectors_equal_one_direction_at_a_time() {
         .flat_map(|v| prompts.iter().flat_map(move |_| v.clone()))
         .collect();
     let per_row =
-        SteerOp::AddPerRow(Tensor::from_vec(flat, (rows.len(), dir.len()), m.device()).unwrap());
+        SteerOp::AddPerRow(Tensor::from_vec(flat, (rows.len(), scaled.len()), m.device()).unwrap());
     // Batches of 4 rows: the second direction's rows fall in two batches.
     let batched = steered_generate(
         &m,
@@ -366,7 +373,7 @@ fn per_row_vectors_equal_one_direction_at_a_time() {
         &mut Hooks::new(),
         hook,
         SteerOp::AddPerRow(
-            Tensor::zeros((2, dir.len()), candle_core::DType::F32, m.device()).unwrap(),
+            Tensor::zeros((2, scaled.len()), candle_core::DType::F32, m.device()).unwrap(),
         ),
         SteerPositions::All,
         vec![3, 4, 5],
@@ -380,7 +387,7 @@ fn per_row_vectors_equal_one_direction_at_a_time() {
     );
     // Too few vectors for the prompts: the same one-line error from a batched generation.
     let short = SteerOp::AddPerRow(
-        Tensor::zeros((2, dir.len()), candle_core::DType::F32, m.device()).unwrap(),
+        Tensor::zeros((2, scaled.len()), candle_core::DType::F32, m.device()).unwrap(),
     );
     let e = steered_generate(
         &m,
@@ -409,17 +416,11 @@ fn steered_generation_sharing_the_chat_prefix_matches_whole_rows() {
     use persona_lens_analysis::steering::steered_generate;
     let m = model("smollm2-135m-instruct");
     let hook = HookName::block(10, HookPoint::ResidPost);
-    let prompts: Vec<Vec<u32>> = [NOVICE, EXPERT, "I am a child. Why is the sky blue?"]
-        .iter()
-        .map(|t| m.encode_prompt(t, true).unwrap())
-        .collect();
+    let (prompts, scaled) = chat_prompts_and_direction(&m, hook);
     assert!(
         persona_lens_engine::common_prefix_len(&prompts) >= persona_lens_engine::MIN_SHARED_PREFIX,
         "the chat prompts must share their template's prefix"
     );
-    let norm = mean_resid_norm(&m, &prompts, hook).unwrap();
-    let dir = pair_direction(&m, hook, true);
-    let scaled = scale_direction(&dir, NormConvention::MeanResid, Some(norm)).unwrap();
     let times = |a: f32| -> Vec<f32> { scaled.iter().map(|x| x * a).collect() };
     let rows: Vec<Vec<u32>> = (0..3).flat_map(|_| prompts.clone()).collect();
     let per_row: Vec<f32> = [1.0f32, -1.0, 0.5]
@@ -445,7 +446,7 @@ fn steered_generation_sharing_the_chat_prefix_matches_whole_rows() {
             "per-row vectors",
             Some((
                 SteerOp::AddPerRow(
-                    Tensor::from_vec(per_row, (rows.len(), dir.len()), m.device()).unwrap(),
+                    Tensor::from_vec(per_row, (rows.len(), scaled.len()), m.device()).unwrap(),
                 ),
                 SteerPositions::All,
             )),

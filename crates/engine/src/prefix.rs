@@ -109,11 +109,6 @@ impl SharedPrefix {
         self.ids.len()
     }
 
-    /// Prefix rows run (see [`Self::for_row_groups`]).
-    pub fn groups(&self) -> usize {
-        self.groups
-    }
-
     pub fn is_empty(&self) -> bool {
         self.ids.is_empty()
     }
