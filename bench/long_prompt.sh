@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Attention memory on one long prompt: blocked attention (the default: 512 query rows at a time)
-# against the whole score matrix at once, same binary, same prompt, alternating, peak RSS of each
+# Attention memory on one long prompt: blocked attention (the default: 512 query rows at a time,
+# fewer where the keys are many) and MLP chunks (2048 rows) against the whole score matrix and the
+# whole MLP at once, same binary, same prompt, alternating, peak RSS of each
 # run (its own process). Usage: bench/long_prompt.sh [BIN] [MODEL] [TOKENS] [ROUNDS] [MODES]
 # MODES defaults to "blocked whole"; at the full 32k context the whole matrix (16 GiB of scores per
 # layer) does not fit a 24 GiB machine, so run MODES=blocked there. Mode "nocapture" is the blocked
@@ -20,7 +21,7 @@ print(json.dumps([[2] + [random.randrange(1000, 40000) for _ in range($TOKENS - 
 for r in $(seq "$ROUNDS"); do
   for mode in $MODES; do
     extra=()
-    [ "$mode" = whole ] && extra=(--attention-block "$TOKENS")
+    [ "$mode" = whole ] && extra=(--attention-block "$TOKENS" --mlp-chunk-rows "$TOKENS")
     [ "$mode" = nocapture ] && extra=(--no-capture)
     out=$("$BIN" bench-forward --model "$MODEL" --ids "$dir/ids.json" --repeats 1 --json "${extra[@]}")
     echo "round $r $mode $out"

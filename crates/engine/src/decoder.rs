@@ -57,6 +57,10 @@ pub struct Decoder {
     /// Calls longer than this many positions compute attention this many query rows at a time
     /// (memory linear in the prompt instead of quadratic); the numbers are the same.
     pub attention_block: usize,
+    /// The MLP runs this many rows (batch x positions) at a time where more come and no hook
+    /// reads inside it, so a long prompt holds its `rows x d_mlp` intermediates a chunk at a
+    /// time; the numbers are the same (each row's MLP is independent of the others).
+    pub mlp_chunk_rows: usize,
     /// Interventions on every forward until removed ([`crate::Model::add_hook`]).
     pub standing: StandingHooks,
 }
@@ -79,6 +83,12 @@ pub struct CallCtx {
 
 /// Query rows per attention block for long calls (see [`Decoder::attention_block`]).
 pub const DEFAULT_ATTENTION_BLOCK: usize = 512;
+
+/// Rows per MLP chunk for long calls (see [`Decoder::mlp_chunk_rows`]): a gated MLP's four
+/// `rows x d_mlp` intermediates are 16 MiB each for gemma-3-270m, instead of 256 MiB each on a
+/// 32k-token prompt; and at 16 MiB, glibc's malloc reuses freed buffers rather than mapping
+/// fresh (page-faulting) memory for each.
+pub const DEFAULT_MLP_CHUNK_ROWS: usize = 2048;
 
 impl Decoder {
     /// The per-call tables for `t` new positions after `start` cached ones.
@@ -190,6 +200,7 @@ impl Decoder {
         let blk = &self.blocks[l];
         let hn = |p| HookName::block(l, p);
         let mut x = fire(hooks, hn(HookPoint::ResidPre), x, ctx)?;
+        // The normed input lives only as long as attention reads it.
         let h = pre_norm(blk.attn_norm.as_ref(), &x)?;
         let cs = if blk.sliding {
             cc.cs_local.as_ref().or(cc.cs_global.as_ref())
@@ -219,11 +230,13 @@ impl Decoder {
             hooks,
             ctx,
         )?;
+        drop(h);
         let a = fire(hooks, hn(HookPoint::AttnOut), a, ctx)?;
         x = (x + a)?;
         x = fire(hooks, hn(HookPoint::ResidMid), x, ctx)?;
         let h = pre_norm(blk.mlp_norm.as_ref(), &x)?;
-        let mut m = blk.mlp.forward(l, &h, hooks, ctx)?;
+        let mut m = blk.mlp.forward(l, &h, self.mlp_chunk_rows, hooks, ctx)?;
+        drop(h);
         if let Some(pn) = &blk.post_mlp_norm {
             m = pn.forward(&m)?;
         }

@@ -574,21 +574,25 @@ pub fn attention(
     let name = |pt| HookName::block(layer, pt);
 
     let bias = |i: usize| w.qkv_bias.as_ref().map(|bs| &bs[i]);
+    // Each step below consumes the tensor it replaces (`then`), so a long prompt holds one
+    // version of q, k and v at a time rather than every shadowed one until the function returns.
     let q = add_bias(w.q.forward(x)?, bias(0))?;
     let k = add_bias(w.k.forward(x)?, bias(1))?;
     let v = add_bias(w.v.forward(x)?, bias(2))?.reshape((b, t, hkv, hd))?;
     let (q, k) = match &w.qk_norm {
-        Some(QkNorm::Projection { q: mq, k: mk }) => {
-            (rms_norm(&q, mq, p.eps)?, rms_norm(&k, mk, p.eps)?)
-        }
+        Some(QkNorm::Projection { q: mq, k: mk }) => (
+            then(q, |q| rms_norm(q, mq, p.eps))?,
+            then(k, |k| rms_norm(k, mk, p.eps))?,
+        ),
         _ => (q, k),
     };
     let q = q.reshape((b, t, h, hd))?;
     let k = k.reshape((b, t, hkv, hd))?;
     let (q, k) = match &w.qk_norm {
-        Some(QkNorm::PerHead { q: mq, k: mk }) => {
-            (rms_norm(&q, mq, p.eps)?, rms_norm(&k, mk, p.eps)?)
-        }
+        Some(QkNorm::PerHead { q: mq, k: mk }) => (
+            then(q, |q| rms_norm(q, mq, p.eps))?,
+            then(k, |k| rms_norm(k, mk, p.eps))?,
+        ),
         _ => (q, k),
     };
     // Hooks see [b, t, heads, d_head] (TransformerLens layout): q and k before rotary, then
@@ -596,26 +600,18 @@ pub fn attention(
     let q = fire(hooks, name(HookPoint::AttnQ), q, ctx)?;
     let k = fire(hooks, name(HookPoint::AttnK), k, ctx)?;
     let v = fire(hooks, name(HookPoint::AttnV), v, ctx)?;
-    let q = q.transpose(1, 2)?.contiguous()?;
-    let k = k.transpose(1, 2)?.contiguous()?;
+    let q = then(q, |q| Ok(q.transpose(1, 2)?.contiguous()?))?;
+    let k = then(k, |k| Ok(k.transpose(1, 2)?.contiguous()?))?;
     let (q, k) = match cos_sin {
-        Some((cos, sin)) => (
-            fire_heads(
-                hooks,
-                name(HookPoint::AttnRotQ),
-                apply_rope(&q, cos, sin)?,
-                ctx,
-            )?,
-            fire_heads(
-                hooks,
-                name(HookPoint::AttnRotK),
-                apply_rope(&k, cos, sin)?,
-                ctx,
-            )?,
-        ),
+        Some((cos, sin)) => {
+            let q = then(q, |q| apply_rope(q, cos, sin))?;
+            let q = fire_heads(hooks, name(HookPoint::AttnRotQ), q, ctx)?;
+            let k = then(k, |k| apply_rope(k, cos, sin))?;
+            (q, fire_heads(hooks, name(HookPoint::AttnRotK), k, ctx)?)
+        }
         None => (q, k), // learned absolute positions (GPT-2)
     };
-    let v = v.transpose(1, 2)?.contiguous()?;
+    let v = then(v, |v| Ok(v.transpose(1, 2)?.contiguous()?))?;
 
     let (k, v) = match kv {
         Some(cache) => {
@@ -676,7 +672,7 @@ pub fn attention(
             pattern.matmul(&v)?
         }
     };
-    let z = z.transpose(1, 2)?.contiguous()?; // [b, t, h, hd]
+    let z = then(z, |z| Ok(z.transpose(1, 2)?.contiguous()?))?; // [b, t, h, hd]
     let z = fire(hooks, name(HookPoint::AttnZ), z, ctx)?;
 
     let result_name = name(HookPoint::AttnResult);
@@ -717,6 +713,11 @@ pub fn attention(
     project(&z)
 }
 
+/// `f(&x)`, with `x` dropped as soon as `f` returns: the step replaces `x`.
+fn then(x: Tensor, f: impl FnOnce(&Tensor) -> Result<Tensor>) -> Result<Tensor> {
+    f(&x)
+}
+
 /// `softmax(q k^T * scale (soft-capped) + mask) v` for grouped-query attention without repeating
 /// `k` and `v` per query head: the `n_rep` query heads that read one key/value head (heads
 /// `g * n_rep..(g + 1) * n_rep` read head `g`, as `repeat_kv` lays them out) are stacked into one
@@ -735,14 +736,23 @@ fn grouped_attention(
     let (_, hkv, keys, _) = k.dims4()?;
     let n_rep = h / hkv;
     let q = q.reshape((b, hkv, n_rep * t, hd))?;
-    let mut scores = (q.matmul(&k.t()?)? * p.scale)?;
-    if let Some(cap) = p.softcap {
-        scores = ((scores / cap)?.tanh()? * cap)?;
-    }
-    // [b, hkv, n_rep * t, keys] is [b, h, t, keys] in memory: the mask adds as in the per-head path.
-    let scores = scores.reshape((b, h, t, keys))?.broadcast_add(mask)?;
-    let pattern = candle_nn::ops::softmax_last_dim(&scores)?.reshape((b, hkv, n_rep * t, keys))?;
-    Ok(pattern.matmul(v)?.reshape((b, h, t, hd))?)
+    // Each score-sized intermediate is dropped as soon as the next exists (a shadowed binding
+    // would live to the end of the function): at most two are held at once.
+    let pattern = {
+        let mut scores = (q.matmul(&k.t()?)? * p.scale)?;
+        if let Some(cap) = p.softcap {
+            scores = ((scores / cap)?.tanh()? * cap)?;
+        }
+        // [b, hkv, n_rep * t, keys] is [b, h, t, keys] in memory: the mask adds as in the
+        // per-head path.
+        let masked = scores.reshape((b, h, t, keys))?.broadcast_add(mask)?;
+        drop(scores);
+        candle_nn::ops::softmax_last_dim(&masked)?
+    };
+    Ok(pattern
+        .reshape((b, hkv, n_rep * t, keys))?
+        .matmul(v)?
+        .reshape((b, h, t, hd))?)
 }
 
 /// Attention a block of query rows at a time: `q` `[b, h, t, hd]`, `k` / `v` `[b, hkv, total, hd]`
@@ -750,6 +760,11 @@ fn grouped_attention(
 /// keys it can attend to (from the window's start, or 0, up to its last query), with its slice
 /// of the mask built on the spot, so the scores held at once are `block x keys` instead of
 /// `t x total`. Returns `[b, h, t, hd]`.
+/// Scores (floats) one attention block may hold: 32 MiB, as 512 rows x 4 heads x 4096 keys.
+const SCORE_BUDGET: usize = 1 << 23;
+/// Blocks keep at least this many query rows, so each product stays a matrix product.
+const MIN_BLOCK_ROWS: usize = 32;
+
 #[allow(clippy::too_many_arguments)]
 fn blocked_attention(
     q: &Tensor,
@@ -761,11 +776,20 @@ fn blocked_attention(
     window: Option<usize>,
     block: usize,
 ) -> Result<Tensor> {
-    let t = q.dim(2)?;
-    let mut out = Vec::with_capacity(t.div_ceil(block.max(1)));
+    let (b, h, t, _) = q.dims4()?;
+    // Fewer rows per block where the keys are many (a global layer late in a 32k-token prompt),
+    // so one block's scores stay within SCORE_BUDGET floats.
+    let keys_max = match window {
+        Some(w) => (w + block).min(start + t),
+        None => start + t,
+    };
+    let block = (SCORE_BUDGET / (b * h * keys_max).max(1))
+        .max(MIN_BLOCK_ROWS)
+        .min(block.max(1));
+    let mut out = Vec::with_capacity(t.div_ceil(block));
     let mut i0 = 0;
     while i0 < t {
-        let i1 = (i0 + block.max(1)).min(t);
+        let i1 = (i0 + block).min(t);
         let lo = match window {
             // Keys before the first query's window are masked for every row of the block.
             Some(w) => (start + i0 + 1).saturating_sub(w),
@@ -854,7 +878,42 @@ pub enum Mlp {
 }
 
 impl Mlp {
+    /// `x` `[b, t, d]`. More than `chunk_rows` rows (`b x t`) run `chunk_rows` at a time when no
+    /// hook reads or edits inside the MLP (a hook sees the whole intermediate, as it would
+    /// without chunks): each row's MLP is independent of the others, so only the intermediates'
+    /// size changes.
     pub fn forward(
+        &self,
+        layer: usize,
+        x: &Tensor,
+        chunk_rows: usize,
+        hooks: &mut Hooks,
+        ctx: &mut HookCtx,
+    ) -> Result<Tensor> {
+        let (b, t, d) = x.dims3()?;
+        let rows = b * t;
+        let inner_hooked = [
+            HookPoint::MlpPre,
+            HookPoint::MlpPreLinear,
+            HookPoint::MlpPost,
+        ]
+        .into_iter()
+        .any(|pt| hooks.wants(HookName::block(layer, pt)));
+        let chunk_rows = chunk_rows.max(1);
+        if rows <= chunk_rows || inner_hooked {
+            return self.forward_whole(layer, x, hooks, ctx);
+        }
+        let flat = x.reshape((rows, d))?;
+        let mut out = Vec::with_capacity(rows.div_ceil(chunk_rows));
+        for r0 in (0..rows).step_by(chunk_rows) {
+            let n = chunk_rows.min(rows - r0);
+            let part = flat.narrow(0, r0, n)?.unsqueeze(0)?;
+            out.push(self.forward_whole(layer, &part, hooks, ctx)?.squeeze(0)?);
+        }
+        Ok(Tensor::cat(&out, 0)?.reshape((b, t, ()))?)
+    }
+
+    fn forward_whole(
         &self,
         layer: usize,
         x: &Tensor,

@@ -547,6 +547,76 @@ fn grouped_attention_equals_repeated_heads(name: &str) {
     eprintln!("{name}: grouped vs repeated-head attention worst relative error {worst:.2e}");
 }
 
+/// A long call's pieces on the real weights: attention 7 query rows at a time and the MLP 37
+/// rows at a time (chunks that cut across the batch's rows) give the 16 padded rows' residuals
+/// at every layer and their logits at every position as one whole call does, within the
+/// batched-vs-single tolerance.
+fn chunked_call_equals_whole_call(name: &str) {
+    let whole_model = model(name);
+    let mut chunked_model = Model::load(
+        name,
+        &models_dir(),
+        &persona_lens_engine::LoadOptions::default(),
+    )
+    .unwrap();
+    chunked_model.decoder.attention_block = 7;
+    chunked_model.decoder.mlp_chunk_rows = 37;
+    let ps = prompts(name);
+    let seqs = sixteen_rows(&ps);
+    let batch = Batch::left_padded(&seqs, whole_model.pad_id(), whole_model.device()).unwrap();
+    let t = batch.ids.dim(1).unwrap();
+    assert!(
+        t > 7 && 16 * t > 37,
+        "{name}: the call must be longer than a block"
+    );
+    let n = whole_model.config().n_layers;
+    let run = |m: &Model| {
+        let mut h = Hooks::new();
+        for l in 0..n {
+            h.capture(HookName::block(l, HookPoint::ResidPost));
+        }
+        let logits = m
+            .forward(&batch, None, &mut h, LogitsAt::All)
+            .unwrap()
+            .unwrap();
+        (logits, h.cache)
+    };
+    let (whole, whole_cache) = run(&whole_model);
+    let (chunked, chunked_cache) = run(&chunked_model);
+    let mut worst = 0f64;
+    for (r, &pad) in batch.pad.iter().enumerate() {
+        // Padding positions are never read.
+        let real = |x: &Tensor| {
+            x.get(r)
+                .unwrap()
+                .narrow(0, pad, t - pad)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+        };
+        let mut pairs = vec![("logits".to_string(), real(&whole), real(&chunked))];
+        for l in 0..n {
+            let h = HookName::block(l, HookPoint::ResidPost);
+            pairs.push((
+                h.to_string(),
+                real(&whole_cache.get(&h).unwrap()),
+                real(&chunked_cache.get(&h).unwrap()),
+            ));
+        }
+        for (what, a, b) in pairs {
+            let e = rel_l2(&a, &b);
+            worst = worst.max(e);
+            assert!(
+                e < 1e-5,
+                "{name} row {r}: chunked vs whole {what} relative error {e:.2e}"
+            );
+        }
+    }
+    eprintln!("{name}: chunked vs whole call worst relative error {worst:.2e}");
+}
+
 fn kv_cache_generation(name: &str) {
     let m = model(name);
     let ps = prompts(name);
@@ -606,6 +676,7 @@ per_model!(
     batched_equals_single,
     shared_prefix_equals_whole_rows,
     grouped_attention_equals_repeated_heads,
+    chunked_call_equals_whole_call,
     kv_cache_generation,
     quantized_agrees
 );

@@ -821,9 +821,10 @@ fn non_finite_activations_are_errors_naming_the_hook() {
     m.forward(&batch, None, &mut ok, LogitsAt::Last).unwrap();
 }
 
-/// Long calls compute attention a block of query rows at a time: with blocks of 5 rows on the
-/// 24-token reference inputs (left padding, sliding windows, soft-caps, a KV-cache prefix
-/// included) every residual and the logits equal the whole-matrix computation.
+/// Long calls compute attention a block of query rows at a time and the MLP a chunk of rows at a
+/// time: with blocks and chunks of 5 rows on the 24-token reference inputs (left padding, sliding
+/// windows, soft-caps, a KV-cache prefix included) every residual and the logits equal the
+/// whole computation.
 #[test]
 fn blocked_attention_equals_whole_attention() {
     let tiny = fixtures().join("tiny-models");
@@ -879,6 +880,7 @@ fn blocked_attention_equals_whole_attention() {
         };
         let (whole, whole_cached, wh) = run(&m);
         m.decoder.attention_block = 5;
+        m.decoder.mlp_chunk_rows = 5;
         let (blocked, blocked_cached, bh) = run(&m);
         let name = dir.file_name().unwrap().to_string_lossy().to_string();
         // Row 1's padding positions are never read; compare real positions.

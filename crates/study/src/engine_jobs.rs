@@ -484,6 +484,10 @@ pub struct BenchForwardArgs {
     /// the prompt length computes the whole score matrix at once (the memory comparison).
     #[arg(long, value_parser = crate::at_least_one)]
     pub attention_block: Option<usize>,
+    /// Rows per MLP chunk for calls of more rows (default 2048); a value at least the batch's
+    /// rows runs the MLP whole (the memory comparison).
+    #[arg(long, value_parser = crate::at_least_one)]
+    pub mlp_chunk_rows: Option<usize>,
     /// Time the library's `Model::run_with_cache` (a position-aligned cache of all prompts, as
     /// the Python package returns it) instead of forwards whose captures are dropped.
     #[arg(long)]
@@ -530,6 +534,9 @@ pub fn bench_forward(a: BenchForwardArgs) -> Result<()> {
     let mut m = load_model(&a.m)?;
     if let Some(b) = a.attention_block {
         m.decoder.attention_block = b;
+    }
+    if let Some(r) = a.mlp_chunk_rows {
+        m.decoder.mlp_chunk_rows = r;
     }
     let m = m;
     let seqs: Vec<Vec<u32>> = match given_ids {
@@ -588,6 +595,7 @@ pub fn bench_forward(a: BenchForwardArgs) -> Result<()> {
         },
         "batch_size": a.batch_size, "tokens": n_tokens, "seconds": best,
         "attention_block": m.decoder.attention_block,
+        "mlp_chunk_rows": m.decoder.mlp_chunk_rows,
         "matmul": persona_lens_engine::mkl::matmul_backend().label(),
         "tokens_per_s": n_tokens as f64 / best,
         "peak_rss_mib": peak_rss_kib().map(|k| k as f64 / 1024.0),

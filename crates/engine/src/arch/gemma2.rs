@@ -234,6 +234,7 @@ pub fn gemma_decoder(
         lm_head,
         device: w.device.clone(),
         attention_block: crate::decoder::DEFAULT_ATTENTION_BLOCK,
+        mlp_chunk_rows: crate::decoder::DEFAULT_MLP_CHUNK_ROWS,
         standing: Default::default(),
     })
 }

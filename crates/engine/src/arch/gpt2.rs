@@ -199,6 +199,7 @@ pub fn load(mut cfg: ModelConfig, w: &Weights) -> Result<Decoder> {
         lm_head,
         device: w.device.clone(),
         attention_block: crate::decoder::DEFAULT_ATTENTION_BLOCK,
+        mlp_chunk_rows: crate::decoder::DEFAULT_MLP_CHUNK_ROWS,
         standing: Default::default(),
     })
 }

@@ -473,6 +473,7 @@ pub fn decoder(mut cfg: ModelConfig, w: &Weights, layout: &Layout) -> Result<Dec
         lm_head,
         device: w.device.clone(),
         attention_block: crate::decoder::DEFAULT_ATTENTION_BLOCK,
+        mlp_chunk_rows: crate::decoder::DEFAULT_MLP_CHUNK_ROWS,
         standing: Default::default(),
     })
 }
