@@ -336,6 +336,63 @@ pub fn add_ablation(
     Ok(())
 }
 
+/// How many prompt rows [`AblationSetup::gap_means`] puts in one forward when it runs several
+/// head sets together: enough rows for the matrix products to run at the batched rate.
+const SETS_ROWS_PER_FORWARD: usize = 96;
+
+/// Hooks that ablate a different head set in each equal block of a batch's rows: set `g` of
+/// `sets` in rows `g * b / sets.len()..(g + 1) * b / sets.len()` of a batch of `b` rows, every
+/// position, with a uniform `mode` (zero, or the bank's mean). One hook per layer.
+fn group_ablation_hooks(sets: &[&[Head]], mode: AblationMode, bank: &ZBank) -> Result<Hooks> {
+    let mut by_layer: BTreeMap<usize, Vec<(usize, usize)>> = BTreeMap::new();
+    for (g, heads) in sets.iter().enumerate() {
+        for h in heads.iter() {
+            by_layer.entry(h.layer).or_default().push((g, h.head));
+        }
+    }
+    let k = sets.len();
+    let mut hooks = Hooks::new();
+    for (l, set_heads) in by_layer {
+        let replacement = match mode {
+            AblationMode::Zero => None,
+            AblationMode::Mean => Some(bank.mean[&l].clone()),
+            AblationMode::Resample => {
+                return Err(AnalysisError::Invalid(
+                    "resample ablation gives each row its own donor: run its sets one by one"
+                        .into(),
+                ))
+            }
+        };
+        let f: HookFn = Arc::new(move |x: &Tensor, _ctx: &HookCtx| {
+            // x: [b, t, H, hd]
+            let (b, _, n_heads, _) = x.dims4()?;
+            let per_set = b / k;
+            let mut mask = vec![0u8; b * n_heads];
+            for &(g, h) in &set_heads {
+                for r in g * per_set..(g + 1) * per_set {
+                    mask[r * n_heads + h] = 1;
+                }
+            }
+            let mask =
+                Tensor::from_vec(mask, (b, 1, n_heads, 1), x.device())?.broadcast_as(x.shape())?;
+            let new = match &replacement {
+                None => x.zeros_like()?,
+                Some(v) => v
+                    .to_dtype(x.dtype())?
+                    .broadcast_as(x.shape())?
+                    .contiguous()?,
+            };
+            mask.where_cond(&new, x)
+        });
+        hooks.intervene(
+            HookName::block(l, HookPoint::AttnZ),
+            Op::Func(f),
+            Selector::all(),
+        );
+    }
+    Ok(hooks)
+}
+
 /// The donor position for position `p` of a row of `row_len` positions, end-aligned to a donor
 /// of `donor_len`: the last position maps to the donor's last, earlier ones count back from it,
 /// positions before the donor's start take its first.
@@ -480,8 +537,9 @@ impl AblationSetup<'_> {
     /// no ablation, so they would compute exactly what the clean forward did). Where every
     /// prompt starts with the same tokens (a chat template's system turn) and the ablation
     /// treats every row and position alike (zero, mean), those tokens run once per set instead
-    /// of once per prompt ([`SharedPrefix`]); the numbers agree within float rounding.
-    /// `progress` gets the number of chunks done and their count.
+    /// of once per prompt ([`SharedPrefix`]), and up to [`SETS_ROWS_PER_FORWARD`] rows of
+    /// several sets run in one forward ([`Self::shared_prefix_group`]); the numbers agree
+    /// within float rounding. `progress` gets the number of chunks done and their count.
     pub fn gap_means(
         &self,
         sets: &[(&[Head], AblationMode)],
@@ -540,27 +598,43 @@ impl AblationSetup<'_> {
                     p.forward(model, &b, w, &mut clean_rest, LogitsAt::None)?;
                 }
             }
+            // Sets that share the prefix run several to a forward, sorted by their first
+            // ablated block so that a group's sets start close together.
+            let mut grouped: Vec<usize> =
+                (0..sets.len()).filter(|&si| shares(sets[si].1)).collect();
+            grouped.sort_by_key(|&si| (sets[si].1.name(), start_of(sets[si].0).unwrap_or(0)));
+            let per_forward = (SETS_ROWS_PER_FORWARD / chunk.len()).max(1);
+            if let (Some((clean_prefix, prefix_cache)), Some(w)) = (&shared, width) {
+                for group in grouped.chunk_by(|&a, &b| sets[a].1 == sets[b].1) {
+                    for group in group.chunks(per_forward) {
+                        let heads: Vec<&[Head]> = group.iter().map(|&si| sets[si].0).collect();
+                        let logits = self.shared_prefix_group(
+                            &heads,
+                            sets[group[0]].1,
+                            clean_prefix,
+                            prefix_cache,
+                            &clean_rest.cache,
+                            &rows,
+                            w,
+                        )?;
+                        for (&si, logits) in group.iter().zip(logits.chunks(chunk.len())) {
+                            for (&i, l) in chunk.iter().zip(logits) {
+                                metric[si][i] = self.logit_diff(i, l)?;
+                            }
+                        }
+                    }
+                }
+            }
             for (si, &(heads, mode)) in sets.iter().enumerate() {
+                if shares(mode) {
+                    continue;
+                }
                 let mut h = ablation_hooks(heads, mode, Some(self.bank), &donors)?;
-                let logits = match (&shared, width) {
-                    (Some((clean_prefix, prefix_cache)), Some(w)) if uniform(mode) => {
-                        // This set's prefix, ablated, from its first ablated block.
-                        let mut ph = ablation_hooks(heads, mode, Some(self.bank), &[0])?;
-                        if let Some(l) = start_of(heads) {
-                            ph.start_at_block = Some((l, resid_at(prefix_cache, l)?));
-                            h.start_at_block = Some((l, resid_at(&clean_rest.cache, l)?));
-                        }
-                        let p = SharedPrefix::with_hooks(model, clean_prefix.ids(), &mut ph)?;
-                        p.forward(model, &b, w, &mut h, LogitsAt::Last)?
-                    }
-                    _ => {
-                        if let Some(l) = start_of(heads) {
-                            h.start_at_block = Some((l, resid_at(&clean_whole.cache, l)?));
-                        }
-                        model.forward(&b, None, &mut h, LogitsAt::Last)?
-                    }
-                };
-                let logits = logits
+                if let Some(l) = start_of(heads) {
+                    h.start_at_block = Some((l, resid_at(&clean_whole.cache, l)?));
+                }
+                let logits = model
+                    .forward(&b, None, &mut h, LogitsAt::Last)?
                     .ok_or_else(|| AnalysisError::Invalid("no logits".into()))?
                     .to_dtype(DType::F32)?
                     .to_vec2::<f32>()?;
@@ -574,6 +648,57 @@ impl AblationSetup<'_> {
             .iter()
             .map(|m| mean_ci95(&self.pair_gaps(m)).0)
             .collect())
+    }
+
+    /// The last logits of `rows` (one chunk of prompts) under each of several head sets of one
+    /// uniform mode (zero, mean), all in one forward: the sets' prefix rows in one batch (row
+    /// `g` ablates set `g`'s heads), then `rows` once per set on those prefixes (set `g`'s copy
+    /// at rows `g * rows.len()..`). The forward starts at the group's earliest first ablated
+    /// block from the clean inputs there; a set whose first ablated block comes later computes
+    /// the clean values up to it, as its own forward would. Returns `[set][row][vocab]`
+    /// flattened over sets and rows.
+    #[allow(clippy::too_many_arguments)]
+    fn shared_prefix_group(
+        &self,
+        sets: &[&[Head]],
+        mode: AblationMode,
+        clean_prefix: &SharedPrefix,
+        prefix_cache: &ActivationCache,
+        rest_cache: &ActivationCache,
+        rows: &[Vec<u32>],
+        width: usize,
+    ) -> Result<Vec<Vec<f32>>> {
+        let model = self.model;
+        let k = sets.len();
+        let start = sets
+            .iter()
+            .map(|heads| heads.iter().map(|h| h.layer).min().unwrap_or(0))
+            .min()
+            .filter(|&l| l > 0);
+        let repeated = |cache: &ActivationCache, l: usize| -> Result<Tensor> {
+            let x = cache.get(&HookName::block(l, HookPoint::ResidPre))?;
+            Ok(Tensor::cat(&vec![&x; k], 0)?)
+        };
+        let mut prefix_hooks = group_ablation_hooks(sets, mode, self.bank)?;
+        if let Some(l) = start {
+            prefix_hooks.start_at_block = Some((l, repeated(prefix_cache, l)?));
+        }
+        let prefix_ids = [clean_prefix.ids().to_vec()];
+        let prefix = SharedPrefix::for_row_groups(model, &prefix_ids, k, &mut prefix_hooks)?
+            .ok_or_else(|| AnalysisError::Invalid("the shared prefix is too short".into()))?;
+        let all_rows: Vec<Vec<u32>> = (0..k).flat_map(|_| rows.iter().cloned()).collect();
+        let batch = Batch::left_padded(&all_rows, model.pad_id(), model.device())?;
+        let group_of_row: Vec<usize> = (0..all_rows.len()).map(|r| r / rows.len()).collect();
+        let (mut kv, rest) = prefix.split(&batch, width, &group_of_row)?;
+        let mut hooks = group_ablation_hooks(sets, mode, self.bank)?;
+        if let Some(l) = start {
+            hooks.start_at_block = Some((l, repeated(rest_cache, l)?));
+        }
+        Ok(model
+            .forward(&rest, Some(&mut kv), &mut hooks, LogitsAt::Last)?
+            .ok_or_else(|| AnalysisError::Invalid("no logits".into()))?
+            .to_dtype(DType::F32)?
+            .to_vec2()?)
     }
 
     /// The last position's logits `[rows][vocab]` of one forward of `b` with `hooks`.
