@@ -511,20 +511,10 @@ fn grouped_attention_equals_repeated_heads(name: &str) {
     };
     let (grouped, grouped_step) = run(false);
     let (repeated, repeated_step) = run(true);
-    let t = grouped.dim(1).unwrap();
     let mut worst = 0f64;
     for (r, &pad) in batch.pad.iter().enumerate() {
         // Padding positions are never read.
-        let real = |x: &Tensor| {
-            x.get(r)
-                .unwrap()
-                .narrow(0, pad, t - pad)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1::<f32>()
-                .unwrap()
-        };
+        let real = |x: &Tensor| real_positions(x, r, pad);
         let row = |x: &Tensor| x.get(r).unwrap().to_vec1::<f32>().unwrap();
         // The prompt pass at the batched-vs-single tolerance; the decode step at the HF
         // reference tolerance of residuals: its one query row per head runs MKL's matrix-vector
@@ -545,6 +535,20 @@ fn grouped_attention_equals_repeated_heads(name: &str) {
         }
     }
     eprintln!("{name}: grouped vs repeated-head attention worst relative error {worst:.2e}");
+}
+
+/// Row `r` of `x` (`[rows, positions, ..]`) from its first real position (after `pad` pad
+/// columns), flattened.
+fn real_positions(x: &Tensor, r: usize, pad: usize) -> Vec<f32> {
+    let t = x.dim(1).unwrap();
+    x.get(r)
+        .unwrap()
+        .narrow(0, pad, t - pad)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()
 }
 
 /// A long call's pieces on the real weights: attention 7 query rows at a time and the MLP 37
@@ -586,16 +590,7 @@ fn chunked_call_equals_whole_call(name: &str) {
     let mut worst = 0f64;
     for (r, &pad) in batch.pad.iter().enumerate() {
         // Padding positions are never read.
-        let real = |x: &Tensor| {
-            x.get(r)
-                .unwrap()
-                .narrow(0, pad, t - pad)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1::<f32>()
-                .unwrap()
-        };
+        let real = |x: &Tensor| real_positions(x, r, pad);
         let mut pairs = vec![("logits".to_string(), real(&whole), real(&chunked))];
         for l in 0..n {
             let h = HookName::block(l, HookPoint::ResidPost);
