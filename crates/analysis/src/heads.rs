@@ -336,6 +336,20 @@ pub fn add_ablation(
     Ok(())
 }
 
+/// The block an ablation of `heads` must start from: its first ablated layer, or `None` when
+/// that is block 0 or `heads` is empty (the forward then runs whole).
+fn first_ablated_block(heads: &[Head]) -> Option<usize> {
+    heads.iter().map(|h| h.layer).min().filter(|&l| l > 0)
+}
+
+/// A forward's last-position logits (`LogitsAt::Last`) as f32 rows `[rows][vocab]`.
+fn logit_rows(logits: Option<Tensor>) -> Result<Vec<Vec<f32>>> {
+    Ok(logits
+        .ok_or_else(|| AnalysisError::Invalid("no logits".into()))?
+        .to_dtype(DType::F32)?
+        .to_vec2()?)
+}
+
 /// How many prompt rows [`AblationSetup::gap_means`] puts in one forward when it runs several
 /// head sets together: enough rows for the matrix products to run at the batched rate.
 const SETS_ROWS_PER_FORWARD: usize = 96;
@@ -547,8 +561,7 @@ impl AblationSetup<'_> {
     ) -> Result<Vec<f64>> {
         let model = self.model;
         let n = 2 * self.metrics.len();
-        let first_block = |heads: &[Head]| heads.iter().map(|h| h.layer).min();
-        let start_of = |heads: &[Head]| first_block(heads).filter(|&l| l > 0);
+        let start_of = first_ablated_block;
         let mut starts: Vec<usize> = sets.iter().filter_map(|(h, _)| start_of(h)).collect();
         starts.sort();
         starts.dedup();
@@ -633,12 +646,7 @@ impl AblationSetup<'_> {
                 if let Some(l) = start_of(heads) {
                     h.start_at_block = Some((l, resid_at(&clean_whole.cache, l)?));
                 }
-                let logits = model
-                    .forward(&b, None, &mut h, LogitsAt::Last)?
-                    .ok_or_else(|| AnalysisError::Invalid("no logits".into()))?
-                    .to_dtype(DType::F32)?
-                    .to_vec2::<f32>()?;
-                for (&i, l) in chunk.iter().zip(&logits) {
+                for (&i, l) in chunk.iter().zip(&self.last_logits(&b, &mut h)?) {
                     metric[si][i] = self.logit_diff(i, l)?;
                 }
             }
@@ -670,11 +678,12 @@ impl AblationSetup<'_> {
     ) -> Result<Vec<Vec<f32>>> {
         let model = self.model;
         let k = sets.len();
+        // A set that starts at block 0 (or ablates nothing) makes the group start there.
         let start = sets
             .iter()
-            .map(|heads| heads.iter().map(|h| h.layer).min().unwrap_or(0))
+            .map(|heads| first_ablated_block(heads))
             .min()
-            .filter(|&l| l > 0);
+            .flatten();
         let repeated = |cache: &ActivationCache, l: usize| -> Result<Tensor> {
             let x = cache.get(&HookName::block(l, HookPoint::ResidPre))?;
             Ok(Tensor::cat(&vec![&x; k], 0)?)
@@ -694,21 +703,12 @@ impl AblationSetup<'_> {
         if let Some(l) = start {
             hooks.start_at_block = Some((l, repeated(rest_cache, l)?));
         }
-        Ok(model
-            .forward(&rest, Some(&mut kv), &mut hooks, LogitsAt::Last)?
-            .ok_or_else(|| AnalysisError::Invalid("no logits".into()))?
-            .to_dtype(DType::F32)?
-            .to_vec2()?)
+        logit_rows(model.forward(&rest, Some(&mut kv), &mut hooks, LogitsAt::Last)?)
     }
 
     /// The last position's logits `[rows][vocab]` of one forward of `b` with `hooks`.
     fn last_logits(&self, b: &Batch, hooks: &mut Hooks) -> Result<Vec<Vec<f32>>> {
-        Ok(self
-            .model
-            .forward(b, None, hooks, LogitsAt::Last)?
-            .ok_or_else(|| AnalysisError::Invalid("no logits".into()))?
-            .to_dtype(DType::F32)?
-            .to_vec2()?)
+        logit_rows(self.model.forward(b, None, hooks, LogitsAt::Last)?)
     }
 
     /// Per pair: the novice prompt's metric minus the expert prompt's (`metric` per prompt).
