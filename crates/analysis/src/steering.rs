@@ -10,7 +10,7 @@ use crate::{AnalysisError, Result};
 use candle_core::{DType, Tensor, D};
 use persona_lens_engine::hooks::HookFn;
 use persona_lens_engine::{
-    Batch, HookCtx, HookName, Hooks, LogitsAt, Model, Op, Selector, SharedPrefix,
+    Batch, HookCtx, HookName, HookPoint, Hooks, LogitsAt, Model, Op, Selector, SharedPrefix,
 };
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
@@ -91,6 +91,8 @@ pub enum SteerOp {
     AddPerRow(Tensor),
     /// x - (x . u) u for the unit direction u `[d]`.
     Ablate(Tensor),
+    /// x - (x . u_r) u_r with one unit direction per prompt row, `[rows, d]`.
+    AblatePerRow(Tensor),
     /// The activation of a source prompt `[t_src, d]`, end-aligned with each row's prompt
     /// (so the question tokens line up when the persona prefix differs in length); one source
     /// per row. Prompt positions only.
@@ -182,7 +184,9 @@ fn check_per_prompt(op: &SteerOp, n_prompts: usize) -> Result<()> {
             "{} source activations for {n_prompts} prompts",
             src.len()
         ))),
-        SteerOp::AddPerRow(v) if v.dims().len() != 2 || v.dims()[0] != n_prompts => {
+        SteerOp::AddPerRow(v) | SteerOp::AblatePerRow(v)
+            if v.dims().len() != 2 || v.dims()[0] != n_prompts =>
+        {
             Err(AnalysisError::Invalid(format!(
                 "per-row steering vectors of shape {:?} for {n_prompts} prompts; give one [d] vector per prompt",
                 v.dims()
@@ -218,8 +222,11 @@ pub fn add_steering(
                 let v = v.to_dtype(x.dtype())?.unsqueeze(1)?; // [b, 1, d]
                 x.broadcast_add(&mask.broadcast_mul(&v)?)
             }
-            SteerOp::Ablate(u) => {
-                let u = u.to_dtype(x.dtype())?.reshape((1, 1, ()))?;
+            SteerOp::Ablate(u) | SteerOp::AblatePerRow(u) => {
+                let u = match u.rank() {
+                    1 => u.to_dtype(x.dtype())?.reshape((1, 1, ()))?,
+                    _ => u.to_dtype(x.dtype())?.unsqueeze(1)?, // [b, 1, d]
+                };
                 let proj = x.broadcast_mul(&u)?.sum_keepdim(D::Minus1)?; // [b,t,1]
                 x.broadcast_sub(&proj.broadcast_mul(&mask)?.broadcast_mul(&u)?)
             }
@@ -789,17 +796,23 @@ pub fn steer_against_random(
             bs,
             progress,
         )?;
+        let perplexities = match ppl {
+            true => {
+                let pairs: Vec<(&[u32], &[u32])> = rows
+                    .iter()
+                    .zip(&gens)
+                    .map(|(p, g)| (p.as_slice(), g.generated_ids.as_slice()))
+                    .collect();
+                persona_lens_rate::perplexities(model, &pairs)
+                    .map_err(|e| AnalysisError::Invalid(e.to_string()))?
+            }
+            false => vec![None; gens.len()],
+        };
         gens.iter()
-            .zip(rows)
-            .map(|(g, p)| {
+            .zip(perplexities)
+            .map(|(g, ppl)| {
                 let text = model.tokenizer.decode(&g.generated_ids, true)?;
-                let perplexity = if ppl {
-                    persona_lens_rate::perplexity(model, p, &g.generated_ids)
-                        .map_err(|e| AnalysisError::Invalid(e.to_string()))?
-                        .map(|x| x.1)
-                } else {
-                    None
-                };
+                let perplexity = ppl.map(|x| x.1);
                 Ok(ScoredAnswer {
                     grade: persona_lens_rate::readability::complexity_grade(&text),
                     text,
@@ -853,9 +866,6 @@ pub fn readout_with(
     expert: &[u32],
     simple: &[u32],
 ) -> Result<Vec<f64>> {
-    let mean = |row: &[f32], ids: &[u32]| {
-        ids.iter().map(|&i| row[i as usize] as f64).sum::<f64>() / ids.len().max(1) as f64
-    };
     let mut out = Vec::with_capacity(prompts.len());
     for chunk in prompts.chunks(16) {
         let mut hooks = Hooks::new();
@@ -869,15 +879,39 @@ pub fn readout_with(
             )?;
         }
         let b = Batch::left_padded(chunk, model.pad_id(), model.device())?;
-        let logits: Vec<Vec<f32>> = model
-            .forward(&b, None, &mut hooks, LogitsAt::Last)?
-            .ok_or_else(|| AnalysisError::Invalid("no logits".into()))?
-            .to_dtype(DType::F32)?
-            .to_vec2()?;
-        out.extend(logits.iter().map(|r| mean(r, expert) - mean(r, simple)));
+        out.extend(readouts(model, &b, &mut hooks, (expert, simple))?);
     }
     Ok(out)
 }
+
+/// Each row's last-position readout (mean logit of `expert` words minus mean logit of `simple`
+/// words) in one forward of `batch` with `hooks`.
+fn readouts(
+    model: &Model,
+    batch: &Batch,
+    hooks: &mut Hooks,
+    words: (&[u32], &[u32]),
+) -> Result<Vec<f64>> {
+    let logits = model
+        .forward(batch, None, hooks, LogitsAt::Last)?
+        .ok_or_else(|| AnalysisError::Invalid("no logits".into()))?;
+    readouts_of(&logits, words)
+}
+
+/// [`readouts`] of last-position logits `[rows, vocab]`.
+fn readouts_of(logits: &Tensor, (expert, simple): (&[u32], &[u32])) -> Result<Vec<f64>> {
+    let mean = |row: &[f32], ids: &[u32]| {
+        ids.iter().map(|&i| row[i as usize] as f64).sum::<f64>() / ids.len().max(1) as f64
+    };
+    let logits: Vec<Vec<f32>> = logits.to_dtype(DType::F32)?.to_vec2()?;
+    Ok(logits
+        .iter()
+        .map(|r| mean(r, expert) - mean(r, simple))
+        .collect())
+}
+
+/// Rows (prompts x directions) per forward of [`ablation_against_random`].
+pub const ABLATION_DIRECTION_ROWS: usize = 96;
 
 /// Directional ablation against random directions: how much projecting `direction` out at
 /// `hook` (every position) shrinks the expert-minus-novice readout gap, per prompt (expert
@@ -903,31 +937,154 @@ pub fn ablation_against_random(
     seed: u64,
     words: (&[u32], &[u32]),
 ) -> Result<AblationVsRandom> {
-    let (ew, sw) = words;
-    let e0 = readout_with(model, expert_prompts, None, ew, sw)?;
-    let n0 = readout_with(model, novice_prompts, None, ew, sw)?;
-    let reduce = |unit: &[f32]| -> Result<Vec<f64>> {
-        let op = SteerOp::Ablate(Tensor::new(unit, model.device())?);
-        let e1 = readout_with(model, expert_prompts, Some((hook, &op)), ew, sw)?;
-        let n1 = readout_with(model, novice_prompts, Some((hook, &op)), ew, sw)?;
-        Ok(e0
-            .iter()
-            .zip(&e1)
-            .map(|(a, b)| a - b)
-            .chain(n1.iter().zip(&n0).map(|(a, b)| a - b))
-            .collect())
-    };
-    let unit = scale_direction(direction, NormConvention::Unit, None)?;
-    let reductions = reduce(&unit)?;
-    let random_means = random_directions(direction.len(), n_random, 1.0, seed)
+    ablation_against_random_grouped(
+        model,
+        (expert_prompts, novice_prompts),
+        hook,
+        direction,
+        n_random,
+        seed,
+        words,
+        ABLATION_DIRECTION_ROWS,
+    )
+}
+
+/// [`ablation_against_random`] with at most `max_rows` rows per forward. Every prompt (expert and
+/// novice) runs intact once, keeping the residual entering `hook`'s block; the ablations then
+/// run from that block only (nothing before it changes), several directions per forward, each
+/// row projecting out its own direction. Equal to one full forward per direction and prompt set
+/// within float rounding (different padding and batch shapes).
+#[allow(clippy::too_many_arguments)]
+pub fn ablation_against_random_grouped(
+    model: &Model,
+    (expert_prompts, novice_prompts): (&[Vec<u32>], &[Vec<u32>]),
+    hook: HookName,
+    direction: &[f32],
+    n_random: usize,
+    seed: u64,
+    words: (&[u32], &[u32]),
+    max_rows: usize,
+) -> Result<AblationVsRandom> {
+    let n_expert = expert_prompts.len();
+    let prompts: Vec<Vec<u32>> = expert_prompts
         .iter()
-        .map(|u| Ok(reduce(u)?.iter().sum::<f64>() / reductions.len().max(1) as f64))
-        .collect::<Result<_>>()?;
+        .chain(novice_prompts)
+        .cloned()
+        .collect();
+    let unit = scale_direction(direction, NormConvention::Unit, None)?;
+    let randoms = random_directions(direction.len(), n_random, 1.0, seed);
+    if prompts.is_empty() {
+        return Ok(AblationVsRandom {
+            reductions: vec![],
+            random_means: vec![f64::NAN; randoms.len()],
+            gap_intact: f64::NAN,
+        });
+    }
+    let batch = Batch::left_padded(&prompts, model.pad_id(), model.device())?;
+    // Blocks before the hook's own run the same for every direction: start there (a global
+    // hook such as the embeddings starts at block 0, from the ids).
+    let first = hook.layer;
+    let entry = first.map(|l| HookName::block(l, HookPoint::ResidPre));
+    let mut hooks = Hooks::new();
+    if let Some(h) = entry {
+        hooks.capture(h);
+    }
+    let intact = readouts(model, &batch, &mut hooks, words)?;
+    let resid = entry.map(|h| hooks.cache.get(&h)).transpose()?;
+    let n = prompts.len();
+    let per_forward = (max_rows / n).max(1);
+    let directions: Vec<&[f32]> = std::iter::once(unit.as_slice())
+        .chain(randoms.iter().map(Vec::as_slice))
+        .collect();
+    let d = direction.len();
+    let plen = persona_lens_engine::prefix::common_prefix_len(&prompts);
+    // Row k * n + p: prompt p with direction k of the group.
+    let mut ablated: Vec<Vec<f64>> = Vec::with_capacity(directions.len());
+    for group in directions.chunks(per_forward) {
+        let k = group.len();
+        let units = |per: usize| -> Result<SteerOp> {
+            let flat: Vec<f32> = group
+                .iter()
+                .flat_map(|u| (0..per).flat_map(move |_| u.iter().copied()))
+                .collect();
+            Ok(SteerOp::AblatePerRow(Tensor::from_vec(
+                flat,
+                (k * per, d),
+                model.device(),
+            )?))
+        };
+        // The common prefix (the chat template's system turn) once per direction: its keys and
+        // values, ablated by that direction, stand in for every prompt's first columns.
+        let prefix = match plen >= persona_lens_engine::prefix::MIN_SHARED_PREFIX {
+            true => {
+                let mut phooks = Hooks::new();
+                add_steering(
+                    &mut phooks,
+                    hook,
+                    units(1)?,
+                    SteerPositions::All,
+                    vec![plen; k],
+                )?;
+                if let (Some(l), Some(x)) = (first, &resid) {
+                    let row0 = x.get(0)?.narrow(0, batch.pad[0], plen)?.unsqueeze(0)?;
+                    phooks.start_at_block = Some((l, row0.repeat((k, 1, 1))?));
+                }
+                SharedPrefix::for_row_groups(model, &prompts, k, &mut phooks)?
+            }
+            false => None,
+        };
+        let rows: Vec<u32> = (0..k).flat_map(|_| 0..n as u32).collect();
+        let rows = Tensor::new(rows.as_slice(), model.device())?;
+        let b = Batch {
+            ids: batch.ids.index_select(&rows, 0)?,
+            pad: (0..k).flat_map(|_| batch.pad.iter().copied()).collect(),
+            lens: (0..k).flat_map(|_| batch.lens.iter().copied()).collect(),
+        };
+        let width = prefix
+            .as_ref()
+            .and_then(|p| p.width_for(&b, &vec![usize::MAX; k * n]));
+        let group_of_row: Vec<usize> = (0..k * n).map(|r| r / n).collect();
+        let (mut kv, rest) = match (&prefix, width) {
+            (Some(p), Some(w)) => {
+                let (kv, rest) = p.split(&b, w, &group_of_row)?;
+                (Some(kv), rest)
+            }
+            _ => (None, b.clone()),
+        };
+        let skipped = width.unwrap_or(0);
+        let mut hooks = Hooks::new();
+        add_steering(
+            &mut hooks,
+            hook,
+            units(n)?,
+            SteerPositions::All,
+            b.lens.clone(),
+        )?;
+        if let (Some(l), Some(x)) = (first, &resid) {
+            let t = x.dim(1)?;
+            let x = x.index_select(&rows, 0)?.narrow(1, skipped, t - skipped)?;
+            hooks.start_at_block = Some((l, x));
+        }
+        let logits = model
+            .forward(&rest, kv.as_mut(), &mut hooks, LogitsAt::Last)?
+            .ok_or_else(|| AnalysisError::Invalid("no logits".into()))?;
+        let r = readouts_of(&logits, words)?;
+        ablated.extend(r.chunks(n).map(<[f64]>::to_vec));
+    }
+    // Per prompt: expert prompts intact minus ablated, novice prompts ablated minus intact.
+    let reduce = |abl: &[f64]| -> Vec<f64> {
+        (0..n)
+            .map(|p| match p < n_expert {
+                true => intact[p] - abl[p],
+                false => abl[p] - intact[p],
+            })
+            .collect()
+    };
     let m = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
     Ok(AblationVsRandom {
-        reductions,
-        random_means,
-        gap_intact: m(&e0) - m(&n0),
+        reductions: reduce(&ablated[0]),
+        random_means: ablated[1..].iter().map(|a| m(&reduce(a))).collect(),
+        gap_intact: m(&intact[..n_expert]) - m(&intact[n_expert..]),
     })
 }
 

@@ -499,3 +499,88 @@ fn steered_generation_sharing_the_chat_prefix_matches_whole_rows() {
     }
     eprintln!("shared-prefix steered generation: worst top-2 margin difference {worst:.2e}");
 }
+
+/// Directional ablation against random directions, as the study runs it (every prompt intact
+/// once, then the ablations from the hook's block only, several directions per forward, the chat
+/// template's prefix once per direction), equals one whole forward per direction and prompt set
+/// (`readout_with`, the plain path): the same per-prompt gap reductions and random means. Two
+/// hooks (a block's input and a block's output) and groups that split the directions.
+#[test]
+fn grouped_directional_ablation_matches_whole_forwards() {
+    use persona_lens_analysis::steering::{
+        ablation_against_random_grouped, random_directions, readout_with,
+    };
+    let m = model("smollm2-135m-instruct");
+    let encode = |ts: &[&str]| -> Vec<Vec<u32>> {
+        ts.iter()
+            .map(|t| m.encode_prompt(t, true).unwrap())
+            .collect()
+    };
+    let expert = encode(&[EXPERT, "I have a PhD in physics. Why is the sky blue?"]);
+    let novice = encode(&[NOVICE, "I'm 5. Why is the sky blue?", "I am a child."]);
+    let word = |w: &str| m.tokenizer.encode(w, false).unwrap()[0];
+    let (ew, sw) = (
+        vec![word(" quantum"), word(" wavelength")],
+        vec![word(" fun"), word(" pretty")],
+    );
+    for (hook, seed) in [
+        (HookName::block(12, HookPoint::ResidPre), 7u64),
+        (HookName::block(9, HookPoint::ResidPost), 8),
+    ] {
+        let dir = pair_direction(&m, hook, true);
+        let n_random = 3;
+        // Five prompts, at most ten rows per forward: two directions per forward, two groups.
+        let got = ablation_against_random_grouped(
+            &m,
+            (&expert, &novice),
+            hook,
+            &dir,
+            n_random,
+            seed,
+            (&ew, &sw),
+            10,
+        )
+        .unwrap();
+        let readout = |ps: &[Vec<u32>], u: Option<&[f32]>| {
+            let op = u.map(|u| SteerOp::Ablate(Tensor::new(u, m.device()).unwrap()));
+            readout_with(&m, ps, op.as_ref().map(|o| (hook, o)), &ew, &sw).unwrap()
+        };
+        let (e0, n0) = (readout(&expert, None), readout(&novice, None));
+        let reductions = |u: &[f32]| -> Vec<f64> {
+            let (e1, n1) = (readout(&expert, Some(u)), readout(&novice, Some(u)));
+            let e = e0.iter().zip(&e1).map(|(a, b)| a - b);
+            e.chain(n1.iter().zip(&n0).map(|(a, b)| a - b)).collect()
+        };
+        let unit = scale_direction(&dir, NormConvention::Unit, None).unwrap();
+        let want = reductions(&unit);
+        let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
+        let want_random: Vec<f64> = random_directions(dir.len(), n_random, 1.0, seed)
+            .iter()
+            .map(|u| mean(&reductions(u)))
+            .collect();
+        let worst = got
+            .reductions
+            .iter()
+            .zip(&want)
+            .chain(got.random_means.iter().zip(&want_random))
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0f64, f64::max);
+        eprintln!("{hook}: worst difference {worst:.2e} logits; reductions {want:?}, random means {want_random:?}");
+        assert_eq!(got.reductions.len(), 5);
+        assert_eq!(got.random_means.len(), n_random);
+        assert!(
+            worst < 2e-4,
+            "{hook}: grouped ablation off by {worst} logits"
+        );
+        let gap = mean(&e0) - mean(&n0);
+        assert!(
+            (got.gap_intact - gap).abs() < 2e-4,
+            "{} vs {gap}",
+            got.gap_intact
+        );
+        // Not vacuous: the persona direction's ablation moves the readouts, and differently
+        // from every random direction's.
+        assert!(want.iter().any(|r| r.abs() > 0.05), "{want:?}");
+        assert!(want_random.iter().all(|r| (r - mean(&want)).abs() > 1e-3));
+    }
+}

@@ -116,31 +116,70 @@ pub fn lexical(text: &str, topic: &str) -> Lexical {
 /// Perplexity of `generated` after `prompt` under `model` with no hooks (the unsteered model):
 /// exp(mean negative log-likelihood of the generated tokens), in nats per token before exp.
 pub fn perplexity(model: &Model, prompt: &[u32], generated: &[u32]) -> Result<Option<(f64, f64)>> {
-    if generated.is_empty() || prompt.is_empty() {
-        return Ok(None);
+    Ok(perplexities(model, &[(prompt, generated)])?.pop().flatten())
+}
+
+/// Most rows of [`perplexities`] in one forward.
+pub const PERPLEXITY_ROWS: usize = 16;
+/// Logits (floats) one call of [`perplexities`] may hold: every position's logits are read, so
+/// a large vocabulary (Gemma's 262k) takes fewer rows per call.
+const PERPLEXITY_LOGITS: usize = 1 << 26;
+
+/// [`perplexity`] of many `(prompt, generated)` pairs, several per forward (left padded, batched
+/// by length): one forward of a few rows costs about what one row does. Pairs with an empty side
+/// get `None`, like [`perplexity`].
+pub fn perplexities(
+    model: &Model,
+    answers: &[(&[u32], &[u32])],
+) -> Result<Vec<Option<(f64, f64)>>> {
+    let mut out = vec![None; answers.len()];
+    let len = |i: usize| answers[i].0.len() + answers[i].1.len();
+    let mut order: Vec<usize> = (0..answers.len())
+        .filter(|&i| !answers[i].0.is_empty() && !answers[i].1.is_empty())
+        .collect();
+    order.sort_by_key(|&i| len(i));
+    let vocab = model.config().vocab_size.max(1);
+    let mut rest = &order[..];
+    while !rest.is_empty() {
+        // Sorted by length: the chunk's last row is its longest.
+        let mut n = 1;
+        while n < rest.len().min(PERPLEXITY_ROWS)
+            && (n + 1) * len(rest[n]) * vocab <= PERPLEXITY_LOGITS
+        {
+            n += 1;
+        }
+        let (chunk, tail) = rest.split_at(n);
+        rest = tail;
+        let seqs: Vec<Vec<u32>> = chunk
+            .iter()
+            .map(|&i| answers[i].0.iter().chain(answers[i].1).copied().collect())
+            .collect();
+        let b = Batch::left_padded(&seqs, model.pad_id(), model.device())?;
+        let logits = model
+            .forward(&b, None, &mut Hooks::new(), LogitsAt::All)?
+            .ok_or_else(|| RateError::Invalid("no logits".into()))?
+            .to_dtype(DType::F32)?;
+        for (r, &i) in chunk.iter().enumerate() {
+            let (prompt, generated) = answers[i];
+            // Positions p-1 .. end-1 of the row (after its padding) predict the generated tokens.
+            let pred = logits
+                .get(r)?
+                .narrow(0, b.pad[r] + prompt.len() - 1, generated.len())?;
+            let m = pred.max_keepdim(D::Minus1)?;
+            let lse = pred
+                .broadcast_sub(&m)?
+                .exp()?
+                .sum_keepdim(D::Minus1)?
+                .log()?
+                .broadcast_add(&m)?;
+            let tgt = Tensor::new(generated, model.device())?.unsqueeze(1)?;
+            let picked = pred.gather(&tgt, 1)?;
+            let nll: Vec<f32> = (lse - picked)?.squeeze(1)?.to_vec1()?;
+            let mean = nll.iter().map(|&x| x as f64).sum::<f64>() / nll.len() as f64;
+            out[i] = Some((mean, mean.exp()));
+        }
     }
-    let ids: Vec<u32> = prompt.iter().chain(generated).copied().collect();
-    let b = Batch::left_padded(std::slice::from_ref(&ids), model.pad_id(), model.device())?;
-    let logits = model
-        .forward(&b, None, &mut Hooks::new(), LogitsAt::All)?
-        .ok_or_else(|| RateError::Invalid("no logits".into()))?
-        .get(0)?
-        .to_dtype(DType::F32)?;
-    let p = prompt.len();
-    // Positions p-1 .. end-1 predict the generated tokens.
-    let pred = logits.narrow(0, p - 1, generated.len())?;
-    let m = pred.max_keepdim(D::Minus1)?;
-    let lse = pred
-        .broadcast_sub(&m)?
-        .exp()?
-        .sum_keepdim(D::Minus1)?
-        .log()?
-        .broadcast_add(&m)?;
-    let tgt = Tensor::new(generated, model.device())?.unsqueeze(1)?;
-    let picked = pred.gather(&tgt, 1)?;
-    let nll: Vec<f32> = (lse - picked)?.squeeze(1)?.to_vec1()?;
-    let mean = nll.iter().map(|&x| x as f64).sum::<f64>() / nll.len() as f64;
-    Ok(Some((mean, mean.exp())))
+    Ok(out)
 }
 
 /// Scores of one record.
@@ -226,17 +265,29 @@ fn json<T: Serialize>(x: &Option<T>) -> String {
 
 /// Scores one answer; `model` gives fluency.
 pub fn score_record(r: &Answer, model: Option<&Model>) -> Result<Scores> {
+    let nll = match model {
+        Some(m) => perplexity(m, &r.prompt_ids, &r.generated_ids)?,
+        None => None,
+    };
+    Ok(score_record_with(
+        r,
+        nll,
+        model.map(|m| m.info.name.as_str()),
+    ))
+}
+
+/// [`score_record`] with the answer's (mean NLL, perplexity) already computed under
+/// `fluency_model` (by [`perplexities`], many answers per forward).
+pub fn score_record_with(
+    r: &Answer,
+    nll_ppl: Option<(f64, f64)>,
+    fluency_model: Option<&str>,
+) -> Scores {
     let text = &r.text;
     let topic = r.topic.as_str();
     let c = readability::counts(text);
-    let (nll, ppl) = match model {
-        Some(m) => match perplexity(m, &r.prompt_ids, &r.generated_ids)? {
-            Some((n, p)) => (Some(n), Some(p)),
-            None => (None, None),
-        },
-        None => (None, None),
-    };
-    Ok(Scores {
+    let (nll, ppl) = (nll_ppl.map(|x| x.0), nll_ppl.map(|x| x.1));
+    Scores {
         key: r.key(),
         prompt_id: r.prompt_id.clone(),
         persona: r.persona.clone(),
@@ -249,8 +300,8 @@ pub fn score_record(r: &Answer, model: Option<&Model>) -> Result<Scores> {
         nll_nats_per_token: nll,
         perplexity: ppl,
         judge_win: None,
-        fluency_model: model.map(|m| m.info.name.clone()).unwrap_or_default(),
-    })
+        fluency_model: fluency_model.unwrap_or_default().to_string(),
+    }
 }
 
 /// Mean and percentile-bootstrap 95 % interval (`n_boot` resamples, fixed seed).

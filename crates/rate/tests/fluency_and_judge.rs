@@ -8,7 +8,7 @@ mod mock_judge;
 
 use persona_lens_engine::{generate, Batch, GenerateOptions, Hooks, LogitsAt};
 use persona_lens_rate::judge::{parse_verdict, Judge, JudgeConfig};
-use persona_lens_rate::{lexical, perplexity};
+use persona_lens_rate::{lexical, perplexities, perplexity};
 use std::time::Duration;
 
 #[test]
@@ -62,6 +62,57 @@ fn degenerate_text_has_high_perplexity() {
         lexical("The sky is blue because of light.", "physics").repetition_rate,
         0.0
     );
+}
+
+/// Many answers' perplexities per forward (left padded, as steering's rating runs them) equal
+/// each answer's own forward, on Gemma's 262k vocabulary (which splits the answers into several
+/// forwards) and on SmolLM2's; an empty answer gets none, in its place.
+#[test]
+fn batched_perplexities_equal_one_at_a_time() {
+    for name in ["gemma-3-270m", "smollm2-135m-instruct"] {
+        let m = common::model(name);
+        let chat = name.starts_with("smollm2");
+        let texts = [
+            ("I am a child. Why is the sky blue?", " Because sunlight bounces off tiny bits of air."),
+            ("I have a PhD. Why is the sky blue?", " Rayleigh scattering: the cross-section goes as the inverse fourth power of the wavelength, so blue light scatters most."),
+            ("Hi.", " Hello! How can I help you today?"),
+            ("Explain tides to me, I am five years old and I like the sea.", " The moon pulls on the sea."),
+            ("Why?", ""),
+            ("What is DNA?", " A molecule that stores the instructions for building living things, written in four letters."),
+        ];
+        let ids: Vec<(Vec<u32>, Vec<u32>)> = texts
+            .iter()
+            .map(|(p, a)| {
+                (
+                    m.encode_prompt(p, chat).unwrap(),
+                    m.tokenizer.encode(a, false).unwrap(),
+                )
+            })
+            .collect();
+        let pairs: Vec<(&[u32], &[u32])> = ids
+            .iter()
+            .map(|(p, a)| (p.as_slice(), a.as_slice()))
+            .collect();
+        let batched = perplexities(&m, &pairs).unwrap();
+        assert_eq!(batched.len(), pairs.len());
+        let mut worst = 0.0f64;
+        for (i, ((p, a), got)) in pairs.iter().zip(&batched).enumerate() {
+            let want = perplexity(&m, p, a).unwrap();
+            match (want, got) {
+                (None, None) => assert!(a.is_empty(), "{name}: answer {i} got no perplexity"),
+                (Some((w, _)), Some((g, gp))) => {
+                    worst = worst.max((w - g).abs());
+                    assert!((g.exp() - gp).abs() < 1e-9 * gp.max(1.0));
+                }
+                _ => panic!("{name}: answer {i}: {want:?} one at a time, {got:?} batched"),
+            }
+        }
+        eprintln!("{name}: worst batched-vs-single NLL difference {worst:.2e} nats/token");
+        assert!(
+            worst < 1e-4,
+            "{name}: batched NLL off by {worst} nats/token"
+        );
+    }
 }
 
 fn cfg(url: &str, cache: &std::path::Path, retries: usize) -> JudgeConfig {

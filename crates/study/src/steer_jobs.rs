@@ -659,7 +659,7 @@ pub fn rate_records(
     Vec<persona_lens_rate::CellSummary>,
 )> {
     use persona_lens_rate::judge::{Judge, JudgeConfig};
-    use persona_lens_rate::{score_record, summarize, Answer, Scores};
+    use persona_lens_rate::{perplexities, score_record_with, summarize, Answer, Scores};
     use std::io::Write;
     std::fs::create_dir_all(out)?;
     let final_path = out.join("scores.jsonl");
@@ -720,6 +720,18 @@ pub fn rate_records(
         .create(true)
         .append(true)
         .open(&partial)?;
+    // The fluency of every answer still to rate, several answers per forward.
+    let todo_ids: Vec<(&[u32], &[u32])> = records
+        .iter()
+        .filter(|r| !done.contains_key(&r.key()))
+        .map(|r| (r.prompt_ids.as_slice(), r.generated_ids.as_slice()))
+        .collect();
+    let mut nll = match model {
+        Some(m) => perplexities(m, &todo_ids)?,
+        None => vec![None; todo_ids.len()],
+    }
+    .into_iter();
+    let fluency_model = model.map(|m| m.info.name.as_str());
     let pb = progress(todo as u64, quiet, "records rated");
     let mut scores = Vec::with_capacity(records.len());
     for r in records {
@@ -728,7 +740,7 @@ pub fn rate_records(
             scores.push(s.clone());
             continue;
         }
-        let mut s = score_record(r, model)?;
+        let mut s = score_record_with(r, nll.next().flatten(), fluency_model);
         if let Some(j) = judge.as_mut() {
             if !r.is_unsteered() {
                 let b = baseline
