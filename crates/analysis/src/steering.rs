@@ -531,32 +531,67 @@ pub fn run_grid(
         let mrn = mean_resid_norm(model, &ids, d.hook)?;
         let scaled = scale_direction(&d.vector, grid.norm, Some(mrn))?;
         let scale = l2(&scaled);
-        for &alpha in &grid.alphas {
-            let op = match grid.mode {
-                SteerMode::Patch => {
-                    let texts: Vec<String> = prompts
-                        .iter()
-                        .map(|p| p.paired_text.clone().unwrap_or_default())
-                        .collect();
-                    SteerOp::Patch(source_activations(model, &texts, chat, d.hook)?)
-                }
-                SteerMode::Ablate => {
-                    let unit = scale_direction(&d.vector, NormConvention::Unit, None)?;
-                    SteerOp::Ablate(Tensor::new(unit.as_slice(), model.device())?)
-                }
-                SteerMode::Add => {
-                    let v: Vec<f32> = scaled.iter().map(|x| (*x as f64 * alpha) as f32).collect();
-                    SteerOp::Add(Tensor::new(v.as_slice(), model.device())?)
-                }
-            };
-            let gens = steered_generate(
-                model,
-                &ids,
-                Some((d.hook, &op, grid.positions)),
-                grid.gen,
-                grid.batch_size,
-                progress,
-            )?;
+        let added = |alpha: f64| -> Vec<f32> {
+            scaled.iter().map(|x| (*x as f64 * alpha) as f32).collect()
+        };
+        // Generations per alpha, in the grid's order. Added vectors: every alpha of the layer
+        // in one generation (row a * prompts + p steered by alpha a's vector), since decoding
+        // more rows per step costs little more than decoding a few.
+        let per_alpha: Vec<Vec<persona_lens_engine::Generation>> = match grid.mode {
+            SteerMode::Add => {
+                let rows: Vec<Vec<u32>> = grid.alphas.iter().flat_map(|_| ids.clone()).collect();
+                let flat: Vec<f32> = grid
+                    .alphas
+                    .iter()
+                    .flat_map(|&a| {
+                        let v = added(a);
+                        ids.iter().flat_map(move |_| v.clone())
+                    })
+                    .collect();
+                let op = SteerOp::AddPerRow(Tensor::from_vec(
+                    flat,
+                    (rows.len(), scaled.len()),
+                    model.device(),
+                )?);
+                let gens = steered_generate(
+                    model,
+                    &rows,
+                    Some((d.hook, &op, grid.positions)),
+                    grid.gen,
+                    grid.batch_size.max(RANDOM_DIRECTION_ROWS),
+                    progress,
+                )?;
+                gens.chunks(ids.len().max(1)).map(<[_]>::to_vec).collect()
+            }
+            SteerMode::Patch | SteerMode::Ablate => grid
+                .alphas
+                .iter()
+                .map(|_| {
+                    let op = match grid.mode {
+                        SteerMode::Patch => {
+                            let texts: Vec<String> = prompts
+                                .iter()
+                                .map(|p| p.paired_text.clone().unwrap_or_default())
+                                .collect();
+                            SteerOp::Patch(source_activations(model, &texts, chat, d.hook)?)
+                        }
+                        _ => {
+                            let unit = scale_direction(&d.vector, NormConvention::Unit, None)?;
+                            SteerOp::Ablate(Tensor::new(unit.as_slice(), model.device())?)
+                        }
+                    };
+                    steered_generate(
+                        model,
+                        &ids,
+                        Some((d.hook, &op, grid.positions)),
+                        grid.gen,
+                        grid.batch_size,
+                        progress,
+                    )
+                })
+                .collect::<Result<_>>()?,
+        };
+        for (&alpha, gens) in grid.alphas.iter().zip(per_alpha) {
             for (p, g) in prompts.iter().zip(gens) {
                 let text = model.tokenizer.decode(&g.generated_ids, true)?;
                 records.push(SteerRecord {
@@ -763,8 +798,9 @@ pub fn random_directions(d: usize, n: usize, norm: f64, seed: u64) -> Vec<Vec<f3
         .collect()
 }
 
-/// Rows per generation batch for the random directions' answers (prompts x directions).
-pub const RANDOM_DIRECTION_ROWS: usize = 160;
+/// Most rows per generation batch where many vectors steer the same prompts (random directions x
+/// prompts, a grid layer's alphas x prompts, an unsteered and a steered copy of each prompt).
+pub const RANDOM_DIRECTION_ROWS: usize = 192;
 
 /// Greedy answers to `prompts` unsteered, steered by `vector` (added at `hook`, `positions`), and
 /// steered by `n_random` random directions of the same norm (seeded), graded by Flesch-Kincaid;
@@ -787,73 +823,75 @@ pub fn steer_against_random(
         .map(|x| (*x as f64).powi(2))
         .sum::<f64>()
         .sqrt();
-    let answers = |rows: &[Vec<u32>], op: Option<&SteerOp>, bs: usize, ppl: bool| {
-        let gens = steered_generate(
-            model,
-            rows,
-            op.map(|o| (hook, o, positions)),
-            opts,
-            bs,
-            progress,
-        )?;
-        let perplexities = match ppl {
-            true => {
-                let pairs: Vec<(&[u32], &[u32])> = rows
-                    .iter()
-                    .zip(&gens)
-                    .map(|(p, g)| (p.as_slice(), g.generated_ids.as_slice()))
-                    .collect();
-                persona_lens_rate::perplexities(model, &pairs)
-                    .map_err(|e| AnalysisError::Invalid(e.to_string()))?
-            }
-            false => vec![None; gens.len()],
-        };
-        gens.iter()
-            .zip(perplexities)
-            .map(|(g, ppl)| {
-                let text = model.tokenizer.decode(&g.generated_ids, true)?;
-                let perplexity = ppl.map(|x| x.1);
-                Ok(ScoredAnswer {
-                    grade: persona_lens_rate::readability::complexity_grade(&text),
-                    text,
-                    perplexity,
-                })
-            })
-            .collect::<Result<Vec<ScoredAnswer>>>()
-    };
-    let unsteered = answers(prompts, None, batch_size, true)?;
-    let add = SteerOp::Add(Tensor::new(vector, model.device())?);
-    let steered = answers(prompts, Some(&add), batch_size, true)?;
-    // Every random direction in the same batches: prompt p under direction j is row
-    // j * prompts.len() + p, steered by its own vector. Decoding many rows at once costs little
-    // more per step than decoding a few, so this is several times faster than one generation
-    // per direction.
     let dirs = random_directions(vector.len(), n_random, norm, seed);
-    let random_grades = if dirs.is_empty() || prompts.is_empty() {
-        vec![vec![]; dirs.len()]
-    } else {
-        let rows: Vec<Vec<u32>> = dirs.iter().flat_map(|_| prompts.to_vec()).collect();
-        let flat: Vec<f32> = dirs
-            .iter()
-            .flat_map(|v| prompts.iter().flat_map(move |_| v.iter().copied()))
-            .collect();
-        let per_row = SteerOp::AddPerRow(Tensor::from_vec(
-            flat,
-            (rows.len(), vector.len()),
-            model.device(),
-        )?);
-        let bs = batch_size.max(RANDOM_DIRECTION_ROWS);
-        answers(&rows, Some(&per_row), bs, false)?
-            .chunks(prompts.len())
-            .map(|c| c.iter().map(|a| a.grade).collect())
-            .collect()
-    };
+    let np = prompts.len();
+    if np == 0 {
+        return Ok(DirectionVsRandom {
+            hook: hook.to_string(),
+            norm,
+            unsteered: vec![],
+            steered: vec![],
+            random_grades: vec![vec![]; dirs.len()],
+        });
+    }
+    // One generation for everything: row p unsteered (its zero vector adds nothing), row np + p
+    // steered by `vector`, row (2 + j) * np + p by random direction j. Decoding many rows at
+    // once costs little more per step than decoding a few, so this is several times faster
+    // than one generation per direction.
+    let zero = vec![0f32; vector.len()];
+    let vectors: Vec<&[f32]> = [zero.as_slice(), vector]
+        .into_iter()
+        .chain(dirs.iter().map(Vec::as_slice))
+        .collect();
+    let rows: Vec<Vec<u32>> = vectors.iter().flat_map(|_| prompts.to_vec()).collect();
+    let flat: Vec<f32> = vectors
+        .iter()
+        .flat_map(|v| prompts.iter().flat_map(move |_| v.iter().copied()))
+        .collect();
+    let per_row = SteerOp::AddPerRow(Tensor::from_vec(
+        flat,
+        (rows.len(), vector.len()),
+        model.device(),
+    )?);
+    let gens = steered_generate(
+        model,
+        &rows,
+        Some((hook, &per_row, positions)),
+        opts,
+        batch_size.max(RANDOM_DIRECTION_ROWS),
+        progress,
+    )?;
+    // Perplexity under the unsteered model for the unsteered and steered answers.
+    let pairs: Vec<(&[u32], &[u32])> = rows[..2 * np]
+        .iter()
+        .zip(&gens)
+        .map(|(p, g)| (p.as_slice(), g.generated_ids.as_slice()))
+        .collect();
+    let mut perplexities = persona_lens_rate::perplexities(model, &pairs)
+        .map_err(|e| AnalysisError::Invalid(e.to_string()))?
+        .into_iter();
+    let mut scored = gens
+        .iter()
+        .map(|g| {
+            let text = model.tokenizer.decode(&g.generated_ids, true)?;
+            Ok(ScoredAnswer {
+                grade: persona_lens_rate::readability::complexity_grade(&text),
+                text,
+                perplexity: perplexities.next().flatten().map(|x| x.1),
+            })
+        })
+        .collect::<Result<Vec<ScoredAnswer>>>()?;
+    let rest = scored.split_off(2 * np);
+    let steered = scored.split_off(np);
     Ok(DirectionVsRandom {
         hook: hook.to_string(),
         norm,
-        unsteered,
+        unsteered: scored,
         steered,
-        random_grades,
+        random_grades: rest
+            .chunks(np)
+            .map(|c| c.iter().map(|a| a.grade).collect())
+            .collect(),
     })
 }
 

@@ -584,3 +584,144 @@ fn grouped_directional_ablation_matches_whole_forwards() {
         assert!(want_random.iter().all(|r| (r - mean(&want)).abs() > 1e-3));
     }
 }
+
+/// `reference` (a generation alone) and `got` (the same prompt and vector in a batched run) are
+/// the same answer, or part ways only at a near-tie of the reference (batch composition may move
+/// logits by ~1e-6).
+fn same_answer(what: &str, reference: &persona_lens_engine::Generation, m: &Model, got: &str) {
+    let want = m.tokenizer.decode(&reference.generated_ids, true).unwrap();
+    if want != got {
+        assert!(
+            reference.margins.iter().any(|&x| x < 1e-3),
+            "{what}: {got:?} batched vs {want:?} alone, with no near-tie (margins {:?})",
+            reference.margins
+        );
+    }
+}
+
+/// The study's batched steering gives each answer the generation it gets alone: a grid layer's
+/// alphas decode together (`run_grid`), and `steer_against_random` decodes its unsteered,
+/// steered and random-direction rows together. Reference: one `steered_generate` per vector
+/// (no edit for the unsteered answers), batches of two prompts.
+#[test]
+fn batched_grid_and_random_baseline_match_one_generation_per_vector() {
+    use persona_lens_analysis::steering::{
+        random_directions, run_grid, steer_against_random, steered_generate, LoadedDirection,
+        SteerGrid, SteerMode, SteerPrompt,
+    };
+    let m = model("smollm2-135m-instruct");
+    let hook = HookName::block(12, HookPoint::ResidPost);
+    let (ids, scaled) = chat_prompts_and_direction(&m, hook);
+    let opts = GenerateOptions {
+        max_new_tokens: 10,
+        ..Default::default()
+    };
+    let alone = |op: Option<SteerOp>| {
+        steered_generate(
+            &m,
+            &ids,
+            op.as_ref().map(|o| (hook, o, SteerPositions::All)),
+            &opts,
+            2,
+            &|_| {},
+        )
+        .unwrap()
+    };
+    let add = |v: &[f32]| Some(SteerOp::Add(Tensor::new(v, m.device()).unwrap()));
+    // The grid: three alphas at one layer, records alpha by alpha, prompt by prompt.
+    let texts = [NOVICE, EXPERT, "I am a child. Why is the sky blue?"];
+    let prompts: Vec<SteerPrompt> = texts
+        .iter()
+        .enumerate()
+        .map(|(i, t)| SteerPrompt {
+            id: format!("p{i}"),
+            persona: "novice".into(),
+            topic: "physics".into(),
+            text: t.to_string(),
+            paired_text: None,
+        })
+        .collect();
+    let alphas = [0.0, 0.6, -0.9];
+    let grid = SteerGrid {
+        directions: vec![(
+            12,
+            LoadedDirection {
+                hook,
+                row: 13,
+                vector: pair_direction(&m, hook, true),
+                source: "test".into(),
+            },
+        )],
+        alphas: alphas.to_vec(),
+        mode: SteerMode::Add,
+        norm: NormConvention::MeanResid,
+        positions: SteerPositions::All,
+        gen: &opts,
+        batch_size: 2,
+        seed: 0,
+    };
+    let records = run_grid(&m, &prompts, true, &grid, &|_| {}).unwrap();
+    assert_eq!(records.len(), alphas.len() * ids.len());
+    let mut per_alpha = vec![];
+    for (a, &alpha) in alphas.iter().enumerate() {
+        let v: Vec<f32> = scaled.iter().map(|x| (*x as f64 * alpha) as f32).collect();
+        let reference = alone(add(&v));
+        for (p, g) in reference.iter().enumerate() {
+            let r = &records[a * ids.len() + p];
+            assert_eq!(
+                (r.alpha, r.prompt_id.as_str()),
+                (alpha, prompts[p].id.as_str())
+            );
+            same_answer(&format!("grid alpha {alpha} prompt {p}"), g, &m, &r.text);
+        }
+        per_alpha.push(reference);
+    }
+    assert_ne!(
+        per_alpha[1][0].generated_ids, per_alpha[2][0].generated_ids,
+        "the two alphas should steer the first prompt differently"
+    );
+    // The random-direction baseline: unsteered, steered and two random directions in one run.
+    let v: Vec<f32> = scaled.iter().map(|x| x * 0.8).collect();
+    let got = steer_against_random(
+        &m,
+        &ids,
+        hook,
+        &v,
+        SteerPositions::All,
+        2,
+        3,
+        &opts,
+        2,
+        &|_| {},
+    )
+    .unwrap();
+    let grade = persona_lens_rate::readability::complexity_grade;
+    for (p, g) in alone(None).iter().enumerate() {
+        same_answer(
+            &format!("unsteered prompt {p}"),
+            g,
+            &m,
+            &got.unsteered[p].text,
+        );
+        assert!(got.unsteered[p].perplexity.is_some());
+    }
+    for (p, g) in alone(add(&v)).iter().enumerate() {
+        same_answer(&format!("steered prompt {p}"), g, &m, &got.steered[p].text);
+    }
+    assert_ne!(got.unsteered[0].text, got.steered[0].text);
+    let norm = l2(&v);
+    let dirs = random_directions(v.len(), 2, norm, 3);
+    assert_eq!(got.random_grades.len(), 2);
+    for (j, dir) in dirs.iter().enumerate() {
+        for (p, g) in alone(add(dir)).iter().enumerate() {
+            let text = m.tokenizer.decode(&g.generated_ids, true).unwrap();
+            if g.margins.iter().all(|&x| x >= 1e-3) {
+                assert_eq!(
+                    got.random_grades[j][p],
+                    grade(&text),
+                    "direction {j} prompt {p}"
+                );
+            }
+        }
+    }
+}
