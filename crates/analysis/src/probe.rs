@@ -128,6 +128,58 @@ fn softmax_loss(
     softmax_loss_body(xs, ys, d, c, l2, th, g)
 }
 
+/// Two classes: the softmax regression's loss at `w = [-u/2, u/2]`, `b = [-c/2, c/2]`, as a
+/// function of `th = [u, c]` (`[d + 1]`): mean binary cross-entropy of `sigmoid(u . x + c)` plus
+/// `l2/4 |u|^2`, gradient into `g`. From zero the softmax fit stays on that line (its two classes'
+/// gradients are opposite), so both reach the same optimum; this one does half the work per row.
+#[inline(always)]
+fn binary_loss_body(xs: &[f64], ys: &[usize], d: usize, l2: f64, th: &[f64], g: &mut [f64]) -> f64 {
+    let nt = ys.len() as f64;
+    g.iter_mut().for_each(|v| *v = 0.0);
+    let (u, c) = (&th[..d], th[d]);
+    let mut total = 0.0;
+    let mut gc = 0.0;
+    for (xr, &yr) in xs.chunks_exact(d).zip(ys) {
+        let z = dot(u, xr) + c;
+        // log(1 + e^z) without overflow.
+        let softplus = z.max(0.0) + (-z.abs()).exp().ln_1p();
+        let y = (yr == 1) as u8 as f64;
+        total += softplus - y * z;
+        let p = (1.0 / (1.0 + (-z).exp()) - y) / nt;
+        g[..d].iter_mut().zip(xr).for_each(|(gi, xi)| *gi += p * xi);
+        gc += p;
+    }
+    g[d] = gc;
+    g[..d]
+        .iter_mut()
+        .zip(u)
+        .for_each(|(gi, ui)| *gi += 0.5 * l2 * ui);
+    total / nt + 0.25 * l2 * dot(u, u)
+}
+
+/// [`binary_loss_body`] compiled for AVX2 (the same operations in the same order).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn binary_loss_avx2(
+    xs: &[f64],
+    ys: &[usize],
+    d: usize,
+    l2: f64,
+    th: &[f64],
+    g: &mut [f64],
+) -> f64 {
+    binary_loss_body(xs, ys, d, l2, th, g)
+}
+
+fn binary_loss(xs: &[f64], ys: &[usize], d: usize, l2: f64, th: &[f64], g: &mut [f64]) -> f64 {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU has AVX2 (checked just above).
+        return unsafe { binary_loss_avx2(xs, ys, d, l2, th, g) };
+    }
+    binary_loss_body(xs, ys, d, l2, th, g)
+}
+
 /// Minimises `f` (which writes its gradient) from `x0` with L-BFGS (memory 10, Armijo
 /// backtracking). Converges for the strongly convex L2-regularised losses used here.
 pub fn lbfgs(
@@ -241,14 +293,29 @@ impl LogReg {
             .collect();
         let ys: Vec<usize> = idx.iter().map(|&i| y[i]).collect();
         let c = n_classes;
-        let loss = |th: &[f64], g: &mut [f64]| softmax_loss(&xs, &ys, d, c, l2, th, g);
-        let th = lbfgs(&loss, vec![0.0; c * d + c], 500, 1e-7);
-        let (w, b) = th.split_at(c * d);
+        let (w, b) = match c {
+            2 => {
+                let loss = |th: &[f64], g: &mut [f64]| binary_loss(&xs, &ys, d, l2, th, g);
+                let th = lbfgs(&loss, vec![0.0; d + 1], 500, 1e-7);
+                let half: Vec<f64> = th.iter().map(|v| 0.5 * v).collect();
+                let w = half[..d]
+                    .iter()
+                    .map(|v| -v)
+                    .chain(half[..d].iter().copied());
+                (w.collect(), vec![-half[d], half[d]])
+            }
+            _ => {
+                let loss = |th: &[f64], g: &mut [f64]| softmax_loss(&xs, &ys, d, c, l2, th, g);
+                let th = lbfgs(&loss, vec![0.0; c * d + c], 500, 1e-7);
+                let (w, b) = th.split_at(c * d);
+                (w.to_vec(), b.to_vec())
+            }
+        };
         LogReg {
             n_classes: c,
             d,
-            w: w.to_vec(),
-            b: b.to_vec(),
+            w,
+            b,
             mean,
             scale,
         }
@@ -915,6 +982,52 @@ mod tests {
             .count() as f64
             / n as f64;
         assert!(acc > 0.99, "{acc}");
+    }
+
+    /// Two classes fit through the binary loss reach the softmax loss's own optimum: the same
+    /// weights (from a converged softmax fit on the same standardised rows) and probabilities,
+    /// and the softmax loss's gradient vanishes at the binary fit's weights.
+    #[test]
+    fn two_class_fit_is_the_softmax_optimum() {
+        use rand::Rng;
+        let mut rng = StdRng::seed_from_u64(5);
+        let (n, d, l2) = (120, 7, 0.05);
+        let mut x = vec![0.0; n * d];
+        let mut y = vec![0; n];
+        for i in 0..n {
+            y[i] = usize::from(rng.random_range(0.0..1.0) < 0.4);
+            for j in 0..d {
+                x[i * d + j] = rng.random_range(-1.0..1.0) * (j + 1) as f64;
+            }
+            // Overlapping classes: no separating plane, a finite optimum even with small l2.
+            x[i * d + 1] += if y[i] == 1 { 0.4 } else { -0.4 };
+        }
+        let idx: Vec<usize> = (0..n).collect();
+        let m = LogReg::fit(&x, d, &y, &idx, 2, l2);
+        let xs: Vec<f64> = (0..n)
+            .flat_map(|i| (0..d).map(move |j| (i, j)))
+            .map(|(i, j)| (x[i * d + j] - m.mean[j]) / m.scale[j])
+            .collect();
+        let loss = |th: &[f64], g: &mut [f64]| softmax_loss_body(&xs, &y, d, 2, l2, th, g);
+        let th = lbfgs(&loss, vec![0.0; 2 * d + 2], 2000, 1e-12);
+        let fitted: Vec<f64> = m.w.iter().chain(&m.b).copied().collect();
+        let worst = th
+            .iter()
+            .zip(&fitted)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0f64, f64::max);
+        assert!(
+            worst < 1e-6,
+            "binary fit off the softmax optimum by {worst}: {fitted:?} vs {th:?}"
+        );
+        let mut g = vec![0.0; 2 * d + 2];
+        loss(&fitted, &mut g);
+        let gmax = g.iter().fold(0.0f64, |a, v| a.max(v.abs()));
+        assert!(gmax < 1e-6, "softmax gradient {gmax} at the binary fit");
+        for i in 0..n {
+            let p = m.proba(&x[i * d..(i + 1) * d]);
+            assert!((p[0] + p[1] - 1.0).abs() < 1e-12);
+        }
     }
 
     #[test]
