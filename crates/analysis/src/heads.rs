@@ -407,6 +407,81 @@ fn group_ablation_hooks(sets: &[&[Head]], mode: AblationMode, bank: &ZBank) -> R
     Ok(hooks)
 }
 
+/// One batch row's ablation: its heads, how, and (resample) the prompt it takes them from.
+struct RowAblation {
+    heads: Vec<Head>,
+    mode: AblationMode,
+    donor: usize,
+}
+
+/// Hooks where row `r` of every call ablates `rows[r]`'s heads its own way (zero, the bank's
+/// mean, or its donor's activations end-aligned, as [`add_ablation`] does for a whole batch).
+fn row_ablation_hooks(rows: &[RowAblation], bank: &ZBank) -> Result<Hooks> {
+    let layers: std::collections::BTreeSet<usize> = rows
+        .iter()
+        .flat_map(|r| r.heads.iter().map(|h| h.layer))
+        .collect();
+    let mut hooks = Hooks::new();
+    for l in layers {
+        // Per row: its heads at this layer and what replaces them.
+        let mut per_row: Vec<(Vec<usize>, Option<Tensor>)> = Vec::with_capacity(rows.len());
+        for r in rows {
+            let heads: Vec<usize> = r
+                .heads
+                .iter()
+                .filter(|h| h.layer == l)
+                .map(|h| h.head)
+                .collect();
+            let with = match (heads.is_empty(), r.mode) {
+                (true, _) | (false, AblationMode::Zero) => None,
+                (false, AblationMode::Mean) => Some(bank.mean[&l].clone()),
+                (false, AblationMode::Resample) => Some(bank.z[&l][r.donor].clone()),
+            };
+            per_row.push((heads, with));
+        }
+        let modes: Vec<AblationMode> = rows.iter().map(|r| r.mode).collect();
+        let f: HookFn = Arc::new(move |x: &Tensor, ctx: &HookCtx| {
+            // x: [b, t, H, hd]
+            let (b, t, n_heads, _) = x.dims4()?;
+            let mut mask = vec![0u8; b * n_heads];
+            let mut new = Vec::with_capacity(b);
+            for r in 0..b {
+                let (heads, with) = &per_row[r % per_row.len()];
+                heads.iter().for_each(|&h| mask[r * n_heads + h] = 1);
+                let keep = x.get(r)?;
+                new.push(match (with, modes[r % modes.len()]) {
+                    (None, _) => keep.zeros_like()?,
+                    (Some(donor), AblationMode::Resample) => {
+                        let dl = donor.dim(0)?;
+                        let row_len = (ctx.start + t).saturating_sub(ctx.pad[r]);
+                        let pos: Vec<Tensor> = (0..t)
+                            .map(|i| {
+                                let p = ctx.position(r, i).unwrap_or(0);
+                                donor.get(end_aligned(p, row_len, dl))
+                            })
+                            .collect::<candle_core::Result<_>>()?;
+                        Tensor::stack(&pos, 0)?.to_dtype(x.dtype())?
+                    }
+                    (Some(mean), _) => mean
+                        .to_dtype(x.dtype())?
+                        .unsqueeze(0)?
+                        .broadcast_as(keep.shape())?
+                        .contiguous()?,
+                });
+            }
+            let mask =
+                Tensor::from_vec(mask, (b, 1, n_heads, 1), x.device())?.broadcast_as(x.shape())?;
+            mask.where_cond(&Tensor::stack(&new, 0)?, x)
+        });
+        hooks.intervene(
+            HookName::block(l, HookPoint::AttnZ),
+            Op::Func(f),
+            Selector::all(),
+        );
+    }
+    Ok(hooks)
+}
+
 /// The donor position for position `p` of a row of `row_len` positions, end-aligned to a donor
 /// of `donor_len`: the last position maps to the donor's last, earlier ones count back from it,
 /// positions before the donor's start take its first.
@@ -513,7 +588,7 @@ impl AblationSetup<'_> {
     }
 
     /// Donor for prompt `i`: a pseudo-random other prompt of the bank (either persona).
-    fn donor(&self, i: usize) -> usize {
+    pub fn donor(&self, i: usize) -> usize {
         let n = self.pairs.len() * 2;
         if n < 2 {
             return 0;
@@ -729,6 +804,24 @@ impl AblationSetup<'_> {
     }
 
     pub fn run(&self, label: &str, heads: &[Head], mode: AblationMode) -> Result<AblationEffect> {
+        Ok(self.run_many(&[(label, heads, mode)])?.remove(0))
+    }
+
+    /// [`Self::run`] of several ablations: each one's gap and probes, then every ablation's
+    /// greedy answers in one generation (row `k * prompts + p`: prompt `p` under ablation `k`,
+    /// each row ablating its own heads its own way), since decoding many rows per step costs
+    /// little more than decoding a few.
+    pub fn run_many(&self, runs: &[(&str, &[Head], AblationMode)]) -> Result<Vec<AblationEffect>> {
+        let mut effects = runs
+            .iter()
+            .map(|&(label, heads, mode)| self.measure(label, heads, mode))
+            .collect::<Result<Vec<_>>>()?;
+        self.answer_grades(&mut effects)?;
+        Ok(effects)
+    }
+
+    /// An ablation's gap and probes (no answers yet).
+    fn measure(&self, label: &str, heads: &[Head], mode: AblationMode) -> Result<AblationEffect> {
         let model = self.model;
         // 1. Persona gap of the metric.
         let gaps = self.gaps(heads, mode)?;
@@ -779,19 +872,50 @@ impl AblationSetup<'_> {
             .zip(&rep.layers)
             .map(|(&r, l)| (r, l.cv.accuracy))
             .collect();
-        // 3. Complexity of greedy answers.
+        Ok(AblationEffect {
+            label: label.into(),
+            heads: heads.to_vec(),
+            mode,
+            gap_mean,
+            gap_ci95: (lo, hi),
+            gaps,
+            probe_accuracy,
+            grade_gap: None,
+            novice_grade: None,
+            expert_grade: None,
+            samples: vec![],
+        })
+    }
+
+    /// The complexity of greedy answers to the first `n_generate` pairs under each effect's
+    /// ablation, in one generation.
+    fn answer_grades(&self, effects: &mut [AblationEffect]) -> Result<()> {
+        let model = self.model;
         let n = self.n_generate.min(self.pairs.len());
-        let (mut ng, mut eg, mut samples) = (Vec::new(), Vec::new(), Vec::new());
-        if n > 0 && self.gen_tokens > 0 {
-            let prompts: Vec<Vec<u32>> = self.ids[..2 * n].to_vec();
-            let donors: Vec<usize> = (0..2 * n).map(|i| self.donor(i)).collect();
-            let mut h = ablation_hooks(heads, mode, Some(self.bank), &donors)?;
-            let opts = persona_lens_engine::GenerateOptions {
-                max_new_tokens: self.gen_tokens,
-                stop_tokens: model.tokenizer.eos_ids.clone(),
-                ..Default::default()
-            };
-            let gens = persona_lens_engine::generate(model, &prompts, &opts, &mut h)?;
+        if n == 0 || self.gen_tokens == 0 || effects.is_empty() {
+            return Ok(());
+        }
+        let prompts: Vec<Vec<u32>> = self.ids[..2 * n].to_vec();
+        let rows: Vec<Vec<u32>> = effects.iter().flat_map(|_| prompts.clone()).collect();
+        let ablations: Vec<RowAblation> = effects
+            .iter()
+            .flat_map(|e| {
+                (0..2 * n).map(move |i| RowAblation {
+                    heads: e.heads.clone(),
+                    mode: e.mode,
+                    donor: self.donor(i),
+                })
+            })
+            .collect();
+        let mut h = row_ablation_hooks(&ablations, self.bank)?;
+        let opts = persona_lens_engine::GenerateOptions {
+            max_new_tokens: self.gen_tokens,
+            stop_tokens: model.tokenizer.eos_ids.clone(),
+            ..Default::default()
+        };
+        let gens = persona_lens_engine::generate(model, &rows, &opts, &mut h)?;
+        for (e, gens) in effects.iter_mut().zip(gens.chunks(2 * n)) {
+            let (mut ng, mut eg) = (Vec::new(), Vec::new());
             for (i, g) in gens.iter().enumerate() {
                 let text = model.tokenizer.decode(&g.generated_ids, true)?;
                 if let Some(grade) = persona_lens_rate::readability::complexity_grade(&text) {
@@ -802,28 +926,17 @@ impl AblationSetup<'_> {
                     }
                 }
                 if i < 4 {
-                    samples.push((
+                    e.samples.push((
                         self.pairs[i / 2].0.id.clone() + if i % 2 == 0 { "" } else { "/expert" },
                         text,
                     ));
                 }
             }
+            let mean = |v: &[f64]| (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64);
+            (e.novice_grade, e.expert_grade) = (mean(&ng), mean(&eg));
+            e.grade_gap = e.novice_grade.zip(e.expert_grade).map(|(n, x)| x - n);
         }
-        let mean = |v: &[f64]| (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64);
-        let (novice_grade, expert_grade) = (mean(&ng), mean(&eg));
-        Ok(AblationEffect {
-            label: label.into(),
-            heads: heads.to_vec(),
-            mode,
-            gap_mean,
-            gap_ci95: (lo, hi),
-            gaps,
-            probe_accuracy,
-            grade_gap: novice_grade.zip(expert_grade).map(|(n, e)| e - n),
-            novice_grade,
-            expert_grade,
-            samples,
-        })
+        Ok(())
     }
 }
 

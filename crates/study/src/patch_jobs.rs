@@ -1215,27 +1215,30 @@ pub fn ablate_with(model: &Model, a: &AblateArgs, print: bool) -> Result<AblateR
     let total = 1 + (0..modes.len()).map(|mi| 1 + n_sets(mi)).sum::<usize>();
     let pb = progress(total as u64, quiet, "ablation runs");
     let t = Instant::now();
-    let mut effects: Vec<AblationEffect> = vec![setup.run("none", &[], AblationMode::Zero)?];
-    pb.inc(1);
     // Every random set's gap (cheap: two forwards per pair); the first few sets also get the
-    // probes and the generated answers of a full run.
+    // probes and the generated answers of a full run (all full runs' answers in one generation).
     const FULL_RANDOM_RUNS: usize = 3;
-    let mut random_gaps: Vec<(AblationMode, f64)> = vec![];
+    let labels: Vec<String> = (0..FULL_RANDOM_RUNS)
+        .map(|i| format!("random{i}"))
+        .collect();
+    let mut full: Vec<(&str, &[Head], AblationMode)> = vec![("none", &[], AblationMode::Zero)];
     let mut gap_only: Vec<(&[Head], AblationMode)> = vec![];
     for (mi, &m) in modes.iter().enumerate() {
-        effects.push(setup.run("top", &heads, m)?);
-        pb.inc(1);
+        full.push(("top", &heads, m));
         for (i, r) in randoms.iter().take(n_sets(mi)).enumerate() {
-            if i < FULL_RANDOM_RUNS {
-                let e = setup.run(&format!("random{i}"), r, m)?;
-                random_gaps.push((m, e.gap_mean));
-                effects.push(e);
-                pb.inc(1);
-            } else {
-                gap_only.push((r, m));
+            match labels.get(i) {
+                Some(label) => full.push((label, r, m)),
+                None => gap_only.push((r, m)),
             }
         }
     }
+    let effects: Vec<AblationEffect> = setup.run_many(&full)?;
+    pb.inc(full.len() as u64);
+    let mut random_gaps: Vec<(AblationMode, f64)> = effects
+        .iter()
+        .filter(|e| e.label.starts_with("random"))
+        .map(|e| (e.mode, e.gap_mean))
+        .collect();
     // The other sets' gaps in one pass over the prompts, each set's forward starting at its
     // first ablated block.
     let runs_before = pb.position();
