@@ -368,27 +368,12 @@ fn planted_mover_head_is_ranked_first_on_one_split_and_its_ablation_beats_random
 /// agree too; sets that start at block 0 and later blocks are both covered.
 #[test]
 fn ablation_sets_sharing_the_prompt_prefix_match_whole_forwards() {
-    use persona_lens_analysis::dataset::{GenOptions, Split};
     use persona_lens_analysis::heads::{
-        dataset_pairs, random_head_sets, AblationMode, AblationSetup, Head, ZBank,
+        random_head_sets, AblationMode, AblationSetup, Head, ZBank,
     };
-    use persona_lens_analysis::patching::Metric;
 
     let m = model("smollm2-135m-instruct");
-    let mut ds = dataset::generate(&GenOptions {
-        persona_pairs: vec!["child-phd".into()],
-        n_questions_per_pair: 2,
-        ..Default::default()
-    })
-    .unwrap();
-    ds.assign_splits(0);
-    let pairs: Vec<_> = dataset_pairs(&ds.in_split(Split::Evaluate))
-        .into_iter()
-        .step_by(3)
-        .take(5)
-        .collect();
-    let metric = Metric::logit_diff_words(&m, "simple", "technical").unwrap();
-    let ids = AblationSetup::prompt_ids(&m, &pairs, true).unwrap();
+    let (pairs, metric, ids) = ablation_pairs(&m);
     assert!(persona_lens_engine::common_prefix_len(&ids) >= 8);
     let mut sets: Vec<Vec<Head>> = vec![vec![], vec![Head { layer: 0, head: 1 }]];
     sets.extend(random_head_sets(&m, 3, 4, 5, &[]));
@@ -432,27 +417,12 @@ fn ablation_sets_sharing_the_prompt_prefix_match_whole_forwards() {
 /// token for token up to a near-tie.
 #[test]
 fn ablation_answers_in_one_generation_match_each_ablation_alone() {
-    use persona_lens_analysis::dataset::{GenOptions, Split};
     use persona_lens_analysis::heads::{
-        ablation_hooks, dataset_pairs, random_head_sets, AblationMode, AblationSetup, Head, ZBank,
+        ablation_hooks, random_head_sets, AblationMode, AblationSetup, Head, ZBank,
     };
-    use persona_lens_analysis::patching::Metric;
 
     let m = model("smollm2-135m-instruct");
-    let mut ds = dataset::generate(&GenOptions {
-        persona_pairs: vec!["child-phd".into()],
-        n_questions_per_pair: 2,
-        ..Default::default()
-    })
-    .unwrap();
-    ds.assign_splits(0);
-    let pairs: Vec<_> = dataset_pairs(&ds.in_split(Split::Evaluate))
-        .into_iter()
-        .step_by(3)
-        .take(5)
-        .collect();
-    let metric = Metric::logit_diff_words(&m, "simple", "technical").unwrap();
-    let ids = AblationSetup::prompt_ids(&m, &pairs, true).unwrap();
+    let (pairs, metric, ids) = ablation_pairs(&m);
     // Heads that change the answers: the last layer's, four middle layers' (whose donors
     // matter), and random ones.
     let late: Vec<Head> = (0..9).map(|head| Head { layer: 29, head }).collect();
@@ -521,4 +491,35 @@ fn ablation_answers_in_one_generation_match_each_ablation_alone() {
         texts[1], texts[2],
         "zero and resample ablation gave the same answers"
     );
+}
+
+/// Five evaluation-split child-phd pairs (different questions), the simple-minus-technical
+/// logit difference, and the pairs' chat prompts (novice of pair i at 2i): what the ablation
+/// tests run on.
+fn ablation_pairs(
+    m: &persona_lens_engine::Model,
+) -> (
+    Vec<(dataset::PromptItem, dataset::PromptItem)>,
+    persona_lens_analysis::patching::Metric,
+    Vec<Vec<u32>>,
+) {
+    use persona_lens_analysis::dataset::{GenOptions, Split};
+    use persona_lens_analysis::heads::{dataset_pairs, AblationSetup};
+    let mut ds = dataset::generate(&GenOptions {
+        persona_pairs: vec!["child-phd".into()],
+        n_questions_per_pair: 2,
+        ..Default::default()
+    })
+    .unwrap();
+    ds.assign_splits(0);
+    let pairs: Vec<_> = dataset_pairs(&ds.in_split(Split::Evaluate))
+        .into_iter()
+        .step_by(3)
+        .take(5)
+        .collect();
+    let metric =
+        persona_lens_analysis::patching::Metric::logit_diff_words(m, "simple", "technical")
+            .unwrap();
+    let ids = AblationSetup::prompt_ids(m, &pairs, true).unwrap();
+    (pairs, metric, ids)
 }
