@@ -1012,10 +1012,11 @@ pub fn ablation_against_random_grouped(
     let unit = scale_direction(direction, NormConvention::Unit, None)?;
     let randoms = random_directions(direction.len(), n_random, 1.0, seed);
     if prompts.is_empty() {
+        // Means over no prompts count as 0, as one forward per direction gave them.
         return Ok(AblationVsRandom {
             reductions: vec![],
-            random_means: vec![f64::NAN; randoms.len()],
-            gap_intact: f64::NAN,
+            random_means: vec![0.0; randoms.len()],
+            gap_intact: 0.0,
         });
     }
     let batch = Batch::left_padded(&prompts, model.pad_id(), model.device())?;
