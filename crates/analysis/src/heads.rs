@@ -414,7 +414,14 @@ struct RowAblation {
     donor: usize,
 }
 
-/// Hooks where row `r` of every call ablates `rows[r]`'s heads its own way (zero, the bank's
+/// What replaces a row's ablated heads other than zeros: the bank's mean `[H, hd]`, or the
+/// donor prompt's activations `[t, H, hd]` (end-aligned).
+enum Replacement {
+    Mean(Tensor),
+    Donor(Tensor),
+}
+
+/// Hooks where row `r` of every call (of exactly `rows.len()` rows) ablates `rows[r]`'s heads its own way (zero, the bank's
 /// mean, or its donor's activations end-aligned, as [`add_ablation`] does for a whole batch).
 fn row_ablation_hooks(rows: &[RowAblation], bank: &ZBank) -> Result<Hooks> {
     let layers: std::collections::BTreeSet<usize> = rows
@@ -423,35 +430,40 @@ fn row_ablation_hooks(rows: &[RowAblation], bank: &ZBank) -> Result<Hooks> {
         .collect();
     let mut hooks = Hooks::new();
     for l in layers {
-        // Per row: its heads at this layer and what replaces them.
-        let mut per_row: Vec<(Vec<usize>, Option<Tensor>)> = Vec::with_capacity(rows.len());
-        for r in rows {
-            let heads: Vec<usize> = r
-                .heads
-                .iter()
-                .filter(|h| h.layer == l)
-                .map(|h| h.head)
-                .collect();
-            let with = match (heads.is_empty(), r.mode) {
-                (true, _) | (false, AblationMode::Zero) => None,
-                (false, AblationMode::Mean) => Some(bank.mean[&l].clone()),
-                (false, AblationMode::Resample) => Some(bank.z[&l][r.donor].clone()),
-            };
-            per_row.push((heads, with));
-        }
-        let modes: Vec<AblationMode> = rows.iter().map(|r| r.mode).collect();
+        // Per row: its heads at this layer and what replaces them (`None`: zeros).
+        let per_row: Vec<(Vec<usize>, Option<Replacement>)> = rows
+            .iter()
+            .map(|r| {
+                let heads: Vec<usize> = r
+                    .heads
+                    .iter()
+                    .filter(|h| h.layer == l)
+                    .map(|h| h.head)
+                    .collect();
+                let with = match (heads.is_empty(), r.mode) {
+                    (true, _) | (false, AblationMode::Zero) => None,
+                    (false, AblationMode::Mean) => Some(Replacement::Mean(bank.mean[&l].clone())),
+                    (false, AblationMode::Resample) => {
+                        Some(Replacement::Donor(bank.z[&l][r.donor].clone()))
+                    }
+                };
+                (heads, with)
+            })
+            .collect();
         let f: HookFn = Arc::new(move |x: &Tensor, ctx: &HookCtx| {
             // x: [b, t, H, hd]
             let (b, t, n_heads, _) = x.dims4()?;
+            if b != per_row.len() {
+                candle_core::bail!("row ablation for {} rows got a batch of {b}", per_row.len());
+            }
             let mut mask = vec![0u8; b * n_heads];
             let mut new = Vec::with_capacity(b);
-            for r in 0..b {
-                let (heads, with) = &per_row[r % per_row.len()];
+            for (r, (heads, with)) in per_row.iter().enumerate() {
                 heads.iter().for_each(|&h| mask[r * n_heads + h] = 1);
                 let keep = x.get(r)?;
-                new.push(match (with, modes[r % modes.len()]) {
-                    (None, _) => keep.zeros_like()?,
-                    (Some(donor), AblationMode::Resample) => {
+                new.push(match with {
+                    None => keep.zeros_like()?,
+                    Some(Replacement::Donor(donor)) => {
                         let dl = donor.dim(0)?;
                         let row_len = (ctx.start + t).saturating_sub(ctx.pad[r]);
                         let pos: Vec<Tensor> = (0..t)
@@ -462,7 +474,7 @@ fn row_ablation_hooks(rows: &[RowAblation], bank: &ZBank) -> Result<Hooks> {
                             .collect::<candle_core::Result<_>>()?;
                         Tensor::stack(&pos, 0)?.to_dtype(x.dtype())?
                     }
-                    (Some(mean), _) => mean
+                    Some(Replacement::Mean(mean)) => mean
                         .to_dtype(x.dtype())?
                         .unsqueeze(0)?
                         .broadcast_as(keep.shape())?

@@ -263,22 +263,9 @@ fn json<T: Serialize>(x: &Option<T>) -> String {
     serde_json::to_string(x).unwrap_or_default()
 }
 
-/// Scores one answer; `model` gives fluency.
-pub fn score_record(r: &Answer, model: Option<&Model>) -> Result<Scores> {
-    let nll = match model {
-        Some(m) => perplexity(m, &r.prompt_ids, &r.generated_ids)?,
-        None => None,
-    };
-    Ok(score_record_with(
-        r,
-        nll,
-        model.map(|m| m.info.name.as_str()),
-    ))
-}
-
-/// [`score_record`] with the answer's (mean NLL, perplexity) already computed under
+/// Scores of one record, with the answer's (mean NLL, perplexity) already computed under
 /// `fluency_model` (by [`perplexities`], many answers per forward).
-pub fn score_record_with(
+pub fn score_record(
     r: &Answer,
     nll_ppl: Option<(f64, f64)>,
     fluency_model: Option<&str>,

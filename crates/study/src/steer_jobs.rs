@@ -659,7 +659,7 @@ pub fn rate_records(
     Vec<persona_lens_rate::CellSummary>,
 )> {
     use persona_lens_rate::judge::{Judge, JudgeConfig};
-    use persona_lens_rate::{perplexities, score_record_with, summarize, Answer, Scores};
+    use persona_lens_rate::{perplexities, score_record, summarize, Answer, Scores};
     use std::io::Write;
     std::fs::create_dir_all(out)?;
     let final_path = out.join("scores.jsonl");
@@ -740,7 +740,7 @@ pub fn rate_records(
             scores.push(s.clone());
             continue;
         }
-        let mut s = score_record_with(r, nll.next().flatten(), fluency_model);
+        let mut s = score_record(r, nll.next().flatten(), fluency_model);
         if let Some(j) = judge.as_mut() {
             if !r.is_unsteered() {
                 let b = baseline
