@@ -175,6 +175,7 @@ pub fn rows_of(
             batch_size: spec.batch_size,
             shard_rows: 1 << 20,
             setup: [None, None],
+            stored: [None, None],
         };
         harvest_paired(models, &missing, &hs, dir, &|_| {})?;
         parts.push(PairedStore::open(dir)?.all()?);

@@ -10,7 +10,9 @@ use crate::paired::{Alignment, PairedMeta, PairedWriter, SampleInfo};
 use crate::shards::{corpus_sha256, PartManifest, ShardSpec};
 use crate::{invalid, Result};
 use candle_core::Tensor;
+use persona_lens_analysis::{Harvest, PositionRule};
 use persona_lens_engine::{Batch, HookName, HookPoint, Hooks, LogitsAt, Model, SharedPrefix};
+use std::collections::HashMap;
 use std::ops::Range;
 use std::path::Path;
 
@@ -33,6 +35,68 @@ pub struct PairedHarvestSpec<'a> {
     pub batch_size: usize,
     pub shard_rows: usize,
     pub setup: [Option<PairSetup<'a>>; 2],
+    /// Stored activations per model (a probe harvest, `activations.safetensors`): with last-token
+    /// alignment, a sample the harvest holds for the same model file, rendering and last
+    /// position takes its row from there instead of a forward (the study's diff step reads the
+    /// probe step's). Its hook must be the spec's, or the next block's `hook_resid_pre` for a
+    /// `hook_resid_post` (the same tensor). Samples it lacks run as usual.
+    pub stored: [Option<&'a Harvest>; 2],
+}
+
+/// Samples per window of [`Plan::write_rows`]: a window's samples run sorted by length (less
+/// padding per batch) and are written in corpus order; the window bounds the rows held.
+const SORT_WINDOW_SAMPLES: usize = 512;
+
+/// A model's stored last-token rows that can stand in for its forwards, if `h` fits the spec.
+struct StoredRows<'a> {
+    h: &'a Harvest,
+    key: String,
+    index: HashMap<&'a str, usize>,
+}
+
+impl<'a> StoredRows<'a> {
+    fn new(h: &'a Harvest, model: &Model, hook: HookName, chat: bool) -> Option<Self> {
+        let n_layers = model.config().n_layers;
+        let mut names = vec![hook.to_string()];
+        if let (HookPoint::ResidPost, Some(l)) = (hook.point, hook.layer) {
+            if l + 1 < n_layers {
+                names.push(HookName::block(l + 1, HookPoint::ResidPre).to_string());
+            }
+        }
+        let key = names.into_iter().find(|k| h.acts.contains_key(k))?;
+        let usable = h.meta.model_path == model.info.path
+            && h.meta.position_rule == PositionRule::Last
+            && h.meta.chat == chat;
+        usable.then(|| StoredRows {
+            h,
+            key,
+            index: h
+                .meta
+                .items
+                .iter()
+                .enumerate()
+                .map(|(i, it)| (it.id.as_str(), i))
+                .collect(),
+        })
+    }
+
+    /// The sample's row `[1, d]` if the harvest holds it at the same number of tokens.
+    fn row(&self, id: &str, ids: &[u32]) -> Result<Option<Tensor>> {
+        let Some(&i) = self.index.get(id) else {
+            return Ok(None);
+        };
+        let it = &self.h.meta.items[i];
+        let n = ids.len();
+        if it.n_tokens != n || it.positions != (n - 1, n) {
+            return Ok(None);
+        }
+        Ok(Some(
+            self.h.acts[&self.key]
+                .get(i)?
+                .to_dtype(candle_core::DType::F32)?
+                .unsqueeze(0)?,
+        ))
+    }
 }
 
 /// The default hook: the middle layer's `resid_post`.
@@ -165,8 +229,6 @@ impl Plan {
         let (ids, alignment, dims, d) = (&self.ids, self.alignment, self.dims, self.meta.d);
         let bs = spec.batch_size.max(1);
         let tok = &models[0].tokenizer;
-        // Only the hook's block and those before it matter: no logits are read.
-        let stop_after_block = |m: usize| spec.hooks[m].layer;
         // Last-token rows of plain runs: the tokens every sample starts with in a model's
         // rendering (a chat template's system turn) run once for all rows.
         let shared: Vec<Option<SharedPrefix>> = (0..2)
@@ -176,67 +238,80 @@ impl Plan {
                 }
                 let seqs: Vec<Vec<u32>> = range.clone().map(|i| ids[i][m].clone()).collect();
                 let mut hooks = Hooks::new();
-                hooks.stop_after_block = stop_after_block(m);
+                hooks.stop_after_block = spec.hooks[m].layer;
                 SharedPrefix::for_rows(models[m], &seqs, &mut hooks)
             })
             .collect::<persona_lens_engine::Result<_>>()?;
-        for (ci, chunk) in corpus[range.clone()].chunks(bs).enumerate() {
-            let base = range.start + ci * bs;
-            // rows per model for this chunk: Vec over samples of (rows, d_m)
-            let mut per_model: Vec<Vec<Tensor>> = vec![vec![], vec![]];
-            for m in 0..2 {
-                let seqs: Vec<Vec<u32>> =
-                    (0..chunk.len()).map(|i| ids[base + i][m].clone()).collect();
-                let batch = Batch::left_padded(&seqs, models[m].pad_id(), models[m].device())?;
-                let mut hooks = Hooks::new();
-                hooks.capture(spec.hooks[m]);
-                hooks.stop_after_block = stop_after_block(m);
-                if let Some(f) = spec.setup[m] {
-                    f(&seqs, &batch, &mut hooks)?;
-                }
-                let width = shared[m]
-                    .as_ref()
-                    .and_then(|p| p.width_for(&batch, &vec![usize::MAX; seqs.len()]));
-                match (&shared[m], width) {
-                    (Some(p), Some(w)) => {
-                        p.forward(models[m], &batch, w, &mut hooks, LogitsAt::None)?
-                    }
-                    _ => models[m].forward(&batch, None, &mut hooks, LogitsAt::None)?,
+        let stored: Vec<Option<StoredRows>> = (0..2)
+            .map(|m| {
+                let chat = match spec.shared_ids {
+                    true => spec.chat_template[1],
+                    false => spec.chat_template[m],
                 };
-                // (b, t, d_m); with a shared prefix, the columns after it only
-                let full = hooks.cache.get(&spec.hooks[m])?;
-                let last_column = full.dim(1)? - 1;
-                for (r, s) in seqs.iter().enumerate() {
-                    let rows = match alignment {
-                        Alignment::Tokens => full
-                            .get(r)?
-                            .narrow(0, batch.pad[r], s.len())?
-                            .narrow(0, 1.min(s.len() - 1), s.len() - 1.min(s.len() - 1))?,
-                        // Left padding puts every row's last token in the last column.
-                        Alignment::Last => full.get(r)?.narrow(0, last_column, 1)?,
-                    };
-                    let rows = if dims[m] < d {
-                        rows.pad_with_zeros(1, 0, d - dims[m])?
-                    } else {
-                        rows
-                    };
-                    per_model[m].push(rows.to_dtype(candle_core::DType::F32)?);
+                let usable = alignment == Alignment::Last && spec.setup[m].is_none();
+                spec.stored[m]
+                    .filter(|_| usable)
+                    .and_then(|h| StoredRows::new(h, models[m], spec.hooks[m], chat))
+            })
+            .collect();
+        let mut window_start = range.start;
+        while window_start < range.end {
+            let window = window_start..(window_start + SORT_WINDOW_SAMPLES.max(bs)).min(range.end);
+            window_start = window.end;
+            // rows[m][i - window.start]: the sample's rows `(rows, d)` from model m
+            let mut rows: [Vec<Option<Tensor>>; 2] = [vec![], vec![]];
+            let mut from_store: [Vec<bool>; 2] = [vec![], vec![]];
+            for m in 0..2 {
+                rows[m] = window
+                    .clone()
+                    .map(|i| match &stored[m] {
+                        Some(st) => st.row(&corpus[i].id, &ids[i][m]),
+                        None => Ok(None),
+                    })
+                    .collect::<Result<_>>()?;
+                from_store[m] = rows[m].iter().map(Option::is_some).collect();
+                let mut to_run: Vec<usize> = window
+                    .clone()
+                    .filter(|&i| rows[m][i - window.start].is_none())
+                    .collect();
+                to_run.sort_by_key(|&i| ids[i][m].len());
+                for batch_items in to_run.chunks(bs) {
+                    let seqs: Vec<Vec<u32>> =
+                        batch_items.iter().map(|&i| ids[i][m].clone()).collect();
+                    for (&i, r) in batch_items
+                        .iter()
+                        .zip(self.run_batch(models[m], m, spec, &shared[m], &seqs)?)
+                    {
+                        rows[m][i - window.start] = Some(r);
+                    }
                 }
             }
-            for (i, item) in chunk.iter().enumerate() {
-                let a = &per_model[0][i];
-                let b = &per_model[1][i];
+            for i in window.clone() {
+                let item = &corpus[i];
+                let mut take = |m: usize| {
+                    rows[m][i - window.start]
+                        .take()
+                        .expect("every sample's row was read or computed")
+                };
+                // Zero-padded to the wider model.
+                let pad = |m: usize, r: Tensor| match dims[m] < d {
+                    true => r.pad_with_zeros(1, 0, d - dims[m]),
+                    false => Ok(r),
+                };
+                let (a, b) = (pad(0, take(0))?, pad(1, take(1))?);
                 let n = a.dim(0)?;
-                let pair = Tensor::stack(&[a, b], 1)?; // (rows, 2, d)
+                let pair = Tensor::stack(&[&a, &b], 1)?; // (rows, 2, d)
                 let toks: Vec<String> = match alignment {
-                    Alignment::Tokens => ids[base + i][0][1..]
-                        .iter()
-                        .map(|&t| tok.id_to_token(t))
-                        .collect(),
+                    Alignment::Tokens => {
+                        ids[i][0][1..].iter().map(|&t| tok.id_to_token(t)).collect()
+                    }
                     Alignment::Last => {
-                        vec![tok.id_to_token(*ids[base + i][0].last().expect("non-empty"))]
+                        vec![tok.id_to_token(*ids[i][0].last().expect("non-empty"))]
                     }
                 };
+                let stored_rows = (0..2)
+                    .filter(|&m| from_store[m][i - window.start])
+                    .collect();
                 w.meta.samples.push(SampleInfo {
                     id: item.id.clone(),
                     source: item.source.clone(),
@@ -244,12 +319,58 @@ impl Plan {
                     first_row: w.meta.rows,
                     n_rows: n,
                     tokens: toks,
+                    stored_rows,
                 });
                 w.push(pair)?;
             }
-            progress(chunk.len());
+            progress(window.len());
         }
         Ok(())
+    }
+
+    /// One batch of model `m`'s samples `seqs`: each sample's rows `(rows, d_m)` at the spec's
+    /// hook, f32 (every token after the first, or the last token, by the plan's alignment).
+    fn run_batch(
+        &self,
+        model: &Model,
+        m: usize,
+        spec: &PairedHarvestSpec,
+        shared: &Option<SharedPrefix>,
+        seqs: &[Vec<u32>],
+    ) -> Result<Vec<Tensor>> {
+        let batch = Batch::left_padded(seqs, model.pad_id(), model.device())?;
+        let mut hooks = Hooks::new();
+        hooks.capture(spec.hooks[m]);
+        // Only the hook's block and those before it matter: no logits are read.
+        hooks.stop_after_block = spec.hooks[m].layer;
+        if let Some(f) = spec.setup[m] {
+            f(seqs, &batch, &mut hooks)?;
+        }
+        let width = shared
+            .as_ref()
+            .and_then(|p| p.width_for(&batch, &vec![usize::MAX; seqs.len()]));
+        match (shared, width) {
+            (Some(p), Some(w)) => p.forward(model, &batch, w, &mut hooks, LogitsAt::None)?,
+            _ => model.forward(&batch, None, &mut hooks, LogitsAt::None)?,
+        };
+        // (b, t, d_m); with a shared prefix, the columns after it only
+        let full = hooks.cache.get(&spec.hooks[m])?;
+        let last_column = full.dim(1)? - 1;
+        seqs.iter()
+            .enumerate()
+            .map(|(r, s)| {
+                let rows = match self.alignment {
+                    Alignment::Tokens => full.get(r)?.narrow(0, batch.pad[r], s.len())?.narrow(
+                        0,
+                        1.min(s.len() - 1),
+                        s.len() - 1.min(s.len() - 1),
+                    )?,
+                    // Left padding puts every row's last token in the last column.
+                    Alignment::Last => full.get(r)?.narrow(0, last_column, 1)?,
+                };
+                Ok(rows.to_dtype(candle_core::DType::F32)?)
+            })
+            .collect()
     }
 }
 

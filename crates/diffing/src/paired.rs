@@ -38,6 +38,11 @@ pub struct SampleInfo {
     pub n_rows: usize,
     /// The tokens of the rows (model 0's tokenizer), for max-activating examples.
     pub tokens: Vec<String>,
+    /// The models (0 = base, 1 = chat) whose row was read from stored activations of the same
+    /// model file, rendering and position (a probe harvest) instead of a forward
+    /// ([`crate::harvest::PairedHarvestSpec::stored`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub stored_rows: Vec<usize>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -60,6 +60,7 @@ fn analysis_rows_come_from_the_store_only_where_it_holds_the_same_clean_prompt()
         batch_size: 2,
         shard_rows: 7, // several shards, so rows are gathered across them
         setup: [None, Some(&plant)],
+        stored: [None, None],
     };
     harvest_paired(models, &stored, &hs, &dir, &|_| {}).unwrap();
     let planted = PairedStore::open(&dir).unwrap();
@@ -199,6 +200,7 @@ fn last_token_rows_sharing_the_chat_prefix_match_whole_rows() {
             batch_size: 3,
             shard_rows: 100,
             setup: [None, if setup { Some(&noop) } else { None }],
+            stored: [None, None],
         };
         harvest_paired(models, &corpus, &hs, &dir, &|_| {}).unwrap();
         let s = PairedStore::open(&dir).unwrap();
@@ -220,4 +222,124 @@ fn last_token_rows_sharing_the_chat_prefix_match_whole_rows() {
         assert!(e < 1e-4, "prompt {i}: chat-side row relative error {e:.2e}");
     }
     eprintln!("chat-side rows sharing the system turn vs whole: worst relative error {worst:.2e}");
+}
+
+/// The study's diff step hands the probe step's stored harvest to the paired harvest: a sample
+/// the harvest holds (same id, token count and last position, same model file and chat
+/// rendering) takes its chat-side row from there, every other sample runs. The probe harvest is
+/// made by the analysis crate's own harvester (its own batching and ordering), so the check that
+/// every fresh store row equals the harvest's row is independent of the paired harvest's order.
+#[test]
+fn paired_harvest_reads_the_probe_harvest_where_it_holds_the_prompt() {
+    use persona_lens_analysis::dataset::{generate, GenOptions};
+    use persona_lens_analysis::harvest::harvest;
+    use persona_lens_analysis::{resid_rows, HarvestSpec, PositionRule};
+    let m = common::model("smollm2-135m-instruct");
+    let models = [&*m, &*m];
+    let hook = middle_resid_post(&m);
+    let layer = hook.layer.unwrap();
+    let ds = generate(&GenOptions {
+        persona_pairs: vec!["child-phd".into()],
+        topics: vec!["physics".into()],
+        n_questions_per_pair: 2,
+        templates: vec![0, 4],
+        ..Default::default()
+    })
+    .unwrap();
+    let probe = harvest(
+        &m,
+        &ds,
+        &HarvestSpec {
+            hooks: resid_rows(m.config().n_layers),
+            rule: PositionRule::Last,
+            chat: true,
+            batch_size: 4,
+            share_prefix: true,
+        },
+        &|_| {},
+    )
+    .unwrap();
+    // resid_post of block L is resid_pre of block L + 1: the name the probe harvest keeps.
+    let key = format!("blocks.{}.hook_resid_pre", layer + 1);
+    let probe_row = |id: &str| -> Vec<f32> {
+        let i = probe.meta.items.iter().position(|it| it.id == id).unwrap();
+        probe.acts[&key].get(i).unwrap().to_vec1().unwrap()
+    };
+    // The dataset's prompts, one the harvest lacks, and a held id whose text changed.
+    let mut corpus = persona_lens_diffing::corpus::from_dataset(&ds);
+    corpus.push(item("new", "I am a child. What is a planet made of?"));
+    let changed = ds.items[1].id.clone();
+    corpus.push(item(
+        &changed,
+        "I have a PhD. What, precisely, is a planet made of?",
+    ));
+    let n_held = ds.items.len();
+    let store = |stored, name: &str| {
+        let dir = tmp(name);
+        let hs = PairedHarvestSpec {
+            hooks: [hook, hook],
+            chat_template: [false, true],
+            shared_ids: false,
+            alignment: Some(Alignment::Last),
+            batch_size: 3,
+            shard_rows: 100,
+            setup: [None, None],
+            stored: [None, stored],
+        };
+        harvest_paired(models, &corpus, &hs, &dir, &|_| {}).unwrap();
+        let s = PairedStore::open(&dir).unwrap();
+        let rows = s.all().unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+        (s.meta, rows)
+    };
+    let ((fresh_meta, fresh), (read_meta, read)) = (
+        store(None, "fresh-probe"),
+        store(Some(&probe), "read-probe"),
+    );
+    let flags: Vec<Vec<usize>> = read_meta
+        .samples
+        .iter()
+        .map(|s| s.stored_rows.clone())
+        .collect();
+    let mut want = vec![vec![1]; n_held];
+    want.extend([vec![], vec![]]);
+    assert_eq!(flags, want, "which samples came from the probe harvest");
+    assert!(fresh_meta.samples.iter().all(|s| s.stored_rows.is_empty()));
+    let ids: Vec<&str> = read_meta.samples.iter().map(|s| s.id.as_str()).collect();
+    let corpus_ids: Vec<&str> = corpus.iter().map(|c| c.id.as_str()).collect();
+    assert_eq!(ids, corpus_ids, "samples are written in corpus order");
+    let row = |x: &Tensor, i: usize, side: usize| -> Vec<f32> {
+        x.get(i).unwrap().get(side).unwrap().to_vec1().unwrap()
+    };
+    let mut worst = 0f64;
+    for (i, it) in ds.items.iter().enumerate() {
+        assert!(
+            row(&read, i, 1) == probe_row(&it.id),
+            "{}: not the harvest's row",
+            it.id
+        );
+        // The same quantity: the probe's rendering is the paired harvest's.
+        let e = common::rel_l2(&row(&fresh, i, 1), &probe_row(&it.id));
+        worst = worst.max(e);
+        assert!(
+            e < 1e-4,
+            "{}: fresh row vs the probe harvest's, relative L2 {e:.2e}",
+            it.id
+        );
+    }
+    eprintln!("fresh chat-side rows vs the probe harvest's: worst relative L2 {worst:.2e}");
+    for i in 0..corpus.len() {
+        // Base side: never stored, the same forwards in both stores.
+        assert!(
+            row(&read, i, 0) == row(&fresh, i, 0),
+            "sample {i}'s base side differs"
+        );
+    }
+    for i in [n_held, n_held + 1] {
+        let e = common::rel_l2(&row(&read, i, 1), &row(&fresh, i, 1));
+        assert!(
+            e < 1e-4,
+            "sample {i} is not in the harvest and must run (relative L2 {e:.2e})"
+        );
+    }
 }

@@ -115,6 +115,7 @@ fn planted_chat_only_feature_is_found_and_resume_is_exact() {
         batch_size: 16,
         shard_rows: 2000,
         setup: [None, Some(&plant)],
+        stored: [None, None],
     };
     let meta = harvest_paired([&m, &m], &corpus, &spec, &store_dir, &|_| {}).unwrap();
     assert_eq!(

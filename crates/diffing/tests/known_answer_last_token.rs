@@ -139,6 +139,7 @@ fn planted_chat_only_feature_is_found_on_the_last_token_across_widths_with_batch
         batch_size: 16,
         shard_rows: 200,
         setup: [None, Some(&plant)],
+        stored: [None, None],
     };
     let t0 = std::time::Instant::now();
     let meta = harvest_paired(models, &corpus, &spec, &store_dir, &|_| {}).unwrap();

@@ -54,6 +54,7 @@ fn push_sample(w: &mut PairedWriter, i: usize, salt: u64) {
         first_row: w.meta.rows,
         n_rows: rows.dim(0).unwrap(),
         tokens: vec![],
+        stored_rows: vec![],
     });
     w.push(rows).unwrap();
 }

@@ -213,6 +213,7 @@ fn normaliser_statistics_exclude_validation_samples() {
             first_row: i,
             n_rows: 1,
             tokens: vec![],
+            stored_rows: vec![],
         });
         w.push(Tensor::full(x, (1, 2, d), &Device::Cpu).unwrap())
             .unwrap();

@@ -241,6 +241,7 @@ impl HarvestArgs {
             batch_size: self.pair.batch_size,
             shard_rows: self.shard_rows,
             setup: [None, None],
+            stored: [None, None],
         }
     }
 }

@@ -194,6 +194,9 @@ pub struct DiffData {
     pub n_pairs_evaluate: usize,
     pub n_pairs_select: usize,
     pub rows: usize,
+    /// The study model's store rows read from the probe step's stored activations (the same
+    /// prompts, model file, rendering and last token) instead of a forward.
+    pub rows_from_probe_activations: usize,
     pub rows_per_latent: f64,
     /// The first five.
     pub top_candidates: Vec<persona_lens_diffing::analyze::CandidateRow>,
@@ -222,6 +225,7 @@ impl DiffData {
             n_pairs_evaluate: sm.n_pairs_evaluate,
             n_pairs_select: sm.n_pairs_select,
             rows,
+            rows_from_probe_activations: 0,
             rows_per_latent,
             top_candidates: sm.top_candidates.iter().take(5).cloned().collect(),
             top_null: sm.top_null.clone(),

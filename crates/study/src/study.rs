@@ -2217,10 +2217,22 @@ fn diff_step(c: &Ctx) -> Result<StepOut> {
         command.extend(args.into_iter().skip(1));
     }
     let items = crate::diff_jobs::dataset_corpus(&ha)?;
-    let spec = ha.spec(hooks, template, comparable);
+    // The probe step's stored activations (every residual row at each persona prompt's last
+    // token) hold the study model's rows of the persona prompts: those forwards are not run again.
+    let probe_dir = c.dir("probe");
+    let probe_acts = match probe_dir
+        .join(persona_lens_analysis::harvest::ACTS_FILE)
+        .exists()
+    {
+        true => persona_lens_analysis::Harvest::load(&probe_dir).ok(),
+        false => None,
+    };
+    let mut spec = ha.spec(hooks, template, comparable);
+    spec.stored[if study_is_chat { 1 } else { 0 }] = probe_acts.as_ref();
     let pb = crate::engine_jobs::progress(items.len() as u64, c.quiet, "samples (both models)");
     let mut meta = harvest_paired(models, &items, &spec, &store_dir, &|n| pb.inc(n as u64))?;
     pb.finish_and_clear();
+    drop(probe_acts);
     meta.corpus =
         "study: persona dataset + sycophancy prompts (verification prompts held out)".into();
     persona_lens_engine::io::write_atomic(
@@ -2426,14 +2438,22 @@ fn diff_step(c: &Ctx) -> Result<StepOut> {
         headlines,
         negatives,
         plots,
-        data: step_json(&DiffData::from_analysis(
-            &sm,
-            store.meta.rows,
-            store.meta.alignment,
-            &trained,
-            rows_per_latent,
-            last,
-        ))?,
+        data: step_json(&DiffData {
+            rows_from_probe_activations: store
+                .meta
+                .samples
+                .iter()
+                .filter(|s| !s.stored_rows.is_empty())
+                .count(),
+            ..DiffData::from_analysis(
+                &sm,
+                store.meta.rows,
+                store.meta.alignment,
+                &trained,
+                rows_per_latent,
+                last,
+            )
+        })?,
         claims: sm.claims.clone(),
         ..Default::default()
     })
