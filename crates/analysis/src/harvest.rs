@@ -5,7 +5,7 @@
 
 use crate::dataset::{encode_item, EncodedPrompt, PersonaDataset};
 use crate::{write_json, AnalysisError, Result};
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use persona_lens_engine::io::save_safetensors;
 use persona_lens_engine::{Batch, HookName, HookPoint, Hooks, LogitsAt, Model};
 use serde::{Deserialize, Serialize};
@@ -155,6 +155,33 @@ pub fn harvest_with(
     setup: Option<BatchSetup>,
     progress: &dyn Fn(usize),
 ) -> Result<Harvest> {
+    Ok(harvest_runs(model, ds, spec, setup, false, progress)?.0)
+}
+
+/// [`harvest_with`] whose forwards also give each prompt's logits at its last token (item order),
+/// so a caller that needs both (the ablation report: its gap and its probes under one ablation)
+/// runs every prompt once.
+pub fn harvest_with_last_logits(
+    model: &Model,
+    ds: &PersonaDataset,
+    spec: &HarvestSpec,
+    setup: Option<BatchSetup>,
+    progress: &dyn Fn(usize),
+) -> Result<(Harvest, Vec<Vec<f32>>)> {
+    let (h, logits) = harvest_runs(model, ds, spec, setup, true, progress)?;
+    Ok((h, logits.into_iter().flatten().collect()))
+}
+
+/// The harvest; with `logits`, every block runs and each prompt's last-token logits come back
+/// in item order (one per item), else none.
+fn harvest_runs(
+    model: &Model,
+    ds: &PersonaDataset,
+    spec: &HarvestSpec,
+    setup: Option<BatchSetup>,
+    logits: bool,
+    progress: &dyn Fn(usize),
+) -> Result<(Harvest, Vec<Option<Vec<f32>>>)> {
     for h in &spec.hooks {
         check_hook(h)?;
     }
@@ -174,13 +201,19 @@ pub fn harvest_with(
     let mut order: Vec<usize> = (0..encoded.len()).collect();
     order.sort_by_key(|&i| encoded[i].ids.len());
     let mut slots: Vec<Vec<Option<Tensor>>> = vec![vec![None; encoded.len()]; spec.hooks.len()];
-    // No logits are read: stop after the last block a captured hook belongs to.
+    // Without logits: stop after the last block a captured hook belongs to.
     let stop_after_block = spec
         .hooks
         .iter()
         .map(|h| h.layer)
         .collect::<Option<Vec<usize>>>()
-        .and_then(|ls| ls.into_iter().max());
+        .and_then(|ls| ls.into_iter().max())
+        .filter(|_| !logits);
+    let logits_at = match logits {
+        true => LogitsAt::Last,
+        false => LogitsAt::None,
+    };
+    let mut last_logits: Vec<Option<Vec<f32>>> = vec![None; encoded.len()];
     // Interventions (a setup, or the model's standing hooks) may treat rows or positions
     // differently, so the prefix is shared only in plain runs.
     let shared = match spec.share_prefix && setup.is_none() {
@@ -207,10 +240,15 @@ pub fn harvest_with(
         let width = shared
             .as_ref()
             .and_then(|p| p.width_for(&batch, &first_kept));
-        match (&shared, width) {
-            (Some(p), Some(w)) => p.forward(model, &batch, w, &mut hooks, LogitsAt::None)?,
-            _ => model.forward(&batch, None, &mut hooks, LogitsAt::None)?,
+        let out = match (&shared, width) {
+            (Some(p), Some(w)) => p.forward(model, &batch, w, &mut hooks, logits_at.clone())?,
+            _ => model.forward(&batch, None, &mut hooks, logits_at.clone())?,
         };
+        if let Some(l) = out {
+            for (&i, row) in chunk.iter().zip(l.to_dtype(DType::F32)?.to_vec2::<f32>()?) {
+                last_logits[i] = Some(row);
+            }
+        }
         let skipped = width.unwrap_or(0);
         for (hi, h) in spec.hooks.iter().enumerate() {
             let full = hooks.cache.get(h)?;
@@ -254,7 +292,7 @@ pub fn harvest_with(
             positions: sp,
         })
         .collect();
-    Ok(Harvest {
+    let h = Harvest {
         meta: HarvestMeta {
             model: model.info.name.clone(),
             model_path: model.info.path.clone(),
@@ -269,7 +307,8 @@ pub fn harvest_with(
             shared_prefix_tokens: shared.as_ref().map_or(0, |p| p.len()),
         },
         acts,
-    })
+    };
+    Ok((h, last_logits))
 }
 
 impl Harvest {

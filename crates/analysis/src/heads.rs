@@ -835,10 +835,8 @@ impl AblationSetup<'_> {
     /// An ablation's gap and probes (no answers yet).
     fn measure(&self, label: &str, heads: &[Head], mode: AblationMode) -> Result<AblationEffect> {
         let model = self.model;
-        // 1. Persona gap of the metric.
-        let gaps = self.gaps(heads, mode)?;
-        let (gap_mean, lo, hi) = mean_ci95(&gaps);
-        // 2. Probes at later layers on the ablated residual stream.
+        // The gap's prompts with their probes' rows: one forward per chunk gives both the
+        // last logits (the gap) and the ablated residual rows (the probes).
         let items: Vec<PromptItem> = self
             .pairs
             .iter()
@@ -861,7 +859,30 @@ impl AblationSetup<'_> {
             let donors: Vec<usize> = idx.iter().map(|&i| self.donor(i)).collect();
             add_ablation(h, heads, mode, Some(self.bank), &donors)
         };
-        let hv = crate::harvest::harvest_with(model, &ds, &spec, Some(&setup), &|_| {})?;
+        let (hv, logits) =
+            crate::harvest::harvest_with_last_logits(model, &ds, &spec, Some(&setup), &|_| {})?;
+        // The harvest renders the prompts itself: its token counts must be the setup's ids'.
+        let same_ids = hv.meta.items.len() == self.ids.len()
+            && hv
+                .meta
+                .items
+                .iter()
+                .zip(self.ids)
+                .all(|(it, ids)| it.n_tokens == ids.len());
+        // 1. Persona gap of the metric.
+        let gaps = match same_ids {
+            true => {
+                let metric = logits
+                    .iter()
+                    .enumerate()
+                    .map(|(i, l)| self.logit_diff(i, l))
+                    .collect::<Result<Vec<f64>>>()?;
+                self.pair_gaps(&metric)
+            }
+            false => self.gaps(heads, mode)?,
+        };
+        let (gap_mean, lo, hi) = mean_ci95(&gaps);
+        // 2. Probes at later layers on the ablated residual stream.
         let opts = crate::probe::ProbeOptions {
             template_holdout: false,
             control: false,

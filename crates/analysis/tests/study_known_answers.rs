@@ -414,7 +414,8 @@ fn ablation_sets_sharing_the_prompt_prefix_match_whole_forwards() {
 /// The ablation report's greedy answers, every ablation's rows in one generation (each row
 /// ablating its own heads its own way: zero, mean, resample from its donor), equal each
 /// ablation's answers generated alone with the whole-batch ablation hooks (`ablation_hooks`),
-/// token for token up to a near-tie.
+/// token for token up to a near-tie; and each run's gap, read from the forwards that harvest its
+/// probes' rows, equals the gap of its own forwards.
 #[test]
 fn ablation_answers_in_one_generation_match_each_ablation_alone() {
     use persona_lens_analysis::heads::{
@@ -442,7 +443,7 @@ fn ablation_answers_in_one_generation_match_each_ablation_alone() {
         chat: true,
         ids: &ids,
         bank: &bank,
-        probe_rows: vec![],
+        probe_rows: vec![15, 30],
         n_generate,
         gen_tokens,
     };
@@ -455,6 +456,17 @@ fn ablation_answers_in_one_generation_match_each_ablation_alone() {
     ];
     let effects = setup.run_many(&runs).unwrap();
     assert_eq!(effects.len(), runs.len());
+    // Each run's gap comes from the forwards that also harvest its probes' rows: it must equal
+    // the gap of the ablation's own forwards.
+    for ((label, heads, mode), e) in runs.iter().zip(&effects) {
+        let alone = setup.gap_mean(heads, *mode).unwrap();
+        assert!(
+            (e.gap_mean - alone).abs() < 2e-4,
+            "{label}: gap {} with the probes' forwards vs {alone} alone",
+            e.gap_mean
+        );
+        assert_eq!(e.probe_accuracy.len(), 2, "{label}");
+    }
     let rows = 2 * n_generate;
     let donors: Vec<usize> = (0..rows).map(|i| setup.donor(i)).collect();
     let opts = persona_lens_engine::GenerateOptions {
