@@ -768,6 +768,7 @@ fn probe_step(c: &Ctx) -> Result<StepOut> {
             position: c.cfg.position,
             out: dir.clone(),
             quiet: c.quiet,
+            batch_size: 32,
             ..spec::defaults()
         },
         folds: c.cfg.probe.folds,
