@@ -121,6 +121,34 @@ pub struct Harvest {
     pub acts: BTreeMap<String, Tensor>,
 }
 
+/// A harvest's items by id, for callers that read a prompt's stored rows instead of running a
+/// forward (the logit lens, the diff step's paired harvest).
+pub struct ItemsById<'a> {
+    h: &'a Harvest,
+    by_id: HashMap<&'a str, usize>,
+}
+
+impl<'a> ItemsById<'a> {
+    pub fn new(h: &'a Harvest) -> Self {
+        let by_id = h
+            .meta
+            .items
+            .iter()
+            .enumerate()
+            .map(|(i, it)| (it.id.as_str(), i))
+            .collect();
+        ItemsById { h, by_id }
+    }
+
+    /// The index of item `id` if the harvest holds it at `n_tokens` tokens with its kept span
+    /// the single position `pos`: the same prompt, read at the same token.
+    pub fn at(&self, id: &str, n_tokens: usize, pos: usize) -> Option<usize> {
+        let &i = self.by_id.get(id)?;
+        let it = &self.h.meta.items[i];
+        (it.n_tokens == n_tokens && it.positions == (pos, pos + 1)).then_some(i)
+    }
+}
+
 pub const ACTS_FILE: &str = "activations.safetensors";
 pub const META_FILE: &str = "activations.json";
 

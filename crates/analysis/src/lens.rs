@@ -213,7 +213,7 @@ type RowStats = (f64, Vec<(f64, usize)>);
 /// usable when the harvest has every residual row at the same position rule and chat setting.
 struct HarvestRows<'a> {
     h: &'a crate::Harvest,
-    index: std::collections::HashMap<&'a str, usize>,
+    items: crate::harvest::ItemsById<'a>,
     hooks: Vec<String>,
 }
 
@@ -229,26 +229,16 @@ impl<'a> HarvestRows<'a> {
             && hooks.iter().all(|k| h.acts.contains_key(k));
         usable.then(|| HarvestRows {
             h,
-            index: h
-                .meta
-                .items
-                .iter()
-                .enumerate()
-                .map(|(i, it)| (it.id.as_str(), i))
-                .collect(),
+            items: crate::harvest::ItemsById::new(h),
             hooks,
         })
     }
 
     /// The prompt's rows `[rows, d]` if the harvest holds it at the same tokens and position.
     fn rows(&self, id: &str, n_tokens: usize, pos: usize) -> Result<Option<Tensor>> {
-        let Some(&i) = self.index.get(id) else {
+        let Some(i) = self.items.at(id, n_tokens, pos) else {
             return Ok(None);
         };
-        let it = &self.h.meta.items[i];
-        if it.n_tokens != n_tokens || it.positions != (pos, pos + 1) {
-            return Ok(None);
-        }
         let vs = self
             .hooks
             .iter()

@@ -10,9 +10,9 @@ use crate::paired::{Alignment, PairedMeta, PairedWriter, SampleInfo};
 use crate::shards::{corpus_sha256, PartManifest, ShardSpec};
 use crate::{invalid, Result};
 use candle_core::Tensor;
+use persona_lens_analysis::harvest::ItemsById;
 use persona_lens_analysis::{Harvest, PositionRule};
 use persona_lens_engine::{Batch, HookName, HookPoint, Hooks, LogitsAt, Model, SharedPrefix};
-use std::collections::HashMap;
 use std::ops::Range;
 use std::path::Path;
 
@@ -43,15 +43,11 @@ pub struct PairedHarvestSpec<'a> {
     pub stored: [Option<&'a Harvest>; 2],
 }
 
-/// Samples per window of [`Plan::write_rows`]: a window's samples run sorted by length (less
-/// padding per batch) and are written in corpus order; the window bounds the rows held.
-const SORT_WINDOW_SAMPLES: usize = 512;
-
 /// A model's stored last-token rows that can stand in for its forwards, if `h` fits the spec.
 struct StoredRows<'a> {
     h: &'a Harvest,
     key: String,
-    index: HashMap<&'a str, usize>,
+    items: ItemsById<'a>,
 }
 
 impl<'a> StoredRows<'a> {
@@ -70,26 +66,15 @@ impl<'a> StoredRows<'a> {
         usable.then(|| StoredRows {
             h,
             key,
-            index: h
-                .meta
-                .items
-                .iter()
-                .enumerate()
-                .map(|(i, it)| (it.id.as_str(), i))
-                .collect(),
+            items: ItemsById::new(h),
         })
     }
 
     /// The sample's row `[1, d]` if the harvest holds it at the same number of tokens.
     fn row(&self, id: &str, ids: &[u32]) -> Result<Option<Tensor>> {
-        let Some(&i) = self.index.get(id) else {
+        let Some(i) = self.items.at(id, ids.len(), ids.len() - 1) else {
             return Ok(None);
         };
-        let it = &self.h.meta.items[i];
-        let n = ids.len();
-        if it.n_tokens != n || it.positions != (n - 1, n) {
-            return Ok(None);
-        }
         Ok(Some(
             self.h.acts[&self.key]
                 .get(i)?
@@ -254,15 +239,18 @@ impl Plan {
                     .and_then(|h| StoredRows::new(h, models[m], spec.hooks[m], chat))
             })
             .collect();
-        let mut window_start = range.start;
-        while window_start < range.end {
-            let window = window_start..(window_start + SORT_WINDOW_SAMPLES.max(bs)).min(range.end);
-            window_start = window.end;
-            // rows[m][i - window.start]: the sample's rows `(rows, d)` from model m
+        // Batches are the range's consecutive samples, as in every part of a sharded harvest:
+        // a part's rows are then bitwise the rows of the same samples in one whole harvest
+        // (batches sorted by length would pad less but differ between the two).
+        let mut next = range.start;
+        while next < range.end {
+            let chunk = next..(next + bs).min(range.end);
+            next = chunk.end;
+            // rows[m][i - chunk.start]: the sample's rows `(rows, d)` from model m
             let mut rows: [Vec<Option<Tensor>>; 2] = [vec![], vec![]];
             let mut from_store: [Vec<bool>; 2] = [vec![], vec![]];
             for m in 0..2 {
-                rows[m] = window
+                rows[m] = chunk
                     .clone()
                     .map(|i| match &stored[m] {
                         Some(st) => st.row(&corpus[i].id, &ids[i][m]),
@@ -270,26 +258,26 @@ impl Plan {
                     })
                     .collect::<Result<_>>()?;
                 from_store[m] = rows[m].iter().map(Option::is_some).collect();
-                let mut to_run: Vec<usize> = window
+                // The batch's samples the stored harvest lacks run as one batch.
+                let to_run: Vec<usize> = chunk
                     .clone()
-                    .filter(|&i| rows[m][i - window.start].is_none())
+                    .filter(|&i| rows[m][i - chunk.start].is_none())
                     .collect();
-                to_run.sort_by_key(|&i| ids[i][m].len());
-                for batch_items in to_run.chunks(bs) {
-                    let seqs: Vec<Vec<u32>> =
-                        batch_items.iter().map(|&i| ids[i][m].clone()).collect();
-                    for (&i, r) in batch_items
-                        .iter()
-                        .zip(self.run_batch(models[m], m, spec, &shared[m], &seqs)?)
-                    {
-                        rows[m][i - window.start] = Some(r);
-                    }
+                if to_run.is_empty() {
+                    continue;
+                }
+                let seqs: Vec<Vec<u32>> = to_run.iter().map(|&i| ids[i][m].clone()).collect();
+                for (&i, r) in to_run
+                    .iter()
+                    .zip(self.run_batch(models[m], m, spec, &shared[m], &seqs)?)
+                {
+                    rows[m][i - chunk.start] = Some(r);
                 }
             }
-            for i in window.clone() {
+            for i in chunk.clone() {
                 let item = &corpus[i];
                 let mut take = |m: usize| {
-                    rows[m][i - window.start]
+                    rows[m][i - chunk.start]
                         .take()
                         .expect("every sample's row was read or computed")
                 };
@@ -309,9 +297,7 @@ impl Plan {
                         vec![tok.id_to_token(*ids[i][0].last().expect("non-empty"))]
                     }
                 };
-                let stored_rows = (0..2)
-                    .filter(|&m| from_store[m][i - window.start])
-                    .collect();
+                let stored_rows = (0..2).filter(|&m| from_store[m][i - chunk.start]).collect();
                 w.meta.samples.push(SampleInfo {
                     id: item.id.clone(),
                     source: item.source.clone(),
@@ -323,7 +309,7 @@ impl Plan {
                 });
                 w.push(pair)?;
             }
-            progress(window.len());
+            progress(chunk.len());
         }
         Ok(())
     }

@@ -769,7 +769,6 @@ fn probe_step(c: &Ctx) -> Result<StepOut> {
             out: dir.clone(),
             quiet: c.quiet,
             batch_size: 32,
-            ..spec::defaults()
         },
         folds: c.cfg.probe.folds,
         l2: c.cfg.probe.l2,
