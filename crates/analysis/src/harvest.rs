@@ -197,7 +197,15 @@ pub fn harvest_with_last_logits(
     progress: &dyn Fn(usize),
 ) -> Result<(Harvest, Vec<Vec<f32>>)> {
     let (h, logits) = harvest_runs(model, ds, spec, setup, true, progress)?;
-    Ok((h, logits.into_iter().flatten().collect()))
+    // Every item sits in one chunk whose forward returned logits: none may be missing, or the
+    // rows would no longer line up with the items.
+    let logits = logits
+        .into_iter()
+        .collect::<Option<Vec<_>>>()
+        .ok_or_else(|| {
+            AnalysisError::Invalid("a harvest forward returned no last-token logits".into())
+        })?;
+    Ok((h, logits))
 }
 
 /// The harvest; with `logits`, every block runs and each prompt's last-token logits come back

@@ -207,25 +207,29 @@ pub struct DiffData {
 }
 
 impl DiffData {
-    /// The analysis summary's parts the study keeps.
+    /// The analysis summary's parts the study keeps, with the store's size, alignment and
+    /// reused rows.
     pub fn from_analysis(
         sm: &DiffSummary,
-        rows: usize,
-        alignment: persona_lens_diffing::paired::Alignment,
+        store: &persona_lens_diffing::paired::PairedMeta,
         trained: &persona_lens_diffing::train::TrainOutcome,
         rows_per_latent: f64,
         final_step: persona_lens_diffing::train::StepLog,
     ) -> Self {
         DiffData {
-            alignment,
+            alignment: store.alignment,
             baselines: sm.baselines.clone(),
             exploratory: sm.exploratory.clone(),
             final_step,
             latent_classes: sm.latent_classes.clone(),
             n_pairs_evaluate: sm.n_pairs_evaluate,
             n_pairs_select: sm.n_pairs_select,
-            rows,
-            rows_from_probe_activations: 0,
+            rows: store.rows,
+            rows_from_probe_activations: store
+                .samples
+                .iter()
+                .filter(|s| !s.stored_rows.is_empty())
+                .count(),
             rows_per_latent,
             top_candidates: sm.top_candidates.iter().take(5).cloned().collect(),
             top_null: sm.top_null.clone(),

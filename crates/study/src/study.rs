@@ -2438,22 +2438,13 @@ fn diff_step(c: &Ctx) -> Result<StepOut> {
         headlines,
         negatives,
         plots,
-        data: step_json(&DiffData {
-            rows_from_probe_activations: store
-                .meta
-                .samples
-                .iter()
-                .filter(|s| !s.stored_rows.is_empty())
-                .count(),
-            ..DiffData::from_analysis(
-                &sm,
-                store.meta.rows,
-                store.meta.alignment,
-                &trained,
-                rows_per_latent,
-                last,
-            )
-        })?,
+        data: step_json(&DiffData::from_analysis(
+            &sm,
+            &store.meta,
+            &trained,
+            rows_per_latent,
+            last,
+        ))?,
         claims: sm.claims.clone(),
         ..Default::default()
     })
