@@ -890,8 +890,8 @@ impl<'a> Patcher<'a> {
             }
             let mut kv = if start > 0 {
                 let lk = &base.kv.layers[l];
-                let grow = |t: &Option<Tensor>| -> Result<Option<Tensor>> {
-                    let t = t.as_ref().ok_or_else(|| {
+                let grow = |t: Option<Tensor>| -> Result<Option<Tensor>> {
+                    let t = t.ok_or_else(|| {
                         AnalysisError::Invalid("base run has no cached keys".into())
                     })?;
                     let (_, h, _, d) = t.dims4()?;
@@ -901,10 +901,7 @@ impl<'a> Patcher<'a> {
                             .contiguous()?,
                     ))
                 };
-                LayerKv {
-                    k: grow(&lk.k)?,
-                    v: grow(&lk.v)?,
-                }
+                LayerKv::new(grow(lk.k()?)?, grow(lk.v()?)?)?
             } else {
                 LayerKv::default()
             };

@@ -339,7 +339,7 @@ impl Decoder {
                     c.layers.len()
                 )));
             }
-            if let Some(l) = (first..n_run).find(|&l| start > 0 && c.layers[l].k.is_none()) {
+            if let Some(l) = (first..n_run).find(|&l| start > 0 && c.layers[l].is_empty()) {
                 return Err(EngineError::InvalidArgument(format!(
                     "the KV cache has no keys for block {l}: the call that filled it started after that block; start this call at block {l} or later"
                 )));

@@ -205,6 +205,10 @@ pub fn generate_after_prefix(
             batch.clone(),
         ),
     };
+    if let Some(cache) = kv.as_mut() {
+        // Decode steps then write their keys into this room instead of copying the cache.
+        cache.reserve(opts.max_new_tokens);
+    }
     let mut logits = model
         .forward(&first, kv.as_mut(), hooks, LogitsAt::Last)?
         .ok_or_else(|| EngineError::InvalidArgument("no logits".into()))?;

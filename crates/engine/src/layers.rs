@@ -479,10 +479,162 @@ pub enum MaskRef<'a> {
 }
 
 /// Keys and values of one layer, `[b, n_kv_heads, cached_len, d_head]`.
-#[derive(Clone, Default)]
+///
+/// Why a buffer with room: decoding appends one position per step, and concatenating the new
+/// keys onto the old ones copies the whole cache every step (SmolLM2: 7.4 MB per position of
+/// 160 rows; one 2000-token prompt's is 92 MB, copied again for each new token). The keys
+/// live in a buffer `[b, n_kv_heads, capacity, d_head]` instead; a step writes its position into
+/// the free room in place, and reads see the first `len` positions.
+#[derive(Default)]
 pub struct LayerKv {
-    pub k: Option<Tensor>,
-    pub v: Option<Tensor>,
+    k: Option<Tensor>,
+    v: Option<Tensor>,
+    /// Positions held (the buffers' capacity may be larger).
+    len: usize,
+    /// Whether positions from `len` on may be written in place: only in buffers this cache
+    /// allocated itself. A clone shares the buffers' storage, so it gets `false` and copies on
+    /// its first append; the original writes only past the clone's `len`, which the clone never
+    /// reads.
+    owned: bool,
+    /// Positions to allocate beyond what an append needs when a buffer is (re)allocated.
+    reserve: usize,
+}
+
+impl Clone for LayerKv {
+    fn clone(&self) -> Self {
+        LayerKv {
+            k: self.k.clone(),
+            v: self.v.clone(),
+            len: self.len,
+            owned: false,
+            reserve: self.reserve,
+        }
+    }
+}
+
+impl LayerKv {
+    /// A layer's cache holding `k` and `v` (`[b, n_kv_heads, len, d_head]`, both or neither).
+    pub fn new(k: Option<Tensor>, v: Option<Tensor>) -> Result<Self> {
+        let len = match (&k, &v) {
+            (Some(k), Some(v)) => {
+                if k.dims() != v.dims() || k.rank() != 4 {
+                    return Err(EngineError::InvalidArgument(format!(
+                        "cached keys {:?} and values {:?} must both be [b, n_kv_heads, len, d_head]",
+                        k.dims(),
+                        v.dims()
+                    )));
+                }
+                k.dim(2)?
+            }
+            (None, None) => 0,
+            _ => {
+                return Err(EngineError::InvalidArgument(
+                    "a layer's cache needs both keys and values, or neither".into(),
+                ))
+            }
+        };
+        Ok(LayerKv {
+            k,
+            v,
+            len,
+            owned: false,
+            reserve: 0,
+        })
+    }
+
+    /// The cached keys, `[b, n_kv_heads, len, d_head]` (a view of the buffer).
+    pub fn k(&self) -> Result<Option<Tensor>> {
+        self.k
+            .as_ref()
+            .map(|k| Ok(k.narrow(2, 0, self.len)?))
+            .transpose()
+    }
+
+    /// The cached values, `[b, n_kv_heads, len, d_head]` (a view of the buffer).
+    pub fn v(&self) -> Result<Option<Tensor>> {
+        self.v
+            .as_ref()
+            .map(|v| Ok(v.narrow(2, 0, self.len)?))
+            .transpose()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.k.is_none()
+    }
+
+    /// Positions the buffers can hold without reallocating.
+    pub fn capacity(&self) -> usize {
+        self.k.as_ref().map_or(0, |k| k.dim(2).unwrap_or(0))
+    }
+
+    /// Appends `k` and `v` (`[b, n_kv_heads, t, d_head]`, contiguous) and returns every cached
+    /// position's keys and values. `in_place: false` (gradients flow) concatenates instead.
+    fn append(&mut self, k: Tensor, v: Tensor, in_place: bool) -> Result<(Tensor, Tensor)> {
+        let (k, v) = (k.contiguous()?, v.contiguous()?);
+        let t = k.dim(2)?;
+        let need = self.len + t;
+        let (Some(bk), Some(bv)) = (&self.k, &self.v) else {
+            if self.reserve == 0 || !in_place {
+                // Nothing to grow into: keep the tensors as they are (no copy).
+                self.len = t;
+                self.k = Some(k.clone());
+                self.v = Some(v.clone());
+                self.owned = false;
+                return Ok((k, v));
+            }
+            let (bk, bv) = (self.allocate(&k, need)?, self.allocate(&v, need)?);
+            bk.slice_set(&k, 2, 0)?;
+            bv.slice_set(&v, 2, 0)?;
+            return self.keep(bk, bv, need);
+        };
+        if !in_place {
+            let k = Tensor::cat(&[&bk.narrow(2, 0, self.len)?, &k], 2)?;
+            let v = Tensor::cat(&[&bv.narrow(2, 0, self.len)?, &v], 2)?;
+            self.k = Some(k.clone());
+            self.v = Some(v.clone());
+            self.len = need;
+            self.owned = false;
+            return Ok((k, v));
+        }
+        if self.owned && need <= bk.dim(2)? {
+            bk.slice_set(&k, 2, self.len)?;
+            bv.slice_set(&v, 2, self.len)?;
+            let (bk, bv) = (bk.clone(), bv.clone());
+            return self.keep(bk, bv, need);
+        }
+        // Full or shared: a new buffer with room, the held positions copied once.
+        let (nk, nv) = (self.allocate(&k, need)?, self.allocate(&v, need)?);
+        nk.slice_set(&bk.narrow(2, 0, self.len)?.contiguous()?, 2, 0)?;
+        nv.slice_set(&bv.narrow(2, 0, self.len)?.contiguous()?, 2, 0)?;
+        nk.slice_set(&k, 2, self.len)?;
+        nv.slice_set(&v, 2, self.len)?;
+        self.keep(nk, nv, need)
+    }
+
+    /// A zeroed buffer shaped like `like` with room for `need` positions and the reserve (or,
+    /// without one, a quarter more: repeated appends then copy a logarithmic number of times).
+    fn allocate(&self, like: &Tensor, need: usize) -> Result<Tensor> {
+        let (b, h, _, d) = like.dims4()?;
+        let room = if self.reserve > 0 {
+            self.reserve
+        } else {
+            (need / 4).max(16)
+        };
+        Ok(Tensor::zeros(
+            (b, h, need + room, d),
+            like.dtype(),
+            like.device(),
+        )?)
+    }
+
+    fn keep(&mut self, bk: Tensor, bv: Tensor, len: usize) -> Result<(Tensor, Tensor)> {
+        let views = (bk.narrow(2, 0, len)?, bv.narrow(2, 0, len)?);
+        self.k = Some(bk);
+        self.v = Some(bv);
+        self.len = len;
+        self.owned = true;
+        Ok(views)
+    }
 }
 
 /// KV cache for incremental decoding: per layer keys/values plus the batch's left padding.
@@ -500,6 +652,14 @@ impl KvCache {
             layers: vec![LayerKv::default(); n_layers],
             pad,
             len: 0,
+        }
+    }
+
+    /// Room for `extra` positions beyond what the next append needs, allocated with it: a
+    /// generation of `n` new tokens reserves `n` so its decode steps write in place.
+    pub fn reserve(&mut self, extra: usize) {
+        for l in &mut self.layers {
+            l.reserve = extra;
         }
     }
 }
@@ -614,19 +774,8 @@ pub fn attention(
     let v = then(v, |v| Ok(v.transpose(1, 2)?.contiguous()?))?;
 
     let (k, v) = match kv {
-        Some(cache) => {
-            let k = match &cache.k {
-                Some(prev) => Tensor::cat(&[prev, &k], 2)?,
-                None => k,
-            };
-            let v = match &cache.v {
-                Some(prev) => Tensor::cat(&[prev, &v], 2)?,
-                None => v,
-            };
-            cache.k = Some(k.clone());
-            cache.v = Some(v.clone());
-            (k, v)
-        }
+        // slice_set is not differentiable: with gradients on, the cache concatenates.
+        Some(cache) => cache.append(k, v, !hooks.differentiable)?,
         None => (k, v),
     };
     let wants_pattern =
@@ -838,7 +987,70 @@ impl candle_core::CustomOp1 for GeluTanhF32 {
     }
 }
 
+/// A gated MLP's `act(gate) * up` in one pass, for SiLU and GELU-tanh (the same per-element
+/// operations as [`Activation::apply`] then the product: bitwise the same result) instead of two
+/// passes and an intermediate the size of the MLP's hidden layer. f32 only, in parallel.
+struct GatedActF32 {
+    gelu_tanh: bool,
+}
+
+impl candle_core::CustomOp2 for GatedActF32 {
+    fn name(&self) -> &'static str {
+        "gated-act-f32"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &candle_core::CpuStorage,
+        l1: &candle_core::Layout,
+        s2: &candle_core::CpuStorage,
+        l2: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        use rayon::prelude::*;
+        let (g, u) = (
+            contiguous_f32(s1, l1, "gated-act-f32")?,
+            contiguous_f32(s2, l2, "gated-act-f32")?,
+        );
+        if l1.dims() != l2.dims() {
+            candle_core::bail!(
+                "gated-act-f32: gate {:?} against up {:?}",
+                l1.dims(),
+                l2.dims()
+            )
+        }
+        let mut out = Vec::with_capacity(g.len());
+        let pairs = g.par_iter().zip(u.par_iter()).with_min_len(16384);
+        if self.gelu_tanh {
+            out.par_extend(pairs.map(|(&g, &u)| gelu_tanh_f32(g) * u));
+        } else {
+            // candle's `silu`: v / (1 + exp(-v)).
+            out.par_extend(pairs.map(|(&g, &u)| g / (1.0 + (-g).exp()) * u));
+        }
+        Ok((candle_core::CpuStorage::F32(out), l1.shape().clone()))
+    }
+}
+
 impl Activation {
+    /// `act(gate) * up`, fused where [`GatedActF32`] covers the activation and no gradient flows.
+    fn gated(&self, gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+        let fusable = matches!(self, Activation::Silu | Activation::GeluTanh)
+            && gate.dtype() == DType::F32
+            && up.dtype() == DType::F32
+            && gate.device().is_cpu()
+            && !gate.track_op()
+            && !up.track_op()
+            && gate.dims() == up.dims();
+        if !fusable {
+            return Ok((self.apply(gate)? * up)?);
+        }
+        let op = GatedActF32 {
+            gelu_tanh: matches!(self, Activation::GeluTanh),
+        };
+        Ok(gate
+            .contiguous()?
+            .apply_op2_no_bwd(&up.contiguous()?, &op)?)
+    }
+
     fn apply(&self, x: &Tensor) -> Result<Tensor> {
         Ok(match self {
             // The fused op has no backward: a tensor on an autograd path (attribution) takes
@@ -930,7 +1142,7 @@ impl Mlp {
             } => {
                 let g = fire(hooks, name(HookPoint::MlpPre), gate.forward(x)?, ctx)?;
                 let u = fire(hooks, name(HookPoint::MlpPreLinear), up.forward(x)?, ctx)?;
-                let post = fire(hooks, name(HookPoint::MlpPost), (act.apply(&g)? * u)?, ctx)?;
+                let post = fire(hooks, name(HookPoint::MlpPost), act.gated(&g, &u)?, ctx)?;
                 down.forward(&post)
             }
             Mlp::Plain {
@@ -1073,6 +1285,67 @@ pub fn softcap(x: Tensor, cap: Option<f64>) -> Result<Tensor> {
 mod tests {
     use super::*;
 
+    /// Keys `[2, 3, t, 4]` whose entries encode (row, head, position, dim), so a misplaced
+    /// position shows.
+    fn positions(from: usize, t: usize) -> Result<Tensor> {
+        let mut xs = Vec::new();
+        for r in 0..2 {
+            for h in 0..3 {
+                for p in from..from + t {
+                    for d in 0..4 {
+                        xs.push((r * 1000 + h * 100 + p) as f32 + d as f32 * 0.1);
+                    }
+                }
+            }
+        }
+        Ok(Tensor::from_vec(xs, (2, 3, t, 4), &Device::Cpu)?)
+    }
+
+    fn same(a: &Tensor, b: &Tensor) -> Result<bool> {
+        Ok(a.dims() == b.dims()
+            && a.flatten_all()?.to_vec1::<f32>()? == b.flatten_all()?.to_vec1::<f32>()?)
+    }
+
+    #[test]
+    fn kv_appends_in_place_equal_concatenation_and_clones_keep_their_own_positions() -> Result<()> {
+        for reserve in [0, 2, 40] {
+            let mut kv = LayerKv {
+                reserve,
+                ..LayerKv::default()
+            };
+            // A prompt of 5, then single decode steps; values are keys + 0.5.
+            let (k, v) = kv.append(positions(0, 5)?, (positions(0, 5)? + 0.5)?, true)?;
+            assert!(same(&k, &positions(0, 5)?)? && same(&v, &(positions(0, 5)? + 0.5)?)?);
+            let mut snapshot = None;
+            for p in 5..30 {
+                let (k, v) = kv.append(positions(p, 1)?, (positions(p, 1)? + 0.5)?, true)?;
+                assert!(
+                    same(&k, &positions(0, p + 1)?)?,
+                    "reserve {reserve}, step {p}"
+                );
+                assert!(same(&v, &(positions(0, p + 1)? + 0.5)?)?);
+                if p == 10 {
+                    snapshot = Some(kv.clone());
+                }
+            }
+            // A clone taken at 11 positions still reads them after the original's appends,
+            // and its own appends do not write into the original's positions.
+            let mut clone = snapshot.unwrap();
+            assert!(same(&clone.k()?.unwrap(), &positions(0, 11)?)?);
+            let wrong = (positions(11, 1)? * -1.0)?;
+            clone.append(wrong.clone(), wrong, true)?;
+            assert!(same(&kv.k()?.unwrap(), &positions(0, 30)?)?);
+            assert!(same(&kv.v()?.unwrap(), &(positions(0, 30)? + 0.5)?)?);
+            if reserve == 40 {
+                // Room for the whole run: the prompt's buffer, written in place ever since.
+                assert_eq!(kv.capacity(), 45);
+            }
+            let (k, _) = kv.append(positions(30, 2)?, positions(30, 2)?, false)?;
+            assert!(same(&k, &positions(0, 32)?)?);
+        }
+        Ok(())
+    }
+
     fn grid() -> Result<Tensor> {
         let xs: Vec<f32> = (-4000..=4000).map(|i| i as f32 * 0.005).collect();
         let mut xs = xs;
@@ -1097,6 +1370,37 @@ mod tests {
             worst <= 0.0,
             "fused GELU exceeds 1e-6 abs + 1e-6 rel by {worst}"
         );
+        Ok(())
+    }
+
+    /// The fused gated activation equals activation-then-product bitwise (SiLU: candle's
+    /// `silu`; GELU-tanh: the fused GELU above), on a grid with the extremes.
+    #[test]
+    fn fused_gated_activation_equals_activation_then_product() -> Result<()> {
+        let g = grid()?;
+        // An `up` that varies independently of the gate, signs included.
+        let u = (g.cos()? * 3.0)?;
+        for act in [Activation::Silu, Activation::GeluTanh] {
+            let want = match act {
+                Activation::Silu => (g.silu()? * &u)?,
+                _ => (act.apply(&g)? * &u)?,
+            };
+            let (got, want) = (act.gated(&g, &u)?.to_vec1::<f32>()?, want.to_vec1::<f32>()?);
+            let differ: Vec<(usize, f32, f32)> = got
+                .iter()
+                .zip(&want)
+                .enumerate()
+                .filter(|(_, (a, b))| a.to_bits() != b.to_bits())
+                .map(|(i, (a, b))| (i, *a, *b))
+                .collect();
+            assert!(
+                got.len() == want.len() && differ.is_empty(),
+                "gated {act:?}: {} of {} elements differ, first (index, fused, composed) {:?}",
+                differ.len(),
+                want.len(),
+                differ.first()
+            );
+        }
         Ok(())
     }
 

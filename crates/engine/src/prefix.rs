@@ -188,16 +188,11 @@ impl SharedPrefix {
             .layers
             .iter()
             .map(|l| {
-                Ok(LayerKv {
-                    k: l.k
-                        .as_ref()
-                        .map(|k| shifted_rows(k, &batch.pad, group_of_row, width))
-                        .transpose()?,
-                    v: l.v
-                        .as_ref()
-                        .map(|v| shifted_rows(v, &batch.pad, group_of_row, width))
-                        .transpose()?,
-                })
+                let shifted = |x: Option<Tensor>| {
+                    x.map(|x| shifted_rows(&x, &batch.pad, group_of_row, width))
+                        .transpose()
+                };
+                LayerKv::new(shifted(l.k()?)?, shifted(l.v()?)?)
             })
             .collect::<Result<Vec<_>>>()?;
         let kv = KvCache {

@@ -25,8 +25,9 @@ static TUNE: Once = Once::new();
 /// Sets `CANDLE_BARRIER_POOL_SPIN_LIMIT` to [`BARRIER_POOL_SPIN_LIMIT`] unless it is already set.
 /// candle reads it once, when its first large elementwise op creates the pool, so this runs
 /// before any tensor work: model loading and crosscoder training call it. Also applies
-/// [`AVX512_MIN_DIM_VAR`] when set, and routes f32 products to MKL where it is installed
-/// ([`crate::mkl`]). Idempotent.
+/// [`AVX512_MIN_DIM_VAR`] when set, routes f32 products to MKL where it is installed
+/// ([`crate::mkl`]) and pins candle's per-product thread lookup ([`pin_candle_thread_count`]).
+/// Idempotent.
 pub fn tune_cpu_pools() {
     TUNE.call_once(|| {
         if let Some(value) = std::env::var_os(AVX512_MIN_DIM_VAR) {
@@ -39,6 +40,7 @@ pub fn tune_cpu_pools() {
             }
         }
         crate::mkl::init();
+        pin_candle_thread_count();
         if std::env::var_os("CANDLE_BARRIER_POOL_SPIN_LIMIT").is_none() {
             std::env::set_var(
                 "CANDLE_BARRIER_POOL_SPIN_LIMIT",
@@ -46,6 +48,23 @@ pub fn tune_cpu_pools() {
             );
         }
     });
+}
+
+/// Sets `RAYON_NUM_THREADS` to the thread count candle's matrix product would look up, unless
+/// the user set it.
+///
+/// Why: without the variable candle (0.11) asks `num_cpus` for the physical core count on every
+/// matrix product, which reads and parses `/proc/cpuinfo`: 4.6 % of a long batch-1 generation's
+/// samples (`perf record`, 2026-12-07; bench/README.md). The variable holds the count candle
+/// would find, so its products use as many threads as before. rayon's global pool is started
+/// first, so it keeps its own default size (all logical CPUs) instead of reading the variable.
+fn pin_candle_thread_count() {
+    if std::env::var_os("RAYON_NUM_THREADS").is_some() {
+        return;
+    }
+    let _ = rayon::current_num_threads();
+    let n = candle_core::utils::get_num_threads();
+    std::env::set_var("RAYON_NUM_THREADS", n.to_string());
 }
 
 #[cfg(test)]
