@@ -79,7 +79,23 @@ pub struct CallCtx {
     mask_local: Option<Tensor>,
     block: usize,
     params: AttnParams,
+    /// Only the last position's logits are wanted ([`LogitsAt::Last`], set by
+    /// [`Decoder::forward`]): the last block then runs its MLP on the last position alone when
+    /// no hook reads that block after attention (see [`TAIL_POINTS`]).
+    last_position_only: bool,
 }
+
+/// The last block's sites after attention: where none is hooked (and `ln_final` is not) and
+/// only the last logits are wanted, the block keeps the last position after its attention
+/// (whose keys and values still cover every position) and runs the rest on it alone.
+const TAIL_POINTS: [HookPoint; 6] = [
+    HookPoint::ResidMid,
+    HookPoint::MlpPre,
+    HookPoint::MlpPreLinear,
+    HookPoint::MlpPost,
+    HookPoint::MlpOut,
+    HookPoint::ResidPost,
+];
 
 /// Query rows per attention block for long calls (see [`Decoder::attention_block`]).
 pub const DEFAULT_ATTENTION_BLOCK: usize = 512;
@@ -125,6 +141,7 @@ impl Decoder {
             mask_global,
             mask_local,
             block,
+            last_position_only: false,
             params: AttnParams {
                 n_heads: cfg.n_heads,
                 n_kv_heads: cfg.n_kv_heads,
@@ -233,6 +250,13 @@ impl Decoder {
         drop(h);
         let a = fire(hooks, hn(HookPoint::AttnOut), a, ctx)?;
         x = (x + a)?;
+        // The last block's MLP is most of its work; its other positions would feed nothing.
+        let tail_hooked = TAIL_POINTS.iter().any(|&p| hooks.wants(hn(p)))
+            || hooks.wants(HookName::global(HookPoint::LnFinal));
+        let t = x.dim(1)?;
+        if cc.last_position_only && l + 1 == self.blocks.len() && t > 1 && !tail_hooked {
+            x = x.narrow(1, t - 1, 1)?;
+        }
         x = fire(hooks, hn(HookPoint::ResidMid), x, ctx)?;
         let h = pre_norm(blk.mlp_norm.as_ref(), &x)?;
         let mut m = blk.mlp.forward(l, &h, self.mlp_chunk_rows, hooks, ctx)?;
@@ -345,7 +369,8 @@ impl Decoder {
                 )));
             }
         }
-        let cc = self.call_ctx(pad, start, t)?;
+        let mut cc = self.call_ctx(pad, start, t)?;
+        cc.last_position_only = matches!(logits_at, LogitsAt::Last);
         for l in first..n_run {
             let layer_kv = kv.as_deref_mut().map(|c| &mut c.layers[l]);
             x = self.block_forward(l, x, &cc, layer_kv, hooks, &mut ctx)?;

@@ -1165,7 +1165,9 @@ impl Mlp {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum LogitsAt {
     None,
-    /// The last position of every row (rows are left padded, so this is index t - 1).
+    /// The last position of every row (rows are left padded, so this is index t - 1). Where no
+    /// hook reads the last block after its attention, that block's MLP runs on this position
+    /// alone (the numbers are the same).
     Last,
     All,
 }

@@ -537,6 +537,47 @@ fn grouped_attention_equals_repeated_heads(name: &str) {
     eprintln!("{name}: grouped vs repeated-head attention worst relative error {worst:.2e}");
 }
 
+/// Only the last logits asked for: the last block runs its MLP on the last position alone
+/// (its other positions would feed nothing); the logits are the last row of a call that asks
+/// for every position's, within the batched-vs-single tolerance, on 16 left-padded rows. A hook
+/// after the last block's attention turns that off: its capture holds every position.
+fn last_logits_equal_the_last_row_of_all(name: &str) {
+    let m = model(name);
+    let seqs = sixteen_rows(&prompts(name));
+    let batch = Batch::left_padded(&seqs, m.pad_id(), m.device()).unwrap();
+    let t = batch.ids.dim(1).unwrap();
+    let n = m.config().n_layers;
+    let last = m
+        .forward(&batch, None, &mut Hooks::new(), LogitsAt::Last)
+        .unwrap()
+        .unwrap();
+    let all = m
+        .forward(&batch, None, &mut Hooks::new(), LogitsAt::All)
+        .unwrap()
+        .unwrap();
+    let post = HookName::block(n - 1, HookPoint::ResidPost);
+    let mut hooked = Hooks::new();
+    hooked.capture(post);
+    let last_hooked = m
+        .forward(&batch, None, &mut hooked, LogitsAt::Last)
+        .unwrap()
+        .unwrap();
+    assert_eq!(hooked.cache.get(&post).unwrap().dim(1).unwrap(), t);
+    let mut worst = 0f64;
+    for r in 0..seqs.len() {
+        let want = all.get(r).unwrap().get(t - 1).unwrap().to_vec1().unwrap();
+        for (what, got) in [("no hooks", &last), ("hooked", &last_hooked)] {
+            let e = rel_l2(&got.get(r).unwrap().to_vec1().unwrap(), &want);
+            worst = worst.max(e);
+            assert!(
+                e < 1e-5,
+                "{name} row {r} ({what}): last logits vs all logits' last row: {e:.2e}"
+            );
+        }
+    }
+    eprintln!("{name}: last logits vs all logits' last row, worst relative error {worst:.2e}");
+}
+
 /// Row `r` of `x` (`[rows, positions, ..]`) from its first real position (after `pad` pad
 /// columns), flattened.
 fn real_positions(x: &Tensor, r: usize, pad: usize) -> Vec<f32> {
@@ -672,6 +713,7 @@ per_model!(
     shared_prefix_equals_whole_rows,
     grouped_attention_equals_repeated_heads,
     chunked_call_equals_whole_call,
+    last_logits_equal_the_last_row_of_all,
     kv_cache_generation,
     quantized_agrees
 );
