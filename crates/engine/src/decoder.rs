@@ -81,21 +81,21 @@ pub struct CallCtx {
     params: AttnParams,
     /// Only the last position's logits are wanted ([`LogitsAt::Last`], set by
     /// [`Decoder::forward`]): the last block then runs its MLP on the last position alone when
-    /// no hook reads that block after attention (see [`TAIL_POINTS`]).
+    /// no hook reads that block after attention (see [`tail_hooked`]).
     last_position_only: bool,
 }
 
-/// The last block's sites after attention: where none is hooked (and `ln_final` is not) and
-/// only the last logits are wanted, the block keeps the last position after its attention
-/// (whose keys and values still cover every position) and runs the rest on it alone.
-const TAIL_POINTS: [HookPoint; 6] = [
-    HookPoint::ResidMid,
-    HookPoint::MlpPre,
-    HookPoint::MlpPreLinear,
-    HookPoint::MlpPost,
-    HookPoint::MlpOut,
-    HookPoint::ResidPost,
-];
+/// Whether a hook reads block `l` after its attention (`hook_resid_mid` and every point after
+/// it) or reads `ln_final`: where none does and only the last logits are wanted, the last block
+/// keeps the last position after its attention (whose keys and values still cover every
+/// position) and runs the rest on it alone.
+fn tail_hooked(hooks: &Hooks, l: usize) -> bool {
+    HookPoint::BLOCK
+        .iter()
+        .skip_while(|&&p| p != HookPoint::ResidMid)
+        .any(|&p| hooks.wants(HookName::block(l, p)))
+        || hooks.wants(HookName::global(HookPoint::LnFinal))
+}
 
 /// Query rows per attention block for long calls (see [`Decoder::attention_block`]).
 pub const DEFAULT_ATTENTION_BLOCK: usize = 512;
@@ -251,10 +251,8 @@ impl Decoder {
         let a = fire(hooks, hn(HookPoint::AttnOut), a, ctx)?;
         x = (x + a)?;
         // The last block's MLP is most of its work; its other positions would feed nothing.
-        let tail_hooked = TAIL_POINTS.iter().any(|&p| hooks.wants(hn(p)))
-            || hooks.wants(HookName::global(HookPoint::LnFinal));
         let t = x.dim(1)?;
-        if cc.last_position_only && l + 1 == self.blocks.len() && t > 1 && !tail_hooked {
+        if cc.last_position_only && l + 1 == self.blocks.len() && t > 1 && !tail_hooked(hooks, l) {
             x = x.narrow(1, t - 1, 1)?;
         }
         x = fire(hooks, hn(HookPoint::ResidMid), x, ctx)?;
